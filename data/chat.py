@@ -1,0 +1,47 @@
+"""
+Chat template and SFT loss mask.
+
+    <|endoftext|> <|system|> ...text... <|end|> <|user|> ...text... <|end|> <|assistant|> ...text... <|end|> ...
+    mask:    0        0          0          0       0         0         0          0           1 ... 1      1
+
+The model is trained only where the mask is 1: the assistant's words and the <|end|> that closes them, so it
+learns what to say and when to stop, but never to imitate the user or to predict where a user turn begins.
+"""
+
+from data.tokenizer import ASSISTANT, END, EOT, SYSTEM, USER, special_id
+
+ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+def check_messages(messages) -> None:
+    """Raise ValueError naming the first thing wrong with a messages list."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"messages must be a non-empty list, got {type(messages).__name__}"
+                         + (" (empty)" if isinstance(messages, list) else ""))
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object with role and content, got {type(m).__name__}")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
+
+
+def render(enc, messages) -> tuple[list[int], list[int]]:
+    """Token ids of a whole conversation, and the 0/1 loss mask (1 on assistant content and its <|end|>)."""
+    check_messages(messages)
+    ids, mask = [special_id(enc, EOT)], [0]  # BOS: every conversation starts fresh, like a new document
+    for m in messages:
+        body = enc.encode_ordinary(m["content"]) + [special_id(enc, END)]  # ordinary: typed "<|end|>" stays text
+        train = int(m["role"] == "assistant")
+        ids += [special_id(enc, ROLES[m["role"]])] + body
+        mask += [0] + [train] * len(body)  # the role marker is given, never predicted
+    return ids, mask
+
+
+def render_prompt(enc, messages) -> list[int]:
+    """Ids of a conversation so far (ending with a user turn) plus <|assistant|>, ready for generate()."""
+    check_messages(messages)
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"the last message must be from the user, got {messages[-1]['role']!r}")
+    return render(enc, messages)[0] + [special_id(enc, ASSISTANT)]

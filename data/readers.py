@@ -1,0 +1,148 @@
+"""
+Readers for the JSONL files people already have (see DESIGN.md, "Data formats").
+
+Every problem raises DataError("path:line: what is wrong"), so a script can stop with one clear line:
+
+    except DataError as e: sys.exit(f"error: {e}")
+"""
+
+import json
+import os
+import re
+import tempfile
+
+from data.chat import check_messages
+
+
+class DataError(Exception):
+    pass
+
+
+def _rows(path):
+    """Yield (line number, JSON object) for each non-blank line of a JSONL file."""
+    try:
+        with open(path, "rb") as f:  # bytes, so a bad byte can be pinned to its line
+            lines = f.read().split(b"\n")  # only \n: U+2028 and friends are legal inside JSON strings
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    rows = []
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a byte-order mark
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((n, obj))
+    if not rows:
+        raise DataError(f"{path}: file is empty (no JSON lines)")
+    return rows
+
+
+def _get(path, n, row, key, types):
+    if key not in row:
+        raise DataError(f"{path}:{n}: missing key {key!r} (keys present: {', '.join(map(repr, row)) or 'none'})")
+    if not isinstance(row[key], types):
+        want = " or ".join("string" if t is str else "messages list" for t in types)
+        raise DataError(f"{path}:{n}: {key!r} must be a {want}, got {type(row[key]).__name__}")
+    return row[key]
+
+
+def _messages(path, n, key, value, last=None):
+    """Validate a messages list (optionally its last role); return it with only role and content kept."""
+    try:
+        check_messages(value)
+    except ValueError as e:
+        raise DataError(f"{path}:{n}: {key!r}: {e}") from None
+    if last and value[-1]["role"] != last:
+        raise DataError(f"{path}:{n}: {key!r}: the last message must be from the {last}, got {value[-1]['role']!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _hh(path, n, key, text):
+    """Anthropic HH transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." -> messages list ending with the assistant."""
+    parts = re.split(r"(?:^|\n\n)(Human|Assistant):", text)
+    if parts[0].strip() or len(parts) < 5:  # want: nothing before the first turn, then at least Human + Assistant
+        raise DataError(f"{path}:{n}: {key!r} is not an HH transcript (\"\\n\\nHuman: ...\\n\\nAssistant: ...\")")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    msgs = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    return _messages(path, n, key, msgs, last="assistant")
+
+
+def read_messages(path) -> list[list[dict]]:
+    """SFT conversations: {"messages": [{"role", "content"}, ...]} per line."""
+    out = []
+    for n, row in _rows(path):
+        msgs = _messages(path, n, "messages", _get(path, n, row, "messages", (list,)))
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{path}:{n}: 'messages' has no assistant message, so there is nothing to learn")
+        out.append(msgs)
+    return out
+
+
+def read_preferences(path) -> list[dict]:
+    """Comparisons as {"prompt": messages, "chosen": str, "rejected": str}, from TRL or Anthropic HH files."""
+    out = []
+    for n, row in _rows(path):
+        chosen = _get(path, n, row, "chosen", (str, list))
+        rejected = _get(path, n, row, "rejected", (str, list))
+        if "prompt" in row:  # TRL explicit prompt: the responses are strings or [assistant message]
+            prompt = _get(path, n, row, "prompt", (str, list))
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
+                _messages(path, n, "prompt", prompt, last="user")
+            pair = [r if isinstance(r, str) else _messages(path, n, k, r, last="assistant")[-1]["content"]
+                    for k, r in (("chosen", chosen), ("rejected", rejected))]
+        elif type(chosen) is not type(rejected):
+            raise DataError(f"{path}:{n}: 'chosen' and 'rejected' must both be strings or both be messages lists")
+        else:  # implicit prompt (TRL messages) or HH transcripts: the shared history is the prompt
+            if isinstance(chosen, str):
+                chosen, rejected = _hh(path, n, "chosen", chosen), _hh(path, n, "rejected", rejected)
+            else:
+                chosen = _messages(path, n, "chosen", chosen, last="assistant")
+                rejected = _messages(path, n, "rejected", rejected, last="assistant")
+            prompt = chosen[:-1]
+            if prompt != rejected[:-1]:
+                raise DataError(f"{path}:{n}: 'chosen' and 'rejected' must share the same history "
+                                "and differ only in the final assistant message")
+            if not prompt or prompt[-1]["role"] != "user":
+                raise DataError(f"{path}:{n}: the shared history must end with a user message")
+            pair = [chosen[-1]["content"], rejected[-1]["content"]]
+        out.append({"prompt": prompt, "chosen": pair[0], "rejected": pair[1]})
+    return out
+
+
+def read_prompts(path) -> list[list[dict]]:
+    """Prompts for RL/eval as messages lists ending with a user turn: {"prompt": str} or {"messages": [...]}."""
+    out = []
+    for n, row in _rows(path):
+        if "prompt" not in row and "messages" not in row:
+            raise DataError(f"{path}:{n}: missing key 'prompt' (or 'messages')")
+        key = "prompt" if "prompt" in row else "messages"
+        value = _get(path, n, row, key, (str, list) if key == "prompt" else (list,))
+        out.append([{"role": "user", "content": value}] if isinstance(value, str) else
+                   _messages(path, n, key, value, last="user"))
+    return out
+
+
+def write_jsonl(path, rows) -> None:
+    """One JSON object per line, written to a temp file then renamed, so a crash never leaves half a file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise

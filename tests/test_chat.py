@@ -1,0 +1,76 @@
+import pytest
+
+from data.chat import render, render_prompt
+from data.tokenizer import ASSISTANT, END, SPECIALS, USER, make_encoding, special_id, train_bpe
+
+# A vocabulary with no merges at all: every byte is its own token (id = byte value), so the expected ids
+# below can be worked out by hand. The specials follow: 256 EOT, 257 SYSTEM, 258 USER, 259 ASSISTANT, 260 END.
+BYTES = make_encoding(train_bpe("", 256 + len(SPECIALS)))
+
+CONVO = [
+    {"role": "system", "content": "Be kind."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Ok."},
+]
+
+
+def test_two_turns_by_hand():
+    ids, mask = render(BYTES, CONVO)
+    assert ids == [
+        256,                                          # EOT (BOS)
+        257, 66, 101, 32, 107, 105, 110, 100, 46, 260,  # SYSTEM "Be kind." END
+        258, 72, 105, 260,                            # USER "Hi" END
+        259, 72, 101, 108, 108, 111, 33, 260,         # ASSISTANT "Hello!" END
+        258, 66, 121, 101, 260,                       # USER "Bye" END
+        259, 79, 107, 46, 260,                        # ASSISTANT "Ok." END
+    ]
+    assert mask == [
+        0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0,
+        0, 1, 1, 1, 1, 1, 1, 1,   # the assistant's words and its END are learned; its marker is not
+        0, 0, 0, 0, 0,
+        0, 1, 1, 1, 1,
+    ]
+
+
+def test_render_with_merges():
+    enc = make_encoding(train_bpe("hello there, hello world. " * 50, 300))
+    msgs = [{"role": "user", "content": "hello <|end|>"}, {"role": "assistant", "content": "hello world"}]
+    ids, mask = render(enc, msgs)
+    answer = enc.encode_ordinary("hello world")
+    assert len(answer) < len("hello world")  # merges were used
+    assert ids[-len(answer) - 2:] == [special_id(enc, ASSISTANT)] + answer + [special_id(enc, END)]
+    assert mask == [0] * (len(ids) - len(answer) - 1) + [1] * (len(answer) + 1)
+    assert ids.count(special_id(enc, END)) == 2  # the typed "<|end|>" stayed plain text
+
+
+def test_render_prompt():
+    ids = render_prompt(BYTES, CONVO[:4])
+    assert ids[-1] == special_id(BYTES, ASSISTANT)
+    assert ids == render(BYTES, CONVO[:4])[0] + [259]
+    assert render_prompt(BYTES, [{"role": "user", "content": "Hi"}]) == [256, 258, 72, 105, 260, 259]
+    assert special_id(BYTES, USER) == 258
+
+
+@pytest.mark.parametrize("bad", [
+    "hello",
+    [],
+    ["hello"],
+    [{"content": "hi"}],
+    [{"role": "bot", "content": "hi"}],
+    [{"role": "user", "content": 3}],
+    [{"role": "user"}],
+])
+def test_invalid_messages(bad):
+    with pytest.raises(ValueError):
+        render(BYTES, bad)
+    with pytest.raises(ValueError):
+        render_prompt(BYTES, bad)
+
+
+def test_render_prompt_needs_user_last():
+    with pytest.raises(ValueError, match="user"):
+        render_prompt(BYTES, CONVO)

@@ -1,0 +1,137 @@
+import random
+import sys
+import types
+
+import pytest
+import tiktoken
+
+import data
+from data import tokenizer as tok
+from data.tokenizer import SPECIALS, load_ranks, make_encoding, save_ranks, special_id, train_bpe
+
+
+def make_text(n_docs=300, seed=0):
+    """A small made-up corpus: a few hundred distinct words, some numbers and punctuation."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ren", "tu", "sha", "vo", "dri", "el", "an"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(200)]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))).capitalize()
+            + f", it's {rng.randint(0, 99)}!\n" for _ in range(n_docs)]
+    return tok.EOT.join(docs)
+
+
+TEXT = make_text()
+RANKS = train_bpe(TEXT, 400)
+ENC = make_encoding(RANKS)
+
+UNICODE = [
+    "", " ", "\n\n\t  \r\n", "héllo wörld, ça va? ñandú", "日本語のテキストと中文", "emoji 🙂👍🏽 👨‍👩‍👧 done",
+    "control \x00\x01\x1b[31m\x7f chars", "mixed: abc123 ... !!! ???   trailing   ", "Ελληνικά и русский",
+    "zero\u200bwidth and \u2028 line sep", "'s 've 'll don't", "a" * 1000,
+]
+
+
+def test_hand_worked_merges():
+    # chunks: "ab" once, " ab" twice -> pairs (a,b): 3, (" ",a): 2; first "ab" is merged, then " "+"ab".
+    ranks = train_bpe("ab ab ab", 256 + len(SPECIALS) + 2)
+    assert ranks[b"ab"] == 256 and ranks[b" ab"] == 257 and len(ranks) == 258
+
+
+def test_vocab_size_and_ranks_are_dense():
+    assert len(RANKS) == 400 - len(SPECIALS)
+    assert sorted(RANKS.values()) == list(range(len(RANKS)))
+    assert all(RANKS[bytes([b])] == b for b in range(256))
+    assert ENC.n_vocab == 400
+    assert [special_id(ENC, s) for s in SPECIALS] == list(range(395, 400))
+
+
+def test_deterministic():
+    again = train_bpe(TEXT, 400)
+    assert list(again.items()) == list(RANKS.items())
+
+
+def test_specials_not_learned_from_text():
+    assert not any(b"<|" in t or b"|>" in t for t in RANKS)
+
+
+def test_round_trip_training_text():
+    ids = ENC.encode_ordinary(TEXT)
+    assert ENC.decode(ids) == TEXT
+    assert len(ids) < len(TEXT.encode()) / 2  # merges actually compress the text they were learned on
+
+
+@pytest.mark.parametrize("s", UNICODE)
+def test_round_trip_unicode(s):
+    assert ENC.decode(ENC.encode_ordinary(s)) == s
+
+
+def test_round_trip_random_bytes():
+    rng = random.Random(1)
+    for _ in range(50):
+        s = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200))).decode("utf-8", errors="replace")
+        assert ENC.decode(ENC.encode_ordinary(s)) == s
+
+
+def test_typed_specials_stay_plain_text():
+    s = "hi <|user|> x<|endoftext|>y <|assistant|><|end|><|system|>"
+    ids = ENC.encode_ordinary(s)
+    assert max(ids) < len(RANKS)  # no special id ever comes out of plain text
+    assert ENC.decode(ids) == s
+    with pytest.raises(ValueError):  # and plain encode() refuses rather than silently making specials
+        ENC.encode(s)
+
+
+def test_save_load_round_trip(tmp_path):
+    path = tmp_path / "t.tiktoken"
+    save_ranks(RANKS, path)
+    loaded = load_ranks(path)
+    assert loaded == RANKS
+    enc2 = make_encoding(loaded)
+    for s in [TEXT[:5000]] + UNICODE:
+        assert enc2.encode_ordinary(s) == ENC.encode_ordinary(s)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.tiktoken"]  # no temp file left behind
+
+
+def test_world_trained_when_missing(tmp_path, monkeypatch, capsys):
+    fake = types.ModuleType("data.world")
+    fake.corpus_text = lambda: TEXT
+    monkeypatch.setitem(sys.modules, "data.world", fake)
+    monkeypatch.setattr(data, "world", fake, raising=False)
+    monkeypatch.setattr(tok, "WORLD_PATH", tmp_path / "world.tiktoken")
+    enc = tok.get_tokenizer("world")
+    assert (tmp_path / "world.tiktoken").exists()
+    assert "trained" in capsys.readouterr().out
+    assert enc.decode(enc.encode_ordinary(TEXT[:2000])) == TEXT[:2000]
+    assert special_id(enc, tok.EOT) == len(load_ranks(tmp_path / "world.tiktoken"))
+
+
+def test_world_tokenizer():
+    if not tok.WORLD_PATH.exists():
+        pytest.skip("data/world.tiktoken not trained yet")
+    enc = tok.get_tokenizer("world")
+    assert 256 + len(SPECIALS) < enc.n_vocab <= tok.WORLD_VOCAB  # the small world may run out of merges early
+    for s in UNICODE + ["The quick brown fox. <|user|> 42!"]:
+        assert enc.decode(enc.encode_ordinary(s)) == s
+    assert [special_id(enc, s) for s in SPECIALS] == list(range(enc.n_vocab - len(SPECIALS), enc.n_vocab))
+
+
+def test_gpt2_specials(monkeypatch):
+    # Offline here, so stand in a tiny base whose <|endoftext|> is its last id, as in gpt2 (50256 of 50257).
+    base = tiktoken.Encoding(name="gpt2", pat_str=tok.PAT, mergeable_ranks={bytes([b]): b for b in range(256)},
+                             special_tokens={tok.EOT: 256})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: base)
+    enc = tok.get_tokenizer("gpt2")
+    assert [special_id(enc, s) for s in SPECIALS] == [256, 257, 258, 259, 260]
+
+
+def test_gpt2_offline_is_one_clear_line(monkeypatch):
+    def fail(name):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(tiktoken, "get_encoding", fail)
+    with pytest.raises(SystemExit, match="TIKTOKEN_CACHE_DIR"):
+        tok.get_tokenizer("gpt2")
+
+
+def test_unknown_name():
+    with pytest.raises(SystemExit, match="world, gpt2"):
+        tok.get_tokenizer("bert")
