@@ -1,0 +1,240 @@
+"""Correctness of model.py: KV cache, padding, causality, tying, GPT-2 import, checkpoints, overrides."""
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as M  # noqa: E402
+
+TINY = dict(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return M.GPT(M.GPTConfig(**{**TINY, **kw})).eval()
+
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15, 16, 17]]
+
+
+def test_kv_cache_logprobs_match_full_forward():
+    m = tiny()
+    g = torch.Generator().manual_seed(1)
+    seq, attn, gen, lp = M.generate(m, PROMPTS, 20, temperature=1.0, generator=g, return_logprobs=True)
+    P = max(map(len, PROMPTS))
+    assert seq.shape == (4, P + 20) and lp.dtype == torch.float32
+    assert gen[:, :P].sum() == 0 and gen[:, P:].all()  # no stop ids: every row generates every step
+    assert attn.sum(1).tolist() == [len(p) + 20 for p in PROMPTS]
+    with torch.no_grad():
+        full = M.sequence_logprobs(m, seq, attn)  # (B, L-1): index t scores seq[:, t+1]
+    sel = gen[:, 1:].bool()
+    torch.testing.assert_close(full[sel], lp[:, 1:][sel], atol=1e-5, rtol=0)
+
+
+def test_greedy_cache_equals_no_cache():
+    m = tiny()
+    a = M.generate(m, PROMPTS, 25, temperature=0)
+    b = M.generate(m, PROMPTS, 25, temperature=0, use_cache=False)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_stop_ids_padding_and_masks():
+    m = tiny()
+    g = torch.Generator().manual_seed(0)
+    stop = tuple(range(0, 97, 3))  # a third of the vocabulary stops a row: some rows stop early
+    seq, attn, gen = M.generate(m, PROMPTS, 30, stop_ids=stop, pad_id=0, generator=g)
+    P = max(map(len, PROMPTS))
+    for i in range(len(PROMPTS)):
+        toks = seq[i, P:].tolist()
+        hit = next((j for j, t in enumerate(toks) if t in stop), None)
+        n = len(toks) if hit is None else hit + 1  # the stop token counts as generated
+        assert gen[i, P:P + n].all() and attn[i, P:P + n].all()
+        assert gen[i, P + n:].sum() == 0 and attn[i, P + n:].sum() == 0
+        assert (seq[i, P + n:] == 0).all()
+    # every token a stop token: all rows stop after one token and the batch ends there
+    seq, attn, gen = M.generate(m, PROMPTS, 30, stop_ids=range(97), generator=g)
+    assert seq.shape[1] == P + 1 and gen[:, P].all()
+
+
+def test_generate_respects_block_size():
+    m = tiny()
+    seq, _, _ = M.generate(m, [[1] * 40, [2, 3]], 100, top_k=5, top_p=0.9)
+    assert seq.shape[1] == TINY["block_size"]
+    with pytest.raises(ValueError, match="block_size"):
+        M.generate(m, [[1] * 48], 5)
+
+
+def test_left_padding_does_not_change_logits():
+    m = tiny()
+    short, long = [5, 6, 7, 8], list(range(20, 31))
+    alone, _ = m(torch.tensor([short]))
+    pad = len(long) - len(short)
+    idx = torch.tensor([[0] * pad + short, long])
+    mask = torch.tensor([[0] * pad + [1] * len(short), [1] * len(long)])
+    batched, _ = m(idx, attention_mask=mask)
+    assert not torch.isnan(batched).any()  # padded query rows must not produce NaN
+    torch.testing.assert_close(batched[0, pad:], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched[1], m(torch.tensor([long]))[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_causality():
+    m = tiny()
+    x = torch.randint(0, 97, (2, 30))
+    y = x.clone()
+    y[:, 17] = (y[:, 17] + 1) % 97
+    lx, ly = m(x)[0], m(y)[0]
+    assert torch.equal(lx[:, :17], ly[:, :17])
+    assert not torch.allclose(lx[:, 17:], ly[:, 17:])
+
+
+def test_weight_tying_survives_a_step():
+    m = tiny().train()
+    wte, head = m.transformer.wte.weight, m.lm_head.weight
+    assert wte is head and wte.data_ptr() == head.data_ptr()
+    opt = M.configure_optimizer(m, 0.1, 1e-2, (0.9, 0.95), "cpu")
+    x = torch.randint(0, 97, (2, 16))
+    _, loss = m(x[:, :-1], x[:, 1:])
+    loss.backward()
+    opt.step()
+    assert torch.equal(m.transformer.wte.weight, m.lm_head.weight)
+
+
+def write_safetensors(path, sd):
+    header, blobs, offset = {}, [], 0
+    for k, v in sd.items():
+        b = v.contiguous().numpy().tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def test_gpt2_layout_round_trip(tmp_path):
+    m = tiny(n_embd=64, n_head=2)
+    sd = M.gpt2_state_dict(m)
+    w = m.transformer.h[0].attn.c_attn.weight  # Linear: (out, in) = (192, 64)
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)
+    assert torch.equal(sd["transformer.h.0.attn.c_attn.weight"], w.t())
+    assert "transformer.h.1.attn.bias" in sd
+    x = torch.randint(0, 97, (2, 20))
+    ref = m(x)[0]
+
+    (tmp_path / "bin").mkdir()
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text(json.dumps({"n_head": 2}))
+    # the hub's gpt2 files carry no 'transformer.' prefix; the reader takes both
+    (tmp_path / "st").mkdir()
+    write_safetensors(tmp_path / "st" / "model.safetensors", {k.removeprefix("transformer."): v for k, v in sd.items()})
+    for path, heads in [(tmp_path / "bin", {}), (tmp_path / "st" / "model.safetensors", {"n_head": 2})]:
+        m2 = M.load_gpt2(str(path), **heads).eval()
+        assert m2.config.n_layer == 2 and m2.config.block_size == 48 and m2.config.vocab_size == 97
+        torch.testing.assert_close(m2(x)[0], ref, atol=1e-6, rtol=1e-6)
+    with pytest.raises(SystemExit, match="not found"):
+        M.load_gpt2(str(tmp_path / "nope"))
+
+
+def test_checkpoint_survives_kill_mid_write(tmp_path):
+    path = str(tmp_path / "ck" / "x.pt")
+    script = textwrap.dedent(f"""
+        import io, sys, time, torch
+        sys.path.insert(0, {ROOT!r})
+        import model as M
+        M.save_checkpoint({path!r}, {{"kind": "base", "step": 1, "model": {{"w": torch.arange(10.0)}}}})
+        real_save = torch.save
+        def slow_save(obj, f):  # write half the bytes, then hang: the parent kills us mid-write
+            buf = io.BytesIO(); real_save(obj, buf)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+            print("writing", flush=True); time.sleep(60)
+        torch.save = slow_save
+        M.save_checkpoint({path!r}, {{"kind": "base", "step": 2, "model": {{"w": torch.randn(1_000_000)}}}})
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"
+        assert os.path.getsize(path + ".tmp") > 0
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(timeout=30)
+    ck = M.load_checkpoint(path, kinds=("base",))
+    assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(10.0))
+    M.save_checkpoint(path, {"kind": "base", "step": 3, "model": {}})  # a stale .tmp does not get in the way
+    assert M.load_checkpoint(path)["step"] == 3 and not os.path.exists(path + ".tmp")
+
+
+def test_checkpoint_kind_prefixes_and_rng(tmp_path):
+    m = tiny()
+    path = str(tmp_path / "reward.pt")
+    sd = {"module._orig_mod." + k: v for k, v in m.state_dict().items()}  # as DDP(compile(model)) names them
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    rng = M.rng_state()
+    M.save_checkpoint(path, {"model": sd, "model_args": asdict(m.config), "kind": "reward", "step": 7,
+                             "config": {"betas": (0.9, 0.95), "out_dir": "out", "x": None}, "rng": rng})
+    with pytest.raises(SystemExit, match=r"reward\.pt is a 'reward' checkpoint; expected one of sft"):
+        M.load_checkpoint(path, kinds=("sft",))
+    with pytest.raises(SystemExit, match="not found"):
+        M.load_checkpoint(str(tmp_path / "missing.pt"))
+    ck = M.load_checkpoint(path, kinds=("reward", "sft"))
+    expect = (random.random(), np.random.rand(), torch.rand(1))
+    M.set_rng_state(ck["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expect
+    m2 = M.model_from_checkpoint(ck, scalar_head=True).eval()  # base weights + a fresh scalar head
+    x = torch.randint(0, 97, (1, 10))
+    assert torch.equal(m2(x)[0], m(x)[0])
+
+
+def test_configure_overrides():
+    def g():
+        return dict(max_iters=10, lr=3e-4, compile=False, device="auto", betas=(0.9, 0.95), init=None,
+                    _private=1, np=np, f=len)
+    d = g()
+    cfg = M.configure(d, ["--max_iters=20", "--lr=1", "--compile=True", "--device=cpu", "--betas=[0.8,0.9]",
+                          "--init=gpt2"])
+    assert cfg == dict(max_iters=20, lr=1.0, compile=True, device="cpu", betas=(0.8, 0.9), init="gpt2")
+    assert type(d["lr"]) is float and d["max_iters"] == 20
+    with pytest.raises(SystemExit, match="valid options: max_iters, lr, compile, device, betas, init$"):
+        M.configure(g(), ["--max_iter=5"])
+    with pytest.raises(SystemExit, match=r"--max_iters expects int, got str 'abc'"):
+        M.configure(g(), ["--max_iters=abc"])
+    for bad in ["--lr=fast", "--compile=1", "--max_iters=2.5"]:
+        with pytest.raises(SystemExit):
+            M.configure(g(), [bad])
+    with pytest.raises(SystemExit, match="--name=value"):
+        M.configure(g(), ["max_iters=5"])
+
+
+def test_scalar_head_and_ignored_loss():
+    m = tiny(scalar_head=True).train()
+    x = torch.randint(0, 97, (3, 12))
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    r = m.scalar(x, mask)
+    assert r.shape == (3, 12) and r.dtype == torch.float32 and r.abs().max() < 1e-3
+    logits, loss, values = m(x, attention_mask=mask, return_values=True)  # one trunk pass for both heads
+    assert loss is None and logits.shape == (3, 12, 97)
+    torch.testing.assert_close(values, r)
+    _, loss = m(x, torch.full_like(x, -1))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    _, loss = m(x[:, :-1], x[:, 1:])
+    assert abs(loss.item() - np.log(97)) < 0.1  # fresh model: near uniform
+
+
+def test_get_lr():
+    assert M.get_lr(0, 10, 100, 1.0, 0.1) == pytest.approx(1 / 11)
+    assert M.get_lr(10, 10, 100, 1.0, 0.1) == pytest.approx(1.0)
+    assert M.get_lr(100, 10, 100, 1.0, 0.1) == pytest.approx(0.1)
