@@ -13,6 +13,7 @@ import math
 import os
 import random
 import struct
+import subprocess
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -376,6 +377,36 @@ def set_rng_state(d):
     torch.set_rng_state(d["torch"])
     if "cuda" in d and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(d["cuda"])
+
+def ensure_checkpoint(path, script, out_dir):
+    """A stage's input is missing: say which command makes it, then run that stage with its defaults, so that
+    `python ppo.py` works on a fresh clone (each stage in turn builds what it needs)."""
+    if os.path.isfile(path) or int(os.environ.get("RANK", 0)) != 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return
+    cmd = [sys.executable, script] + ([f"--out_dir={out_dir}"] if out_dir != "out" else [])
+    print(f"{path} not found: running `{' '.join(['python'] + cmd[1:])}` to make it")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env).returncode != 0 or not os.path.isfile(path):
+        raise SystemExit(f"error: `python {script}` did not produce {path}")
+
+
+def load_model(path, kinds, **overrides):
+    """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (e.g. dropout=0.0)."""
+    from data.tokenizer import get_tokenizer  # model.py stays usable without the data package
+    ckpt = load_checkpoint(path, kinds)
+    return model_from_checkpoint(ckpt, **overrides), get_tokenizer(ckpt.get("tokenizer", "world")), ckpt
+
+
+def pad_rows(rows, pad_id, left=False):
+    """List of token-id lists -> (ids (B, T) long, attention_mask (B, T) long), padded right (or left)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
+
 
 def append_jsonl(path, obj):
     """One metrics object per line; tensors and numpy scalars become floats."""

@@ -45,3 +45,29 @@ def render_prompt(enc, messages) -> list[int]:
     if messages[-1]["role"] != "user":
         raise ValueError(f"the last message must be from the user, got {messages[-1]['role']!r}")
     return render(enc, messages)[0] + [special_id(enc, ASSISTANT)]
+
+
+def render_response(enc, messages, response) -> tuple[list[int], list[int]]:
+    """(prompt + response + <|end|>) ids and a mask that is 1 on the response and its <|end|> only: what reward
+    models score and what DPO/PPO take log-probs of."""
+    prompt = render_prompt(enc, messages)
+    reply = enc.encode_ordinary(response) + [special_id(enc, END)]
+    return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+
+def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None, generator=None,
+            return_batch=False):
+    """Sample one assistant reply per conversation with the KV cache. Returns [{"text", "ended", "ids"}] where
+    ended means the reply closed its turn (<|end|>) before max_new_tokens; with return_batch also the raw
+    (seq, attn_mask, gen_mask) tensors from model.generate for callers that train on them (PPO)."""
+    from model import generate  # lazy: data/ stays importable without torch's model code
+    stops = (special_id(enc, END), special_id(enc, EOT))
+    prompts = [render_prompt(enc, c) for c in conversations]
+    seq, attn, gen = generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stops,
+                              pad_id=special_id(enc, EOT), generator=generator)
+    out = []
+    for row, g in zip(seq.tolist(), gen.tolist()):
+        ids = [t for t, m in zip(row, g) if m]
+        ended = bool(ids) and ids[-1] == stops[0]
+        text_ids = ids[:-1] if ids and ids[-1] in stops else ids
+        out.append({"text": enc.decode(text_ids), "ended": ended, "ids": ids})
+    return (out, (seq, attn, gen)) if return_batch else out
