@@ -71,3 +71,37 @@ def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k
         text_ids = ids[:-1] if ids and ids[-1] in stops else ids
         out.append({"text": enc.decode(text_ids), "ended": ended, "ids": ids})
     return (out, (seq, attn, gen)) if return_batch else out
+
+
+def sft_example(enc, messages, block_size=None) -> tuple[list[int], list[int]]:
+    """One SFT training row: (input ids, targets), where targets[t] is the token after ids[t] if that token is
+    learned (mask 1) and -1 (ignored by the loss) otherwise. Both are cut to block_size tokens."""
+    ids, mask = render(enc, messages)
+    targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]  # predict token t+1, only where it is learned
+    return ids[:-1][:block_size], targets[:block_size]
+
+
+def sft_batch(examples, pad_id):
+    """[(ids, targets)] -> (ids (B, T), targets (B, T), attention_mask (B, T)), padded on the right; padding
+    positions get target -1, so they add nothing to the loss."""
+    from model import pad_rows
+    ids, attn = pad_rows([x for x, _ in examples], pad_id)
+    targets, _ = pad_rows([y for _, y in examples], -1)
+    return ids, targets, attn
+
+
+def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64, generator=None, **sampling):
+    """Sample one reply per prompt and grade it with the world's hidden human (data.world.gold; 1.0 = ideal).
+    Returns means over prompts {"gold", "ended", "fluency", "n"} and "samples" [{"prompt", "text", "ended",
+    "gold", "fluency"}]. For evaluation only: gold() is never a training signal."""
+    from data import world
+    samples = []
+    for i in range(0, len(prompts), batch_size):  # chunks bound the memory of a batched KV cache
+        chunk = prompts[i:i + batch_size]
+        replies = respond(model, enc, chunk, max_new_tokens, temperature, generator=generator, **sampling)
+        for p, r in zip(chunk, replies):
+            samples.append({"prompt": p, "text": r["text"], "ended": r["ended"],
+                            "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])})
+    n = max(1, len(samples))
+    mean = {k: sum(s[k] for s in samples) / n for k in ("gold", "ended", "fluency")}
+    return {**mean, "n": len(samples), "samples": samples}
