@@ -44,6 +44,7 @@ grad_clip = 1.0            # clip the global gradient norm (0 = off)
 eval_interval = 100        # held-out loss and checkpoint every this many steps
 eval_iters = 10            # batches per held-out loss estimate
 resume = False             # continue from out_dir/base.pt (model, optimizer, step, RNG)
+stop_at = 0                # end after this step as if killed (0 = max_iters): split a run, or test resume
 n_samples = 64             # eval instructions completed at the end to show the base model does not answer
 # -----------------------------------------------------------------------------
 config = M.configure(globals())
@@ -153,7 +154,7 @@ for it in bar:
     rt.scaler.step(optimizer)
     rt.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    last = it == max_iters - 1
+    last = it + 1 in (max_iters, stop_at)
     val = held_out_loss() if (it + 1) % eval_interval == 0 or last else None
     if rt.master:
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}" if val is not None else "-")
@@ -161,11 +162,13 @@ for it in bar:
                                   "tokens": (it + 1) * tokens_per_step, "time": time.time() - t0})
         if val is not None:
             save(it + 1)
+    if it + 1 == stop_at:
+        break
 if rt.master and start >= max_iters:
     print(f"{ck_path} is already at step {start} >= max_iters={max_iters}; nothing to train")
 
 # ---- samples: free text, and eval instructions as plain text (the base model continues the document)
-if rt.master and tokenizer == "world" and not data:
+if rt.master and tokenizer == "world" and not data and n_samples > 0:
     raw_model.eval()
     g = torch.Generator(device=rt.device).manual_seed(seed)
     stops = (eot,)
