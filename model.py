@@ -187,6 +187,15 @@ def sequence_logprobs(model, seq, attn_mask=None, temperature=1.0):
     logits, _ = model(seq, attention_mask=attn_mask)
     return token_logprobs(logits[:, :-1], seq[:, 1:], temperature)
 
+
+@torch.no_grad()
+def sample_kl(policy, ref, seq, attn_mask, gen_mask, temperature=1.0):
+    """Monte-Carlo KL(policy || ref) per sequence, (B,) fp32: the sum over sampled response tokens of
+    log pi(y_t) - log ref(y_t) (the k1 estimator; unbiased because the tokens were sampled from policy)."""
+    lp = sequence_logprobs(policy, seq, attn_mask, temperature)
+    lr = sequence_logprobs(ref, seq, attn_mask, temperature)
+    return ((lp - lr) * gen_mask[:, 1:]).sum(1)
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), pad_id=0,
              generator=None, use_cache=True, return_logprobs=False):

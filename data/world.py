@@ -509,6 +509,16 @@ def rank(messages, responses, rng, ended=None, tau=LABELER_TAU):
     return sorted(range(len(responses)), key=lambda i: -keys[i])
 
 
+
+def win_rate(golds_a, golds_b):
+    """How often a beats b under the hidden human (ties count half), with a 95% normal-approximation interval
+    half-width: (rate, half_width)."""
+    outcomes = [1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5 for a, b in zip(golds_a, golds_b)]
+    n = len(outcomes)
+    p = sum(outcomes) / n
+    var = sum((o - p) ** 2 for o in outcomes) / max(1, n - 1)
+    return p, 1.96 * math.sqrt(var / n)
+
 if __name__ == "__main__":  # print the world's vital statistics
     demos = demonstrations()
     g = [gold(d[:-1], d[-1]["content"]) for d in demos]
