@@ -90,18 +90,23 @@ def sft_batch(examples, pad_id):
     return ids, targets, attn
 
 
-def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64, generator=None, **sampling):
+def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64, generator=None, ref=None,
+          **sampling):
     """Sample one reply per prompt and grade it with the world's hidden human (data.world.gold; 1.0 = ideal).
     Returns means over prompts {"gold", "ended", "fluency", "n"} and "samples" [{"prompt", "text", "ended",
-    "gold", "fluency"}]. For evaluation only: gold() is never a training signal."""
+    "gold", "fluency"}]; with a reference model also "kl": KL(model || ref) per answer, estimated on the same
+    samples. For evaluation only: gold() is never a training signal."""
     from data import world
+    from model import sample_kl
     samples = []
     for i in range(0, len(prompts), batch_size):  # chunks bound the memory of a batched KV cache
         chunk = prompts[i:i + batch_size]
-        replies = respond(model, enc, chunk, max_new_tokens, temperature, generator=generator, **sampling)
-        for p, r in zip(chunk, replies):
-            samples.append({"prompt": p, "text": r["text"], "ended": r["ended"],
+        replies, (seq, attn, gen) = respond(model, enc, chunk, max_new_tokens, temperature, generator=generator,
+                                            return_batch=True, **sampling)
+        kls = sample_kl(model, ref, seq, attn, gen, temperature).tolist() if ref is not None else [0.0] * len(chunk)
+        for p, r, kl in zip(chunk, replies, kls):
+            samples.append({"prompt": p, "text": r["text"], "ended": r["ended"], "kl": kl,
                             "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])})
     n = max(1, len(samples))
-    mean = {k: sum(s[k] for s in samples) / n for k in ("gold", "ended", "fluency")}
+    mean = {k: sum(s[k] for s in samples) / n for k in ("gold", "ended", "fluency", "kl")}
     return {**mean, "n": len(samples), "samples": samples}
