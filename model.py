@@ -188,6 +188,14 @@ def sequence_logprobs(model, seq, attn_mask=None, temperature=1.0):
     return token_logprobs(logits[:, :-1], seq[:, 1:], temperature)
 
 
+
+def rm_score(rm, ids, attn_mask, gain=1.0, bias=0.0):
+    """Reward model score per sequence, (B,) fp32: the scalar head read at the last real token (the <|end|> that
+    closes the answer), for right-padded rows, then normalised as gain * r + bias (mean 0, std 1 on SFT answers)."""
+    last = attn_mask.sum(1) - 1                                   # (B,) index of each row's last real token
+    r = rm(ids, attention_mask=attn_mask, return_values=True)[2]  # (B, T) scalar head at every position
+    return gain * r[torch.arange(ids.size(0), device=ids.device), last] + bias
+
 @torch.no_grad()
 def sample_kl(policy, ref, seq, attn_mask, gen_mask, temperature=1.0):
     """Monte-Carlo KL(policy || ref) per sequence, (B,) fp32: the sum over sampled response tokens of
