@@ -1,0 +1,81 @@
+"""chat.py as a user drives it: the conversation history reaches the model, /reset forgets it, old exchanges
+are dropped when the context is full, and a checkpoint that is not a language model is refused in one line."""
+import ast
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as M  # noqa: E402
+from data.tokenizer import get_tokenizer  # noqa: E402
+
+N_VOCAB = get_tokenizer("world").n_vocab
+
+
+def save_tiny(path, kind, block_size=128, **extra):
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(block_size=block_size, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32,
+                          scalar_head=kind == "reward"))
+    M.save_checkpoint(str(path), {"model": m.state_dict(), "model_args": vars(m.config).copy(), "kind": kind,
+                                  "step": 7, "tokenizer": "world", **extra})
+
+
+def chat(*args, stdin=""):
+    return subprocess.run([sys.executable, "chat.py", "--max_new_tokens=8", *args], cwd=ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+SHOWN = re.compile(r"\[prompt (\d+) tokens\] ('.*'|\".*\")$", re.M)
+
+
+def shown_prompts(stdout):
+    """The exact prompts the model saw (printed by --show_tokens=True), decoded, in order."""
+    return [ast.literal_eval(m[2]) for m in SHOWN.finditer(stdout)]
+
+
+def test_second_turn_sees_the_first_and_reset_forgets(tmp_path):
+    save_tiny(tmp_path / "base.pt", "base")
+    save_tiny(tmp_path / "sft.pt", "sft")  # the later stage wins when no --ckpt is given
+    r = chat(f"--out_dir={tmp_path}", "--show_tokens=True",
+             stdin="Describe the owl.\nNow write a sad sentence about it.\n/reset\nDescribe the owl.\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert f"chatting with {tmp_path / 'sft.pt'} (sft, step 7)" in r.stdout
+    first, second, third = shown_prompts(r.stdout)
+    assert first == "<|endoftext|><|user|>Describe the owl.<|end|><|assistant|>"
+    # the second prompt is the first, the model's reply, then the new message: the history was kept
+    assert second.startswith(first)
+    assert second.endswith("<|end|><|user|>Now write a sad sentence about it.<|end|><|assistant|>")
+    assert second.count("<|user|>") == 2 and second.count("<|assistant|>") == 2
+    assert third == first  # /reset started a fresh conversation
+
+
+def test_old_exchanges_are_dropped_when_the_context_is_full(tmp_path):
+    save_tiny(tmp_path / "sft.pt", "sft", block_size=32)
+    r = chat(f"--ckpt={tmp_path / 'sft.pt'}", "--show_tokens=True", "--max_new_tokens=12",
+             stdin="Describe the owl.\nNow write a sad sentence about it.\nTell me more about it.\n")
+    assert r.returncode == 0, r.stderr  # EOF ends the chat like /quit
+    assert "(context full: dropped the oldest" in r.stdout
+    for m in SHOWN.finditer(r.stdout):
+        assert int(m[1]) + 12 <= 32
+        assert ast.literal_eval(m[2]).startswith("<|endoftext|><|user|>")  # whole exchanges go: the prompt still starts with a user turn
+
+
+def test_single_prompt_mode_and_system_message(tmp_path):
+    save_tiny(tmp_path / "dpo.pt", "dpo")
+    r = chat(f"--ckpt={tmp_path / 'dpo.pt'}", "--prompt=Describe the owl.", "--system=Be kind.", "--show_tokens=True")
+    assert r.returncode == 0, r.stderr
+    (p,) = shown_prompts(r.stdout)
+    assert p == "<|endoftext|><|system|>Be kind.<|end|><|user|>Describe the owl.<|end|><|assistant|>"
+    assert "chatting with" not in r.stdout  # answers once, no REPL
+
+
+def test_reward_checkpoint_is_refused_in_one_line(tmp_path):
+    save_tiny(tmp_path / "reward.pt", "reward")
+    r = chat(f"--ckpt={tmp_path / 'reward.pt'}", "--prompt=Hi")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'reward' checkpoint" in lines[0] and "sft" in lines[0]

@@ -1,0 +1,173 @@
+"""SFT: the loss counts assistant tokens only (data.chat.sft_example / sft_batch, as sft.py builds its batches),
+an all-masked batch is harmless, and sft.py resumes exactly and rejects bad data cleanly."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as M  # noqa: E402
+from data.chat import render, sft_batch, sft_example  # noqa: E402
+from data.tokenizer import ASSISTANT, END, EOT, USER, get_tokenizer, special_id  # noqa: E402
+
+ENC = get_tokenizer("world")
+PAD = special_id(ENC, EOT)
+CONVS = [
+    [{"role": "user", "content": "Describe the owl."},
+     {"role": "assistant", "content": "The owl is calm. The owl sleeps in the forest."},
+     {"role": "user", "content": "Tell me more about it."}],  # a trailing user turn: nothing after it is learned
+    [{"role": "system", "content": "Be kind."},
+     {"role": "user", "content": "Where does Tom live?"},
+     {"role": "assistant", "content": "Tom lives in the park."}],  # shorter: this row gets padding
+]
+
+
+def tiny(block_size=64):
+    torch.manual_seed(0)
+    return M.GPT(M.GPTConfig(block_size=block_size, vocab_size=ENC.n_vocab, n_layer=2, n_head=2, n_embd=32))
+
+
+def batch(convs, block_size=64):
+    return sft_batch([sft_example(ENC, c, block_size) for c in convs], PAD)
+
+
+def loss_of(m, x, y, attn):
+    return m(x, y, attention_mask=attn)[1]
+
+
+def test_targets_are_the_next_assistant_token_or_ignored():
+    ids, mask = render(ENC, CONVS[0])
+    x, y = sft_example(ENC, CONVS[0])
+    assert x == ids[:-1] and len(y) == len(x)
+    for t in range(len(x)):
+        assert y[t] == (ids[t + 1] if mask[t + 1] else -1)
+    learned = [ENC.decode([t]) for t in y if t != -1]
+    assert "".join(learned) == "The owl is calm. The owl sleeps in the forest.<|end|>"
+    # role markers, user words and the user's <|end|> are never targets
+    assert special_id(ENC, USER) not in y and special_id(ENC, ASSISTANT) not in y
+    assert y.count(special_id(ENC, END)) == 1
+    xs, ys = sft_example(ENC, CONVS[0], block_size=5)
+    assert (xs, ys) == (x[:5], y[:5])
+
+
+def test_padding_is_right_and_ignored():
+    x, y, attn = batch(CONVS)
+    n1 = len(sft_example(ENC, CONVS[1])[0])
+    assert attn[1].tolist() == [1] * n1 + [0] * (x.size(1) - n1)  # real tokens first, then padding
+    assert (y[1, n1:] == -1).all() and (x[1, n1:] == PAD).all()
+
+
+def test_loss_ignores_user_tokens_and_padding_but_not_assistant_tokens():
+    m = tiny()
+    x, y, attn = batch(CONVS)
+    base = loss_of(m, x, y, attn).item()
+    # the same batch with the trailing user turn reworded (to as many tokens, so the shapes match)
+    other = [CONVS[0][:2] + [{"role": "user", "content": "Tell me more about them."}], CONVS[1]]
+    x2, y2, attn2 = batch(other)
+    assert x2.shape == x.shape and not torch.equal(x2, x)
+    assert loss_of(m, x2, y2, attn2).item() == pytest.approx(base, abs=1e-6)
+    # padding ids replaced by arbitrary tokens: masked out of attention and of the loss
+    x3 = x.clone()
+    x3[attn == 0] = torch.randint(0, ENC.n_vocab, (int((attn == 0).sum()),))
+    assert loss_of(m, x3, y, attn).item() == pytest.approx(base, abs=1e-6)
+    # one assistant word changed: the loss must move
+    other = [[CONVS[0][0], {"role": "assistant", "content": "The owl is sad. The owl sleeps in the forest."}, CONVS[0][2]],
+             CONVS[1]]
+    x4, y4, attn4 = batch(other)
+    assert x4.shape == x.shape
+    assert abs(loss_of(m, x4, y4, attn4).item() - base) > 1e-4
+
+
+def test_gradient_reaches_only_positions_that_predict_assistant_tokens():
+    m = tiny()
+    x, y, attn = batch(CONVS)
+    logits = m(x, attention_mask=attn)[0].detach().requires_grad_(True)
+    n = (y != -1).sum()
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                                             reduction="sum") / n
+    loss.backward()
+    touched = logits.grad.abs().sum(-1) > 0  # (B, T)
+    assert torch.equal(touched, y != -1)
+    assert loss.item() == pytest.approx(loss_of(m, x, y, attn).item(), abs=1e-6)  # model.py's loss is the same
+
+
+def test_all_masked_batch_gives_zero_loss_and_finite_gradients():
+    m = tiny()
+    # cut so short that no assistant token is left: every target is -1
+    x, y, attn = batch(CONVS, block_size=3)
+    assert (y == -1).all()
+    loss = loss_of(m, x, y, attn)
+    assert loss.item() == 0.0
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() and (g == 0).all() for g in grads)
+
+
+# ---- sft.py end to end on a tiny base model
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+TINY = ["--batch_size=4", "--max_iters=6", "--eval_interval=3", "--eval_iters=1", "--warmup_iters=2",
+        "--compare=False"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    m = tiny(block_size=64)  # shorter than the longest demonstration: the truncation warning fires
+    M.save_checkpoint(str(d / "base.pt"), {"model": m.state_dict(), "model_args": vars(m.config).copy(),
+                                           "kind": "base", "step": 0, "tokenizer": "world"})
+    return d
+
+
+def run(out, *args):
+    r = subprocess.run([sys.executable, "sft.py", f"--out_dir={out}", *TINY, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    return r
+
+
+def test_resume_continues_with_the_same_losses(base_dir, tmp_path):
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        os.link(base_dir / "base.pt", tmp_path / name / "base.pt")
+    r = run(tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "longer than block_size=64" in r.stdout
+    full = [json.loads(line) for line in open(tmp_path / "a" / "sft.jsonl")]
+    assert run(tmp_path / "b", "--stop_at=3").returncode == 0  # as if killed after the step-3 checkpoint
+    assert run(tmp_path / "b", "--resume=True").returncode == 0
+    resumed = [json.loads(line) for line in open(tmp_path / "b" / "sft.jsonl")]
+    assert [r["iter"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, resumed):  # same batches, same weights, same optimizer state: same losses
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
+    ck = torch.load(tmp_path / "b" / "sft.pt", weights_only=True)
+    assert ck["kind"] == "sft" and ck["step"] == 6 and ck["tokenizer"] == "world"
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN) and shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_two_processes_on_cpu(base_dir, tmp_path):
+    os.link(base_dir / "base.pt", tmp_path / "base.pt")
+    launcher = [TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run([*launcher, "sft.py", f"--out_dir={tmp_path}", *TINY], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
+    assert [r["iter"] for r in log] == [1, 2, 3, 4, 5, 6]  # only rank 0 logs
+    ck = torch.load(tmp_path / "sft.pt", weights_only=True)
+    assert ck["kind"] == "sft" and ck["step"] == 6
+
+
+def test_bad_data_file_is_one_clear_line_and_nothing_is_written(base_dir, tmp_path):
+    os.link(base_dir / "base.pt", tmp_path / "base.pt")
+    bad = tmp_path / "chats.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}\n'
+                   '{"messages": [{"role": "robot", "content": "Hi"}]}\n')
+    r = run(tmp_path, f"--data={bad}")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"error: {bad}:2: 'messages': messages[0].role must be one of "
+                                             "system, user, assistant, got 'robot'"]
+    assert not os.path.exists(tmp_path / "sft.pt") and not os.path.exists(tmp_path / "sft.jsonl")
