@@ -153,8 +153,9 @@ class GPT(nn.Module):
             x = block(x, mask, None if kv_cache is None else kv_cache[i])
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, attention_mask=None, ignore_index=-1, return_values=False):
-        """-> (logits (B, T, V), loss or None), plus values (B, T) fp32 from the scalar head if return_values.
+    def forward(self, idx, targets=None, attention_mask=None, ignore_index=-1, return_values=False, detach_values=False):
+        """-> (logits (B, T, V), loss or None), plus values (B, T) fp32 from the scalar head if return_values
+        (read from detached hidden states if detach_values, so the value loss cannot move the trunk).
         Going through forward (not hidden/scalar) is what lets DDP all-reduce the gradients."""
         h = self.hidden(idx, attention_mask)
         logits = self.lm_head(h)
@@ -165,7 +166,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=ignore_index, reduction="sum") / n
         if return_values:
-            return logits, loss, self.scalar_head(h).squeeze(-1).float()
+            return logits, loss, self.scalar_head(h.detach() if detach_values else h).squeeze(-1).float()
         return logits, loss
 
     def scalar(self, idx, attention_mask=None):

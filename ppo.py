@@ -41,7 +41,7 @@ max_iters = 60             # PPO iterations (one rollout batch each)
 batch_size = 64            # prompts (= episodes) per rollout batch, per process
 minibatch_size = 16        # episodes per gradient step
 ppo_epochs = 4             # passes over each rollout batch
-lr = 1e-4
+lr = 3e-5                  # small: 16 Adam steps per batch; a larger lr drifts far from SFT in a few batches
 max_new_tokens = 32        # longest answer; answers that never end their turn are penalised (the "EOS trick")
 temperature = 1.0          # pure sampling (no top-k/top-p), so the sampled tokens give an unbiased KL estimate
 beta = 0.05                # KL coefficient (initial value when target_kl is set)
@@ -52,7 +52,8 @@ no_end_penalty = 1.0       # subtracted from the score of an answer that never e
 gamma, lam = 1.0, 0.95     # GAE discount and bias-variance trade-off
 cliprange = 0.2            # PPO-clip epsilon for the policy ratio
 cliprange_value = 0.2      # and for the value function
-vf_coef = 0.1              # weight of the value loss (the value head shares the policy's trunk)
+vf_coef = 0.5              # weight of the value loss (it trains only the value head: see below)
+vf_lr = 1e-3               # learning rate of the value head
 grad_clip = 1.0
 sample_interval = 20       # print a few samples every this many iterations
 eval_samples = 4           # answers per held-out prompt in the final PPO-vs-SFT comparison
@@ -118,7 +119,7 @@ def ppo_losses(logp, old_logp, adv, values, old_values, returns, mask):
 def forward_policy(policy, seq, attn):
     """Per-token log-probs of seq[:, 1:] (at the sampling temperature), values of the states before each token,
     and the policy's entropy, all (B, L-1) fp32, from ONE pass through the shared trunk."""
-    logits, _, values = policy(seq, attention_mask=attn, return_values=True)
+    logits, _, values = policy(seq, attention_mask=attn, return_values=True, detach_values=True)
     logits = logits[:, :-1].float() / temperature
     logp = M.token_logprobs(logits, seq[:, 1:])
     probs = torch.softmax(logits, -1)
@@ -140,9 +141,10 @@ def main():
     if rt.ddp:
         torch.distributed.barrier()
 
-    # Value function: a scalar head on the policy's own trunk. One network instead of two halves the cost on a
-    # CPU, and the head starts at 0 with a small vf_coef so early value errors barely disturb the policy; the
-    # alternative (InstructGPT) is a separate critic initialised from the reward model.
+    # Value function: a scalar head on the policy's own final hidden states. One network instead of two halves the
+    # cost on a CPU. The head reads DETACHED features: with Adam, even a tiny value-loss gradient moves every trunk
+    # weight by about lr, so a value loss flowing into the trunk would change the policy's text; here it cannot.
+    # (InstructGPT instead trains a separate critic initialised from the reward model: better values, 2x compute.)
     ref, enc, sft_ck = M.load_model(sft_path, "sft", dropout=0.0)
     policy = M.model_from_checkpoint(sft_ck, dropout=0.0, scalar_head=True)
     ref.to(rt.device).eval().requires_grad_(False)
@@ -152,7 +154,11 @@ def main():
         rm_ck = M.load_checkpoint(rm_path, "reward")
         rm = M.model_from_checkpoint(rm_ck, dropout=0.0, scalar_head=True).to(rt.device).eval().requires_grad_(False)
         gain, bias = rm_ck["gain"], rm_ck["bias"]
-    optimizer = M.configure_optimizer(policy, 0.0, lr, (0.9, 0.95), rt.device_type)
+    # the value head is a fresh linear probe on fixed-scale features: it needs a far larger step than the policy
+    head = list(policy.scalar_head.parameters())
+    trunk = [p for n, p in policy.named_parameters() if not n.startswith("scalar_head.")]
+    optimizer = torch.optim.AdamW([{"params": trunk, "lr": lr}, {"params": head, "lr": vf_lr}], betas=(0.9, 0.95),
+                                  weight_decay=0.0, fused=rt.device_type == "cuda")
     kl_coef, start = beta, 0
     if resume:
         ck = M.load_checkpoint(ck_path, "ppo")
