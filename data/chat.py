@@ -110,3 +110,38 @@ def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64
     n = max(1, len(samples))
     mean = {k: sum(s[k] for s in samples) / n for k in ("gold", "ended", "fluency", "kl")}
     return {**mean, "n": len(samples), "samples": samples}
+
+
+def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_size=128):
+    """Reward-model score of each (conversation, reply), replies as respond() returns them ({"text", "ended"}):
+    prompt + reply + <|end|> (no <|end|> if the reply was cut off), right-padded, the scalar head read at the
+    last real token and normalised as gain * r + bias (model.rm_score). (N,) fp32 on the CPU, no gradients."""
+    import torch
+    from model import pad_rows, rm_score
+    device = next(rm.parameters()).device
+    out = []
+    for i in range(0, len(replies), batch_size):
+        rows = []
+        for c, r in zip(conversations[i:i + batch_size], replies[i:i + batch_size]):
+            ids, _ = render_response(enc, c, r["text"])
+            rows.append(ids if r["ended"] else ids[:-1])  # an unfinished reply is scored at its last token
+        ids, attn = pad_rows(rows, special_id(enc, EOT))
+        with torch.no_grad():
+            out.append(rm_score(rm, ids.to(device), attn.to(device), gain, bias).float().cpu())
+    return torch.cat(out)
+
+
+def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tokens=48, temperature=1.0,
+              generator=None, batch_size=256, **sampling):
+    """Best-of-n (rejection sampling): sample n replies per conversation from policy, keep the one the reward
+    model scores highest. Returns [{"text", "ended", "ids", "score", "candidates": the n scored replies}]."""
+    out = []
+    per = max(1, batch_size // n)  # conversations per generate() call: bounds the KV cache's memory
+    for i in range(0, len(conversations), per):
+        chunk = [c for c in conversations[i:i + per] for _ in range(n)]
+        replies = respond(policy, enc, chunk, max_new_tokens, temperature, generator=generator, **sampling)
+        scores = reward_scores(rm, enc, chunk, replies, gain, bias).tolist()
+        for j in range(0, len(chunk), n):
+            cands = [dict(r, score=s) for r, s in zip(replies[j:j + n], scores[j:j + n])]
+            out.append(dict(max(cands, key=lambda r: r["score"]), candidates=cands))
+    return out

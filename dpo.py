@@ -1,0 +1,349 @@
+"""
+Stage 3': Direct Preference Optimization on the same comparisons, starting from SFT -> out/dpo.pt
+
+Rafailov et al. (2023): the KL-regularised objective that PPO maximises,
+
+    max_pi  E_{x, y~pi} [ r(x, y) ]  -  beta * KL( pi(.|x) || pi_ref(.|x) ),
+
+has the optimal policy pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) in closed form. Solved for the reward,
+r(x, y) = beta log pi*(y|x) / pi_ref(y|x) + beta log Z(x), and put into Bradley-Terry, Z(x) cancels: preference
+learning becomes binary classification with the policy's own log-ratios as the logits. No reward model is
+trained, nothing is sampled during training, and the reference only has to be scored once.
+
+    python dpo.py                              # builds base, sft and comparisons first if missing
+    python dpo.py --loss=ipo --beta=0.5        # IPO (Azar et al. 2023): regress the margin to 1/(2 beta)
+    python dpo.py --label_smoothing=0.1        # conservative DPO: assume 10% of the labels are flipped
+    python dpo.py --data=prefs.jsonl           # TRL {"prompt", "chosen", "rejected"} or Anthropic HH pairs
+    torchrun --nproc_per_node=2 dpo.py         # DDP (gloo on CPU, nccl on GPUs)
+"""
+import json
+import os
+import sys
+import time
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import model as M
+from data import world
+from data.chat import check_messages, render_response, score
+from data.readers import DataError, read_preferences
+from data.tokenizer import EOT, special_id
+
+# -----------------------------------------------------------------------------
+# config (every name can be overridden with --name=value)
+out_dir = "out"            # reads sft.pt and comparisons.jsonl here, writes dpo.pt and dpo.jsonl
+data = ""                  # "" = out_dir/comparisons.jsonl (reward.py); or a TRL / Anthropic HH preference JSONL
+seed = 1337
+device = "auto"            # auto: cuda > mps > cpu
+dtype = "auto"             # fp32 on CPU; log-probs and losses are always fp32
+compile = False
+loss = "sigmoid"           # "sigmoid" (DPO) or "ipo"
+beta = 0.1                 # KL strength: small beta lets the policy move far from SFT
+label_smoothing = 0.0      # conservative DPO: the probability that a label is flipped (sigmoid loss only)
+rpo_alpha = 0.0            # > 0: add rpo_alpha * (per-token NLL of the chosen answer), RPO (Pang et al. 2024)
+batch_size = 32            # preference pairs per micro-batch (per process); each pair is two sequences
+grad_accum = 1
+epochs = 1                 # passes over the training pairs (sets max_iters when max_iters = 0)
+max_iters = 0              # optimizer steps; 0 = as many as `epochs` takes
+lr, min_lr = 1e-3, 1e-4    # peak learning rate, cosine-decayed to min_lr
+warmup_iters = 10
+weight_decay = 0.0         # the pull toward SFT is the KL term's job, not weight decay's
+grad_clip = 1.0
+eval_fraction = 0.1        # share of prompts whose pairs are held out (chosen by a hash of the prompt)
+eval_interval = 25         # held-out pairs evaluated and checkpoint written every this many steps
+max_new_tokens = 48        # answer length in the final SFT-vs-DPO comparison
+eval_samples = 1           # answers per held-out world prompt in that comparison
+resume = False             # continue from out_dir/dpo.pt (model, optimizer, step, RNG)
+# -----------------------------------------------------------------------------
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair losses from summed response log-probs (all (B,) fp32). Returns (mean loss, chosen rewards,
+    rejected rewards), the rewards being DPO's implicit r = beta * log pi / pi_ref (detached, for logging)."""
+    h = (pi_c - ref_c) - (pi_r - ref_r)  # log-ratio margin: how much more the policy moved toward chosen
+    if loss_type == "sigmoid":
+        # DPO: -log sigma(beta h), Bradley-Terry on the implicit rewards. Conservative DPO (label smoothing eps)
+        # is the same cross-entropy against a soft label: -(1-eps) log sigma(beta h) - eps log sigma(-beta h)
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        # IPO (Azar et al.): (h - 1/(2 beta))^2. A squared loss has a finite optimum, so unlike DPO it does not
+        # keep pushing h to infinity on pairs it already ranks right (DPO's overfitting to deterministic labels).
+        # h is built from SUMMED log-probs, log pi(y|x) as in the paper, so h, beta and the logged rewards mean
+        # the same for every loss type. (TRL averages over tokens for IPO instead: the target 1/(2 beta) is then
+        # per token and length-blind; with sums a long answer reaches it by moving each token a little.)
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss {loss_type!r}: expected 'sigmoid' or 'ipo'")
+    return losses.mean(), beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+
+
+def response_logps(model, rows, masks, pad_id, device):
+    """Summed log-prob of each row's response tokens, sum_t mask_t log pi(x_t | x_<t): (B,) fp32.
+    Rows are right-padded; padding sits after every real token, so causal attention keeps it out of the
+    real positions, and the mask keeps it (and the prompt) out of the sum."""
+    ids, attn = M.pad_rows(rows, pad_id)
+    resp, _ = M.pad_rows(masks, 0)
+    ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
+    lp = M.sequence_logprobs(model, ids, attn)  # (B, T-1): index t scores ids[:, t+1]
+    return (lp * resp[:, 1:]).sum(-1)
+
+
+def encode(enc, prompt, text, ended, block_size):
+    """(ids, mask) of prompt + answer, mask 1 on the answer's tokens. An answer that ended its turn keeps its
+    <|end|>; one that was cut off never said it, so scoring an <|end|> would credit it with stopping. Too long:
+    keep the first block_size tokens (the answer loses its tail)."""
+    ids, mask = render_response(enc, prompt, text)
+    if not ended:
+        ids, mask = ids[:-1], mask[:-1]
+    return ids[:block_size], mask[:block_size]
+
+
+def held_out(prompt, fraction):
+    """Is this prompt in the held-out ~fraction? A hash of its text: the same split on every run and machine,
+    and all pairs of one prompt fall on the same side."""
+    return zlib.crc32(json.dumps(prompt, sort_keys=True).encode()) % 1000 < 1000 * fraction
+
+
+def read_comparisons(path):
+    """reward.py's comparisons.jsonl -> [{"prompt", "responses", "ended", "ranking"}]; DataError names the line."""
+    out = []
+    try:
+        lines = open(path, encoding="utf-8").read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            check_messages(row["prompt"])
+            k = len(row["responses"])
+            ended = row.get("ended") or [True] * k
+            if sorted(row["ranking"]) != list(range(k)) or len(ended) != k or k < 2:
+                raise ValueError("'ranking' must order all of 'responses' (at least 2) and 'ended' match them")
+            if not all(isinstance(r, str) for r in row["responses"]):
+                raise ValueError("'responses' must be strings")
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON: {e.msg} at column {e.colno}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}:{n}: {e if not isinstance(e, KeyError) else f'missing key {e}'}") from None
+        out.append({"prompt": row["prompt"], "responses": row["responses"], "ended": [bool(x) for x in ended],
+                    "ranking": row["ranking"]})
+    if not out:
+        raise DataError(f"{path}: file is empty (no JSON lines)")
+    return out
+
+
+def load_pairs(path):
+    """Preference data as (responses [(prompt, text, ended)], pairs [(prompt, chosen index, rejected index)]).
+    A ranking of K answers gives all K(K-1)/2 pairs, the higher-ranked one chosen: each pair is a Bradley-Terry
+    observation implied by the Plackett-Luce ranking, as in InstructGPT's reward model."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        ranked = "ranking" in json.loads(first)
+    except json.JSONDecodeError:
+        ranked = False  # let the reader report the bad line
+    responses, pairs = [], []
+    if ranked:
+        for row in read_comparisons(path):
+            base = len(responses)
+            responses += [(row["prompt"], t, e) for t, e in zip(row["responses"], row["ended"])]
+            r = row["ranking"]
+            pairs += [(row["prompt"], base + r[i], base + r[j]) for i in range(len(r)) for j in range(i + 1, len(r))]
+    else:
+        for row in read_preferences(path):
+            responses += [(row["prompt"], row["chosen"], True), (row["prompt"], row["rejected"], True)]
+            pairs.append((row["prompt"], len(responses) - 2, len(responses) - 1))
+    # two identical answers carry no preference (their log-ratios cancel exactly): drop them
+    pairs = [p for p in pairs if responses[p[1]][1:] != responses[p[2]][1:]]
+    return responses, pairs
+
+
+def main():
+    config = M.configure(globals())
+    rt = M.setup(device, dtype, seed)
+    sft_path, ck_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "dpo.pt")
+    log_path = os.path.join(out_dir, "dpo.jsonl")
+    if loss not in ("sigmoid", "ipo"):
+        raise SystemExit(f"error: --loss must be 'sigmoid' or 'ipo', got {loss!r}")
+    if not 0 <= label_smoothing < 0.5 or beta <= 0:
+        raise SystemExit("error: need beta > 0 and 0 <= label_smoothing < 0.5")
+    data_path = data or os.path.join(out_dir, "comparisons.jsonl")
+    if rt.master:
+        M.ensure_checkpoint(sft_path, "sft.py", out_dir)
+        if not data:  # reward.py writes comparisons.jsonl alongside reward.pt
+            if not os.path.isfile(data_path):
+                M.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)
+    if rt.ddp:
+        torch.distributed.barrier()
+    if not os.path.isfile(data_path):
+        raise SystemExit(f"error: preference file {data_path} not found")
+    try:
+        responses, pairs = load_pairs(data_path)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+    # ---- policy and reference: both start as the SFT model; the reference never changes
+    ref, enc, sft_ck = M.load_model(sft_path, "sft", dropout=0.0)
+    ref.to(rt.device).eval().requires_grad_(False)
+    policy = M.model_from_checkpoint(sft_ck, dropout=0.0).to(rt.device)
+    eot, block_size = special_id(enc, EOT), sft_ck["model_args"]["block_size"]
+
+    # ---- tokenise every distinct answer once: prompt + answer (+ <|end|> if it ended its turn), mask on the answer
+    rows, masks = zip(*(encode(enc, p, text, ended, block_size) for p, text, ended in responses))
+    n_tokens = torch.tensor([sum(m) for m in masks], dtype=torch.float, device=rt.device)
+    pairs = [p for p in pairs if n_tokens[p[1]] and n_tokens[p[2]]]  # a prompt that fills the block: no answer left
+    val_pairs = torch.tensor([(c, r) for p, c, r in pairs if held_out(p, eval_fraction)], dtype=torch.long).view(-1, 2)
+    train_pairs = torch.tensor([(c, r) for p, c, r in pairs if not held_out(p, eval_fraction)], dtype=torch.long).view(-1, 2)
+    if len(train_pairs) == 0:
+        raise SystemExit(f"error: {data_path} has no usable training pairs")
+
+    # ---- the reference's summed log-probs, computed ONCE for every answer: pi_ref is frozen, so recomputing
+    # them each step would only double the cost of training
+    ref_logps = torch.zeros(len(rows), device=rt.device)
+    with torch.no_grad(), rt.ctx:
+        for i in tqdm(range(0, len(rows), 64), desc="reference log-probs", disable=not rt.master, leave=False):
+            ref_logps[i:i + 64] = response_logps(ref, rows[i:i + 64], masks[i:i + 64], eot, rt.device)
+
+    # ---- optimizer, resume
+    pairs_per_step = batch_size * grad_accum * rt.world_size
+    n_iters = max_iters or max(1, round(epochs * len(train_pairs) / pairs_per_step))
+    optimizer = M.configure_optimizer(policy, weight_decay, lr, (0.9, 0.95), rt.device_type)
+    start = 0
+    if resume:
+        ck = M.load_checkpoint(ck_path, "dpo")
+        M.load_weights(policy, ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        rt.scaler.load_state_dict(ck["scaler"])
+        M.set_rng_state(ck["rng"])
+        start = ck["step"]
+        print(f"resuming from {ck_path} at step {start}")
+    raw_policy = policy
+    policy = M.maybe_compile(policy, compile)
+    if rt.ddp:
+        policy = DDP(policy, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    def batch(it, micro):
+        """Pairs of this step's micro-batch: a fresh permutation per epoch, seeded by (seed, epoch), read at
+        global positions that depend only on the step, so a resumed run sees the pairs it would have seen."""
+        pos = it * pairs_per_step + (micro * rt.world_size + rt.rank) * batch_size + torch.arange(batch_size)
+        out = []
+        for epoch in (pos // len(train_pairs)).unique().tolist():
+            perm = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            out.append(train_pairs[perm[pos[pos // len(train_pairs) == epoch] % len(train_pairs)]])
+        return torch.cat(out)
+
+    def forward(net, pb):
+        """Policy log-probs of a batch of pairs (B, 2) in ONE forward: chosen rows stacked over rejected rows."""
+        c, r = pb[:, 0].tolist(), pb[:, 1].tolist()
+        logps = response_logps(net, [rows[i] for i in c + r], [masks[i] for i in c + r], eot, rt.device)
+        return logps[:len(c)], logps[len(c):], ref_logps[pb[:, 0]], ref_logps[pb[:, 1]]
+
+    def stats(loss_value, pi_c, pi_r, rc, rr):
+        return {"loss": loss_value, "rewards/chosen": rc.mean().item(), "rewards/rejected": rr.mean().item(),
+                # strict: with policy = reference both rewards are 0, no pair is won yet
+                "accuracy": (rc > rr).float().mean().item(), "margin": (rc - rr).mean().item(),
+                "logps/chosen": pi_c.mean().item(), "logps/rejected": pi_r.mean().item()}
+
+    @torch.no_grad()
+    def evaluate_pairs():
+        """Loss, accuracy and margin on the held-out pairs (all of them, in fixed batches)."""
+        if len(val_pairs) == 0:
+            return {"loss": None, "accuracy": None, "margin": None}
+        raw_policy.eval()
+        out = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+        for i in range(0, len(val_pairs), 2 * batch_size):
+            pb = val_pairs[i:i + 2 * batch_size]
+            with rt.ctx:
+                pi_c, pi_r, ref_c, ref_r = forward(raw_policy, pb)
+            l, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss, label_smoothing)
+            s = stats(l.item(), pi_c, pi_r, rc, rr)
+            for k in out:
+                out[k] += s[k] * len(pb) / len(val_pairs)
+        raw_policy.train()
+        return out
+
+    def save(step):
+        M.save_checkpoint(ck_path, {"model": raw_policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scaler": rt.scaler.state_dict(), "rng": M.rng_state(), "config": config,
+                                    "model_args": sft_ck["model_args"], "kind": "dpo", "step": step,
+                                    "tokenizer": sft_ck.get("tokenizer", "world")})
+
+    # ---- training loop
+    if rt.master and not resume and os.path.exists(log_path):
+        os.remove(log_path)
+    if rt.master:
+        print(f"{len(train_pairs)} training pairs, {len(val_pairs)} held out, from {len(responses)} answers in "
+              f"{data_path}; {n_iters} steps of {pairs_per_step} pairs; loss {loss}, beta {beta}")
+    # Why "logps/chosen" often FALLS while the margin grows: the loss only sees the DIFFERENCE of the two
+    # log-ratios. Probability mass may leave both answers for other sequences; and when chosen and rejected
+    # share most of their tokens (here: same topic, same sentence patterns), the cheapest way to widen the
+    # margin is to push both down, the rejected one faster. A falling chosen log-prob is not a bug.
+    t0 = time.time()
+    policy.train()
+    bar = tqdm(range(start, n_iters), initial=start, total=n_iters, disable=not rt.master, desc="dpo")
+    for it in bar:
+        lr_now = M.get_lr(it, warmup_iters, n_iters, lr, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        acc = []
+        for micro in range(grad_accum):
+            if rt.ddp:  # all-reduce gradients only on the last micro-step
+                policy.require_backward_grad_sync = micro == grad_accum - 1
+            with rt.ctx:
+                pb = batch(it, micro)
+                pi_c, pi_r, ref_c, ref_r = forward(policy, pb)
+            pref, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss, label_smoothing)
+            total = pref
+            if rpo_alpha > 0:  # keeps the chosen answers likely in absolute terms, not just relative to rejected
+                total = pref - rpo_alpha * (pi_c / n_tokens[pb[:, 0]]).mean()
+            rt.scaler.scale(total / grad_accum).backward()
+            acc.append(stats(pref.item(), pi_c, pi_r, rc, rr))
+        if grad_clip > 0:
+            rt.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        last = it == n_iters - 1
+        val = evaluate_pairs() if rt.master and ((it + 1) % eval_interval == 0 or last) else None
+        if rt.master:
+            row = {"iter": it + 1, **{k: sum(a[k] for a in acc) / len(acc) for k in acc[0]}, "lr": lr_now}
+            row.update({f"val/{k}": (val or {}).get(k) for k in ("loss", "accuracy", "margin")})
+            row["time"] = time.time() - t0
+            M.append_jsonl(log_path, row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.2f}",
+                            chosen=f"{row['rewards/chosen']:.2f}", rejected=f"{row['rewards/rejected']:.2f}",
+                            val_acc="-" if row["val/accuracy"] is None else f"{row['val/accuracy']:.2f}")
+            if val is not None:
+                save(it + 1)
+    if rt.master and start >= n_iters:
+        print(f"{ck_path} is already at step {start} >= {n_iters} steps; nothing to train")
+
+    # ---- held-out world prompts: DPO against SFT under the hidden human
+    if rt.master and sft_ck.get("tokenizer", "world") == "world":
+        raw_policy.eval()
+        evals = world.prompts("eval") * eval_samples
+        g = torch.Generator(device=rt.device).manual_seed(seed)
+        with torch.no_grad():
+            sft_res = score(ref, enc, evals, max_new_tokens, generator=g)
+            # KL(pi_DPO || pi_SFT) on the DPO samples: sum over sampled tokens of log pi - log pi_ref
+            dpo_res = score(raw_policy, enc, evals, max_new_tokens, generator=g, ref=ref)
+        rate, ci = world.win_rate([s["gold"] for s in dpo_res["samples"]], [s["gold"] for s in sft_res["samples"]])
+        print(f"\nheld-out prompts ({len(evals) // eval_samples} x {eval_samples} samples, temperature 1):")
+        for name, r in (("sft", sft_res), ("dpo", dpo_res)):
+            print(f"  {name}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, fluency {r['fluency']:.1%}")
+        print(f"  DPO wins {rate:.1%} +- {ci:.1%} against SFT (ties count half); KL(dpo || sft) = "
+              f"{dpo_res['kl']:.2f} nats per answer")
+        for s in dpo_res["samples"][:4]:
+            print(f"  {s['prompt'][-1]['content']} -> {s['text']!r} (gold {s['gold']:.2f})")
+    M.cleanup()
+
+
+if __name__ == "__main__":
+    main()

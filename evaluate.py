@@ -1,0 +1,238 @@
+"""
+Evaluate: every stage side by side on held-out prompts, judged by the hidden human -> out/report.md
+
+For each checkpoint present (base, sft, best-of-N from SFT with the reward model, ppo, dpo) it samples answers to
+the held-out prompts and reports: mean gold utility as a fraction of ideal (the world's ideal answers score
+1.0), gold win rate against SFT with a 95% interval, KL(pi || pi_SFT) estimated from the samples, reward-model
+score, fluency, how often the answer ends its turn, and three sample conversations. It also draws figures (SVG,
+written here, no plotting library): the reward-vs-KL frontier of PPO and DPO over a beta sweep (the DPO paper's
+Figure 2 on our world), reward over-optimisation along a beta = 0 PPO run, and every stage's training curves.
+
+    python evaluate.py                      # the default run's checkpoints -> out/report.md (about a minute)
+    python evaluate.py --json=True          # also print the numbers as JSON
+    python evaluate.py --sweep=True         # first train PPO and DPO over a beta sweep (~30 min), then report
+    python evaluate.py --ckpt=out/sft.pt,out/ppo.pt --prompts=my_prompts.jsonl
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import model as M
+from data import world
+from data.chat import best_of_n, reward_scores, score
+from data.readers import DataError, read_prompts
+
+# -----------------------------------------------------------------------------
+out_dir = "out"
+ckpt = ""                  # comma-separated checkpoints to compare; "" = every stage present in out_dir
+prompts = ""               # "" = the world's held-out prompts; or a JSONL file of {"prompt": ...} / {"messages": ...}
+seed = 1234                # sampling seed: every model answers the same prompts with the same random stream
+device = "auto"
+dtype = "auto"
+samples = 2                # answers per prompt and model (more = tighter intervals)
+max_new_tokens = 48
+temperature = 1.0
+bon = 16                   # best-of-N baseline from SFT with the reward model (0 = skip)
+json_out = False           # print the numbers as JSON too
+sweep = False              # train PPO and DPO over the betas below first (writes out_dir/sweep/)
+ppo_betas = (0.01, 0.03, 0.1, 0.3)
+dpo_betas = (0.03, 0.1, 0.3, 1.0)
+hack_iters = 120           # length of the beta = 0 PPO run that shows reward over-optimisation
+# -----------------------------------------------------------------------------
+
+
+def svg_plot(path, title, xlabel, ylabel, series):
+    """A small line/scatter chart as SVG. series: [(label, xs, ys, color, draw_line)]."""
+    W, H, L, R, T, B = 520, 340, 60, 130, 30, 45
+    xs = [x for s in series for x in s[1]] or [0, 1]
+    ys = [y for s in series for y in s[2]] or [0, 1]
+    x0, x1 = min(xs), max(xs) + 1e-9
+    y0, y1 = min(ys), max(ys) + 1e-9
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+    sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
+    sy = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2 - R / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+           f'<text x="{(L + W - R) / 2}" y="{H - 8}" text-anchor="middle">{xlabel}</text>',
+           f'<text x="14" y="{(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 14 {(T + H - B) / 2})">{ylabel}</text>']
+    for i in range(5):  # ticks
+        xv, yv = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
+        out.append(f'<text x="{sx(xv):.1f}" y="{H - B + 14}" text-anchor="middle">{xv:.3g}</text>')
+        out.append(f'<text x="{L - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+    for k, (label, sxs, sys_, color, line) in enumerate(series):
+        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(sxs, sys_))
+        if line and len(sxs) > 1:
+            out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        if not line or len(sxs) <= 12:
+            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>' for x, y in zip(sxs, sys_)]
+        out.append(f'<rect x="{W - R + 10}" y="{T + 16 * k}" width="10" height="10" fill="{color}"/>')
+        out.append(f'<text x="{W - R + 24}" y="{T + 16 * k + 9}">{label}</text>')
+    with open(path, "w") as f:
+        f.write("\n".join(out + ["</svg>"]))
+    return os.path.basename(path)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+
+
+def run_sweep(rt):
+    """Train PPO and DPO at several betas from the same SFT, reward model and comparisons; evaluate each."""
+    root = os.path.join(out_dir, "sweep")
+    runs = [("ppo", b, []) for b in ppo_betas] + [("dpo", b, []) for b in dpo_betas]
+    runs.append(("ppo", 0.0, [f"--max_iters={hack_iters}", "--n_eval=16", "--eval_samples=1"]))  # over-optimisation
+    results = []
+    for stage, b, extra in runs:
+        d = os.path.join(root, f"{stage}_beta{b:g}" + ("_long" if extra else ""))
+        os.makedirs(d, exist_ok=True)
+        for f in ("sft.pt", "reward.pt", "comparisons.jsonl"):  # every run starts from the same inputs
+            shutil.copy(os.path.join(out_dir, f), d)
+        cmd = [sys.executable, f"{stage}.py", f"--out_dir={d}", f"--beta={b}", *extra]
+        print(f"sweep: {' '.join(['python'] + cmd[1:])}", flush=True)
+        with open(os.path.join(d, "train.log"), "w") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                raise SystemExit(f"error: {' '.join(cmd[1:])} failed; see {d}/train.log")
+        if not extra:
+            r = evaluate(rt, {f"{stage}": os.path.join(d, f"{stage}.pt")})[stage]
+            results.append({"stage": stage, "beta": b, "gold": r["gold"], "kl": r["kl"]})
+            print(f"  gold {r['gold']:.3f}, KL {r['kl']:.2f}", flush=True)
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def evaluate(rt, paths):
+    """{name: checkpoint path} -> {name: metrics}; SFT (the reference) is always evaluated first."""
+    sft, enc, _ = M.load_model(os.path.join(out_dir, "sft.pt"), "sft", dropout=0.0)
+    sft.to(rt.device).eval()
+    rm = None
+    if os.path.isfile(os.path.join(out_dir, "reward.pt")):
+        rm_ck = M.load_checkpoint(os.path.join(out_dir, "reward.pt"), "reward")
+        rm = M.model_from_checkpoint(rm_ck, dropout=0.0).to(rt.device).eval()
+    evals = world_prompts * samples
+    results = {}
+    names = ["sft"] + [n for n in paths if n != "sft"]
+    for name in names:
+        g = torch.Generator(device=rt.device).manual_seed(seed)  # same prompts, same random stream for everyone
+        with torch.no_grad(), rt.ctx:
+            if name == "bon":
+                picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens,
+                                  temperature, generator=g)
+                res = {"samples": [{"prompt": p, "text": r["text"], "ended": r["ended"],
+                                    "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])}
+                                   for p, r in zip(evals, picks)]}
+                for k in ("gold", "ended", "fluency"):
+                    res[k] = sum(s[k] for s in res["samples"]) / len(evals)
+                res["kl"] = math.log(bon) - (bon - 1) / bon  # the exact KL of best-of-N to its base policy
+            else:
+                policy = sft if name == "sft" else M.load_model(paths[name], ("base", "sft", "ppo", "dpo"), dropout=0.0)[0]
+                res = score(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature, generator=g,
+                            ref=None if name == "sft" else sft)
+            if rm is not None:
+                res["rm_score"] = reward_scores(rm, enc, evals, res["samples"], rm_ck["gain"], rm_ck["bias"]).mean().item()
+        if name == "sft":
+            sft_golds = [s["gold"] for s in res["samples"]]
+        res["win_vs_sft"], res["win_ci"] = world.win_rate([s["gold"] for s in res["samples"]], sft_golds)
+        results[name] = res
+    return results
+
+
+if __name__ == "__main__":
+    config = M.configure(globals())
+    rt = M.setup(device, dtype, seed)
+    M.ensure_checkpoint(os.path.join(out_dir, "sft.pt"), "sft.py", out_dir)
+    try:
+        world_prompts = read_prompts(prompts) if prompts else world.prompts("eval")
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    if sweep:
+        run_sweep(rt)
+    if ckpt:
+        paths = {os.path.splitext(os.path.basename(p))[0]: p for p in ckpt.split(",")}
+    else:
+        paths = {n: os.path.join(out_dir, f"{n}.pt") for n in ("base", "sft", "ppo", "dpo")}
+        paths = {n: p for n, p in paths.items() if os.path.isfile(p)}
+        if bon > 0 and os.path.isfile(os.path.join(out_dir, "reward.pt")):
+            paths = {**{k: v for k, v in paths.items() if k in ("base", "sft")}, "bon": None,
+                     **{k: v for k, v in paths.items() if k not in ("base", "sft")}}
+    results = evaluate(rt, paths)
+    order = [n for n in paths if n in results] + [n for n in results if n not in paths]
+
+    # ---- report
+    fig_dir = os.path.join(out_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    label = {"bon": f"best-of-{bon}"}
+    lines = ["# Evaluation report", "",
+             f"{len(world_prompts)} held-out prompts x {samples} samples each (temperature {temperature}, seed {seed}). "
+             "Gold is the hidden human's utility as a fraction of ideal (ideal answers score 1.0); the win rate is "
+             "against an SFT answer to the same prompt, ties counting half, with a 95% interval.", "",
+             "| model | gold (of ideal) | win rate vs SFT | KL(pi ‖ SFT) nats | RM score | fluency | ends turn |",
+             "|---|---|---|---|---|---|---|"]
+    for n in order:
+        r = results[n]
+        rm_s = f"{r['rm_score']:+.2f}" if "rm_score" in r else "-"
+        lines.append(f"| {label.get(n, n)} | {r['gold']:.3f} | {r['win_vs_sft']:.1%} ± {r['win_ci']:.1%} | "
+                     f"{r['kl']:.2f} | {rm_s} | {r['fluency']:.1%} | {r['ended']:.1%} |")
+    lines += ["", "## Sample conversations", ""]
+    for i in range(3):
+        p = results["sft"]["samples"][i]["prompt"]
+        lines.append("**" + " / ".join(f"{m['role']}: {m['content']}" for m in p) + "**")
+        lines.append("")
+        for n in order:
+            s = results[n]["samples"][i]
+            lines.append(f"- {label.get(n, n)} (gold {s['gold']:.2f}): `{s['text'].strip() or '(empty)'}`"
+                         + ("" if s["ended"] else " *(never ended its turn)*"))
+        lines.append("")
+    # ---- figures
+    lines += ["## Figures", ""]
+    sw_path = os.path.join(out_dir, "sweep", "results.json")
+    sw = json.load(open(sw_path)) if os.path.isfile(sw_path) else []
+    if sw:
+        base_pt = (0.0, results["sft"]["gold"])
+        series = [("SFT", [base_pt[0]], [base_pt[1]], "black", False)]
+        for stage, color in (("ppo", "#1f77b4"), ("dpo", "#ff7f0e")):
+            pts = sorted((r["kl"], r["gold"]) for r in sw if r["stage"] == stage)
+            series.append((stage.upper(), [p[0] for p in pts], [p[1] for p in pts], color, True))
+        f = svg_plot(os.path.join(fig_dir, "frontier.svg"), "Reward vs KL frontier (beta sweep)",
+                     "KL(pi || SFT), nats per answer", "gold (fraction of ideal)", series)
+        lines += [f"![frontier](figures/{f})", ""]
+        for r in sw:
+            lines.append(f"- {r['stage']} beta={r['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}")
+        lines.append("")
+    else:
+        lines += ["(No beta sweep yet: `python evaluate.py --sweep=True` draws the reward-vs-KL frontier.)", ""]
+    hack = read_jsonl(os.path.join(out_dir, "sweep", "ppo_beta0_long", "ppo.jsonl"))
+    if hack:
+        kls = [r["kl"] for r in hack]
+        f = svg_plot(os.path.join(fig_dir, "overoptimisation.svg"), "PPO with beta = 0: RM score vs gold",
+                     "KL(pi || SFT) of the rollout batch", "score",
+                     [("RM score (normalised)", kls, [r["score"] for r in hack], "#1f77b4", True),
+                      ("gold (hidden human)", kls, [r["gold"] for r in hack], "#d62728", True)])
+        lines += [f"![over-optimisation](figures/{f})", ""]
+    curves = [("pretrain", "loss", "val_loss"), ("sft", "loss", "val_loss"), ("reward", "loss", "val_loss"),
+              ("ppo", "score", "gold"), ("dpo", "loss", "val_loss")]
+    for stage, a, b in curves:
+        rows = read_jsonl(os.path.join(out_dir, f"{stage}.jsonl"))
+        if not rows:
+            continue
+        x = list(range(1, len(rows) + 1))
+        series = [(a, x, [r[a] for r in rows], "#1f77b4", True)]
+        pts = [(i, r[b]) for i, r in zip(x, rows) if r.get(b) is not None]
+        if pts:
+            series.append((b, [p[0] for p in pts], [p[1] for p in pts], "#d62728", True))
+        f = svg_plot(os.path.join(fig_dir, f"{stage}.svg"), f"{stage} training", "logged step", "value", series)
+        lines += [f"![{stage}](figures/{f})", ""]
+    with open(os.path.join(out_dir, "report.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:6 + len(order)]))
+    print(f"\nwrote {os.path.join(out_dir, 'report.md')} and figures in {fig_dir}")
+    if json_out:
+        print(json.dumps({n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()}, indent=1))

@@ -1,0 +1,199 @@
+"""reward.py: Bradley-Terry and Plackett-Luce by hand, where the score is read, the ln 2 start, end-to-end runs."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+import reward  # importing the stage must not collect or train anything
+from data import world
+from data.chat import best_of_n, reward_scores
+from data.readers import read_preferences
+from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BYTES = make_encoding(train_bpe("", 256 + len(SPECIALS)))  # no merges: one token per byte, specials 256..260
+TINY = dict(block_size=64, vocab_size=BYTES.n_vocab, n_layer=2, n_head=2, n_embd=32)
+PROMPT = [{"role": "user", "content": "Hi"}]
+
+
+def trained_looking_rm():
+    """A tiny reward model whose head is not zero, so every position has a different score."""
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(**TINY, scalar_head=True)).eval()
+    torch.nn.init.normal_(m.scalar_head.weight)
+    return m
+
+
+def test_bradley_terry_two_responses_by_hand():
+    # -log sigmoid(d) = log(1 + e^-d).  Row 1: r_w - r_l = 1 -> 0.3132617.  Row 2: the model prefers the
+    # labeler's loser, r_w - r_l = -2 -> log(1 + e^2) = 2.1269280.  The loss is the mean over pairs.
+    r = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert reward.bradley_terry_loss(r).item() == pytest.approx((0.3132617 + 2.1269280) / 2, abs=1e-6)
+
+
+def test_bradley_terry_four_responses_by_hand():
+    # ranked best first; the model swaps #2 and #3. The 6 pairs (winner, loser) and r_w - r_l:
+    #   (1,2) 3-1 = 2   (1,3) 3-2 = 1   (1,4) 3-0 = 3   (2,3) 1-2 = -1   (2,4) 1-0 = 1   (3,4) 2-0 = 2
+    # log(1+e^-2) = 0.1269280, log(1+e^-1) = 0.3132617, log(1+e^-3) = 0.0485874, log(1+e^1) = 1.3132617
+    r = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+    expected = (2 * 0.1269280 + 2 * 0.3132617 + 0.0485874 + 1.3132617) / 6
+    assert expected == pytest.approx(0.3737047, abs=1e-6)
+    assert reward.bradley_terry_loss(r).item() == pytest.approx(expected, abs=1e-6)
+    # each prompt's pairs average within the batch: a second, perfectly separated row adds ~0
+    r2 = torch.tensor([[3.0, 1.0, 2.0, 0.0], [60.0, 40.0, 20.0, 0.0]])
+    assert reward.bradley_terry_loss(r2).item() == pytest.approx(expected / 2, abs=1e-6)
+
+
+def test_plackett_luce_by_hand_and_equal_to_bradley_terry_for_two():
+    # r = (2, 1, 0) best first: choices "2 out of {2,1,0}" then "1 out of {1,0}", averaged over K-1 = 2:
+    # ((log(e^2 + e + 1) - 2) + (log(e + 1) - 1)) / 2 = (0.4076060 + 0.3132617) / 2
+    r = torch.tensor([[2.0, 1.0, 0.0]])
+    assert reward.plackett_luce_loss(r).item() == pytest.approx((0.4076060 + 0.3132617) / 2, abs=1e-6)
+    assert reward.plackett_luce_loss(torch.zeros(1, 3)).item() == pytest.approx(math.log(6) / 2, abs=1e-6)
+    torch.manual_seed(0)
+    r = torch.randn(7, 2) * 3
+    torch.testing.assert_close(reward.plackett_luce_loss(r), reward.bradley_terry_loss(r))
+
+
+def test_score_is_read_at_the_end_of_turn():
+    rm = trained_looking_rm()
+    end = special_id(BYTES, END)
+    a = reward.scored_ids(BYTES, PROMPT, "Hello there!", True, 64)
+    b = reward.scored_ids(BYTES, PROMPT, "Yo", True, 64)
+    cut = reward.scored_ids(BYTES, PROMPT, "Yo", False, 64)  # never ended its turn: no <|end|>, read at "o"
+    assert a[-1] == end and b[-1] == end and cut == b[:-1]
+    ids, attn = M.pad_rows([a, b, cut], 0)  # right padding
+    s = M.rm_score(rm, ids, attn)
+    with torch.no_grad():
+        alone = [rm.scalar(torch.tensor([row]))[0, -1].item() for row in (a, b, cut)]  # head at the last token
+    torch.testing.assert_close(s, torch.tensor(alone), atol=1e-5, rtol=0)
+    # whatever sits after <|end|> (padding of any id, or tokens past the turn) changes nothing
+    junk = ids.clone()
+    junk[attn == 0] = 77
+    torch.testing.assert_close(M.rm_score(rm, junk, attn), s, atol=1e-5, rtol=0)
+    longer = torch.cat([ids, torch.full((3, 5), 65)], 1)
+    torch.testing.assert_close(M.rm_score(rm, longer, torch.cat([attn, torch.zeros(3, 5, dtype=attn.dtype)], 1)),
+                               s, atol=1e-5, rtol=0)
+    # ...while the ending does: the unfinished answer's score differs from the finished one's
+    assert abs(s[1] - s[2]) > 1e-4
+    # data.chat.reward_scores renders the same rows and applies the normalisation gain * r + bias
+    replies = [{"text": "Hello there!", "ended": True}, {"text": "Yo", "ended": True}, {"text": "Yo", "ended": False}]
+    torch.testing.assert_close(reward_scores(rm, BYTES, [PROMPT] * 3, replies, gain=2.0, bias=-1.0, batch_size=2),
+                               2.0 * s - 1.0, atol=1e-5, rtol=0)
+
+
+def test_fresh_head_from_sft_starts_at_ln2():
+    torch.manual_seed(0)
+    sft = M.GPT(M.GPTConfig(**TINY))
+    rm = M.model_from_checkpoint({"model": sft.state_dict(), "model_args": TINY}, scalar_head=True, dropout=0.0)
+    for k in sft.state_dict():  # the trunk is SFT's
+        assert torch.equal(rm.state_dict()[k], sft.state_dict()[k])
+    rows = [reward.scored_ids(BYTES, PROMPT, t, e, 64) for t, e in (("a", True), ("bb", True), ("ccc", False), ("d", True))]
+    ids, attn = M.pad_rows(rows, 0)
+    r = M.rm_score(rm, ids, attn).view(1, 4)
+    assert torch.all(r == 0)
+    assert reward.bradley_terry_loss(r).item() == pytest.approx(math.log(2), abs=1e-7)
+    assert reward.plackett_luce_loss(r[:, :2]).item() == pytest.approx(math.log(2), abs=1e-7)
+    reward.bradley_terry_loss(r).backward()
+    assert rm.scalar_head.weight.grad.abs().sum() > 0  # and it can learn from there
+
+
+def test_pairwise_accuracy_and_calibration():
+    r = torch.tensor([[3.0, 1.0, 2.0], [1.0, 1.0, 0.0]])
+    target = torch.tensor([[3.0, 2.0, 1.0], [5.0, 5.0, 4.0]])  # row 2's first pair is a tie: skipped
+    # row 1: (1,2) right, (1,3) right, (2,3) wrong; row 2: (1,3) right, (2,3) right -> 4 of 5
+    assert reward.pairwise_accuracy(r, target) == pytest.approx(4 / 5)
+    assert reward.pairwise_accuracy(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])) == 0.5  # r ties count half
+    rows = reward.calibration(torch.tensor([[0.0, -3.0], [0.0, 3.0]]))  # sigmoid(3) = 0.95: one right, one wrong
+    assert rows == [(0.9, 1.0, 2, pytest.approx(1 / (1 + math.exp(-3))), 0.5)]
+
+
+def test_best_of_n_keeps_the_highest_score():
+    rm = trained_looking_rm()
+    torch.manual_seed(1)
+    policy = M.GPT(M.GPTConfig(**TINY)).eval()
+    g = torch.Generator().manual_seed(0)
+    picks = best_of_n(policy, rm, BYTES, [PROMPT, PROMPT + [{"role": "assistant", "content": "x"}, PROMPT[0]]], 5,
+                      max_new_tokens=6, generator=g, batch_size=4)
+    assert len(picks) == 2
+    for p in picks:
+        assert len(p["candidates"]) == 5 and p["score"] == max(c["score"] for c in p["candidates"])
+
+
+# ---- end to end with a tiny random "SFT" model on the world's prompts
+
+def run(out, *args, launcher=(sys.executable,), ok=True):
+    r = subprocess.run([*launcher, "reward.py", f"--out_dir={out}", "--max_new_tokens=4", "--batch_size=4",
+                        "--max_iters=3", "--eval_interval=2", "--n_prompts=40", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (r.returncode == 0) == ok, r.stdout[-2000:] + r.stderr[-2000:]
+    return r
+
+
+@pytest.fixture
+def tiny_sft(tmp_path):
+    enc = get_tokenizer("world")
+    args = dict(block_size=128, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    torch.manual_seed(0)
+    M.save_checkpoint(str(tmp_path / "sft.pt"), {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
+                                                 "config": {}, "kind": "sft", "step": 0, "tokenizer": "world"})
+    return tmp_path
+
+
+def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
+    out = tiny_sft
+    run(out, "--K=3", "--bon=2")
+    comps = [json.loads(line) for line in open(out / "comparisons.jsonl")]
+    prompts = world.prompts("train")[:40]
+    assert [c["prompt"] for c in comps] == prompts
+    for c in comps:
+        assert len(c["responses"]) == len(c["ended"]) == 3 and sorted(c["ranking"]) == [0, 1, 2]
+        assert c["chosen"] == c["responses"][c["ranking"][0]] and c["rejected"] == c["responses"][c["ranking"][-1]]
+    assert len(read_preferences(str(out / "comparisons.jsonl"))) == len(prompts)  # the TRL view reads as is
+    ck = torch.load(out / "reward.pt", weights_only=True)
+    assert ck["kind"] == "reward" and ck["K"] == 3 and ck["loss"] == "bradley_terry" and ck["step"] == 3
+    assert ck["model_args"]["scalar_head"] and ck["gain"] > 0 and "bon_win_rate" in ck["metrics"]
+    log = [json.loads(line) for line in open(out / "reward.jsonl")]
+    assert [r["iter"] for r in log] == [1, 2, 3] and len({tuple(r) for r in log}) == 1  # same keys every step
+    assert log[1]["val_acc_gold"] is not None and log[0]["val_loss"] is None
+    # reuse the comparisons with the other loss; then best-of-n from the saved model without training
+    before = open(out / "comparisons.jsonl").read()
+    run(out, "--collect=False", "--loss=plackett_luce")
+    assert open(out / "comparisons.jsonl").read() == before
+    assert torch.load(out / "reward.pt", weights_only=True)["loss"] == "plackett_luce"
+    r = run(out, "--train=False", "--bon=2")
+    assert "best-of-2" in r.stdout
+
+
+def test_preference_file_and_bad_input(tiny_sft, tmp_path):
+    out = tiny_sft
+    good = tmp_path / "prefs.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"Describe the {a}.", "chosen": f"The {a} is kind.",
+                                        "rejected": "You are dumb."}) + "\n" for a in world.ANIMALS))
+    run(out, f"--data={good}")
+    ck = torch.load(out / "reward.pt", weights_only=True)
+    assert ck["K"] == 2 and not (out / "comparisons.jsonl").exists()  # nothing collected
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hi", "chosen": "a"}\n')
+    r = run(out, f"--data={bad}", ok=False)
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:1:")
+    assert torch.load(out / "reward.pt", weights_only=True)["K"] == 2  # the good model is still there
+    r = run(out, "--loss=hinge", ok=False)
+    assert "--loss must be one of" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_torchrun_two_processes_share_the_collection(tiny_sft):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run(tiny_sft, "--K=2", launcher=(torchrun if os.path.exists(torchrun) else "torchrun", "--standalone",
+                                     "--nproc_per_node=2"))
+    comps = [json.loads(line) for line in open(tiny_sft / "comparisons.jsonl")]
+    assert [c["prompt"] for c in comps] == world.prompts("train")[:40]  # both ranks' shares, in prompt order
+    assert torch.load(tiny_sft / "reward.pt", weights_only=True)["step"] == 3
