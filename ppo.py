@@ -15,7 +15,6 @@ RM score climbs).
     python ppo.py --target_kl=3            # adaptive beta (Ziegler et al.'s controller) toward 3 nats per answer
     torchrun --nproc_per_node=2 ppo.py     # each rank samples its own rollouts, gradients are averaged
 """
-import math
 import os
 import random
 import time
@@ -26,8 +25,7 @@ from tqdm import tqdm
 
 import model as M
 from data import world
-from data.chat import render_response, respond, score
-from data.tokenizer import EOT, special_id
+from data.chat import compare_to_sft, respond, reward_scores
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -171,17 +169,6 @@ def main():
     if rt.ddp:
         policy = DDP(policy, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     train_prompts = world.prompts("train")
-    eot = special_id(enc, EOT)
-
-    def rm_scores(prompts, replies):
-        """Normalised reward-model score of each (prompt, reply), read at the reply's last token."""
-        rows = []
-        for p, r in zip(prompts, replies):
-            ids, _ = render_response(enc, p, r["text"])
-            rows.append(ids if r["ended"] else ids[:-1])  # no <|end|> if the answer never ended
-        ids, attn = M.pad_rows(rows, eot)
-        with rt.ctx:
-            return M.rm_score(rm, ids.to(rt.device), attn.to(rt.device), gain, bias)
 
     def save(step):
         M.save_checkpoint(ck_path, {"model": raw_policy.state_dict(), "optimizer": optimizer.state_dict(),
@@ -209,7 +196,7 @@ def main():
         if reward == "gold":
             scores = golds.to(rt.device)
         else:
-            scores = rm_scores(prompts, replies).float()
+            scores = reward_scores(rm, enc, prompts, replies, gain, bias).to(rt.device)
         scores = scores - no_end_penalty * (1 - ended)
         kl = kl_penalty(old_logp, ref_logp, kl_estimator) * action  # (B, L-1)
         rewards = -kl_coef * kl
@@ -264,19 +251,10 @@ def main():
 
     # ---- held-out comparison with SFT under the hidden human
     if rt.master:
-        raw_policy.eval()
         evals = world.prompts("eval")[:n_eval or None] * eval_samples
-        g = torch.Generator(device=rt.device).manual_seed(seed)
-        sft_res = score(ref, enc, evals, max_new_tokens, generator=g)
-        ppo_res = score(raw_policy, enc, evals, max_new_tokens, generator=g, ref=ref)
-        rate, ci = world.win_rate([s["gold"] for s in ppo_res["samples"]], [s["gold"] for s in sft_res["samples"]])
         print(f"\nheld-out prompts ({len(evals) // eval_samples} x {eval_samples} samples):")
-        for name, r in (("sft", sft_res), ("ppo", ppo_res)):
-            print(f"  {name}: gold {r['gold']:.3f} of ideal, ended {r['ended']:.1%}, fluency {r['fluency']:.1%}")
-        print(f"  PPO wins {rate:.1%} +- {ci:.1%} against SFT (ties count half); KL(ppo || sft) = "
-              f"{ppo_res['kl']:.2f} nats per answer")
-        for s in ppo_res["samples"][:3]:
-            print(f"  {s['prompt'][-1]['content']} -> {s['text']!r} (gold {s['gold']:.2f})")
+        compare_to_sft("ppo", raw_policy.eval(), ref, enc, evals, max_new_tokens,
+                       torch.Generator(device=rt.device).manual_seed(seed))
     M.cleanup()
 
 

@@ -145,3 +145,21 @@ def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tok
             cands = [dict(r, score=s) for r, s in zip(replies[j:j + n], scores[j:j + n])]
             out.append(dict(max(cands, key=lambda r: r["score"]), candidates=cands))
     return out
+
+
+def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator=None):
+    """The end-of-stage check of ppo.py and dpo.py: the same held-out prompts answered by SFT and by the tuned
+    policy, judged by the hidden human. Prints gold, turn ending, fluency, the policy's gold win rate against SFT
+    (ties count half, 95% interval) and KL(policy || SFT) on its own samples; returns the numbers."""
+    from data import world
+    sft_res = score(sft, enc, prompts, max_new_tokens, generator=generator)
+    res = score(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft)
+    rate, ci = world.win_rate([s["gold"] for s in res["samples"]], [s["gold"] for s in sft_res["samples"]])
+    for who, r in (("sft", sft_res), (name, res)):
+        print(f"  {who}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, fluency {r['fluency']:.1%}")
+    print(f"  {name} wins {rate:.1%} +- {ci:.1%} against SFT (ties count half); KL({name} || sft) = "
+          f"{res['kl']:.2f} nats per answer")
+    for s in res["samples"][:3]:
+        print(f"  {s['prompt'][-1]['content']} -> {s['text']!r} (gold {s['gold']:.2f})")
+    return {"win_rate": rate, "win_ci": ci, "gold": res["gold"], "sft_gold": sft_res["gold"], "kl": res["kl"],
+            "ended": res["ended"], "fluency": res["fluency"]}

@@ -1,6 +1,5 @@
 """Correctness of dpo.py: the three losses against hand-worked numbers, the response-only log-prob sum, a
 gradient step that widens the margin, the pairs a ranking gives, and a tiny end-to-end run with resume."""
-import copy
 import json
 import math
 import os
@@ -160,12 +159,13 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
              "responses": [f"The {a} is red.", f"The {a} is sad.", "You are dumb."], "ended": [True, True, False],
              "ranking": [0, 1, 2]} for a in ("fox", "cat", "dog", "owl", "frog", "bird", "duck", "bear")]
     write(tmp_path / "comparisons.jsonl", rows)
-    run = lambda *a: subprocess.run([sys.executable, "dpo.py", f"--out_dir={tmp_path}", "--batch_size=4",
-                                     "--eval_interval=2", "--max_new_tokens=8", "--eval_fraction=0.25", *a],
-                                    cwd=ROOT, capture_output=True, text=True, timeout=300)
+    flags = [f"--out_dir={tmp_path}", "--batch_size=4", "--eval_interval=2", "--max_new_tokens=8",
+             "--eval_fraction=0.25", "--n_eval=8"]
+    run = lambda *a: subprocess.run([sys.executable, "dpo.py", *flags, *a], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=300)
     r = run("--max_iters=3")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "DPO wins" in r.stdout and "KL(dpo || sft)" in r.stdout
+    assert "dpo wins" in r.stdout and "KL(dpo || sft)" in r.stdout
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
     assert [x["iter"] for x in logs] == [1, 2, 3] and len({tuple(x) for x in logs}) == 1  # same keys every step
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1's batch: policy = reference

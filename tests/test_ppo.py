@@ -137,4 +137,4 @@ def test_ppo_smoke_run(tmp_path, reward):
     assert math.isfinite(rows[1]["pg_loss"]) and rows[1]["beta"] != 0.05  # the controller moved beta
     ck = M.load_checkpoint(str(tmp_path / "ppo.pt"), "ppo")
     assert ck["step"] == 2
-    assert "PPO wins" in r.stdout
+    assert "ppo wins" in r.stdout
