@@ -53,6 +53,7 @@ seed = 1337
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # bf16/fp16 autocast on CUDA, fp32 on CPU; rewards and losses are always fp32
 compile = False
+dropout = 0.0              # dropout while the reward model trains (scoring is always without)
 batch_size = 16            # prompts per step (per process); each brings all K of its answers
 epochs = 3                 # passes over the training comparisons
 max_iters = 0              # optimizer steps; 0 = `epochs` passes
@@ -242,7 +243,7 @@ def main():
                 second[n] = torch.tensor([float(pos[k]) for k in c["ranking"]])
 
         # ---- 2. the reward model: the SFT network with a scalar head that starts at zero (loss starts at ln 2)
-        rm = M.model_from_checkpoint(sft_ck, scalar_head=True, dropout=0.0).to(rt.device)
+        rm = M.model_from_checkpoint(sft_ck, scalar_head=True, dropout=dropout).to(rt.device)
         optimizer = M.configure_optimizer(rm, weight_decay, lr, (beta1, beta2), rt.device_type)
         start = 0
         if resume:
@@ -375,12 +376,15 @@ def main():
         gold_one = [world.gold(p, x["text"], x["ended"]) for p, x in zip(evals, singles)]
         gold_cands = [[world.gold(p, x["text"], x["ended"]) for x in pk["candidates"]] for p, pk in zip(evals, picks)]
         rate, ci = world.win_rate(gold_bon, gold_one)
+        oracle_rate, _ = world.win_rate(list(map(max, gold_cands)), gold_one)  # what a perfect reward model would get
         res = {"bon": bon, "bon_gold": sum(gold_bon) / len(evals), "sft_gold": sum(map(sum, gold_cands)) / (bon * len(evals)),
-               "oracle_gold": sum(map(max, gold_cands)) / len(evals), "bon_win_rate": rate, "bon_win_ci": ci}
+               "oracle_gold": sum(map(max, gold_cands)) / len(evals), "bon_win_rate": rate, "bon_win_ci": ci,
+               "oracle_win_rate": oracle_rate}
         print(f"\nbest-of-{bon} on {len(evals)} held-out prompts, judged by the hidden human (ideal = 1.0):")
         print(f"  SFT sample mean gold {res['sft_gold']:.3f}; RM's pick {res['bon_gold']:.3f}; "
               f"gold's own pick (the ceiling) {res['oracle_gold']:.3f}")
-        print(f"  RM's pick beats a single SFT sample {rate:.1%} +- {ci:.1%} of the time (ties count half)")
+        print(f"  RM's pick beats a single SFT sample {rate:.1%} +- {ci:.1%} of the time (ties count half; "
+              f"gold's own pick would {oracle_rate:.1%})")
         for p, x in list(zip(evals, picks))[:3]:
             print(f"  {p[-1]['content']} -> {x['text']!r} (reward {x['score']:+.2f})")
         if train:
