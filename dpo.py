@@ -21,6 +21,7 @@ and no gain in gold. The NLL term keeps the chosen answers likely in absolute te
     python dpo.py --data=prefs.jsonl           # TRL {"prompt", "chosen", "rejected"} or Anthropic HH pairs
     torchrun --nproc_per_node=2 dpo.py         # DDP (gloo on CPU, nccl on GPUs)
 """
+import functools
 import json
 import os
 import sys
@@ -205,7 +206,8 @@ def main():
     n_tokens = torch.tensor([sum(m) for m in masks], dtype=torch.float, device=rt.device)
     pairs = [p for p in pairs if sum(masks[p[1]]) and sum(masks[p[2]])]  # a prompt that fills the block: no answer
     split = [held_out(p, eval_fraction) for p, _, _ in pairs]
-    val_pairs = torch.tensor([(c, r) for (_, c, r), v in zip(pairs, split) if v], dtype=torch.long).view(-1, 2)
+    val_pairs = sorted([(c, r) for (_, c, r), v in zip(pairs, split) if v], key=lambda p: len(rows[p[0]]))
+    val_pairs = torch.tensor(val_pairs, dtype=torch.long).view(-1, 2)  # by length: little padding when scored
     train_pairs = torch.tensor([(c, r) for (_, c, r), v in zip(pairs, split) if not v], dtype=torch.long).view(-1, 2)
     if len(train_pairs) == 0:
         raise SystemExit(f"error: {data_path} has no usable training pairs")
@@ -213,13 +215,16 @@ def main():
     # ---- the reference's summed log-probs, computed ONCE for every answer: pi_ref is frozen, so recomputing
     # them each step would only double the cost of training
     ref_logps = torch.zeros(len(rows), device=rt.device)
+    by_len = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batch similar lengths: little padding
     with torch.no_grad(), rt.ctx:
-        for i in tqdm(range(0, len(rows), 64), desc="reference log-probs", disable=not rt.master, leave=False):
-            ref_logps[i:i + 64] = response_logps(ref, rows[i:i + 64], masks[i:i + 64], eot, rt.device)
+        for s in tqdm(range(0, len(rows), 64), desc="reference log-probs", disable=not rt.master, leave=False):
+            idx = by_len[s:s + 64]
+            ref_logps[idx] = response_logps(ref, [rows[i] for i in idx], [masks[i] for i in idx], eot, rt.device)
 
     # ---- optimizer, resume
     pairs_per_step = batch_size * grad_accum * rt.world_size
-    n_iters = max_iters or max(1, round(epochs * len(train_pairs) / pairs_per_step))
+    n_batches = -(-len(train_pairs) // batch_size)  # micro-batches per epoch (the last one may be short)
+    n_iters = max_iters or max(1, round(epochs * n_batches / (grad_accum * rt.world_size)))
     optimizer = M.configure_optimizer(policy, weight_decay, lr, (0.9, 0.95), rt.device_type)
     start = 0
     if resume:
@@ -235,15 +240,24 @@ def main():
     if rt.ddp:
         policy = DDP(policy, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
+    # Rows are padded to the longest in their batch, and in a random batch about half of the tokens would be
+    # padding; so pairs of similar length go together (HF's group_by_length): shuffle, sort windows of 50
+    # batches by length, cut into batches, shuffle the batches.
+    pair_len = [max(len(rows[c]), len(rows[r])) for c, r in train_pairs.tolist()]
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_batches(epoch):
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        perm, win = torch.randperm(len(train_pairs), generator=g).tolist(), 50 * batch_size
+        perm = [i for s in range(0, len(perm), win) for i in sorted(perm[s:s + win], key=pair_len.__getitem__)]
+        cut = [perm[s:s + batch_size] for s in range(0, len(perm), batch_size)]
+        return [cut[i] for i in torch.randperm(len(cut), generator=g).tolist()]
+
     def batch(it, micro):
-        """Pairs of this step's micro-batch: a fresh permutation per epoch, seeded by (seed, epoch), read at
-        global positions that depend only on the step, so a resumed run sees the pairs it would have seen."""
-        pos = it * pairs_per_step + (micro * rt.world_size + rt.rank) * batch_size + torch.arange(batch_size)
-        out = []
-        for epoch in (pos // len(train_pairs)).unique().tolist():
-            perm = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            out.append(train_pairs[perm[pos[pos // len(train_pairs) == epoch] % len(train_pairs)]])
-        return torch.cat(out)
+        """Pair indices (B, 2) of this step's micro-batch on this rank. It depends only on (seed, step), so a
+        resumed run sees exactly the pairs an uninterrupted run would have seen."""
+        k = (it * grad_accum + micro) * rt.world_size + rt.rank  # global micro-batch number
+        return train_pairs[epoch_batches(k // n_batches)[k % n_batches]]
 
     def forward(net, pb):
         """Policy log-probs of a batch of pairs (B, 2) in ONE forward: chosen rows stacked over rejected rows."""
