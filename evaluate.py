@@ -218,7 +218,7 @@ if __name__ == "__main__":
                       ("gold (hidden human)", kls, [r["gold"] for r in hack], "#d62728", True)])
         lines += [f"![over-optimisation](figures/{f})", ""]
     curves = [("pretrain", "loss", "val_loss"), ("sft", "loss", "val_loss"), ("reward", "loss", "val_loss"),
-              ("ppo", "score", "gold"), ("dpo", "loss", "val_loss")]
+              ("ppo", "score", "gold"), ("dpo", "loss", "val/loss")]
     for stage, a, b in curves:
         rows = read_jsonl(os.path.join(out_dir, f"{stage}.jsonl"))
         if not rows:
