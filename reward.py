@@ -44,7 +44,7 @@ data = ""                  # "" = sample comparisons from SFT on the world's tra
 collect = True             # sample and rank fresh comparisons; False reuses out_dir/comparisons.jsonl
 train = True               # train the reward model; False loads out_dir/reward.pt (e.g. to run --bon)
 n_prompts = 0              # collect on the first n train prompts only (0 = all of them)
-K = 4                      # answers per prompt that a labeler ranks (InstructGPT: 4 to 9)
+K = 4                      # answers per prompt that a labeler ranks (InstructGPT: 4 to 9); 6 pairs each
 max_new_tokens = 48        # longest sampled answer; one that is cut off never ended its turn
 temperature = 1.0          # 1 = sample the SFT distribution itself, which is where PPO starts
 gen_batch = 256            # sequences per generate() call (bounds the KV cache's memory)
@@ -65,6 +65,7 @@ grad_clip = 1.0
 eval_interval = 20         # held-out metrics and a checkpoint every this many steps
 val_fraction = 0.1         # prompts held out to measure the reward model (chosen by seed)
 resume = False             # continue training from out_dir/reward.pt (reuses out_dir/comparisons.jsonl)
+stop_at = 0                # end after this step as if killed (0 = run to the end): split a run, or test resume
 bon = 0                    # > 0: best-of-bon sampling on the held-out eval prompts, judged by gold
 # -----------------------------------------------------------------------------
 
@@ -178,12 +179,15 @@ def read_comparisons(path):
 
 @torch.no_grad()
 def raw_rewards(rm, rows, eot, device, batch_size=256):
-    """Unnormalised rewards of token rows, (N,) fp32 on the CPU."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        ids, attn = M.pad_rows(rows[i:i + batch_size], eot)
-        out.append(M.rm_score(rm, ids.to(device), attn.to(device)).float().cpu())
-    return torch.cat(out)
+    """Unnormalised rewards of token rows, (N,) fp32 on the CPU. Rows go through shortest first, so each batch is
+    padded to a length close to its own rows' (less work on padding); the result is in the rows' order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.empty(len(rows))
+    for s in range(0, len(rows), batch_size):
+        idx = order[s:s + batch_size]
+        ids, attn = M.pad_rows([rows[i] for i in idx], eot)
+        out[idx] = M.rm_score(rm, ids.to(device), attn.to(device)).float().cpu()
+    return out
 
 
 def main():
@@ -192,6 +196,8 @@ def main():
         sys.exit(f"error: --loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if K < 2:
         sys.exit("error: --K must be at least 2: a labeler ranks several answers")
+    if not train and bon <= 0:
+        sys.exit("error: nothing to do with --train=False and --bon=0 (add --bon=16 to use an existing reward.pt)")
     rt = M.setup(device, dtype, seed)
     sft_path, cmp_path, ck_path, log_path = (os.path.join(out_dir, f) for f in
                                              ("sft.pt", "comparisons.jsonl", "reward.pt", "reward.jsonl"))
@@ -287,13 +293,13 @@ def main():
                 "tokenizer": sft_ck.get("tokenizer", "world"), "K": Kc, "loss": loss,
                 "gain": 1.0, "bias": 0.0, "metrics": {}, **extra})
 
+        zero_loss = loss_fn(torch.zeros(1, Kc)).item()  # a zero head: ln 2 for Bradley-Terry, ln(K!)/(K-1) for PL
         if rt.master:
             if not resume and os.path.exists(log_path):
                 os.remove(log_path)  # a fresh run starts a fresh log
             print(f"{len(train_idx)} train / {n_val} held-out rankings of {Kc} answers, {Kc * (Kc - 1) // 2} pairs "
                   f"each; {iters} steps of {batch_size * rt.world_size} prompts, loss {loss}, device {rt.device}")
-        if rt.master:
-            print(f"held-out loss before training {held_out()[1]['val_loss']:.4f} (a zero head gives ln 2 = {math.log(2):.4f})")
+            print(f"held-out loss before training {held_out()[1]['val_loss']:.4f} (a zero head gives {zero_loss:.4f})")
         bar = tqdm(range(start, iters), initial=start, total=iters, disable=not rt.master, desc="reward")
         for it in bar:
             for group in optimizer.param_groups:
@@ -310,16 +316,23 @@ def main():
             rt.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if rt.master:
-                last = it == iters - 1
+                last = it + 1 in (iters, stop_at)
                 val = held_out()[1] if (it + 1) % eval_interval == 0 or last else \
                     dict.fromkeys(("val_loss", "val_acc", "val_acc_gold"))
-                row = {"iter": it + 1, "loss": l.item(), "acc": pairwise_accuracy(r.detach().cpu(), first[:1].expand(batch_size, Kc)),
-                       "lr": optimizer.param_groups[0]["lr"], **val, "time": time.time() - t0}
+                acc = pairwise_accuracy(r.detach().cpu(), first[:1].expand(batch_size, Kc))  # this batch's pairs
+                row = {"iter": it + 1, "loss": l.item(), "acc": acc, "lr": optimizer.param_groups[0]["lr"], **val,
+                       "time": time.time() - t0}
                 M.append_jsonl(log_path, row)
                 if val["val_loss"] is not None:
                     bar.set_postfix(loss=f"{l.item():.3f}", val=f"{val['val_loss']:.3f}", acc=f"{val['val_acc']:.3f}")
-                    if (it + 1) % eval_interval == 0:
-                        save(it + 1)
+                    if (it + 1) % eval_interval == 0 or it + 1 == stop_at:
+                        save(it + 1)  # for --resume; only the final save below carries the normalisation
+            if it + 1 == stop_at:
+                break
+        if 0 < stop_at < iters:  # "killed": no normalisation, report or best-of-N
+            M.cleanup()
+            return
+
 
         if rt.master:
             # ---- 3. normalise on SFT's own answers (all collected ones): gain * r + bias has mean 0, std 1 there,
@@ -330,13 +343,15 @@ def main():
             gain = 1.0 / r_all.std().clamp(min=1e-6).item()
             bias = -r_all.mean().item() * gain
             # ---- 4. report: the reward model against the labelers, against gold, and the labelers' own ceiling
-            r_val, val = held_out()
+            r_val = r_all.view(len(comps), Kc)[val_idx]  # (n_val, K), ranked order
+            val = {"val_loss": loss_fn(r_val).item(), "val_acc": pairwise_accuracy(r_val, first),
+                   "val_acc_gold": pairwise_accuracy(r_val, golds) if golds is not None else None}
             metrics = {**val, "ceiling_labelers": pairwise_accuracy(first, second) if second is not None else None,
                        "labeler_acc_gold": pairwise_accuracy(first, golds) if golds is not None else None,
                        "calibration": calibration(r_val), "time": time.time() - t0}
             save(iters, gain=gain, bias=bias, metrics=metrics)
             print(f"\nreward model on {n_val} held-out prompts ({n_val * Kc * (Kc - 1) // 2} pairs), {metrics['time']:.0f}s:")
-            print(f"  held-out loss {val['val_loss']:.3f} (from ln 2 = {math.log(2):.3f})")
+            print(f"  held-out loss {val['val_loss']:.3f} (from {zero_loss:.3f} with the zero head)")
             print(f"  agrees with the labelers on {val['val_acc']:.1%} of pairs", end="")
             if second is not None:
                 print(f"; two labelers agree with each other on {metrics['ceiling_labelers']:.1%} (the ceiling)")
@@ -355,12 +370,10 @@ def main():
                     g = f", gold {golds[n, rank_]:.2f}" if golds is not None else ""
                     print(f"    #{rank_ + 1} by the labeler, reward {gain * r_val[n, rank_].item() + bias:+.2f}{g}: "
                           f"{c['responses'][k]!r}")
-    elif rt.master and bon > 0:
+    elif rt.master:  # --train=False: the reward model on disk, for best-of-N
         ck = M.load_checkpoint(ck_path, "reward")
         raw_rm, gain, bias = M.model_from_checkpoint(ck, dropout=0.0).to(rt.device), ck["gain"], ck["bias"]
         metrics = ck.get("metrics", {})
-    elif rt.master:
-        print("nothing to do: --train=False and --bon=0")
 
     # ---- 5. best-of-N (rejection sampling) on held-out prompts: the RM picks, the hidden human judges
     if rt.master and bon > 0:

@@ -188,6 +188,22 @@ def test_preference_file_and_bad_input(tiny_sft, tmp_path):
     assert "--loss must be one of" in r.stderr
 
 
+def test_resume_continues_with_the_same_losses(tiny_sft, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        shutil.copy(tiny_sft / "sft.pt", d / "sft.pt")
+    run(a, "--max_iters=6", "--eval_interval=3")
+    run(b, "--max_iters=6", "--eval_interval=3", "--stop_at=3")  # as if killed after the step-3 checkpoint
+    assert torch.load(b / "reward.pt", weights_only=True)["step"] == 3
+    run(b, "--max_iters=6", "--eval_interval=3", "--resume=True")
+    full, resumed = ([json.loads(line) for line in open(d / "reward.jsonl")] for d in (a, b))
+    assert [r["iter"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(full, resumed):  # same comparisons, batches, dropout masks and optimizer state: same losses
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6), (x, y)
+    assert full[-1]["val_loss"] == pytest.approx(resumed[-1]["val_loss"], abs=1e-6)
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not installed")
 def test_torchrun_two_processes_share_the_collection(tiny_sft):
