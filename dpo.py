@@ -30,7 +30,6 @@ import zlib
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
@@ -228,17 +227,10 @@ def main():
     optimizer = M.configure_optimizer(policy, weight_decay, lr, (0.9, 0.95), rt.device_type)
     start = 0
     if resume:
-        ck = M.load_checkpoint(ck_path, "dpo")
-        M.load_weights(policy, ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        rt.scaler.load_state_dict(ck["scaler"])
-        M.set_rng_state(ck["rng"])
-        start = ck["step"]
+        start = M.restore(M.load_checkpoint(ck_path, "dpo"), policy, optimizer, rt.scaler)
         print(f"resuming from {ck_path} at step {start}")
     raw_policy = policy
-    policy = M.maybe_compile(policy, compile)
-    if rt.ddp:
-        policy = DDP(policy, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    policy = M.wrap(policy, rt, compile)
 
     # Rows are padded to the longest in their batch, and in a random batch about half of the tokens would be
     # padding; so pairs of similar length go together (HF's group_by_length): shuffle, sort windows of 50

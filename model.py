@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import struct
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -169,10 +168,6 @@ class GPT(nn.Module):
             return logits, loss, self.scalar_head(h.detach() if detach_values else h).squeeze(-1).float()
         return logits, loss
 
-    def scalar(self, idx, attention_mask=None):
-        """Scalar head at every position, (B, T) fp32: a reward model reads it at the last real token."""
-        return self.scalar_head(self.hidden(idx, attention_mask)).squeeze(-1).float()
-
 
 # -----------------------------------------------------------------------------
 # Sampling and log-probs
@@ -304,8 +299,14 @@ def cleanup():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
-def maybe_compile(model, flag):
-    return torch.compile(model) if flag else model
+def wrap(model, rt, compile=False):
+    """The model a training loop calls: torch.compile'd if asked, then DDP under torchrun (gradients all-reduced
+    in backward). Keep the unwrapped one for saving, evaluation and generation."""
+    model = torch.compile(model) if compile else model
+    if rt.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model
 
 def configure_optimizer(model, weight_decay, lr, betas, device_type):
     """AdamW; decay only matrices (weights, embeddings), never biases or LayerNorm gains."""
@@ -396,6 +397,16 @@ def set_rng_state(d):
     if "cuda" in d and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(d["cuda"])
 
+def restore(ckpt, model, optimizer, scaler=None):
+    """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its step,
+    so the loop continues exactly where the saved run was."""
+    load_weights(model, ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"]
+
 def ensure_checkpoint(path, script, out_dir):
     """A stage's input is missing: say which command makes it, then run that stage with its defaults, so that
     `python ppo.py` works on a fresh clone (each stage in turn builds what it needs)."""
@@ -462,61 +473,9 @@ def configure(g, argv=None):
     return {k: g[k] for k in keys}
 
 
-# -----------------------------------------------------------------------------
-# GPT-2 weights in the Hugging Face layout
-
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
-
-def read_safetensors(path):
-    """A .safetensors file: u64 little-endian header size, JSON header, then raw little-endian tensor bytes."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header, data = json.loads(f.read(n)), f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in dtypes:
-            raise SystemExit(f"error: {path}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        out[name] = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-    return out
-
 def load_gpt2(path, **overrides):
-    """GPT from a Hugging Face GPT-2 directory (model.safetensors or pytorch_model.bin, optional config.json)
-    or from one of those files."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: {path} not found (expected a GPT-2 directory, model.safetensors or pytorch_model.bin)")
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if os.path.isdir(path):
-        files = [os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")]
-        path = next((f for f in files if os.path.isfile(f)), None)
-        if path is None:
-            raise SystemExit(f"error: {folder} has neither model.safetensors nor pytorch_model.bin")
-    sd = read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
-    ours = {}
-    for k, v in sd.items():
-        k = k.removeprefix("transformer.")
-        if k.split(".")[-2:] in (["attn", "bias"], ["attn", "masked_bias"]) or k.startswith("lm_head."):
-            continue  # causal-mask buffers; lm_head is tied to wte
-        ours["transformer." + k] = v.t() if k.endswith(CONV1D) else v  # Conv1D (in, out) -> Linear (out, in)
-    cfg_file = os.path.join(folder, "config.json")
-    n_embd = ours["transformer.wte.weight"].size(1)
-    n_head = json.load(open(cfg_file))["n_head"] if os.path.isfile(cfg_file) else n_embd // 64
-    args = dict(vocab_size=ours["transformer.wte.weight"].size(0), block_size=ours["transformer.wpe.weight"].size(0),
-                n_layer=1 + max(int(k.split(".")[2]) for k in ours if k.startswith("transformer.h.")),
-                n_head=n_head, n_embd=n_embd, bias="transformer.h.0.attn.c_attn.bias" in ours)
-    return load_weights(GPT(GPTConfig(**{**args, **overrides})), ours)
-
-def gpt2_state_dict(model):
-    """Our weights in GPT2LMHeadModel's layout: 'transformer.' keys, Conv1D (in, out) matrices, mask buffers."""
-    model = getattr(model, "module", model)
-    cfg, out = model.config, {}
-    for k, v in clean_state_dict(model.state_dict()).items():
-        if k.startswith("transformer."):
-            out[k] = v.t().contiguous() if k.endswith(CONV1D) else v
-    mask = torch.tril(torch.ones(cfg.block_size, cfg.block_size)).view(1, 1, cfg.block_size, cfg.block_size)
-    for i in range(cfg.n_layer):
-        out[f"transformer.h.{i}.attn.bias"] = mask
-    return out
+    """GPT from Hugging Face GPT-2 weights on disk (data/gpt2.py reads and converts them); overrides change
+    GPTConfig, e.g. dropout or scalar_head."""
+    from data.gpt2 import read_gpt2
+    sd, args = read_gpt2(path)
+    return load_weights(GPT(GPTConfig(**{**args, **overrides})), sd)

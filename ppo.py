@@ -20,7 +20,6 @@ import random
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
@@ -160,14 +159,9 @@ def main():
     kl_coef, start = beta, 0
     if resume:
         ck = M.load_checkpoint(ck_path, "ppo")
-        M.load_weights(policy, ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        M.set_rng_state(ck["rng"])
-        kl_coef, start = ck["kl_coef"], ck["step"]
+        kl_coef, start = ck["kl_coef"], M.restore(ck, policy, optimizer)
     raw_policy = policy
-    policy = M.maybe_compile(policy, compile)
-    if rt.ddp:
-        policy = DDP(policy, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    policy = M.wrap(policy, rt, compile)
     train_prompts = world.prompts("train")
 
     def save(step):

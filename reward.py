@@ -28,7 +28,6 @@ import time
 
 import torch
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
@@ -253,17 +252,10 @@ def main():
         optimizer = M.configure_optimizer(rm, weight_decay, lr, (beta1, beta2), rt.device_type)
         start = 0
         if resume:
-            ck = M.load_checkpoint(ck_path, "reward")
-            M.load_weights(rm, ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            rt.scaler.load_state_dict(ck["scaler"])
-            M.set_rng_state(ck["rng"])
-            start = ck["step"]
+            start = M.restore(M.load_checkpoint(ck_path, "reward"), rm, optimizer, rt.scaler)
             print(f"resuming from {ck_path} at step {start}")
         raw_rm = rm
-        rm = M.maybe_compile(rm, compile)
-        if rt.ddp:
-            rm = DDP(rm, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        rm = M.wrap(rm, rt, compile)
         loss_fn = LOSSES[loss]
         steps_per_epoch = math.ceil(len(train_idx) / (batch_size * rt.world_size))
         iters = max_iters or epochs * steps_per_epoch

@@ -17,7 +17,6 @@ import os
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
@@ -102,15 +101,10 @@ eot = special_id(enc, EOT)
 block_size = model.config.block_size
 optimizer = M.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
 if ckpt:
-    optimizer.load_state_dict(ckpt["optimizer"])
-    rt.scaler.load_state_dict(ckpt["scaler"])
-    M.set_rng_state(ckpt["rng"])
-    start = ckpt["step"]
+    start = M.restore(ckpt, model, optimizer, rt.scaler)
     print(f"resuming from {ck_path} at step {start}")
 raw_model = model
-model = M.maybe_compile(model, compile)
-if rt.ddp:
-    model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+model = M.wrap(model, rt, compile)
 
 # ---- data, tokenized: (ids, targets) rows; the last 5% of conversations are held out
 n_long = sum(len(render(enc, c)[0]) - 1 > block_size for c in convs)

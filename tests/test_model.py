@@ -17,6 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+from data.gpt2 import CONV1D  # noqa: E402
 
 TINY = dict(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 
@@ -124,9 +125,21 @@ def write_safetensors(path, sd):
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
+def gpt2_state_dict(model):
+    """Our weights in GPT2LMHeadModel's layout: 'transformer.' keys, Conv1D (in, out) matrices, mask buffers."""
+    cfg, out = model.config, {}
+    for k, v in model.state_dict().items():
+        if k.startswith("transformer."):
+            out[k] = v.t().contiguous() if k.endswith(CONV1D) else v
+    mask = torch.tril(torch.ones(cfg.block_size, cfg.block_size)).view(1, 1, cfg.block_size, cfg.block_size)
+    for i in range(cfg.n_layer):
+        out[f"transformer.h.{i}.attn.bias"] = mask
+    return out
+
+
 def test_gpt2_layout_round_trip(tmp_path):
     m = tiny(n_embd=64, n_head=2)
-    sd = M.gpt2_state_dict(m)
+    sd = gpt2_state_dict(m)
     w = m.transformer.h[0].attn.c_attn.weight  # Linear: (out, in) = (192, 64)
     assert sd["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)
     assert torch.equal(sd["transformer.h.0.attn.c_attn.weight"], w.t())
@@ -222,7 +235,7 @@ def test_scalar_head_and_ignored_loss():
     x = torch.randint(0, 97, (3, 12))
     mask = torch.ones_like(x)
     mask[0, :4] = 0
-    r = m.scalar(x, mask)
+    r = m.scalar_head(m.hidden(x, mask)).squeeze(-1)  # the head on the trunk's hidden states
     assert r.shape == (3, 12) and r.dtype == torch.float32 and r.abs().max() < 1e-3
     logits, loss, values = m(x, attention_mask=mask, return_values=True)  # one trunk pass for both heads
     assert loss is None and logits.shape == (3, 12, 97)

@@ -71,7 +71,7 @@ def test_score_is_read_at_the_end_of_turn():
     ids, attn = M.pad_rows([a, b, cut], 0)  # right padding
     s = M.rm_score(rm, ids, attn)
     with torch.no_grad():
-        alone = [rm.scalar(torch.tensor([row]))[0, -1].item() for row in (a, b, cut)]  # head at the last token
+        alone = [rm(torch.tensor([row]), return_values=True)[2][0, -1].item() for row in (a, b, cut)]  # head at the last token
     torch.testing.assert_close(s, torch.tensor(alone), atol=1e-5, rtol=0)
     # whatever sits after <|end|> (padding of any id, or tokens past the turn) changes nothing
     junk = ids.clone()
