@@ -282,8 +282,7 @@ def main():
         return out
 
     def save(step):
-        M.save_checkpoint(ck_path, {"model": raw_policy.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scaler": rt.scaler.state_dict(), "rng": M.rng_state(), "config": config,
+        M.save_checkpoint(ck_path, {**M.training_state(raw_policy, optimizer, rt.scaler), "config": config,
                                     "model_args": sft_ck["model_args"], "kind": "dpo", "step": step,
                                     "tokenizer": sft_ck.get("tokenizer", "world")})
 
@@ -317,12 +316,7 @@ def main():
                 total = pref - rpo_alpha * (pi_c / n_tokens[pb[:, 0]]).mean()
             rt.scaler.scale(total / grad_accum).backward()
             acc.append(stats(pref.item(), pi_c, pi_r, rc, rr))
-        if grad_clip > 0:
-            rt.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
-        rt.scaler.step(optimizer)
-        rt.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        M.optimizer_step(policy, optimizer, rt.scaler, grad_clip)
         last = it == n_iters - 1
         val = evaluate_pairs() if rt.master and ((it + 1) % eval_interval == 0 or last) else None
         if rt.master:

@@ -316,6 +316,16 @@ def configure_optimizer(model, weight_decay, lr, betas, device_type):
     extra = {"fused": True} if device_type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
 
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """One update after backward(): unscale fp16 gradients (a no-op otherwise) so the clip sees true norms, clip
+    the global gradient norm (0 = off), step (skipped by the scaler if fp16 overflowed), zero the gradients."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
 def get_lr(it, warmup, max_iters, lr, min_lr):
     """Linear warmup, then cosine decay from lr to min_lr at max_iters."""
     if it < warmup:
@@ -396,6 +406,11 @@ def set_rng_state(d):
     torch.set_rng_state(d["torch"])
     if "cuda" in d and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(d["cuda"])
+
+def training_state(model, optimizer, scaler):
+    """The part of a checkpoint that --resume needs besides config and step (restore() reads it back)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state()}
 
 def restore(ckpt, model, optimizer, scaler=None):
     """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its step,

@@ -117,8 +117,7 @@ def held_out_loss():
 
 
 def save(step):
-    M.save_checkpoint(ck_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": rt.scaler.state_dict(), "rng": M.rng_state(), "config": config,
+    M.save_checkpoint(ck_path, {**M.training_state(raw_model, optimizer, rt.scaler), "config": config,
                                 "model_args": model_args, "kind": "base", "step": step, "tokenizer": tokenizer})
 
 
@@ -141,12 +140,7 @@ for it in bar:
         with rt.ctx:
             _, loss = model(x, y)
         rt.scaler.scale(loss / grad_accum).backward()
-    if grad_clip > 0:
-        rt.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    rt.scaler.step(optimizer)
-    rt.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    M.optimizer_step(model, optimizer, rt.scaler, grad_clip)
     last = it + 1 in (max_iters, stop_at)
     val = held_out_loss() if (it + 1) % eval_interval == 0 or last else None
     if rt.master:

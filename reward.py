@@ -279,8 +279,7 @@ def main():
 
         def save(step, **extra):
             M.save_checkpoint(ck_path, {
-                "model": raw_rm.state_dict(), "optimizer": optimizer.state_dict(), "scaler": rt.scaler.state_dict(),
-                "rng": M.rng_state(), "config": config, "kind": "reward", "step": step,
+                **M.training_state(raw_rm, optimizer, rt.scaler), "config": config, "kind": "reward", "step": step,
                 "model_args": {**sft_ck["model_args"], "scalar_head": True, "dropout": 0.0},
                 "tokenizer": sft_ck.get("tokenizer", "world"), "K": Kc, "loss": loss,
                 "gain": 1.0, "bias": 0.0, "metrics": {}, **extra})
@@ -301,12 +300,7 @@ def main():
                 r = M.rm_score(rm, ids, attn).view(batch_size, Kc)  # (B, K) fp32, ranked order
             l = loss_fn(r)
             rt.scaler.scale(l).backward()
-            if grad_clip > 0:
-                rt.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            M.optimizer_step(rm, optimizer, rt.scaler, grad_clip)
             if rt.master:
                 last = it + 1 in (iters, stop_at)
                 val = held_out()[1] if (it + 1) % eval_interval == 0 or last else \

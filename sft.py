@@ -142,8 +142,7 @@ def held_out_loss():
 
 
 def save(step):
-    M.save_checkpoint(ck_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": rt.scaler.state_dict(), "rng": M.rng_state(), "config": config,
+    M.save_checkpoint(ck_path, {**M.training_state(raw_model, optimizer, rt.scaler), "config": config,
                                 "model_args": model_args, "kind": "sft", "step": step, "tokenizer": tokenizer})
 
 
@@ -171,12 +170,7 @@ for it in bar:
             _, loss = model(x, y, attention_mask=attn)
         rt.scaler.scale(loss / grad_accum).backward()
         n_targets += (y != -1).sum().item()
-    if grad_clip > 0:
-        rt.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    rt.scaler.step(optimizer)
-    rt.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    M.optimizer_step(model, optimizer, rt.scaler, grad_clip)
     if rt.ddp:  # the log counts the assistant tokens of every process
         n_targets = torch.tensor(n_targets, device=rt.device)
         torch.distributed.all_reduce(n_targets)
