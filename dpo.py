@@ -52,7 +52,8 @@ label_smoothing = 0.0      # conservative DPO: the probability that a label is f
 rpo_alpha = 1.0            # weight of the chosen answers' per-token NLL (RPO); 0 = pure DPO / IPO
 batch_size = 32            # preference pairs per micro-batch (per process); each pair is two sequences
 grad_accum = 1
-epochs = 1                 # passes over the training pairs (sets max_iters when max_iters = 0)
+epochs = 0.5               # passes over the training pairs (sets max_iters when max_iters = 0); a ranking of 8
+                           # gives 28 overlapping pairs, so half a pass already shows every answer ~3.5 times
 max_iters = 0              # optimizer steps; 0 = as many as `epochs` takes
 lr, min_lr = 1e-3, 1e-4    # peak learning rate, cosine-decayed to min_lr
 warmup_iters = 10

@@ -7,7 +7,7 @@ the world's simulated labelers ranks them (data/world.py: Plackett-Luce over the
 enough that two labelers agree on only ~73% of pairs), and a copy of the SFT network with a scalar head learns to
 score answers so that the better-ranked ones score higher.
 
-    python reward.py                          # collect K=4 answers per train prompt, rank them, train (~2 min CPU)
+    python reward.py                          # collect K=8 answers per train prompt, rank them, train (~2 min CPU)
     python reward.py --loss=plackett_luce     # the whole K-wise ranking likelihood instead of its pairs
     python reward.py --data=prefs.jsonl       # your own TRL / Anthropic HH preference pairs instead of collecting
     python reward.py --bon=16                 # then best-of-16 on held-out prompts, judged by the hidden human
@@ -43,7 +43,7 @@ data = ""                  # "" = sample comparisons from SFT on the world's tra
 collect = True             # sample and rank fresh comparisons; False reuses out_dir/comparisons.jsonl
 train = True               # train the reward model; False loads out_dir/reward.pt (e.g. to run --bon)
 n_prompts = 0              # collect on the first n train prompts only (0 = all of them)
-K = 4                      # answers per prompt that a labeler ranks (InstructGPT: 4 to 9); 6 pairs each
+K = 8                      # answers per prompt that a labeler ranks (InstructGPT: 4 to 9); 28 pairs each
 max_new_tokens = 48        # longest sampled answer; one that is cut off never ended its turn
 temperature = 1.0          # 1 = sample the SFT distribution itself, which is where PPO starts
 gen_batch = 256            # sequences per generate() call (bounds the KV cache's memory)
@@ -52,8 +52,8 @@ seed = 1337
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # bf16/fp16 autocast on CUDA, fp32 on CPU; rewards and losses are always fp32
 compile = False
-dropout = 0.0              # dropout while the reward model trains (scoring is always without)
-batch_size = 16            # prompts per step (per process); each brings all K of its answers
+dropout = 0.1              # dropout while the reward model trains (scoring is always without): ~600 prompts
+batch_size = 8             # prompts per step (per process); each brings all K of its answers
 epochs = 3                 # passes over the training comparisons
 max_iters = 0              # optimizer steps; 0 = `epochs` passes
 lr, min_lr = 3e-4, 3e-5    # peak learning rate, cosine-decayed to min_lr
@@ -61,7 +61,7 @@ warmup_iters = 10
 weight_decay = 0.1
 beta1, beta2 = 0.9, 0.95
 grad_clip = 1.0
-eval_interval = 20         # held-out metrics and a checkpoint every this many steps
+eval_interval = 50         # held-out metrics and a checkpoint every this many steps
 val_fraction = 0.1         # prompts held out to measure the reward model (chosen by seed)
 resume = False             # continue training from out_dir/reward.pt (reuses out_dir/comparisons.jsonl)
 stop_at = 0                # end after this step as if killed (0 = run to the end): split a run, or test resume
