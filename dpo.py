@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 import model as M
 from data import world
-from data.chat import check_messages, compare_to_sft, render_response
-from data.readers import DataError, read_preferences
+from data.chat import compare_to_sft, render_response
+from data.readers import DataError, read_comparisons, read_preferences
 from data.tokenizer import EOT, special_id
 
 # -----------------------------------------------------------------------------
@@ -113,36 +113,6 @@ def held_out(prompt, fraction):
     """Is this prompt in the held-out ~fraction? A hash of its text: the same split on every run and machine,
     and all pairs of one prompt fall on the same side."""
     return zlib.crc32(json.dumps(prompt, sort_keys=True).encode()) % 1000 < 1000 * fraction
-
-
-def read_comparisons(path):
-    """reward.py's comparisons.jsonl -> [{"prompt", "responses", "ended", "ranking"}]; DataError names the line."""
-    out = []
-    try:
-        lines = open(path, encoding="utf-8").read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            check_messages(row["prompt"])
-            k = len(row["responses"])
-            ended = row.get("ended") or [True] * k
-            if sorted(row["ranking"]) != list(range(k)) or len(ended) != k or k < 2:
-                raise ValueError("'ranking' must order all of 'responses' (at least 2) and 'ended' match them")
-            if not all(isinstance(r, str) for r in row["responses"]):
-                raise ValueError("'responses' must be strings")
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON: {e.msg} at column {e.colno}") from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}:{n}: {e if not isinstance(e, KeyError) else f'missing key {e}'}") from None
-        out.append({"prompt": row["prompt"], "responses": row["responses"], "ended": [bool(x) for x in ended],
-                    "ranking": row["ranking"]})
-    if not out:
-        raise DataError(f"{path}: file is empty (no JSON lines)")
-    return out
 
 
 def load_pairs(path):

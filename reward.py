@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 import model as M
 from data import world
-from data.chat import best_of_n, check_messages, render_response, respond
-from data.readers import DataError, read_preferences, write_jsonl
+from data.chat import best_of_n, render_response, respond
+from data.readers import DataError, read_comparisons, read_preferences, write_jsonl
 from data.tokenizer import EOT, special_id
 
 # -----------------------------------------------------------------------------
@@ -152,28 +152,17 @@ def collect_comparisons(policy, enc, prompts, rt, generator):
     return [c for _, c in sorted(rows, key=lambda x: x[0])]
 
 
-def read_comparisons(path):
-    """comparisons.jsonl as written by collect_comparisons, checked line by line."""
+def load_comparisons(path):
+    """out_dir/comparisons.jsonl, checked (data.readers), all rankings of the same size K."""
     if not os.path.isfile(path):
         sys.exit(f"error: {path} not found; run with --collect=True to sample comparisons")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                c = json.loads(line)
-                check_messages(c["prompt"])
-                k = len(c["responses"])
-                if k < 2 or sorted(c["ranking"]) != list(range(k)) or len(c["ended"]) != k \
-                        or not all(isinstance(t, str) for t in c["responses"]):
-                    raise ValueError("needs >= 2 string responses, a ranking of their indices and an ended flag each")
-            except (ValueError, KeyError, TypeError) as e:
-                sys.exit(f"error: {path}:{n}: not a comparison ({type(e).__name__}: {e})")
-            out.append(c)
-    if not out or len({len(c["ranking"]) for c in out}) != 1:
-        sys.exit(f"error: {path}: needs at least one comparison, all with the same number of responses")
-    return out
+    try:
+        comps = read_comparisons(path)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    if len({len(c["ranking"]) for c in comps}) != 1:
+        sys.exit(f"error: {path}: every comparison must rank the same number of responses")
+    return comps
 
 
 @torch.no_grad()
@@ -224,7 +213,7 @@ def main():
                 write_jsonl(cmp_path, comps)
                 print(f"wrote {len(comps)} rankings of {K} answers to {cmp_path} ({time.time() - t0:.0f}s)")
         else:
-            comps = read_comparisons(cmp_path)
+            comps = load_comparisons(cmp_path)
         Kc = len(comps[0]["ranking"])
         # every comparison's answers as token rows in ranked order, best first: the loss wants that order
         rows = [[scored_ids(enc, c["prompt"], c["responses"][k], c["ended"][k], block) for k in c["ranking"]]

@@ -88,6 +88,37 @@ def read_messages(path) -> list[list[dict]]:
     return out
 
 
+def read_comparisons(path):
+    """reward.py's comparisons.jsonl (K ranked answers per prompt) -> [{"prompt", "responses", "ended", "ranking"}],
+    ranking = indices of the responses, best first."""
+    out = []
+    try:
+        lines = open(path, encoding="utf-8").read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            check_messages(row["prompt"])
+            k = len(row["responses"])
+            ended = row.get("ended") or [True] * k
+            if sorted(row["ranking"]) != list(range(k)) or len(ended) != k or k < 2:
+                raise ValueError("'ranking' must order all of 'responses' (at least 2) and 'ended' match them")
+            if not all(isinstance(r, str) for r in row["responses"]):
+                raise ValueError("'responses' must be strings")
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON: {e.msg} at column {e.colno}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}:{n}: {e if not isinstance(e, KeyError) else f'missing key {e}'}") from None
+        out.append({"prompt": row["prompt"], "responses": row["responses"], "ended": [bool(x) for x in ended],
+                    "ranking": row["ranking"]})
+    if not out:
+        raise DataError(f"{path}: file is empty (no JSON lines)")
+    return out
+
+
 def read_preferences(path) -> list[dict]:
     """Comparisons as {"prompt": messages, "chosen": str, "rejected": str}, from TRL or Anthropic HH files."""
     out = []
