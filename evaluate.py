@@ -4,12 +4,13 @@ Evaluate: every stage side by side on held-out prompts, judged by the hidden hum
 For each checkpoint present (base, sft, best-of-N from SFT with the reward model, ppo, dpo) it samples answers to
 the held-out prompts and reports: mean gold utility as a fraction of ideal (the world's ideal answers score
 1.0), gold win rate against SFT with a 95% interval, KL(pi || pi_SFT) estimated from the samples, reward-model
-score, fluency, how often the answer ends its turn, and three sample conversations. It also draws figures (SVG,
+score, fluency, how often the answer ends its turn, where the gold is lost (the utility's components), and
+three sample conversations. It also draws figures (SVG,
 written here, no plotting library): the reward-vs-KL frontier of PPO and DPO over a beta sweep (the DPO paper's
 Figure 2 on our world), reward over-optimisation along a beta = 0 PPO run, and every stage's training curves.
 
     python evaluate.py                      # the default run's checkpoints -> out/report.md (about a minute)
-    python evaluate.py --json=True          # also print the numbers as JSON
+    python evaluate.py --json_out=True      # also print the numbers as JSON
     python evaluate.py --sweep=True         # first train PPO and DPO over a beta sweep (~30 min), then report
     python evaluate.py --ckpt=out/sft.pt,out/ppo.pt --prompts=my_prompts.jsonl
 """
@@ -141,6 +142,9 @@ def evaluate(rt, paths):
         if name == "sft":
             sft_golds = [s["gold"] for s in res["samples"]]
         res["win_vs_sft"], res["win_ci"] = world.win_rate([s["gold"] for s in res["samples"]], sft_golds)
+        # where the gold is lost: WEIGHTS[k] * (1 - component k), averaged; the parts add up to 1 - gold
+        comps = [world.gold_components(s["prompt"], s["text"], s["ended"]) for s in res["samples"]]
+        res["missing"] = {k: sum(w * (1 - c[k]) for c in comps) / len(comps) for k, w in world.WEIGHTS.items()}
         results[name] = res
     return results
 
@@ -181,6 +185,11 @@ if __name__ == "__main__":
         rm_s = f"{r['rm_score']:+.2f}" if "rm_score" in r else "-"
         lines.append(f"| {label.get(n, n)} | {r['gold']:.3f} | {r['win_vs_sft']:.1%} ± {r['win_ci']:.1%} | "
                      f"{r['kl']:.2f} | {rm_s} | {r['fluency']:.1%} | {r['ended']:.1%} |")
+    lines += ["", "Where the gold is lost: weight x (1 - component) of the hidden human's utility, averaged over the "
+              "same samples (a row adds up to 1 - gold):", "",
+              "| model | " + " | ".join(world.WEIGHTS) + " |", "|---|" + "---|" * len(world.WEIGHTS)]
+    for n in order:
+        lines.append(f"| {label.get(n, n)} | " + " | ".join(f"{results[n]['missing'][k]:.3f}" for k in world.WEIGHTS) + " |")
     lines += ["", "## Sample conversations", ""]
     for i in range(3):
         p = results["sft"]["samples"][i]["prompt"]
