@@ -5,9 +5,9 @@ For each checkpoint present (base, sft, best-of-N from SFT with the reward model
 the held-out prompts and reports: mean gold utility as a fraction of ideal (the world's ideal answers score
 1.0), gold win rate against SFT with a 95% interval, KL(pi || pi_SFT) estimated from the samples, reward-model
 score, fluency, how often the answer ends its turn, where the gold is lost (the utility's components), and
-three sample conversations. It also draws figures (SVG,
-written here, no plotting library): the reward-vs-KL frontier of PPO and DPO over a beta sweep (the DPO paper's
-Figure 2 on our world), reward over-optimisation along a beta = 0 PPO run, and every stage's training curves.
+three sample conversations. It also draws figures (SVG, written here, no plotting library): the reward-vs-KL
+frontier of PPO and DPO over a beta sweep (the DPO paper's Figure 2 on our world), reward over-optimisation
+along a beta = 0 PPO run, and every stage's training curves.
 
     python evaluate.py                      # the default run's checkpoints -> out/report.md (about a minute)
     python evaluate.py --json_out=True      # also print the numbers as JSON
