@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import model as M
 from data import world
-from data.chat import best_of_n, render_response, respond
+from data.chat import best_of_n, respond, score_rows, scored_ids
 from data.readers import DataError, read_comparisons, read_preferences, write_jsonl
 from data.tokenizer import EOT, special_id
 
@@ -113,14 +113,6 @@ def calibration(r, bins=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0)):
     return rows
 
 
-def scored_ids(enc, prompt, text, ended, block_size):
-    """Ids the reward model reads: prompt + answer + <|end|>, without <|end|> if the answer never ended its turn
-    (its score is then read at its last token, and the model must learn that running on is bad). Long rows keep
-    their end, where the score is read."""
-    ids, _ = render_response(enc, prompt, text)
-    return (ids if ended else ids[:-1])[-block_size:]
-
-
 def labeler(which, seed, i):
     """A labeler's private random stream for comparison i: the same ranking however prompts are split over ranks."""
     return random.Random(f"{which}-{seed}-{i}")
@@ -163,19 +155,6 @@ def load_comparisons(path):
     if len({len(c["ranking"]) for c in comps}) != 1:
         sys.exit(f"error: {path}: every comparison must rank the same number of responses")
     return comps
-
-
-@torch.no_grad()
-def raw_rewards(rm, rows, eot, device, batch_size=256):
-    """Unnormalised rewards of token rows, (N,) fp32 on the CPU. Rows go through shortest first, so each batch is
-    padded to a length close to its own rows' (less work on padding); the result is in the rows' order."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = torch.empty(len(rows))
-    for s in range(0, len(rows), batch_size):
-        idx = order[s:s + batch_size]
-        ids, attn = M.pad_rows([rows[i] for i in idx], eot)
-        out[idx] = M.rm_score(rm, ids.to(device), attn.to(device)).float().cpu()
-    return out
 
 
 def main():
@@ -261,7 +240,7 @@ def main():
         def held_out():
             raw_rm.eval()
             with rt.ctx:
-                r = raw_rewards(raw_rm, val_rows, eot, rt.device).view(n_val, Kc)
+                r = score_rows(raw_rm, val_rows, eot, batch_size=256).view(n_val, Kc)
             raw_rm.train()
             return r, {"val_loss": loss_fn(r).item(), "val_acc": pairwise_accuracy(r, first),
                        "val_acc_gold": pairwise_accuracy(r, golds) if golds is not None else None}
@@ -314,7 +293,7 @@ def main():
             # so PPO's reward and KL penalty have a known scale
             raw_rm.eval()
             with rt.ctx:
-                r_all = raw_rewards(raw_rm, [r for rs in rows for r in rs], eot, rt.device)
+                r_all = score_rows(raw_rm, [r for rs in rows for r in rs], eot, batch_size=256)
             gain = 1.0 / r_all.std().clamp(min=1e-6).item()
             bias = -r_all.mean().item() * gain
             # ---- 4. report: the reward model against the labelers, against gold, and the labelers' own ceiling

@@ -112,23 +112,36 @@ def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64
     return {**mean, "n": len(samples), "samples": samples}
 
 
-def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_size=128):
-    """Reward-model score of each (conversation, reply), replies as respond() returns them ({"text", "ended"}):
-    prompt + reply + <|end|> (no <|end|> if the reply was cut off), right-padded, the scalar head read at the
-    last real token and normalised as gain * r + bias (model.rm_score). (N,) fp32 on the CPU, no gradients."""
+def scored_ids(enc, messages, text, ended=True, block_size=None):
+    """Ids a reward model reads: prompt + reply + <|end|>, without <|end|> if the reply never ended its turn (its
+    score is then read at its last token, and the model must learn that running on is bad). Rows longer than
+    block_size keep their end, where the score is read."""
+    ids, _ = render_response(enc, messages, text)
+    ids = ids if ended else ids[:-1]
+    return ids[-block_size:] if block_size else ids
+
+
+def score_rows(rm, rows, pad_id, gain=1.0, bias=0.0, batch_size=128):
+    """model.rm_score over token rows in batches: (N,) fp32 on the CPU, no gradients. Rows go through shortest
+    first, so each batch is padded to a length close to its own rows'; the result is in the rows' order."""
     import torch
     from model import pad_rows, rm_score
     device = next(rm.parameters()).device
-    out = []
-    for i in range(0, len(replies), batch_size):
-        rows = []
-        for c, r in zip(conversations[i:i + batch_size], replies[i:i + batch_size]):
-            ids, _ = render_response(enc, c, r["text"])
-            rows.append(ids if r["ended"] else ids[:-1])  # an unfinished reply is scored at its last token
-        ids, attn = pad_rows(rows, special_id(enc, EOT))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.empty(len(rows))
+    for s in range(0, len(rows), batch_size):
+        idx = order[s:s + batch_size]
+        ids, attn = pad_rows([rows[i] for i in idx], pad_id)
         with torch.no_grad():
-            out.append(rm_score(rm, ids.to(device), attn.to(device), gain, bias).float().cpu())
-    return torch.cat(out)
+            out[idx] = rm_score(rm, ids.to(device), attn.to(device), gain, bias).float().cpu()
+    return out
+
+
+def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_size=128):
+    """Reward-model score of each (conversation, reply), replies as respond() returns them ({"text", "ended"}),
+    normalised as gain * r + bias: (N,) fp32 on the CPU."""
+    rows = [scored_ids(enc, c, r["text"], r["ended"], rm.config.block_size) for c, r in zip(conversations, replies)]
+    return score_rows(rm, rows, special_id(enc, EOT), gain, bias, batch_size)
 
 
 def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tokens=48, temperature=1.0,
