@@ -41,7 +41,7 @@ temperature = 1.0
 bon = 16                   # best-of-N baseline from SFT with the reward model (0 = skip)
 json_out = False           # print the numbers as JSON too
 sweep = False              # train PPO and DPO over the betas below first (writes out_dir/sweep/)
-ppo_betas = (0.01, 0.03, 0.1, 0.3)
+ppo_betas = (0.03, 0.1, 0.2, 0.5)
 dpo_betas = (0.03, 0.1, 0.3, 1.0)
 hack_iters = 120           # length of the beta = 0 PPO run that shows reward over-optimisation
 # -----------------------------------------------------------------------------
