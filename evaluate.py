@@ -35,7 +35,8 @@ prompts = ""               # "" = the world's held-out prompts; or a JSONL file 
 seed = 1234                # sampling seed: every model answers the same prompts with the same random stream
 device = "auto"
 dtype = "auto"
-samples = 2                # answers per prompt and model (more = tighter intervals)
+samples = 8                # answers per prompt and model: 976 pairs give a win rate within about +-2.3 points
+                           # (at 2 samples the interval was +-4.8 and the same PPO model read 66.6% and 72.3%)
 max_new_tokens = 48
 temperature = 1.0
 bon = 16                   # best-of-N baseline from SFT with the reward model (0 = skip)

@@ -46,6 +46,8 @@ n_prompts = 0              # collect on the first n train prompts only (0 = all 
 K = 8                      # answers per prompt that a labeler ranks (InstructGPT: 4 to 9); 28 pairs each
 max_new_tokens = 48        # longest sampled answer; one that is cut off never ended its turn
 temperature = 1.0          # 1 = sample the SFT distribution itself, which is where PPO starts
+labeler_tau = world.LABELER_TAU  # the labelers' Plackett-Luce temperature: 0.126 makes two of them agree on ~73%
+                           # of pairs, like InstructGPT's; 1e-6 = noise-free labelers who rank by gold exactly
 gen_batch = 256            # sequences per generate() call (bounds the KV cache's memory)
 loss = "bradley_terry"     # "bradley_terry": all K(K-1)/2 pairs of a ranking; "plackett_luce": the whole ranking
 seed = 1337
@@ -136,7 +138,7 @@ def collect_comparisons(policy, enc, prompts, rt, generator):
                           generator=generator)
         for n, i in enumerate(idx):
             texts, ended = [r["text"] for r in replies[n * K:(n + 1) * K]], [r["ended"] for r in replies[n * K:(n + 1) * K]]
-            ranking = world.rank(prompts[i], texts, labeler("labeler", seed, i), ended=ended)
+            ranking = world.rank(prompts[i], texts, labeler("labeler", seed, i), ended=ended, tau=labeler_tau)
             rows.append((i, comparison(prompts[i], texts, ended, ranking)))
     if rt.ddp:
         shares = [None] * rt.world_size
@@ -164,6 +166,8 @@ def main():
         sys.exit(f"error: --loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if K < 2:
         sys.exit("error: --K must be at least 2: a labeler ranks several answers")
+    if not labeler_tau > 0:
+        sys.exit("error: --labeler_tau must be > 0 (1e-6 gives noise-free labelers)")
     if not train and bon <= 0:
         sys.exit("error: nothing to do with --train=False and --bon=0 (add --bon=16 to use an existing reward.pt)")
     rt = M.setup(device, dtype, seed)
@@ -212,7 +216,8 @@ def main():
             second = torch.zeros(n_val, Kc)
             for n, i in enumerate(val_idx):
                 c = comps[i]
-                again = world.rank(c["prompt"], c["responses"], labeler("second", seed, i), ended=c["ended"])
+                again = world.rank(c["prompt"], c["responses"], labeler("second", seed, i), ended=c["ended"],
+                                   tau=labeler_tau)
                 pos = {k: Kc - p for p, k in enumerate(again)}
                 second[n] = torch.tensor([float(pos[k]) for k in c["ranking"]])
 
