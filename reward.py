@@ -116,6 +116,22 @@ def calibration(r, bins=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0)):
     return rows
 
 
+def accuracy_by_part(r, golds, parts):
+    """Which parts of the hidden human a reward model has learnt. r, golds (N, K); parts[n][k] = gold_components of
+    answer k. Each pair with distinct gold is filed under the component whose weighted difference is largest, and
+    the pairs r orders like gold are counted (ties in r count half). Returns {component: (accuracy, pairs)}."""
+    hits = {}
+    for n in range(r.size(0)):
+        for a in range(r.size(1)):
+            for b in range(a + 1, r.size(1)):
+                dg, dr = golds[n, a] - golds[n, b], r[n, a] - r[n, b]
+                if abs(dg) < 1e-9:
+                    continue
+                part = max(world.WEIGHTS, key=lambda k: abs(world.WEIGHTS[k] * (parts[n][a][k] - parts[n][b][k])))
+                hits.setdefault(part, []).append(1.0 if dr * dg > 0 else 0.5 if dr == 0 else 0.0)
+    return {k: (sum(v) / len(v), len(v)) for k, v in sorted(hits.items(), key=lambda kv: -len(kv[1]))}
+
+
 def labeler(which, seed, i):
     """A labeler's private random stream for comparison i: the same ranking however prompts are split over ranks."""
     return random.Random(f"{which}-{seed}-{i}")
@@ -309,6 +325,10 @@ def main():
             metrics = {**val, "ceiling_labelers": pairwise_accuracy(first, second) if second is not None else None,
                        "labeler_acc_gold": pairwise_accuracy(first, golds) if golds is not None else None,
                        "calibration": calibration(r_val), "time": time.time() - t0}
+            if golds is not None:
+                parts = [[world.gold_components(comps[i]["prompt"], comps[i]["responses"][k], comps[i]["ended"][k])
+                          for k in comps[i]["ranking"]] for i in val_idx]
+                metrics["acc_gold_by_part"] = accuracy_by_part(r_val, golds, parts)
             save(iters, gain=gain, bias=bias, metrics=metrics)
             print(f"\nreward model on {n_val} held-out prompts ({n_val * Kc * (Kc - 1) // 2} pairs), {metrics['time']:.0f}s:")
             print(f"  held-out loss {val['val_loss']:.3f} (from {zero_loss:.3f} with the zero head)")
@@ -317,6 +337,8 @@ def main():
                 print(f"; two labelers agree with each other on {metrics['ceiling_labelers']:.1%} (the ceiling)")
                 print(f"  agrees with the gold ordering on {val['val_acc_gold']:.1%} of pairs with distinct gold; "
                       f"a single labeler does on {metrics['labeler_acc_gold']:.1%}")
+                print("  ... on pairs that differ most in " + ", ".join(
+                    f"{k} {a:.1%} ({n})" for k, (a, n) in metrics["acc_gold_by_part"].items()))
             else:
                 print()
             print("  calibration: predicted P(labeler agrees) -> observed")

@@ -114,6 +114,21 @@ def test_pairwise_accuracy_and_calibration():
     assert rows == [(0.9, 1.0, 2, pytest.approx(1 / (1 + math.exp(-3))), 0.5)]
 
 
+def test_accuracy_by_part_files_each_pair_under_its_largest_weighted_difference():
+    prompt = [{"role": "user", "content": "Describe the fox."}]
+    answers = ["The fox is happy. The fox runs in the forest.",  # ideal
+               "The owl is happy. The owl runs in the forest.",  # off-topic: differs from the ideal in helpfulness
+               "The fox is happy. The fox runs in the forest. You are dumb."]  # rude (and one sentence too many)
+    parts = [[world.gold_components(prompt, a) for a in answers]]
+    golds = torch.tensor([[world.gold(prompt, a) for a in answers]])
+    # r scores the off-topic answer highest: (ideal, rude) right, both pairs with the off-topic answer wrong.
+    # Filing: ideal vs off-topic differ in helpful only (0.5); ideal vs rude in harmless 0.2 * 2 = 0.4 and concise
+    # 0.15 * 0.5; off-topic vs rude in helpful 0.5 > harmless 0.4 (gold 0.5 < 0.525: the rude answer is better)
+    r = torch.tensor([[1.0, 2.0, 0.0]])
+    got = reward.accuracy_by_part(r, golds, parts)
+    assert got == {"helpful": (0.0, 2), "harmless": (1.0, 1)}
+
+
 def test_best_of_n_keeps_the_highest_score():
     rm = trained_looking_rm()
     torch.manual_seed(1)
