@@ -9,7 +9,7 @@ three sample conversations. It also draws figures (SVG, written here, no plottin
 frontier of PPO and DPO over a beta sweep (the DPO paper's Figure 2 on our world), reward over-optimisation
 along a beta = 0 PPO run, and every stage's training curves.
 
-    python evaluate.py                      # the default run's checkpoints -> out/report.md (about a minute)
+    python evaluate.py                      # the default run's checkpoints -> out/report.md (under 2 minutes)
     python evaluate.py --json_out=True      # also print the numbers as JSON
     python evaluate.py --sweep=True         # first train PPO and DPO over a beta sweep (~30 min), then report
     python evaluate.py --ckpt=out/sft.pt,out/ppo.pt --prompts=my_prompts.jsonl
