@@ -326,9 +326,15 @@ def main():
                        "labeler_acc_gold": pairwise_accuracy(first, golds) if golds is not None else None,
                        "calibration": calibration(r_val), "time": time.time() - t0}
             if golds is not None:
-                parts = [[world.gold_components(comps[i]["prompt"], comps[i]["responses"][k], comps[i]["ended"][k])
-                          for k in comps[i]["ranking"]] for i in val_idx]
-                metrics["acc_gold_by_part"] = accuracy_by_part(r_val, golds, parts)
+                def by_part(idx):  # gold accuracy by component on these comparisons (see accuracy_by_part)
+                    parts = [[world.gold_components(comps[i]["prompt"], comps[i]["responses"][k], comps[i]["ended"][k])
+                              for k in comps[i]["ranking"]] for i in idx]
+                    g = torch.tensor([[world.gold(comps[i]["prompt"], comps[i]["responses"][k], comps[i]["ended"][k])
+                                       for k in comps[i]["ranking"]] for i in idx])
+                    return accuracy_by_part(r_all.view(len(comps), Kc)[idx], g, parts)
+                # the same on the training comparisons: low there too means the model did not fit what the rankings
+                # say (underfitting); high there but low on held-out prompts would mean it memorised its prompts
+                metrics["acc_gold_by_part"], metrics["acc_gold_by_part_train"] = by_part(val_idx), by_part(train_idx)
             save(iters, gain=gain, bias=bias, metrics=metrics)
             print(f"\nreward model on {n_val} held-out prompts ({n_val * Kc * (Kc - 1) // 2} pairs), {metrics['time']:.0f}s:")
             print(f"  held-out loss {val['val_loss']:.3f} (from {zero_loss:.3f} with the zero head)")
@@ -339,6 +345,8 @@ def main():
                       f"a single labeler does on {metrics['labeler_acc_gold']:.1%}")
                 print("  ... on pairs that differ most in " + ", ".join(
                     f"{k} {a:.1%} ({n})" for k, (a, n) in metrics["acc_gold_by_part"].items()))
+                print("  ... and on its own training comparisons: " + ", ".join(
+                    f"{k} {a:.1%} ({n})" for k, (a, n) in metrics["acc_gold_by_part_train"].items()))
             else:
                 print()
             print("  calibration: predicted P(labeler agrees) -> observed")

@@ -174,6 +174,13 @@ def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
     ck = torch.load(out / "reward.pt", weights_only=True)
     assert ck["kind"] == "reward" and ck["K"] == 3 and ck["loss"] == "bradley_terry" and ck["step"] == 3
     assert ck["model_args"]["scalar_head"] and ck["gain"] > 0 and "bon_win_rate" in ck["metrics"]
+    # the by-component report covers every pair with distinct gold once: held-out prompts plus training prompts
+    distinct = 0
+    for c in comps:
+        g = [world.gold(c["prompt"], t, e) for t, e in zip(c["responses"], c["ended"])]
+        distinct += sum(abs(a - b) > 1e-9 for i, a in enumerate(g) for b in g[i + 1:])
+    counted = [n for part in ("acc_gold_by_part", "acc_gold_by_part_train") for _, n in ck["metrics"][part].values()]
+    assert sum(counted) == distinct > 0
     log = [json.loads(line) for line in open(out / "reward.jsonl")]
     assert [r["iter"] for r in log] == [1, 2, 3] and len({tuple(r) for r in log}) == 1  # same keys every step
     assert log[1]["val_acc_gold"] is not None and log[0]["val_loss"] is None
