@@ -223,9 +223,12 @@ def main():
         val_idx, train_idx = sorted(perm[:n_val]), perm[n_val:]
         val_rows = [r for i in val_idx for r in rows[i]]
         # held-out yardsticks: the noise-free gold ordering, and a second labeler ranking the same answers
-        golds = None if data else torch.tensor([[world.gold(comps[i]["prompt"], comps[i]["responses"][k],
-                                                            comps[i]["ended"][k]) for k in comps[i]["ranking"]]
-                                                for i in val_idx])
+        # (gold components for every comparison, in ranked order: the report also looks at the training ones)
+        parts = None if data else [[world.gold_components(c["prompt"], c["responses"][k], c["ended"][k])
+                                    for k in c["ranking"]] for c in comps]
+        gold_all = None if data else torch.tensor([[world.gold(c["prompt"], c["responses"][k], c["ended"][k])
+                                                    for k in c["ranking"]] for c in comps])  # (N, K)
+        golds = None if data else gold_all[val_idx]
         first = torch.arange(Kc, 0, -1.0).expand(n_val, Kc)  # the first labeler's ranking as scores, best highest
         second = None
         if not data:
@@ -327,11 +330,7 @@ def main():
                        "calibration": calibration(r_val), "time": time.time() - t0}
             if golds is not None:
                 def by_part(idx):  # gold accuracy by component on these comparisons (see accuracy_by_part)
-                    parts = [[world.gold_components(comps[i]["prompt"], comps[i]["responses"][k], comps[i]["ended"][k])
-                              for k in comps[i]["ranking"]] for i in idx]
-                    g = torch.tensor([[world.gold(comps[i]["prompt"], comps[i]["responses"][k], comps[i]["ended"][k])
-                                       for k in comps[i]["ranking"]] for i in idx])
-                    return accuracy_by_part(r_all.view(len(comps), Kc)[idx], g, parts)
+                    return accuracy_by_part(r_all.view(len(comps), Kc)[idx], gold_all[idx], [parts[i] for i in idx])
                 # the same on the training comparisons: low there too means the model did not fit what the rankings
                 # say (underfitting); high there but low on held-out prompts would mean it memorised its prompts
                 metrics["acc_gold_by_part"], metrics["acc_gold_by_part_train"] = by_part(val_idx), by_part(train_idx)
