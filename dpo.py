@@ -16,7 +16,11 @@ onto misspelt, never-ending text that neither answer contained: at lr 5e-4, 15 n
 and no gain in gold. The NLL term keeps the chosen answers likely in absolute terms.
 
     python dpo.py                              # builds base, sft and comparisons first if missing
-    python dpo.py --loss=ipo --beta=0.5        # IPO (Azar et al. 2023): regress the margin to 1/(2 beta)
+    python dpo.py --loss=ipo --beta=0.1 --lr=1e-4 --min_lr=1e-5
+                                               # IPO (Azar et al. 2023): regress the margin to 1/(2 beta). Its
+                                               # squared loss never saturates as DPO's does: at DPO's lr of 1e-3
+                                               # the margins overshoot and the model degrades (KL 3 nats, 78 %
+                                               # fluent); at 1e-4 it lands near DPO (0.89 gold, 0.65 nats)
     python dpo.py --label_smoothing=0.1        # conservative DPO: assume 10% of the labels are flipped
     python dpo.py --data=prefs.jsonl           # TRL {"prompt", "chosen", "rejected"} or Anthropic HH pairs
     torchrun --nproc_per_node=2 dpo.py         # DDP (gloo on CPU, nccl on GPUs)
