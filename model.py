@@ -466,6 +466,8 @@ def configure(g, argv=None):
     """Apply --name=value overrides to a script's config globals g; returns {name: value} of the config."""
     keys = [k for k, v in g.items() if not k.startswith("_") and (v is None or type(v) in (int, float, bool, str, tuple, list))]
     for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("--") and arg[2:] in keys and isinstance(g[arg[2:]], bool):
+            arg += "=True"  # a bare --flag switches a bool option on: --sweep means --sweep=True
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"error: arguments must look like --name=value, got {arg!r}")
         name, raw = arg[2:].split("=", 1)

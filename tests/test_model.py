@@ -228,6 +228,10 @@ def test_configure_overrides():
             M.configure(g(), [bad])
     with pytest.raises(SystemExit, match="--name=value"):
         M.configure(g(), ["max_iters=5"])
+    assert M.configure(g(), ["--compile"])["compile"] is True  # a bare flag sets a bool option
+    for bare in ["--max_iters", "--device", "compile"]:  # ... and nothing else
+        with pytest.raises(SystemExit, match="--name=value"):
+            M.configure(g(), [bare])
 
 
 def test_scalar_head_and_ignored_loss():
