@@ -30,8 +30,8 @@ gen_new_tokens = 256
 gen_dtype = "float32"                  # precision for the generation benchmark
 matmul_size = 2048                     # side of the square matmul that measures the peak
 seed = 1337
-config = configure(globals())
 # -----------------------------------------------------------------------------
+config = configure(globals())
 
 env = setup(device, "float32", seed)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -40,7 +40,6 @@ import model as M
 from data import world
 from data.chat import compare_to_sft, render_response
 from data.readers import DataError, read_comparisons, read_preferences
-from data.tokenizer import EOT, special_id
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -173,7 +172,7 @@ def main():
     ref, enc, sft_ck = M.load_model(sft_path, "sft", dropout=0.0)
     ref.to(rt.device).eval().requires_grad_(False)
     policy = M.model_from_checkpoint(sft_ck, dropout=0.0).to(rt.device)
-    eot, block_size = special_id(enc, EOT), sft_ck["model_args"]["block_size"]
+    eot, block_size = enc.eot_token, sft_ck["model_args"]["block_size"]
 
     # ---- tokenise every distinct answer once: prompt + answer (+ <|end|> if it ended its turn), mask on the answer
     rows, masks = zip(*(encode(enc, p, text, ended, block_size) for p, text, ended in responses))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import model as M
 from data import world
-from data.tokenizer import EOT, get_tokenizer, special_id
+from data.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -51,7 +51,7 @@ ck_path = os.path.join(out_dir, "base.pt")
 log_path = os.path.join(out_dir, "pretrain.jsonl")
 rt = M.setup(device, dtype, seed)
 enc = get_tokenizer(tokenizer)
-eot = special_id(enc, EOT)
+eot = enc.eot_token  # <|endoftext|>
 
 # ---- data: every document starts with <|endoftext|>; the last 5% of documents are held out
 if data:

@@ -19,7 +19,6 @@ data.readers.read_preferences read):
     {"prompt": messages, "responses": [K strings], "ended": [K bools], "ranking": [indices, best first],
      "chosen": best response, "rejected": worst response}
 """
-import json
 import math
 import os
 import random
@@ -34,7 +33,6 @@ import model as M
 from data import world
 from data.chat import best_of_n, respond, score_rows, scored_ids
 from data.readers import DataError, read_comparisons, read_preferences, write_jsonl
-from data.tokenizer import EOT, special_id
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -195,7 +193,7 @@ def main():
         torch.distributed.barrier()
     policy, enc, sft_ck = M.load_model(sft_path, "sft", dropout=0.0)
     policy.to(rt.device).eval().requires_grad_(False)
-    eot, block = special_id(enc, EOT), sft_ck["model_args"]["block_size"]
+    eot, block = enc.eot_token, sft_ck["model_args"]["block_size"]
     gen = torch.Generator(device=rt.device).manual_seed(seed + rt.rank)
     t0 = time.time()
 

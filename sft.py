@@ -23,7 +23,7 @@ import model as M
 from data import world
 from data.chat import render, score, sft_batch, sft_example
 from data.readers import DataError, read_messages
-from data.tokenizer import EOT, get_tokenizer, special_id
+from data.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -97,7 +97,7 @@ else:
     model_args = {**model_args, "dropout": dropout}
 model.to(rt.device)
 enc = get_tokenizer(tokenizer)
-eot = special_id(enc, EOT)
+eot = enc.eot_token  # <|endoftext|>
 block_size = model.config.block_size
 optimizer = M.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
 if ckpt:

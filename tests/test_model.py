@@ -234,6 +234,21 @@ def test_configure_overrides():
             M.configure(g(), [bare])
 
 
+@pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "dpo", "evaluate", "chat", "bench"])
+def test_options_are_the_config_block(script):
+    """The options a script accepts are exactly the names its config block (between its first two rules) assigns:
+    nothing imported (a constant such as a special token) may turn into an option."""
+    lines = open(os.path.join(ROOT, f"{script}.py")).read().splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("# -----")][:2]
+    block = set()
+    for line in lines[rules[0] + 1:rules[1]]:
+        if line[:1].isalpha() and "=" in line:
+            block.update(n.strip() for n in line.split("=")[0].split(","))
+    out = subprocess.run([sys.executable, f"{script}.py", "--not_an_option=1"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "valid options: " in out.stderr, out.stderr
+    assert set(out.stderr.strip().split("valid options: ")[1].split(", ")) == block
+
 def test_scalar_head_and_ignored_loss():
     m = tiny(scalar_head=True).train()
     x = torch.randint(0, 97, (3, 12))
