@@ -162,7 +162,8 @@ def main():
     if rt.ddp:
         torch.distributed.barrier()
     if not os.path.isfile(data_path):
-        raise SystemExit(f"error: preference file {data_path} not found")
+        hint = "" if data else "; `python reward.py` writes it"
+        raise SystemExit(f"error: preference file {data_path} not found{hint}")
     try:
         responses, pairs = load_pairs(data_path)
     except DataError as e:

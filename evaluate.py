@@ -90,6 +90,8 @@ def read_jsonl(path):
 def run_sweep(rt):
     """Train PPO and DPO at several betas from the same SFT, reward model and comparisons; evaluate each."""
     M.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)  # writes comparisons.jsonl too
+    if not os.path.isfile(os.path.join(out_dir, "comparisons.jsonl")):  # a reward model trained on --data=...
+        raise SystemExit(f"error: the sweep needs {out_dir}/comparisons.jsonl; `python reward.py` writes it")
     root = os.path.join(out_dir, "sweep")
     runs = [("ppo", b, []) for b in ppo_betas] + [("dpo", b, []) for b in dpo_betas]
     runs.append(("ppo", 0.0, [f"--max_iters={hack_iters}", "--n_eval=16", "--eval_samples=1"]))  # over-optimisation
