@@ -130,7 +130,7 @@ def evaluate(rt, paths):
         with torch.no_grad(), rt.ctx:
             if name == "bon":
                 picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens,
-                                  temperature, generator=g)
+                                  temperature, generator=g, lm_weight=rm_ck.get("lm_weight", 0.0))
                 res = {"samples": [{"prompt": p, "text": r["text"], "ended": r["ended"],
                                     "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])}
                                    for p, r in zip(evals, picks)]}
@@ -142,7 +142,8 @@ def evaluate(rt, paths):
                 res = score(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature, generator=g,
                             ref=None if name == "sft" else sft)
             if rm is not None:
-                res["rm_score"] = reward_scores(rm, enc, evals, res["samples"], rm_ck["gain"], rm_ck["bias"]).mean().item()
+                res["rm_score"] = reward_scores(rm, enc, evals, res["samples"], rm_ck["gain"], rm_ck["bias"],
+                                                lm_weight=rm_ck.get("lm_weight", 0.0), sft=sft).mean().item()
         if name == "sft":
             sft_golds = [s["gold"] for s in res["samples"]]
         res["win_vs_sft"], res["win_ci"] = world.win_rate([s["gold"] for s in res["samples"]], sft_golds)

@@ -147,11 +147,11 @@ def main():
     policy = M.model_from_checkpoint(sft_ck, dropout=0.0, scalar_head=True)
     ref.to(rt.device).eval().requires_grad_(False)
     policy.to(rt.device)
-    rm, gain, bias = None, 1.0, 0.0
+    rm, gain, bias, lm_weight = None, 1.0, 0.0, 0.0
     if reward == "rm":
         rm_ck = M.load_checkpoint(rm_path, "reward")
         rm = M.model_from_checkpoint(rm_ck, dropout=0.0, scalar_head=True).to(rt.device).eval().requires_grad_(False)
-        gain, bias = rm_ck["gain"], rm_ck["bias"]
+        gain, bias, lm_weight = rm_ck["gain"], rm_ck["bias"], rm_ck.get("lm_weight", 0.0)
     # the value head is a fresh linear probe on fixed-scale features: it needs a far larger step than the policy
     head = list(policy.scalar_head.parameters())
     trunk = [p for n, p in policy.named_parameters() if not n.startswith("scalar_head.")]
@@ -192,6 +192,10 @@ def main():
             scores = golds.to(rt.device)
         else:
             scores = reward_scores(rm, enc, prompts, replies, gain, bias).to(rt.device)
+            if lm_weight:  # a reward model trained with --lm_feature: + w * log p_SFT(answer), from the reference
+                with torch.no_grad(), rt.ctx:  # (at temperature 1, whatever the sampling temperature)
+                    lp = ref_logp if temperature == 1 else M.sequence_logprobs(ref, seq, attn)
+                scores = scores + gain * lm_weight * (lp.float() * action).sum(1)
         scores = scores - no_end_penalty * (1 - ended)
         kl = kl_penalty(old_logp, ref_logp, kl_estimator) * action  # (B, L-1)
         rewards = -kl_coef * kl

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import model as M
 from data import world
-from data.chat import best_of_n, respond, score_rows, scored_ids
+from data.chat import best_of_n, reply_logprobs, respond, score_rows, scored_ids
 from data.readers import DataError, read_comparisons, read_preferences, write_jsonl
 
 # -----------------------------------------------------------------------------
@@ -48,6 +48,8 @@ labeler_tau = world.LABELER_TAU  # the labelers' Plackett-Luce temperature: 0.12
                            # of pairs, like InstructGPT's; 1e-6 = noise-free labelers who rank by gold exactly
 gen_batch = 256            # sequences per generate() call (bounds the KV cache's memory)
 loss = "bradley_terry"     # "bradley_terry": all K(K-1)/2 pairs of a ranking; "plackett_luce": the whole ranking
+lm_feature = False         # r = head + w * log p_SFT(answer | prompt), w learned with the head (from 0): the frozen
+                           # SFT model's likelihood carries what the head misses (README, "A likelihood feature")
 seed = 1337
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # bf16/fp16 autocast on CUDA, fp32 on CPU; rewards and losses are always fp32
@@ -220,6 +222,12 @@ def main():
         n_val = max(1, round(val_fraction * len(comps)))
         val_idx, train_idx = sorted(perm[:n_val]), perm[n_val:]
         val_rows = [r for i in val_idx for r in rows[i]]
+        # --lm_feature: log p_SFT of every answer, once (SFT is frozen), in the same ranked order; zeros otherwise
+        lp_all = torch.zeros(len(comps), Kc)
+        if lm_feature:
+            lp_all = reply_logprobs(policy, enc, [c["prompt"] for c in comps for _ in c["ranking"]],
+                                    [{"text": c["responses"][k], "ended": c["ended"][k]} for c in comps
+                                     for k in c["ranking"]]).view(len(comps), Kc)
         # held-out yardsticks: the noise-free gold ordering, and a second labeler ranking the same answers
         # (gold components for every comparison, in ranked order: the report also looks at the training ones)
         parts = None if data else [[world.gold_components(c["prompt"], c["responses"][k], c["ended"][k])
@@ -241,9 +249,14 @@ def main():
         # ---- 2. the reward model: the SFT network with a scalar head that starts at zero (loss starts at ln 2)
         rm = M.model_from_checkpoint(sft_ck, scalar_head=True, dropout=dropout).to(rt.device)
         optimizer = M.configure_optimizer(rm, weight_decay, lr, (beta1, beta2), rt.device_type)
+        lm_w = torch.zeros((), device=rt.device, requires_grad=True)  # the weight w of log p_SFT (stays 0 if off)
+        if lm_feature:  # one scalar with a 100x step: it must travel ~0.05 in a few hundred steps of lr <= 3e-4
+            optimizer.add_param_group({"params": [lm_w], "weight_decay": 0.0, "lr_scale": 100.0})
         start = 0
         if resume:
-            start = M.restore(M.load_checkpoint(ck_path, "reward"), rm, optimizer, rt.scaler)
+            ck = M.load_checkpoint(ck_path, "reward")
+            start = M.restore(ck, rm, optimizer, rt.scaler)
+            lm_w.data.fill_(ck.get("lm_weight", 0.0))
             print(f"resuming from {ck_path} at step {start}")
         raw_rm = rm
         rm = M.wrap(rm, rt, compile)
@@ -258,12 +271,12 @@ def main():
             first_pick = (s * rt.world_size + rt.rank) * batch_size
             picks = [train_idx[order[(first_pick + b) % len(order)]] for b in range(batch_size)]
             ids, attn = M.pad_rows([r for i in picks for r in rows[i]], eot)  # (B*K, T), right-padded
-            return ids.to(rt.device), attn.to(rt.device)
+            return ids.to(rt.device), attn.to(rt.device), lp_all[picks].to(rt.device)
 
         def held_out():
             raw_rm.eval()
             with rt.ctx:
-                r = score_rows(raw_rm, val_rows, eot, batch_size=256).view(n_val, Kc)
+                r = score_rows(raw_rm, val_rows, eot, batch_size=256).view(n_val, Kc) + lm_w.item() * lp_all[val_idx]
             raw_rm.train()
             return r, {"val_loss": loss_fn(r).item(), "val_acc": pairwise_accuracy(r, first),
                        "val_acc_gold": pairwise_accuracy(r, golds) if golds is not None else None}
@@ -273,7 +286,7 @@ def main():
                 **M.training_state(raw_rm, optimizer, rt.scaler), "config": config, "kind": "reward", "step": step,
                 "model_args": {**sft_ck["model_args"], "scalar_head": True, "dropout": 0.0},
                 "tokenizer": sft_ck.get("tokenizer", "world"), "K": Kc, "loss": loss,
-                "gain": 1.0, "bias": 0.0, "metrics": {}, **extra})
+                "gain": 1.0, "bias": 0.0, "lm_weight": lm_w.item(), "metrics": {}, **extra})
 
         zero_loss = loss_fn(torch.zeros(1, Kc)).item()  # a zero head: ln 2 for Bradley-Terry, ln(K!)/(K-1) for PL
         if rt.master:
@@ -285,12 +298,15 @@ def main():
         bar = tqdm(range(start, iters), initial=start, total=iters, disable=not rt.master, desc="reward")
         for it in bar:
             for group in optimizer.param_groups:
-                group["lr"] = M.get_lr(it, warmup_iters, iters, lr, min_lr)
-            ids, attn = get_batch(it)
+                group["lr"] = M.get_lr(it, warmup_iters, iters, lr, min_lr) * group.get("lr_scale", 1.0)
+            ids, attn, lp = get_batch(it)
             with rt.ctx:
-                r = M.rm_score(rm, ids, attn).view(batch_size, Kc)  # (B, K) fp32, ranked order
+                r = M.rm_score(rm, ids, attn).view(batch_size, Kc) + lm_w * lp  # (B, K) fp32, ranked order
             l = loss_fn(r)
             rt.scaler.scale(l).backward()
+            if rt.ddp and lm_feature:  # DDP averages the network's gradients; w lives outside it
+                torch.distributed.all_reduce(lm_w.grad)
+                lm_w.grad /= rt.world_size
             M.optimizer_step(rm, optimizer, rt.scaler, grad_clip)
             if rt.master:
                 last = it + 1 in (iters, stop_at)
@@ -316,7 +332,7 @@ def main():
             # so PPO's reward and KL penalty have a known scale
             raw_rm.eval()
             with rt.ctx:
-                r_all = score_rows(raw_rm, [r for rs in rows for r in rs], eot, batch_size=256)
+                r_all = score_rows(raw_rm, [r for rs in rows for r in rs], eot, batch_size=256) + lm_w.item() * lp_all.view(-1)
             gain = 1.0 / r_all.std().clamp(min=1e-6).item()
             bias = -r_all.mean().item() * gain
             # ---- 4. report: the reward model against the labelers, against gold, and the labelers' own ceiling
@@ -333,6 +349,7 @@ def main():
                 # say (underfitting); high there but low on held-out prompts would mean it memorised its prompts
                 metrics["acc_gold_by_part"], metrics["acc_gold_by_part_train"] = by_part(val_idx), by_part(train_idx)
             save(iters, gain=gain, bias=bias, metrics=metrics)
+            lm_weight = lm_w.item()
             print(f"\nreward model on {n_val} held-out prompts ({n_val * Kc * (Kc - 1) // 2} pairs), {metrics['time']:.0f}s:")
             print(f"  held-out loss {val['val_loss']:.3f} (from {zero_loss:.3f} with the zero head)")
             print(f"  agrees with the labelers on {val['val_acc']:.1%} of pairs", end="")
@@ -349,7 +366,8 @@ def main():
             print("  calibration: predicted P(labeler agrees) -> observed")
             for lo, hi, n, p, seen in metrics["calibration"]:
                 print(f"    [{lo:.1f}, {hi:.1f}]  {n:4d} pairs  predicted {p:.2f}  observed {seen:.2f}")
-            print(f"  normalised as {gain:.3f} * r + {bias:.3f} (mean 0, std 1 on {len(r_all)} SFT answers)")
+            head = f"(head + {lm_w.item():.4f} * log p_SFT)" if lm_feature else "r"
+            print(f"  normalised as {gain:.3f} * {head} + {bias:.3f} (mean 0, std 1 on {len(r_all)} SFT answers)")
             for n, i in enumerate(val_idx[:3]):
                 c = comps[i]
                 print(f"  {c['prompt'][-1]['content']}")
@@ -360,7 +378,7 @@ def main():
     elif rt.master:  # --train=False: the reward model on disk, for best-of-N
         ck = M.load_checkpoint(ck_path, "reward")
         raw_rm, gain, bias = M.model_from_checkpoint(ck, dropout=0.0).to(rt.device), ck["gain"], ck["bias"]
-        metrics = ck.get("metrics", {})
+        metrics, lm_weight = ck.get("metrics", {}), ck.get("lm_weight", 0.0)
 
     # ---- 5. best-of-N (rejection sampling) on held-out prompts: the RM picks, the hidden human judges
     if rt.master and bon > 0:
@@ -369,7 +387,7 @@ def main():
         g = torch.Generator(device=rt.device).manual_seed(seed + 1)
         with rt.ctx:
             picks = best_of_n(policy, raw_rm, enc, evals, bon, gain, bias, max_new_tokens, temperature, generator=g,
-                              batch_size=gen_batch)
+                              batch_size=gen_batch, lm_weight=lm_weight)
             singles = [s for i in range(0, len(evals), gen_batch)
                        for s in respond(policy, enc, evals[i:i + gen_batch], max_new_tokens, temperature, generator=g)]
         gold_bon = [world.gold(p, x["text"], x["ended"]) for p, x in zip(evals, picks)]

@@ -137,23 +137,50 @@ def score_rows(rm, rows, pad_id, gain=1.0, bias=0.0, batch_size=128):
     return out
 
 
-def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_size=128):
+def reply_logprobs(model, enc, conversations, replies, batch_size=128):
+    """log p(reply | conversation) under model at temperature 1, summed over the reply's tokens (and its <|end|>
+    if it ended its turn): (N,) fp32 on the CPU, no gradients. reward.py's --lm_feature adds a multiple of this,
+    under the frozen SFT model, to the reward model's score."""
+    import torch
+    from model import pad_rows, sequence_logprobs
+    device = next(model.parameters()).device
+    rows = []
+    for c, r in zip(conversations, replies):
+        ids, mask = render_response(enc, c, r["text"])
+        ids, mask = (ids, mask) if r["ended"] else (ids[:-1], mask[:-1])  # a reply cut off never said <|end|>
+        rows.append((ids[-model.config.block_size:], mask[-model.config.block_size:]))
+    out = []
+    for s in range(0, len(rows), batch_size):
+        ids, attn = pad_rows([x for x, _ in rows[s:s + batch_size]], special_id(enc, EOT))
+        mask, _ = pad_rows([m for _, m in rows[s:s + batch_size]], 0)
+        with torch.no_grad():
+            lp = sequence_logprobs(model, ids.to(device), attn.to(device)).float().cpu()
+        out.append((lp * mask[:, 1:]).sum(1))  # token t+1's log-prob sits at index t
+    return torch.cat(out)
+
+
+def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_size=128, lm_weight=0.0, sft=None):
     """Reward-model score of each (conversation, reply), replies as respond() returns them ({"text", "ended"}),
-    normalised as gain * r + bias: (N,) fp32 on the CPU."""
+    normalised as gain * r + bias: (N,) fp32 on the CPU. A reward model trained with --lm_feature has
+    r = head + lm_weight * log p_SFT(reply | conversation), which needs the SFT model."""
     rows = [scored_ids(enc, c, r["text"], r["ended"], rm.config.block_size) for c, r in zip(conversations, replies)]
-    return score_rows(rm, rows, special_id(enc, EOT), gain, bias, batch_size)
+    scores = score_rows(rm, rows, special_id(enc, EOT), gain, bias, batch_size)
+    if lm_weight:
+        scores += gain * lm_weight * reply_logprobs(sft, enc, conversations, replies, batch_size)
+    return scores
 
 
 def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tokens=48, temperature=1.0,
-              generator=None, batch_size=256, **sampling):
+              generator=None, batch_size=256, lm_weight=0.0, **sampling):
     """Best-of-n (rejection sampling): sample n replies per conversation from policy, keep the one the reward
-    model scores highest. Returns [{"text", "ended", "ids", "score", "candidates": the n scored replies}]."""
+    model scores highest. Returns [{"text", "ended", "ids", "score", "candidates": the n scored replies}].
+    policy is the SFT model (also what an --lm_feature reward model's lm_weight term is computed with)."""
     out = []
     per = max(1, batch_size // n)  # conversations per generate() call: bounds the KV cache's memory
     for i in range(0, len(conversations), per):
         chunk = [c for c in conversations[i:i + per] for _ in range(n)]
         replies = respond(policy, enc, chunk, max_new_tokens, temperature, generator=generator, **sampling)
-        scores = reward_scores(rm, enc, chunk, replies, gain, bias).tolist()
+        scores = reward_scores(rm, enc, chunk, replies, gain, bias, lm_weight=lm_weight, sft=policy).tolist()
         for j in range(0, len(chunk), n):
             cands = [dict(r, score=s) for r, s in zip(replies[j:j + n], scores[j:j + n])]
             out.append(dict(max(cands, key=lambda r: r["score"]), candidates=cands))

@@ -12,7 +12,7 @@ import torch
 import model as M
 import reward  # importing the stage must not collect or train anything
 from data import world
-from data.chat import best_of_n, reward_scores
+from data.chat import best_of_n, render_response, reply_logprobs, reward_scores
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
 
@@ -141,6 +141,30 @@ def test_best_of_n_keeps_the_highest_score():
         assert len(p["candidates"]) == 5 and p["score"] == max(c["score"] for c in p["candidates"])
 
 
+def test_reply_logprobs_by_hand():
+    torch.manual_seed(2)
+    sft = M.GPT(M.GPTConfig(**TINY)).eval()
+    replies = [{"text": "ab", "ended": True}, {"text": "ab", "ended": False}, {"text": "hello", "ended": True}]
+    got = reply_logprobs(sft, BYTES, [PROMPT] * 3, replies, batch_size=2)  # two batches, the second one shorter
+    for r, lp in zip(replies, got):
+        ids, mask = render_response(BYTES, PROMPT, r["text"])  # prompt + reply + <|end|>, mask 1 on reply + end
+        n = len(ids) - (0 if r["ended"] else 1)  # a reply that was cut off never produced <|end|>
+        logp = torch.log_softmax(sft(torch.tensor([ids[:n]]))[0][0], -1)
+        want = sum(logp[t - 1, ids[t]].item() for t in range(n) if mask[t])
+        assert lp.item() == pytest.approx(want, abs=1e-4)
+    assert got[0] < got[1]  # the ended reply pays for its <|end|> token too
+
+
+def test_reward_scores_add_the_weighted_likelihood():
+    rm = trained_looking_rm()
+    torch.manual_seed(3)
+    sft = M.GPT(M.GPTConfig(**TINY)).eval()
+    replies = [{"text": "ab", "ended": True}, {"text": "xyz", "ended": False}]
+    head = reward_scores(rm, BYTES, [PROMPT] * 2, replies, gain=2.0, bias=1.0)
+    both = reward_scores(rm, BYTES, [PROMPT] * 2, replies, gain=2.0, bias=1.0, lm_weight=0.5, sft=sft)
+    assert torch.allclose(both, head + 2.0 * 0.5 * reply_logprobs(sft, BYTES, [PROMPT] * 2, replies))
+
+
 # ---- end to end with a tiny random "SFT" model on the world's prompts
 
 def run(out, *args, launcher=(sys.executable,), ok=True):
@@ -191,6 +215,11 @@ def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
     assert torch.load(out / "reward.pt", weights_only=True)["loss"] == "plackett_luce"
     r = run(out, "--train=False", "--bon=2")
     assert "best-of-2" in r.stdout
+    assert torch.load(out / "reward.pt", weights_only=True)["lm_weight"] == 0.0  # the head alone by default
+    # --lm_feature: the weight of log p_SFT is learned from 0 along with the head, saved, and used by best-of-n
+    r = run(out, "--collect=False", "--lm_feature=True", "--bon=2")
+    assert torch.load(out / "reward.pt", weights_only=True)["lm_weight"] != 0.0
+    assert "* log p_SFT)" in r.stdout and "best-of-2" in r.stdout
 
 
 def test_preference_file_and_bad_input(tiny_sft, tmp_path):
@@ -221,15 +250,16 @@ def test_noise_free_labelers_rank_by_gold(tiny_sft):
         assert all(a >= b - 1e-9 for a, b in zip(g, g[1:]))
 
 
-def test_resume_continues_with_the_same_losses(tiny_sft, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--lm_feature=True"]])
+def test_resume_continues_with_the_same_losses(tiny_sft, tmp_path, flags):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         d.mkdir()
         shutil.copy(tiny_sft / "sft.pt", d / "sft.pt")
-    run(a, "--max_iters=6", "--eval_interval=3")
-    run(b, "--max_iters=6", "--eval_interval=3", "--stop_at=3")  # as if killed after the step-3 checkpoint
+    run(a, "--max_iters=6", "--eval_interval=3", *flags)
+    run(b, "--max_iters=6", "--eval_interval=3", "--stop_at=3", *flags)  # as if killed after the step-3 checkpoint
     assert torch.load(b / "reward.pt", weights_only=True)["step"] == 3
-    run(b, "--max_iters=6", "--eval_interval=3", "--resume=True")
+    run(b, "--max_iters=6", "--eval_interval=3", "--resume=True", *flags)
     full, resumed = ([json.loads(line) for line in open(d / "reward.jsonl")] for d in (a, b))
     assert [r["iter"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(full, resumed):  # same comparisons, batches, dropout masks and optimizer state: same losses
