@@ -7,8 +7,16 @@ the world's simulated labelers ranks them (data/world.py: Plackett-Luce over the
 enough that two labelers agree on only ~73% of pairs), and a copy of the SFT network with a scalar head learns to
 score answers so that the better-ranked ones score higher.
 
+By default the reward is that head's score plus w * log p_SFT(answer | prompt), the frozen SFT model's
+log-likelihood of the answer, with the weight w learned from the same rankings (it starts at 0). The head alone
+(InstructGPT's design, --lm_feature=False) learns politeness and padding from 623 prompts but not whether an answer
+is about what was asked; the SFT model, trained on many demonstrations, already knows what an on-topic answer looks
+like, and the rankings decide how much to trust it. If the likelihood did not predict the rankings, w would stay
+near 0.
+
     python reward.py                          # collect K=8 answers per train prompt, rank them, train (~2 min CPU)
     python reward.py --loss=plackett_luce     # the whole K-wise ranking likelihood instead of its pairs
+    python reward.py --lm_feature=False       # the scalar head alone, as in InstructGPT
     python reward.py --data=prefs.jsonl       # your own TRL / Anthropic HH preference pairs instead of collecting
     python reward.py --bon=16                 # then best-of-16 on held-out prompts, judged by the hidden human
     python reward.py --train=False --bon=16   # best-of-16 with an existing out/reward.pt
@@ -48,8 +56,8 @@ labeler_tau = world.LABELER_TAU  # the labelers' Plackett-Luce temperature: 0.12
                            # of pairs, like InstructGPT's; 1e-6 = noise-free labelers who rank by gold exactly
 gen_batch = 256            # sequences per generate() call (bounds the KV cache's memory)
 loss = "bradley_terry"     # "bradley_terry": all K(K-1)/2 pairs of a ranking; "plackett_luce": the whole ranking
-lm_feature = False         # r = head + w * log p_SFT(answer | prompt), w learned with the head (from 0): the frozen
-                           # SFT model's likelihood carries what the head misses (README, "A likelihood feature")
+lm_feature = True          # r = head + w * log p_SFT(answer | prompt), w learned with the head (from 0); False: the
+                           # head alone (held-out gold accuracy 78.7% vs 87.2%, best-of-16 63.8% vs 78.9% win rate)
 seed = 1337
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # bf16/fp16 autocast on CUDA, fp32 on CPU; rewards and losses are always fp32

@@ -215,11 +215,12 @@ def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
     assert torch.load(out / "reward.pt", weights_only=True)["loss"] == "plackett_luce"
     r = run(out, "--train=False", "--bon=2")
     assert "best-of-2" in r.stdout
-    assert torch.load(out / "reward.pt", weights_only=True)["lm_weight"] == 0.0  # the head alone by default
-    # --lm_feature: the weight of log p_SFT is learned from 0 along with the head, saved, and used by best-of-n
-    r = run(out, "--collect=False", "--lm_feature=True", "--bon=2")
+    # by default the weight of log p_SFT is learned from 0 along with the head, saved, and used by best-of-n;
+    # --lm_feature=False keeps it at 0: the head alone
     assert torch.load(out / "reward.pt", weights_only=True)["lm_weight"] != 0.0
-    assert "* log p_SFT)" in r.stdout and "best-of-2" in r.stdout
+    r = run(out, "--collect=False", "--lm_feature=False", "--bon=2")
+    assert torch.load(out / "reward.pt", weights_only=True)["lm_weight"] == 0.0
+    assert "normalised as" in r.stdout and "log p_SFT" not in r.stdout and "best-of-2" in r.stdout
 
 
 def test_preference_file_and_bad_input(tiny_sft, tmp_path):
@@ -250,7 +251,7 @@ def test_noise_free_labelers_rank_by_gold(tiny_sft):
         assert all(a >= b - 1e-9 for a, b in zip(g, g[1:]))
 
 
-@pytest.mark.parametrize("flags", [[], ["--lm_feature=True"]])
+@pytest.mark.parametrize("flags", [[], ["--lm_feature=False"]])
 def test_resume_continues_with_the_same_losses(tiny_sft, tmp_path, flags):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
