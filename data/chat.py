@@ -56,20 +56,22 @@ def render_response(enc, messages, response) -> tuple[list[int], list[int]]:
 
 def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None, generator=None,
             return_batch=False):
-    """Sample one assistant reply per conversation with the KV cache. Returns [{"text", "ended", "ids"}] where
-    ended means the reply closed its turn (<|end|>) before max_new_tokens; with return_batch also the raw
-    (seq, attn_mask, gen_mask) tensors from model.generate for callers that train on them (PPO)."""
+    """Sample one assistant reply per conversation with the KV cache. Returns [{"text", "ended", "ids", "logprob"}]
+    where ended means the reply closed its turn (<|end|>) before max_new_tokens and logprob is the log-probability
+    of the reply as sampled (its tokens and <|end|> if it ended) at the sampling temperature; with return_batch also
+    the raw (seq, attn_mask, gen_mask) tensors from model.generate for callers that train on them (PPO)."""
     from model import generate  # lazy: data/ stays importable without torch's model code
     stops = (special_id(enc, END), special_id(enc, EOT))
     prompts = [render_prompt(enc, c) for c in conversations]
-    seq, attn, gen = generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stops,
-                              pad_id=special_id(enc, EOT), generator=generator)
+    seq, attn, gen, logprobs = generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stops,
+                                        pad_id=special_id(enc, EOT), generator=generator, return_logprobs=True)
     out = []
-    for row, g in zip(seq.tolist(), gen.tolist()):
+    for row, g, lps in zip(seq.tolist(), gen.tolist(), logprobs.tolist()):
         ids = [t for t, m in zip(row, g) if m]
         ended = bool(ids) and ids[-1] == stops[0]
         text_ids = ids[:-1] if ids and ids[-1] in stops else ids
-        out.append({"text": enc.decode(text_ids), "ended": ended, "ids": ids})
+        logprob = sum([lp for lp, m in zip(lps, g) if m][:len(text_ids) + ended])
+        out.append({"text": enc.decode(text_ids), "ended": ended, "ids": ids, "logprob": logprob})
     return (out, (seq, attn, gen)) if return_batch else out
 
 
@@ -180,7 +182,12 @@ def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tok
     for i in range(0, len(conversations), per):
         chunk = [c for c in conversations[i:i + per] for _ in range(n)]
         replies = respond(policy, enc, chunk, max_new_tokens, temperature, generator=generator, **sampling)
-        scores = reward_scores(rm, enc, chunk, replies, gain, bias, lm_weight=lm_weight, sft=policy).tolist()
+        if lm_weight and temperature == 1:  # the log-probs SFT sampled them with are log p_SFT: no second pass
+            import torch
+            scores = (reward_scores(rm, enc, chunk, replies, gain, bias)
+                      + gain * lm_weight * torch.tensor([r["logprob"] for r in replies])).tolist()
+        else:
+            scores = reward_scores(rm, enc, chunk, replies, gain, bias, lm_weight=lm_weight, sft=policy).tolist()
         for j in range(0, len(chunk), n):
             cands = [dict(r, score=s) for r, s in zip(replies[j:j + n], scores[j:j + n])]
             out.append(dict(max(cands, key=lambda r: r["score"]), candidates=cands))

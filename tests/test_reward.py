@@ -12,7 +12,7 @@ import torch
 import model as M
 import reward  # importing the stage must not collect or train anything
 from data import world
-from data.chat import best_of_n, render_response, reply_logprobs, reward_scores
+from data.chat import best_of_n, render_prompt, render_response, reply_logprobs, respond, reward_scores
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
 
@@ -163,6 +163,31 @@ def test_reward_scores_add_the_weighted_likelihood():
     head = reward_scores(rm, BYTES, [PROMPT] * 2, replies, gain=2.0, bias=1.0)
     both = reward_scores(rm, BYTES, [PROMPT] * 2, replies, gain=2.0, bias=1.0, lm_weight=0.5, sft=sft)
     assert torch.allclose(both, head + 2.0 * 0.5 * reply_logprobs(sft, BYTES, [PROMPT] * 2, replies))
+
+
+def test_sampled_logprob_and_best_of_n_with_the_likelihood_term():
+    rm = trained_looking_rm()
+    torch.manual_seed(4)
+    sft = M.GPT(M.GPTConfig(**TINY)).eval()
+    head_out = torch.nn.Linear(TINY["n_embd"], BYTES.n_vocab)  # an output layer that often says <|end|>
+    head_out.weight.data.copy_(sft.lm_head.weight.data)
+    head_out.bias.data.zero_()[special_id(BYTES, END)] = 2.5
+    sft.lm_head = head_out
+    replies = respond(sft, BYTES, [PROMPT] * 6, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    assert {r["ended"] for r in replies} == {True, False}  # both kinds of reply are checked
+    prompt = render_prompt(BYTES, PROMPT)
+    for r in replies:  # logprob: the reply's own sampled tokens (and its <|end|>), from a full forward pass
+        logp = torch.log_softmax(sft(torch.tensor([prompt + r["ids"]]))[0][0], -1)
+        counted = len(r["ids"]) - (r["ids"][-1] == special_id(BYTES, "<|endoftext|>")) if r["ids"] else 0
+        want = sum(logp[len(prompt) + k - 1, r["ids"][k]].item() for k in range(counted))
+        assert r["logprob"] == pytest.approx(want, abs=1e-4)
+    # best-of-n adds gain * lm_weight * those log-probs to the head's score, without a second pass over SFT
+    picks = best_of_n(sft, rm, BYTES, [PROMPT], 6, gain=2.0, bias=1.0, max_new_tokens=5, lm_weight=0.3,
+                      generator=torch.Generator().manual_seed(0))
+    cands = picks[0]["candidates"]
+    head = reward_scores(rm, BYTES, [PROMPT] * 6, cands, gain=2.0, bias=1.0)
+    got = torch.tensor([c["score"] for c in cands])
+    assert torch.allclose(got, head + 2.0 * 0.3 * torch.tensor([c["logprob"] for c in cands]), atol=1e-5)
 
 
 # ---- end to end with a tiny random "SFT" model on the world's prompts
