@@ -340,7 +340,8 @@ def main():
             # so PPO's reward and KL penalty have a known scale
             raw_rm.eval()
             with rt.ctx:
-                r_all = score_rows(raw_rm, [r for rs in rows for r in rs], eot, batch_size=256) + lm_w.item() * lp_all.view(-1)
+                r_all = score_rows(raw_rm, [r for rs in rows for r in rs], eot, batch_size=256)
+            r_all += lm_w.item() * lp_all.view(-1)  # the whole reward: head + w * log p_SFT
             gain = 1.0 / r_all.std().clamp(min=1e-6).item()
             bias = -r_all.mean().item() * gain
             # ---- 4. report: the reward model against the labelers, against gold, and the labelers' own ceiling
