@@ -7,8 +7,8 @@ to update the policy using PPO". We maximise the KL-regularised objective
     max_pi  E_{x, y~pi} [ r(x, y) ]  -  beta * KL( pi(.|x) || pi_SFT(.|x) )
 
 The KL term keeps the policy close to SFT, where the reward model is trustworthy; without it the policy finds
-what the reward model overrates (reward hacking: try --beta=0 --max_iters=300 and watch gold fall while the
-RM score climbs).
+what the reward model overrates (reward hacking: with a head-only reward model, `python reward.py
+--lm_feature=False`, try --beta=0 --max_iters=120 and watch gold fall while the RM score climbs).
 
     python ppo.py                          # builds base, sft, comparisons and reward model first if missing
     python ppo.py --reward=gold            # "PPO-GT": optimise the hidden human's utility directly (upper bound)
@@ -35,19 +35,20 @@ device = "auto"
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
 compile = False
 max_iters = 60             # PPO iterations (one rollout batch each)
-batch_size = 64            # prompts (= episodes) per rollout batch, per process
-minibatch_size = 16        # episodes per gradient step
+batch_size = 128           # prompts (= episodes) per rollout batch, per process
+minibatch_size = 64        # episodes per gradient step: with 16 (and lr 3e-5) the policy stalled at ~71% against
+                           # SFT, its steps too noisy to buy more reward with the KL they spent; 64 reached ~74.5%
 ppo_epochs = 4             # passes over each rollout batch
-lr = 3e-5                  # small: 16 Adam steps per batch; a larger lr drifts far from SFT in a few batches
+lr = 1e-4                  # 8 Adam steps per batch; 2e-4 ran away (9.7 nats of KL within 34 batches)
 max_new_tokens = 32        # longest answer; answers that never end their turn are penalised (the "EOS trick")
 temperature = 1.0          # pure sampling (no top-k/top-p), so the sampled tokens give an unbiased KL estimate
-beta = 0.2                 # KL coefficient (initial value when target_kl is set); 0.05 drifted to 2.5 nats and
-                           # lost helpfulness to the reward model's blind spots, 0.1-0.3 all won ~72%
+beta = 0.1                 # KL coefficient (initial value when target_kl is set); 0.05 won as often at more KL
 target_kl = 0.0            # > 0: adapt beta toward this KL (nats per answer); 0: fixed beta
 kl_horizon = 10000         # the controller's horizon (episodes), as in Ziegler et al.
 kl_estimator = "k1"        # per-token KL penalty: "k1" = logp - logp_ref, "k3" = (ratio - 1) - log ratio
 no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn
-gamma, lam = 1.0, 0.95     # GAE discount and bias-variance trade-off
+gamma, lam = 1.0, 1.0      # GAE discount and bias-variance trade-off: lam < 1 trusts the value head, a linear
+                           # probe that explains well under half of the returns' variance, and bought nothing here
 cliprange = 0.2            # PPO-clip epsilon for the policy ratio
 cliprange_value = 0.2      # and for the value function
 vf_coef = 0.5              # weight of the value loss (it trains only the value head: see below)
@@ -80,6 +81,18 @@ def kl_penalty(logp, logp_ref, estimator):
         return logp - logp_ref
     log_r = logp_ref - logp
     return log_r.exp() - 1 - log_r
+
+
+def token_rewards(scores, kl, action, kl_coef, lm_logp, lm_coef):
+    """Per-token rewards (B, L-1): -beta * KL_t on every answer token, plus the reward model's score on the
+    answer's last token. A reward model trained with --lm_feature also has lm_coef * log p_SFT(answer) =
+    lm_coef * sum_t log p_SFT(token_t) (lm_logp: the reference's log-probs at temperature 1); being a sum over
+    tokens, it is paid token by token like the KL penalty. The return is the same (gamma = 1), but a token's
+    advantage no longer carries the likelihood of the tokens before it, which it cannot change: less variance."""
+    rewards = (-kl_coef * kl + lm_coef * lm_logp) * action
+    last = action.size(1) - 1 - action.flip(1).argmax(1)  # index of each answer's last token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
 
 
 def gae(rewards, values, mask, gamma, lam):
@@ -187,20 +200,19 @@ def main():
         old_values = old_values * action
         ended = torch.tensor([r["ended"] for r in replies], dtype=torch.float, device=rt.device)
         golds = torch.tensor([world.gold(p, r["text"], r["ended"]) for p, r in zip(prompts, replies)])  # logged only
-        # ---- 2. rewards: -beta * KL on every token, plus the score on the last token of the answer
+        # ---- 2. rewards: -beta * KL (and the likelihood term) on every token, the score on the answer's last token
         if reward == "gold":
             scores = golds.to(rt.device)
         else:
             scores = reward_scores(rm, enc, prompts, replies, gain, bias).to(rt.device)
-            if lm_weight:  # a reward model trained with --lm_feature: + w * log p_SFT(answer), from the reference
-                with torch.no_grad(), rt.ctx:  # (at temperature 1, whatever the sampling temperature)
-                    lp = ref_logp if temperature == 1 else M.sequence_logprobs(ref, seq, attn)
-                scores = scores + gain * lm_weight * (lp.float() * action).sum(1)
+        lm_logp = ref_logp
+        if lm_weight and temperature != 1:
+            with torch.no_grad(), rt.ctx:
+                lm_logp = M.sequence_logprobs(ref, seq, attn)
         scores = scores - no_end_penalty * (1 - ended)
         kl = kl_penalty(old_logp, ref_logp, kl_estimator) * action  # (B, L-1)
-        rewards = -kl_coef * kl
-        last = action.size(1) - 1 - action.flip(1).argmax(1)  # index of each answer's last token
-        rewards[torch.arange(len(prompts)), last] += scores
+        rewards = token_rewards(scores, kl, action, kl_coef, lm_logp.float(), gain * lm_weight)
+        lm_score = gain * lm_weight * (lm_logp.float() * action).sum(1)  # logged with the score
         # ---- 3. advantages (GAE), returns, whitening over the batch's real tokens
         adv, returns = gae(rewards, old_values, action, gamma, lam)
         adv = masked_whiten(adv, action)
@@ -233,7 +245,8 @@ def main():
         resid = returns - old_values
         resid_var = masked_mean((resid - masked_mean(resid, action)) ** 2, action)
         explained_var = 1 - resid_var / masked_mean((returns - masked_mean(returns, action)) ** 2, action).clamp(min=1e-8)
-        row = {"iter": it + 1, "score": scores.mean().item(), "gold": golds.mean().item(), "kl": seq_kl.item(),
+        row = {"iter": it + 1, "score": (scores + lm_score).mean().item(), "gold": golds.mean().item(),
+               "kl": seq_kl.item(),
                "beta": kl_coef, "length": action.sum(1).mean().item(), "ended": ended.mean().item(),
                "value_explained_var": explained_var.item(), "time": time.time() - t0}
         for k in ("entropy", "clipfrac", "approx_kl", "pg_loss", "vf_loss"):

@@ -31,6 +31,21 @@ def test_gae_hand_worked_example_with_masks():
     torch.testing.assert_close(ret, torch.tensor([[0.0, 1.71, 1.8, 1.0], [1.35, 2.0, 0.0, 0.0]]))
 
 
+def test_token_rewards_pay_kl_and_likelihood_per_token_and_the_score_on_the_last_token():
+    # row 0: a prompt position then three answer tokens; row 1: two answer tokens then padding (garbage inputs)
+    action = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    kl = torch.tensor([[9.0, 0.5, -0.2, 0.1], [0.3, 0.4, 9.0, 9.0]])
+    lm_logp = torch.tensor([[-9.0, -1.0, -2.0, -0.5], [-0.1, -3.0, -9.0, -9.0]])
+    scores = torch.tensor([2.0, -1.0])
+    r = ppo.token_rewards(scores, kl, action, 0.1, lm_logp, 0.2)
+    # row 0: t1 = -0.1*0.5 + 0.2*(-1) = -0.25, t2 = 0.02 - 0.4 = -0.38, t3 = -0.01 - 0.1 + 2 = 1.89
+    # row 1: t0 = -0.03 - 0.02 = -0.05, t1 = -0.04 - 0.6 - 1 = -1.64 (its last answer token)
+    torch.testing.assert_close(r, torch.tensor([[0.0, -0.25, -0.38, 1.89], [-0.05, -1.64, 0.0, 0.0]]))
+    # the return (gamma = 1) is what a score with the whole likelihood term added at the end would give
+    total = scores - 0.1 * (kl * action).sum(1) + 0.2 * (lm_logp * action).sum(1)
+    torch.testing.assert_close(r.sum(1), total)
+
+
 def test_whitening_ignores_padding():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
@@ -120,7 +135,7 @@ def make_stage_checkpoints(out):
                                             "step": 0, "tokenizer": "world"})
     M.save_checkpoint(str(out / "reward.pt"), {"model": policy.state_dict(), "model_args": {**args, "scalar_head": True},
                                                "config": {}, "kind": "reward", "step": 0, "tokenizer": "world",
-                                               "gain": 1.0, "bias": 0.0})
+                                               "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
 
 
 @pytest.mark.parametrize("reward", ["rm", "gold"])
@@ -134,7 +149,7 @@ def test_ppo_smoke_run(tmp_path, reward):
     assert len(rows) == 2 and set(rows[0]) == set(rows[1])
     assert rows[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert abs(rows[0]["kl"]) < 1e-5  # the policy starts as the reference
-    assert math.isfinite(rows[1]["pg_loss"]) and rows[1]["beta"] != 0.05  # the controller moved beta
+    assert math.isfinite(rows[1]["pg_loss"]) and rows[1]["beta"] != ppo.beta  # the controller moved beta
     ck = M.load_checkpoint(str(tmp_path / "ppo.pt"), "ppo")
     assert ck["step"] == 2
     assert "ppo wins" in r.stdout
