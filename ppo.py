@@ -205,12 +205,12 @@ def main():
             scores = golds.to(rt.device)
         else:
             scores = reward_scores(rm, enc, prompts, replies, gain, bias).to(rt.device)
-        lm_logp = ref_logp
+        lm_logp = ref_logp  # log p_SFT per token for the likelihood term: at temperature 1, whatever we sample at
         if lm_weight and temperature != 1:
             with torch.no_grad(), rt.ctx:
                 lm_logp = M.sequence_logprobs(ref, seq, attn)
         scores = scores - no_end_penalty * (1 - ended)
-        kl = kl_penalty(old_logp, ref_logp, kl_estimator) * action  # (B, L-1)
+        kl = kl_penalty(old_logp, ref_logp, kl_estimator)  # (B, L-1)
         rewards = token_rewards(scores, kl, action, kl_coef, lm_logp.float(), gain * lm_weight)
         lm_score = gain * lm_weight * (lm_logp.float() * action).sum(1)  # logged with the score
         # ---- 3. advantages (GAE), returns, whitening over the batch's real tokens
@@ -246,8 +246,8 @@ def main():
         resid_var = masked_mean((resid - masked_mean(resid, action)) ** 2, action)
         explained_var = 1 - resid_var / masked_mean((returns - masked_mean(returns, action)) ** 2, action).clamp(min=1e-8)
         row = {"iter": it + 1, "score": (scores + lm_score).mean().item(), "gold": golds.mean().item(),
-               "kl": seq_kl.item(),
-               "beta": kl_coef, "length": action.sum(1).mean().item(), "ended": ended.mean().item(),
+               "kl": seq_kl.item(), "beta": kl_coef, "length": action.sum(1).mean().item(),
+               "ended": ended.mean().item(),
                "value_explained_var": explained_var.item(), "time": time.time() - t0}
         for k in ("entropy", "clipfrac", "approx_kl", "pg_loss", "vf_loss"):
             row[k] = sum(s[k] for s in stats) / len(stats)
