@@ -34,15 +34,16 @@ seed = 1337
 device = "auto"
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
 compile = False
-max_iters = 60             # PPO iterations (one rollout batch each)
+max_iters = 100            # PPO iterations (one rollout batch each)
 batch_size = 128           # prompts (= episodes) per rollout batch, per process
 minibatch_size = 64        # episodes per gradient step: with 16 (and lr 3e-5) the policy stalled at ~71% against
                            # SFT, its steps too noisy to buy more reward with the KL they spent; 64 reached ~74.5%
-ppo_epochs = 4             # passes over each rollout batch
-lr = 1e-4                  # 8 Adam steps per batch; 2e-4 ran away (9.7 nats of KL within 34 batches)
+ppo_epochs = 2             # passes over each rollout batch (4 steps): 2 epochs x 100 batches won 76.1% against
+                           # SFT where 4 epochs x 60 batches won 74.7%, in a little more time (fresher samples)
+lr = 1.5e-4                # with 4 epochs 1e-4 was stable and 2e-4 ran away (9.7 nats of KL within 34 batches)
 max_new_tokens = 32        # longest answer; answers that never end their turn are penalised (the "EOS trick")
 temperature = 1.0          # pure sampling (no top-k/top-p), so the sampled tokens give an unbiased KL estimate
-beta = 0.1                 # KL coefficient (initial value when target_kl is set); 0.05 won as often at more KL
+beta = 0.05                # KL coefficient (initial value when target_kl is set)
 target_kl = 0.0            # > 0: adapt beta toward this KL (nats per answer); 0: fixed beta
 kl_horizon = 10000         # the controller's horizon (episodes), as in Ziegler et al.
 kl_estimator = "k1"        # per-token KL penalty: "k1" = logp - logp_ref, "k3" = (ratio - 1) - log ratio
