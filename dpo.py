@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import model as M
 from data import world
-from data.chat import compare_to_sft, render_response
+from data.chat import compare_to_sft, render_response, response_logps
 from data.readers import DataError, read_comparisons, read_preferences
 
 # -----------------------------------------------------------------------------
@@ -89,17 +89,6 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid", label_smoothin
     else:
         raise ValueError(f"unknown loss {loss_type!r}: expected 'sigmoid' or 'ipo'")
     return losses.mean(), beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
-
-
-def response_logps(model, rows, masks, pad_id, device):
-    """Summed log-prob of each row's response tokens, sum_t mask_t log pi(x_t | x_<t): (B,) fp32.
-    Rows are right-padded; padding sits after every real token, so causal attention keeps it out of the
-    real positions, and the mask keeps it (and the prompt) out of the sum."""
-    ids, attn = M.pad_rows(rows, pad_id)
-    resp, _ = M.pad_rows(masks, 0)
-    ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
-    lp = M.sequence_logprobs(model, ids, attn)  # (B, T-1): index t scores ids[:, t+1]
-    return (lp * resp[:, 1:]).sum(-1)
 
 
 def encode(enc, prompt, text, ended, block_size):

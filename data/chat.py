@@ -139,36 +139,49 @@ def score_rows(rm, rows, pad_id, gain=1.0, bias=0.0, batch_size=128):
     return out
 
 
+def response_logps(model, rows, masks, pad_id, device):
+    """Summed log-prob of each row's response tokens, sum_t mask_t log pi(x_t | x_<t): (B,) fp32, with gradients
+    (DPO trains through it). Rows are right-padded; padding sits after every real token, so causal attention keeps
+    it out of the real positions, and the mask keeps it (and the prompt) out of the sum."""
+    from model import pad_rows, sequence_logprobs
+    ids, attn = pad_rows(rows, pad_id)
+    resp, _ = pad_rows(masks, 0)
+    ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
+    lp = sequence_logprobs(model, ids, attn)  # (B, T-1): index t scores ids[:, t+1]
+    return (lp * resp[:, 1:]).sum(-1)
+
+
 def reply_logprobs(model, enc, conversations, replies, batch_size=128):
     """log p(reply | conversation) under model at temperature 1, summed over the reply's tokens (and its <|end|>
     if it ended its turn): (N,) fp32 on the CPU, no gradients. reward.py's --lm_feature adds a multiple of this,
     under the frozen SFT model, to the reward model's score."""
     import torch
-    from model import pad_rows, sequence_logprobs
     device = next(model.parameters()).device
-    rows = []
+    rows, masks = [], []
     for c, r in zip(conversations, replies):
         ids, mask = render_response(enc, c, r["text"])
         ids, mask = (ids, mask) if r["ended"] else (ids[:-1], mask[:-1])  # a reply cut off never said <|end|>
-        rows.append((ids[-model.config.block_size:], mask[-model.config.block_size:]))
-    out = []
-    for s in range(0, len(rows), batch_size):
-        ids, attn = pad_rows([x for x, _ in rows[s:s + batch_size]], special_id(enc, EOT))
-        mask, _ = pad_rows([m for _, m in rows[s:s + batch_size]], 0)
-        with torch.no_grad():
-            lp = sequence_logprobs(model, ids.to(device), attn.to(device)).float().cpu()
-        out.append((lp * mask[:, 1:]).sum(1))  # token t+1's log-prob sits at index t
-    return torch.cat(out)
+        rows.append(ids[-model.config.block_size:])
+        masks.append(mask[-model.config.block_size:])
+    with torch.no_grad():
+        return torch.cat([response_logps(model, rows[s:s + batch_size], masks[s:s + batch_size],
+                                         special_id(enc, EOT), device).float().cpu()
+                          for s in range(0, len(rows), batch_size)])
 
 
-def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_size=128, lm_weight=0.0, sft=None):
+def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_size=128, lm_weight=0.0, sft=None,
+                  sft_logprobs=None):
     """Reward-model score of each (conversation, reply), replies as respond() returns them ({"text", "ended"}),
     normalised as gain * r + bias: (N,) fp32 on the CPU. A reward model trained with --lm_feature has
-    r = head + lm_weight * log p_SFT(reply | conversation), which needs the SFT model."""
+    r = head + lm_weight * log p_SFT(reply | conversation): computed with the SFT model, or taken from
+    sft_logprobs when the caller already has them (replies sampled from SFT at temperature 1)."""
+    import torch
     rows = [scored_ids(enc, c, r["text"], r["ended"], rm.config.block_size) for c, r in zip(conversations, replies)]
     scores = score_rows(rm, rows, special_id(enc, EOT), gain, bias, batch_size)
     if lm_weight:
-        scores += gain * lm_weight * reply_logprobs(sft, enc, conversations, replies, batch_size)
+        lp = (reply_logprobs(sft, enc, conversations, replies, batch_size) if sft_logprobs is None
+              else torch.as_tensor(sft_logprobs, dtype=torch.float))
+        scores += gain * lm_weight * lp
     return scores
 
 
@@ -182,12 +195,10 @@ def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tok
     for i in range(0, len(conversations), per):
         chunk = [c for c in conversations[i:i + per] for _ in range(n)]
         replies = respond(policy, enc, chunk, max_new_tokens, temperature, generator=generator, **sampling)
-        if lm_weight and temperature == 1:  # the log-probs SFT sampled them with are log p_SFT: no second pass
-            import torch
-            scores = (reward_scores(rm, enc, chunk, replies, gain, bias)
-                      + gain * lm_weight * torch.tensor([r["logprob"] for r in replies])).tolist()
-        else:
-            scores = reward_scores(rm, enc, chunk, replies, gain, bias, lm_weight=lm_weight, sft=policy).tolist()
+        # at temperature 1 the log-probs SFT sampled the replies with are log p_SFT: no second pass
+        sampled = [r["logprob"] for r in replies] if temperature == 1 else None
+        scores = reward_scores(rm, enc, chunk, replies, gain, bias, lm_weight=lm_weight, sft=policy,
+                               sft_logprobs=sampled).tolist()
         for j in range(0, len(chunk), n):
             cands = [dict(r, score=s) for r, s in zip(replies[j:j + n], scores[j:j + n])]
             out.append(dict(max(cands, key=lambda r: r["score"]), candidates=cands))
