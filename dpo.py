@@ -23,7 +23,18 @@ and no gain in gold. The NLL term keeps the chosen answers likely in absolute te
                                                # fluent); at 1e-4 it lands near DPO (0.89 gold, 0.65 nats)
     python dpo.py --label_smoothing=0.1        # conservative DPO: assume 10% of the labels are flipped
     python dpo.py --data=prefs.jsonl           # TRL {"prompt", "chosen", "rejected"} or Anthropic HH pairs
+    python dpo.py --epochs=0.3 --online_rounds=7
+                                               # online DPO: 7 rounds on the policy's own answers (below)
     torchrun --nproc_per_node=2 dpo.py         # DDP (gloo on CPU, nccl on GPUs)
+
+Online DPO (--online_rounds > 0; Guo et al. 2024, TRL's OnlineDPOTrainer). Every answer in the comparisons was
+written by SFT, so offline DPO never sees the answers it comes to write itself: what it learns about SFT's
+answers does not reach the misspelt or off-topic tails of its own (they stay at SFT's rate). After the offline
+pass, each round samples online_k answers to online_prompts training prompts from the current policy, lets the
+reward model trained on the same comparisons pick the best and the worst of each prompt's answers, and makes one
+DPO pass over those pairs. This is no longer reward-model free; it uses no labels beyond the comparisons. On
+the world (122 held-out prompts x 8, against SFT): offline DPO 70.4 % at 1.10 nats, 93.6 % fluent like SFT;
+with --epochs=0.3 --online_rounds=7, 76.4 % at 2.47 nats, 96.0 % fluent, in 97 s.
 """
 import functools
 import json
@@ -38,7 +49,7 @@ from tqdm import tqdm
 
 import model as M
 from data import world
-from data.chat import compare_to_sft, render_response, response_logps
+from data.chat import compare_to_sft, render_response, respond, response_logps, reward_scores
 from data.readers import DataError, read_comparisons, read_preferences
 
 # -----------------------------------------------------------------------------
@@ -67,7 +78,11 @@ eval_interval = 50         # held-out pairs evaluated and checkpoint written eve
 max_new_tokens = 48        # answer length in the final SFT-vs-DPO comparison
 eval_samples = 1           # answers per held-out world prompt in that comparison
 n_eval = 0                 # held-out world prompts in that comparison (0 = all of them)
-resume = False             # continue from out_dir/dpo.pt (model, optimizer, step, RNG)
+online_rounds = 0          # > 0: online DPO after the offline pass (see above), reading out_dir/reward.pt
+online_prompts = 304       # training prompts per round, taken in turn (two rounds cover them all)
+online_k = 6               # answers sampled per prompt; the reward model's best and worst of them are the pair
+online_lr = 2e-4           # learning rate of the online passes, decayed linearly to a quarter of it by the end
+resume = False             # continue from out_dir/dpo.pt (model, optimizer, step, online round, RNG)
 # -----------------------------------------------------------------------------
 
 
@@ -133,6 +148,18 @@ def load_pairs(path):
     return responses, pairs
 
 
+def best_and_worst(scores, replies, k):
+    """Online DPO's pairs: for each prompt's k consecutive replies, (best, worst) indices by reward-model score. A
+    prompt whose best and worst tie, or are the same text (the policy wrote one answer k times), gives no pair."""
+    pairs = []
+    for s in range(0, len(replies), k):
+        order = sorted(range(s, s + k), key=lambda i: -scores[i])
+        b, w = order[0], order[-1]
+        if scores[b] > scores[w] and (replies[b]["text"], replies[b]["ended"]) != (replies[w]["text"], replies[w]["ended"]):
+            pairs.append((b, w))
+    return pairs
+
+
 def main():
     config = M.configure(globals())
     rt = M.setup(device, dtype, seed)
@@ -142,14 +169,18 @@ def main():
         raise SystemExit(f"error: --loss must be 'sigmoid' or 'ipo', got {loss!r}")
     if not 0 <= label_smoothing < 0.5 or beta <= 0:
         raise SystemExit("error: need beta > 0 and 0 <= label_smoothing < 0.5")
+    if online_rounds < 0 or online_rounds and (online_k < 2 or online_prompts < 1):
+        raise SystemExit("error: need online_rounds >= 0, and online_k >= 2 and online_prompts >= 1 to use them")
     data_path = data or os.path.join(out_dir, "comparisons.jsonl")
     if rt.master:
         M.ensure_checkpoint(sft_path, "sft.py", out_dir)
-        if not data:  # reward.py writes comparisons.jsonl alongside reward.pt
-            if not os.path.isfile(data_path):
-                M.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)
+        if not data and (online_rounds or not os.path.isfile(data_path)):  # reward.py writes comparisons.jsonl too
+            M.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)
     if rt.ddp:
         torch.distributed.barrier()
+    if online_rounds and not os.path.isfile(os.path.join(out_dir, "reward.pt")):
+        raise SystemExit(f"error: --online_rounds needs a reward model trained on {data_path}: "
+                         f"`python reward.py --data={data_path} --out_dir={out_dir}` writes {out_dir}/reward.pt")
     if not os.path.isfile(data_path):
         hint = "" if data else "; `python reward.py` writes it"
         raise SystemExit(f"error: preference file {data_path} not found{hint}")
@@ -165,7 +196,7 @@ def main():
     eot, block_size = enc.eot_token, sft_ck["model_args"]["block_size"]
 
     # ---- tokenise every distinct answer once: prompt + answer (+ <|end|> if it ended its turn), mask on the answer
-    rows, masks = zip(*(encode(enc, p, text, ended, block_size) for p, text, ended in responses))
+    rows, masks = map(list, zip(*(encode(enc, p, text, ended, block_size) for p, text, ended in responses)))
     n_tokens = torch.tensor([sum(m) for m in masks], dtype=torch.float, device=rt.device)
     pairs = [p for p in pairs if sum(masks[p[1]]) and sum(masks[p[2]])]  # a prompt that fills the block: no answer
     split = [held_out(p, eval_fraction) for p, _, _ in pairs]
@@ -177,22 +208,27 @@ def main():
 
     # ---- the reference's summed log-probs, computed ONCE for every answer: pi_ref is frozen, so recomputing
     # them each step would only double the cost of training
-    ref_logps = torch.zeros(len(rows), device=rt.device)
-    by_len = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batch similar lengths: little padding
-    with torch.no_grad(), rt.ctx:
-        for s in tqdm(range(0, len(rows), 64), desc="reference log-probs", disable=not rt.master, leave=False):
-            idx = by_len[s:s + 64]
-            ref_logps[idx] = response_logps(ref, [rows[i] for i in idx], [masks[i] for i in idx], eot, rt.device)
+    def reference_logps(rows, masks):
+        out = torch.zeros(len(rows), device=rt.device)
+        by_len = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batch similar lengths: little padding
+        with torch.no_grad(), rt.ctx:
+            for s in tqdm(range(0, len(rows), 64), desc="reference log-probs", disable=not rt.master, leave=False):
+                idx = by_len[s:s + 64]
+                out[idx] = response_logps(ref, [rows[i] for i in idx], [masks[i] for i in idx], eot, rt.device)
+        return out
+
+    ref_logps = reference_logps(rows, masks)
 
     # ---- optimizer, resume
     pairs_per_step = batch_size * grad_accum * rt.world_size
     n_batches = -(-len(train_pairs) // batch_size)  # micro-batches per epoch (the last one may be short)
     n_iters = max_iters or max(1, round(epochs * n_batches / (grad_accum * rt.world_size)))
     optimizer = M.configure_optimizer(policy, weight_decay, lr, (0.9, 0.95), rt.device_type)
-    start = 0
+    start = start_round = 0
     if resume:
-        start = M.restore(M.load_checkpoint(ck_path, "dpo"), policy, optimizer, rt.scaler)
-        print(f"resuming from {ck_path} at step {start}")
+        ck = M.load_checkpoint(ck_path, "dpo")
+        start, start_round = M.restore(ck, policy, optimizer, rt.scaler), ck.get("round", 0)
+        print(f"resuming from {ck_path} at step {start}" + (f", online round {start_round}" if start_round else ""))
     raw_policy = policy
     policy = M.wrap(policy, rt, compile)
 
@@ -245,10 +281,30 @@ def main():
         raw_policy.train()
         return out
 
-    def save(step):
+    def save(step, rnd=0):
         M.save_checkpoint(ck_path, {**M.training_state(raw_policy, optimizer, rt.scaler), "config": config,
-                                    "model_args": sft_ck["model_args"], "kind": "dpo", "step": step,
+                                    "model_args": sft_ck["model_args"], "kind": "dpo", "step": step, "round": rnd,
                                     "tokenizer": sft_ck.get("tokenizer", "world")})
+
+    def train_step(get_pairs, lr_now):
+        """One optimizer step over grad_accum micro-batches of pairs (get_pairs(micro) -> (B, 2) indices)."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        acc = []
+        for micro in range(grad_accum):
+            if rt.ddp:  # all-reduce gradients only on the last micro-step
+                policy.require_backward_grad_sync = micro == grad_accum - 1
+            pb = get_pairs(micro)
+            with rt.ctx:
+                pi_c, pi_r, ref_c, ref_r = forward(policy, pb)
+            pref, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss, label_smoothing)
+            total = pref
+            if rpo_alpha > 0:  # RPO: + alpha * mean over pairs of -log pi(chosen) / its length
+                total = pref - rpo_alpha * (pi_c / n_tokens[pb[:, 0]]).mean()
+            rt.scaler.scale(total / grad_accum).backward()
+            acc.append(stats(pref.item(), pi_c, pi_r, rc, rr))
+        M.optimizer_step(policy, optimizer, rt.scaler, grad_clip)
+        return {k: sum(a[k] for a in acc) / len(acc) for k in acc[0]}
 
     # ---- training loop
     if rt.master and not resume and os.path.exists(log_path):
@@ -265,26 +321,11 @@ def main():
     bar = tqdm(range(start, n_iters), initial=start, total=n_iters, disable=not rt.master, desc="dpo")
     for it in bar:
         lr_now = M.get_lr(it, warmup_iters, n_iters, lr, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        acc = []
-        for micro in range(grad_accum):
-            if rt.ddp:  # all-reduce gradients only on the last micro-step
-                policy.require_backward_grad_sync = micro == grad_accum - 1
-            with rt.ctx:
-                pb = batch(it, micro)
-                pi_c, pi_r, ref_c, ref_r = forward(policy, pb)
-            pref, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss, label_smoothing)
-            total = pref
-            if rpo_alpha > 0:  # RPO: + alpha * mean over pairs of -log pi(chosen) / its length
-                total = pref - rpo_alpha * (pi_c / n_tokens[pb[:, 0]]).mean()
-            rt.scaler.scale(total / grad_accum).backward()
-            acc.append(stats(pref.item(), pi_c, pi_r, rc, rr))
-        M.optimizer_step(policy, optimizer, rt.scaler, grad_clip)
+        means = train_step(functools.partial(batch, it), lr_now)
         last = it == n_iters - 1
         val = evaluate_pairs() if rt.master and ((it + 1) % eval_interval == 0 or last) else None
         if rt.master:
-            row = {"iter": it + 1, **{k: sum(a[k] for a in acc) / len(acc) for k in acc[0]}, "lr": lr_now}
+            row = {"iter": it + 1, **means, "lr": lr_now}
             row.update({f"val/{k}": (val or {}).get(k) for k in ("loss", "accuracy", "margin")})
             row["time"] = time.time() - t0
             M.append_jsonl(log_path, row)
@@ -293,8 +334,62 @@ def main():
                             val_acc="-" if row["val/accuracy"] is None else f"{row['val/accuracy']:.2f}")
             if val is not None:
                 save(it + 1)
-    if rt.master and start >= n_iters:
+    bar.close()
+    if rt.master and start >= n_iters and start_round >= online_rounds:
         print(f"{ck_path} is already at step {start} >= {n_iters} steps; nothing to train")
+
+    # ---- online DPO: rounds of fresh answers from the policy, judged by the reward model (see the docstring)
+    if online_rounds > start_round:
+        rm_ck = M.load_checkpoint(os.path.join(out_dir, "reward.pt"), "reward")
+        rm = M.model_from_checkpoint(rm_ck, dropout=0.0, scalar_head=True).to(rt.device).eval().requires_grad_(False)
+        prompts = list({json.dumps(p, sort_keys=True): p for (p, _, _), v in zip(pairs, split) if not v}.values())
+        per_round = -(-online_prompts // (batch_size * grad_accum * rt.world_size))  # steps: one pass, ~1 pair/prompt
+        for rnd in range(start_round, online_rounds):
+            t1 = time.time()
+            # 1. this round's prompts (each rank its share), online_k answers each from the policy at temperature 1
+            mine = [prompts[(rnd * online_prompts + i) % len(prompts)] for i in range(rt.rank, online_prompts, rt.world_size)]
+            convs = [p for p in mine for _ in range(online_k)]
+            g = torch.Generator(device=rt.device).manual_seed(seed + 1000 * (rnd + 1) + rt.rank)
+            raw_policy.eval()
+            replies = [r for s in range(0, len(convs), 256)
+                       for r in respond(raw_policy, enc, convs[s:s + 256], max_new_tokens, 1.0, generator=g)]
+            raw_policy.train()
+            # 2. the reference's log-probs, once per answer; the reward model's likelihood feature reuses them
+            new_rows, new_masks = map(list, zip(*(encode(enc, c, r["text"], r["ended"], block_size)
+                                                  for c, r in zip(convs, replies))))
+            new_ref = reference_logps(new_rows, new_masks)
+            scores = reward_scores(rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
+                                   lm_weight=rm_ck.get("lm_weight", 0.0), sft_logprobs=new_ref.cpu())
+            # 3. best vs worst of each prompt's answers. Only this round's answers are kept after the offline ones.
+            del rows[len(responses):], masks[len(responses):]
+            round_pairs = torch.tensor([(len(rows) + b, len(rows) + w)
+                                        for b, w in best_and_worst(scores.tolist(), replies, online_k)],
+                                       dtype=torch.long).view(-1, 2)
+            rows += new_rows
+            masks += new_masks
+            ref_logps = torch.cat([ref_logps[:len(responses)], new_ref])
+            n_tokens = torch.cat([n_tokens[:len(responses)], torch.tensor([sum(m) for m in new_masks],
+                                                                          dtype=torch.float, device=rt.device)])
+            n_pairs = torch.tensor(float(len(round_pairs)), device=rt.device)
+            if rt.ddp:  # every rank must take the same number of steps: skip the round if any rank has no pair
+                torch.distributed.all_reduce(n_pairs, op=torch.distributed.ReduceOp.MIN)
+            if n_pairs.item() == 0:
+                print(f"online round {rnd + 1}: every answer pair was identical or tied; no update")
+                continue
+            # 4. one pass over the pairs (a random order, cycled if this rank has fewer than its steps need)
+            order = torch.randperm(len(round_pairs), generator=torch.Generator().manual_seed(seed + rnd)).tolist()
+            for k in range(per_round):
+                lr_now = online_lr * (1 - 0.75 * (rnd + k / per_round) / online_rounds)
+                take = [order[((k * grad_accum) * batch_size + j) % len(order)] for j in range(batch_size * grad_accum)]
+                means = train_step(lambda micro: round_pairs[take[micro * batch_size:(micro + 1) * batch_size]], lr_now)
+                if rt.master:
+                    M.append_jsonl(log_path, {"iter": n_iters + rnd * per_round + k + 1, "round": rnd + 1, **means,
+                                              "lr": lr_now, "time": time.time() - t0})
+            if rt.master:
+                save(n_iters, rnd + 1)
+                print(f"online round {rnd + 1}/{online_rounds}: {len(mine)} prompts x {online_k} answers, RM score "
+                      f"{scores.mean().item():+.3f}, {len(round_pairs)} pairs, loss {means['loss']:.3f}, "
+                      f"accuracy {means['accuracy']:.2f}, {time.time() - t1:.1f} s")
 
     # ---- held-out world prompts: DPO against SFT under the hidden human
     if rt.master and sft_ck.get("tokenizer", "world") == "world":

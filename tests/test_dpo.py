@@ -176,3 +176,25 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert M.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")["step"] == 4
     assert [json.loads(line)["iter"] for line in open(tmp_path / "dpo.jsonl")] == [1, 2, 3, 4]
+    # online DPO after the offline steps: one round of fresh answers judged by a (random) reward model
+    rm_args = {**args, "scalar_head": True}
+    M.save_checkpoint(str(tmp_path / "reward.pt"), {"model": M.GPT(M.GPTConfig(**rm_args)).state_dict(),
+                                                    "model_args": rm_args, "config": {}, "kind": "reward", "step": 0,
+                                                    "tokenizer": "world", "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
+    r = run("--max_iters=4", "--resume=True", "--online_rounds=1", "--online_prompts=4", "--online_k=3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "online round 1/1: 4 prompts x 3 answers" in r.stdout
+    ck = M.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
+    assert ck["step"] == 4 and ck["round"] == 1
+    logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
+    assert [x["iter"] for x in logs] == [1, 2, 3, 4, 5] and logs[-1]["round"] == 1  # 4 prompts: one step of 4 pairs
+
+
+def test_online_pairs_are_best_and_worst_by_hand():
+    reply = lambda text, ended=True: {"text": text, "ended": ended}
+    replies = [reply("a"), reply("b"), reply("c"),        # prompt 1: best is 1 (0.9), worst is 0 (0.1)
+               reply("d"), reply("e"), reply("f"),        # prompt 2: all tie: no pair
+               reply("g"), reply("h"), reply("g"),        # prompt 3: best 6 and worst 8 are the same text: no pair
+               reply("i"), reply("i", False), reply("j")]  # prompt 4: same text, but one never ended: a pair
+    scores = [0.1, 0.9, 0.5, 0.2, 0.2, 0.2, 0.8, 0.3, 0.1, 0.7, -0.4, 0.0]
+    assert dpo.best_and_worst(scores, replies, 3) == [(1, 0), (9, 10)]
