@@ -387,7 +387,8 @@ def main():
                                               "lr": lr_now, "time": time.time() - t0})
             if rt.master:
                 save(n_iters, rnd + 1)
-                print(f"online round {rnd + 1}/{online_rounds}: {len(mine)} prompts x {online_k} answers, RM score "
+                # (with several processes: the score and the pairs of this process's share)
+                print(f"online round {rnd + 1}/{online_rounds}: {online_prompts} prompts x {online_k} answers, RM score "
                       f"{scores.mean().item():+.3f}, {len(round_pairs)} pairs, loss {means['loss']:.3f}, "
                       f"accuracy {means['accuracy']:.2f}, {time.time() - t1:.1f} s")
 
