@@ -34,7 +34,7 @@ pass, each round samples online_k answers to online_prompts training prompts fro
 reward model trained on the same comparisons pick the best and the worst of each prompt's answers, and makes one
 DPO pass over those pairs. This is no longer reward-model free; it uses no labels beyond the comparisons. On
 the world (122 held-out prompts x 8, against SFT): offline DPO 70.4 % at 1.10 nats, 93.6 % fluent like SFT;
-with --epochs=0.3 --online_rounds=7, 76.4 % at 2.47 nats, 96.0 % fluent, in 97 s.
+with --epochs=0.3 --online_rounds=7, 76.4 % at 2.47 nats, 96.0 % fluent, in 97-115 s on two CPU cores.
 """
 import functools
 import json
