@@ -155,7 +155,8 @@ def best_and_worst(scores, replies, k):
     for s in range(0, len(replies), k):
         order = sorted(range(s, s + k), key=lambda i: -scores[i])
         b, w = order[0], order[-1]
-        if scores[b] > scores[w] and (replies[b]["text"], replies[b]["ended"]) != (replies[w]["text"], replies[w]["ended"]):
+        same = (replies[b]["text"], replies[b]["ended"]) == (replies[w]["text"], replies[w]["ended"])
+        if scores[b] > scores[w] and not same:
             pairs.append((b, w))
     return pairs
 
@@ -208,13 +209,14 @@ def main():
 
     # ---- the reference's summed log-probs, computed ONCE for every answer: pi_ref is frozen, so recomputing
     # them each step would only double the cost of training
-    def reference_logps(rows, masks):
-        out = torch.zeros(len(rows), device=rt.device)
-        by_len = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batch similar lengths: little padding
+    def reference_logps(some_rows, their_masks):
+        out = torch.zeros(len(some_rows), device=rt.device)
+        by_len = sorted(range(len(some_rows)), key=lambda i: len(some_rows[i]))  # similar lengths: little padding
         with torch.no_grad(), rt.ctx:
-            for s in tqdm(range(0, len(rows), 64), desc="reference log-probs", disable=not rt.master, leave=False):
+            for s in tqdm(range(0, len(some_rows), 64), desc="reference log-probs", disable=not rt.master, leave=False):
                 idx = by_len[s:s + 64]
-                out[idx] = response_logps(ref, [rows[i] for i in idx], [masks[i] for i in idx], eot, rt.device)
+                out[idx] = response_logps(ref, [some_rows[i] for i in idx], [their_masks[i] for i in idx], eot,
+                                          rt.device)
         return out
 
     ref_logps = reference_logps(rows, masks)
@@ -347,7 +349,8 @@ def main():
         for rnd in range(start_round, online_rounds):
             t1 = time.time()
             # 1. this round's prompts (each rank its share), online_k answers each from the policy at temperature 1
-            mine = [prompts[(rnd * online_prompts + i) % len(prompts)] for i in range(rt.rank, online_prompts, rt.world_size)]
+            mine = [prompts[(rnd * online_prompts + i) % len(prompts)]
+                    for i in range(rt.rank, online_prompts, rt.world_size)]
             convs = [p for p in mine for _ in range(online_k)]
             g = torch.Generator(device=rt.device).manual_seed(seed + 1000 * (rnd + 1) + rt.rank)
             raw_policy.eval()
@@ -388,8 +391,8 @@ def main():
             if rt.master:
                 save(n_iters, rnd + 1)
                 # (with several processes: the score and the pairs of this process's share)
-                print(f"online round {rnd + 1}/{online_rounds}: {online_prompts} prompts x {online_k} answers, RM score "
-                      f"{scores.mean().item():+.3f}, {len(round_pairs)} pairs, loss {means['loss']:.3f}, "
+                print(f"online round {rnd + 1}/{online_rounds}: {online_prompts} prompts x {online_k} answers, "
+                      f"RM score {scores.mean().item():+.3f}, {len(round_pairs)} pairs, loss {means['loss']:.3f}, "
                       f"accuracy {means['accuracy']:.2f}, {time.time() - t1:.1f} s")
 
     # ---- held-out world prompts: DPO against SFT under the hidden human
