@@ -363,16 +363,15 @@ def main():
             new_ref = reference_logps(new_rows, new_masks)
             scores = reward_scores(rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
                                    lm_weight=rm_ck.get("lm_weight", 0.0), sft_logprobs=new_ref.cpu())
-            # 3. best vs worst of each prompt's answers. Only this round's answers are kept after the offline ones.
-            del rows[len(responses):], masks[len(responses):]
+            # 3. best vs worst of each prompt's answers, as indices into rows extended by this round's answers
             round_pairs = torch.tensor([(len(rows) + b, len(rows) + w)
                                         for b, w in best_and_worst(scores.tolist(), replies, online_k)],
                                        dtype=torch.long).view(-1, 2)
             rows += new_rows
             masks += new_masks
-            ref_logps = torch.cat([ref_logps[:len(responses)], new_ref])
-            n_tokens = torch.cat([n_tokens[:len(responses)], torch.tensor([sum(m) for m in new_masks],
-                                                                          dtype=torch.float, device=rt.device)])
+            ref_logps = torch.cat([ref_logps, new_ref])
+            n_tokens = torch.cat([n_tokens, torch.tensor([sum(m) for m in new_masks], dtype=torch.float,
+                                                         device=rt.device)])
             n_pairs = torch.tensor(float(len(round_pairs)), device=rt.device)
             if rt.ddp:  # every rank must take the same number of steps: skip the round if any rank has no pair
                 torch.distributed.all_reduce(n_pairs, op=torch.distributed.ReduceOp.MIN)
