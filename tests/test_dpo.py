@@ -163,7 +163,7 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
              "--eval_fraction=0.25", "--n_eval=8"]
     run = lambda *a: subprocess.run([sys.executable, "dpo.py", *flags, *a], cwd=ROOT, capture_output=True,
                                     text=True, timeout=300)
-    r = run("--max_iters=3")
+    r = run("--max_iters=3", "--online_rounds=0")  # offline DPO first: no reward model here yet
     assert r.returncode == 0, r.stderr[-2000:]
     assert "dpo wins" in r.stdout and "KL(dpo || sft)" in r.stdout
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
@@ -172,7 +172,7 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     assert logs[1]["val/accuracy"] is not None and logs[0]["val/accuracy"] is None
     ck = M.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
     assert ck["step"] == 3 and ck["tokenizer"] == "world"
-    r = run("--max_iters=4", "--resume=True")
+    r = run("--max_iters=4", "--resume=True", "--online_rounds=0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert M.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")["step"] == 4
     assert [json.loads(line)["iter"] for line in open(tmp_path / "dpo.jsonl")] == [1, 2, 3, 4]
@@ -181,7 +181,8 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     M.save_checkpoint(str(tmp_path / "reward.pt"), {"model": M.GPT(M.GPTConfig(**rm_args)).state_dict(),
                                                     "model_args": rm_args, "config": {}, "kind": "reward", "step": 0,
                                                     "tokenizer": "world", "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
-    r = run("--max_iters=4", "--resume=True", "--online_rounds=1", "--online_prompts=4", "--online_k=3")
+    r = run("--max_iters=4", "--resume=True", "--online_rounds=1", "--online_prompts=4", "--online_k=3",
+            "--online_pairs=1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "online round 1/1: 4 prompts x 3 answers" in r.stdout
     ck = M.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
@@ -198,3 +199,7 @@ def test_online_pairs_are_best_and_worst_by_hand():
                reply("i"), reply("i", False), reply("j")]  # prompt 4: same text, but one never ended: a pair
     scores = [0.1, 0.9, 0.5, 0.2, 0.2, 0.2, 0.8, 0.3, 0.1, 0.7, -0.4, 0.0]
     assert dpo.best_and_worst(scores, replies, 3) == [(1, 0), (9, 10)]
+    # two pairs per prompt from 4 replies: best vs worst, then second best vs second worst
+    replies = [reply(t) for t in "abcdefgh"]
+    scores = [0.3, 0.9, 0.1, 0.5,   0.2, 0.8, 0.5, 0.5]  # prompt 2: the inner pair ties, so it gives no pair
+    assert dpo.best_and_worst(scores, replies, 4, n=2) == [(1, 2), (3, 0), (5, 4)]
