@@ -19,12 +19,13 @@ Online rounds (the default; Guo et al. 2024, TRL's OnlineDPOTrainer). Every answ
 written by SFT, so offline DPO never sees the answers it comes to write itself: what it learns about SFT's
 answers does not reach the misspelt or off-topic tails of its own, which stay at SFT's rate. So after a short
 offline pass over the comparisons, each round samples online_k = 6 answers to online_prompts = 256 training
-prompts from the current policy, lets the reward model trained on the same comparisons rank each prompt's six,
-and makes one DPO pass (same loss, same reference) over the best-vs-worst and second-best-vs-second-worst pairs.
-This is no longer reward-model free, but it uses no labels beyond the comparisons. On the world (122 held-out
-prompts x 8, against SFT, three seeds): offline DPO alone 70.4 / 69.8 / 67.5 %, about 1.1 nats of KL, as
-fluent as SFT (94 %); the default 76.3 / 76.2 / 76.0 %, 2.7-2.9 nats, 96.5 % fluent, in about 90 s on two CPU
-cores.
+prompts from the current policy and lets the reward model trained on the same comparisons rank each prompt's six.
+The best-vs-worst and second-best-vs-second-worst answers become pairs for the same loss and reference: 16 steps
+of 32 pairs, a slot for each of the 512 possible pairs (ties and repeated answers give no pair; the rest fill the
+slots in turn). This is no longer reward-model free, but it uses no labels beyond the comparisons. On the world
+(122 held-out prompts x 8, against SFT, three seeds): offline DPO alone 70.4 / 69.8 / 67.5 %, about 1.1 nats of
+KL, as fluent as SFT (94 %); the default 76.3 / 76.2 / 76.0 %, 2.7-2.9 nats, 96.4-96.5 % fluent, in 90-105 s on two
+CPU cores.
 
     python dpo.py                              # builds base, sft, comparisons and the reward model if missing
     python dpo.py --online_rounds=0 --epochs=0.5
@@ -354,7 +355,7 @@ def main():
         rm_ck = M.load_checkpoint(os.path.join(out_dir, "reward.pt"), "reward")
         rm = M.model_from_checkpoint(rm_ck, dropout=0.0, scalar_head=True).to(rt.device).eval().requires_grad_(False)
         prompts = list({json.dumps(p, sort_keys=True): p for (p, _, _), v in zip(pairs, split) if not v}.values())
-        per_round = -(-online_prompts * online_pairs // pairs_per_step)  # steps: one pass over the pairs
+        per_round = -(-online_prompts * online_pairs // pairs_per_step)  # steps: a slot for every possible pair
         for rnd in range(start_round, online_rounds):
             t1 = time.time()
             # 1. this round's prompts (each rank its share), online_k answers each from the policy at temperature 1
@@ -387,7 +388,8 @@ def main():
             if n_pairs.item() == 0:
                 print(f"online round {rnd + 1}: every answer pair was identical or tied; no update")
                 continue
-            # 4. one pass over the pairs (a random order, cycled if this rank has fewer than its steps need)
+            # 4. the pairs in a random order, cycled: ties and repeats leave fewer pairs than the steps have slots for
+            # (late rounds, whose answers repeat more, see some pairs twice)
             order = torch.randperm(len(round_pairs), generator=torch.Generator().manual_seed(seed + rnd)).tolist()
             for k in range(per_round):
                 lr_now = online_lr * (1 - 0.75 * (rnd + k / per_round) / online_rounds)
