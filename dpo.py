@@ -7,8 +7,8 @@ Rafailov et al. (2023): the KL-regularised objective that PPO maximises,
 
 has the optimal policy pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x) in closed form. Solved for the reward,
 r(x, y) = beta log pi*(y|x) / pi_ref(y|x) + beta log Z(x), and put into Bradley-Terry, Z(x) cancels: preference
-learning becomes binary classification with the policy's own log-ratios as the logits. No reward model is
-trained, nothing is sampled during training, and the reference only has to be scored once.
+learning becomes binary classification with the policy's own log-ratios as the logits. Offline, on a fixed set
+of pairs, DPO needs no reward model, samples nothing, and scores each answer with the reference only once.
 
 The loss also carries RPO's NLL term on the chosen answers (Pang et al. 2024; TRL's rpo_alpha). DPO only asks
 that chosen beat rejected, and on this tiny model pure DPO (--rpo_alpha=0) soon moves probability onto
@@ -87,7 +87,7 @@ online_rounds = 8          # rounds of online DPO after the offline pass (see ab
 online_prompts = 256       # training prompts per round, taken in turn
 online_k = 6               # answers sampled per prompt, ranked by the reward model
 online_pairs = 2           # pairs per prompt from those: best vs worst, second best vs second worst (<= online_k/2)
-online_lr = 2e-4           # learning rate of the online passes, decayed linearly to a quarter of it by the end
+online_lr = 2e-4           # learning rate of the online steps, decayed linearly to a quarter of it by the end
 resume = False             # continue from out_dir/dpo.pt (model, optimizer, step, online round, RNG)
 # -----------------------------------------------------------------------------
 
@@ -373,7 +373,8 @@ def main():
             new_ref = reference_logps(new_rows, new_masks)
             scores = reward_scores(rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
                                    lm_weight=rm_ck.get("lm_weight", 0.0), sft_logprobs=new_ref.cpu())
-            # 3. best vs worst of each prompt's answers, as indices into rows extended by this round's answers
+            # 3. best vs worst (and second best vs second worst) of each prompt's answers, as indices into rows
+            # extended by this round's answers
             round_pairs = torch.tensor([(len(rows) + b, len(rows) + w)
                                         for b, w in best_and_worst(scores.tolist(), replies, online_k, online_pairs)],
                                        dtype=torch.long).view(-1, 2)
