@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from model import GPT, GPTConfig, configure, configure_optimizer, generate, setup
+from model import GPT, GPTConfig, generate
+from runtime import configure, configure_optimizer, setup
 
 # -----------------------------------------------------------------------------
 device = "auto"                        # auto: cuda > mps > cpu

@@ -13,8 +13,9 @@ import os
 
 import torch
 
-import model as M
-from data.chat import render_prompt, respond
+import runtime
+from data.chat import render_prompt
+from rollout import respond
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -31,15 +32,15 @@ device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
 show_tokens = False        # print the exact prompt the model sees before each reply (to debug the template)
 # -----------------------------------------------------------------------------
-M.configure(globals())
-rt = M.setup(device, dtype, seed)
+runtime.configure(globals())
+rt = runtime.setup(device, dtype, seed)
 if not ckpt:
     found = [p for p in (os.path.join(out_dir, f) for f in ("ppo.pt", "dpo.pt", "sft.pt", "base.pt")) if os.path.isfile(p)]
     if not found:
         raise SystemExit(f"error: no checkpoint in {out_dir}/; make one with `python sft.py` (or pass --ckpt=...)")
     ckpt = found[0]
 # a PPO checkpoint may carry a value head: chat needs only the language model
-model, enc, ck = M.load_model(ckpt, ("base", "sft", "ppo", "dpo"), dropout=0.0, scalar_head=False)
+model, enc, ck = runtime.load_model(ckpt, ("base", "sft", "ppo", "dpo"), dropout=0.0, scalar_head=False)
 model.to(rt.device).eval()
 block_size = model.config.block_size
 g = torch.Generator(device=rt.device).manual_seed(seed)

@@ -51,9 +51,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import model as M
+import runtime
 from data import world
-from data.chat import compare_to_sft, render_response, respond, response_logps, reward_scores
+from data.chat import render_response
+from rollout import compare_to_sft, respond, response_logps, reward_scores
 from data.readers import DataError, read_comparisons, read_preferences
 
 # -----------------------------------------------------------------------------
@@ -170,8 +171,8 @@ def best_and_worst(scores, replies, k, n=1):
 
 
 def main():
-    config = M.configure(globals())
-    rt = M.setup(device, dtype, seed)
+    config = runtime.configure(globals())
+    rt = runtime.setup(device, dtype, seed)
     sft_path, ck_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "dpo.pt")
     log_path = os.path.join(out_dir, "dpo.jsonl")
     if loss not in ("sigmoid", "ipo"):
@@ -183,9 +184,9 @@ def main():
                          "1 <= online_pairs <= online_k / 2")
     data_path = data or os.path.join(out_dir, "comparisons.jsonl")
     if rt.master:
-        M.ensure_checkpoint(sft_path, "sft.py", out_dir)
+        runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)
         if not data and (online_rounds or not os.path.isfile(data_path)):  # reward.py writes comparisons.jsonl too
-            M.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)
+            runtime.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)
     if rt.ddp:
         torch.distributed.barrier()
     if online_rounds and not os.path.isfile(os.path.join(out_dir, "reward.pt")):
@@ -201,9 +202,9 @@ def main():
         sys.exit(f"error: {e}")
 
     # ---- policy and reference: both start as the SFT model; the reference never changes
-    ref, enc, sft_ck = M.load_model(sft_path, "sft", dropout=0.0)
+    ref, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
     ref.to(rt.device).eval().requires_grad_(False)
-    policy = M.model_from_checkpoint(sft_ck, dropout=0.0).to(rt.device)
+    policy = runtime.model_from_checkpoint(sft_ck, dropout=0.0).to(rt.device)
     eot, block_size = enc.eot_token, sft_ck["model_args"]["block_size"]
 
     # ---- tokenise every distinct answer once: prompt + answer (+ <|end|> if it ended its turn), mask on the answer
@@ -235,14 +236,14 @@ def main():
     pairs_per_step = batch_size * grad_accum * rt.world_size
     n_batches = -(-len(train_pairs) // batch_size)  # micro-batches per epoch (the last one may be short)
     n_iters = max_iters or max(1, round(epochs * n_batches / (grad_accum * rt.world_size)))
-    optimizer = M.configure_optimizer(policy, weight_decay, lr, (0.9, 0.95), rt.device_type)
+    optimizer = runtime.configure_optimizer(policy, weight_decay, lr, (0.9, 0.95), rt.device_type)
     start = start_round = 0
     if resume:
-        ck = M.load_checkpoint(ck_path, "dpo")
-        start, start_round = M.restore(ck, policy, optimizer, rt.scaler), ck.get("round", 0)
+        ck = runtime.load_checkpoint(ck_path, "dpo")
+        start, start_round = runtime.restore(ck, policy, optimizer, rt.scaler), ck.get("round", 0)
         print(f"resuming from {ck_path} at step {start}" + (f", online round {start_round}" if start_round else ""))
     raw_policy = policy
-    policy = M.wrap(policy, rt, compile)
+    policy = runtime.wrap(policy, rt, compile)
 
     # Rows are padded to the longest in their batch, and in a random batch about half of the tokens would be
     # padding; so pairs of similar length go together (HF's group_by_length): shuffle, sort windows of 50
@@ -294,7 +295,7 @@ def main():
         return out
 
     def save(step, rnd=0):
-        M.save_checkpoint(ck_path, {**M.training_state(raw_policy, optimizer, rt.scaler), "config": config,
+        runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_policy, optimizer, rt.scaler), "config": config,
                                     "model_args": sft_ck["model_args"], "kind": "dpo", "step": step, "round": rnd,
                                     "tokenizer": sft_ck.get("tokenizer", "world")})
 
@@ -315,7 +316,7 @@ def main():
                 total = pref - rpo_alpha * (pi_c / n_tokens[pb[:, 0]]).mean()
             rt.scaler.scale(total / grad_accum).backward()
             acc.append(stats(pref.item(), pi_c, pi_r, rc, rr))
-        M.optimizer_step(policy, optimizer, rt.scaler, grad_clip)
+        runtime.optimizer_step(policy, optimizer, rt.scaler, grad_clip)
         return {k: sum(a[k] for a in acc) / len(acc) for k in acc[0]}
 
     # ---- training loop
@@ -332,7 +333,7 @@ def main():
     policy.train()
     bar = tqdm(range(start, n_iters), initial=start, total=n_iters, disable=not rt.master, desc="dpo")
     for it in bar:
-        lr_now = M.get_lr(it, warmup_iters, n_iters, lr, min_lr)
+        lr_now = runtime.get_lr(it, warmup_iters, n_iters, lr, min_lr)
         means = train_step(functools.partial(batch, it), lr_now)
         last = it == n_iters - 1
         val = evaluate_pairs() if rt.master and ((it + 1) % eval_interval == 0 or last) else None
@@ -340,7 +341,7 @@ def main():
             row = {"iter": it + 1, **means, "lr": lr_now}
             row.update({f"val/{k}": (val or {}).get(k) for k in ("loss", "accuracy", "margin")})
             row["time"] = time.time() - t0
-            M.append_jsonl(log_path, row)
+            runtime.append_jsonl(log_path, row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.2f}",
                             chosen=f"{row['rewards/chosen']:.2f}", rejected=f"{row['rewards/rejected']:.2f}",
                             val_acc="-" if row["val/accuracy"] is None else f"{row['val/accuracy']:.2f}")
@@ -352,8 +353,8 @@ def main():
 
     # ---- online DPO: rounds of fresh answers from the policy, judged by the reward model (see the docstring)
     if online_rounds > start_round:
-        rm_ck = M.load_checkpoint(os.path.join(out_dir, "reward.pt"), "reward")
-        rm = M.model_from_checkpoint(rm_ck, dropout=0.0, scalar_head=True).to(rt.device).eval().requires_grad_(False)
+        rm_ck = runtime.load_checkpoint(os.path.join(out_dir, "reward.pt"), "reward")
+        rm = runtime.model_from_checkpoint(rm_ck, dropout=0.0, scalar_head=True).to(rt.device).eval().requires_grad_(False)
         prompts = list({json.dumps(p, sort_keys=True): p for (p, _, _), v in zip(pairs, split) if not v}.values())
         per_round = -(-online_prompts * online_pairs // pairs_per_step)  # steps: a slot for every possible pair
         for rnd in range(start_round, online_rounds):
@@ -372,7 +373,7 @@ def main():
                                                   for c, r in zip(convs, replies))))
             new_ref = reference_logps(new_rows, new_masks)
             scores = reward_scores(rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
-                                   lm_weight=rm_ck.get("lm_weight", 0.0), sft_logprobs=new_ref.cpu())
+                                   lm_weight=rm_ck.get("lm_weight", 0.0), sft=ref)
             # 3. best vs worst (and second best vs second worst) of each prompt's answers, as indices into rows
             # extended by this round's answers
             round_pairs = torch.tensor([(len(rows) + b, len(rows) + w)
@@ -397,7 +398,7 @@ def main():
                 take = [order[((k * grad_accum) * batch_size + j) % len(order)] for j in range(batch_size * grad_accum)]
                 means = train_step(lambda micro: round_pairs[take[micro * batch_size:(micro + 1) * batch_size]], lr_now)
                 if rt.master:
-                    M.append_jsonl(log_path, {"iter": n_iters + rnd * per_round + k + 1, "round": rnd + 1, **means,
+                    runtime.append_jsonl(log_path, {"iter": n_iters + rnd * per_round + k + 1, "round": rnd + 1, **means,
                                               "lr": lr_now, "time": time.time() - t0})
             if rt.master:
                 save(n_iters, rnd + 1)
@@ -413,7 +414,7 @@ def main():
         with torch.no_grad():
             compare_to_sft("dpo", raw_policy.eval(), ref, enc, evals, max_new_tokens,
                            torch.Generator(device=rt.device).manual_seed(seed))
-    M.cleanup()
+    runtime.cleanup()
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import sys
 
 import torch
 
-import model as M
+import runtime
 from data import world
-from data.chat import best_of_n, reward_scores, score
+from rollout import best_of_n, reward_scores, score
 from data.readers import DataError, read_prompts
 
 # -----------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def read_jsonl(path):
 
 def run_sweep(rt):
     """Train PPO and DPO at several betas from the same SFT, reward model and comparisons; evaluate each."""
-    M.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)  # writes comparisons.jsonl too
+    runtime.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)  # writes comparisons.jsonl too
     if not os.path.isfile(os.path.join(out_dir, "comparisons.jsonl")):  # a reward model trained on --data=...
         raise SystemExit(f"error: the sweep needs {out_dir}/comparisons.jsonl; `python reward.py` writes it")
     root = os.path.join(out_dir, "sweep")
@@ -116,12 +116,12 @@ def run_sweep(rt):
 
 def evaluate(rt, paths):
     """{name: checkpoint path} -> {name: metrics}; SFT (the reference) is always evaluated first."""
-    sft, enc, _ = M.load_model(os.path.join(out_dir, "sft.pt"), "sft", dropout=0.0)
+    sft, enc, _ = runtime.load_model(os.path.join(out_dir, "sft.pt"), "sft", dropout=0.0)
     sft.to(rt.device).eval()
     rm = None
     if os.path.isfile(os.path.join(out_dir, "reward.pt")):
-        rm_ck = M.load_checkpoint(os.path.join(out_dir, "reward.pt"), "reward")
-        rm = M.model_from_checkpoint(rm_ck, dropout=0.0).to(rt.device).eval()
+        rm_ck = runtime.load_checkpoint(os.path.join(out_dir, "reward.pt"), "reward")
+        rm = runtime.model_from_checkpoint(rm_ck, dropout=0.0).to(rt.device).eval()
     evals = world_prompts * samples
     results = {}
     names = ["sft"] + [n for n in paths if n != "sft"]
@@ -138,7 +138,7 @@ def evaluate(rt, paths):
                     res[k] = sum(s[k] for s in res["samples"]) / len(evals)
                 res["kl"] = math.log(bon) - (bon - 1) / bon  # the exact KL of best-of-N to its base policy
             else:
-                policy = sft if name == "sft" else M.load_model(paths[name], ("base", "sft", "ppo", "dpo"), dropout=0.0)[0]
+                policy = sft if name == "sft" else runtime.load_model(paths[name], ("base", "sft", "ppo", "dpo"), dropout=0.0)[0]
                 res = score(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature, generator=g,
                             ref=None if name == "sft" else sft)
             if rm is not None:
@@ -155,9 +155,9 @@ def evaluate(rt, paths):
 
 
 if __name__ == "__main__":
-    config = M.configure(globals())
-    rt = M.setup(device, dtype, seed)
-    M.ensure_checkpoint(os.path.join(out_dir, "sft.pt"), "sft.py", out_dir)
+    config = runtime.configure(globals())
+    rt = runtime.setup(device, dtype, seed)
+    runtime.ensure_checkpoint(os.path.join(out_dir, "sft.pt"), "sft.py", out_dir)
     try:
         world_prompts = read_prompts(prompts) if prompts else world.prompts("eval")
     except DataError as e:

@@ -1,24 +1,16 @@
 """
-The network and everything needed to run it, shared by every stage.
+The network: a small GPT-2 (pre-LN transformer, tied embeddings), nanoGPT style.
 
-1. GPT: a small GPT-2 (pre-LN transformer, tied embeddings) with an optional scalar head that turns it
-   into a reward model or gives PPO a value head on the same trunk.
-2. generate(): batched sampling from left-padded prompts with a KV cache; per-token log-probs.
-3. setup(): device, precision and DDP, nanoGPT style; AdamW; learning-rate schedule.
-4. Checkpoints (atomic save, checked load), RNG state, --key=value overrides, GPT-2 weight import.
+1. GPTConfig, attention, MLP, blocks, GPT. An optional scalar head turns the network into a reward model, or gives
+   PPO a value head on the policy's own trunk.
+2. Per-token log-probs, and generate(): batched sampling from left-padded prompts with a KV cache.
+
+Everything around the network (devices, precision, checkpoints, config) is in runtime.py; sampling and scoring chat
+replies is in rollout.py.
 """
-import ast
-import json
 import math
-import os
-import random
-import subprocess
-import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
-from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -170,7 +162,7 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Sampling and log-probs
+# Log-probs, batching and sampling
 
 def token_logprobs(logits, tokens, temperature=1.0):
     """log softmax(logits / temperature) at tokens: (B, T, V), (B, T) -> (B, T) fp32."""
@@ -183,22 +175,15 @@ def sequence_logprobs(model, seq, attn_mask=None, temperature=1.0):
     logits, _ = model(seq, attention_mask=attn_mask)
     return token_logprobs(logits[:, :-1], seq[:, 1:], temperature)
 
-
-
-def rm_score(rm, ids, attn_mask, gain=1.0, bias=0.0):
-    """Reward model score per sequence, (B,) fp32: the scalar head read at the last real token (the <|end|> that
-    closes the answer), for right-padded rows, then normalised as gain * r + bias (mean 0, std 1 on SFT answers)."""
-    last = attn_mask.sum(1) - 1                                   # (B,) index of each row's last real token
-    r = rm(ids, attention_mask=attn_mask, return_values=True)[2]  # (B, T) scalar head at every position
-    return gain * r[torch.arange(ids.size(0), device=ids.device), last] + bias
-
-@torch.no_grad()
-def sample_kl(policy, ref, seq, attn_mask, gen_mask, temperature=1.0):
-    """Monte-Carlo KL(policy || ref) per sequence, (B,) fp32: the sum over sampled response tokens of
-    log pi(y_t) - log ref(y_t) (the k1 estimator; unbiased because the tokens were sampled from policy)."""
-    lp = sequence_logprobs(policy, seq, attn_mask, temperature)
-    lr = sequence_logprobs(ref, seq, attn_mask, temperature)
-    return ((lp - lr) * gen_mask[:, 1:]).sum(1)
+def pad_rows(rows, pad_id, left=False):
+    """List of token-id lists -> (ids (B, T) long, attention_mask (B, T) long), padded right (or left)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), pad_id=0,
@@ -259,240 +244,3 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     model.train(was_training)
     out = (seq[:, :L], attn[:, :L], gen[:, :L])
     return out + (logprobs[:, :L],) if return_logprobs else out
-
-
-# -----------------------------------------------------------------------------
-# Device, precision, DDP, optimizer
-
-def setup(device="auto", dtype="auto", seed=1337):
-    """Read torchrun's environment, pick device and precision, seed. Returns a namespace the stages use:
-    device, device_type, dtype, ptdtype, ctx (autocast or nullcontext), scaler, ddp, rank, local_rank,
-    world_size, master."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_type = device.split(":")[0]
-    if ddp and device_type == "cuda":
-        device = f"cuda:{local_rank}"  # one process per GPU
-        torch.cuda.set_device(device)
-    if ddp:
-        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    if dtype == "auto":
-        dtype = "float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # free speed on Ampere+
-    # autocast runs matmuls in low precision and keeps reductions in fp32; fp16 also needs loss scaling
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)  # each rank draws different data and samples
-    return SimpleNamespace(device=device, device_type=device_type, dtype=dtype, ptdtype=ptdtype, ctx=ctx,
-                           scaler=scaler, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
-                           master=(rank == 0))
-
-def cleanup():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-def wrap(model, rt, compile=False):
-    """The model a training loop calls: torch.compile'd if asked, then DDP under torchrun (gradients all-reduced
-    in backward). Keep the unwrapped one for saving, evaluation and generation."""
-    model = torch.compile(model) if compile else model
-    if rt.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-    return model
-
-def configure_optimizer(model, weight_decay, lr, betas, device_type):
-    """AdamW; decay only matrices (weights, embeddings), never biases or LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    extra = {"fused": True} if device_type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
-
-def optimizer_step(model, optimizer, scaler, grad_clip):
-    """One update after backward(): unscale fp16 gradients (a no-op otherwise) so the clip sees true norms, clip
-    the global gradient norm (0 = off), step (skipped by the scaler if fp16 overflowed), zero the gradients."""
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-def get_lr(it, warmup, max_iters, lr, min_lr):
-    """Linear warmup, then cosine decay from lr to min_lr at max_iters."""
-    if it < warmup:
-        return lr * (it + 1) / (warmup + 1)
-    if it >= max_iters:
-        return min_lr
-    ratio = (it - warmup) / max(1, max_iters - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints, RNG state, metrics
-
-def clean_state_dict(sd):
-    """Drop the prefixes torch.compile ('_orig_mod.') and DDP ('module.') put on every key."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(("_orig_mod.", "module.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-def save_checkpoint(path, ckpt):
-    """Write to a temp file in the same directory, then rename: a kill mid-write leaves the old file intact."""
-    if isinstance(ckpt.get("model"), dict):
-        ckpt = {**ckpt, "model": clean_state_dict(ckpt["model"])}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX and Windows
-
-def load_checkpoint(path, kinds=None, map_location="cpu"):
-    """torch.load(weights_only=True) with one-line errors for a missing, unreadable or wrong-kind file."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
-    kinds = (kinds,) if isinstance(kinds, str) else kinds
-    if kinds is not None and ckpt.get("kind") not in kinds:
-        raise SystemExit(f"error: {path} is a {ckpt.get('kind')!r} checkpoint; expected one of {', '.join(kinds)}")
-    return ckpt
-
-def load_weights(model, sd):
-    """load_state_dict that lets the scalar head be new (base -> reward model) or dropped (reward -> policy)
-    and lm_head be absent (it is wte)."""
-    sd = clean_state_dict(sd)
-    if model.scalar_head is None:
-        sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    bad = [k for k in missing if not k.startswith(("scalar_head.", "lm_head."))] + list(unexpected)  # lm_head = wte
-    if bad:
-        raise ValueError(f"state dict does not fit the model: {bad[:5]}")
-    return model
-
-def model_from_checkpoint(ckpt, **overrides):
-    """GPT built from ckpt['model_args'] (updated with overrides, e.g. dropout=0.0, scalar_head=True)."""
-    return load_weights(GPT(GPTConfig(**{**ckpt["model_args"], **overrides})), ckpt["model"])
-
-def rng_state():
-    """Python, numpy and torch RNG states as plain lists and tensors (weights_only-loadable)."""
-    version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    d = {"python": [version, list(mt), gauss], "torch": torch.get_rng_state(),
-         "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
-    if torch.cuda.is_available():
-        d["cuda"] = torch.cuda.get_rng_state_all()
-    return d
-
-def set_rng_state(d):
-    random.setstate((d["python"][0], tuple(d["python"][1]), d["python"][2]))
-    keys, pos, has_gauss, cached = d["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(d["torch"])
-    if "cuda" in d and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(d["cuda"])
-
-def training_state(model, optimizer, scaler):
-    """The part of a checkpoint that --resume needs besides config and step (restore() reads it back)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state()}
-
-def restore(ckpt, model, optimizer, scaler=None):
-    """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its step,
-    so the loop continues exactly where the saved run was."""
-    load_weights(model, ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    return ckpt["step"]
-
-def ensure_checkpoint(path, script, out_dir):
-    """A stage's input is missing: say which command makes it, then run that stage with its defaults, so that
-    `python ppo.py` works on a fresh clone (each stage in turn builds what it needs)."""
-    if os.path.isfile(path) or int(os.environ.get("RANK", 0)) != 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        return
-    cmd = [sys.executable, script] + ([f"--out_dir={out_dir}"] if out_dir != "out" else [])
-    print(f"{path} not found: running `{' '.join(['python'] + cmd[1:])}` to make it")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env).returncode != 0 or not os.path.isfile(path):
-        raise SystemExit(f"error: `python {script}` did not produce {path}")
-
-
-def load_model(path, kinds, **overrides):
-    """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (e.g. dropout=0.0)."""
-    from data.tokenizer import get_tokenizer  # model.py stays usable without the data package
-    ckpt = load_checkpoint(path, kinds)
-    return model_from_checkpoint(ckpt, **overrides), get_tokenizer(ckpt.get("tokenizer", "world")), ckpt
-
-
-def pad_rows(rows, pad_id, left=False):
-    """List of token-id lists -> (ids (B, T) long, attention_mask (B, T) long), padded right (or left)."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(T - len(r), T) if left else slice(0, len(r))
-        ids[i, sl], mask[i, sl] = torch.tensor(r, dtype=torch.long), 1
-    return ids, mask
-
-
-def append_jsonl(path, obj):
-    """One metrics object per line; tensors and numpy scalars become floats."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=float) + "\n")
-
-
-# -----------------------------------------------------------------------------
-# --key=value overrides (nanoGPT's configurator, with type checks)
-
-def configure(g, argv=None):
-    """Apply --name=value overrides to a script's config globals g; returns {name: value} of the config."""
-    keys = [k for k, v in g.items() if not k.startswith("_") and (v is None or type(v) in (int, float, bool, str, tuple, list))]
-    for arg in sys.argv[1:] if argv is None else argv:
-        if arg.startswith("--") and arg[2:] in keys and isinstance(g[arg[2:]], bool):
-            arg += "=True"  # a bare --flag switches a bool option on: --sweep means --sweep=True
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: arguments must look like --name=value, got {arg!r}")
-        name, raw = arg[2:].split("=", 1)
-        if name not in keys:
-            raise SystemExit(f"error: unknown option --{name}; valid options: {', '.join(keys)}")
-        old = g[name]
-        try:
-            new = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            new = raw  # a bare word: fine for a str option, a type error for the others
-        if isinstance(old, str) and not isinstance(new, str):
-            new = raw  # --out_dir=123 means the directory "123"
-        elif isinstance(old, float) and type(new) is int:
-            new = float(new)
-        elif isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)):
-            new = type(old)(new)
-        if old is not None and type(new) is not type(old):
-            raise SystemExit(f"error: --{name} expects {type(old).__name__}, got {type(new).__name__} {raw!r}")
-        g[name] = new
-    return {k: g[k] for k in keys}
-
-
-def load_gpt2(path, **overrides):
-    """GPT from Hugging Face GPT-2 weights on disk (data/gpt2.py reads and converts them); overrides change
-    GPTConfig, e.g. dropout or scalar_head."""
-    from data.gpt2 import read_gpt2
-    sd, args = read_gpt2(path)
-    return load_weights(GPT(GPTConfig(**{**args, **overrides})), sd)

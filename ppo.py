@@ -23,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 import model as M
+import runtime
 from data import world
-from data.chat import compare_to_sft, respond, reward_scores
+from rollout import compare_to_sft, respond, reward_scores
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -140,16 +141,16 @@ def forward_policy(policy, seq, attn):
 
 
 def main():
-    config = M.configure(globals())
-    rt = M.setup(device, dtype, seed)
+    config = runtime.configure(globals())
+    rt = runtime.setup(device, dtype, seed)
     sft_path, rm_path, ck_path = (os.path.join(out_dir, f) for f in ("sft.pt", "reward.pt", "ppo.pt"))
     log_path = os.path.join(out_dir, "ppo.jsonl")
     if reward not in ("rm", "gold") or kl_estimator not in ("k1", "k3"):
         raise SystemExit("error: --reward must be 'rm' or 'gold' and --kl_estimator 'k1' or 'k3'")
     if rt.master:
-        M.ensure_checkpoint(sft_path, "sft.py", out_dir)
+        runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)
         if reward == "rm":
-            M.ensure_checkpoint(rm_path, "reward.py", out_dir)
+            runtime.ensure_checkpoint(rm_path, "reward.py", out_dir)
     if rt.ddp:
         torch.distributed.barrier()
 
@@ -157,14 +158,14 @@ def main():
     # cost on a CPU. The head reads DETACHED features: with Adam, even a tiny value-loss gradient moves every trunk
     # weight by about lr, so a value loss flowing into the trunk would change the policy's text; here it cannot.
     # (InstructGPT instead trains a separate critic initialised from the reward model: better values, 2x compute.)
-    ref, enc, sft_ck = M.load_model(sft_path, "sft", dropout=0.0)
-    policy = M.model_from_checkpoint(sft_ck, dropout=0.0, scalar_head=True)
+    ref, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
+    policy = runtime.model_from_checkpoint(sft_ck, dropout=0.0, scalar_head=True)
     ref.to(rt.device).eval().requires_grad_(False)
     policy.to(rt.device)
     rm, gain, bias, lm_weight = None, 1.0, 0.0, 0.0
     if reward == "rm":
-        rm_ck = M.load_checkpoint(rm_path, "reward")
-        rm = M.model_from_checkpoint(rm_ck, dropout=0.0, scalar_head=True).to(rt.device).eval().requires_grad_(False)
+        rm_ck = runtime.load_checkpoint(rm_path, "reward")
+        rm = runtime.model_from_checkpoint(rm_ck, dropout=0.0, scalar_head=True).to(rt.device).eval().requires_grad_(False)
         gain, bias, lm_weight = rm_ck["gain"], rm_ck["bias"], rm_ck.get("lm_weight", 0.0)
     # the value head is a fresh linear probe on fixed-scale features: it needs a far larger step than the policy
     head = list(policy.scalar_head.parameters())
@@ -173,15 +174,15 @@ def main():
                                   weight_decay=0.0, fused=rt.device_type == "cuda")
     kl_coef, start = beta, 0
     if resume:
-        ck = M.load_checkpoint(ck_path, "ppo")
-        kl_coef, start = ck["kl_coef"], M.restore(ck, policy, optimizer)
+        ck = runtime.load_checkpoint(ck_path, "ppo")
+        kl_coef, start = ck["kl_coef"], runtime.restore(ck, policy, optimizer)
     raw_policy = policy
-    policy = M.wrap(policy, rt, compile)
+    policy = runtime.wrap(policy, rt, compile)
     train_prompts = world.prompts("train")
 
     def save(step):
-        M.save_checkpoint(ck_path, {"model": raw_policy.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "rng": M.rng_state(), "config": config, "model_args": sft_ck["model_args"],
+        runtime.save_checkpoint(ck_path, {"model": raw_policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "rng": runtime.rng_state(), "config": config, "model_args": sft_ck["model_args"],
                                     "kind": "ppo", "step": step, "kl_coef": kl_coef, "tokenizer": sft_ck.get("tokenizer", "world")})
 
     if rt.master and not resume and os.path.exists(log_path):
@@ -254,7 +255,7 @@ def main():
             row[k] = sum(s[k] for s in stats) / len(stats)
         row["first_ratio"] = stats[0]["ratio"]
         if rt.master:
-            M.append_jsonl(log_path, row)
+            runtime.append_jsonl(log_path, row)
             bar.set_postfix(score=f"{row['score']:.2f}", gold=f"{row['gold']:.2f}", kl=f"{row['kl']:.2f}")
             if (it + 1) % sample_interval == 0:
                 for p, r in list(zip(prompts, replies))[:2]:
@@ -268,7 +269,7 @@ def main():
         print(f"\nheld-out prompts ({len(evals) // eval_samples} x {eval_samples} samples):")
         compare_to_sft("ppo", raw_policy.eval(), ref, enc, evals, max_new_tokens,
                        torch.Generator(device=rt.device).manual_seed(seed))
-    M.cleanup()
+    runtime.cleanup()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import model as M
+import runtime
 from data import world
 from data.tokenizer import get_tokenizer
 
@@ -46,10 +47,10 @@ resume = False             # continue from out_dir/base.pt (model, optimizer, st
 stop_at = 0                # end after this step as if killed (0 = max_iters): split a run, or test resume
 n_samples = 64             # eval instructions completed at the end to show the base model does not answer
 # -----------------------------------------------------------------------------
-config = M.configure(globals())
+config = runtime.configure(globals())
 ck_path = os.path.join(out_dir, "base.pt")
 log_path = os.path.join(out_dir, "pretrain.jsonl")
-rt = M.setup(device, dtype, seed)
+rt = runtime.setup(device, dtype, seed)
 enc = get_tokenizer(tokenizer)
 eot = enc.eot_token  # <|endoftext|>
 
@@ -92,16 +93,16 @@ def get_batch(split, it, micro):
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout,
                   vocab_size=enc.n_vocab)
 start = 0
-ckpt = M.load_checkpoint(ck_path, "base") if resume else None
+ckpt = runtime.load_checkpoint(ck_path, "base") if resume else None
 if ckpt:
     model_args = ckpt["model_args"]
 model = M.GPT(M.GPTConfig(**model_args)).to(rt.device)
-optimizer = M.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
+optimizer = runtime.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
 if ckpt:
-    start = M.restore(ckpt, model, optimizer, rt.scaler)
+    start = runtime.restore(ckpt, model, optimizer, rt.scaler)
     print(f"resuming from {ck_path} at step {start}")
 raw_model = model
-model = M.wrap(model, rt, compile)
+model = runtime.wrap(model, rt, compile)
 
 
 @torch.no_grad()
@@ -117,7 +118,7 @@ def held_out_loss():
 
 
 def save(step):
-    M.save_checkpoint(ck_path, {**M.training_state(raw_model, optimizer, rt.scaler), "config": config,
+    runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler), "config": config,
                                 "model_args": model_args, "kind": "base", "step": step, "tokenizer": tokenizer})
 
 
@@ -132,7 +133,7 @@ t0 = time.time()
 bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="pretrain")
 for it in bar:
     for group in optimizer.param_groups:
-        group["lr"] = M.get_lr(it, warmup_iters, max_iters, lr, min_lr)
+        group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
     for micro in range(grad_accum):
         x, y = get_batch("train", it, micro)
         if rt.ddp:  # all-reduce gradients only on the last micro-step
@@ -140,12 +141,12 @@ for it in bar:
         with rt.ctx:
             _, loss = model(x, y)
         rt.scaler.scale(loss / grad_accum).backward()
-    M.optimizer_step(model, optimizer, rt.scaler, grad_clip)
+    runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
     last = it + 1 in (max_iters, stop_at)
     val = held_out_loss() if (it + 1) % eval_interval == 0 or last else None
     if rt.master:
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}" if val is not None else "-")
-        M.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val, "lr": optimizer.param_groups[0]["lr"],
+        runtime.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val, "lr": optimizer.param_groups[0]["lr"],
                                   "tokens": (it + 1) * tokens_per_step, "time": time.time() - t0})
         if val is not None:
             save(it + 1)
@@ -176,4 +177,4 @@ if rt.master and tokenizer == "world" and not data and n_samples > 0:
           f"(it writes more instructions or other text); mean gold {sum(golds) / len(golds):.3f} of ideal 1.0")
     for p, o in list(zip(evals, outs))[:3]:
         print(f"  {p[0]['content']}\n  -> {o.strip()[:160]!r}")
-M.cleanup()
+runtime.cleanup()

@@ -38,8 +38,10 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import model as M
+import runtime
 from data import world
-from data.chat import best_of_n, reply_logprobs, respond, score_rows, scored_ids
+from data.chat import scored_ids
+from rollout import best_of_n, reply_logprobs, respond, rm_score, score_rows
 from data.readers import DataError, read_comparisons, read_preferences, write_jsonl
 
 # -----------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def load_comparisons(path):
 
 
 def main():
-    config = M.configure(globals())
+    config = runtime.configure(globals())
     if loss not in LOSSES:
         sys.exit(f"error: --loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if K < 2:
@@ -194,14 +196,14 @@ def main():
         sys.exit("error: --labeler_tau must be > 0 (1e-6 gives noise-free labelers)")
     if not train and bon <= 0:
         sys.exit("error: nothing to do with --train=False and --bon=0 (add --bon=16 to use an existing reward.pt)")
-    rt = M.setup(device, dtype, seed)
+    rt = runtime.setup(device, dtype, seed)
     sft_path, cmp_path, ck_path, log_path = (os.path.join(out_dir, f) for f in
                                              ("sft.pt", "comparisons.jsonl", "reward.pt", "reward.jsonl"))
     if rt.master:
-        M.ensure_checkpoint(sft_path, "sft.py", out_dir)
+        runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)
     if rt.ddp:
         torch.distributed.barrier()
-    policy, enc, sft_ck = M.load_model(sft_path, "sft", dropout=0.0)
+    policy, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
     policy.to(rt.device).eval().requires_grad_(False)
     eot, block = enc.eot_token, sft_ck["model_args"]["block_size"]
     gen = torch.Generator(device=rt.device).manual_seed(seed + rt.rank)
@@ -255,19 +257,19 @@ def main():
                 second[n] = torch.tensor([float(pos[k]) for k in c["ranking"]])
 
         # ---- 2. the reward model: the SFT network with a scalar head that starts at zero (loss starts at ln 2)
-        rm = M.model_from_checkpoint(sft_ck, scalar_head=True, dropout=dropout).to(rt.device)
-        optimizer = M.configure_optimizer(rm, weight_decay, lr, (beta1, beta2), rt.device_type)
+        rm = runtime.model_from_checkpoint(sft_ck, scalar_head=True, dropout=dropout).to(rt.device)
+        optimizer = runtime.configure_optimizer(rm, weight_decay, lr, (beta1, beta2), rt.device_type)
         lm_w = torch.zeros((), device=rt.device, requires_grad=True)  # the weight w of log p_SFT (stays 0 if off)
         if lm_feature:  # one scalar with a 100x step: it must travel ~0.05 in a few hundred steps of lr <= 3e-4
             optimizer.add_param_group({"params": [lm_w], "weight_decay": 0.0, "lr_scale": 100.0})
         start = 0
         if resume:
-            ck = M.load_checkpoint(ck_path, "reward")
-            start = M.restore(ck, rm, optimizer, rt.scaler)
+            ck = runtime.load_checkpoint(ck_path, "reward")
+            start = runtime.restore(ck, rm, optimizer, rt.scaler)
             lm_w.data.fill_(ck.get("lm_weight", 0.0))
             print(f"resuming from {ck_path} at step {start}")
         raw_rm = rm
-        rm = M.wrap(rm, rt, compile)
+        rm = runtime.wrap(rm, rt, compile)
         loss_fn = LOSSES[loss]
         steps_per_epoch = math.ceil(len(train_idx) / (batch_size * rt.world_size))
         iters = max_iters or epochs * steps_per_epoch
@@ -290,8 +292,8 @@ def main():
                        "val_acc_gold": pairwise_accuracy(r, golds) if golds is not None else None}
 
         def save(step, **extra):
-            M.save_checkpoint(ck_path, {
-                **M.training_state(raw_rm, optimizer, rt.scaler), "config": config, "kind": "reward", "step": step,
+            runtime.save_checkpoint(ck_path, {
+                **runtime.training_state(raw_rm, optimizer, rt.scaler), "config": config, "kind": "reward", "step": step,
                 "model_args": {**sft_ck["model_args"], "scalar_head": True, "dropout": 0.0},
                 "tokenizer": sft_ck.get("tokenizer", "world"), "K": Kc, "loss": loss,
                 "gain": 1.0, "bias": 0.0, "lm_weight": lm_w.item(), "metrics": {}, **extra})
@@ -306,16 +308,16 @@ def main():
         bar = tqdm(range(start, iters), initial=start, total=iters, disable=not rt.master, desc="reward")
         for it in bar:
             for group in optimizer.param_groups:
-                group["lr"] = M.get_lr(it, warmup_iters, iters, lr, min_lr) * group.get("lr_scale", 1.0)
+                group["lr"] = runtime.get_lr(it, warmup_iters, iters, lr, min_lr) * group.get("lr_scale", 1.0)
             ids, attn, lp = get_batch(it)
             with rt.ctx:
-                r = M.rm_score(rm, ids, attn).view(batch_size, Kc) + lm_w * lp  # (B, K) fp32, ranked order
+                r = rm_score(rm, ids, attn).view(batch_size, Kc) + lm_w * lp  # (B, K) fp32, ranked order
             l = loss_fn(r)
             rt.scaler.scale(l).backward()
             if rt.ddp and lm_feature:  # DDP averages the network's gradients; w lives outside it
                 torch.distributed.all_reduce(lm_w.grad)
                 lm_w.grad /= rt.world_size
-            M.optimizer_step(rm, optimizer, rt.scaler, grad_clip)
+            runtime.optimizer_step(rm, optimizer, rt.scaler, grad_clip)
             if rt.master:
                 last = it + 1 in (iters, stop_at)
                 val = held_out()[1] if (it + 1) % eval_interval == 0 or last else \
@@ -323,7 +325,7 @@ def main():
                 acc = pairwise_accuracy(r.detach().cpu(), first[:1].expand(batch_size, Kc))  # this batch's pairs
                 row = {"iter": it + 1, "loss": l.item(), "acc": acc, "lr": optimizer.param_groups[0]["lr"], **val,
                        "time": time.time() - t0}
-                M.append_jsonl(log_path, row)
+                runtime.append_jsonl(log_path, row)
                 if val["val_loss"] is not None:
                     bar.set_postfix(loss=f"{l.item():.3f}", val=f"{val['val_loss']:.3f}", acc=f"{val['val_acc']:.3f}")
                     if (it + 1) % eval_interval == 0 or it + 1 == stop_at:
@@ -331,7 +333,7 @@ def main():
             if it + 1 == stop_at:
                 break
         if 0 < stop_at < iters:  # "killed": no normalisation, report or best-of-N
-            M.cleanup()
+            runtime.cleanup()
             return
 
 
@@ -385,8 +387,8 @@ def main():
                     print(f"    #{rank_ + 1} by the labeler, reward {gain * r_val[n, rank_].item() + bias:+.2f}{g}: "
                           f"{c['responses'][k]!r}")
     elif rt.master:  # --train=False: the reward model on disk, for best-of-N
-        ck = M.load_checkpoint(ck_path, "reward")
-        raw_rm, gain, bias = M.model_from_checkpoint(ck, dropout=0.0).to(rt.device), ck["gain"], ck["bias"]
+        ck = runtime.load_checkpoint(ck_path, "reward")
+        raw_rm, gain, bias = runtime.model_from_checkpoint(ck, dropout=0.0).to(rt.device), ck["gain"], ck["bias"]
         metrics, lm_weight = ck.get("metrics", {}), ck.get("lm_weight", 0.0)
 
     # ---- 5. best-of-N (rejection sampling) on held-out prompts: the RM picks, the hidden human judges
@@ -415,9 +417,9 @@ def main():
         for p, x in list(zip(evals, picks))[:3]:
             print(f"  {p[-1]['content']} -> {x['text']!r} (reward {x['score']:+.2f})")
         if train:
-            ck = M.load_checkpoint(ck_path, "reward")
-            M.save_checkpoint(ck_path, {**ck, "metrics": {**metrics, **res}})
-    M.cleanup()
+            ck = runtime.load_checkpoint(ck_path, "reward")
+            runtime.save_checkpoint(ck_path, {**ck, "metrics": {**metrics, **res}})
+    runtime.cleanup()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ import torch
 from tqdm import tqdm
 
 import model as M
+import runtime
 from data import world
-from data.chat import render, score, sft_batch, sft_example
+from data.chat import render, sft_example
+from rollout import score
 from data.readers import DataError, read_messages
 from data.tokenizer import get_tokenizer
 
@@ -51,20 +53,20 @@ compare = True             # at the end, sample held-out prompts from base and S
 max_new_tokens = 48        # reply length when sampling at the end
 temperature = 1.0          # sampling temperature at the end (1.0: the policy as it is, what RL starts from)
 # -----------------------------------------------------------------------------
-config = M.configure(globals())
+config = runtime.configure(globals())
 base_path = os.path.join(out_dir, "base.pt")
 ck_path = os.path.join(out_dir, "sft.pt")
 log_path = os.path.join(out_dir, "sft.jsonl")
-rt = M.setup(device, dtype, seed)
+rt = runtime.setup(device, dtype, seed)
 
 
 def load_base():
     """The model SFT starts from and is compared with: (model, model_args, tokenizer name)."""
     if not init:
-        M.ensure_checkpoint(base_path, "pretrain.py", out_dir)
-        ckpt = M.load_checkpoint(base_path, "base")
-        return M.model_from_checkpoint(ckpt, dropout=dropout), ckpt["model_args"], ckpt.get("tokenizer", "world")
-    gpt2 = M.load_gpt2(init, dropout=dropout)
+        runtime.ensure_checkpoint(base_path, "pretrain.py", out_dir)
+        ckpt = runtime.load_checkpoint(base_path, "base")
+        return runtime.model_from_checkpoint(ckpt, dropout=dropout), ckpt["model_args"], ckpt.get("tokenizer", "world")
+    gpt2 = runtime.load_gpt2(init, dropout=dropout)
     # GPT-2 knows 50257 tokens; our chat markers (<|user|> ...) are new rows of the tied embedding, started at
     # the mean embedding so their first logits are ordinary rather than random
     n_vocab = get_tokenizer("gpt2").n_vocab
@@ -73,7 +75,7 @@ def load_base():
     wte = sd.pop("transformer.wte.weight")
     sd["transformer.wte.weight"] = torch.cat([wte, wte.mean(0, keepdim=True).repeat(n_vocab - wte.size(0), 1)])
     args = {**dataclasses.asdict(gpt2.config), "vocab_size": n_vocab}
-    return M.load_weights(M.GPT(M.GPTConfig(**args)), sd), args, "gpt2"
+    return runtime.load_weights(M.GPT(M.GPTConfig(**args)), sd), args, "gpt2"
 
 
 # ---- data: read first, so a bad file is reported before any model is built
@@ -89,9 +91,9 @@ else:
 
 # ---- model, optimizer, resume
 start = 0
-ckpt = M.load_checkpoint(ck_path, "sft") if resume else None
+ckpt = runtime.load_checkpoint(ck_path, "sft") if resume else None
 if ckpt:
-    model, model_args, tokenizer = M.model_from_checkpoint(ckpt), ckpt["model_args"], ckpt["tokenizer"]
+    model, model_args, tokenizer = runtime.model_from_checkpoint(ckpt), ckpt["model_args"], ckpt["tokenizer"]
 else:
     model, model_args, tokenizer = load_base()
     model_args = {**model_args, "dropout": dropout}
@@ -99,12 +101,12 @@ model.to(rt.device)
 enc = get_tokenizer(tokenizer)
 eot = enc.eot_token  # <|endoftext|>
 block_size = model.config.block_size
-optimizer = M.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
+optimizer = runtime.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
 if ckpt:
-    start = M.restore(ckpt, model, optimizer, rt.scaler)
+    start = runtime.restore(ckpt, model, optimizer, rt.scaler)
     print(f"resuming from {ck_path} at step {start}")
 raw_model = model
-model = M.wrap(model, rt, compile)
+model = runtime.wrap(model, rt, compile)
 
 # ---- data, tokenized: (ids, targets) rows; the last 5% of conversations are held out
 n_long = sum(len(render(enc, c)[0]) - 1 > block_size for c in convs)
@@ -114,6 +116,14 @@ if n_long and rt.master:
 n_val = max(1, len(convs) // 20)
 examples = {"train": [sft_example(enc, c, block_size) for c in convs[:-n_val]],
             "val": [sft_example(enc, c, block_size) for c in convs[-n_val:]]}
+
+
+def sft_batch(examples, pad_id):
+    """[(ids, targets)] -> (ids (B, T), targets (B, T), attention_mask (B, T)), padded on the right; padding
+    positions get target -1, so they add nothing to the loss."""
+    ids, attn = M.pad_rows([x for x, _ in examples], pad_id)
+    targets, _ = M.pad_rows([y for _, y in examples], -1)
+    return ids, targets, attn
 
 
 def get_batch(it, micro):
@@ -142,7 +152,7 @@ def held_out_loss():
 
 
 def save(step):
-    M.save_checkpoint(ck_path, {**M.training_state(raw_model, optimizer, rt.scaler), "config": config,
+    runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler), "config": config,
                                 "model_args": model_args, "kind": "sft", "step": step, "tokenizer": tokenizer})
 
 
@@ -159,7 +169,7 @@ model.train()
 bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="sft")
 for it in bar:
     for group in optimizer.param_groups:
-        group["lr"] = M.get_lr(it, warmup_iters, max_iters, lr, min_lr)
+        group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
     n_targets = 0
     for micro in range(grad_accum):
         x, y, attn = get_batch(it, micro)
@@ -170,7 +180,7 @@ for it in bar:
             _, loss = model(x, y, attention_mask=attn)
         rt.scaler.scale(loss / grad_accum).backward()
         n_targets += (y != -1).sum().item()
-    M.optimizer_step(model, optimizer, rt.scaler, grad_clip)
+    runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
     if rt.ddp:  # the log counts the assistant tokens of every process
         n_targets = torch.tensor(n_targets, device=rt.device)
         torch.distributed.all_reduce(n_targets)
@@ -179,7 +189,7 @@ for it in bar:
     val = held_out_loss() if (it + 1) % eval_interval == 0 or last else None
     if rt.master:
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}" if val is not None else "-")
-        M.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val,
+        runtime.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val,
                                   "lr": optimizer.param_groups[0]["lr"], "targets": n_targets,
                                   "time": time.time() - t0})
         if val is not None:
@@ -213,4 +223,4 @@ if rt.master and compare:
                   f"fluency {r['fluency']:.0%} ({r['n']} prompts)")
         demo = sum(world.gold(c[:-1], c[-1]["content"]) for c in convs) / len(convs)
         print(f"demonstrations: mean gold {demo:.3f} (SFT imitates them; reward.py + ppo.py/dpo.py aim higher)")
-M.cleanup()
+runtime.cleanup()

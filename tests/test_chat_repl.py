@@ -11,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+import runtime
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 N_VOCAB = get_tokenizer("world").n_vocab
@@ -20,7 +21,7 @@ def save_tiny(path, kind, block_size=128, **extra):
     torch.manual_seed(0)
     m = M.GPT(M.GPTConfig(block_size=block_size, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32,
                           scalar_head=kind == "reward"))
-    M.save_checkpoint(str(path), {"model": m.state_dict(), "model_args": vars(m.config).copy(), "kind": kind,
+    runtime.save_checkpoint(str(path), {"model": m.state_dict(), "model_args": vars(m.config).copy(), "kind": kind,
                                   "step": 7, "tokenizer": "world", **extra})
 
 

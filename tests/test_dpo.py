@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dpo  # noqa: E402  (importing must not start the stage)
 import model as M  # noqa: E402
+import runtime
 from data.readers import DataError  # noqa: E402
 from data.tokenizer import END, get_tokenizer, special_id  # noqa: E402
 
@@ -153,7 +154,7 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     enc = get_tokenizer("world")
     args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     torch.manual_seed(0)
-    M.save_checkpoint(str(tmp_path / "sft.pt"), {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
+    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
                                                  "config": {}, "kind": "sft", "step": 0, "tokenizer": "world"})
     rows = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
              "responses": [f"The {a} is red.", f"The {a} is sad.", "You are dumb."], "ended": [True, True, False],
@@ -170,22 +171,22 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     assert [x["iter"] for x in logs] == [1, 2, 3] and len({tuple(x) for x in logs}) == 1  # same keys every step
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1's batch: policy = reference
     assert logs[1]["val/accuracy"] is not None and logs[0]["val/accuracy"] is None
-    ck = M.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
+    ck = runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
     assert ck["step"] == 3 and ck["tokenizer"] == "world"
     r = run("--max_iters=4", "--resume=True", "--online_rounds=0")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert M.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")["step"] == 4
+    assert runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")["step"] == 4
     assert [json.loads(line)["iter"] for line in open(tmp_path / "dpo.jsonl")] == [1, 2, 3, 4]
     # online DPO after the offline steps: one round of fresh answers judged by a (random) reward model
     rm_args = {**args, "scalar_head": True}
-    M.save_checkpoint(str(tmp_path / "reward.pt"), {"model": M.GPT(M.GPTConfig(**rm_args)).state_dict(),
+    runtime.save_checkpoint(str(tmp_path / "reward.pt"), {"model": M.GPT(M.GPTConfig(**rm_args)).state_dict(),
                                                     "model_args": rm_args, "config": {}, "kind": "reward", "step": 0,
                                                     "tokenizer": "world", "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
     r = run("--max_iters=4", "--resume=True", "--online_rounds=1", "--online_prompts=4", "--online_k=3",
             "--online_pairs=1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "online round 1/1: 4 prompts x 3 answers" in r.stdout
-    ck = M.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
+    ck = runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
     assert ck["step"] == 4 and ck["round"] == 1
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
     assert [x["iter"] for x in logs] == [1, 2, 3, 4, 5] and logs[-1]["round"] == 1  # 4 prompts: one step of 4 pairs

@@ -10,6 +10,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+import runtime
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 
@@ -17,7 +18,7 @@ def test_report_numbers_add_up(tmp_path):
     args = dict(block_size=128, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2, n_embd=32)
     torch.manual_seed(0)
     sft = M.GPT(M.GPTConfig(**args))
-    M.save_checkpoint(str(tmp_path / "sft.pt"), {"model": sft.state_dict(), "model_args": args, "kind": "sft",
+    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {"model": sft.state_dict(), "model_args": args, "kind": "sft",
                                                  "step": 0, "config": {}, "tokenizer": "world"})
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in

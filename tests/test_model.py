@@ -17,6 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+import runtime
 from data.gpt2 import CONV1D  # noqa: E402
 
 TINY = dict(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
@@ -105,7 +106,7 @@ def test_weight_tying_survives_a_step():
     m = tiny().train()
     wte, head = m.transformer.wte.weight, m.lm_head.weight
     assert wte is head and wte.data_ptr() == head.data_ptr()
-    opt = M.configure_optimizer(m, 0.1, 1e-2, (0.9, 0.95), "cpu")
+    opt = runtime.configure_optimizer(m, 0.1, 1e-2, (0.9, 0.95), "cpu")
     x = torch.randint(0, 97, (2, 16))
     _, loss = m(x[:, :-1], x[:, 1:])
     loss.backward()
@@ -154,11 +155,11 @@ def test_gpt2_layout_round_trip(tmp_path):
     (tmp_path / "st").mkdir()
     write_safetensors(tmp_path / "st" / "model.safetensors", {k.removeprefix("transformer."): v for k, v in sd.items()})
     for path, heads in [(tmp_path / "bin", {}), (tmp_path / "st" / "model.safetensors", {"n_head": 2})]:
-        m2 = M.load_gpt2(str(path), **heads).eval()
+        m2 = runtime.load_gpt2(str(path), **heads).eval()
         assert m2.config.n_layer == 2 and m2.config.block_size == 48 and m2.config.vocab_size == 97
         torch.testing.assert_close(m2(x)[0], ref, atol=1e-6, rtol=1e-6)
     with pytest.raises(SystemExit, match="not found"):
-        M.load_gpt2(str(tmp_path / "nope"))
+        runtime.load_gpt2(str(tmp_path / "nope"))
 
 
 def test_checkpoint_survives_kill_mid_write(tmp_path):
@@ -166,15 +167,15 @@ def test_checkpoint_survives_kill_mid_write(tmp_path):
     script = textwrap.dedent(f"""
         import io, sys, time, torch
         sys.path.insert(0, {ROOT!r})
-        import model as M
-        M.save_checkpoint({path!r}, {{"kind": "base", "step": 1, "model": {{"w": torch.arange(10.0)}}}})
+        import runtime
+        runtime.save_checkpoint({path!r}, {{"kind": "base", "step": 1, "model": {{"w": torch.arange(10.0)}}, "model_args": {{}}}})
         real_save = torch.save
         def slow_save(obj, f):  # write half the bytes, then hang: the parent kills us mid-write
             buf = io.BytesIO(); real_save(obj, buf)
             f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
             print("writing", flush=True); time.sleep(60)
         torch.save = slow_save
-        M.save_checkpoint({path!r}, {{"kind": "base", "step": 2, "model": {{"w": torch.randn(1_000_000)}}}})
+        runtime.save_checkpoint({path!r}, {{"kind": "base", "step": 2, "model": {{"w": torch.randn(1_000_000)}}, "model_args": {{}}}})
     """)
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
@@ -183,10 +184,10 @@ def test_checkpoint_survives_kill_mid_write(tmp_path):
         os.kill(p.pid, signal.SIGKILL)
     finally:
         p.wait(timeout=30)
-    ck = M.load_checkpoint(path, kinds=("base",))
+    ck = runtime.load_checkpoint(path, kinds=("base",))
     assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(10.0))
-    M.save_checkpoint(path, {"kind": "base", "step": 3, "model": {}})  # a stale .tmp does not get in the way
-    assert M.load_checkpoint(path)["step"] == 3 and not os.path.exists(path + ".tmp")
+    runtime.save_checkpoint(path, {"kind": "base", "step": 3, "model": {}, "model_args": {}})  # a stale .tmp does not get in the way
+    assert runtime.load_checkpoint(path)["step"] == 3 and not os.path.exists(path + ".tmp")
 
 
 def test_checkpoint_kind_prefixes_and_rng(tmp_path):
@@ -194,18 +195,18 @@ def test_checkpoint_kind_prefixes_and_rng(tmp_path):
     path = str(tmp_path / "reward.pt")
     sd = {"module._orig_mod." + k: v for k, v in m.state_dict().items()}  # as DDP(compile(model)) names them
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
-    rng = M.rng_state()
-    M.save_checkpoint(path, {"model": sd, "model_args": asdict(m.config), "kind": "reward", "step": 7,
+    rng = runtime.rng_state()
+    runtime.save_checkpoint(path, {"model": sd, "model_args": asdict(m.config), "kind": "reward", "step": 7,
                              "config": {"betas": (0.9, 0.95), "out_dir": "out", "x": None}, "rng": rng})
     with pytest.raises(SystemExit, match=r"reward\.pt is a 'reward' checkpoint; expected one of sft"):
-        M.load_checkpoint(path, kinds=("sft",))
+        runtime.load_checkpoint(path, kinds=("sft",))
     with pytest.raises(SystemExit, match="not found"):
-        M.load_checkpoint(str(tmp_path / "missing.pt"))
-    ck = M.load_checkpoint(path, kinds=("reward", "sft"))
+        runtime.load_checkpoint(str(tmp_path / "missing.pt"))
+    ck = runtime.load_checkpoint(path, kinds=("reward", "sft"))
     expect = (random.random(), np.random.rand(), torch.rand(1))
-    M.set_rng_state(ck["rng"])
+    runtime.set_rng_state(ck["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expect
-    m2 = M.model_from_checkpoint(ck, scalar_head=True).eval()  # base weights + a fresh scalar head
+    m2 = runtime.model_from_checkpoint(ck, scalar_head=True).eval()  # base weights + a fresh scalar head
     x = torch.randint(0, 97, (1, 10))
     assert torch.equal(m2(x)[0], m(x)[0])
 
@@ -215,23 +216,23 @@ def test_configure_overrides():
         return dict(max_iters=10, lr=3e-4, compile=False, device="auto", betas=(0.9, 0.95), init=None,
                     _private=1, np=np, f=len)
     d = g()
-    cfg = M.configure(d, ["--max_iters=20", "--lr=1", "--compile=True", "--device=cpu", "--betas=[0.8,0.9]",
+    cfg = runtime.configure(d, ["--max_iters=20", "--lr=1", "--compile=True", "--device=cpu", "--betas=[0.8,0.9]",
                           "--init=gpt2"])
     assert cfg == dict(max_iters=20, lr=1.0, compile=True, device="cpu", betas=(0.8, 0.9), init="gpt2")
     assert type(d["lr"]) is float and d["max_iters"] == 20
     with pytest.raises(SystemExit, match="valid options: max_iters, lr, compile, device, betas, init$"):
-        M.configure(g(), ["--max_iter=5"])
+        runtime.configure(g(), ["--max_iter=5"])
     with pytest.raises(SystemExit, match=r"--max_iters expects int, got str 'abc'"):
-        M.configure(g(), ["--max_iters=abc"])
+        runtime.configure(g(), ["--max_iters=abc"])
     for bad in ["--lr=fast", "--compile=1", "--max_iters=2.5"]:
         with pytest.raises(SystemExit):
-            M.configure(g(), [bad])
+            runtime.configure(g(), [bad])
     with pytest.raises(SystemExit, match="--name=value"):
-        M.configure(g(), ["max_iters=5"])
-    assert M.configure(g(), ["--compile"])["compile"] is True  # a bare flag sets a bool option
+        runtime.configure(g(), ["max_iters=5"])
+    assert runtime.configure(g(), ["--compile"])["compile"] is True  # a bare flag sets a bool option
     for bare in ["--max_iters", "--device", "compile"]:  # ... and nothing else
         with pytest.raises(SystemExit, match="--name=value"):
-            M.configure(g(), [bare])
+            runtime.configure(g(), [bare])
 
 
 @pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "dpo", "evaluate", "chat", "bench"])
@@ -267,6 +268,6 @@ def test_scalar_head_and_ignored_loss():
 
 
 def test_get_lr():
-    assert M.get_lr(0, 10, 100, 1.0, 0.1) == pytest.approx(1 / 11)
-    assert M.get_lr(10, 10, 100, 1.0, 0.1) == pytest.approx(1.0)
-    assert M.get_lr(100, 10, 100, 1.0, 0.1) == pytest.approx(0.1)
+    assert runtime.get_lr(0, 10, 100, 1.0, 0.1) == pytest.approx(1 / 11)
+    assert runtime.get_lr(10, 10, 100, 1.0, 0.1) == pytest.approx(1.0)
+    assert runtime.get_lr(100, 10, 100, 1.0, 0.1) == pytest.approx(0.1)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import model as M
+import runtime
 import ppo
 from data import world
-from data.chat import respond
+from rollout import respond
 from data.tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,9 +132,9 @@ def make_stage_checkpoints(out):
     policy, enc = tiny_policy()
     args = {**policy.config.__dict__, "scalar_head": False}
     sd = {k: v for k, v in policy.state_dict().items() if not k.startswith("scalar_head")}
-    M.save_checkpoint(str(out / "sft.pt"), {"model": sd, "model_args": args, "config": {}, "kind": "sft",
+    runtime.save_checkpoint(str(out / "sft.pt"), {"model": sd, "model_args": args, "config": {}, "kind": "sft",
                                             "step": 0, "tokenizer": "world"})
-    M.save_checkpoint(str(out / "reward.pt"), {"model": policy.state_dict(), "model_args": {**args, "scalar_head": True},
+    runtime.save_checkpoint(str(out / "reward.pt"), {"model": policy.state_dict(), "model_args": {**args, "scalar_head": True},
                                                "config": {}, "kind": "reward", "step": 0, "tokenizer": "world",
                                                "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
 
@@ -150,6 +151,6 @@ def test_ppo_smoke_run(tmp_path, reward):
     assert rows[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert abs(rows[0]["kl"]) < 1e-5  # the policy starts as the reference
     assert math.isfinite(rows[1]["pg_loss"]) and rows[1]["beta"] != ppo.beta  # the controller moved beta
-    ck = M.load_checkpoint(str(tmp_path / "ppo.pt"), "ppo")
+    ck = runtime.load_checkpoint(str(tmp_path / "ppo.pt"), "ppo")
     assert ck["step"] == 2
     assert "ppo wins" in r.stdout

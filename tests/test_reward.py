@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import model as M
+import runtime
 import reward  # importing the stage must not collect or train anything
 from data import world
-from data.chat import best_of_n, render_prompt, render_response, reply_logprobs, respond, reward_scores
+from data.chat import render_prompt, render_response
+from rollout import best_of_n, reply_logprobs, respond, reward_scores, rm_score
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
 
@@ -69,16 +71,16 @@ def test_score_is_read_at_the_end_of_turn():
     cut = reward.scored_ids(BYTES, PROMPT, "Yo", False, 64)  # never ended its turn: no <|end|>, read at "o"
     assert a[-1] == end and b[-1] == end and cut == b[:-1]
     ids, attn = M.pad_rows([a, b, cut], 0)  # right padding
-    s = M.rm_score(rm, ids, attn)
+    s = rm_score(rm, ids, attn)
     with torch.no_grad():
         alone = [rm(torch.tensor([row]), return_values=True)[2][0, -1].item() for row in (a, b, cut)]  # head at the last token
     torch.testing.assert_close(s, torch.tensor(alone), atol=1e-5, rtol=0)
     # whatever sits after <|end|> (padding of any id, or tokens past the turn) changes nothing
     junk = ids.clone()
     junk[attn == 0] = 77
-    torch.testing.assert_close(M.rm_score(rm, junk, attn), s, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rm_score(rm, junk, attn), s, atol=1e-5, rtol=0)
     longer = torch.cat([ids, torch.full((3, 5), 65)], 1)
-    torch.testing.assert_close(M.rm_score(rm, longer, torch.cat([attn, torch.zeros(3, 5, dtype=attn.dtype)], 1)),
+    torch.testing.assert_close(rm_score(rm, longer, torch.cat([attn, torch.zeros(3, 5, dtype=attn.dtype)], 1)),
                                s, atol=1e-5, rtol=0)
     # ...while the ending does: the unfinished answer's score differs from the finished one's
     assert abs(s[1] - s[2]) > 1e-4
@@ -91,12 +93,12 @@ def test_score_is_read_at_the_end_of_turn():
 def test_fresh_head_from_sft_starts_at_ln2():
     torch.manual_seed(0)
     sft = M.GPT(M.GPTConfig(**TINY))
-    rm = M.model_from_checkpoint({"model": sft.state_dict(), "model_args": TINY}, scalar_head=True, dropout=0.0)
+    rm = runtime.model_from_checkpoint({"model": sft.state_dict(), "model_args": TINY}, scalar_head=True, dropout=0.0)
     for k in sft.state_dict():  # the trunk is SFT's
         assert torch.equal(rm.state_dict()[k], sft.state_dict()[k])
     rows = [reward.scored_ids(BYTES, PROMPT, t, e, 64) for t, e in (("a", True), ("bb", True), ("ccc", False), ("d", True))]
     ids, attn = M.pad_rows(rows, 0)
-    r = M.rm_score(rm, ids, attn).view(1, 4)
+    r = rm_score(rm, ids, attn).view(1, 4)
     assert torch.all(r == 0)
     assert reward.bradley_terry_loss(r).item() == pytest.approx(math.log(2), abs=1e-7)
     assert reward.plackett_luce_loss(r[:, :2]).item() == pytest.approx(math.log(2), abs=1e-7)
@@ -205,7 +207,7 @@ def tiny_sft(tmp_path):
     enc = get_tokenizer("world")
     args = dict(block_size=128, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
     torch.manual_seed(0)
-    M.save_checkpoint(str(tmp_path / "sft.pt"), {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
+    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
                                                  "config": {}, "kind": "sft", "step": 0, "tokenizer": "world"})
     return tmp_path
 

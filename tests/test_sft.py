@@ -12,7 +12,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
-from data.chat import render, sft_batch, sft_example  # noqa: E402
+import runtime
+from data.chat import render, sft_example  # noqa: E402
+# TODO moved: ['sft_batch']
 from data.tokenizer import ASSISTANT, END, EOT, USER, get_tokenizer, special_id  # noqa: E402
 
 ENC = get_tokenizer("world")
@@ -119,7 +121,7 @@ TINY = ["--batch_size=4", "--max_iters=6", "--eval_interval=3", "--eval_iters=1"
 def base_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
     m = tiny(block_size=64)  # shorter than the longest demonstration: the truncation warning fires
-    M.save_checkpoint(str(d / "base.pt"), {"model": m.state_dict(), "model_args": vars(m.config).copy(),
+    runtime.save_checkpoint(str(d / "base.pt"), {"model": m.state_dict(), "model_args": vars(m.config).copy(),
                                            "kind": "base", "step": 0, "tokenizer": "world"})
     return d
 

@@ -1,0 +1,167 @@
+"""
+Chat replies as RLHF uses them: sample them with the KV cache, take their log-probs, score them with a reward
+model, pick the best of N, and compare a tuned policy with SFT under the world's hidden human.
+
+Every stage after SFT samples or scores replies the same way, so these live once, here. A reply is the dict that
+respond() returns: {"text", "ended", "ids", "logprob"}; "ended" means it closed its turn with <|end|>.
+"""
+import torch
+
+from data import world
+from data.chat import render_prompt, render_response, scored_ids
+from data.tokenizer import END, EOT, special_id
+from model import generate, pad_rows, sequence_logprobs
+
+
+def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None, generator=None,
+            return_batch=False):
+    """Sample one assistant reply per conversation with the KV cache. Returns [{"text", "ended", "ids", "logprob"}]
+    where ended means the reply closed its turn (<|end|>) before max_new_tokens and logprob is the log-probability
+    of the reply as sampled (its tokens and <|end|> if it ended) at the sampling temperature; with return_batch also
+    the raw (seq, attn_mask, gen_mask) tensors from model.generate for callers that train on them (PPO)."""
+    stops = (special_id(enc, END), special_id(enc, EOT))
+    prompts = [render_prompt(enc, c) for c in conversations]
+    seq, attn, gen, logprobs = generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stops,
+                                        pad_id=special_id(enc, EOT), generator=generator, return_logprobs=True)
+    out = []
+    for row, g, lps in zip(seq.tolist(), gen.tolist(), logprobs.tolist()):
+        ids = [t for t, m in zip(row, g) if m]
+        ended = bool(ids) and ids[-1] == stops[0]
+        text_ids = ids[:-1] if ids and ids[-1] in stops else ids
+        logprob = sum([lp for lp, m in zip(lps, g) if m][:len(text_ids) + ended])
+        out.append({"text": enc.decode(text_ids), "ended": ended, "ids": ids, "logprob": logprob})
+    return (out, (seq, attn, gen)) if return_batch else out
+
+
+# -----------------------------------------------------------------------------
+# Log-probs and reward-model scores of replies
+
+def response_logps(model, rows, masks, pad_id, device):
+    """Summed log-prob of each row's response tokens, sum_t mask_t log pi(x_t | x_<t): (B,) fp32, with gradients
+    (DPO trains through it). Rows are right-padded; padding sits after every real token, so causal attention keeps
+    it out of the real positions, and the mask keeps it (and the prompt) out of the sum."""
+    ids, attn = pad_rows(rows, pad_id)
+    resp, _ = pad_rows(masks, 0)
+    ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
+    lp = sequence_logprobs(model, ids, attn)  # (B, T-1): index t scores ids[:, t+1]
+    return (lp * resp[:, 1:]).sum(-1)
+
+
+def reply_logprobs(model, enc, conversations, replies, batch_size=128):
+    """log p(reply | conversation) under model at temperature 1, summed over the reply's tokens (and its <|end|>
+    if it ended its turn): (N,) fp32 on the CPU, no gradients. Computed on the reply's text as the reward model
+    reads it (scored_ids: re-encoded, the same tokens however they were sampled), so the --lm_feature term of a
+    reward model means the same thing when it is trained, in best-of-N, in PPO and in evaluation."""
+    device = next(model.parameters()).device
+    rows, masks = [], []
+    for c, r in zip(conversations, replies):
+        ids, mask = render_response(enc, c, r["text"])
+        ids, mask = (ids, mask) if r["ended"] else (ids[:-1], mask[:-1])  # a reply cut off never said <|end|>
+        rows.append(ids[-model.config.block_size:])
+        masks.append(mask[-model.config.block_size:])
+    with torch.no_grad():
+        return torch.cat([response_logps(model, rows[s:s + batch_size], masks[s:s + batch_size],
+                                         special_id(enc, EOT), device).float().cpu()
+                          for s in range(0, len(rows), batch_size)])
+
+
+def rm_score(rm, ids, attn_mask, gain=1.0, bias=0.0):
+    """Reward model score per sequence, (B,) fp32: the scalar head read at the last real token (the <|end|> that
+    closes the answer), for right-padded rows, then normalised as gain * r + bias (mean 0, std 1 on SFT answers).
+    Goes through rm's forward, so DDP sees the backward pass when the reward model trains."""
+    last = attn_mask.sum(1) - 1                                   # (B,) index of each row's last real token
+    r = rm(ids, attention_mask=attn_mask, return_values=True)[2]  # (B, T) scalar head at every position
+    return gain * r[torch.arange(ids.size(0), device=ids.device), last] + bias
+
+
+def score_rows(rm, rows, pad_id, gain=1.0, bias=0.0, batch_size=128):
+    """rm_score over token rows in batches: (N,) fp32 on the CPU, no gradients. Rows go through shortest first,
+    so each batch is padded to a length close to its own rows'; the result is in the rows' order."""
+    device = next(rm.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.empty(len(rows))
+    for s in range(0, len(rows), batch_size):
+        idx = order[s:s + batch_size]
+        ids, attn = pad_rows([rows[i] for i in idx], pad_id)
+        with torch.no_grad():
+            out[idx] = rm_score(rm, ids.to(device), attn.to(device), gain, bias).float().cpu()
+    return out
+
+
+def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_size=128, lm_weight=0.0, sft=None):
+    """Reward-model score of each (conversation, reply), normalised as gain * r + bias: (N,) fp32 on the CPU.
+    A reward model trained with reward.py's --lm_feature has r = head + lm_weight * log p_SFT(reply | conversation),
+    the second term computed here with the SFT model, one way for every caller (reply_logprobs)."""
+    rows = [scored_ids(enc, c, r["text"], r["ended"], rm.config.block_size) for c, r in zip(conversations, replies)]
+    scores = score_rows(rm, rows, special_id(enc, EOT), gain, bias, batch_size)
+    if lm_weight:
+        if sft is None:
+            raise ValueError("reward_scores: a reward model with an lm_weight needs the SFT model (sft=...)")
+        scores += gain * lm_weight * reply_logprobs(sft, enc, conversations, replies, batch_size)
+    return scores
+
+
+def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tokens=48, temperature=1.0,
+              generator=None, batch_size=256, lm_weight=0.0, **sampling):
+    """Best-of-n (rejection sampling): sample n replies per conversation from policy, keep the one the reward
+    model scores highest. Returns [{"text", "ended", "ids", "score", "candidates": the n scored replies}].
+    policy is the SFT model (also what an --lm_feature reward model's lm_weight term is computed with)."""
+    out = []
+    per = max(1, batch_size // n)  # conversations per generate() call: bounds the KV cache's memory
+    for i in range(0, len(conversations), per):
+        chunk = [c for c in conversations[i:i + per] for _ in range(n)]
+        replies = respond(policy, enc, chunk, max_new_tokens, temperature, generator=generator, **sampling)
+        scores = reward_scores(rm, enc, chunk, replies, gain, bias, lm_weight=lm_weight, sft=policy).tolist()
+        for j in range(0, len(chunk), n):
+            cands = [dict(r, score=s) for r, s in zip(replies[j:j + n], scores[j:j + n])]
+            out.append(dict(max(cands, key=lambda r: r["score"]), candidates=cands))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Judged by the hidden human (evaluation only: gold is never a training signal)
+
+@torch.no_grad()
+def sample_kl(policy, ref, seq, attn_mask, gen_mask, temperature=1.0):
+    """Monte-Carlo KL(policy || ref) per sequence, (B,) fp32: the sum over sampled response tokens of
+    log pi(y_t) - log ref(y_t) (the k1 estimator; unbiased because the tokens were sampled from policy)."""
+    lp = sequence_logprobs(policy, seq, attn_mask, temperature)
+    lr = sequence_logprobs(ref, seq, attn_mask, temperature)
+    return ((lp - lr) * gen_mask[:, 1:]).sum(1)
+
+
+def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64, generator=None, ref=None,
+          **sampling):
+    """Sample one reply per prompt and grade it with the world's hidden human (data.world.gold; 1.0 = ideal).
+    Returns means over prompts {"gold", "ended", "fluency", "n"} and "samples" [{"prompt", "text", "ended",
+    "gold", "fluency"}]; with a reference model also "kl": KL(model || ref) per answer, estimated on the same
+    samples."""
+    samples = []
+    for i in range(0, len(prompts), batch_size):  # chunks bound the memory of a batched KV cache
+        chunk = prompts[i:i + batch_size]
+        replies, (seq, attn, gen) = respond(model, enc, chunk, max_new_tokens, temperature, generator=generator,
+                                            return_batch=True, **sampling)
+        kls = sample_kl(model, ref, seq, attn, gen, temperature).tolist() if ref is not None else [0.0] * len(chunk)
+        for p, r, kl in zip(chunk, replies, kls):
+            samples.append({"prompt": p, "text": r["text"], "ended": r["ended"], "kl": kl,
+                            "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])})
+    n = max(1, len(samples))
+    mean = {k: sum(s[k] for s in samples) / n for k in ("gold", "ended", "fluency", "kl")}
+    return {**mean, "n": len(samples), "samples": samples}
+
+
+def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator=None):
+    """The end-of-stage check of ppo.py and dpo.py: the same held-out prompts answered by SFT and by the tuned
+    policy, judged by the hidden human. Prints gold, turn ending, fluency, the policy's gold win rate against SFT
+    (ties count half, 95% interval) and KL(policy || SFT) on its own samples; returns the numbers."""
+    sft_res = score(sft, enc, prompts, max_new_tokens, generator=generator)
+    res = score(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft)
+    rate, ci = world.win_rate([s["gold"] for s in res["samples"]], [s["gold"] for s in sft_res["samples"]])
+    for who, r in (("sft", sft_res), (name, res)):
+        print(f"  {who}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, fluency {r['fluency']:.1%}")
+    print(f"  {name} wins {rate:.1%} +- {ci:.1%} against SFT (ties count half); KL({name} || sft) = "
+          f"{res['kl']:.2f} nats per answer")
+    for s in res["samples"][:3]:
+        print(f"  {s['prompt'][-1]['content']} -> {s['text']!r} (gold {s['gold']:.2f})")
+    return {"win_rate": rate, "win_ci": ci, "gold": res["gold"], "sft_gold": sft_res["gold"], "kl": res["kl"],
+            "ended": res["ended"], "fluency": res["fluency"]}

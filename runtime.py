@@ -1,0 +1,314 @@
+"""
+What every stage needs around the network, nanoGPT style: device, precision (autocast, GradScaler) and DDP; the
+one optimizer step and the learning-rate schedule; checkpoints (atomic, weights_only, never non-finite) and RNG
+state; `--name=value` config; JSONL logs; building a missing prerequisite stage; the non-finite guard.
+"""
+import ast
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from data.gpt2 import read_gpt2
+from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# Device, precision, DDP, optimizer
+
+def setup(device="auto", dtype="auto", seed=1337):
+    """Read torchrun's environment, pick device and precision, seed. Returns a namespace the stages use:
+    device, device_type, dtype, ptdtype, ctx (autocast or nullcontext), scaler, ddp, rank, local_rank,
+    world_size, master."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_type = device.split(":")[0]
+    if ddp and device_type == "cuda":
+        device = f"cuda:{local_rank}"  # one process per GPU
+        torch.cuda.set_device(device)
+    if ddp:
+        torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    if dtype == "auto":
+        dtype = "float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # free speed on Ampere+
+    # autocast runs matmuls in low precision and keeps reductions in fp32; fp16 also needs loss scaling
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)  # each rank draws different data and samples
+    return SimpleNamespace(device=device, device_type=device_type, dtype=dtype, ptdtype=ptdtype, ctx=ctx,
+                           scaler=scaler, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
+                           master=(rank == 0))
+
+def cleanup():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+def wrap(model, rt, compile=False):
+    """The model a training loop calls: torch.compile'd if asked, then DDP under torchrun (gradients all-reduced
+    in backward). Keep the unwrapped one for saving, evaluation and generation."""
+    model = torch.compile(model) if compile else model
+    if rt.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model
+
+def configure_optimizer(model, weight_decay, lr, betas, device_type):
+    """AdamW; decay only matrices (weights, embeddings), never biases or LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """The one update every stage makes after backward(): unscale fp16 gradients (a no-op otherwise) so the clip
+    sees true norms, clip the global gradient norm (0 = off), step, update the loss scale, zero the gradients.
+    Returns the gradient norm before clipping. Under fp16 an overflow (inf norm) is normal: the scaler skips that
+    step and lowers its scale. Without a scaler a non-finite norm skips the step too, so the weights in memory stay
+    finite, and the caller's check_finite stops the run."""
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if scaler.is_enabled() or torch.isfinite(norm):
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm if not scaler.is_enabled() else torch.zeros(())  # under fp16 an inf norm is the scaler's business
+
+def get_lr(it, warmup, max_iters, lr, min_lr):
+    """Linear warmup, then cosine decay from lr to min_lr at max_iters."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it >= max_iters:
+        return min_lr
+    ratio = (it - warmup) / max(1, max_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and RNG state
+
+def clean_state_dict(sd):
+    """Drop the prefixes torch.compile ('_orig_mod.') and DDP ('module.') put on every key."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+def save_checkpoint(path, ckpt):
+    """Write to a temp file in the same directory, then rename: a kill mid-write leaves the old file intact.
+    Refuses weights with a NaN or inf (nothing downstream may ever read a broken model); a failed write (disk
+    full, read-only directory) removes its temp file, keeps the old checkpoint and stops with one line."""
+    if isinstance(ckpt.get("model"), dict):
+        ckpt = {**ckpt, "model": clean_state_dict(ckpt["model"])}
+        bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and v.is_floating_point()
+               and not torch.isfinite(v).all()]
+        if bad:
+            raise SystemExit(f"error: refusing to write {path}: {len(bad)} tensors are not finite ({bad[0]}, ...); "
+                             "the last good checkpoint is kept")
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: could not write {path} ({e.strerror or e}); the previous file is unchanged")
+
+def load_checkpoint(path, kinds=None, map_location="cpu"):
+    """torch.load(weights_only=True) with one-line errors for a missing, unreadable or wrong-kind file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"error: {path} is not a checkpoint of this project (a {type(ckpt).__name__}, not a dict)")
+    kinds = (kinds,) if isinstance(kinds, str) else kinds
+    if kinds is not None and ckpt.get("kind") not in kinds:
+        raise SystemExit(f"error: {path} is a {ckpt.get('kind')!r} checkpoint; expected one of {', '.join(kinds)}")
+    missing = [k for k in ("model", "model_args") if not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise SystemExit(f"error: {path} has no {' or '.join(missing)}: not a complete checkpoint")
+    return ckpt
+
+def load_weights(model, sd):
+    """load_state_dict that lets the scalar head be new (base -> reward model) or dropped (reward -> policy)
+    and lm_head be absent (it is wte)."""
+    sd = clean_state_dict(sd)
+    if model.scalar_head is None:
+        sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if not k.startswith(("scalar_head.", "lm_head."))] + list(unexpected)  # lm_head = wte
+    if bad:
+        raise ValueError(f"state dict does not fit the model: {bad[:5]}")
+    return model
+
+def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
+    """GPT built from ckpt['model_args'] (updated with overrides, e.g. dropout=0.0, scalar_head=True); a
+    checkpoint whose arguments or weights do not fit is one line naming path."""
+    try:
+        return load_weights(GPT(GPTConfig(**{**ckpt["model_args"], **overrides})), ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise SystemExit(f"error: {path}: the weights do not fit its model_args ({str(e).splitlines()[0][:200]})")
+
+def load_model(path, kinds, **overrides):
+    """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (e.g. dropout=0.0)."""
+    ckpt = load_checkpoint(path, kinds)
+    enc = get_tokenizer(ckpt.get("tokenizer", "world"))
+    if enc.n_vocab > ckpt["model_args"].get("vocab_size", 0):
+        raise SystemExit(f"error: {path}: its vocabulary ({ckpt['model_args'].get('vocab_size')}) is smaller than "
+                         f"its tokenizer's ({enc.n_vocab} tokens)")
+    return model_from_checkpoint(ckpt, path, **overrides), enc, ckpt
+
+def same_network(path, ckpt, ref_args):
+    """One line if ckpt (read from path) is not the network ref_args describes: a stage that continues from, or
+    compares with, another stage's checkpoint needs the same shape and vocabulary."""
+    keys = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")
+    diff = [f"{k} {ckpt['model_args'].get(k)} vs {ref_args.get(k)}" for k in keys
+            if ckpt["model_args"].get(k) != ref_args.get(k)]
+    if diff:
+        raise SystemExit(f"error: {path} is another network than the SFT model ({', '.join(diff)})")
+
+def load_gpt2(path, **overrides):
+    """GPT from Hugging Face GPT-2 weights on disk (data/gpt2.py reads and converts them); overrides change
+    GPTConfig, e.g. dropout or scalar_head."""
+    sd, args = read_gpt2(path)
+    return load_weights(GPT(GPTConfig(**{**args, **overrides})), sd)
+
+def rng_state():
+    """Python, numpy and torch RNG states as plain lists and tensors (weights_only-loadable)."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    d = {"python": [version, list(mt), gauss], "torch": torch.get_rng_state(),
+         "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        d["cuda"] = torch.cuda.get_rng_state_all()
+    return d
+
+def set_rng_state(d):
+    random.setstate((d["python"][0], tuple(d["python"][1]), d["python"][2]))
+    keys, pos, has_gauss, cached = d["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(d["torch"])
+    if "cuda" in d and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(d["cuda"])
+
+def training_state(model, optimizer, scaler):
+    """The part of a checkpoint that --resume needs besides config and step (restore() reads it back)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state()}
+
+def restore(ckpt, model, optimizer, scaler=None):
+    """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its step,
+    so the loop continues exactly where the saved run was."""
+    load_weights(model, ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"]
+
+def ensure_checkpoint(path, script, out_dir):
+    """A stage's input is missing: say which command makes it, then run that stage with its defaults, so that
+    `python ppo.py` works on a fresh clone (each stage in turn builds what it needs)."""
+    if os.path.isfile(path) or int(os.environ.get("RANK", 0)) != 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return
+    cmd = [sys.executable, script] + ([f"--out_dir={out_dir}"] if out_dir != "out" else [])
+    print(f"{path} not found: running `{' '.join(['python'] + cmd[1:])}` to make it")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env).returncode != 0 or not os.path.isfile(path):
+        raise SystemExit(f"error: `python {script}` did not produce {path}")
+
+
+# -----------------------------------------------------------------------------
+# Logs and --name=value overrides (nanoGPT's configurator, with type checks)
+
+def check_finite(stage, step, hint, **values):
+    """The non-finite guard: the first NaN or inf loss, gradient norm or reward stops the stage with one line
+    (which stage, step and quantity, and what to try). Checkpoints are only written from finite weights, so the
+    last good one stays."""
+    for name, v in values.items():
+        v = float(v.float().sum()) if torch.is_tensor(v) else float(v)  # a tensor counts if any element is bad
+        if not math.isfinite(v):
+            raise SystemExit(f"error: {stage} step {step}: {name} is {v} (not finite); stopped, the last good "
+                             f"checkpoint is kept; try {hint}")
+
+def append_jsonl(path, obj):
+    """One metrics object per line; tensors and numpy scalars become floats."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, default=float) + "\n")
+
+# The valid range of every option name the stages share; a stage adds its own through configure(ranges=...).
+# Checked right after the overrides, before anything is read or written.
+RANGES = {
+    **dict.fromkeys(("batch_size", "grad_accum", "eval_interval", "eval_iters", "max_new_tokens", "minibatch_size",
+                     "ppo_epochs", "eval_samples", "samples", "gen_batch", "K", "online_k", "online_prompts",
+                     "online_pairs", "sample_interval"), (lambda v: v >= 1, ">= 1")),
+    **dict.fromkeys(("max_iters", "warmup_iters", "stop_at", "n_eval", "n_prompts", "bon", "online_rounds", "beta",
+                     "min_lr", "grad_clip", "weight_decay", "target_kl", "rpo_alpha", "vf_coef", "no_end_penalty"),
+                    (lambda v: v >= 0, ">= 0")),
+    **dict.fromkeys(("lr", "online_lr", "vf_lr", "epochs", "temperature", "labeler_tau", "kl_horizon"),
+                    (lambda v: v > 0, "> 0")),
+    **dict.fromkeys(("dropout", "val_fraction", "eval_fraction"), (lambda v: 0 <= v < 1, "in [0, 1)")),
+    **dict.fromkeys(("cliprange", "cliprange_value"), (lambda v: 0 < v < 1, "in (0, 1)")),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "one of auto, float32, bfloat16, float16"),
+    "device": (lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or v.startswith("cuda:") and v[5:].isdigit(),
+               "one of auto, cpu, cuda, cuda:N, mps"),
+}
+
+def configure(g, argv=None, ranges=None):
+    """Apply --name=value overrides to a script's config globals g and check every option's range (RANGES, then
+    the stage's own ranges {name: (ok(value), rule)}); returns {name: value} of the config. A bad name, type or
+    value is one line naming the option, before the stage touches anything."""
+    keys = [k for k, v in g.items() if not k.startswith("_") and (v is None or type(v) in (int, float, bool, str, tuple, list))]
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("--") and arg[2:] in keys and isinstance(g[arg[2:]], bool):
+            arg += "=True"  # a bare --flag switches a bool option on: --sweep means --sweep=True
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: arguments must look like --name=value, got {arg!r}")
+        name, raw = arg[2:].split("=", 1)
+        if name not in keys:
+            raise SystemExit(f"error: unknown option --{name}; valid options: {', '.join(keys)}")
+        old = g[name]
+        try:
+            new = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            new = raw  # a bare word: fine for a str option, a type error for the others
+        if isinstance(old, str) and not isinstance(new, str):
+            new = raw  # --out_dir=123 means the directory "123"
+        elif isinstance(old, float) and type(new) is int:
+            new = float(new)
+        elif isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)):
+            new = type(old)(new)
+        if old is not None and type(new) is not type(old):
+            raise SystemExit(f"error: --{name} expects {type(old).__name__}, got {type(new).__name__} {raw!r}")
+        g[name] = new
+    for name, (ok, rule) in {**RANGES, **(ranges or {})}.items():
+        if name in keys and g[name] is not None and not ok(g[name]):
+            raise SystemExit(f"error: --{name}={g[name]!r} is out of range: it must be {rule}")
+    return {k: g[k] for k in keys}
