@@ -1,18 +1,19 @@
 """
 Evaluate: every stage side by side on held-out prompts, judged by the hidden human -> out/report.md
 
-For each checkpoint present (base, sft, best-of-N from SFT with the reward model, ppo, dpo) it samples answers to
-the held-out prompts and reports: mean gold utility as a fraction of ideal (the world's ideal answers score
+For each checkpoint present (base, sft, best-of-N from SFT with the reward model, ppo, dpo) it samples answers
+to the held-out prompts and reports: mean gold utility as a fraction of ideal (the world's ideal answers score
 1.0), gold win rate against SFT with a 95% interval, KL(pi || pi_SFT) estimated from the samples, reward-model
 score, fluency, how often the answer ends its turn, where the gold is lost (the utility's components), and
 three sample conversations. It also draws figures (SVG, written here, no plotting library): the reward-vs-KL
 frontier of PPO and DPO over a beta sweep (the DPO paper's Figure 2 on our world), reward over-optimisation
 along a beta = 0 PPO run, and every stage's training curves.
 
-    python evaluate.py                      # the default run's checkpoints -> out/report.md (under 2 minutes)
+    python evaluate.py                      # the default run's checkpoints -> out/report.md
     python evaluate.py --json_out=True      # also print the numbers as JSON
-    python evaluate.py --sweep=True         # first train PPO and DPO over a beta sweep (~30 min), then report
+    python evaluate.py --sweep=True         # first train PPO and DPO over a beta sweep, then report
     python evaluate.py --ckpt=out/sft.pt,out/ppo.pt --prompts=my_prompts.jsonl
+    python evaluate.py --ckpt=out/sft.pt,online=out/online/dpo.pt --bon=0   # name=path names a row
 """
 import json
 import math
@@ -25,18 +26,18 @@ import torch
 
 import runtime
 from data import world
-from rollout import best_of_n, reward_scores, score
+from rollout import best_of_n, load_reward_model, reward_scores, score
 from data.readers import DataError, read_prompts
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
-ckpt = ""                  # comma-separated checkpoints to compare; "" = every stage present in out_dir
+ckpt = ""                  # comma-separated checkpoints (path or name=path; "bon" = best-of-N); "" = every stage
 prompts = ""               # "" = the world's held-out prompts; or a JSONL file of {"prompt": ...} / {"messages": ...}
 seed = 1234                # sampling seed: every model answers the same prompts with the same random stream
 device = "auto"
 dtype = "auto"
-samples = 8                # answers per prompt and model: 976 pairs give a win rate within about +-2.3 points
-                           # (at 2 samples the interval was +-4.8 and the same PPO model read 66.6% and 72.3%)
+samples = 8                # answers per prompt and model: the win rate's interval shrinks as 1/sqrt(prompts x samples),
+                           # and a few samples per prompt let two runs of the same model read very differently
 max_new_tokens = 48
 temperature = 1.0
 bon = 16                   # best-of-N baseline from SFT with the reward model (0 = skip)
@@ -45,6 +46,7 @@ sweep = False              # train PPO and DPO over the betas below first (write
 ppo_betas = (0.03, 0.1, 0.2, 0.5)
 dpo_betas = (0.03, 0.1, 0.3, 1.0)
 hack_iters = 120           # length of the beta = 0 PPO run that shows reward over-optimisation
+reward = ""                # reward model for best-of-N and the RM score column ("" = out_dir/reward.pt)
 # -----------------------------------------------------------------------------
 
 
@@ -87,7 +89,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
 
 
-def run_sweep(rt):
+def run_sweep(rt, eval_prompts, rm_path):
     """Train PPO and DPO at several betas from the same SFT, reward model and comparisons; evaluate each."""
     runtime.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)  # writes comparisons.jsonl too
     if not os.path.isfile(os.path.join(out_dir, "comparisons.jsonl")):  # a reward model trained on --data=...
@@ -107,38 +109,31 @@ def run_sweep(rt):
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                 raise SystemExit(f"error: {' '.join(cmd[1:])} failed; see {d}/train.log")
         if not extra:
-            r = evaluate(rt, {f"{stage}": os.path.join(d, f"{stage}.pt")})[stage]
+            r = evaluate(rt, {stage: os.path.join(d, f"{stage}.pt")}, eval_prompts, rm_path)[stage]
             results.append({"stage": stage, "beta": b, "gold": r["gold"], "kl": r["kl"]})
             print(f"  gold {r['gold']:.3f}, KL {r['kl']:.2f}", flush=True)
     with open(os.path.join(root, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 
-def evaluate(rt, paths):
-    """{name: checkpoint path} -> {name: metrics}; SFT (the reference) is always evaluated first."""
+def evaluate(rt, paths, prompts, rm_path):
+    """{name: checkpoint path (None for best-of-N)} -> {name: metrics}, each model answering prompts x samples
+    with the same random stream; SFT (the reference) is always evaluated first."""
     sft, enc, _ = runtime.load_model(os.path.join(out_dir, "sft.pt"), "sft", dropout=0.0)
     sft.to(rt.device).eval()
-    rm = None
-    if os.path.isfile(os.path.join(out_dir, "reward.pt")):
-        rm_ck = runtime.load_checkpoint(os.path.join(out_dir, "reward.pt"), "reward")
-        rm = runtime.model_from_checkpoint(rm_ck, dropout=0.0).to(rt.device).eval()
-    evals = world_prompts * samples
+    rm = rm_ck = None
+    if os.path.isfile(rm_path):
+        rm, rm_ck = load_reward_model(rm_path, rt.device)
+    evals = prompts * samples
     results = {}
-    names = ["sft"] + [n for n in paths if n != "sft"]
-    for name in names:
+    for name in ["sft"] + [n for n in paths if n != "sft"]:
         g = torch.Generator(device=rt.device).manual_seed(seed)  # same prompts, same random stream for everyone
         with torch.no_grad(), rt.ctx:
             if name == "bon":
-                picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens,
-                                  temperature, generator=g, lm_weight=rm_ck.get("lm_weight", 0.0))
-                res = {"samples": [{"prompt": p, "text": r["text"], "ended": r["ended"],
-                                    "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])}
-                                   for p, r in zip(evals, picks)]}
-                for k in ("gold", "ended", "fluency"):
-                    res[k] = sum(s[k] for s in res["samples"]) / len(evals)
-                res["kl"] = math.log(bon) - (bon - 1) / bon  # the exact KL of best-of-N to its base policy
+                res = best_of_n_samples(sft, rm, rm_ck, enc, evals, g)
             else:
-                policy = sft if name == "sft" else runtime.load_model(paths[name], ("base", "sft", "ppo", "dpo"), dropout=0.0)[0]
+                policy = sft if name == "sft" else runtime.load_model(paths[name], ("base", "sft", "ppo", "dpo"),
+                                                                      dropout=0.0)[0]
                 res = score(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature, generator=g,
                             ref=None if name == "sft" else sft)
             if rm is not None:
@@ -154,33 +149,44 @@ def evaluate(rt, paths):
     return results
 
 
-if __name__ == "__main__":
-    config = runtime.configure(globals())
-    rt = runtime.setup(device, dtype, seed)
-    runtime.ensure_checkpoint(os.path.join(out_dir, "sft.pt"), "sft.py", out_dir)
-    try:
-        world_prompts = read_prompts(prompts) if prompts else world.prompts("eval")
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    if sweep:
-        run_sweep(rt)
-    if ckpt:
-        paths = {os.path.splitext(os.path.basename(p))[0]: p for p in ckpt.split(",")}
-    else:
-        paths = {n: os.path.join(out_dir, f"{n}.pt") for n in ("base", "sft", "ppo", "dpo")}
-        paths = {n: p for n, p in paths.items() if os.path.isfile(p)}
-        if bon > 0 and os.path.isfile(os.path.join(out_dir, "reward.pt")):
-            paths = {**{k: v for k, v in paths.items() if k in ("base", "sft")}, "bon": None,
-                     **{k: v for k, v in paths.items() if k not in ("base", "sft")}}
-    results = evaluate(rt, paths)
-    order = [n for n in paths if n in results] + [n for n in results if n not in paths]
+def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator):
+    """The best-of-`bon` row: SFT's answers picked by the reward model, in score()'s format. Its KL to SFT is
+    known exactly, ln N - (N - 1) / N (Stiennon et al. 2020, https://arxiv.org/abs/2009.01325, appendix)."""
+    picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens, temperature,
+                      generator=generator, lm_weight=rm_ck.get("lm_weight", 0.0))
+    res = {"samples": [{"prompt": p, "text": r["text"], "ended": r["ended"], "gold": world.gold(p, r["text"], r["ended"]),
+                        "fluency": world.fluency(r["text"])} for p, r in zip(evals, picks)]}
+    for k in ("gold", "ended", "fluency"):
+        res[k] = sum(s[k] for s in res["samples"]) / len(evals)
+    res["n"], res["kl"] = len(evals), math.log(bon) - (bon - 1) / bon
+    return res
 
-    # ---- report
-    fig_dir = os.path.join(out_dir, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
+
+def checkpoints_to_compare(rm_path):
+    """{name: path}: --ckpt's list (name=path or a path named by its file), or every stage present in out_dir
+    with best-of-N right after SFT when a reward model exists."""
+    if ckpt:  # "bon" in the list is the best-of-N row
+        items = [c.split("=", 1) if "=" in c else (os.path.splitext(os.path.basename(c))[0], c) for c in ckpt.split(",")]
+        items = [(n, None if n == "bon" else p) for n, p in items]
+        missing = [p for n, p in items if p is not None and not os.path.isfile(p)]
+        if missing:
+            raise SystemExit(f"error: --ckpt: {missing[0]} not found")
+        if "bon" in dict(items) and not os.path.isfile(rm_path):
+            raise SystemExit(f"error: --ckpt: the best-of-N row needs a reward model; {rm_path} not found")
+        return dict(items)
+    paths = {n: os.path.join(out_dir, f"{n}.pt") for n in ("base", "sft", "ppo", "dpo")}
+    paths = {n: p for n, p in paths.items() if os.path.isfile(p)}
+    if bon > 0 and os.path.isfile(rm_path):
+        paths = {**{k: v for k, v in paths.items() if k in ("base", "sft")}, "bon": None,
+                 **{k: v for k, v in paths.items() if k not in ("base", "sft")}}
+    return paths
+
+
+def write_report(results, order, prompts, fig_dir):
+    """out_dir/report.md: the table, where the gold is lost, sample conversations, figures."""
     label = {"bon": f"best-of-{bon}"}
     lines = ["# Evaluation report", "",
-             f"{len(world_prompts)} held-out prompts x {samples} samples each (temperature {temperature}, seed {seed}). "
+             f"{len(prompts)} held-out prompts x {samples} samples each (temperature {temperature}, seed {seed}). "
              "Gold is the hidden human's utility as a fraction of ideal (ideal answers score 1.0); the win rate is "
              "against an SFT answer to the same prompt, ties counting half, with a 95% interval.", "",
              "| model | gold (of ideal) | win rate vs SFT | KL(pi ‖ SFT) nats | RM score | fluency | ends turn |",
@@ -194,33 +200,39 @@ if __name__ == "__main__":
               "same samples (a row adds up to 1 - gold):", "",
               "| model | " + " | ".join(world.WEIGHTS) + " |", "|---|" + "---|" * len(world.WEIGHTS)]
     for n in order:
-        lines.append(f"| {label.get(n, n)} | " + " | ".join(f"{results[n]['missing'][k]:.3f}" for k in world.WEIGHTS) + " |")
+        lines.append(f"| {label.get(n, n)} | "
+                     + " | ".join(f"{results[n]['missing'][k]:.3f}" for k in world.WEIGHTS) + " |")
     lines += ["", "## Sample conversations", ""]
-    for i in range(3):
+    for i in range(min(3, len(prompts))):
         p = results["sft"]["samples"][i]["prompt"]
-        lines.append("**" + " / ".join(f"{m['role']}: {m['content']}" for m in p) + "**")
-        lines.append("")
+        lines += ["**" + " / ".join(f"{m['role']}: {m['content']}" for m in p) + "**", ""]
         for n in order:
             s = results[n]["samples"][i]
             lines.append(f"- {label.get(n, n)} (gold {s['gold']:.2f}): `{s['text'].strip() or '(empty)'}`"
                          + ("" if s["ended"] else " *(never ended its turn)*"))
         lines.append("")
-    # ---- figures
-    lines += ["## Figures", ""]
+    lines += ["## Figures", ""] + draw_figures(results, fig_dir)
+    with open(os.path.join(out_dir, "report.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return lines
+
+
+def draw_figures(results, fig_dir):
+    """The reward-vs-KL frontier of the beta sweep, over-optimisation along the beta = 0 PPO run, and every
+    stage's training curve, as SVG files in fig_dir; returns the report's lines that show them."""
+    os.makedirs(fig_dir, exist_ok=True)
+    lines = []
     sw_path = os.path.join(out_dir, "sweep", "results.json")
     sw = json.load(open(sw_path)) if os.path.isfile(sw_path) else []
     if sw:
-        base_pt = (0.0, results["sft"]["gold"])
-        series = [("SFT", [base_pt[0]], [base_pt[1]], "black", False)]
+        series = [("SFT", [0.0], [results["sft"]["gold"]], "black", False)]
         for stage, color in (("ppo", "#1f77b4"), ("dpo", "#ff7f0e")):
             pts = sorted((r["kl"], r["gold"]) for r in sw if r["stage"] == stage)
             series.append((stage.upper(), [p[0] for p in pts], [p[1] for p in pts], color, True))
         f = svg_plot(os.path.join(fig_dir, "frontier.svg"), "Reward vs KL frontier (beta sweep)",
                      "KL(pi || SFT), nats per answer", "gold (fraction of ideal)", series)
         lines += [f"![frontier](figures/{f})", ""]
-        for r in sw:
-            lines.append(f"- {r['stage']} beta={r['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}")
-        lines.append("")
+        lines += [f"- {r['stage']} beta={r['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}" for r in sw] + [""]
     else:
         lines += ["(No beta sweep yet: `python evaluate.py --sweep=True` draws the reward-vs-KL frontier.)", ""]
     hack = read_jsonl(os.path.join(out_dir, "sweep", "ppo_beta0_long", "ppo.jsonl"))
@@ -238,15 +250,41 @@ if __name__ == "__main__":
         if not rows:
             continue
         x = list(range(1, len(rows) + 1))
-        series = [(a, x, [r[a] for r in rows], "#1f77b4", True)]
+        series = [(a, x, [r.get(a) for r in rows], "#1f77b4", True)]
         pts = [(i, r[b]) for i, r in zip(x, rows) if r.get(b) is not None]
         if pts:
             series.append((b, [p[0] for p in pts], [p[1] for p in pts], "#d62728", True))
         f = svg_plot(os.path.join(fig_dir, f"{stage}.svg"), f"{stage} training", "logged step", "value", series)
         lines += [f"![{stage}](figures/{f})", ""]
-    with open(os.path.join(out_dir, "report.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    return lines
+
+
+def main():
+    runtime.configure(globals())
+    rt = runtime.setup(device, dtype, seed)
+    # ---- 1. the prompts and the checkpoints to compare (a bad file or path is one line, before any sampling)
+    try:
+        eval_prompts = read_prompts(prompts) if prompts else world.prompts("eval")
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    rm_path = reward or os.path.join(out_dir, "reward.pt")
+    if reward and not os.path.isfile(reward):
+        raise SystemExit(f"error: --reward: {reward} not found")
+    runtime.ensure_checkpoint(os.path.join(out_dir, "sft.pt"), "sft.py", out_dir)
+    # ---- 2. optionally, PPO and DPO over a beta sweep first
+    if sweep:
+        run_sweep(rt, eval_prompts, rm_path)
+    # ---- 3. every model answers the same prompts; the hidden human judges
+    paths = checkpoints_to_compare(rm_path)
+    results = evaluate(rt, paths, eval_prompts, rm_path)
+    order = [n for n in paths if n in results] + [n for n in results if n not in paths]
+    # ---- 4. the report and its figures
+    lines = write_report(results, order, eval_prompts, os.path.join(out_dir, "figures"))
     print("\n".join(lines[:6 + len(order)]))
-    print(f"\nwrote {os.path.join(out_dir, 'report.md')} and figures in {fig_dir}")
+    print(f"\nwrote {os.path.join(out_dir, 'report.md')} and figures in {os.path.join(out_dir, 'figures')}")
     if json_out:
         print(json.dumps({n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,12 @@
 """
 The network: a small GPT-2 (pre-LN transformer, tied embeddings), nanoGPT style.
 
-1. GPTConfig, attention, MLP, blocks, GPT. An optional scalar head turns the network into a reward model, or gives
-   PPO a value head on the policy's own trunk.
+1. GPTConfig, attention, MLP, blocks, GPT. An optional scalar head turns the network into a reward model,
+   or gives PPO a value head on the policy's own trunk.
 2. Per-token log-probs, and generate(): batched sampling from left-padded prompts with a KV cache.
 
-Everything around the network (devices, precision, checkpoints, config) is in runtime.py; sampling and scoring chat
-replies is in rollout.py.
+Everything around the network (devices, precision, checkpoints, config) is in runtime.py; sampling and scoring
+chat replies is in rollout.py.
 """
 import math
 from dataclasses import dataclass
@@ -42,7 +42,7 @@ class CausalSelfAttention(nn.Module):
         # mask: None (plain causal) or bool (B, 1, T, Tk), True where a query may look at a key
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B,nh,T,hs)
         if cache is not None:
             # cache is this layer's dict; the first call (the prompt) allocates room for the whole sequence,
             # later calls write their T new keys/values after the Tk - T already stored
@@ -109,7 +109,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: keep the residual stream's variance flat in depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        if self.scalar_head is not None:  # zero head: a fresh reward model says r = 0, so BT loss starts at ln 2
+        if self.scalar_head is not None:  # zero head: a fresh reward model says r = 0, BT loss starts at ln 2
             nn.init.zeros_(self.scalar_head.weight)
             nn.init.zeros_(self.scalar_head.bias)
 
@@ -126,7 +126,7 @@ class GPT(nn.Module):
 
     def hidden(self, idx, attention_mask=None, kv_cache=None):
         """idx (B, T) -> final-LN hidden states (B, T, C).
-        attention_mask (B, Tk): 1 real / 0 padding; with kv_cache it covers the cached tokens too (Tk >= T)."""
+        attention_mask (B, Tk): 1 real / 0 padding; with kv_cache it also covers the cached tokens."""
         B, T = idx.size()
         if kv_cache is not None and attention_mask is None:
             attention_mask = torch.ones_like(idx)
@@ -144,7 +144,8 @@ class GPT(nn.Module):
             x = block(x, mask, None if kv_cache is None else kv_cache[i])
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, attention_mask=None, ignore_index=-1, return_values=False, detach_values=False):
+    def forward(self, idx, targets=None, attention_mask=None, ignore_index=-1, return_values=False,
+                detach_values=False):
         """-> (logits (B, T, V), loss or None), plus values (B, T) fp32 from the scalar head if return_values
         (read from detached hidden states if detach_values, so the value loss cannot move the trunk).
         Going through forward (not hidden/scalar) is what lets DDP all-reduce the gradients."""
@@ -192,7 +193,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
 
     Returns seq (B, P+n) long, attn_mask (B, P+n) 1 on real tokens, gen_mask (B, P+n) 1 on generated tokens
     (a stop token included); with return_logprobs also logprobs (B, P+n) fp32: log-prob of seq[:, t] under
-    softmax(logits / temperature) before top-k/top-p filtering (temperature 0 records temperature 1), 0 elsewhere.
+    softmax(logits / temperature) before top-k/top-p filtering (temperature 0 records temperature 1), else 0.
     Prompts are left-padded to P = longest prompt; n <= max_new_tokens (clipped to block_size, early stop)."""
     model = getattr(model, "module", model)  # DDP wraps the model; the cache path lives on the module itself
     device, block_size = model.lm_head.weight.device, model.config.block_size
@@ -200,7 +201,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
     if P >= block_size:
-        raise ValueError(f"generate: a prompt of {P} tokens leaves no room to generate (block_size {block_size})")
+        raise ValueError(f"generate: a prompt of {P} tokens leaves no room (block_size {block_size})")
     L = P + min(max_new_tokens, block_size - P)
     seq = torch.full((B, L), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros(B, L, dtype=torch.long, device=device)

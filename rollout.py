@@ -2,8 +2,8 @@
 Chat replies as RLHF uses them: sample them with the KV cache, take their log-probs, score them with a reward
 model, pick the best of N, and compare a tuned policy with SFT under the world's hidden human.
 
-Every stage after SFT samples or scores replies the same way, so these live once, here. A reply is the dict that
-respond() returns: {"text", "ended", "ids", "logprob"}; "ended" means it closed its turn with <|end|>.
+Every stage after SFT samples or scores replies the same way, so these live once, here. A reply is the dict
+that respond() returns: {"text", "ended", "ids", "logprob"}; "ended" means it closed its turn with <|end|>.
 """
 import torch
 
@@ -13,16 +13,18 @@ from data.tokenizer import END, EOT, special_id
 from model import generate, pad_rows, sequence_logprobs
 
 
-def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None, generator=None,
-            return_batch=False):
-    """Sample one assistant reply per conversation with the KV cache. Returns [{"text", "ended", "ids", "logprob"}]
-    where ended means the reply closed its turn (<|end|>) before max_new_tokens and logprob is the log-probability
-    of the reply as sampled (its tokens and <|end|> if it ended) at the sampling temperature; with return_batch also
-    the raw (seq, attn_mask, gen_mask) tensors from model.generate for callers that train on them (PPO)."""
+def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None,
+            generator=None, return_batch=False):
+    """Sample one assistant reply per conversation with the KV cache. Returns [{"text", "ended", "ids",
+    "logprob"}] where ended means the reply closed its turn (<|end|>) before max_new_tokens and logprob is the
+    log-probability of the reply as sampled (its tokens and <|end|> if it ended) at the sampling temperature;
+    with return_batch also the raw (seq, attn_mask, gen_mask) tensors from model.generate for callers that
+    train on them (PPO)."""
     stops = (special_id(enc, END), special_id(enc, EOT))
     prompts = [render_prompt(enc, c) for c in conversations]
     seq, attn, gen, logprobs = generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stops,
-                                        pad_id=special_id(enc, EOT), generator=generator, return_logprobs=True)
+                                        pad_id=special_id(enc, EOT), generator=generator,
+                                        return_logprobs=True)
     out = []
     for row, g, lps in zip(seq.tolist(), gen.tolist(), logprobs.tolist()):
         ids = [t for t, m in zip(row, g) if m]
@@ -37,9 +39,9 @@ def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k
 # Log-probs and reward-model scores of replies
 
 def response_logps(model, rows, masks, pad_id, device):
-    """Summed log-prob of each row's response tokens, sum_t mask_t log pi(x_t | x_<t): (B,) fp32, with gradients
-    (DPO trains through it). Rows are right-padded; padding sits after every real token, so causal attention keeps
-    it out of the real positions, and the mask keeps it (and the prompt) out of the sum."""
+    """Summed log-prob of each row's response tokens, sum_t mask_t log pi(x_t | x_<t): (B,) fp32, with
+    gradients (DPO trains through it). Rows are right-padded; padding sits after every real token, so causal
+    attention keeps it out of the real positions, and the mask keeps it (and the prompt) out of the sum."""
     ids, attn = pad_rows(rows, pad_id)
     resp, _ = pad_rows(masks, 0)
     ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
@@ -48,9 +50,10 @@ def response_logps(model, rows, masks, pad_id, device):
 
 
 def reply_logprobs(model, enc, conversations, replies, batch_size=128):
-    """log p(reply | conversation) under model at temperature 1, summed over the reply's tokens (and its <|end|>
-    if it ended its turn): (N,) fp32 on the CPU, no gradients. Computed on the reply's text as the reward model
-    reads it (scored_ids: re-encoded, the same tokens however they were sampled), so the --lm_feature term of a
+    """log p(reply | conversation) under model at temperature 1, summed over the reply's tokens (and its
+    <|end|> if it ended its turn): (N,) fp32 on the CPU, no gradients. Computed on the reply's text as the
+    reward model reads it (scored_ids: re-encoded, the same tokens however they were sampled), so the
+    --lm_feature term of a
     reward model means the same thing when it is trained, in best-of-N, in PPO and in evaluation."""
     device = next(model.parameters()).device
     rows, masks = [], []
@@ -66,8 +69,9 @@ def reply_logprobs(model, enc, conversations, replies, batch_size=128):
 
 
 def rm_score(rm, ids, attn_mask, gain=1.0, bias=0.0):
-    """Reward model score per sequence, (B,) fp32: the scalar head read at the last real token (the <|end|> that
-    closes the answer), for right-padded rows, then normalised as gain * r + bias (mean 0, std 1 on SFT answers).
+    """Reward model score per sequence, (B,) fp32: the scalar head read at the last real token (the <|end|>
+    that closes the answer), for right-padded rows, then normalised as gain * r + bias (mean 0, std 1 on SFT
+    answers).
     Goes through rm's forward, so DDP sees the backward pass when the reward model trains."""
     last = attn_mask.sum(1) - 1                                   # (B,) index of each row's last real token
     r = rm(ids, attention_mask=attn_mask, return_values=True)[2]  # (B, T) scalar head at every position
@@ -75,8 +79,8 @@ def rm_score(rm, ids, attn_mask, gain=1.0, bias=0.0):
 
 
 def score_rows(rm, rows, pad_id, gain=1.0, bias=0.0, batch_size=128):
-    """rm_score over token rows in batches: (N,) fp32 on the CPU, no gradients. Rows go through shortest first,
-    so each batch is padded to a length close to its own rows'; the result is in the rows' order."""
+    """rm_score over token rows in batches: (N,) fp32 on the CPU, no gradients. Rows go through shortest
+    first, so each batch is padded to a length close to its own rows'; the result is in the rows' order."""
     device = next(rm.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.empty(len(rows))
@@ -88,17 +92,33 @@ def score_rows(rm, rows, pad_id, gain=1.0, bias=0.0, batch_size=128):
     return out
 
 
-def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_size=128, lm_weight=0.0, sft=None):
+def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_size=128, lm_weight=0.0,
+                  sft=None):
     """Reward-model score of each (conversation, reply), normalised as gain * r + bias: (N,) fp32 on the CPU.
-    A reward model trained with reward.py's --lm_feature has r = head + lm_weight * log p_SFT(reply | conversation),
-    the second term computed here with the SFT model, one way for every caller (reply_logprobs)."""
-    rows = [scored_ids(enc, c, r["text"], r["ended"], rm.config.block_size) for c, r in zip(conversations, replies)]
+    A reward model trained with reward.py's --lm_feature has r = head + lm_weight * log p_SFT(reply |
+    conversation), the second term computed here with the SFT model, one way for every caller
+    (reply_logprobs)."""
+    rows = [scored_ids(enc, c, r["text"], r["ended"], rm.config.block_size)
+            for c, r in zip(conversations, replies)]
     scores = score_rows(rm, rows, special_id(enc, EOT), gain, bias, batch_size)
     if lm_weight:
         if sft is None:
             raise ValueError("reward_scores: a reward model with an lm_weight needs the SFT model (sft=...)")
         scores += gain * lm_weight * reply_logprobs(sft, enc, conversations, replies, batch_size)
     return scores
+
+
+def load_reward_model(path, device):
+    """(reward model, checkpoint) from reward.py's checkpoint, ready to score: frozen, eval mode. A checkpoint
+    saved mid-training (for --resume) is not normalised yet, so its scores have no known scale: refused in one
+    line."""
+    import runtime  # here, not at the top: rollout otherwise needs only the model and data
+    ck = runtime.load_checkpoint(path, "reward")
+    if ck.get("normalised") is False:
+        raise SystemExit(f"error: {path} was saved before training finished (not normalised); finish it with "
+                         "`python reward.py --resume=True`")
+    rm = runtime.model_from_checkpoint(ck, path, dropout=0.0, scalar_head=True)
+    return rm.to(device).eval().requires_grad_(False), ck
 
 
 def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tokens=48, temperature=1.0,
@@ -139,12 +159,13 @@ def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64
     samples = []
     for i in range(0, len(prompts), batch_size):  # chunks bound the memory of a batched KV cache
         chunk = prompts[i:i + batch_size]
-        replies, (seq, attn, gen) = respond(model, enc, chunk, max_new_tokens, temperature, generator=generator,
-                                            return_batch=True, **sampling)
-        kls = sample_kl(model, ref, seq, attn, gen, temperature).tolist() if ref is not None else [0.0] * len(chunk)
+        replies, (seq, attn, gen) = respond(model, enc, chunk, max_new_tokens, temperature,
+                                            generator=generator, return_batch=True, **sampling)
+        kls = [0.0] * len(chunk) if ref is None else sample_kl(model, ref, seq, attn, gen, temperature).tolist()
         for p, r, kl in zip(chunk, replies, kls):
             samples.append({"prompt": p, "text": r["text"], "ended": r["ended"], "kl": kl,
-                            "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])})
+                            "gold": world.gold(p, r["text"], r["ended"]),
+                            "fluency": world.fluency(r["text"])})
     n = max(1, len(samples))
     mean = {k: sum(s[k] for s in samples) / n for k in ("gold", "ended", "fluency", "kl")}
     return {**mean, "n": len(samples), "samples": samples}
@@ -152,13 +173,14 @@ def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64
 
 def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator=None):
     """The end-of-stage check of ppo.py and dpo.py: the same held-out prompts answered by SFT and by the tuned
-    policy, judged by the hidden human. Prints gold, turn ending, fluency, the policy's gold win rate against SFT
-    (ties count half, 95% interval) and KL(policy || SFT) on its own samples; returns the numbers."""
+    policy, judged by the hidden human. Prints gold, turn ending, fluency, the policy's gold win rate against
+    SFT (ties count half, 95% interval) and KL(policy || SFT) on its own samples; returns the numbers."""
     sft_res = score(sft, enc, prompts, max_new_tokens, generator=generator)
     res = score(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft)
     rate, ci = world.win_rate([s["gold"] for s in res["samples"]], [s["gold"] for s in sft_res["samples"]])
     for who, r in (("sft", sft_res), (name, res)):
-        print(f"  {who}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, fluency {r['fluency']:.1%}")
+        print(f"  {who}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, "
+              f"fluency {r['fluency']:.1%}")
     print(f"  {name} wins {rate:.1%} +- {ci:.1%} against SFT (ties count half); KL({name} || sft) = "
           f"{res['kl']:.2f} nats per answer")
     for s in res["samples"][:3]:

@@ -1,7 +1,7 @@
 """
-What every stage needs around the network, nanoGPT style: device, precision (autocast, GradScaler) and DDP; the
-one optimizer step and the learning-rate schedule; checkpoints (atomic, weights_only, never non-finite) and RNG
-state; `--name=value` config; JSONL logs; building a missing prerequisite stage; the non-finite guard.
+What every stage needs around the network, nanoGPT style: device, precision (autocast, GradScaler) and DDP;
+the one optimizer step and the learning-rate schedule; checkpoints (atomic, weights_only, never non-finite)
+and RNG state; `--name=value` config; JSONL logs; building a missing prerequisite stage; the non-finite guard.
 """
 import ast
 import json
@@ -59,8 +59,8 @@ def cleanup():
         torch.distributed.destroy_process_group()
 
 def wrap(model, rt, compile=False):
-    """The model a training loop calls: torch.compile'd if asked, then DDP under torchrun (gradients all-reduced
-    in backward). Keep the unwrapped one for saving, evaluation and generation."""
+    """The model a training loop calls: torch.compile'd if asked, then DDP under torchrun (gradients
+    all-reduced in backward). Keep the unwrapped one for saving, evaluation and generation."""
     model = torch.compile(model) if compile else model
     if rt.ddp:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -76,11 +76,11 @@ def configure_optimizer(model, weight_decay, lr, betas, device_type):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
-    """The one update every stage makes after backward(): unscale fp16 gradients (a no-op otherwise) so the clip
-    sees true norms, clip the global gradient norm (0 = off), step, update the loss scale, zero the gradients.
-    Returns the gradient norm before clipping. Under fp16 an overflow (inf norm) is normal: the scaler skips that
-    step and lowers its scale. Without a scaler a non-finite norm skips the step too, so the weights in memory stay
-    finite, and the caller's check_finite stops the run."""
+    """The one update every stage makes after backward(): unscale fp16 gradients (a no-op otherwise) so the
+    clip sees true norms, clip the global gradient norm (0 = off), step, update the loss scale, zero the
+    gradients. Returns the gradient norm before clipping. Under fp16 an overflow (inf norm) is normal: the
+    scaler skips that step and lowers its scale. Without a scaler a non-finite norm skips the step too, so the
+    weights in memory stay finite, and the caller's check_finite stops the run."""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if scaler.is_enabled() or torch.isfinite(norm):
@@ -174,7 +174,8 @@ def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
         raise SystemExit(f"error: {path}: the weights do not fit its model_args ({str(e).splitlines()[0][:200]})")
 
 def load_model(path, kinds, **overrides):
-    """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (e.g. dropout=0.0)."""
+    """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (e.g.
+    dropout=0.0)."""
     ckpt = load_checkpoint(path, kinds)
     enc = get_tokenizer(ckpt.get("tokenizer", "world"))
     if enc.n_vocab > ckpt["model_args"].get("vocab_size", 0):
@@ -183,8 +184,8 @@ def load_model(path, kinds, **overrides):
     return model_from_checkpoint(ckpt, path, **overrides), enc, ckpt
 
 def same_network(path, ckpt, ref_args):
-    """One line if ckpt (read from path) is not the network ref_args describes: a stage that continues from, or
-    compares with, another stage's checkpoint needs the same shape and vocabulary."""
+    """One line if ckpt (read from path) is not the network ref_args describes: a stage that continues from,
+    or compares with, another stage's checkpoint needs the same shape and vocabulary."""
     keys = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")
     diff = [f"{k} {ckpt['model_args'].get(k)} vs {ref_args.get(k)}" for k in keys
             if ckpt["model_args"].get(k) != ref_args.get(k)]
@@ -221,7 +222,8 @@ def training_state(model, optimizer, scaler):
             "rng": rng_state()}
 
 def restore(ckpt, model, optimizer, scaler=None):
-    """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its step,
+    """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its
+    step,
     so the loop continues exactly where the saved run was."""
     load_weights(model, ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -247,8 +249,8 @@ def ensure_checkpoint(path, script, out_dir):
 
 def check_finite(stage, step, hint, **values):
     """The non-finite guard: the first NaN or inf loss, gradient norm or reward stops the stage with one line
-    (which stage, step and quantity, and what to try). Checkpoints are only written from finite weights, so the
-    last good one stays."""
+    (which stage, step and quantity, and what to try). Checkpoints are only written from finite weights, so
+    the last good one stays."""
     for name, v in values.items():
         v = float(v.float().sum()) if torch.is_tensor(v) else float(v)  # a tensor counts if any element is bad
         if not math.isfinite(v):
@@ -282,9 +284,9 @@ RANGES = {
 }
 
 def configure(g, argv=None, ranges=None):
-    """Apply --name=value overrides to a script's config globals g and check every option's range (RANGES, then
-    the stage's own ranges {name: (ok(value), rule)}); returns {name: value} of the config. A bad name, type or
-    value is one line naming the option, before the stage touches anything."""
+    """Apply --name=value overrides to a script's config globals g and check every option's range (RANGES,
+    then the stage's own ranges {name: (ok(value), rule)}); returns {name: value} of the config. A bad name,
+    type or value is one line naming the option, before the stage touches anything."""
     keys = [k for k, v in g.items() if not k.startswith("_") and (v is None or type(v) in (int, float, bool, str, tuple, list))]
     for arg in sys.argv[1:] if argv is None else argv:
         if arg.startswith("--") and arg[2:] in keys and isinstance(g[arg[2:]], bool):
