@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -139,10 +140,15 @@ def load_checkpoint(path, kinds=None, map_location="cpu"):
     """torch.load(weights_only=True) with one-line errors for a missing, unreadable or wrong-kind file."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"error: {path} is empty: not a checkpoint (a write that never finished?)")
+    try:  # weights_only: a checkpoint is tensors and plain values; a pickle that would run code is refused
+        with warnings.catch_warnings():  # the refusal is our one line, not torch's advice to unpickle anyway
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict):
         raise SystemExit(f"error: {path} is not a checkpoint of this project (a {type(ckpt).__name__}, not a dict)")
     kinds = (kinds,) if isinstance(kinds, str) else kinds
@@ -252,9 +258,10 @@ def check_finite(stage, step, hint, **values):
     (which stage, step and quantity, and what to try). Checkpoints are only written from finite weights, so
     the last good one stays."""
     for name, v in values.items():
-        v = float(v.float().sum()) if torch.is_tensor(v) else float(v)  # a tensor counts if any element is bad
-        if not math.isfinite(v):
-            raise SystemExit(f"error: {stage} step {step}: {name} is {v} (not finite); stopped, the last good "
+        bad = ~torch.isfinite(v.detach()) if torch.is_tensor(v) else torch.tensor(not math.isfinite(float(v)))
+        if bad.any():  # a tensor counts if any element is NaN or inf
+            shown = v.detach()[bad].flatten()[0].item() if torch.is_tensor(v) else v
+            raise SystemExit(f"error: {stage} step {step}: {name} is {shown} (not finite); stopped, the last good "
                              f"checkpoint is kept; try {hint}")
 
 def append_jsonl(path, obj):

@@ -1,0 +1,180 @@
+"""Every command survives: a bad option or a damaged checkpoint is one line (no traceback) with a non-zero exit and
+nothing in out_dir written, truncated or deleted; no checkpoint with a NaN is ever written; a failed write keeps
+the old file and leaves no temporary file. Most cases fail before any model is built, so the file is fast."""
+import errno
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as M  # noqa: E402
+import runtime  # noqa: E402
+from data.tokenizer import get_tokenizer  # noqa: E402
+
+N_VOCAB = get_tokenizer("world").n_vocab
+TRAINERS = ["sft", "reward", "ppo", "dpo"]
+BAD_OPTIONS = (
+    [(s, "--batch_size=0") for s in TRAINERS] + [(s, "--lr=-1") for s in TRAINERS]
+    + [(s, "--eval_interval=0") for s in ("sft", "reward", "dpo", "pretrain")]
+    + [(s, "--grad_accum=0") for s in ("sft", "dpo", "pretrain")]
+    + [("ppo", "--minibatch_size=0"), ("ppo", "--ppo_epochs=0"), ("ppo", "--eval_samples=0"),
+       ("dpo", "--eval_samples=0"), ("ppo", "--temperature=0"), ("ppo", "--beta=-0.1"), ("dpo", "--beta=-0.1"),
+       ("ppo", "--minibatch_size=999"), ("sft", "--max_iters=0"), ("pretrain", "--max_iters=0"),
+       ("evaluate", "--samples=0"), ("chat", "--temperature=-1"), ("ppo", "--cliprange=0"),
+       ("dpo", "--label_smoothing=0.5"), ("reward", "--K=1"), ("sft", "--dropout=1.5")]
+    + [(s, "--dtype=float64") for s in TRAINERS + ["pretrain", "evaluate", "chat"]]
+    + [(s, "--device=tpu") for s in TRAINERS + ["pretrain", "evaluate", "chat"]]
+    + [(s, "--max_new_tokens=0") for s in ("sft", "reward", "ppo", "dpo", "evaluate", "chat")]
+)
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, f"{script}.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def snapshot(d):
+    """{relative path: sha256} of every file under d."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, d)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def one_line_error(r):
+    lines = r.stderr.strip().splitlines()
+    return r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+
+
+def save_tiny(path, kind="sft", **changes):
+    torch.manual_seed(0)
+    args = dict(block_size=64, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32, scalar_head=kind == "reward")
+    m = M.GPT(M.GPTConfig(**args))
+    ck = {"model": m.state_dict(), "model_args": args, "kind": kind, "step": 1, "tokenizer": "world",
+          "gain": 1.0, "bias": 0.0, **changes}
+    runtime.save_checkpoint(str(path), ck)
+    return ck
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    """An out_dir with a previous run's files in it: none of them may change when a command is refused."""
+    d = tmp_path / "out"
+    d.mkdir()
+    for kind in ("base", "sft", "ppo", "dpo"):
+        save_tiny(d / f"{kind}.pt", kind)
+    save_tiny(d / "reward.pt", "reward")
+    for name in ("pretrain", "sft", "reward", "ppo", "dpo"):
+        (d / f"{name}.jsonl").write_text('{"iter": 1, "loss": 1.0}\n')
+    (d / "comparisons.jsonl").write_text('{"not": "read"}\n')
+    return d
+
+
+@pytest.mark.parametrize("script,option", BAD_OPTIONS, ids=[f"{s}{o}" for s, o in BAD_OPTIONS])
+def test_a_bad_option_is_one_line_and_touches_nothing(out_dir, script, option):
+    before = snapshot(out_dir)
+    r = run(script, f"--out_dir={out_dir}", option)
+    assert one_line_error(r), r.stderr[-1500:]
+    assert option.split("=")[0] in r.stderr  # the line names the option
+    assert snapshot(out_dir) == before
+
+
+def damaged_checkpoints(d):
+    """(name, path) of checkpoints that must be refused in one line."""
+    d.mkdir(exist_ok=True)
+    good = save_tiny(d / "good.pt", "sft")
+    (d / "empty.pt").write_bytes(b"")
+    (d / "random.pt").write_bytes(os.urandom(4096))
+    (d / "truncated.pt").write_bytes((d / "good.pt").read_bytes()[:3000])
+    save_tiny(d / "wrong_kind.pt", "reward")
+    torch.save({k: v for k, v in good.items() if k != "model_args"}, d / "no_model_args.pt")
+    torch.save({**good, "model_args": {**good["model_args"], "n_embd": 64}}, d / "other_shape.pt")
+    torch.save({**good, "model_args": {**good["model_args"], "vocab_size": 100},
+                "model": {**good["model"], "transformer.wte.weight": torch.zeros(100, 32)}}, d / "other_vocab.pt")
+    torch.save(torch.zeros(3), d / "a_tensor.pt")
+
+    class Exploit:  # a pickle that would run code when loaded without weights_only
+        def __reduce__(self):
+            return (os.system, (f"touch {d / 'PWNED'}",))
+    with open(d / "exploit.pt", "wb") as f:
+        pickle.dump({"kind": "sft", "model": Exploit()}, f)
+    names = ["empty", "random", "truncated", "wrong_kind", "no_model_args", "other_shape", "other_vocab", "a_tensor",
+             "exploit"]
+    return [(n, d / f"{n}.pt") for n in names]
+
+
+def test_damaged_checkpoints_are_one_line_and_run_no_code(tmp_path):
+    for name, path in damaged_checkpoints(tmp_path / "ck"):
+        r = run("chat", f"--ckpt={path}", "--prompt=Describe the owl.", "--max_new_tokens=4")
+        assert one_line_error(r), (name, r.stderr[-1500:])
+        assert str(path) in r.stderr, name  # the line names the file
+    assert not (tmp_path / "ck" / "PWNED").exists()
+
+
+@pytest.mark.parametrize("stage", ["ppo", "dpo", "reward"])
+def test_a_damaged_sft_checkpoint_stops_a_later_stage_in_one_line(tmp_path, stage):
+    d = tmp_path / "out"
+    d.mkdir()
+    cks = dict(damaged_checkpoints(tmp_path / "ck"))
+    for name in ("other_vocab", "truncated"):
+        (d / "sft.pt").write_bytes(cks[name].read_bytes())
+        save_tiny(d / "reward.pt", "reward")
+        (d / "comparisons.jsonl").write_text("")
+        before = snapshot(d)
+        r = run(stage, f"--out_dir={d}", "--max_iters=1")
+        assert one_line_error(r), (stage, name, r.stderr[-1500:])
+        assert snapshot(d) == before
+
+
+def test_no_checkpoint_with_a_nan_is_ever_written(tmp_path):
+    path = str(tmp_path / "sft.pt")
+    good = save_tiny(path)
+    before = snapshot(tmp_path)
+    broken = {k: v.clone() for k, v in good["model"].items()}
+    broken["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    with pytest.raises(SystemExit, match="not finite"):
+        runtime.save_checkpoint(path, {**good, "model": broken})
+    broken["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("inf")
+    with pytest.raises(SystemExit, match="not finite"):
+        runtime.save_checkpoint(path, {**good, "model": broken})
+    assert snapshot(tmp_path) == before  # the good checkpoint is untouched, no temporary file
+
+
+def test_a_full_disk_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "sft.pt")
+    save_tiny(path)
+    before = snapshot(tmp_path)
+
+    def full_disk(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="could not write .*No space left on device"):
+        runtime.save_checkpoint(path, {"model": {}, "model_args": {}, "kind": "sft"})
+    assert snapshot(tmp_path) == before
+
+
+def test_a_read_only_out_dir_is_one_line(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    d = tmp_path / "ro"
+    d.mkdir()
+    os.chmod(d, 0o500)
+    with pytest.raises(SystemExit, match="could not write"):
+        runtime.save_checkpoint(str(d / "x.pt"), {"model": {}, "model_args": {}, "kind": "sft"})
+
+
+def test_check_finite_names_the_stage_step_and_quantity():
+    runtime.check_finite("sft", 3, "a lower --lr", loss=torch.tensor(1.0), grad_norm=2.0)  # finite: nothing
+    with pytest.raises(SystemExit, match=r"sft step 7: grad_norm is nan .* try a lower --lr"):
+        runtime.check_finite("sft", 7, "a lower --lr", loss=1.0, grad_norm=float("nan"))
+    with pytest.raises(SystemExit, match="rewards is inf"):
+        runtime.check_finite("ppo", 1, "x", rewards=torch.tensor([0.0, float("inf")]))
