@@ -1,7 +1,7 @@
 """
 Talk to any checkpoint, multi-turn.
 
-    python chat.py                              # the latest stage in out/: ppo.pt, dpo.pt, sft.pt, else base.pt
+    python chat.py                              # the latest stage in out/: ppo.pt, dpo.pt, sft.pt or base.pt
     python chat.py --ckpt=out/sft.pt --temperature=0.7 --top_p=0.9
     python chat.py --prompt="Describe the owl."  # answer once and exit (for scripts)
 
@@ -32,66 +32,97 @@ device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
 show_tokens = False        # print the exact prompt the model sees before each reply (to debug the template)
 # -----------------------------------------------------------------------------
-runtime.configure(globals())
-rt = runtime.setup(device, dtype, seed)
-if not ckpt:
-    found = [p for p in (os.path.join(out_dir, f) for f in ("ppo.pt", "dpo.pt", "sft.pt", "base.pt")) if os.path.isfile(p)]
+
+
+def latest_checkpoint(out_dir):
+    """The latest stage's checkpoint in out_dir: ppo.pt, dpo.pt, sft.pt, else base.pt."""
+    found = [p for p in (os.path.join(out_dir, f) for f in ("ppo.pt", "dpo.pt", "sft.pt", "base.pt"))
+             if os.path.isfile(p)]
     if not found:
-        raise SystemExit(f"error: no checkpoint in {out_dir}/; make one with `python sft.py` (or pass --ckpt=...)")
-    ckpt = found[0]
-# a PPO checkpoint may carry a value head: chat needs only the language model
-model, enc, ck = runtime.load_model(ckpt, ("base", "sft", "ppo", "dpo"), dropout=0.0, scalar_head=False)
-model.to(rt.device).eval()
-block_size = model.config.block_size
-g = torch.Generator(device=rt.device).manual_seed(seed)
-opening = [{"role": "system", "content": system}] if system else []
+        raise SystemExit(f"error: no checkpoint in {out_dir}/; make one with `python sft.py` "
+                         "(or pass --ckpt=...)")
+    return found[0]
 
 
-def reply(history):
-    """Fit history into the context (dropping whole old exchanges), then sample the assistant's reply.
-    Returns the reply text, or None if the last message alone is too long. history is updated in place."""
+def fit_context(enc, history, n_keep, max_new_tokens, block_size):
+    """Drop the oldest whole exchanges (a user message and its reply) after the first n_keep messages (the
+    system message) until the prompt plus a reply of max_new_tokens fits block_size; the new user message is
+    always kept. history is changed in place; returns how many exchanges were dropped."""
     dropped = 0
-    # keep the system message and the new user message; drop the oldest user+assistant pair until it fits
-    while len(render_prompt(enc, history)) + max_new_tokens > block_size and len(history) > len(opening) + 1:
-        del history[len(opening):len(opening) + 2]
+    while len(render_prompt(enc, history)) + max_new_tokens > block_size and len(history) > n_keep + 1:
+        del history[n_keep:n_keep + 2]
         dropped += 1
+    return dropped
+
+
+def reply(model, enc, history, n_keep, generator, ctx, max_new_tokens, temperature, top_k=None, top_p=None,
+          show_tokens=False):
+    """Fit history into the context, then sample the assistant's reply (temperature 0 = greedy). history is
+    updated in place (old exchanges dropped, the reply appended). Returns the reply text, or None if the last
+    message alone is too long (it is then taken back)."""
+    block_size = model.config.block_size
+    dropped = fit_context(enc, history, n_keep, max_new_tokens, block_size)
     if dropped:
-        print(f"(context full: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to fit {block_size} tokens)")
+        print(f"(context full: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} "
+              f"to fit {block_size} tokens)")
     ids = render_prompt(enc, history)
     if len(ids) >= block_size:
-        print(f"(that message is {len(ids)} tokens with the template; the context holds {block_size}: not sent)")
+        print(f"(that message is {len(ids)} tokens with the template; "
+              f"the context holds {block_size}: not sent)")
         history.pop()
         return None
     if show_tokens:
         print(f"[prompt {len(ids)} tokens] {enc.decode(ids)!r}")
-    with rt.ctx:
-        r = respond(model, enc, [history], max_new_tokens, temperature, top_k, top_p, generator=g)[0]
+    with ctx:
+        r = respond(model, enc, [history], max_new_tokens, temperature, top_k, top_p, generator=generator)[0]
     history.append({"role": "assistant", "content": r["text"].strip()})
     return r["text"].strip() + ("" if r["ended"] else " [cut off]")
 
 
-if prompt:
-    out = reply(opening + [{"role": "user", "content": prompt}])
-    print(out if out is not None else "")
-    raise SystemExit(0 if out is not None else 1)
+def main():
+    # ---- 1. options (all checked before anything is read), device, precision
+    runtime.configure(globals(), ranges={
+        "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+        "top_k": (lambda v: type(v) is int and v >= 1, "an int >= 1 (None = off)"),
+        "top_p": (lambda v: type(v) in (int, float) and 0 < v <= 1, "in (0, 1] (None = off)")})
+    rt = runtime.setup(device, dtype, seed)
 
-print(f"chatting with {ckpt} ({ck['kind']}, step {ck.get('step', '?')}); /reset clears the conversation, /quit exits")
-history = list(opening)
-while True:
-    try:
-        line = input("> ").strip()
-    except (EOFError, KeyboardInterrupt):
-        print()
-        break
-    if line == "/quit":
-        break
-    if line == "/reset":
-        history = list(opening)
-        print("(conversation cleared)")
-        continue
-    if not line:
-        continue
-    history.append({"role": "user", "content": line})
-    out = reply(history)
-    if out is not None:
-        print(out)
+    # ---- 2. the model: any language-model checkpoint (a PPO one may carry a value head; chat needs the LM)
+    path = ckpt or latest_checkpoint(out_dir)
+    model, enc, ck = runtime.load_model(path, ("base", "sft", "ppo", "dpo"), dropout=0.0, scalar_head=False)
+    model.to(rt.device).eval()
+    g = torch.Generator(device=rt.device).manual_seed(seed)
+    opening = [{"role": "system", "content": system}] if system else []
+    sampling = (max_new_tokens, temperature, top_k, top_p)
+
+    # ---- 3. one message (--prompt), or the REPL: every reply sees the whole conversation so far
+    if prompt:
+        out = reply(model, enc, opening + [{"role": "user", "content": prompt}], len(opening), g, rt.ctx,
+                    *sampling, show_tokens)
+        print(out if out is not None else "")
+        raise SystemExit(0 if out is not None else 1)
+    print(f"chatting with {path} ({ck['kind']}, step {ck.get('step', '?')}); /reset clears the conversation, "
+          "/quit exits")
+    history = list(opening)
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if line == "/quit":
+            break
+        if line == "/reset":
+            history = list(opening)
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        out = reply(model, enc, history, len(opening), g, rt.ctx, *sampling, show_tokens)
+        if out is not None:
+            print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,10 +2,20 @@
 Stage 0: next-token pretraining on the world corpus -> out/base.pt
 
 The base model learns the world's language and facts from stories, descriptions, dialogues and lists of
-instructions. It is a document continuer, not an assistant: given "Describe the fox." it tends to write more
-instructions, like GPT-3 in the InstructGPT paper. SFT (sft.py) is what teaches it to answer.
+instructions, by language modelling as in GPT-2 (Radford et al. 2019, "Language Models are Unsupervised
+Multitask Learners", Section 2, eq. 1: p(x) = prod_i p(x_i | x_1..x_{i-1})), trained nanoGPT style on random
+windows of the token stream with the mean next-token cross-entropy
 
-    python pretrain.py                                  # ~2-3 min on a laptop CPU
+    L(theta) = -1/(B T) * sum_{b, t} log p_theta(x_{b, t+1} | x_{b, 1..t})
+
+(https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf; GPT-2
+has no arXiv version.)
+
+It is a document continuer, not an assistant: given "Describe the fox." it tends to write more instructions,
+like GPT-3 in the InstructGPT paper. SFT (sft.py) is what teaches it to answer. The departure from GPT-2 is
+scale: a model, context and corpus small enough for a laptop CPU.
+
+    python pretrain.py
     python pretrain.py --max_iters=2000 --n_layer=6     # any config name below can be overridden
     torchrun --nproc_per_node=2 pretrain.py             # DDP (gloo on CPU, nccl on GPUs)
     python pretrain.py --data=my_corpus.txt             # your own text (documents separated by blank lines)
@@ -14,6 +24,7 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
@@ -47,121 +58,91 @@ resume = False             # continue from out_dir/base.pt (model, optimizer, st
 stop_at = 0                # end after this step as if killed (0 = max_iters): split a run, or test resume
 n_samples = 64             # eval instructions completed at the end to show the base model does not answer
 # -----------------------------------------------------------------------------
-config = runtime.configure(globals())
-ck_path = os.path.join(out_dir, "base.pt")
-log_path = os.path.join(out_dir, "pretrain.jsonl")
-rt = runtime.setup(device, dtype, seed)
-enc = get_tokenizer(tokenizer)
-eot = enc.eot_token  # <|endoftext|>
 
-# ---- data: every document starts with <|endoftext|>; the last 5% of documents are held out
-if data:
-    if not os.path.isfile(data):
-        raise SystemExit(f"error: --data file {data} not found")
+
+def next_token_loss(logits, targets):
+    """The language-modelling loss (GPT-2, Radford et al. 2019, Section 2, eq. 1; the module docstring): mean
+    cross-entropy of every next token. logits (B, T, V), targets (B, T) = the inputs shifted by one -> scalar
+    fp32."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                           reduction="sum") / targets.numel()
+
+
+def read_documents(path):
+    """The training documents: the world corpus, or a UTF-8 text file split at blank lines."""
+    if not path:
+        return world.corpus_documents()
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --data file {path} not found")
     try:
-        docs = [d.strip() for d in open(data, encoding="utf-8").read().split("\n\n") if d.strip()]
+        with open(path, encoding="utf-8") as f:
+            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
     except UnicodeDecodeError as e:
-        raise SystemExit(f"error: {data} is not UTF-8 ({e.reason} at byte {e.start})")
+        raise SystemExit(f"error: {path} is not UTF-8 ({e.reason} at byte {e.start})")
     if len(docs) < 2:
-        raise SystemExit(f"error: {data} needs at least 2 documents separated by a blank line")
-else:
-    docs = world.corpus_documents()
-n_val = max(1, len(docs) // 20)
-streams = {}
-for split, part in (("train", docs[:-n_val]), ("val", docs[-n_val:])):
-    ids = []
-    for d in part:
-        ids += [eot] + enc.encode_ordinary(d)
-    streams[split] = torch.tensor(ids, dtype=torch.long)
-if len(streams["val"]) <= block_size:
-    raise SystemExit(f"error: the held-out text has {len(streams['val'])} tokens; need more than block_size={block_size}")
+        raise SystemExit(f"error: {path} needs at least 2 documents separated by a blank line")
+    return docs
 
 
-def get_batch(split, it, micro):
-    """Random windows of the token stream. The generator is seeded by (seed, step, micro-step, rank), so a
-    resumed run draws exactly the batches an uninterrupted run would have drawn."""
-    key = (((seed * 1_000_003 + it + 1) * 64 + micro) * 1024 + rt.rank) * 2 + (split == "val")
+def token_streams(docs, enc):
+    """{"train", "val"}: one long tensor of token ids per split, every document opened by <|endoftext|>; the
+    last 5% of the documents are held out."""
+    n_val = max(1, len(docs) // 20)
+    streams = {}
+    for split, part in (("train", docs[:-n_val]), ("val", docs[-n_val:])):
+        ids = []
+        for d in part:
+            ids += [enc.eot_token] + enc.encode_ordinary(d)
+        streams[split] = torch.tensor(ids, dtype=torch.long)
+    return streams
+
+
+def get_batch(stream, block_size, batch_size, seed, it, micro, rank, val=False):
+    """batch_size random windows of the token stream: inputs (B, T) and the next tokens (B, T). The generator
+    is seeded by (seed, step, micro-step, rank, split), so a resumed run draws exactly the batches an
+    uninterrupted run would have drawn."""
+    key = (((seed * 1_000_003 + it + 1) * 64 + micro) * 1024 + rank) * 2 + val
     g = torch.Generator().manual_seed(key % 2**62)
-    s = streams[split]
-    ix = torch.randint(len(s) - block_size - 1, (batch_size,), generator=g)
-    x = torch.stack([s[i:i + block_size] for i in ix])
-    y = torch.stack([s[i + 1:i + 1 + block_size] for i in ix])
-    return x.to(rt.device), y.to(rt.device)
-
-
-# ---- model, optimizer, resume
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout,
-                  vocab_size=enc.n_vocab)
-start = 0
-ckpt = runtime.load_checkpoint(ck_path, "base") if resume else None
-if ckpt:
-    model_args = ckpt["model_args"]
-model = M.GPT(M.GPTConfig(**model_args)).to(rt.device)
-optimizer = runtime.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
-if ckpt:
-    start = runtime.restore(ckpt, model, optimizer, rt.scaler)
-    print(f"resuming from {ck_path} at step {start}")
-raw_model = model
-model = runtime.wrap(model, rt, compile)
+    ix = torch.randint(len(stream) - block_size - 1, (batch_size,), generator=g)
+    x = torch.stack([stream[i:i + block_size] for i in ix])
+    y = torch.stack([stream[i + 1:i + 1 + block_size] for i in ix])
+    return x, y
 
 
 @torch.no_grad()
-def held_out_loss():
+def held_out_loss(model, stream, block_size, batch_size, eval_iters, seed, rank, device, ctx):
+    """Mean loss over eval_iters held-out batches, the same ones every time (step -1)."""
     model.eval()
     losses = []
     for k in range(eval_iters):
-        x, y = get_batch("val", -1, k)  # the same held-out batches every time
-        with rt.ctx:
-            losses.append(model(x, y)[1].item())
+        x, y = get_batch(stream, block_size, batch_size, seed, -1, k, rank, val=True)
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            losses.append(next_token_loss(model(x)[0], y).item())
     model.train()
     return sum(losses) / len(losses)
 
 
-def save(step):
-    runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler), "config": config,
-                                "model_args": model_args, "kind": "base", "step": step, "tokenizer": tokenizer})
+def check_resume(path, ckpt, model_args, tokenizer):
+    """--resume continues the checkpoint's own network: a checkpoint of another shape, vocabulary or tokenizer
+    than the options ask for is one line naming the file."""
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    diff = [f"{k} {ckpt['model_args'].get(k)} vs {model_args[k]}" for k in keys
+            if ckpt["model_args"].get(k) != model_args[k]]
+    if ckpt.get("tokenizer", "world") != tokenizer:
+        diff.append(f"tokenizer {ckpt.get('tokenizer', 'world')} vs {tokenizer}")
+    if diff:
+        raise SystemExit(f"error: {path} is another network than the options ask for ({', '.join(diff)}); "
+                         "resume with the options it was trained with, or start afresh without --resume")
 
 
-# ---- training loop
-if rt.master and not resume and os.path.exists(log_path):
-    os.remove(log_path)  # a fresh run starts a fresh log
-tokens_per_step = batch_size * block_size * grad_accum * rt.world_size
-if rt.master:
-    print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {len(streams['train']):,} "
-          f"training tokens, {tokens_per_step:,} tokens per step, device {rt.device}, dtype {rt.dtype}")
-t0 = time.time()
-bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="pretrain")
-for it in bar:
-    for group in optimizer.param_groups:
-        group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
-    for micro in range(grad_accum):
-        x, y = get_batch("train", it, micro)
-        if rt.ddp:  # all-reduce gradients only on the last micro-step
-            model.require_backward_grad_sync = micro == grad_accum - 1
-        with rt.ctx:
-            _, loss = model(x, y)
-        rt.scaler.scale(loss / grad_accum).backward()
-    runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
-    last = it + 1 in (max_iters, stop_at)
-    val = held_out_loss() if (it + 1) % eval_interval == 0 or last else None
-    if rt.master:
-        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}" if val is not None else "-")
-        runtime.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val, "lr": optimizer.param_groups[0]["lr"],
-                                  "tokens": (it + 1) * tokens_per_step, "time": time.time() - t0})
-        if val is not None:
-            save(it + 1)
-    if it + 1 == stop_at:
-        break
-if rt.master and start >= max_iters:
-    print(f"{ck_path} is already at step {start} >= max_iters={max_iters}; nothing to train")
-
-# ---- samples: free text, and eval instructions as plain text (the base model continues the document)
-if rt.master and tokenizer == "world" and not data and n_samples > 0:
-    raw_model.eval()
-    g = torch.Generator(device=rt.device).manual_seed(seed)
-    stops = (eot,)
-    seq, _, gen = M.generate(raw_model, [[eot]] * 32, 64, stop_ids=stops, pad_id=eot, generator=g)
-    texts = [enc.decode([t for t, m in zip(r, k) if m and t != eot]) for r, k in zip(seq.tolist(), gen.tolist())]
+def show_samples(model, enc, n_samples, generator):
+    """Free text, and held-out eval instructions as plain text, graded by the world's hidden human: the base
+    model continues the document rather than answering."""
+    eot = enc.eot_token
+    seq, _, gen = M.generate(model, [[eot]] * 32, 64, stop_ids=(eot,), pad_id=eot, generator=generator)
+    texts = [enc.decode([t for t, m in zip(r, k) if m and t != eot])
+             for r, k in zip(seq.tolist(), gen.tolist())]
     sents = [s for t in texts for s in world.sentences(t)]
     fluent = sum(world.sentence_type(s) is not None for s in sents) / max(1, len(sents))
     print(f"\nfree text ({fluent:.1%} of {len(sents)} generated sentences pass the fluency check):")
@@ -169,12 +150,107 @@ if rt.master and tokenizer == "world" and not data and n_samples > 0:
         print("  " + t.replace("\n", "\n  ") + "\n  ---")
     evals = [p for p in world.prompts("eval") if len(p) == 1][:n_samples]
     prompts = [[eot] + enc.encode_ordinary(p[0]["content"] + "\n") for p in evals]
-    seq, _, gen = M.generate(raw_model, prompts, 48, stop_ids=stops, pad_id=eot, generator=g)
-    outs = [enc.decode([t for t, m in zip(r, k) if m and t != eot]) for r, k in zip(seq.tolist(), gen.tolist())]
+    seq, _, gen = M.generate(model, prompts, 48, stop_ids=(eot,), pad_id=eot, generator=generator)
+    outs = [enc.decode([t for t, m in zip(r, k) if m and t != eot]) for r, k in zip(seq.tolist(),
+                                                                                     gen.tolist())]
     answered = [world.gold_components(p, o)["helpful"] > 0 for p, o in zip(evals, outs)]
     golds = [world.gold(p, o, ended=False) for p, o in zip(evals, outs)]
-    print(f"eval instructions: the base model does not answer {1 - sum(answered) / len(evals):.0%} of {len(evals)} "
-          f"(it writes more instructions or other text); mean gold {sum(golds) / len(golds):.3f} of ideal 1.0")
+    print(f"eval instructions: the base model does not answer {1 - sum(answered) / len(evals):.0%} of "
+          f"{len(evals)} (it writes more instructions or other text); "
+          f"mean gold {sum(golds) / len(golds):.3f} of ideal 1.0")
     for p, o in list(zip(evals, outs))[:3]:
         print(f"  {p[0]['content']}\n  -> {o.strip()[:160]!r}")
-runtime.cleanup()
+
+
+def main():
+    # ---- 1. options (all checked before anything is read or written), device, precision, tokenizer
+    config = runtime.configure(globals(), ranges={
+        "max_iters": (lambda v: v >= 1, ">= 1"), "n_samples": (lambda v: v >= 0, ">= 0"),
+        **dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size"), (lambda v: v >= 1, ">= 1")),
+        **dict.fromkeys(("beta1", "beta2"), (lambda v: 0 <= v < 1, "in [0, 1)")),
+        "tokenizer": (lambda v: v in ("world", "gpt2"), "one of world, gpt2")})
+    if n_embd % n_head:
+        raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
+    ck_path = os.path.join(out_dir, "base.pt")
+    log_path = os.path.join(out_dir, "pretrain.jsonl")
+    hint = "a lower --lr"
+    rt = runtime.setup(device, dtype, seed)
+    enc = get_tokenizer(tokenizer)
+
+    # ---- 2. data: documents -> one token stream per split
+    streams = token_streams(read_documents(data), enc)
+    if len(streams["val"]) <= block_size:
+        raise SystemExit(f"error: the held-out text has {len(streams['val'])} tokens; "
+                         f"need more than block_size={block_size}")
+
+    # ---- 3. model (fresh, or the run to resume), optimizer
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout,
+                      vocab_size=enc.n_vocab)
+    start = 0
+    ckpt = runtime.load_checkpoint(ck_path, "base") if resume else None
+    if ckpt:
+        check_resume(ck_path, ckpt, model_args, tokenizer)
+        model_args = ckpt["model_args"]
+        model = runtime.model_from_checkpoint(ckpt, ck_path).to(rt.device)
+    else:
+        model = M.GPT(M.GPTConfig(**model_args)).to(rt.device)
+    optimizer = runtime.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
+    if ckpt:
+        start = runtime.restore(ckpt, model, optimizer, rt.scaler)
+        print(f"resuming from {ck_path} at step {start}")
+    raw_model = model
+    model = runtime.wrap(model, rt, compile)
+
+    # ---- 4. training: minimise the next-token loss; held-out loss and checkpoint every eval_interval steps
+    if rt.master and not resume and os.path.exists(log_path):
+        os.remove(log_path)  # the run has started: a fresh run starts a fresh log
+    tokens_per_step = batch_size * block_size * grad_accum * rt.world_size
+    if rt.master:
+        print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(streams['train']):,} training tokens, {tokens_per_step:,} tokens per step, "
+              f"device {rt.device}, dtype {rt.dtype}")
+    t0 = time.time()
+    bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master,
+               desc="pretrain")
+    for it in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
+        for micro in range(grad_accum):
+            x, y = get_batch(streams["train"], block_size, batch_size, seed, it, micro, rt.rank)
+            x, y = x.to(rt.device), y.to(rt.device)
+            if rt.ddp:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            with rt.ctx:
+                loss = next_token_loss(model(x)[0], y)
+            rt.scaler.scale(loss / grad_accum).backward()
+        norm = runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
+        runtime.check_finite("pretrain", it + 1, hint, loss=loss, grad_norm=norm)
+        last = it + 1 in (max_iters, stop_at)
+        val = None
+        if (it + 1) % eval_interval == 0 or last:
+            val = held_out_loss(model, streams["val"], block_size, batch_size, eval_iters, seed, rt.rank,
+                                rt.device, rt.ctx)
+            runtime.check_finite("pretrain", it + 1, hint, val_loss=val)
+        if rt.master:
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}" if val is not None else "-")
+            runtime.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val,
+                                            "lr": optimizer.param_groups[0]["lr"],
+                                            "tokens": (it + 1) * tokens_per_step, "time": time.time() - t0})
+            if val is not None:
+                runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler),
+                                                  "config": config, "model_args": model_args, "kind": "base",
+                                                  "step": it + 1, "tokenizer": tokenizer})
+        if it + 1 == stop_at:
+            break
+    if rt.master and start >= max_iters:
+        print(f"{ck_path} is already at step {start} >= max_iters={max_iters}; nothing to train")
+
+    # ---- 5. samples: free text, and eval instructions as plain text (the base model continues the document)
+    if rt.master and tokenizer == "world" and not data and n_samples > 0:
+        raw_model.eval()
+        show_samples(raw_model, enc, n_samples, torch.Generator(device=rt.device).manual_seed(seed))
+    runtime.cleanup()
+
+
+if __name__ == "__main__":
+    main()

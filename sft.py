@@ -1,13 +1,24 @@
 """
 Stage 1: supervised fine-tuning on demonstrations -> out/sft.pt
 
-InstructGPT step 1: "a labeler demonstrates the desired output behavior". The base model continues documents;
-after SFT it answers in the chat template and closes its turn with <|end|>. The loss counts only the
-assistant's tokens (data/chat.py's mask): the model learns what to say and when to stop, never to imitate the
-user. The demonstrations are imperfect (rude, verbose, sometimes wrong or harmful), so SFT copies their
-habits too: it lands near the demonstrators' gold (~0.69 of ideal), which is what stages 2-3 improve on.
+InstructGPT step 1 (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155, Section 3.5): "a labeler
+demonstrates the desired output behavior", and the pretrained model is fine-tuned on those demonstrations by
+supervised learning. The base model continues documents; after SFT it answers in the chat template and closes
+its turn with <|end|>. The loss is cross-entropy on the assistant's tokens only (data/chat.py's mask):
 
-    python sft.py                                  # ~2 min on a laptop CPU; builds out/base.pt first if missing
+    L_SFT(theta) = -1/|A| * sum_{t in A} log pi_theta(x_{t+1} | x_1..x_t)
+
+where A holds the positions whose next token belongs to an assistant turn (its words and its closing <|end|>).
+The model learns what to say and when to stop, never to imitate the user. The demonstrations are imperfect
+(rude, verbose, sometimes wrong or harmful), so SFT copies their habits too: it lands near the demonstrators'
+own gold utility, which is what stages 2-3 improve on.
+
+Departures from the paper: InstructGPT does not spell out its loss; here the prompt tokens are masked out, as
+most SFT code does. It trains for 16 epochs with residual dropout 0.2 and picks the final model by
+reward-model score on a validation set; here fewer passes with less dropout suit the tiny model and data, and
+the last checkpoint is kept (there is no reward model yet at this stage).
+
+    python sft.py                                  # builds out/base.pt first if missing
     python sft.py --data=my_chats.jsonl            # your own {"messages": [...]} conversations
     python sft.py --init=path/to/gpt2              # start from GPT-2 weights (Hugging Face layout) instead
     torchrun --nproc_per_node=2 sft.py             # DDP (gloo on CPU, nccl on GPUs)
@@ -17,30 +28,32 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
 import runtime
 from data import world
 from data.chat import render, sft_example
-from rollout import score
 from data.readers import DataError, read_messages
 from data.tokenizer import get_tokenizer
+from rollout import score
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
 out_dir = "out"            # reads out_dir/base.pt, writes out_dir/sft.pt and out_dir/sft.jsonl
-init = ""                  # "" = out_dir/base.pt (made by pretrain.py if missing); or a GPT-2 dir / weights file
+init = ""                  # "" = out_dir/base.pt (pretrain.py makes it if missing); or GPT-2 weights
 data = ""                  # "" = the world's demonstrations; or a JSONL file of {"messages": [...]} per line
 seed = 1337                # same seed, same run (on CPU)
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
 compile = False            # torch.compile the model (CUDA)
-dropout = 0.1              # ~1300 conversations seen ~11 times: a little dropout keeps samples fluent
+dropout = 0.1              # each conversation is seen several times: a little dropout keeps samples fluent
 batch_size = 32            # conversations per micro-batch (per process)
 grad_accum = 1             # micro-batches per optimizer step
-max_iters = 450            # optimizer steps (~11 passes over the demonstrations; < 2 min on 2 CPU cores)
-lr, min_lr = 3e-3, 3e-4    # peak learning rate, cosine-decayed to min_lr (1e-3 left the model unfluent in budget)
+max_iters = 450            # optimizer steps: several passes over the world's demonstrations
+lr, min_lr = 3e-3, 3e-4    # peak learning rate, cosine-decayed to min_lr (a lower peak is still unfluent
+                           # after max_iters)
 warmup_iters = 20
 weight_decay = 0.1
 beta1, beta2 = 0.9, 0.95
@@ -53,69 +66,16 @@ compare = True             # at the end, sample held-out prompts from base and S
 max_new_tokens = 48        # reply length when sampling at the end
 temperature = 1.0          # sampling temperature at the end (1.0: the policy as it is, what RL starts from)
 # -----------------------------------------------------------------------------
-config = runtime.configure(globals())
-base_path = os.path.join(out_dir, "base.pt")
-ck_path = os.path.join(out_dir, "sft.pt")
-log_path = os.path.join(out_dir, "sft.jsonl")
-rt = runtime.setup(device, dtype, seed)
 
 
-def load_base():
-    """The model SFT starts from and is compared with: (model, model_args, tokenizer name)."""
-    if not init:
-        runtime.ensure_checkpoint(base_path, "pretrain.py", out_dir)
-        ckpt = runtime.load_checkpoint(base_path, "base")
-        return runtime.model_from_checkpoint(ckpt, dropout=dropout), ckpt["model_args"], ckpt.get("tokenizer", "world")
-    gpt2 = runtime.load_gpt2(init, dropout=dropout)
-    # GPT-2 knows 50257 tokens; our chat markers (<|user|> ...) are new rows of the tied embedding, started at
-    # the mean embedding so their first logits are ordinary rather than random
-    n_vocab = get_tokenizer("gpt2").n_vocab
-    sd = gpt2.state_dict()
-    sd.pop("lm_head.weight")  # the same tensor as wte (tied)
-    wte = sd.pop("transformer.wte.weight")
-    sd["transformer.wte.weight"] = torch.cat([wte, wte.mean(0, keepdim=True).repeat(n_vocab - wte.size(0), 1)])
-    args = {**dataclasses.asdict(gpt2.config), "vocab_size": n_vocab}
-    return runtime.load_weights(M.GPT(M.GPTConfig(**args)), sd), args, "gpt2"
-
-
-# ---- data: read first, so a bad file is reported before any model is built
-if data:
-    try:
-        convs = read_messages(data)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    if len(convs) < 2:
-        raise SystemExit(f"error: {data} needs at least 2 conversations (one is held out)")
-else:
-    convs = world.demonstrations()  # train prompts only: world.prompts("eval") stays unseen
-
-# ---- model, optimizer, resume
-start = 0
-ckpt = runtime.load_checkpoint(ck_path, "sft") if resume else None
-if ckpt:
-    model, model_args, tokenizer = runtime.model_from_checkpoint(ckpt), ckpt["model_args"], ckpt["tokenizer"]
-else:
-    model, model_args, tokenizer = load_base()
-    model_args = {**model_args, "dropout": dropout}
-model.to(rt.device)
-enc = get_tokenizer(tokenizer)
-eot = enc.eot_token  # <|endoftext|>
-block_size = model.config.block_size
-optimizer = runtime.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
-if ckpt:
-    start = runtime.restore(ckpt, model, optimizer, rt.scaler)
-    print(f"resuming from {ck_path} at step {start}")
-raw_model = model
-model = runtime.wrap(model, rt, compile)
-
-# ---- data, tokenized: (ids, targets) rows; the last 5% of conversations are held out
-n_long = sum(len(render(enc, c)[0]) - 1 > block_size for c in convs)
-if n_long and rt.master:
-    print(f"warning: {n_long} of {len(convs)} conversations are longer than block_size={block_size} tokens "
-          "and were cut (their later turns are not learned)")
-n_val = max(1, len(convs) // 20)
-examples = {"train": [sft_example(enc, c, block_size) for c in convs[:-n_val]],
-            "val": [sft_example(enc, c, block_size) for c in convs[-n_val:]]}
+def sft_loss(logits, targets):
+    """L_SFT, InstructGPT step 1 (https://arxiv.org/abs/2203.02155, Section 3.5; the module docstring): mean
+    cross-entropy over the positions whose target is an assistant token; targets are -1 everywhere else
+    (user and system turns, role markers, padding). logits (B, T, V), targets (B, T) -> scalar fp32. A batch
+    with no assistant token left gives 0.0 (still in the graph), not NaN."""
+    n = (targets != -1).sum().clamp(min=1)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                           reduction="sum") / n
 
 
 def sft_batch(examples, pad_id):
@@ -126,101 +86,195 @@ def sft_batch(examples, pad_id):
     return ids, targets, attn
 
 
-def get_batch(it, micro):
-    """batch_size random training conversations. The generator is seeded by (seed, step, micro-step, rank), so
-    a resumed run draws exactly the batches an uninterrupted run would have drawn."""
-    key = ((seed * 1_000_003 + it + 1) * 64 + micro) * 1024 + rt.rank
+def train_batch(rows, batch_size, seed, it, micro, rank, pad_id):
+    """batch_size random training conversations, as sft_batch tensors. The generator is seeded by (seed, step,
+    micro-step, rank), so a resumed run draws exactly the batches an uninterrupted run would have drawn."""
+    key = ((seed * 1_000_003 + it + 1) * 64 + micro) * 1024 + rank
     g = torch.Generator().manual_seed(key % 2**62)
-    ix = torch.randint(len(examples["train"]), (batch_size,), generator=g).tolist()
-    return [t.to(rt.device) for t in sft_batch([examples["train"][i] for i in ix], eot)]
+    ix = torch.randint(len(rows), (batch_size,), generator=g).tolist()
+    return sft_batch([rows[i] for i in ix], pad_id)
 
 
 @torch.no_grad()
-def held_out_loss():
+def held_out_loss(model, rows, batch_size, eval_iters, pad_id, device, ctx):
     """Mean loss per assistant token over the held-out conversations (the same ones every time)."""
     model.eval()
     total, count = 0.0, 0
-    rows = examples["val"]
     for i in range(0, min(len(rows), eval_iters * batch_size), batch_size):
-        x, y, attn = [t.to(rt.device) for t in sft_batch(rows[i:i + batch_size], eot)]
-        with rt.ctx:
-            loss = model(x, y, attention_mask=attn)[1]
+        x, y, attn = [t.to(device) for t in sft_batch(rows[i:i + batch_size], pad_id)]
+        with ctx:
+            loss = sft_loss(model(x, attention_mask=attn)[0], y)
         n = (y != -1).sum().item()
         total, count = total + loss.item() * n, count + n
     model.train()
     return total / max(1, count)
 
 
-def save(step):
-    runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler), "config": config,
-                                "model_args": model_args, "kind": "sft", "step": step, "tokenizer": tokenizer})
+def read_conversations(path):
+    """The training conversations: the world's demonstrations (train prompts only: world.prompts("eval")
+    stays unseen), or a JSONL file of {"messages": [...]}, whose errors are one line naming file and line."""
+    if not path:
+        return world.demonstrations()
+    try:
+        convs = read_messages(path)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    if len(convs) < 2:
+        raise SystemExit(f"error: {path} needs at least 2 conversations (one is held out)")
+    return convs
 
 
-# ---- training loop
-if rt.master and not resume and os.path.exists(log_path):
-    os.remove(log_path)  # a fresh run starts a fresh log
-if rt.master:
-    n_tok = sum(sum(t != -1 for t in y) for _, y in examples["train"])
-    print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {len(examples['train'])} "
-          f"training conversations ({n_tok:,} assistant tokens), {len(examples['val'])} held out, "
-          f"{batch_size * grad_accum * rt.world_size} conversations per step, device {rt.device}, dtype {rt.dtype}")
-t0 = time.time()
-model.train()
-bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="sft")
-for it in bar:
-    for group in optimizer.param_groups:
-        group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
-    n_targets = 0
-    for micro in range(grad_accum):
-        x, y, attn = get_batch(it, micro)
-        if rt.ddp:  # all-reduce gradients only on the last micro-step
-            model.require_backward_grad_sync = micro == grad_accum - 1
-        with rt.ctx:
-            # cross-entropy on assistant tokens only (targets -1 elsewhere); 0.0, not NaN, if none are left
-            _, loss = model(x, y, attention_mask=attn)
-        rt.scaler.scale(loss / grad_accum).backward()
-        n_targets += (y != -1).sum().item()
-    runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
-    if rt.ddp:  # the log counts the assistant tokens of every process
-        n_targets = torch.tensor(n_targets, device=rt.device)
-        torch.distributed.all_reduce(n_targets)
-        n_targets = n_targets.item()
-    last = it + 1 in (max_iters, stop_at)
-    val = held_out_loss() if (it + 1) % eval_interval == 0 or last else None
+def load_base(init, base_path, dropout):
+    """The model SFT starts from and is compared with: (model, model_args, tokenizer name), from base_path or,
+    with init, from GPT-2 weights."""
+    if not init:
+        ckpt = runtime.load_checkpoint(base_path, "base")
+        model = runtime.model_from_checkpoint(ckpt, base_path, dropout=dropout)
+        return model, ckpt["model_args"], ckpt.get("tokenizer", "world")
+    gpt2 = runtime.load_gpt2(init, dropout=dropout)
+    # GPT-2 knows 50257 tokens; our chat markers (<|user|> ...) are new rows of the tied embedding, started at
+    # the mean embedding so their first logits are ordinary rather than random
+    n_vocab = get_tokenizer("gpt2").n_vocab
+    sd = gpt2.state_dict()
+    sd.pop("lm_head.weight")  # the same tensor as wte (tied)
+    wte = sd.pop("transformer.wte.weight")
+    new_rows = wte.mean(0, keepdim=True).repeat(n_vocab - wte.size(0), 1)
+    sd["transformer.wte.weight"] = torch.cat([wte, new_rows])
+    args = {**dataclasses.asdict(gpt2.config), "vocab_size": n_vocab}
+    return runtime.load_weights(M.GPT(M.GPTConfig(**args)), sd), args, "gpt2"
+
+
+def held_out_prompts(convs, n_val, own_data):
+    """Prompts for the before/after comparison: the world's eval prompts, or the held-out conversations
+    without their last reply (those that end with a user turn and an assistant reply)."""
+    if not own_data:
+        return world.prompts("eval")
+    return [c[:-1] for c in convs[-n_val:] if len(c) > 1 and c[-2]["role"] == "user"
+            and c[-1]["role"] == "assistant"]
+
+
+def main():
+    # ---- 1. options (all checked before anything is read or written), device, precision
+    config = runtime.configure(globals(), ranges={"max_iters": (lambda v: v >= 1, ">= 1"),
+                                                  "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                                                  "beta2": (lambda v: 0 <= v < 1, "in [0, 1)")})
+    base_path = os.path.join(out_dir, "base.pt")
+    ck_path = os.path.join(out_dir, "sft.pt")
+    log_path = os.path.join(out_dir, "sft.jsonl")
+    hint = "a lower --lr"
+    rt = runtime.setup(device, dtype, seed)
+
+    # ---- 2. demonstrations: read first, so a bad file is reported before any model is built
+    convs = read_conversations(data)
+    if not init and (not resume or compare):  # the base model is needed to start from, or to compare with
+        if rt.master:
+            runtime.ensure_checkpoint(base_path, "pretrain.py", out_dir)
+        if rt.ddp:
+            torch.distributed.barrier()
+
+    # ---- 3. model (the base model, or the run to resume), optimizer
+    if resume:
+        model, enc, ckpt = runtime.load_model(ck_path, "sft")
+        model_args, tokenizer = ckpt["model_args"], ckpt.get("tokenizer", "world")
+    else:
+        model, model_args, tokenizer = load_base(init, base_path, dropout)
+        model_args = {**model_args, "dropout": dropout}
+        enc = get_tokenizer(tokenizer)
+    model.to(rt.device)
+    eot = enc.eot_token  # <|endoftext|>: pads batches
+    block_size = model.config.block_size
+    optimizer = runtime.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
+    start = 0
+    if resume:
+        start = runtime.restore(ckpt, model, optimizer, rt.scaler)
+        print(f"resuming from {ck_path} at step {start}")
+    raw_model = model
+    model = runtime.wrap(model, rt, compile)
+
+    # ---- 4. tokenize: (ids, targets) rows; the last 5% of conversations are held out
+    n_long = sum(len(render(enc, c)[0]) - 1 > block_size for c in convs)
+    if n_long and rt.master:
+        print(f"warning: {n_long} of {len(convs)} conversations are longer than block_size={block_size} "
+              "tokens and were cut (their later turns are not learned)")
+    n_val = max(1, len(convs) // 20)
+    train_rows = [sft_example(enc, c, block_size) for c in convs[:-n_val]]
+    val_rows = [sft_example(enc, c, block_size) for c in convs[-n_val:]]
+
+    # ---- 5. training: minimise L_SFT, a held-out loss and a checkpoint every eval_interval steps
+    if rt.master and not resume and os.path.exists(log_path):
+        os.remove(log_path)  # the run has started: a fresh run starts a fresh log
     if rt.master:
-        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}" if val is not None else "-")
-        runtime.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val,
-                                  "lr": optimizer.param_groups[0]["lr"], "targets": n_targets,
-                                  "time": time.time() - t0})
-        if val is not None:
-            save(it + 1)
-    if it + 1 == stop_at:
-        break
-if rt.master and start >= max_iters:
-    print(f"{ck_path} is already at step {start} >= max_iters={max_iters}; nothing to train")
+        n_tok = sum(sum(t != -1 for t in y) for _, y in train_rows)
+        print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} "
+              f"training conversations ({n_tok:,} assistant tokens), {len(val_rows)} held out, "
+              f"{batch_size * grad_accum * rt.world_size} conversations per step, device {rt.device}, "
+              f"dtype {rt.dtype}")
+    t0 = time.time()
+    model.train()
+    bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="sft")
+    for it in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
+        n_targets = 0
+        for micro in range(grad_accum):
+            batch = train_batch(train_rows, batch_size, seed, it, micro, rt.rank, eot)
+            x, y, attn = [t.to(rt.device) for t in batch]
+            if rt.ddp:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            with rt.ctx:
+                loss = sft_loss(model(x, attention_mask=attn)[0], y)
+            rt.scaler.scale(loss / grad_accum).backward()
+            n_targets += (y != -1).sum().item()
+        norm = runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
+        runtime.check_finite("sft", it + 1, hint, loss=loss, grad_norm=norm)
+        if rt.ddp:  # the log counts the assistant tokens of every process
+            n_targets = torch.tensor(n_targets, device=rt.device)
+            torch.distributed.all_reduce(n_targets)
+            n_targets = n_targets.item()
+        last = it + 1 in (max_iters, stop_at)
+        val = None
+        if (it + 1) % eval_interval == 0 or last:
+            val = held_out_loss(model, val_rows, batch_size, eval_iters, eot, rt.device, rt.ctx)
+            runtime.check_finite("sft", it + 1, hint, val_loss=val)
+        if rt.master:
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}" if val is not None else "-")
+            runtime.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val,
+                                            "lr": optimizer.param_groups[0]["lr"], "targets": n_targets,
+                                            "time": time.time() - t0})
+            if val is not None:
+                runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler),
+                                                  "config": config, "model_args": model_args, "kind": "sft",
+                                                  "step": it + 1, "tokenizer": tokenizer})
+        if it + 1 == stop_at:
+            break
+    if rt.master and start >= max_iters:
+        print(f"{ck_path} is already at step {start} >= max_iters={max_iters}; nothing to train")
 
-# ---- before and after: the base model and the SFT model answer the same held-out prompts
-if rt.master and compare:
-    raw_model.eval()
-    base = load_base()[0].to(rt.device).eval()
-    g = torch.Generator(device=rt.device).manual_seed(seed)
-    # held-out prompts: the world's eval prompts, or the held-out conversations without their last reply
-    prompts = world.prompts("eval") if not data else \
-        [c[:-1] for c in convs[-n_val:] if len(c) > 1 and c[-2]["role"] == "user" and c[-1]["role"] == "assistant"]
-    prompts = [p for p in prompts if len(render(enc, p)[0]) < block_size]
-    with rt.ctx:
-        res = {name: score(m, enc, prompts, max_new_tokens, temperature, generator=g)
-               for name, m in (("base", base), ("sft", raw_model))}
-    print(f"\nheld-out prompts, one sample each (temperature {temperature}):")
-    for i, p in enumerate(prompts[:3]):
-        print("  " + " / ".join(m["content"] for m in p))  # earlier turns too, for follow-ups
-        for name in ("base", "sft"):
-            print(f"    {name:>4}: {res[name]['samples'][i]['text'].strip()[:160]!r}")
-    if not data:  # gold() grades the world's language only
-        for name in ("base", "sft"):
-            r = res[name]
-            print(f"{name:>4}: mean gold {r['gold']:.3f} of ideal 1.0, ends its turn {r['ended']:.0%}, "
-                  f"fluency {r['fluency']:.0%} ({r['n']} prompts)")
-        demo = sum(world.gold(c[:-1], c[-1]["content"]) for c in convs) / len(convs)
-        print(f"demonstrations: mean gold {demo:.3f} (SFT imitates them; reward.py + ppo.py/dpo.py aim higher)")
-runtime.cleanup()
+    # ---- 6. before and after: the base model and the SFT model answer the same held-out prompts
+    if rt.master and compare:
+        raw_model.eval()
+        base = load_base(init, base_path, dropout)[0].to(rt.device).eval()
+        g = torch.Generator(device=rt.device).manual_seed(seed)
+        prompts = held_out_prompts(convs, n_val, bool(data))
+        prompts = [p for p in prompts if len(render(enc, p)[0]) < block_size]
+        with rt.ctx:
+            res = {name: score(m, enc, prompts, max_new_tokens, temperature, generator=g)
+                   for name, m in (("base", base), ("sft", raw_model))}
+        print(f"\nheld-out prompts, one sample each (temperature {temperature}):")
+        for i, p in enumerate(prompts[:3]):
+            print("  " + " / ".join(m["content"] for m in p))  # earlier turns too, for follow-ups
+            for name in ("base", "sft"):
+                print(f"    {name:>4}: {res[name]['samples'][i]['text'].strip()[:160]!r}")
+        if not data:  # gold() grades the world's language only
+            for name in ("base", "sft"):
+                r = res[name]
+                print(f"{name:>4}: mean gold {r['gold']:.3f} of ideal 1.0, ends its turn {r['ended']:.0%}, "
+                      f"fluency {r['fluency']:.0%} ({r['n']} prompts)")
+            demo = sum(world.gold(c[:-1], c[-1]["content"]) for c in convs) / len(convs)
+            print(f"demonstrations: mean gold {demo:.3f} "
+                  "(SFT imitates them; reward.py + ppo.py/dpo.py aim higher)")
+    runtime.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,17 +1,22 @@
 """chat.py as a user drives it: the conversation history reaches the model, /reset forgets it, old exchanges
-are dropped when the context is full, and a checkpoint that is not a language model is refused in one line."""
+are dropped when the context is full, temperature 0 is greedy, and a bad option or a checkpoint that is not a
+language model is refused in one line."""
 import ast
+import importlib
 import os
 import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
-import runtime
+import runtime  # noqa: E402
+from chat import fit_context  # noqa: E402  (importing chat.py runs nothing)
+from data.chat import render_prompt  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 N_VOCAB = get_tokenizer("world").n_vocab
@@ -21,8 +26,8 @@ def save_tiny(path, kind, block_size=128, **extra):
     torch.manual_seed(0)
     m = M.GPT(M.GPTConfig(block_size=block_size, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32,
                           scalar_head=kind == "reward"))
-    runtime.save_checkpoint(str(path), {"model": m.state_dict(), "model_args": vars(m.config).copy(), "kind": kind,
-                                  "step": 7, "tokenizer": "world", **extra})
+    runtime.save_checkpoint(str(path), {"model": m.state_dict(), "model_args": vars(m.config).copy(),
+                                        "kind": kind, "step": 7, "tokenizer": "world", **extra})
 
 
 def chat(*args, stdin=""):
@@ -42,7 +47,8 @@ def test_second_turn_sees_the_first_and_reset_forgets(tmp_path):
     save_tiny(tmp_path / "base.pt", "base")
     save_tiny(tmp_path / "sft.pt", "sft")  # the later stage wins when no --ckpt is given
     r = chat(f"--out_dir={tmp_path}", "--show_tokens=True",
-             stdin="Describe the owl.\nNow write a sad sentence about it.\n/reset\nDescribe the owl.\n/quit\n")
+             stdin="Describe the owl.\nNow write a sad sentence about it.\n/reset\nDescribe the owl.\n"
+                   "/quit\n")
     assert r.returncode == 0, r.stderr
     assert f"chatting with {tmp_path / 'sft.pt'} (sft, step 7)" in r.stdout
     first, second, third = shown_prompts(r.stdout)
@@ -62,12 +68,14 @@ def test_old_exchanges_are_dropped_when_the_context_is_full(tmp_path):
     assert "(context full: dropped the oldest" in r.stdout
     for m in SHOWN.finditer(r.stdout):
         assert int(m[1]) + 12 <= 32
-        assert ast.literal_eval(m[2]).startswith("<|endoftext|><|user|>")  # whole exchanges go: the prompt still starts with a user turn
+        # whole exchanges go: the prompt still starts with a user turn
+        assert ast.literal_eval(m[2]).startswith("<|endoftext|><|user|>")
 
 
 def test_single_prompt_mode_and_system_message(tmp_path):
     save_tiny(tmp_path / "dpo.pt", "dpo")
-    r = chat(f"--ckpt={tmp_path / 'dpo.pt'}", "--prompt=Describe the owl.", "--system=Be kind.", "--show_tokens=True")
+    r = chat(f"--ckpt={tmp_path / 'dpo.pt'}", "--prompt=Describe the owl.", "--system=Be kind.",
+             "--show_tokens=True")
     assert r.returncode == 0, r.stderr
     (p,) = shown_prompts(r.stdout)
     assert p == "<|endoftext|><|system|>Be kind.<|end|><|user|>Describe the owl.<|end|><|assistant|>"
@@ -80,3 +88,57 @@ def test_reward_checkpoint_is_refused_in_one_line(tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "'reward' checkpoint" in lines[0] and "sft" in lines[0]
+
+
+def test_fit_context_drops_the_oldest_whole_exchanges_by_hand():
+    enc = get_tokenizer("world")
+    msg = [{"role": "system", "content": "Be kind."}]
+    for q, a in [("Describe the owl.", "The owl is calm."), ("Describe the fox.", "The fox runs."),
+                 ("Describe the cat.", "The cat sleeps."), ("Tell me more about it.", None)]:
+        msg.append({"role": "user", "content": q})
+        if a:
+            msg.append({"role": "assistant", "content": a})
+    # room for the system message, the last exchange and the new message, plus a 10-token reply: two go
+    block_size = len(render_prompt(enc, msg[:1] + msg[5:])) + 10
+    history = list(msg)
+    assert fit_context(enc, history, 1, 10, block_size) == 2
+    assert history == msg[:1] + msg[5:]
+    # no room even for the new message: every exchange goes, the system message and the new one stay (the
+    # caller then refuses to send it)
+    history = list(msg)
+    assert fit_context(enc, history, 1, 10, 5) == 3
+    assert history == [msg[0], msg[-1]]
+    history = list(msg)
+    assert fit_context(enc, history, 1, 10, 10_000) == 0 and history == msg  # it fits: nothing changes
+
+
+def chat_main(monkeypatch, *args):
+    """chat.main() in this process (cheaper than a new python): its SystemExit."""
+    import chat as chat_py
+    importlib.reload(chat_py)  # configure() sets the options on the module: start from the defaults again
+    monkeypatch.setattr(sys, "argv", ["chat.py", *args])
+    with pytest.raises(SystemExit) as e:
+        chat_py.main()
+    return e.value
+
+
+def test_bad_options_are_one_line(tmp_path, monkeypatch):
+    save_tiny(tmp_path / "sft.pt", "sft")
+    r = chat(f"--out_dir={tmp_path}", "--temperature=-1", "--prompt=Hi")  # once as a user runs it
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "error: --temperature=-1.0 is out of range: it must be >= 0 (0 = greedy)"]
+    for bad in ["--top_p=1.5", "--top_p=0", "--top_k=0", "--top_k=2.5", "--max_new_tokens=0", "--dtype=fp8"]:
+        msg = str(chat_main(monkeypatch, f"--out_dir={tmp_path}", "--prompt=Hi", bad))
+        assert msg.startswith(f"error: {bad.split('=')[0]}=") and "\n" not in msg, (bad, msg)
+
+
+def test_temperature_zero_is_greedy(tmp_path, monkeypatch, capsys):
+    save_tiny(tmp_path / "sft.pt", "sft")
+    replies = []
+    for seed in (1, 2):  # greedy decoding draws no random numbers: the seed cannot matter
+        e = chat_main(monkeypatch, f"--out_dir={tmp_path}", "--prompt=Describe the owl.", "--temperature=0",
+                      "--max_new_tokens=8", f"--seed={seed}")
+        assert e.code == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()

@@ -1,7 +1,10 @@
-"""PPO's maths: GAE by hand, ratio = 1 before the first update, KL estimators, masks, clipping, a smoke run."""
+"""PPO's maths by hand (GAE, rewards, KL estimators, clipped losses, the KL controller, whitening), ratio = 1
+before the first update, an fp16 step, bad options, resume = an uninterrupted run, and smoke runs."""
 import json
 import math
 import os
+import random
+import re
 import subprocess
 import sys
 
@@ -19,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gae_hand_worked_example_with_masks():
-    # row 0: a prompt position (masked) then three action tokens; row 1: two actions then padding (garbage values)
+    # row 0: a prompt position (masked) then three action tokens; row 1: two actions then padding (garbage)
     rewards = torch.tensor([[5.0, 0.0, 0.0, 1.0], [0.0, 2.0, 7.0, 7.0]])
     values = torch.tensor([[9.0, 1.0, 2.0, 3.0], [1.0, 1.0, 5.0, 5.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
@@ -27,31 +30,118 @@ def test_gae_hand_worked_example_with_masks():
     # row 0, backwards: t=3 delta = 1 - 3 = -2 -> A = -2
     #   t=2 delta = 0 + 0.9*3 - 2 = 0.7 -> A = 0.7 + 0.45*(-2) = -0.2
     #   t=1 delta = 0 + 0.9*2 - 1 = 0.8 -> A = 0.8 + 0.45*(-0.2) = 0.71
-    # row 1: t=1 is the last action: delta = 2 - 1 = 1 -> A = 1;  t=0 delta = 0 + 0.9*1 - 1 = -0.1 -> A = -0.1 + 0.45
+    # row 1: t=1 is the last action: delta = 2 - 1 = 1 -> A = 1
+    #   t=0 delta = 0 + 0.9*1 - 1 = -0.1 -> A = -0.1 + 0.45
     torch.testing.assert_close(adv, torch.tensor([[0.0, 0.71, -0.2, -2.0], [0.35, 1.0, 0.0, 0.0]]))
     torch.testing.assert_close(ret, torch.tensor([[0.0, 1.71, 1.8, 1.0], [1.35, 2.0, 0.0, 0.0]]))
 
 
-def test_token_rewards_pay_kl_and_likelihood_per_token_and_the_score_on_the_last_token():
-    # row 0: a prompt position then three answer tokens; row 1: two answer tokens then padding (garbage inputs)
+def test_token_rewards_pay_minus_beta_kl_on_every_token_and_the_score_on_the_last():
+    # row 0: a prompt position then three answer tokens; row 1: two answer tokens then padding (garbage)
     action = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
     kl = torch.tensor([[9.0, 0.5, -0.2, 0.1], [0.3, 0.4, 9.0, 9.0]])
-    lm_logp = torch.tensor([[-9.0, -1.0, -2.0, -0.5], [-0.1, -3.0, -9.0, -9.0]])
     scores = torch.tensor([2.0, -1.0])
-    r = ppo.token_rewards(scores, kl, action, 0.1, lm_logp, 0.2)
-    # row 0: t1 = -0.1*0.5 + 0.2*(-1) = -0.25, t2 = 0.02 - 0.4 = -0.38, t3 = -0.01 - 0.1 + 2 = 1.89
-    # row 1: t0 = -0.03 - 0.02 = -0.05, t1 = -0.04 - 0.6 - 1 = -1.64 (its last answer token)
-    torch.testing.assert_close(r, torch.tensor([[0.0, -0.25, -0.38, 1.89], [-0.05, -1.64, 0.0, 0.0]]))
-    # the return (gamma = 1) is what a score with the whole likelihood term added at the end would give
-    total = scores - 0.1 * (kl * action).sum(1) + 0.2 * (lm_logp * action).sum(1)
-    torch.testing.assert_close(r.sum(1), total)
+    r = ppo.token_rewards(scores, kl, action, 0.1)
+    # row 0: t1 = -0.05, t2 = +0.02, t3 = -0.01 + 2 = 1.99
+    # row 1: t0 = -0.03, t1 = -0.04 - 1 = -1.04 (its last answer token)
+    torch.testing.assert_close(r, torch.tensor([[0.0, -0.05, 0.02, 1.99], [-0.03, -1.04, 0.0, 0.0]]))
+    # the return (gamma = 1) is Ziegler et al.'s R(x, y) = r(x, y) - beta * KL
+    torch.testing.assert_close(r.sum(1), scores - 0.1 * (kl * action).sum(1))
 
 
 def test_whitening_ignores_padding():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     w = ppo.masked_whiten(x, mask)
-    assert w[0, 3] == 0 and w[0, :3].mean().abs() < 1e-6 and w[0, :3].pow(2).mean() == pytest.approx(1.0, abs=1e-4)
+    assert w[0, 3] == 0 and w[0, :3].mean().abs() < 1e-6
+    assert w[0, :3].pow(2).mean() == pytest.approx(1.0, abs=1e-4)
+    torch.testing.assert_close(w[0, :3], torch.tensor([-1.0, 0.0, 1.0]) * 1.5 ** 0.5, atol=1e-4, rtol=0)
+    x[0, 3] = float("inf")  # whatever sits in the padding, even an inf, changes nothing
+    torch.testing.assert_close(ppo.masked_whiten(x, mask), w)
+    assert ppo.masked_mean(x, mask).item() == 2.0
+
+
+def test_kl_estimators_hand_values():
+    logp = torch.tensor([math.log(0.5), math.log(0.25)])
+    logp_ref = torch.tensor([math.log(0.25), math.log(0.5)])
+    # k1 = log pi - log ref = +-log 2;  k3 = (r - 1) - log r with r = ref / pi = 1/2, then 2
+    torch.testing.assert_close(ppo.kl_k1(logp, logp_ref), torch.tensor([math.log(2), -math.log(2)]))
+    k3 = ppo.kl_k3(logp, logp_ref)
+    torch.testing.assert_close(k3, torch.tensor([-0.5 + math.log(2), 1.0 - math.log(2)]))
+    assert (k3 >= 0).all()
+    torch.testing.assert_close(ppo.kl_penalty(logp, logp_ref, "k3"), k3)
+    torch.testing.assert_close(ppo.kl_penalty(logp, logp_ref, "k1"), ppo.kl_k1(logp, logp_ref))
+    assert ppo.kl_k3(logp, logp).abs().max() == 0  # both vanish where pi = ref
+
+
+def test_k1_and_k3_estimate_the_exact_kl_of_a_categorical():
+    torch.manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    exact = (p * (p / q).log()).sum().item()
+    x = torch.multinomial(p, 200_000, replacement=True)  # tokens sampled from the policy p
+    logp, logq = p.log()[x], q.log()[x]
+    for est in ("k1", "k3"):
+        assert ppo.kl_penalty(logp, logq, est).mean().item() == pytest.approx(exact, abs=0.01)
+    assert (ppo.kl_penalty(logp, logq, "k3") >= 0).all()  # k3 is never negative, k1 can be
+    assert (ppo.kl_penalty(logp, logq, "k1") < 0).any()
+
+
+def test_clipped_loss_is_the_plain_policy_gradient_loss_at_init():
+    # old = new (before the first step): ratio is exactly 1, nothing is clipped, and the loss and its gradient
+    # are those of the plain policy gradient -E[A * log pi]
+    torch.manual_seed(0)
+    logp = torch.randn(3, 5).requires_grad_(True)
+    adv = torch.randn(3, 5)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]], dtype=torch.float)
+    loss, st = ppo.ppo_clip_loss(logp, logp.detach(), adv, mask, 0.2)
+    assert st["ratio"] == 1.0 and st["clipfrac"] == 0.0 and st["approx_kl"] == 0.0
+    assert loss.item() == pytest.approx(-(adv * mask).sum().item() / mask.sum().item(), abs=1e-6)
+    (g_clip,) = torch.autograd.grad(loss, logp)
+    (g_pg,) = torch.autograd.grad(-ppo.masked_mean(adv * logp, mask), logp)
+    torch.testing.assert_close(g_clip, g_pg)
+
+
+def test_clipped_tokens_receive_zero_policy_gradient():
+    old = torch.zeros(1, 4)
+    # ratios: 1.5 (A>0, clipped), 0.5 (A<0, clipped), 1.1 (inside), 0.5 (A>0: the unclipped side is worse)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.5]])).requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]])
+    pg, st = ppo.ppo_clip_loss(logp, old, adv, torch.ones(1, 4), 0.2)
+    # max(-A r, -A clip(r)): -1.2, 0.8 (from 0.8 = clip(0.5)), -1.1, -0.5 -> mean -0.5
+    assert pg.item() == pytest.approx((-1.2 + 0.8 - 1.1 - 0.5) / 4)
+    pg.backward()
+    g = logp.grad[0]
+    assert g[0] == 0 and g[1] == 0 and g[2] != 0 and g[3] != 0
+    assert st["clipfrac"] == 0.75
+
+
+def test_clipped_value_loss_hand_value():
+    values = torch.tensor([[1.0, 0.0, 2.0, 50.0]])
+    old = torch.tensor([[0.5, 0.5, 0.5, -50.0]])
+    returns = torch.tensor([[2.0, -1.0, 0.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is padding
+    # t0: (1 - 2)^2 = 1 vs clipped V = 0.7: 1.69 -> 1.69;  t1: 1 vs V = 0.3: 1.69 -> 1.69
+    # t2: 4 vs clipped V = 0.7: 0.49 -> 4
+    loss = ppo.clipped_value_loss(values, old, returns, mask, 0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.69 + 4.0) / 3)
+    # inside the clip range it is plain 0.5 * (V - R)^2
+    assert ppo.clipped_value_loss(values, values, returns, mask, 0.2).item() == pytest.approx(0.5 * 6 / 3)
+
+
+def test_adaptive_kl_controller_hand_values():
+    # e = clip(KL / target - 1, -0.2, 0.2); beta * (1 + e * n / horizon)
+    assert ppo.adaptive_kl_coef(0.1, 1.9, 2.0, 100, 1000) == pytest.approx(0.1 * (1 - 0.05 * 0.1))
+    assert ppo.adaptive_kl_coef(0.1, 4.0, 2.0, 100, 1000) == pytest.approx(0.1 * 1.02)  # e clipped to +0.2
+    assert ppo.adaptive_kl_coef(0.1, 0.0, 2.0, 100, 1000) == pytest.approx(0.1 * 0.98)  # e clipped to -0.2
+    assert ppo.adaptive_kl_coef(0.1, 2.0, 2.0, 100, 1000) == 0.1  # on target: unchanged
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert ppo.explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full_like(returns, 2.0), returns, mask).item() == pytest.approx(0.0)
 
 
 def tiny_policy(seed=0):
@@ -74,83 +164,160 @@ def test_first_minibatch_has_ratio_one_and_zero_kl_to_reference():
     ref.load_state_dict(policy.state_dict())
     seq, attn, action = rollout(policy, enc)
     with torch.no_grad():
-        old_logp, old_values, _ = ppo.forward_policy(policy, seq, attn)          # whole rollout batch
-        ref_logp = M.token_logprobs(ref(seq, attention_mask=attn)[0][:, :-1], seq[:, 1:])
+        old_logp, old_values, _ = ppo.forward_policy(policy, seq, attn, 1.0)      # whole rollout batch
+        ref_logp = M.sequence_logprobs(ref, seq, attn, 1.0)
     for est in ("k1", "k3"):  # the policy starts as the reference: KL is exactly 0
         assert (ppo.kl_penalty(old_logp, ref_logp, est) * action).abs().max() < 1e-6
     mb = torch.tensor([4, 1, 2])  # a minibatch, in another order, before any update
-    logp, values, _ = ppo.forward_policy(policy, seq[mb], attn[mb])
-    adv = torch.randn_like(logp)
-    returns = torch.randn_like(logp)
-    _, _, st = ppo.ppo_losses(logp, old_logp[mb], adv, values, old_values[mb], returns, action[mb])
+    logp, values, _ = ppo.forward_policy(policy, seq[mb], attn[mb], 1.0)
+    _, st = ppo.ppo_clip_loss(logp, old_logp[mb], torch.randn_like(logp), action[mb], 0.2)
     assert st["ratio"] == pytest.approx(1.0, abs=1e-5)
     assert st["clipfrac"] == 0.0 and st["approx_kl"] < 1e-10
+    # the temperature divides the logits: at T = 2 the log-probs are those of softmax(logits / 2)
+    with torch.no_grad():
+        logits = policy(seq, attention_mask=attn)[0][:, :-1]
+        torch.testing.assert_close(ppo.forward_policy(policy, seq, attn, 2.0)[0],
+                                   M.token_logprobs(logits, seq[:, 1:], 2.0))
 
 
 def test_padding_and_after_end_positions_do_not_change_losses():
     torch.manual_seed(0)
     shape = (3, 7)
-    mask = torch.tensor([[0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0, 0]], dtype=torch.float)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0, 0]]).float()
     args = [torch.randn(shape) for _ in range(6)]  # logp, old_logp, adv, values, old_values, returns
-    pg, vf, st = ppo.ppo_losses(*args, mask)
+
+    def losses(logp, old_logp, adv, values, old_values, returns):
+        pg, st = ppo.ppo_clip_loss(logp, old_logp, adv, mask, 0.2)
+        return pg.item(), ppo.clipped_value_loss(values, old_values, returns, mask, 0.2).item(), st
+
     garbage = [a.clone() for a in args]
     for g in garbage:
         g[mask == 0] = torch.randn(int((mask == 0).sum())) * 100
-    pg2, vf2, st2 = ppo.ppo_losses(*garbage, mask)
-    assert pg.item() == pytest.approx(pg2.item()) and vf.item() == pytest.approx(vf2.item())
-    assert st == pytest.approx(st2)
+    assert losses(*args) == pytest.approx(losses(*garbage))
 
 
-def test_k1_and_k3_estimate_the_exact_kl_of_a_categorical():
-    torch.manual_seed(0)
-    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
-    exact = (p * (p / q).log()).sum().item()
-    x = torch.multinomial(p, 200_000, replacement=True)  # tokens sampled from the policy p
-    logp, logq = p.log()[x], q.log()[x]
-    for est in ("k1", "k3"):
-        assert ppo.kl_penalty(logp, logq, est).mean().item() == pytest.approx(exact, abs=0.01)
-    assert (ppo.kl_penalty(logp, logq, "k3") >= 0).all()  # k3 is never negative, k1 can be
-    assert (ppo.kl_penalty(logp, logq, "k1") < 0).any()
+def test_one_minibatch_step_under_fp16_autocast_with_a_grad_scaler():
+    policy, enc = tiny_policy()
+    seq, attn, action = rollout(policy, enc)
+    with torch.no_grad():
+        old_logp, old_values, _ = ppo.forward_policy(policy, seq, attn, 1.0)
+    old_values = old_values * action
+    adv = ppo.masked_whiten(torch.randn_like(old_logp), action)
+    returns = torch.randn_like(old_logp) * action
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with torch.autocast("cpu", dtype=torch.float16):
+        logp, values, _ = ppo.forward_policy(policy, seq, attn, 1.0)
+    assert logp.dtype == values.dtype == torch.float32  # losses in fp32, whatever the matmuls ran in
+    pg_loss, _ = ppo.ppo_clip_loss(logp, old_logp, adv, action, 0.2)
+    loss = pg_loss + 0.5 * ppo.clipped_value_loss(values, old_values, returns, action, 0.2)
+    scaler.scale(loss).backward()
+    runtime.optimizer_step(policy, optimizer, scaler, 1.0)
+    after = policy.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    for name in ("transformer.h.0.mlp.c_fc.weight", "scalar_head.weight"):  # trunk and value head both moved
+        assert not torch.equal(before[name], after[name]), name
+    assert all(p.grad is None for p in policy.parameters())  # the step zeroed the gradients
 
 
-def test_clipped_tokens_receive_zero_policy_gradient():
-    old = torch.zeros(1, 4)
-    # ratios: 1.5 (A>0, clipped), 0.5 (A<0, clipped), 1.1 (inside), 0.5 (A>0: the unclipped side is worse)
-    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.5]])).requires_grad_(True)
-    adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]])
-    mask = torch.ones(1, 4)
-    zeros = torch.zeros(1, 4)
-    pg, _, st = ppo.ppo_losses(logp, old, adv, zeros, zeros, zeros, mask)
-    pg.backward()
-    g = logp.grad[0]
-    assert g[0] == 0 and g[1] == 0 and g[2] != 0 and g[3] != 0
-    assert st["clipfrac"] == 0.75
+def test_prompt_sampler_state_survives_a_weights_only_checkpoint(tmp_path):
+    rng = random.Random(7)
+    rng.random()
+    torch.save({"s": ppo.sampler_state(rng)}, tmp_path / "s.pt")
+    expected = [rng.random() for _ in range(5)]
+    fresh = random.Random(0)
+    ppo.set_sampler_state(fresh, torch.load(tmp_path / "s.pt", weights_only=True)["s"])
+    assert [fresh.random() for _ in range(5)] == expected
 
 
 def make_stage_checkpoints(out):
     policy, enc = tiny_policy()
     args = {**policy.config.__dict__, "scalar_head": False}
     sd = {k: v for k, v in policy.state_dict().items() if not k.startswith("scalar_head")}
-    runtime.save_checkpoint(str(out / "sft.pt"), {"model": sd, "model_args": args, "config": {}, "kind": "sft",
-                                            "step": 0, "tokenizer": "world"})
-    runtime.save_checkpoint(str(out / "reward.pt"), {"model": policy.state_dict(), "model_args": {**args, "scalar_head": True},
-                                               "config": {}, "kind": "reward", "step": 0, "tokenizer": "world",
-                                               "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
+    common = {"config": {}, "step": 0, "tokenizer": "world"}
+    runtime.save_checkpoint(str(out / "sft.pt"), {**common, "model": sd, "model_args": args, "kind": "sft"})
+    runtime.save_checkpoint(str(out / "reward.pt"), {**common, "model": policy.state_dict(), "kind": "reward",
+                                                     "model_args": {**args, "scalar_head": True},
+                                                     "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
 
 
-@pytest.mark.parametrize("reward", ["rm", "gold"])
-def test_ppo_smoke_run(tmp_path, reward):
-    make_stage_checkpoints(tmp_path)
-    cmd = [sys.executable, "ppo.py", f"--out_dir={tmp_path}", "--max_iters=2", "--batch_size=4", "--minibatch_size=2",
-           "--max_new_tokens=8", "--eval_samples=1", "--n_eval=8", "--ppo_epochs=2", f"--reward={reward}", "--target_kl=1"]
+def run_main_here(monkeypatch, *argv):
+    """ppo.main() in this process with these options; the config globals it rebinds are restored after."""
+    for name, value in list(vars(ppo).items()):
+        if not name.startswith("_") and type(value) in (int, float, bool, str):
+            monkeypatch.setattr(ppo, name, value)
+    monkeypatch.setattr(sys, "argv", ["ppo.py", *argv])
+    ppo.main()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("--minibatch_size=5", "--minibatch_size=5 is out of range: it must be between 1 and --batch_size"),
+    ("--reward=human", "--reward='human' is out of range"),
+    ("--kl_estimator=k2", "--kl_estimator='k2' is out of range"),
+    ("--temperature=0.0", "--temperature=0.0 is out of range"),
+    ("--beta=-0.1", "--beta=-0.1 is out of range"),
+    ("--save_interval=0", "--save_interval=0 is out of range"),
+])
+def test_bad_options_stop_before_anything_is_touched(tmp_path, monkeypatch, bad, message):
+    (tmp_path / "ppo.jsonl").write_text('{"iter": 1}\n')
+    with pytest.raises(SystemExit, match="^error: " + re.escape(message)):
+        run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2", bad)
+    assert (tmp_path / "ppo.jsonl").read_text() == '{"iter": 1}\n' and not (tmp_path / "ppo.pt").exists()
+
+
+def run_ppo(out, *args):
+    cmd = [sys.executable, "ppo.py", f"--out_dir={out}", "--batch_size=4", "--minibatch_size=2",
+           "--max_new_tokens=8", "--eval_samples=1", "--n_eval=4", "--ppo_epochs=2", *args]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_smoke_run_under_fp16_with_the_hidden_human_as_reward(tmp_path):
+    make_stage_checkpoints(tmp_path)
+    r = run_ppo(tmp_path, "--max_iters=2", "--reward=gold", "--dtype=float16", "--kl_estimator=k3")
     rows = [json.loads(line) for line in open(tmp_path / "ppo.jsonl")]
-    assert len(rows) == 2 and set(rows[0]) == set(rows[1])
+    assert [row["iter"] for row in rows] == [1, 2] and all(math.isfinite(row["pg_loss"]) for row in rows)
+    assert rows[0]["first_ratio"] == pytest.approx(1.0, abs=1e-3)  # fp16 matmuls round the log-probs
+    assert runtime.load_checkpoint(str(tmp_path / "ppo.pt"), "ppo")["step"] == 2 and "ppo wins" in r.stdout
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for d in (whole, split):
+        d.mkdir()
+        make_stage_checkpoints(d)
+    (whole / "ppo.jsonl").write_text('{"iter": 99}\n')  # an old log: a fresh run replaces it
+    r = run_ppo(whole, "--max_iters=2", "--target_kl=1")  # a reward model with an lm_weight term
+    rows = [json.loads(line) for line in open(whole / "ppo.jsonl")]
+    assert [row["iter"] for row in rows] == [1, 2] and set(rows[0]) == set(rows[1])
     assert rows[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert abs(rows[0]["kl"]) < 1e-5  # the policy starts as the reference
     assert math.isfinite(rows[1]["pg_loss"]) and rows[1]["beta"] != ppo.beta  # the controller moved beta
-    ck = runtime.load_checkpoint(str(tmp_path / "ppo.pt"), "ppo")
-    assert ck["step"] == 2
     assert "ppo wins" in r.stdout
+    run_ppo(split, "--max_iters=1", "--target_kl=1")  # "killed" after iteration 1 (its checkpoint is saved)
+    with open(split / "ppo.jsonl", "a") as f:
+        f.write('{"iter": 2, "score": 0.0}\n{"iter": 3, "sc')  # logged after the checkpoint, the last row cut
+    run_ppo(split, "--max_iters=2", "--target_kl=1", "--resume=True")
+    a, b = (runtime.load_checkpoint(str(d / "ppo.pt"), "ppo") for d in (whole, split))
+    assert a["step"] == b["step"] == 2 and a["kl_coef"] == b["kl_coef"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "time"} for line in open(d / "ppo.jsonl")]
+            for d in (whole, split)]
+    assert rows[0] == rows[1]
+    # resuming a finished run says so in one line
+    run_main_here(monkeypatch, f"--out_dir={split}", "--batch_size=4", "--minibatch_size=2", "--max_iters=2",
+                  "--max_new_tokens=8", "--n_eval=4", "--eval_samples=1", "--resume=True")
+    assert "ppo.pt is already at iteration 2 >= --max_iters=2: nothing to train" in capsys.readouterr().out
+
+
+def test_a_non_finite_reward_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    make_stage_checkpoints(tmp_path)
+    ck = torch.load(tmp_path / "reward.pt", weights_only=True)
+    runtime.save_checkpoint(str(tmp_path / "reward.pt"), {**ck, "gain": float("nan")})  # every score is NaN
+    with pytest.raises(SystemExit, match=r"^error: ppo step 1: score is nan \(not finite\); stopped"):
+        run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+                      "--max_new_tokens=8", "--max_iters=2")
+    assert not (tmp_path / "ppo.pt").exists()

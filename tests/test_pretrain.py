@@ -1,6 +1,12 @@
-"""pretrain.py end to end on a tiny config: resume is exact, and torchrun DDP (gloo, 2 processes) runs."""
+"""pretrain.py: the next-token loss and the batches by hand; end to end on a tiny config, resume is exact and
+torchrun DDP (gloo, 2 processes) runs; bad options, a checkpoint of another network and a non-finite loss are
+one line each and leave out_dir as it was."""
+import hashlib
+import importlib
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,13 +15,44 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as M  # noqa: E402
+import runtime  # noqa: E402
+from data.tokenizer import get_tokenizer  # noqa: E402
+from pretrain import get_batch, next_token_loss  # noqa: E402  (importing pretrain.py runs nothing)
+
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=6",
         "--eval_interval=3", "--eval_iters=1", "--n_samples=0", "--warmup_iters=2"]
 
 
-def run(args, out, launcher=(sys.executable,)):
+def test_next_token_loss_by_hand():
+    """The mean of -log p(next token) over every position of every row."""
+    logits = torch.zeros(2, 2, 2)
+    logits[0, 0, 1] = math.log(3)  # p = (1/4, 3/4)
+    logits[0, 1, 0] = math.log(3)  # p = (3/4, 1/4)
+    targets = torch.tensor([[1, 1], [0, 1]])  # row 1 is uniform: -log(1/2) twice
+    expect = (math.log(4 / 3) + math.log(4) + 2 * math.log(2)) / 4
+    assert next_token_loss(logits, targets).item() == pytest.approx(expect, abs=1e-6)
+
+
+def test_batches_are_windows_and_their_next_tokens():
+    stream = torch.arange(100)
+    x, y = get_batch(stream, 8, 5, seed=1, it=3, micro=0, rank=0)
+    assert x.shape == y.shape == (5, 8)
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(5, 7, dtype=torch.long))  # contiguous windows
+    assert torch.equal(y, x + 1)  # each target is the token after its input
+    again = get_batch(stream, 8, 5, seed=1, it=3, micro=0, rank=0)
+    assert torch.equal(again[0], x)  # the same (seed, step, micro-step, rank): the same batch (exact resume)
+    others = [get_batch(stream, 8, 5, 1, 4, 0, 0), get_batch(stream, 8, 5, 1, 3, 1, 0),
+              get_batch(stream, 8, 5, 1, 3, 0, 1), get_batch(stream, 8, 5, 1, 3, 0, 0, val=True)]
+    assert all(not torch.equal(o[0], x) for o in others)  # another step, micro-step, rank or split: another
+
+
+def run(args, out, launcher=(sys.executable,), check=True):
     r = subprocess.run([*launcher, "pretrain.py", f"--out_dir={out}", *TINY, *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
+    if not check:
+        return r
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return [json.loads(line) for line in open(os.path.join(out, "pretrain.jsonl"))]
 
@@ -32,13 +69,95 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     assert full[-1]["val_loss"] == pytest.approx(resumed[-1]["val_loss"], abs=1e-6)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(TORCHRUN),
                     reason="torchrun not installed")
 def test_torchrun_two_processes_on_cpu(tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    launcher = (torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2")
+    launcher = (TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2")
     log = run([], tmp_path, launcher)
     assert [r["iter"] for r in log] == [1, 2, 3, 4, 5, 6]  # only rank 0 logs
     assert log[-1]["tokens"] == 6 * 2 * 4 * 32  # both ranks' batches count
     ck = torch.load(tmp_path / "base.pt", weights_only=True)
     assert ck["kind"] == "base" and ck["step"] == 6
+
+
+# ---- failures: one line, out_dir as it was
+
+def files_of(d):
+    """{name: sha256} of every file in d: what a failed run must leave exactly as it was."""
+    return {p: hashlib.sha256(open(os.path.join(d, p), "rb").read()).hexdigest()
+            for p in sorted(os.listdir(d))}
+
+
+def save_tiny_base(path, **model_args):
+    """A base checkpoint of TINY's network (weights only), its model_args changed by model_args."""
+    torch.manual_seed(0)
+    n_vocab = get_tokenizer("world").n_vocab
+    m = M.GPT(M.GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=n_vocab))
+    runtime.save_checkpoint(str(path), {"model": m.state_dict(), "kind": "base", "step": 3,
+                                        "tokenizer": "world", "model_args": {**vars(m.config), **model_args}})
+
+
+@pytest.fixture
+def used_dir(tmp_path):
+    """An out_dir with an earlier run's base.pt and pretrain.jsonl, and a small corpus (fast to read)."""
+    save_tiny_base(tmp_path / "base.pt")
+    (tmp_path / "pretrain.jsonl").write_text('{"iter": 1, "loss": 6.0}\n')
+    doc = "The owl is calm. The owl sleeps in the forest. " * 6  # the held-out document is longer than TINY's
+    (tmp_path / "corpus.txt").write_text("\n\n".join([doc] * 10))  # block_size, as pretrain.py requires
+    return tmp_path
+
+
+def pretrain_main_error(monkeypatch, *args):
+    """pretrain.main() in this process with these options (cheaper than a new python): its SystemExit
+    message."""
+    import pretrain
+    importlib.reload(pretrain)  # configure() sets the options on the module: start from the defaults again
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", *args])
+    with pytest.raises(SystemExit) as e:
+        pretrain.main()
+    return str(e.value)
+
+
+BAD_OPTIONS = ["--grad_accum=0", "--batch_size=0", "--lr=-1", "--eval_interval=0", "--max_iters=0",
+               "--eval_iters=0", "--n_head=0", "--n_embd=30", "--block_size=0", "--beta1=-0.1",
+               "--dropout=1.0", "--tokenizer=bpe", "--n_samples=-1", "--device=gpu"]
+
+
+def test_bad_options_are_one_line_and_touch_nothing(used_dir, monkeypatch):
+    before = files_of(used_dir)
+    r = run(["--batch_size=0"], used_dir, check=False)  # once as a user runs it: exit code, stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --batch_size=0 is out of range: it must be >= 1"]
+    for bad in BAD_OPTIONS:  # the rest in this process: the same check, before anything is read or written
+        msg = pretrain_main_error(monkeypatch, f"--out_dir={used_dir}", bad)
+        assert msg.startswith(f"error: {bad.split('=')[0]}=") and "\n" not in msg, (bad, msg)
+    assert files_of(used_dir) == before
+
+
+def test_resume_from_another_network_is_one_line(used_dir, monkeypatch):
+    path, args = used_dir / "base.pt", [f"--out_dir={used_dir}", *TINY, f"--data={used_dir / 'corpus.txt'}"]
+    before = files_of(used_dir)
+    msg = pretrain_main_error(monkeypatch, *args, "--resume=True", "--n_layer=2")
+    assert msg.startswith(f"error: {path} is another network than the options ask for (n_layer 1 vs 2)"), msg
+    assert "\n" not in msg and files_of(used_dir) == before
+    save_tiny_base(path, n_embd=64, n_head=4)  # model_args that its own weights do not fit
+    before = files_of(used_dir)
+    msg = pretrain_main_error(monkeypatch, *args, "--resume=True", "--n_embd=64", "--n_head=4")
+    assert msg.startswith(f"error: {path}: the weights do not fit") and "\n" not in msg, msg
+    assert files_of(used_dir) == before
+
+
+def test_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(used_dir):
+    good = files_of(used_dir)["base.pt"]
+    # a learning rate this large overflows the weights in the first step; the first checkpoint would be at 5
+    r = run([f"--data={used_dir / 'corpus.txt'}", "--lr=1e30", "--max_iters=10", "--eval_interval=5"],
+            used_dir, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0], r.stderr[-2000:]
+    assert re.match(r"error: pretrain step [1-4]: (loss|grad_norm) is (nan|inf|-inf) \(not finite\); "
+                    r"stopped, the last good checkpoint is kept; try a lower --lr$", errors[0]), errors[0]
+    assert files_of(used_dir)["base.pt"] == good and not os.path.exists(used_dir / "base.pt.tmp")

@@ -1,7 +1,13 @@
-"""SFT: the loss counts assistant tokens only (data.chat.sft_example / sft_batch, as sft.py builds its batches),
-an all-masked batch is harmless, and sft.py resumes exactly and rejects bad data cleanly."""
+"""SFT: the loss counts assistant tokens only (data.chat.sft_example, sft.sft_batch and sft.sft_loss, as
+sft.py builds its batches), an all-masked batch is harmless, and sft.py resumes exactly, rejects bad options,
+data and checkpoints in one line without touching out_dir, and stops at the first non-finite loss keeping the
+last good checkpoint."""
+import hashlib
+import importlib
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,9 +18,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
-import runtime
+import runtime  # noqa: E402
 from data.chat import render, sft_example  # noqa: E402
-# TODO moved: ['sft_batch']
+from sft import sft_batch, sft_loss  # noqa: E402  (importing sft.py runs nothing)
 from data.tokenizer import ASSISTANT, END, EOT, USER, get_tokenizer, special_id  # noqa: E402
 
 ENC = get_tokenizer("world")
@@ -22,7 +28,7 @@ PAD = special_id(ENC, EOT)
 CONVS = [
     [{"role": "user", "content": "Describe the owl."},
      {"role": "assistant", "content": "The owl is calm. The owl sleeps in the forest."},
-     {"role": "user", "content": "Tell me more about it."}],  # a trailing user turn: nothing after it is learned
+     {"role": "user", "content": "Tell me more about it."}],  # a trailing user turn: nothing after is learned
     [{"role": "system", "content": "Be kind."},
      {"role": "user", "content": "Where does Tom live?"},
      {"role": "assistant", "content": "Tom lives in the park."}],  # shorter: this row gets padding
@@ -78,8 +84,8 @@ def test_loss_ignores_user_tokens_and_padding_but_not_assistant_tokens():
     x3[attn == 0] = torch.randint(0, ENC.n_vocab, (int((attn == 0).sum()),))
     assert loss_of(m, x3, y, attn).item() == pytest.approx(base, abs=1e-6)
     # one assistant word changed: the loss must move
-    other = [[CONVS[0][0], {"role": "assistant", "content": "The owl is sad. The owl sleeps in the forest."}, CONVS[0][2]],
-             CONVS[1]]
+    sad = {"role": "assistant", "content": "The owl is sad. The owl sleeps in the forest."}
+    other = [[CONVS[0][0], sad, CONVS[0][2]], CONVS[1]]
     x4, y4, attn4 = batch(other)
     assert x4.shape == x.shape
     assert abs(loss_of(m, x4, y4, attn4).item() - base) > 1e-4
@@ -89,13 +95,30 @@ def test_gradient_reaches_only_positions_that_predict_assistant_tokens():
     m = tiny()
     x, y, attn = batch(CONVS)
     logits = m(x, attention_mask=attn)[0].detach().requires_grad_(True)
-    n = (y != -1).sum()
-    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
-                                             reduction="sum") / n
+    loss = sft_loss(logits, y)  # what sft.py trains on
     loss.backward()
     touched = logits.grad.abs().sum(-1) > 0  # (B, T)
     assert torch.equal(touched, y != -1)
-    assert loss.item() == pytest.approx(loss_of(m, x, y, attn).item(), abs=1e-6)  # model.py's loss is the same
+    n = (y != -1).sum()
+    manual = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                                               reduction="sum") / n
+    assert loss.item() == pytest.approx(manual.item(), abs=1e-6)
+    assert loss.item() == pytest.approx(loss_of(m, x, y, attn).item(), abs=1e-6)  # model.py's loss agrees
+
+
+def test_sft_loss_by_hand():
+    """L_SFT is the mean of -log p(target) over the positions whose target is not -1."""
+    logits = torch.zeros(1, 4, 2)
+    logits[0, 0, 1] = math.log(3)      # p = (1/4, 3/4)
+    logits[0, 1] = torch.tensor([100.0, -100.0])  # a confident miss, but its target is ignored
+    logits[0, 3, 0] = math.log(3)      # p = (3/4, 1/4)
+    targets = torch.tensor([[1, -1, -1, 1]])
+    # positions 0 and 3 count: -log(3/4) and -log(1/4); positions 1 and 2 are ignored
+    expect = (math.log(4 / 3) + math.log(4)) / 2
+    assert sft_loss(logits, targets).item() == pytest.approx(expect, abs=1e-6)
+    targets = torch.tensor([[1, -1, 0, -1]])  # position 2: uniform, -log(1/2)
+    assert sft_loss(logits, targets).item() == pytest.approx((math.log(4 / 3) + math.log(2)) / 2, abs=1e-6)
+    assert sft_loss(logits, torch.full((1, 4), -1)).item() == 0.0  # nothing to learn: 0, not NaN
 
 
 def test_all_masked_batch_gives_zero_loss_and_finite_gradients():
@@ -122,7 +145,7 @@ def base_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
     m = tiny(block_size=64)  # shorter than the longest demonstration: the truncation warning fires
     runtime.save_checkpoint(str(d / "base.pt"), {"model": m.state_dict(), "model_args": vars(m.config).copy(),
-                                           "kind": "base", "step": 0, "tokenizer": "world"})
+                                                 "kind": "base", "step": 0, "tokenizer": "world"})
     return d
 
 
@@ -150,7 +173,8 @@ def test_resume_continues_with_the_same_losses(base_dir, tmp_path):
     assert ck["kind"] == "sft" and ck["step"] == 6 and ck["tokenizer"] == "world"
 
 
-@pytest.mark.skipif(not os.path.exists(TORCHRUN) and shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.skipif(not os.path.exists(TORCHRUN) and shutil.which("torchrun") is None,
+                    reason="torchrun not installed")
 def test_torchrun_two_processes_on_cpu(base_dir, tmp_path):
     os.link(base_dir / "base.pt", tmp_path / "base.pt")
     launcher = [TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2"]
@@ -166,10 +190,83 @@ def test_torchrun_two_processes_on_cpu(base_dir, tmp_path):
 def test_bad_data_file_is_one_clear_line_and_nothing_is_written(base_dir, tmp_path):
     os.link(base_dir / "base.pt", tmp_path / "base.pt")
     bad = tmp_path / "chats.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}\n'
+    bad.write_text('{"messages": [{"role": "user", "content": "Hi"}, '
+                   '{"role": "assistant", "content": "Hello."}]}\n'
                    '{"messages": [{"role": "robot", "content": "Hi"}]}\n')
     r = run(tmp_path, f"--data={bad}")
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [f"error: {bad}:2: 'messages': messages[0].role must be one of "
                                              "system, user, assistant, got 'robot'"]
     assert not os.path.exists(tmp_path / "sft.pt") and not os.path.exists(tmp_path / "sft.jsonl")
+
+
+def files_of(d):
+    """{name: sha256} of every file in d: what a failed run must leave exactly as it was."""
+    return {p: hashlib.sha256(open(os.path.join(d, p), "rb").read()).hexdigest()
+            for p in sorted(os.listdir(d))}
+
+
+def save_tiny_sft(path, **model_args):
+    """An SFT checkpoint (weights only: what these tests read of it fails before the optimizer state)."""
+    m = tiny(block_size=64)
+    runtime.save_checkpoint(str(path), {"model": m.state_dict(), "kind": "sft", "step": 3,
+                                        "tokenizer": "world", "model_args": {**vars(m.config), **model_args}})
+
+
+def sft_main_error(monkeypatch, *args):
+    """sft.main() in this process with these options (cheaper than a new python): its SystemExit message."""
+    import sft
+    importlib.reload(sft)  # configure() sets the options on the module: start from the defaults again
+    monkeypatch.setattr(sys, "argv", ["sft.py", *args])
+    with pytest.raises(SystemExit) as e:
+        sft.main()
+    return str(e.value)
+
+
+@pytest.fixture
+def used_dir(base_dir, tmp_path):
+    """An out_dir that holds the files of an earlier run: base.pt, sft.pt and sft.jsonl."""
+    os.link(base_dir / "base.pt", tmp_path / "base.pt")
+    save_tiny_sft(tmp_path / "sft.pt")
+    (tmp_path / "sft.jsonl").write_text('{"iter": 1, "loss": 6.0}\n')
+    return tmp_path
+
+
+BAD_OPTIONS = ["--grad_accum=0", "--batch_size=0", "--lr=-1", "--eval_interval=0", "--max_iters=0",
+               "--eval_iters=0", "--beta2=1.0", "--dropout=1.0", "--temperature=0", "--dtype=float64"]
+
+
+def test_bad_options_are_one_line_and_touch_nothing(used_dir, monkeypatch):
+    before = files_of(used_dir)
+    r = run(used_dir, "--grad_accum=0")  # once as a user runs it: exit code, stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --grad_accum=0 is out of range: it must be >= 1"]
+    for bad in BAD_OPTIONS:  # the rest in this process: the same check, before anything is read or written
+        msg = sft_main_error(monkeypatch, f"--out_dir={used_dir}", bad)
+        assert msg.startswith(f"error: {bad.split('=')[0]}=") and "\n" not in msg, (bad, msg)
+    assert files_of(used_dir) == before
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line(used_dir, monkeypatch):
+    path = used_dir / "sft.pt"
+    save_tiny_sft(path, n_embd=64)  # model_args that its weights do not fit
+    before = files_of(used_dir)
+    msg = sft_main_error(monkeypatch, f"--out_dir={used_dir}", "--resume=True")
+    assert msg.startswith(f"error: {path}: the weights do not fit") and "\n" not in msg, msg
+    save_tiny_sft(path, vocab_size=100)  # a vocabulary smaller than its tokenizer's
+    before = files_of(used_dir)
+    msg = sft_main_error(monkeypatch, f"--out_dir={used_dir}", "--resume=True")
+    assert msg.startswith(f"error: {path}: its vocabulary (100) is smaller") and "\n" not in msg, msg
+    assert files_of(used_dir) == before
+
+
+def test_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(used_dir):
+    good = files_of(used_dir)["sft.pt"]
+    # a learning rate this large overflows the weights in the first step; the first checkpoint would be at 5
+    r = run(used_dir, "--lr=1e30", "--max_iters=10", "--eval_interval=5")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0], r.stderr[-2000:]
+    assert re.match(r"error: sft step [1-4]: (loss|grad_norm) is (nan|inf|-inf) \(not finite\); stopped, "
+                    r"the last good checkpoint is kept; try a lower --lr$", errors[0]), errors[0]
+    assert files_of(used_dir)["sft.pt"] == good and not os.path.exists(used_dir / "sft.pt.tmp")
