@@ -1,7 +1,9 @@
-"""reward.py: Bradley-Terry and Plackett-Luce by hand, where the score is read, the ln 2 start, end-to-end runs."""
+"""reward.py: Bradley-Terry, Plackett-Luce and the normalisation by hand, where the score is read, the ln 2
+start, the normalised flag that later stages check, bad options, end-to-end runs."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import runtime
 import reward  # importing the stage must not collect or train anything
 from data import world
 from data.chat import render_prompt, render_response
-from rollout import best_of_n, reply_logprobs, respond, reward_scores, rm_score
+from rollout import best_of_n, load_reward_model, reply_logprobs, respond, reward_scores, rm_score
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
 
@@ -63,6 +65,20 @@ def test_plackett_luce_by_hand_and_equal_to_bradley_terry_for_two():
     torch.testing.assert_close(reward.plackett_luce_loss(r), reward.bradley_terry_loss(r))
 
 
+def test_normalisation_gives_mean_0_std_1():
+    # r = (1, 3, 5): mean 3, sample std sqrt((4 + 0 + 4) / 2) = 2 -> gain 1/2, bias -3/2
+    gain, bias = reward.normalisation(torch.tensor([1.0, 3.0, 5.0]))
+    assert (gain, bias) == (pytest.approx(0.5), pytest.approx(-1.5))
+    torch.manual_seed(0)
+    r = torch.randn(50, 8) * 7 + 40  # any scale and offset, (N, K) as reward.py hands it over
+    gain, bias = reward.normalisation(r)
+    z = gain * r + bias
+    assert z.mean().item() == pytest.approx(0, abs=1e-5) and z.std().item() == pytest.approx(1, abs=1e-5)
+    assert gain > 0  # the order of the answers is kept
+    gain, bias = reward.normalisation(torch.full((4,), 2.0))  # a constant reward: finite, maps to 0
+    assert math.isfinite(gain) and gain * 2.0 + bias == pytest.approx(0)
+
+
 def test_score_is_read_at_the_end_of_turn():
     rm = trained_looking_rm()
     end = special_id(BYTES, END)
@@ -73,30 +89,34 @@ def test_score_is_read_at_the_end_of_turn():
     ids, attn = M.pad_rows([a, b, cut], 0)  # right padding
     s = rm_score(rm, ids, attn)
     with torch.no_grad():
-        alone = [rm(torch.tensor([row]), return_values=True)[2][0, -1].item() for row in (a, b, cut)]  # head at the last token
+        alone = [rm(torch.tensor([row]), return_values=True)[2][0, -1].item()  # the head at the last token
+                 for row in (a, b, cut)]
     torch.testing.assert_close(s, torch.tensor(alone), atol=1e-5, rtol=0)
     # whatever sits after <|end|> (padding of any id, or tokens past the turn) changes nothing
     junk = ids.clone()
     junk[attn == 0] = 77
     torch.testing.assert_close(rm_score(rm, junk, attn), s, atol=1e-5, rtol=0)
     longer = torch.cat([ids, torch.full((3, 5), 65)], 1)
-    torch.testing.assert_close(rm_score(rm, longer, torch.cat([attn, torch.zeros(3, 5, dtype=attn.dtype)], 1)),
-                               s, atol=1e-5, rtol=0)
+    longer_attn = torch.cat([attn, torch.zeros(3, 5, dtype=attn.dtype)], 1)
+    torch.testing.assert_close(rm_score(rm, longer, longer_attn), s, atol=1e-5, rtol=0)
     # ...while the ending does: the unfinished answer's score differs from the finished one's
     assert abs(s[1] - s[2]) > 1e-4
     # data.chat.reward_scores renders the same rows and applies the normalisation gain * r + bias
-    replies = [{"text": "Hello there!", "ended": True}, {"text": "Yo", "ended": True}, {"text": "Yo", "ended": False}]
-    torch.testing.assert_close(reward_scores(rm, BYTES, [PROMPT] * 3, replies, gain=2.0, bias=-1.0, batch_size=2),
-                               2.0 * s - 1.0, atol=1e-5, rtol=0)
+    replies = [{"text": "Hello there!", "ended": True}, {"text": "Yo", "ended": True},
+               {"text": "Yo", "ended": False}]
+    scores = reward_scores(rm, BYTES, [PROMPT] * 3, replies, gain=2.0, bias=-1.0, batch_size=2)
+    torch.testing.assert_close(scores, 2.0 * s - 1.0, atol=1e-5, rtol=0)
 
 
 def test_fresh_head_from_sft_starts_at_ln2():
     torch.manual_seed(0)
     sft = M.GPT(M.GPTConfig(**TINY))
-    rm = runtime.model_from_checkpoint({"model": sft.state_dict(), "model_args": TINY}, scalar_head=True, dropout=0.0)
+    rm = runtime.model_from_checkpoint({"model": sft.state_dict(), "model_args": TINY}, scalar_head=True,
+                                       dropout=0.0)
     for k in sft.state_dict():  # the trunk is SFT's
         assert torch.equal(rm.state_dict()[k], sft.state_dict()[k])
-    rows = [reward.scored_ids(BYTES, PROMPT, t, e, 64) for t, e in (("a", True), ("bb", True), ("ccc", False), ("d", True))]
+    rows = [reward.scored_ids(BYTES, PROMPT, t, e, 64)
+            for t, e in (("a", True), ("bb", True), ("ccc", False), ("d", True))]
     ids, attn = M.pad_rows(rows, 0)
     r = rm_score(rm, ids, attn).view(1, 4)
     assert torch.all(r == 0)
@@ -106,26 +126,39 @@ def test_fresh_head_from_sft_starts_at_ln2():
     assert rm.scalar_head.weight.grad.abs().sum() > 0  # and it can learn from there
 
 
+def test_load_reward_model_refuses_an_unnormalised_checkpoint(tmp_path):
+    rm = trained_looking_rm()
+    base = {"model": rm.state_dict(), "model_args": {**TINY, "scalar_head": True}, "kind": "reward",
+            "step": 1, "gain": 1.0, "bias": 0.0}
+    for name, extra in (("mid", {"normalised": False}), ("final", {"normalised": True}), ("old", {})):
+        runtime.save_checkpoint(str(tmp_path / f"{name}.pt"), {**base, **extra})
+    with pytest.raises(SystemExit, match=r"mid\.pt .*not normalised"):
+        load_reward_model(str(tmp_path / "mid.pt"), "cpu")
+    for name in ("final", "old"):  # a checkpoint without the key predates it: accepted
+        m, ck = load_reward_model(str(tmp_path / f"{name}.pt"), "cpu")
+        assert not m.training and not any(p.requires_grad for p in m.parameters()) and ck["step"] == 1
+
+
 def test_pairwise_accuracy_and_calibration():
     r = torch.tensor([[3.0, 1.0, 2.0], [1.0, 1.0, 0.0]])
     target = torch.tensor([[3.0, 2.0, 1.0], [5.0, 5.0, 4.0]])  # row 2's first pair is a tie: skipped
     # row 1: (1,2) right, (1,3) right, (2,3) wrong; row 2: (1,3) right, (2,3) right -> 4 of 5
     assert reward.pairwise_accuracy(r, target) == pytest.approx(4 / 5)
     assert reward.pairwise_accuracy(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])) == 0.5  # r ties count half
-    rows = reward.calibration(torch.tensor([[0.0, -3.0], [0.0, 3.0]]))  # sigmoid(3) = 0.95: one right, one wrong
+    rows = reward.calibration(torch.tensor([[0.0, -3.0], [0.0, 3.0]]))  # sigmoid(3) = 0.95, half right
     assert rows == [(0.9, 1.0, 2, pytest.approx(1 / (1 + math.exp(-3))), 0.5)]
 
 
 def test_accuracy_by_part_files_each_pair_under_its_largest_weighted_difference():
     prompt = [{"role": "user", "content": "Describe the fox."}]
     answers = ["The fox is happy. The fox runs in the forest.",  # ideal
-               "The owl is happy. The owl runs in the forest.",  # off-topic: differs from the ideal in helpfulness
-               "The fox is happy. The fox runs in the forest. You are dumb."]  # rude (and one sentence too many)
+               "The owl is happy. The owl runs in the forest.",  # off-topic: less helpful than the ideal
+               "The fox is happy. The fox runs in the forest. You are dumb."]  # rude, and a sentence too many
     parts = [[world.gold_components(prompt, a) for a in answers]]
     golds = torch.tensor([[world.gold(prompt, a) for a in answers]])
     # r scores the off-topic answer highest: (ideal, rude) right, both pairs with the off-topic answer wrong.
-    # Filing: ideal vs off-topic differ in helpful only (0.5); ideal vs rude in harmless 0.2 * 2 = 0.4 and concise
-    # 0.15 * 0.5; off-topic vs rude in helpful 0.5 > harmless 0.4 (gold 0.5 < 0.525: the rude answer is better)
+    # Filing: ideal vs off-topic differ in helpful only (0.5); ideal vs rude in harmless 0.2 * 2 = 0.4 and
+    # concise 0.15 * 0.5; off-topic vs rude in helpful 0.5 > harmless 0.4 (gold 0.5 < 0.525: rude is better)
     r = torch.tensor([[1.0, 2.0, 0.0]])
     got = reward.accuracy_by_part(r, golds, parts)
     assert got == {"helpful": (0.0, 2), "harmless": (1.0, 1)}
@@ -136,8 +169,8 @@ def test_best_of_n_keeps_the_highest_score():
     torch.manual_seed(1)
     policy = M.GPT(M.GPTConfig(**TINY)).eval()
     g = torch.Generator().manual_seed(0)
-    picks = best_of_n(policy, rm, BYTES, [PROMPT, PROMPT + [{"role": "assistant", "content": "x"}, PROMPT[0]]], 5,
-                      max_new_tokens=6, generator=g, batch_size=4)
+    convs = [PROMPT, PROMPT + [{"role": "assistant", "content": "x"}, PROMPT[0]]]
+    picks = best_of_n(policy, rm, BYTES, convs, 5, max_new_tokens=6, generator=g, batch_size=4)
     assert len(picks) == 2
     for p in picks:
         assert len(p["candidates"]) == 5 and p["score"] == max(c["score"] for c in p["candidates"])
@@ -146,10 +179,11 @@ def test_best_of_n_keeps_the_highest_score():
 def test_reply_logprobs_by_hand():
     torch.manual_seed(2)
     sft = M.GPT(M.GPTConfig(**TINY)).eval()
-    replies = [{"text": "ab", "ended": True}, {"text": "ab", "ended": False}, {"text": "hello", "ended": True}]
-    got = reply_logprobs(sft, BYTES, [PROMPT] * 3, replies, batch_size=2)  # two batches, the second one shorter
+    replies = [{"text": "ab", "ended": True}, {"text": "ab", "ended": False},
+               {"text": "hello", "ended": True}]
+    got = reply_logprobs(sft, BYTES, [PROMPT] * 3, replies, batch_size=2)  # two batches, the second shorter
     for r, lp in zip(replies, got):
-        ids, mask = render_response(BYTES, PROMPT, r["text"])  # prompt + reply + <|end|>, mask 1 on reply + end
+        ids, mask = render_response(BYTES, PROMPT, r["text"])  # prompt + reply + <|end|>; mask on reply + end
         n = len(ids) - (0 if r["ended"] else 1)  # a reply that was cut off never produced <|end|>
         logp = torch.log_softmax(sft(torch.tensor([ids[:n]]))[0][0], -1)
         want = sum(logp[t - 1, ids[t]].item() for t in range(n) if mask[t])
@@ -183,21 +217,25 @@ def test_sampled_logprob_and_best_of_n_with_the_likelihood_term():
         counted = len(r["ids"]) - (r["ids"][-1] == special_id(BYTES, "<|endoftext|>")) if r["ids"] else 0
         want = sum(logp[len(prompt) + k - 1, r["ids"][k]].item() for k in range(counted))
         assert r["logprob"] == pytest.approx(want, abs=1e-4)
-    # best-of-n adds gain * lm_weight * those log-probs to the head's score, without a second pass over SFT
+    # best-of-n adds gain * lm_weight * log p_SFT(reply text) to the head's score: the likelihood term is
+    # computed one way everywhere, reply_logprobs on the re-encoded text (as reward.py trains it), not the
+    # sampled logprob
     picks = best_of_n(sft, rm, BYTES, [PROMPT], 6, gain=2.0, bias=1.0, max_new_tokens=5, lm_weight=0.3,
                       generator=torch.Generator().manual_seed(0))
     cands = picks[0]["candidates"]
     head = reward_scores(rm, BYTES, [PROMPT] * 6, cands, gain=2.0, bias=1.0)
     got = torch.tensor([c["score"] for c in cands])
-    assert torch.allclose(got, head + 2.0 * 0.3 * torch.tensor([c["logprob"] for c in cands]), atol=1e-5)
+    lm = reply_logprobs(sft, BYTES, [PROMPT] * 6, cands)
+    assert torch.allclose(got, head + 2.0 * 0.3 * lm, atol=1e-5)
 
 
 # ---- end to end with a tiny random "SFT" model on the world's prompts
 
 def run(out, *args, launcher=(sys.executable,), ok=True):
     r = subprocess.run([*launcher, "reward.py", f"--out_dir={out}", "--max_new_tokens=4", "--batch_size=4",
-                        "--max_iters=3", "--eval_interval=2", "--n_prompts=40", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "--max_iters=3", "--eval_interval=2", "--n_prompts=40", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert (r.returncode == 0) == ok, r.stdout[-2000:] + r.stderr[-2000:]
     return r
 
@@ -207,30 +245,36 @@ def tiny_sft(tmp_path):
     enc = get_tokenizer("world")
     args = dict(block_size=128, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
     torch.manual_seed(0)
-    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
-                                                 "config": {}, "kind": "sft", "step": 0, "tokenizer": "world"})
+    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {
+        "model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args, "config": {}, "kind": "sft",
+        "step": 0, "tokenizer": "world"})
     return tmp_path
 
 
 def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
     out = tiny_sft
-    run(out, "--K=3", "--bon=2")
+    r = run(out, "--K=3", "--bon=2")
+    assert "normalised as" in r.stdout and "log p_SFT" not in r.stdout  # the head alone
     comps = [json.loads(line) for line in open(out / "comparisons.jsonl")]
     prompts = world.prompts("train")[:40]
     assert [c["prompt"] for c in comps] == prompts
     for c in comps:
         assert len(c["responses"]) == len(c["ended"]) == 3 and sorted(c["ranking"]) == [0, 1, 2]
-        assert c["chosen"] == c["responses"][c["ranking"][0]] and c["rejected"] == c["responses"][c["ranking"][-1]]
+        assert c["chosen"] == c["responses"][c["ranking"][0]]
+        assert c["rejected"] == c["responses"][c["ranking"][-1]]
     assert len(read_preferences(str(out / "comparisons.jsonl"))) == len(prompts)  # the TRL view reads as is
     ck = torch.load(out / "reward.pt", weights_only=True)
     assert ck["kind"] == "reward" and ck["K"] == 3 and ck["loss"] == "bradley_terry" and ck["step"] == 3
     assert ck["model_args"]["scalar_head"] and ck["gain"] > 0 and "bon_win_rate" in ck["metrics"]
-    # the by-component report covers every pair with distinct gold once: held-out prompts plus training prompts
+    # the default is InstructGPT's reward model: the head alone, no likelihood term, normalised
+    assert ck["lm_weight"] == 0.0 and ck["normalised"] is True
+    # the by-component report covers every pair with distinct gold once: held-out plus training prompts
     distinct = 0
     for c in comps:
         g = [world.gold(c["prompt"], t, e) for t, e in zip(c["responses"], c["ended"])]
         distinct += sum(abs(a - b) > 1e-9 for i, a in enumerate(g) for b in g[i + 1:])
-    counted = [n for part in ("acc_gold_by_part", "acc_gold_by_part_train") for _, n in ck["metrics"][part].values()]
+    counted = [n for part in ("acc_gold_by_part", "acc_gold_by_part_train")
+               for _, n in ck["metrics"][part].values()]
     assert sum(counted) == distinct > 0
     log = [json.loads(line) for line in open(out / "reward.jsonl")]
     assert [r["iter"] for r in log] == [1, 2, 3] and len({tuple(r) for r in log}) == 1  # same keys every step
@@ -242,12 +286,11 @@ def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
     assert torch.load(out / "reward.pt", weights_only=True)["loss"] == "plackett_luce"
     r = run(out, "--train=False", "--bon=2")
     assert "best-of-2" in r.stdout
-    # by default the weight of log p_SFT is learned from 0 along with the head, saved, and used by best-of-n;
-    # --lm_feature=False keeps it at 0: the head alone
+    # --lm_feature=True (a departure): the weight of log p_SFT is learned from 0 along with the head, saved,
+    # and used by best-of-n
+    r = run(out, "--collect=False", "--lm_feature=True", "--bon=2")
     assert torch.load(out / "reward.pt", weights_only=True)["lm_weight"] != 0.0
-    r = run(out, "--collect=False", "--lm_feature=False", "--bon=2")
-    assert torch.load(out / "reward.pt", weights_only=True)["lm_weight"] == 0.0
-    assert "normalised as" in r.stdout and "log p_SFT" not in r.stdout and "best-of-2" in r.stdout
+    assert "log p_SFT" in r.stdout and "best-of-2" in r.stdout
 
 
 def test_preference_file_and_bad_input(tiny_sft, tmp_path):
@@ -263,10 +306,31 @@ def test_preference_file_and_bad_input(tiny_sft, tmp_path):
     r = run(out, f"--data={bad}", ok=False)
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:1:")
     assert torch.load(out / "reward.pt", weights_only=True)["K"] == 2  # the good model is still there
-    r = run(out, "--loss=hinge", ok=False)
-    assert "--loss must be one of" in r.stderr
-    r = run(out, "--labeler_tau=0", ok=False)
-    assert "--labeler_tau must be > 0" in r.stderr
+    # the non-finite guard: an absurd learning rate blows the weights up after one step; the next loss is NaN
+    # and the stage stops in one line before anything is saved
+    before = (out / "reward.pt").read_bytes()
+    r = run(out, f"--data={good}", "--lr=1e30", "--warmup_iters=0", ok=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: reward step \d: (loss|grad_norm) is (nan|inf)", last), r.stderr
+    assert "try a lower --lr" in r.stderr and (out / "reward.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--loss=hinge", "error: --loss='hinge' is out of range: it must be one of bradley_terry, plackett_luce"),
+    ("--K=1", "error: --K=1 is out of range: it must be >= 2"),
+    ("--labeler_tau=0", "error: --labeler_tau=0.0 is out of range: it must be > 0"),
+    ("--train=False", "error: nothing to do with --train=False and --bon=0")])
+def test_a_bad_option_is_one_line_before_anything_is_touched(tmp_path, monkeypatch, flag, message):
+    (tmp_path / "reward.jsonl").write_text("old log\n")
+    config = {k: v for k, v in vars(reward).items() if not k.startswith("_")}
+    monkeypatch.setattr(sys, "argv", ["reward.py", f"--out_dir={tmp_path}", flag])
+    try:
+        with pytest.raises(SystemExit) as e:
+            reward.main()  # in-process: the checks come before any model is loaded
+    finally:
+        vars(reward).update(config)  # configure() rebinds the module's config globals
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == ["reward.jsonl"] and (tmp_path / "reward.jsonl").read_text() == "old log\n"
 
 
 def test_noise_free_labelers_rank_by_gold(tiny_sft):
@@ -278,24 +342,29 @@ def test_noise_free_labelers_rank_by_gold(tiny_sft):
         assert all(a >= b - 1e-9 for a, b in zip(g, g[1:]))
 
 
-@pytest.mark.parametrize("flags", [[], ["--lm_feature=False"]])
+@pytest.mark.parametrize("flags", [[], ["--lm_feature=True"]])
 def test_resume_continues_with_the_same_losses(tiny_sft, tmp_path, flags):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         d.mkdir()
         shutil.copy(tiny_sft / "sft.pt", d / "sft.pt")
     run(a, "--max_iters=6", "--eval_interval=3", *flags)
-    run(b, "--max_iters=6", "--eval_interval=3", "--stop_at=3", *flags)  # as if killed after the step-3 checkpoint
-    assert torch.load(b / "reward.pt", weights_only=True)["step"] == 3
+    run(b, "--max_iters=6", "--eval_interval=3", "--stop_at=3", *flags)  # as if killed after step 3's save
+    mid = torch.load(b / "reward.pt", weights_only=True)
+    assert mid["step"] == 3 and mid["normalised"] is False and (mid["gain"], mid["bias"]) == (1.0, 0.0)
+    with pytest.raises(SystemExit, match="not normalised"):  # no later stage may score with it
+        load_reward_model(str(b / "reward.pt"), "cpu")
     run(b, "--max_iters=6", "--eval_interval=3", "--resume=True", *flags)
+    assert torch.load(b / "reward.pt", weights_only=True)["normalised"] is True
     full, resumed = ([json.loads(line) for line in open(d / "reward.jsonl")] for d in (a, b))
     assert [r["iter"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(full, resumed):  # same comparisons, batches, dropout masks and optimizer state: same losses
+    for x, y in zip(full, resumed):  # same comparisons, batches, dropout masks, optimizer state: same losses
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6), (x, y)
     assert full[-1]["val_loss"] == pytest.approx(resumed[-1]["val_loss"], abs=1e-6)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+@pytest.mark.skipif(shutil.which("torchrun") is None and
+                    not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun not installed")
 def test_torchrun_two_processes_share_the_collection(tiny_sft):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
