@@ -26,7 +26,7 @@ import torch
 
 import runtime
 from data import world
-from rollout import best_of_n, load_reward_model, reward_scores, score
+from rollout import best_of_n, reward_scores, score
 from data.readers import DataError, read_prompts
 
 # -----------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def evaluate(rt, paths, prompts, rm_path):
     sft.to(rt.device).eval()
     rm = rm_ck = None
     if os.path.isfile(rm_path):
-        rm, rm_ck = load_reward_model(rm_path, rt.device)
+        rm, rm_ck = runtime.load_reward_model(rm_path, rt.device)
     evals = prompts * samples
     results = {}
     for name in ["sft"] + [n for n in paths if n != "sft"]:

@@ -31,7 +31,6 @@ Departures from InstructGPT:
 - options: --reward=gold (the hidden human as the reward), --kl_estimator=k3. A reward model trained with
   reward.py --lm_feature brings its likelihood term as part of its sequence score (rollout.reward_scores).
 """
-import json
 import os
 import random
 import time
@@ -200,57 +199,6 @@ def forward_policy(policy, seq, attn, temperature):
     return logp, values[:, :-1], entropy
 
 
-def sampler_state(rng):
-    """A random.Random's state as plain lists, which torch.load(weights_only=True) reads back (like
-    runtime.rng_state); set_sampler_state undoes it."""
-    version, mt, gauss = rng.getstate()
-    return [version, list(mt), gauss]
-
-
-def set_sampler_state(rng, state):
-    rng.setstate((state[0], tuple(state[1]), state[2]))
-
-
-def rank_rng_states(rng, rt):
-    """Every process's own random streams, [rank 0's, rank 1's, ...]: its prompt sampler and the torch
-    generator that samples its replies. runtime.rng_state() holds rank 0's only; with these a resumed torchrun
-    run draws on every rank what an uninterrupted one would have drawn. Every rank calls it (a collective)."""
-    mine = {"prompts": sampler_state(rng), "torch": torch.get_rng_state()}
-    if rt.device_type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(rt.device)
-    if not rt.ddp:
-        return [mine]
-    states = [None] * rt.world_size
-    torch.distributed.all_gather_object(states, mine)
-    return states
-
-
-def set_rank_rng_states(rng, states, rt):
-    if rt.rank < len(states):  # resumed on more processes than it was saved from: the new ranks start fresh
-        s = states[rt.rank]
-        set_sampler_state(rng, s["prompts"])
-        torch.set_rng_state(s["torch"])
-        if "cuda" in s and rt.device_type == "cuda":
-            torch.cuda.set_rng_state(s["cuda"], rt.device)
-
-
-def keep_log_until(path, step):
-    """--resume: drop the rows a killed run logged after its last checkpoint (and a line cut by the kill), so
-    the resumed run's rows follow on as an uninterrupted run's would."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["iter"] <= step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
 def main():
     # ---- 0. options (checked before anything is read or written), models, optimizer, resume
     config = runtime.configure(globals(), ranges={
@@ -274,9 +222,7 @@ def main():
     policy = runtime.model_from_checkpoint(sft_ck, sft_path, dropout=0.0, scalar_head=True).to(rt.device)
     rm, gain, bias, lm_weight = None, 1.0, 0.0, 0.0
     if reward == "rm":
-        rm_ck = runtime.load_checkpoint(rm_path, "reward")
-        rm = runtime.model_from_checkpoint(rm_ck, rm_path, dropout=0.0, scalar_head=True)
-        rm.to(rt.device).eval().requires_grad_(False)
+        rm, rm_ck = runtime.load_reward_model(rm_path, rt.device)  # frozen; refused if never normalised
         gain, bias, lm_weight = rm_ck["gain"], rm_ck["bias"], rm_ck.get("lm_weight", 0.0)
     head = list(policy.scalar_head.parameters())
     trunk = [p for n, p in policy.named_parameters() if not n.startswith("scalar_head.")]
@@ -292,7 +238,7 @@ def main():
             raise SystemExit(f"error: {ck_path} has no {', '.join(missing)} (an older ppo.py wrote it): it "
                              "cannot be resumed; start afresh without --resume")
         kl_coef, start = ck["kl_coef"], runtime.restore(ck, policy, optimizer, rt.scaler)
-        set_rank_rng_states(rng, ck["rank_rng"], rt)
+        runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
         if rt.master and start >= max_iters:
             print(f"{ck_path} is already at iteration {start} >= --max_iters={max_iters}: nothing to train "
                   "(raise --max_iters to continue); evaluating it")
@@ -300,7 +246,7 @@ def main():
     policy = runtime.wrap(policy, rt, compile)
     train_prompts = world.prompts("train")
     if rt.master and resume:  # the run is known to start: a resumed run continues its own log ...
-        keep_log_until(log_path, start)
+        runtime.keep_log_until(log_path, start)
     elif rt.master and os.path.exists(log_path):  # ... and a fresh run starts a fresh one
         os.remove(log_path)
 
@@ -377,7 +323,7 @@ def main():
                 for p, r in list(zip(prompts, replies))[:2]:
                     tqdm.write(f"  {p[-1]['content']} -> {r['text']!r}")
         if (it + 1) % save_interval == 0 or it + 1 == max_iters:
-            rank_rng = rank_rng_states(rng, rt)  # every rank takes part; rank 0 writes
+            rank_rng = runtime.rank_rng_states(rng, rt)  # every rank takes part; rank 0 writes
             if rt.master:
                 runtime.save_checkpoint(ck_path, {
                     **runtime.training_state(raw_policy, optimizer, rt.scaler), "rank_rng": rank_rng,

@@ -45,7 +45,7 @@ import runtime
 from data import world
 from data.chat import scored_ids
 from data.readers import DataError, read_comparisons, read_preferences, write_jsonl
-from rollout import best_of_n, load_reward_model, reply_logprobs, respond, rm_score, score_rows
+from rollout import best_of_n, reply_logprobs, respond, rm_score, score_rows
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -251,7 +251,7 @@ def held_out_metrics(r, loss_fn, first, golds):
 
 def save_reward(path, rm, optimizer, rt, sft_ck, config, step, K, loss, lm_weight, norm=None, metrics=None):
     """The reward checkpoint. Those saved while training (norm None; for --resume) have gain 1, bias 0 and
-    "normalised": False, which rollout.load_reward_model refuses; the final one norm = (gain, bias), True."""
+    "normalised": False, which runtime.load_reward_model refuses; the final one norm = (gain, bias), True."""
     gain, bias = norm or (1.0, 0.0)
     runtime.save_checkpoint(path, {
         **runtime.training_state(rm, optimizer, rt.scaler), "config": config, "kind": "reward", "step": step,
@@ -431,7 +431,7 @@ def main():
             save_reward(ck_path, raw_rm, optimizer, rt, sft_ck, config, iters, Kc, loss, lm_weight,
                         (gain, bias), {**metrics, "time": time.time() - t0})
     elif rt.master:  # --train=False: the normalised reward model on disk, for best-of-N
-        raw_rm, ck = load_reward_model(ck_path, rt.device)
+        raw_rm, ck = runtime.load_reward_model(ck_path, rt.device)
         gain, bias, lm_weight = ck["gain"], ck["bias"], ck.get("lm_weight", 0.0)
 
     # ---- 5. best-of-N (rejection sampling) on held-out prompts: the RM picks, the hidden human judges

@@ -108,19 +108,6 @@ def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_siz
     return scores
 
 
-def load_reward_model(path, device):
-    """(reward model, checkpoint) from reward.py's checkpoint, ready to score: frozen, eval mode. A checkpoint
-    saved mid-training (for --resume) is not normalised yet, so its scores have no known scale: refused in one
-    line."""
-    import runtime  # here, not at the top: rollout otherwise needs only the model and data
-    ck = runtime.load_checkpoint(path, "reward")
-    if ck.get("normalised") is False:
-        raise SystemExit(f"error: {path} was saved before training finished (not normalised); finish it with "
-                         "`python reward.py --resume=True`")
-    rm = runtime.model_from_checkpoint(ck, path, dropout=0.0, scalar_head=True)
-    return rm.to(device).eval().requires_grad_(False), ck
-
-
 def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tokens=48, temperature=1.0,
               generator=None, batch_size=256, lm_weight=0.0, **sampling):
     """Best-of-n (rejection sampling): sample n replies per conversation from policy, keep the one the reward

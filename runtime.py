@@ -198,6 +198,17 @@ def same_network(path, ckpt, ref_args):
     if diff:
         raise SystemExit(f"error: {path} is another network than the SFT model ({', '.join(diff)})")
 
+def load_reward_model(path, device):
+    """(reward model, checkpoint) from reward.py's checkpoint, ready to score: frozen, eval mode. A checkpoint
+    saved mid-training (for --resume) is not normalised yet, so its scores have no known scale: refused in one
+    line."""
+    ck = load_checkpoint(path, "reward")
+    if ck.get("normalised") is False:
+        raise SystemExit(f"error: {path} was saved before training finished (not normalised); finish it with "
+                         "`python reward.py --resume=True`")
+    rm = model_from_checkpoint(ck, path, dropout=0.0, scalar_head=True)
+    return rm.to(device).eval().requires_grad_(False), ck
+
 def load_gpt2(path, **overrides):
     """GPT from Hugging Face GPT-2 weights on disk (data/gpt2.py reads and converts them); overrides change
     GPTConfig, e.g. dropout or scalar_head."""
@@ -237,6 +248,56 @@ def restore(ckpt, model, optimizer, scaler=None):
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     return ckpt["step"]
+
+def sampler_state(rng):
+    """A random.Random's state as plain lists, which torch.load(weights_only=True) reads back (like
+    rng_state); set_sampler_state undoes it."""
+    version, mt, gauss = rng.getstate()
+    return [version, list(mt), gauss]
+
+
+def set_sampler_state(rng, state):
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def rank_rng_states(rng, rt):
+    """Every process's own random streams, [rank 0's, rank 1's, ...]: its prompt sampler and the torch
+    generator that samples its replies. runtime.rng_state() holds rank 0's only; with these a resumed torchrun
+    run draws on every rank what an uninterrupted one would have drawn. Every rank calls it (a collective)."""
+    mine = {"prompts": sampler_state(rng), "torch": torch.get_rng_state()}
+    if rt.device_type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(rt.device)
+    if not rt.ddp:
+        return [mine]
+    states = [None] * rt.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def set_rank_rng_states(rng, states, rt):
+    if rt.rank < len(states):  # resumed on more processes than it was saved from: the new ranks start fresh
+        s = states[rt.rank]
+        set_sampler_state(rng, s["prompts"])
+        torch.set_rng_state(s["torch"])
+        if "cuda" in s and rt.device_type == "cuda":
+            torch.cuda.set_rng_state(s["cuda"], rt.device)
+
+
+def keep_log_until(path, step):
+    """--resume: drop the rows a killed run logged after its last checkpoint (and a line cut by the kill), so
+    the resumed run's rows follow on as an uninterrupted run's would."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["iter"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    with open(path, "w") as f:
+        f.writelines(keep)
 
 def ensure_checkpoint(path, script, out_dir):
     """A stage's input is missing: say which command makes it, then run that stage with its defaults, so that

@@ -224,10 +224,10 @@ def test_one_minibatch_step_under_fp16_autocast_with_a_grad_scaler():
 def test_prompt_sampler_state_survives_a_weights_only_checkpoint(tmp_path):
     rng = random.Random(7)
     rng.random()
-    torch.save({"s": ppo.sampler_state(rng)}, tmp_path / "s.pt")
+    torch.save({"s": runtime.sampler_state(rng)}, tmp_path / "s.pt")
     expected = [rng.random() for _ in range(5)]
     fresh = random.Random(0)
-    ppo.set_sampler_state(fresh, torch.load(tmp_path / "s.pt", weights_only=True)["s"])
+    runtime.set_sampler_state(fresh, torch.load(tmp_path / "s.pt", weights_only=True)["s"])
     assert [fresh.random() for _ in range(5)] == expected
 
 

@@ -16,7 +16,7 @@ import runtime
 import reward  # importing the stage must not collect or train anything
 from data import world
 from data.chat import render_prompt, render_response
-from rollout import best_of_n, load_reward_model, reply_logprobs, respond, reward_scores, rm_score
+from rollout import best_of_n, reply_logprobs, respond, reward_scores, rm_score
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
 
@@ -133,9 +133,9 @@ def test_load_reward_model_refuses_an_unnormalised_checkpoint(tmp_path):
     for name, extra in (("mid", {"normalised": False}), ("final", {"normalised": True}), ("old", {})):
         runtime.save_checkpoint(str(tmp_path / f"{name}.pt"), {**base, **extra})
     with pytest.raises(SystemExit, match=r"mid\.pt .*not normalised"):
-        load_reward_model(str(tmp_path / "mid.pt"), "cpu")
+        runtime.load_reward_model(str(tmp_path / "mid.pt"), "cpu")
     for name in ("final", "old"):  # a checkpoint without the key predates it: accepted
-        m, ck = load_reward_model(str(tmp_path / f"{name}.pt"), "cpu")
+        m, ck = runtime.load_reward_model(str(tmp_path / f"{name}.pt"), "cpu")
         assert not m.training and not any(p.requires_grad for p in m.parameters()) and ck["step"] == 1
 
 
@@ -353,7 +353,7 @@ def test_resume_continues_with_the_same_losses(tiny_sft, tmp_path, flags):
     mid = torch.load(b / "reward.pt", weights_only=True)
     assert mid["step"] == 3 and mid["normalised"] is False and (mid["gain"], mid["bias"]) == (1.0, 0.0)
     with pytest.raises(SystemExit, match="not normalised"):  # no later stage may score with it
-        load_reward_model(str(b / "reward.pt"), "cpu")
+        runtime.load_reward_model(str(b / "reward.pt"), "cpu")
     run(b, "--max_iters=6", "--eval_interval=3", "--resume=True", *flags)
     assert torch.load(b / "reward.pt", weights_only=True)["normalised"] is True
     full, resumed = ([json.loads(line) for line in open(d / "reward.jsonl")] for d in (a, b))

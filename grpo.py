@@ -1,0 +1,231 @@
+"""
+Stage 3'': critic-free policy gradient against the reward model, starting from SFT -> out/grpo.pt
+
+PPO learns a value function to tell a good token from a lucky one. The critic-free methods drop it: sample a
+group of G answers to the same prompt and use the group itself as the baseline. Same SFT start, same reward
+model, same prompts and the same held-out evaluation as ppo.py, so the two can be compared by the hidden human.
+
+GRPO (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300, eq. 3 with outcome supervision):
+    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)       the same for every token of answer i
+    J = E[ 1/G sum_i 1/|o_i| sum_t ( min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) - beta D_KL,t ) ]
+    D_KL,t = pi_ref/pi - log(pi_ref/pi) - 1                     (the k3 estimator, in the loss, not the reward)
+RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740, eq. 6), --baseline=rloo:
+    R_i = r_i - beta * sum_t (log pi - log pi_ref)_t            the KL-penalised sequence reward
+    A_i = R_i - 1/(G-1) sum_{j != i} R_j                        leave-one-out baseline, no KL in the loss
+
+    python grpo.py                         # builds base, sft, comparisons and reward model first if missing
+    python grpo.py --baseline=rloo         # RLOO
+    python grpo.py --prompts=my.jsonl      # RL on your own prompts ({"prompt": ...} or {"messages": [...]})
+    torchrun --nproc_per_node=2 grpo.py    # each rank samples its own groups, gradients are averaged
+
+Departures: the reward is the normalised reward-model score less a missing-end penalty, as in ppo.py; RLOO's
+loss uses the same per-token average and clipping as GRPO (with one update per batch, ppo_epochs = 1, the ratio
+is 1 and it is exactly the REINFORCE gradient, averaged over each answer's tokens rather than summed).
+"""
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+import model as M
+import runtime
+from data import world
+from data.readers import DataError, read_prompts
+from rollout import compare_to_sft, respond, reward_scores
+
+# -----------------------------------------------------------------------------
+# config (every name can be overridden with --name=value)
+out_dir = "out"            # reads out_dir/sft.pt and reward.pt, writes out_dir/grpo.pt and out_dir/grpo.jsonl
+baseline = "grpo"          # "grpo": group-normalised advantage, k3 KL in the loss; "rloo": leave-one-out
+reward = "rm"              # "rm": the learned reward model; "gold": the hidden human itself (a ceiling)
+prompts = ""               # "" = the world's train prompts; or a JSONL file of {"prompt": ...} / {"messages": ...}
+seed = 1337                # same seed, same run (on CPU)
+device = "auto"            # auto: cuda > mps > cpu
+dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
+compile = False            # torch.compile the policy (CUDA)
+max_iters = 100            # iterations (one batch of groups each), as many answers as ppo.py's default run
+group_size = 8             # G answers per prompt: the baseline is their mean, so G >= 2
+group_prompts = 16         # prompts per batch (per process): group_size x group_prompts answers per iteration
+minibatch_size = 64        # answers per gradient step (whole groups stay together only for the advantage)
+ppo_epochs = 2             # passes over each batch; 1 = one update per batch (the ratio is then 1)
+lr = 1.5e-4                # the policy's learning rate, as in ppo.py
+beta = 0.05                # KL weight: in the loss (GRPO) or in the sequence reward (RLOO)
+max_new_tokens = 32        # longest answer, as in ppo.py
+temperature = 1.0          # pure sampling, so the sampled tokens give unbiased KL estimates
+no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn, as in ppo.py
+cliprange = 0.2            # clip epsilon for the ratio
+adv_eps = 1e-4             # GRPO's std guard: a group whose answers all score the same gets advantage 0
+grad_clip = 1.0            # clip the global gradient norm (0 = off)
+save_interval = 20         # checkpoint every this many iterations (and at the end)
+eval_samples = 4           # answers per held-out prompt in the final comparison with SFT (world prompts only)
+n_eval = 0                 # held-out prompts in that comparison (0 = all of them)
+resume = False             # continue from out_dir/grpo.pt (policy, optimizer, iteration, every RNG)
+# -----------------------------------------------------------------------------
+
+
+def group_advantages(rewards, group_size, eps):
+    """GRPO's outcome-supervision advantage, Shao et al. 2024 sec. 4.1.2 (https://arxiv.org/abs/2402.03300):
+    each reward normalised by its group's mean and standard deviation. rewards (N * G,), each group's G answers
+    consecutive -> (N * G,); every group sums to zero."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def rloo_advantages(rewards, group_size):
+    """REINFORCE leave-one-out, Ahmadian et al. 2024 eq. 6 (https://arxiv.org/abs/2402.14740) after Kool et al.
+    2019: each reward minus the mean of the OTHER G - 1 rewards of its group, an unbiased baseline because it
+    does not depend on the answer it judges. rewards (N * G,) -> (N * G,)."""
+    r = rewards.view(-1, group_size)
+    others = (r.sum(1, keepdim=True) - r) / (group_size - 1)
+    return (r - others).view(-1)
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
+    """The negative of GRPO's objective, Shao et al. 2024 eq. 3 (https://arxiv.org/abs/2402.03300):
+        per token  -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta * (pi_ref/pi - log(pi_ref/pi) - 1)
+    averaged over each answer's tokens (1/|o_i|), then over the answers. logp, old_logp, ref_logp, mask (B, T);
+    adv (B,), one advantage per answer. rho_t = pi / pi_old; the KL term is the k3 estimator of KL(pi || ref),
+    in the loss rather than in the reward. beta = 0 leaves the clipped policy-gradient loss alone (RLOO)."""
+    adv = adv[:, None]
+    ratio = torch.exp(torch.where(mask > 0, logp - old_logp, 0.0))  # exactly 1 off the answer
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - cliprange, 1 + cliprange) * adv)
+    log_r = torch.where(mask > 0, ref_logp - logp, 0.0)
+    per_token = -surrogate + beta * (log_r.exp() - log_r - 1)
+    per_answer = torch.where(mask > 0, per_token, 0.0).sum(1) / mask.sum(1).clamp(min=1)
+    return per_answer.mean()
+
+
+def read_rl_prompts(path):
+    """The prompts to train on: the world's train prompts, or a JSONL file's (one line naming file:line)."""
+    if not path:
+        return world.prompts("train")
+    try:
+        return read_prompts(path)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def main():
+    # ---- 0. options (checked before anything is read or written), models, optimizer, resume
+    config = runtime.configure(globals(), ranges={
+        "baseline": (lambda v: v in ("grpo", "rloo"), "'grpo' or 'rloo'"),
+        "reward": (lambda v: v in ("rm", "gold"), "'rm' or 'gold'"),
+        "group_size": (lambda v: v >= 2, ">= 2 (the baseline is the rest of the group)"),
+        "group_prompts": (lambda v: v >= 1, ">= 1"),
+        "minibatch_size": (lambda v: 1 <= v <= group_size * group_prompts, "between 1 and G x group_prompts"),
+        "adv_eps": (lambda v: v > 0, "> 0"), "save_interval": (lambda v: v >= 1, ">= 1")})
+    if reward == "gold" and prompts:
+        raise SystemExit("error: --reward=gold judges the world's language only; drop it with --prompts")
+    train_prompts = read_rl_prompts(prompts)
+    world_prompts = not prompts
+    rt = runtime.setup(device, dtype, seed)
+    sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
+    ck_path, log_path = os.path.join(out_dir, "grpo.pt"), os.path.join(out_dir, "grpo.jsonl")
+    hint = "a lower --lr or a larger --beta"
+    if rt.master:
+        runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)
+        if reward == "rm":
+            runtime.ensure_checkpoint(rm_path, "reward.py", out_dir)
+    if rt.ddp:
+        torch.distributed.barrier()
+    ref, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
+    ref.to(rt.device).eval().requires_grad_(False)
+    policy = runtime.model_from_checkpoint(sft_ck, sft_path, dropout=0.0).to(rt.device)
+    rm, rm_ck = runtime.load_reward_model(rm_path, rt.device) if reward == "rm" else (None, None)
+    optimizer = runtime.configure_optimizer(policy, 0.0, lr, (0.9, 0.95), rt.device_type)
+    rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
+    start = 0
+    if resume:
+        ck = runtime.load_checkpoint(ck_path, "grpo")
+        runtime.same_network(ck_path, ck, sft_ck["model_args"])
+        start = runtime.restore(ck, policy, optimizer, rt.scaler)
+        runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
+    raw_policy = policy
+    policy = runtime.wrap(policy, rt, compile)
+    if rt.master and resume:  # the run is known to start: a resumed run continues its own log ...
+        runtime.keep_log_until(log_path, start)
+    elif rt.master and os.path.exists(log_path):  # ... and a fresh run starts a fresh one
+        os.remove(log_path)
+    if rt.master and not world_prompts:
+        print(f"training on {len(train_prompts)} prompts from {prompts}: the hidden human judges the world's "
+              "language only, so no gold or win rate is reported")
+
+    bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc=baseline)
+    t0 = time.time()
+    for it in bar:
+        # ---- 1. groups: G answers to each of group_prompts prompts, sampled with the KV cache
+        chosen = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(group_prompts)]
+        convs = [p for p in chosen for _ in range(group_size)]
+        replies, (seq, attn, gen) = respond(raw_policy, enc, convs, max_new_tokens, temperature, return_batch=True)
+        seq, attn, gen = seq.to(rt.device), attn.to(rt.device), gen.to(rt.device)
+        action = gen[:, 1:].float()  # (B, L-1): 1 where seq[:, t+1] was sampled by the policy
+        with torch.no_grad(), rt.ctx:
+            old_logp = M.sequence_logprobs(policy, seq, attn, temperature)
+            ref_logp = M.sequence_logprobs(ref, seq, attn, temperature)
+        ended = torch.tensor([r["ended"] for r in replies], dtype=torch.float, device=rt.device)
+
+        # ---- 2. rewards: the reward model's score less the missing-end penalty (RLOO: less beta * KL too)
+        golds = torch.tensor([world.gold(p, r["text"], r["ended"]) for p, r in zip(convs, replies)]) \
+            if world_prompts else torch.zeros(len(convs))
+        scores = golds if reward == "gold" else reward_scores(rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
+                                                              lm_weight=rm_ck.get("lm_weight", 0.0), sft=ref)
+        scores = scores.to(rt.device) - no_end_penalty * (1 - ended)
+        seq_kl = ((old_logp - ref_logp) * action).sum(1)  # k1 per answer: RLOO's penalty and the log's KL
+        runtime.check_finite(baseline, it + 1, hint, score=scores)
+
+        # ---- 3. advantages relative to the group: no value network
+        if baseline == "grpo":
+            adv, loss_beta = group_advantages(scores, group_size, adv_eps), beta
+        else:
+            adv, loss_beta = rloo_advantages(scores - beta * seq_kl, group_size), 0.0
+
+        # ---- 4. clipped policy-gradient steps over the batch
+        losses = []
+        for epoch in range(ppo_epochs):
+            order = torch.randperm(len(convs))
+            for i in range(0, len(convs), minibatch_size):
+                mb = order[i:i + minibatch_size]
+                with rt.ctx:
+                    logp = M.sequence_logprobs(policy, seq[mb], attn[mb], temperature)
+                loss = grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], action[mb], cliprange, loss_beta)
+                runtime.check_finite(baseline, it + 1, hint, loss=loss)
+                rt.scaler.scale(loss).backward()
+                grad_norm = runtime.optimizer_step(policy, optimizer, rt.scaler, grad_clip)
+                runtime.check_finite(baseline, it + 1, hint, grad_norm=grad_norm)
+                losses.append(loss.item())
+
+        # ---- 5. log and checkpoint
+        mean_kl = seq_kl.mean()
+        if rt.ddp:
+            torch.distributed.all_reduce(mean_kl)
+            mean_kl /= rt.world_size
+        row = {"iter": it + 1, "score": scores.mean().item(), "gold": golds.mean().item() if world_prompts else None,
+               "kl": mean_kl.item(), "loss": sum(losses) / len(losses), "ended": ended.mean().item(),
+               "length": action.sum(1).mean().item(),
+               "flat_groups": (scores.view(-1, group_size).std(1) < 1e-6).float().mean().item(),
+               "time": time.time() - t0}
+        if rt.master:
+            runtime.append_jsonl(log_path, row)
+            bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}",
+                            **({"gold": f"{row['gold']:.2f}"} if world_prompts else {}))
+        if (it + 1) % save_interval == 0 or it + 1 == max_iters:
+            rank_rng = runtime.rank_rng_states(rng, rt)  # every rank takes part; rank 0 writes
+            if rt.master:
+                runtime.save_checkpoint(ck_path, {
+                    **runtime.training_state(raw_policy, optimizer, rt.scaler), "rank_rng": rank_rng,
+                    "config": config, "model_args": sft_ck["model_args"], "kind": "grpo", "step": it + 1,
+                    "tokenizer": sft_ck.get("tokenizer", "world")})
+
+    # ---- 6. held-out comparison with SFT under the hidden human (the world's prompts only)
+    if rt.master and world_prompts:
+        evals = world.prompts("eval")[:n_eval or None] * eval_samples
+        print(f"\nheld-out prompts ({len(evals) // eval_samples} x {eval_samples} samples):")
+        compare_to_sft(baseline, raw_policy.eval(), ref, enc, evals, max_new_tokens,
+                       torch.Generator(device=rt.device).manual_seed(seed))
+    runtime.cleanup()
+
+
+if __name__ == "__main__":
+    main()
