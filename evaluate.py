@@ -132,7 +132,7 @@ def evaluate(rt, paths, prompts, rm_path):
             if name == "bon":
                 res = best_of_n_samples(sft, rm, rm_ck, enc, evals, g)
             else:
-                policy = sft if name == "sft" else runtime.load_model(paths[name], ("base", "sft", "ppo", "dpo"),
+                policy = sft if name == "sft" else runtime.load_model(paths[name], ("base", "sft", "ppo", "grpo", "dpo"),
                                                                       dropout=0.0)[0]
                 res = score(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature, generator=g,
                             ref=None if name == "sft" else sft)
@@ -174,7 +174,7 @@ def checkpoints_to_compare(rm_path):
         if "bon" in dict(items) and not os.path.isfile(rm_path):
             raise SystemExit(f"error: --ckpt: the best-of-N row needs a reward model; {rm_path} not found")
         return dict(items)
-    paths = {n: os.path.join(out_dir, f"{n}.pt") for n in ("base", "sft", "ppo", "dpo")}
+    paths = {n: os.path.join(out_dir, f"{n}.pt") for n in ("base", "sft", "ppo", "grpo", "dpo")}
     paths = {n: p for n, p in paths.items() if os.path.isfile(p)}
     if bon > 0 and os.path.isfile(rm_path):
         paths = {**{k: v for k, v in paths.items() if k in ("base", "sft")}, "bon": None,
@@ -244,7 +244,7 @@ def draw_figures(results, fig_dir):
                       ("gold (hidden human)", kls, [r["gold"] for r in hack], "#d62728", True)])
         lines += [f"![over-optimisation](figures/{f})", ""]
     curves = [("pretrain", "loss", "val_loss"), ("sft", "loss", "val_loss"), ("reward", "loss", "val_loss"),
-              ("ppo", "score", "gold"), ("dpo", "loss", "val/loss")]
+              ("ppo", "score", "gold"), ("grpo", "score", "gold"), ("dpo", "loss", "val/loss")]
     for stage, a, b in curves:
         rows = read_jsonl(os.path.join(out_dir, f"{stage}.jsonl"))
         if not rows:

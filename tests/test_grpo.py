@@ -1,0 +1,109 @@
+"""The critic-free policy gradients by hand (GRPO's group advantage, RLOO's leave-one-out baseline, the clipped
+loss with the k3 KL), the invariants at the first update, and smoke runs of both baselines, on the world's
+prompts and on a prompts file."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo
+import runtime
+from test_ppo import make_stage_checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_group_advantages_by_hand_and_each_group_sums_to_zero():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])  # two groups of 3: the second all tied
+    adv = grpo.group_advantages(r, 3, eps=1e-4)
+    # group 1: mean 2, unbiased std 1 -> (-1, 0, 1) / (1 + 1e-4); group 2: no spread -> 0
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / torch.tensor(
+        [1 + 1e-4] * 3 + [1.0] * 3))
+    x = torch.randn(40)
+    assert grpo.group_advantages(x, 8, 1e-4).view(5, 8).sum(1).abs().max() < 1e-5
+
+
+def test_rloo_equals_the_hand_worked_leave_one_out_value():
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    # answer 0: 1 - (2 + 6) / 2 = -3; answer 1: 2 - 3.5 = -1.5; answer 2: 6 - 1.5 = 4.5; group 2 likewise
+    torch.testing.assert_close(grpo.rloo_advantages(r, 3), torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
+    # the leave-one-out advantage is G/(G-1) times the plain mean-baseline advantage
+    x = torch.randn(12)
+    plain = (x.view(3, 4) - x.view(3, 4).mean(1, keepdim=True)).view(-1)
+    torch.testing.assert_close(grpo.rloo_advantages(x, 4), plain * 4 / 3)
+
+
+def test_at_the_first_update_the_ratio_is_one_and_the_loss_is_the_plain_policy_gradient_loss():
+    torch.manual_seed(0)
+    logp = (-torch.rand(4, 6)).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]).float()
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    old = logp.detach().clone()
+    loss = grpo.grpo_loss(logp, old, old, adv, mask, 0.2, beta=0.1)  # policy = pi_old = reference
+    # plain policy gradient, each answer's token-mean: -mean_i A_i * mean_t log pi (value and gradient)
+    pg = -(adv * (logp * mask).sum(1) / mask.sum(1)).mean()
+    g_loss, = torch.autograd.grad(loss, logp)
+    g_pg, = torch.autograd.grad(pg, logp)
+    torch.testing.assert_close(loss, -adv.mean())  # ratio 1 everywhere, KL 0
+    torch.testing.assert_close(g_loss, g_pg)  # and the k3 term has zero gradient at pi = ref
+
+
+def test_k3_term_by_hand_and_clipping():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -2.0]])
+    mask = torch.ones(1, 2)
+    # adv 0: only the KL term; r = ref/pi = e^-0.5 on token 0: e^-0.5 + 0.5 - 1, token 1: 0; mean over 2 tokens
+    want = 0.1 * (math.exp(-0.5) + 0.5 - 1) / 2
+    assert grpo.grpo_loss(logp, logp, ref, torch.zeros(1), mask, 0.2, 0.1).item() == pytest.approx(want)
+    # a ratio of e^1 with a positive advantage is clipped at 1.2: -min(e * 1, 1.2 * 1) = -1.2 on that token
+    old = torch.tensor([[-2.0, -2.0]])
+    loss = grpo.grpo_loss(logp, old, logp, torch.ones(1), mask, 0.2, 0.0)
+    assert loss.item() == pytest.approx((-1.2 - 1.0) / 2)
+
+
+def test_a_group_whose_answers_all_score_the_same_contributes_no_gradient():
+    logp = (-torch.rand(4, 5)).requires_grad_()
+    mask = torch.ones(4, 5)
+    for adv in (grpo.group_advantages(torch.full((4,), 0.7), 4, 1e-4), grpo.rloo_advantages(torch.full((4,), 0.7), 4)):
+        loss = grpo.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, 0.2, 0.05)
+        g, = torch.autograd.grad(loss, logp)
+        assert g.abs().max() == 0
+
+
+def run_grpo(out, *args):
+    cmd = [sys.executable, "grpo.py", f"--out_dir={out}", "--group_size=3", "--group_prompts=2",
+           "--minibatch_size=3", "--max_new_tokens=8", "--eval_samples=1", "--n_eval=4", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("baseline", ["grpo", "rloo"])
+def test_smoke_run_of_each_baseline(tmp_path, baseline):
+    make_stage_checkpoints(tmp_path)
+    r = run_grpo(tmp_path, f"--baseline={baseline}", "--max_iters=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "grpo.jsonl")]
+    assert [row["iter"] for row in rows] == [1, 2] and all(math.isfinite(row["loss"]) for row in rows)
+    assert abs(rows[0]["kl"]) < 1e-5  # the policy starts as the reference
+    assert runtime.load_checkpoint(str(tmp_path / "grpo.pt"), "grpo")["step"] == 2
+    assert f"{baseline} wins" in r.stdout
+
+
+def test_own_prompts_and_a_bad_prompts_file(tmp_path):
+    make_stage_checkpoints(tmp_path)
+    good = tmp_path / "prompts.jsonl"
+    good.write_text('{"prompt": "Tell me about the sea."}\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    r = run_grpo(tmp_path, f"--prompts={good}", "--max_iters=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no gold or win rate is reported" in r.stdout and "wins" not in r.stdout
+    assert json.loads(open(tmp_path / "grpo.jsonl").readline())["gold"] is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
+    before = (tmp_path / "grpo.pt").read_bytes()
+    r = run_grpo(tmp_path, f"--prompts={bad}", "--max_iters=1")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: {bad}:2: missing key 'prompt' "
+                                                                   "(or 'messages')"]
+    assert (tmp_path / "grpo.pt").read_bytes() == before
