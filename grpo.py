@@ -32,8 +32,7 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from data.readers import DataError, read_prompts
-from rollout import compare_to_sft, respond, reward_scores
+from rollout import compare_to_sft, respond, reward_scores, training_prompts
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -97,16 +96,6 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
     return per_answer.mean()
 
 
-def read_rl_prompts(path):
-    """The prompts to train on: the world's train prompts, or a JSONL file's (one line naming file:line)."""
-    if not path:
-        return world.prompts("train")
-    try:
-        return read_prompts(path)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-
-
 def main():
     # ---- 0. options (checked before anything is read or written), models, optimizer, resume
     config = runtime.configure(globals(), ranges={
@@ -118,7 +107,7 @@ def main():
         "adv_eps": (lambda v: v > 0, "> 0"), "save_interval": (lambda v: v >= 1, ">= 1")})
     if reward == "gold" and prompts:
         raise SystemExit("error: --reward=gold judges the world's language only; drop it with --prompts")
-    train_prompts = read_rl_prompts(prompts)
+    train_prompts = training_prompts(prompts)
     world_prompts = not prompts
     rt = runtime.setup(device, dtype, seed)
     sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")

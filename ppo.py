@@ -21,6 +21,7 @@ score climbs). One iteration, as in the RLHF references:
     python ppo.py --reward=gold            # "PPO-GT": optimise the hidden human's utility itself (a ceiling)
     python ppo.py --target_kl=3            # adaptive beta (Ziegler et al.'s controller), 3 nats per answer
     python ppo.py --resume=True            # continue from out/ppo.pt exactly where it was saved
+    python ppo.py --prompts=my.jsonl       # RL on your own prompts, e.g. with `python reward.py --data=prefs.jsonl`
     torchrun --nproc_per_node=2 ppo.py     # each rank samples its own rollouts, gradients are averaged
 
 Departures from InstructGPT:
@@ -41,12 +42,13 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from rollout import compare_to_sft, respond, reward_scores
+from rollout import compare_to_sft, respond, reward_scores, training_prompts
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
 out_dir = "out"            # reads out_dir/sft.pt and reward.pt, writes out_dir/ppo.pt and out_dir/ppo.jsonl
 reward = "rm"              # "rm": the learned reward model; "gold": the hidden human itself (PPO-GT baseline)
+prompts = ""               # "" = the world's train prompts; or a JSONL file of {"prompt": ...} / {"messages": ...}
 seed = 1337                # same seed, same run (on CPU)
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
@@ -206,6 +208,10 @@ def main():
         "reward": (lambda v: v in ("rm", "gold"), "'rm' or 'gold'"),
         "kl_estimator": (lambda v: v in ("k1", "k3"), "'k1' or 'k3'"),
         "save_interval": (lambda v: v >= 1, ">= 1")})
+    if reward == "gold" and prompts:
+        raise SystemExit("error: --reward=gold judges the world's language only; drop it with --prompts")
+    train_prompts = training_prompts(prompts)  # a bad file is one line, before anything is loaded
+    world_prompts = not prompts  # the hidden human judges the world's prompts only
     rt = runtime.setup(device, dtype, seed)
     sft_path, rm_path, ck_path = (os.path.join(out_dir, f) for f in ("sft.pt", "reward.pt", "ppo.pt"))
     log_path = os.path.join(out_dir, "ppo.jsonl")
@@ -244,18 +250,20 @@ def main():
                   "(raise --max_iters to continue); evaluating it")
     raw_policy = policy
     policy = runtime.wrap(policy, rt, compile)
-    train_prompts = world.prompts("train")
     if rt.master and resume:  # the run is known to start: a resumed run continues its own log ...
         runtime.keep_log_until(log_path, start)
     elif rt.master and os.path.exists(log_path):  # ... and a fresh run starts a fresh one
         os.remove(log_path)
+    if rt.master and not world_prompts:
+        print(f"training on {len(train_prompts)} prompts from {prompts}: the hidden human judges the world's "
+              "language only, so no gold or win rate is reported")
 
     bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="ppo")
     t0 = time.time()
     for it in bar:
         # ---- 1. rollouts: sample answers with the KV cache; log-probs under pi and pi_SFT, values (no grad)
-        prompts = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(batch_size)]
-        replies, (seq, attn, gen) = respond(raw_policy, enc, prompts, max_new_tokens, temperature,
+        batch_prompts = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(batch_size)]
+        replies, (seq, attn, gen) = respond(raw_policy, enc, batch_prompts, max_new_tokens, temperature,
                                             return_batch=True)
         seq, attn, gen = seq.to(rt.device), attn.to(rt.device), gen.to(rt.device)
         action = gen[:, 1:].float()  # (B, L-1): 1 where seq[:, t+1] was sampled by the policy
@@ -264,13 +272,14 @@ def main():
             ref_logp = M.sequence_logprobs(ref, seq, attn, temperature)
         old_values = old_values * action
         ended = torch.tensor([r["ended"] for r in replies], dtype=torch.float, device=rt.device)
-        golds = torch.tensor([world.gold(p, r["text"], r["ended"]) for p, r in zip(prompts, replies)])
+        golds = torch.tensor([world.gold(p, r["text"], r["ended"]) for p, r in zip(batch_prompts, replies)]) \
+            if world_prompts else torch.zeros(len(replies))  # logged only: gold never trains the policy
 
         # ---- 2. rewards: the score (less the missing-end penalty) at the last token, -beta KL at every token
         if reward == "gold":
             scores = golds
         else:
-            scores = reward_scores(rm, enc, prompts, replies, gain, bias, lm_weight=lm_weight, sft=ref)
+            scores = reward_scores(rm, enc, batch_prompts, replies, gain, bias, lm_weight=lm_weight, sft=ref)
         scores = scores.to(rt.device) - no_end_penalty * (1 - ended)
         kl = kl_penalty(old_logp, ref_logp, kl_estimator)  # (B, L-1)
         rewards = token_rewards(scores, kl, action, kl_coef)
@@ -283,8 +292,8 @@ def main():
         # ---- 4. PPO: ppo_epochs passes of minibatch steps on the clipped surrogate and clipped value loss
         stats = []
         for epoch in range(ppo_epochs):
-            order = torch.randperm(len(prompts))
-            for i in range(0, len(prompts), minibatch_size):
+            order = torch.randperm(len(batch_prompts))
+            for i in range(0, len(batch_prompts), minibatch_size):
                 mb = order[i:i + minibatch_size]
                 with rt.ctx:
                     logp, values, entropy = forward_policy(policy, seq[mb], attn[mb], temperature)
@@ -308,7 +317,8 @@ def main():
             kl_coef = adaptive_kl_coef(kl_coef, seq_kl.item(), target_kl, n_episodes, kl_horizon)
 
         # ---- 6. log, samples, checkpoint
-        row = {"iter": it + 1, "score": scores.mean().item(), "gold": golds.mean().item(),
+        row = {"iter": it + 1, "score": scores.mean().item(),
+               "gold": golds.mean().item() if world_prompts else None,
                "kl": seq_kl.item(), "beta": kl_coef, "length": action.sum(1).mean().item(),
                "ended": ended.mean().item(),
                "value_explained_var": explained_variance(old_values, returns, action).item(),
@@ -318,9 +328,10 @@ def main():
         row["first_ratio"] = stats[0]["ratio"]  # exactly 1 up to rounding: pi_old is the policy before step 1
         if rt.master:
             runtime.append_jsonl(log_path, row)
-            bar.set_postfix(score=f"{row['score']:.2f}", gold=f"{row['gold']:.2f}", kl=f"{row['kl']:.2f}")
+            bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}",
+                            **({"gold": f"{row['gold']:.2f}"} if world_prompts else {}))
             if (it + 1) % sample_interval == 0:
-                for p, r in list(zip(prompts, replies))[:2]:
+                for p, r in list(zip(batch_prompts, replies))[:2]:
                     tqdm.write(f"  {p[-1]['content']} -> {r['text']!r}")
         if (it + 1) % save_interval == 0 or it + 1 == max_iters:
             rank_rng = runtime.rank_rng_states(rng, rt)  # every rank takes part; rank 0 writes
@@ -330,8 +341,8 @@ def main():
                     "config": config, "model_args": sft_ck["model_args"], "kind": "ppo", "step": it + 1,
                     "kl_coef": kl_coef, "tokenizer": sft_ck.get("tokenizer", "world")})
 
-    # ---- 7. held-out comparison with SFT under the hidden human
-    if rt.master:
+    # ---- 7. held-out comparison with SFT under the hidden human (the world's prompts only)
+    if rt.master and world_prompts:
         evals = world.prompts("eval")[:n_eval or None] * eval_samples
         print(f"\nheld-out prompts ({len(evals) // eval_samples} x {eval_samples} samples):")
         compare_to_sft("ppo", raw_policy.eval(), ref, enc, evals, max_new_tokens,

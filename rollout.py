@@ -9,8 +9,20 @@ import torch
 
 from data import world
 from data.chat import render_prompt, render_response, scored_ids
+from data.readers import DataError, read_prompts
 from data.tokenizer import END, EOT, special_id
 from model import generate, pad_rows, sequence_logprobs
+
+
+def training_prompts(path):
+    """The prompts RL trains on (ppo.py, grpo.py): the world's train prompts, or a JSONL file of {"prompt": ...}
+    or {"messages": [...]} per line; a bad file is one line naming file:line."""
+    if not path:
+        return world.prompts("train")
+    try:
+        return read_prompts(path)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
 
 
 def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None,

@@ -321,3 +321,21 @@ def test_a_non_finite_reward_stops_the_run_in_one_line(tmp_path, monkeypatch):
         run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
                       "--max_new_tokens=8", "--max_iters=2")
     assert not (tmp_path / "ppo.pt").exists()
+
+
+def test_own_prompts_file_and_a_bad_one(tmp_path):
+    make_stage_checkpoints(tmp_path)
+    good = tmp_path / "prompts.jsonl"
+    good.write_text('{"prompt": "Tell me about the sea, please."}\n'
+                    '{"messages": [{"role": "user", "content": "Describe the owl."}]}\n')
+    r = run_ppo(tmp_path, f"--prompts={good}", "--max_iters=1")
+    assert "no gold or win rate is reported" in r.stdout and "ppo wins" not in r.stdout
+    assert json.loads(open(tmp_path / "ppo.jsonl").readline())["gold"] is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 3}\n')
+    before = (tmp_path / "ppo.pt").read_bytes(), (tmp_path / "ppo.jsonl").read_bytes()
+    r = subprocess.run([sys.executable, "ppo.py", f"--out_dir={tmp_path}", f"--prompts={bad}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"error: {bad}:2:")
+    assert ((tmp_path / "ppo.pt").read_bytes(), (tmp_path / "ppo.jsonl").read_bytes()) == before
