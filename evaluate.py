@@ -42,9 +42,11 @@ max_new_tokens = 48
 temperature = 1.0
 bon = 16                   # best-of-N baseline from SFT with the reward model (0 = skip)
 json_out = False           # print the numbers as JSON too
-sweep = False              # train PPO and DPO over the betas below first (writes out_dir/sweep/)
+sweep = False              # train the methods below over their betas first (writes out_dir/sweep/)
+sweep_methods = ("ppo", "dpo", "grpo", "rloo")  # which methods the sweep trains
 ppo_betas = (0.03, 0.1, 0.2, 0.5)
 dpo_betas = (0.03, 0.1, 0.3, 1.0)
+grpo_betas = (0.01, 0.05, 0.2, 0.5)  # GRPO and RLOO: the KL weight in the loss / in the sequence reward
 hack_iters = 120           # length of the beta = 0 PPO run that shows reward over-optimisation
 reward = ""                # reward model for best-of-N and the RM score column ("" = out_dir/reward.pt)
 # -----------------------------------------------------------------------------
@@ -90,27 +92,29 @@ def read_jsonl(path):
 
 
 def run_sweep(rt, eval_prompts, rm_path):
-    """Train PPO and DPO at several betas from the same SFT, reward model and comparisons; evaluate each."""
+    """Train each method at several betas from the same SFT, reward model and comparisons; evaluate each."""
     runtime.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)  # writes comparisons.jsonl too
     if not os.path.isfile(os.path.join(out_dir, "comparisons.jsonl")):  # a reward model trained on --data=...
         raise SystemExit(f"error: the sweep needs {out_dir}/comparisons.jsonl; `python reward.py` writes it")
     root = os.path.join(out_dir, "sweep")
-    runs = [("ppo", b, []) for b in ppo_betas] + [("dpo", b, []) for b in dpo_betas]
+    script = {"ppo": ["ppo.py"], "dpo": ["dpo.py"], "grpo": ["grpo.py"], "rloo": ["grpo.py", "--baseline=rloo"]}
+    betas = {"ppo": ppo_betas, "dpo": dpo_betas, "grpo": grpo_betas, "rloo": grpo_betas}
+    runs = [(m, b, []) for m in sweep_methods for b in betas[m]]
     runs.append(("ppo", 0.0, [f"--max_iters={hack_iters}", "--n_eval=16", "--eval_samples=1"]))  # over-optimisation
     results = []
-    for stage, b, extra in runs:
-        d = os.path.join(root, f"{stage}_beta{b:g}" + ("_long" if extra else ""))
+    for method, b, extra in runs:
+        d = os.path.join(root, f"{method}_beta{b:g}" + ("_long" if extra else ""))
         os.makedirs(d, exist_ok=True)
         for f in ("sft.pt", "reward.pt", "comparisons.jsonl"):  # every run starts from the same inputs
             shutil.copy(os.path.join(out_dir, f), d)
-        cmd = [sys.executable, f"{stage}.py", f"--out_dir={d}", f"--beta={b}", *extra]
+        cmd = [sys.executable, *script[method], f"--out_dir={d}", f"--beta={b}", *extra]
         print(f"sweep: {' '.join(['python'] + cmd[1:])}", flush=True)
         with open(os.path.join(d, "train.log"), "w") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                 raise SystemExit(f"error: {' '.join(cmd[1:])} failed; see {d}/train.log")
         if not extra:
-            r = evaluate(rt, {stage: os.path.join(d, f"{stage}.pt")}, eval_prompts, rm_path)[stage]
-            results.append({"stage": stage, "beta": b, "gold": r["gold"], "kl": r["kl"]})
+            r = evaluate(rt, {method: os.path.join(d, f"{method}.pt")}, eval_prompts, rm_path)[method]
+            results.append({"stage": method, "beta": b, "gold": r["gold"], "kl": r["kl"]})
             print(f"  gold {r['gold']:.3f}, KL {r['kl']:.2f}", flush=True)
     with open(os.path.join(root, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -174,7 +178,7 @@ def checkpoints_to_compare(rm_path):
         if "bon" in dict(items) and not os.path.isfile(rm_path):
             raise SystemExit(f"error: --ckpt: the best-of-N row needs a reward model; {rm_path} not found")
         return dict(items)
-    paths = {n: os.path.join(out_dir, f"{n}.pt") for n in ("base", "sft", "ppo", "grpo", "dpo")}
+    paths = {n: os.path.join(out_dir, f"{n}.pt") for n in ("base", "sft", "ppo", "grpo", "rloo", "dpo")}
     paths = {n: p for n, p in paths.items() if os.path.isfile(p)}
     if bon > 0 and os.path.isfile(rm_path):
         paths = {**{k: v for k, v in paths.items() if k in ("base", "sft")}, "bon": None,
@@ -226,9 +230,10 @@ def draw_figures(results, fig_dir):
     sw = json.load(open(sw_path)) if os.path.isfile(sw_path) else []
     if sw:
         series = [("SFT", [0.0], [results["sft"]["gold"]], "black", False)]
-        for stage, color in (("ppo", "#1f77b4"), ("dpo", "#ff7f0e")):
+        for stage, color in (("ppo", "#1f77b4"), ("dpo", "#ff7f0e"), ("grpo", "#2ca02c"), ("rloo", "#9467bd")):
             pts = sorted((r["kl"], r["gold"]) for r in sw if r["stage"] == stage)
-            series.append((stage.upper(), [p[0] for p in pts], [p[1] for p in pts], color, True))
+            if pts:
+                series.append((stage.upper(), [p[0] for p in pts], [p[1] for p in pts], color, True))
         f = svg_plot(os.path.join(fig_dir, "frontier.svg"), "Reward vs KL frontier (beta sweep)",
                      "KL(pi || SFT), nats per answer", "gold (fraction of ideal)", series)
         lines += [f"![frontier](figures/{f})", ""]
@@ -244,7 +249,7 @@ def draw_figures(results, fig_dir):
                       ("gold (hidden human)", kls, [r["gold"] for r in hack], "#d62728", True)])
         lines += [f"![over-optimisation](figures/{f})", ""]
     curves = [("pretrain", "loss", "val_loss"), ("sft", "loss", "val_loss"), ("reward", "loss", "val_loss"),
-              ("ppo", "score", "gold"), ("grpo", "score", "gold"), ("dpo", "loss", "val/loss")]
+              ("ppo", "score", "gold"), ("grpo", "score", "gold"), ("rloo", "score", "gold"), ("dpo", "loss", "val/loss")]
     for stage, a, b in curves:
         rows = read_jsonl(os.path.join(out_dir, f"{stage}.jsonl"))
         if not rows:

@@ -1,5 +1,5 @@
 """
-Stage 3'': critic-free policy gradient against the reward model, starting from SFT -> out/grpo.pt
+Stage 3'': critic-free policy gradient against the reward model, from SFT -> out/grpo.pt (or out/rloo.pt)
 
 PPO learns a value function to tell a good token from a lucky one. The critic-free methods drop it: sample a
 group of G answers to the same prompt and use the group itself as the baseline. Same SFT start, same reward
@@ -36,7 +36,7 @@ from rollout import compare_to_sft, respond, reward_scores, training_prompts
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
-out_dir = "out"            # reads out_dir/sft.pt and reward.pt, writes out_dir/grpo.pt and out_dir/grpo.jsonl
+out_dir = "out"            # reads out_dir/sft.pt and reward.pt, writes out_dir/<baseline>.pt and <baseline>.jsonl
 baseline = "grpo"          # "grpo": group-normalised advantage, k3 KL in the loss; "rloo": leave-one-out
 reward = "rm"              # "rm": the learned reward model; "gold": the hidden human itself (a ceiling)
 prompts = ""               # "" = the world's train prompts; or a JSONL file of {"prompt": ...} / {"messages": ...}
@@ -111,7 +111,7 @@ def main():
     world_prompts = not prompts
     rt = runtime.setup(device, dtype, seed)
     sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
-    ck_path, log_path = os.path.join(out_dir, "grpo.pt"), os.path.join(out_dir, "grpo.jsonl")
+    ck_path, log_path = os.path.join(out_dir, f"{baseline}.pt"), os.path.join(out_dir, f"{baseline}.jsonl")
     hint = "a lower --lr or a larger --beta"
     if rt.master:
         runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)

@@ -85,10 +85,10 @@ def test_smoke_run_of_each_baseline(tmp_path, baseline):
     make_stage_checkpoints(tmp_path)
     r = run_grpo(tmp_path, f"--baseline={baseline}", "--max_iters=2")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in open(tmp_path / "grpo.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / f"{baseline}.jsonl")]
     assert [row["iter"] for row in rows] == [1, 2] and all(math.isfinite(row["loss"]) for row in rows)
     assert abs(rows[0]["kl"]) < 1e-5  # the policy starts as the reference
-    assert runtime.load_checkpoint(str(tmp_path / "grpo.pt"), "grpo")["step"] == 2
+    assert runtime.load_checkpoint(str(tmp_path / f"{baseline}.pt"), "grpo")["step"] == 2
     assert f"{baseline} wins" in r.stdout
 
 
