@@ -3,38 +3,60 @@ How fast is the default model on this machine?
 
 - training: tokens/s of a full step (forward, backward, AdamW) on a batch of 16 x 256, per precision, and the
   achieved FLOP/s (nanoGPT's estimate: 6N per token plus attention) as a fraction of the matmul peak measured
-  here (a large square matmul in the same dtype) -- a CPU "MFU".
-- generation: tokens/s sampling 256 new tokens for 32 prompts of 16 tokens, with and without the KV cache.
-  16 + 256 does not fit the default block_size of 256, so generation uses the default model with block_size
-  512 (only the position table grows; the per-token work is the same).
+  here (a large square matmul in the same dtype) -- a CPU "MFU". A CPU without bf16 matmul units emulates
+  bf16, below its fp32 speed; the bench says so instead of showing a fraction of that emulated "peak".
+- sampling, the cost of RLHF: tokens/s of model.generate with the KV cache as the RL stages call it
+  (left-padded prompts of 7 to 36 tokens, 32 new tokens, random weights, the world tokenizer's vocabulary) at
+  batch 128 and the other batch sizes the stages use, against generate_plain below, the earlier
+  implementation kept as the reference. The two take turns (new, plain, new, plain, ...) so that a machine
+  busy with other work slows both alike; the table shows medians and the median of the per-turn ratios.
+  FLOP/s counts every real token of the result (prompt and reply) once through the forward pass.
 
-    python bench.py                       # under a minute on 2 idle CPU cores
-    python bench.py --dtypes="('float32',)" --train_iters=20
+    python bench.py                       # training per precision, then sampling
+    python bench.py --threads=1           # steadier on a machine shared with other jobs
+    python bench.py --dtypes="('float32',)" --train_iters=3 --gen_batches="(128,)"
 """
+import statistics
 import time
 
 import torch
+from torch.nn import functional as F
 
-from model import GPT, GPTConfig, generate
+from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig, generate, token_logprobs
 from runtime import configure, configure_optimizer, setup
 
 # -----------------------------------------------------------------------------
 device = "auto"                        # auto: cuda > mps > cpu
+threads = 0                            # torch.set_num_threads when > 0 (0: torch's default, one per core):
+                                       # on a machine shared with other jobs, threads wait on each other
 dtypes = ("float32", "bfloat16")       # training precisions to measure (low precision via autocast)
 batch_size = 16                        # training batch, sequences of block_size tokens
 block_size = 256
 train_iters = 10                       # timed training steps per precision (after warmup_iters untimed)
 warmup_iters = 2
-gen_batch = 32                         # prompts per generation batch
-gen_prompt_len = 16
-gen_new_tokens = 256
-gen_dtype = "float32"                  # precision for the generation benchmark
+gen_batches = (128, 64, 256)           # sampling batch sizes: ppo.py's rollout batch first, reward.py's 256
+gen_prompt_lens = (7, 36)              # shortest, longest prompt, lengths drawn uniformly: world chat prompts
+gen_new_tokens = 32                    # tokens sampled per prompt (no stop token: every row runs them all)
+gen_repeats = 5                        # timed (new, plain) turns per batch size, after one untimed turn
+gen_dtype = "float32"                  # precision for the sampling benchmark
 matmul_size = 2048                     # side of the square matmul that measures the peak
 seed = 1337
 # -----------------------------------------------------------------------------
-config = configure(globals())
+config = configure(globals(), ranges={
+    "threads": (lambda v: v >= 0, ">= 0"),
+    "dtypes": (lambda v: set(v) <= {"float32", "bfloat16", "float16"}, "float32, bfloat16, float16"),
+    "gen_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
+    **dict.fromkeys(("block_size", "train_iters", "gen_new_tokens", "gen_repeats", "matmul_size"),
+                    (lambda v: v >= 1, ">= 1")),
+    "gen_batches": (lambda v: len(v) > 0 and all(type(b) is int and b >= 1 for b in v), "ints >= 1"),
+    "gen_prompt_lens": (lambda v: len(v) == 2 and 1 <= v[0] <= v[1] < GPTConfig.block_size,
+                        f"(shortest, longest) with 1 <= shortest <= longest < {GPTConfig.block_size}"),
+})
 
 env = setup(device, "float32", seed)
+if threads > 0:
+    torch.set_num_threads(threads)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -65,9 +87,9 @@ def matmul_peak(dtype):
     return 2 * matmul_size ** 3 / dt  # multiply-add = 2 FLOPs
 
 
-def train_speed(dtype):
+def train_speed(dtype, vocab_size):
     torch.manual_seed(seed)
-    cfg = GPTConfig(block_size=block_size)
+    cfg = GPTConfig(block_size=block_size, vocab_size=vocab_size)
     model = GPT(cfg).to(env.device)
     opt = configure_optimizer(model, 0.1, 3e-4, (0.9, 0.95), env.device_type)
     x = torch.randint(0, cfg.vocab_size, (batch_size, block_size + 1), device=env.device)
@@ -86,33 +108,129 @@ def train_speed(dtype):
     return tokens / dt, flops_per_token * tokens / dt
 
 
-def gen_speed(use_cache):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=512)).to(env.device).eval()
-    prompts = torch.randint(0, model.config.vocab_size, (gen_batch, gen_prompt_len)).tolist()
+@torch.no_grad()
+def generate_plain(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
+                   pad_id=0, generator=None, return_logprobs=False):
+    """model.generate as it was, the reference: one loop in which every step goes through model.hidden (which
+    rebuilds the (B, 1, T, Tk) mask and the positions from the whole attention mask), samples with
+    multinomial, and runs every row until all have stopped. Its one change: the cache's size is given
+    as (rows, length), which the attention layer now expects."""
+    model = getattr(model, "module", model)
+    device, block_size = model.lm_head.weight.device, model.config.block_size
+    B, P = len(prompts), max(len(p) for p in prompts)
+    L = P + min(max_new_tokens, block_size - P)
+    seq = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros(B, L, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p):P] = 1
+    gen = torch.zeros_like(attn)
+    logprobs = torch.zeros(B, L, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    cache = [{"size": (B, L)} for _ in model.transformer.h]
+    was_training = model.training
+    model.eval()
+    for t in range(P, L):
+        # with the cache only the new token goes through the network (the whole prompt on the first step)
+        start = t - 1 if t > P else 0
+        h = model.hidden(seq[:, start:t], attn[:, :t], kv_cache=cache)[:, -1]  # (B, C)
+        logits = model.lm_head(h).float()                                        # (B, V)
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            logits_t = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits_t, min(top_k, logits_t.size(-1))).values[:, -1:]
+                logits_t = logits_t.masked_fill(logits_t < kth, float("-inf"))
+            if top_p is not None:  # nucleus: keep the smallest set of top tokens whose mass reaches top_p
+                sorted_l, order = torch.sort(logits_t, descending=True)
+                probs = F.softmax(sorted_l, dim=-1)
+                drop = probs.cumsum(-1) - probs > top_p  # the mass before a token already reaches top_p
+                logits_t = logits_t.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
+            tok = torch.multinomial(F.softmax(logits_t, dim=-1), 1, generator=generator).squeeze(-1)
+        lp = token_logprobs(logits, tok, temperature if temperature > 0 else 1.0)
+        alive = ~done
+        seq[:, t] = torch.where(alive, tok, pad_id)
+        attn[:, t], gen[:, t] = alive.long(), alive.long()
+        logprobs[:, t] = torch.where(alive, lp, 0.0)
+        done = done | (alive & torch.isin(tok, stop))
+        if done.all():
+            L = t + 1
+            break
+    model.train(was_training)
+    out = (seq[:, :L], attn[:, :L], gen[:, :L])
+    return out + (logprobs[:, :L],) if return_logprobs else out
+
+
+def forward_flops(n_params, n_layer, n_embd, attn_mask):
+    """Forward FLOPs of the real tokens of a batch (B, T), each once: 2N per token for the matmuls (nanoGPT's
+    estimate) plus 4 * n_layer * n_embd per (query, key) pair a token attends to (q.k and the sum of v)."""
+    n = attn_mask.sum(1).double()  # real tokens per row; a row's tokens attend to 1 + 2 + ... + n keys
+    return float(2 * n_params * n.sum() + 4 * n_layer * n_embd * (n * (n + 1) / 2).sum())
+
+
+def sampling_speed(fn, model, prompts):
+    """One timed call of fn (generate or generate_plain) -> (generated tokens/s, forward FLOP/s)."""
     g = torch.Generator(device=env.device).manual_seed(seed)
     sync()
     t0 = time.perf_counter()
     with autocast(gen_dtype):
-        _, _, gen = generate(model, prompts, gen_new_tokens, temperature=1.0, generator=g, use_cache=use_cache)
+        _, attn, gen = fn(model, prompts, gen_new_tokens, temperature=1.0, generator=g)
     sync()
-    return gen.sum().item() / (time.perf_counter() - t0)
+    dt = time.perf_counter() - t0
+    cfg = model.config
+    return gen.sum().item() / dt, forward_flops(model.get_num_params(), cfg.n_layer, cfg.n_embd, attn) / dt
 
 
+def sampling_table(model, peak):
+    """Per batch size: (batch, generate tok/s, plain tok/s, median ratio, generate FLOP/s, its fraction
+    of peak)."""
+    rows = []
+    for b in gen_batches:
+        g = torch.Generator().manual_seed(seed + b)
+        lens = torch.randint(gen_prompt_lens[0], gen_prompt_lens[1] + 1, (b,), generator=g).tolist()
+        prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+        sampling_speed(generate, model, prompts), sampling_speed(generate_plain, model, prompts)  # warm up
+        new, plain = [], []
+        for _ in range(gen_repeats):  # in turns, so a busy spell of the machine slows both
+            new.append(sampling_speed(generate, model, prompts))
+            plain.append(sampling_speed(generate_plain, model, prompts))
+        ratio = statistics.median(a[0] / p[0] for a, p in zip(new, plain))
+        flops = statistics.median(a[1] for a in new)
+        rows.append((b, statistics.median(a[0] for a in new), statistics.median(p[0] for p in plain), ratio,
+                     flops, None if peak is None else flops / peak))
+    return rows
+
+
+vocab_size = get_tokenizer().n_vocab  # the vocabulary the stages train with
 torch.set_grad_enabled(True)
-print(f"device {env.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-c = GPTConfig()
-print(f"model: GPTConfig defaults, {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, vocab {c.vocab_size}, "
-      f"{GPT(c).get_num_params() / 1e6:.2f}M params")
+cpu = f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if env.device_type == "cpu" else ""
+print(f"device {env.device}{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+c = GPTConfig(vocab_size=vocab_size)
+print(f"model: GPTConfig defaults, {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, "
+      f"vocab {c.vocab_size} (world tokenizer), {GPT(c).get_num_params() / 1e6:.2f}M params")
+peaks = {d: matmul_peak(d) for d in dict.fromkeys(("float32", *dtypes, gen_dtype))}
+# a CPU without bf16/fp16 matmul units emulates them below its fp32 speed: that is no peak to compare with
+emulated = [d for d in peaks if d != "float32" and env.device_type == "cpu" and peaks[d] < peaks["float32"]]
 print(f"\ntraining, batch {batch_size} x {block_size}, {train_iters} timed steps")
 print(f"{'dtype':<10} {'tokens/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'fraction':>9}")
 for dtype in dtypes:
-    tps, flops = train_speed(dtype)
-    peak = matmul_peak(dtype)
-    print(f"{dtype:<10} {tps:>10,.0f} {flops / 1e9:>9.1f} {peak / 1e9:>13.1f} {flops / peak:>9.1%}")
+    tps, flops = train_speed(dtype, vocab_size)
+    peak = "n/a" if dtype in emulated else f"{peaks[dtype] / 1e9:.1f}"
+    fraction = "n/a" if dtype in emulated else f"{flops / peaks[dtype]:.1%}"
+    print(f"{dtype:<10} {tps:>10,.0f} {flops / 1e9:>9.1f} {peak:>13} {fraction:>9}")
+for d in emulated:
+    print(f"{d}: this CPU has no {d} matmul units ({d} matmul {peaks[d] / 1e9:.1f} GFLOP/s, below fp32's "
+          f"{peaks['float32'] / 1e9:.1f}): {d} is emulated, there is no {d} peak to take a fraction of")
 
-print(f"\ngeneration ({gen_dtype}), batch {gen_batch}, prompt {gen_prompt_len}, {gen_new_tokens} new tokens, "
-      f"block_size 512")
-with_cache, without = gen_speed(True), gen_speed(False)
-print(f"{'KV cache':<10} {'tokens/s':>10}")
-print(f"{'yes':<10} {with_cache:>10,.0f}\n{'no':<10} {without:>10,.0f}\nspeed-up {with_cache / without:.1f}x")
+torch.manual_seed(seed)
+model = GPT(GPTConfig(vocab_size=vocab_size)).to(env.device).eval()
+print(f"\nsampling ({gen_dtype}, KV cache): prompts of {gen_prompt_lens[0]}-{gen_prompt_lens[1]} tokens, "
+      f"left-padded, {gen_new_tokens} new tokens each, random weights; medians of {gen_repeats} turns")
+print(f"{'batch':>5} {'generate tok/s':>15} {'plain tok/s':>12} {'speed-up':>9} {'GFLOP/s':>8} "
+      f"{'of peak':>8}")
+gen_peak = None if gen_dtype in emulated else peaks[gen_dtype]
+for b, new, plain, ratio, flops, fraction in sampling_table(model, gen_peak):
+    fraction = "n/a" if fraction is None else f"{fraction:.1%}"
+    print(f"{b:>5} {new:>15,.0f} {plain:>12,.0f} {ratio:>8.2f}x {flops / 1e9:>8.1f} {fraction:>8}")

@@ -3,7 +3,8 @@ The network: a small GPT-2 (pre-LN transformer, tied embeddings), nanoGPT style.
 
 1. GPTConfig, attention, MLP, blocks, GPT. An optional scalar head turns the network into a reward model,
    or gives PPO a value head on the policy's own trunk.
-2. Per-token log-probs, and generate(): batched sampling from left-padded prompts with a KV cache.
+2. Per-token log-probs, and generate(): batched sampling from left-padded prompts with a KV cache (prefill
+   the prompts, then decode_step() one token per unfinished row, each drawn by sample()).
 
 Everything around the network (devices, precision, checkpoints, config) is in runtime.py; sampling and scoring
 chat replies is in rollout.py.
@@ -39,19 +40,23 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
 
     def forward(self, x, mask=None, cache=None):
-        # mask: None (plain causal) or bool (B, 1, T, Tk), True where a query may look at a key
+        # mask: None (plain causal), bool (B, 1, T, Tk) True where a query may look at a key, or additive
+        # (B, 1, T, Tk) float (0 or -inf), which generate keeps for its one-token steps
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B,nh,T,hs)
+        hs = C // self.n_head
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
-            # cache is this layer's dict; the first call (the prompt) allocates room for the whole sequence,
-            # later calls write their T new keys/values after the Tk - T already stored
+            # cache is this layer's dict. The first call makes the (B', nh, L, hs) buffers of
+            # cache["size"] = (B', L), in k's dtype, zeroed (padding never written stays finite under the
+            # mask); a call's rows are their first B, and its T new keys/values go after the Tk - T stored
             if "k" not in cache:
-                cache["k"] = k.new_zeros(B, self.n_head, cache["len"], C // self.n_head)
+                rows, length = cache["size"]
+                cache["k"] = k.new_zeros(rows, self.n_head, length, hs)
                 cache["v"] = torch.zeros_like(cache["k"])
             end = mask.size(-1)
-            cache["k"][:, :, end - T:end], cache["v"][:, :, end - T:end] = k, v
-            k, v = cache["k"][:, :, :end], cache["v"][:, :, :end]  # (B, nh, Tk, hs)
+            cache["k"][:B, :, end - T:end], cache["v"][:B, :, end - T:end] = k, v
+            k, v = cache["k"][:B, :, :end], cache["v"][:B, :, :end]  # (B, nh, Tk, hs)
         p = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # fast path
@@ -126,7 +131,9 @@ class GPT(nn.Module):
 
     def hidden(self, idx, attention_mask=None, kv_cache=None):
         """idx (B, T) -> final-LN hidden states (B, T, C).
-        attention_mask (B, Tk): 1 real / 0 padding; with kv_cache it also covers the cached tokens."""
+        attention_mask (B, Tk): 1 real / 0 padding; with kv_cache it also covers the cached tokens.
+        kv_cache: a dict per layer, {"size": (B', L)} before the first call: room for B' >= B rows (idx's
+        are the first B) and L tokens; the call's keys/values go to columns Tk - T .. Tk-1."""
         B, T = idx.size()
         if kv_cache is not None and attention_mask is None:
             attention_mask = torch.ones_like(idx)
@@ -186,6 +193,50 @@ def pad_rows(rows, pad_id, left=False):
         ids[i, sl], mask[i, sl] = torch.tensor(r, dtype=torch.long), 1
     return ids, mask
 
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row of logits (B, V) -> (tokens (B,), their log-probs (B,) fp32 under
+    softmax(logits / temperature) before top-k/top-p filtering). Temperature 0 is greedy and records the
+    temperature-1 log-probs."""
+    logp = F.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # (B, V)
+    if temperature == 0:
+        tok = logits.argmax(-1)
+    else:
+        kept = logp
+        if top_k is not None:
+            kth = torch.topk(kept, min(top_k, kept.size(-1))).values[:, -1:]
+            kept = kept.masked_fill(kept < kth, float("-inf"))
+        if top_p is not None:  # nucleus: keep the smallest set of top tokens whose mass reaches top_p
+            sorted_l, order = torch.sort(kept, descending=True)
+            probs = F.softmax(sorted_l, dim=-1)
+            drop = probs.cumsum(-1) - probs > top_p  # the mass before a token already reaches top_p
+            kept = kept.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
+        # inverse-CDF sampling: one uniform number per row, where multinomial draws one per vocabulary entry.
+        # u * total < total, so the first cdf entry above it ends a token of non-zero probability
+        cdf = (kept.exp() if kept is logp else F.softmax(kept, dim=-1)).cumsum(-1)  # (B, V)
+        u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+        tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+def prefill(model, idx, attention_mask, cache, chunk=16):
+    """Left-padded prompts (B, P), sorted longest first, through the network into the KV cache -> the logits
+    (B, V) after each prompt. The prompt goes in chunks of columns, each run on only the rows with a real
+    token in it (a prefix of the rows), so little of the left padding is computed."""
+    P, lens = idx.size(1), attention_mask.sum(1)
+    chunk = chunk if cache is not None else P  # without a cache, one pass over everything
+    for end in range(P % chunk or chunk, P + 1, chunk):
+        n = int((lens > P - end).sum())  # the rows whose prompt reaches into columns [end - chunk, end)
+        h = model.hidden(idx[:n, max(end - chunk, 0):end], attention_mask[:n, :end], kv_cache=cache)
+    return model.lm_head(h[:, -1]).float()  # the last chunk holds every row
+
+def decode_step(model, tok, pos, mask, cache):
+    """One new token per row through the network with the KV cache: tok, pos (B,) -> logits (B, V).
+    pos counts the row's real tokens before this one; mask (B, 1, 1, Tk) is additive over the Tk keys
+    (0: a real token, -inf: padding), the last key being this token, whose key/value the call caches."""
+    x = model.transformer.wte(tok[:, None]) + model.transformer.wpe(pos[:, None])  # (B, 1, C)
+    for block, layer_cache in zip(model.transformer.h, cache):
+        x = block(x, mask, layer_cache)
+    return model.lm_head(model.transformer.ln_f(x[:, 0])).float()
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), pad_id=0,
              generator=None, use_cache=True, return_logprobs=False):
@@ -194,54 +245,53 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     Returns seq (B, P+n) long, attn_mask (B, P+n) 1 on real tokens, gen_mask (B, P+n) 1 on generated tokens
     (a stop token included); with return_logprobs also logprobs (B, P+n) fp32: log-prob of seq[:, t] under
     softmax(logits / temperature) before top-k/top-p filtering (temperature 0 records temperature 1), else 0.
-    Prompts are left-padded to P = longest prompt; n <= max_new_tokens (clipped to block_size, early stop)."""
+    Prompts are left-padded to P = longest prompt; n <= max_new_tokens (clipped to block_size, early stop).
+    With the KV cache each step after the prompt feeds one token per unfinished row; use_cache=False
+    reruns the whole sequence every step (the reference the cache is tested against). Rows that finished
+    leave the batch once they are a quarter of it. A fixed generator makes the samples repeatable."""
     model = getattr(model, "module", model)  # DDP wraps the model; the cache path lives on the module itself
-    device, block_size = model.lm_head.weight.device, model.config.block_size
+    cfg, device = model.config, model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
-    if P >= block_size:
-        raise ValueError(f"generate: a prompt of {P} tokens leaves no room (block_size {block_size})")
-    L = P + min(max_new_tokens, block_size - P)
-    seq = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros(B, L, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        seq[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        attn[i, P - len(p):P] = 1
-    gen = torch.zeros_like(attn)
-    logprobs = torch.zeros(B, L, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    if P >= cfg.block_size:
+        raise ValueError(f"generate: a prompt of {P} tokens leaves no room (block_size {cfg.block_size})")
+    L = P + min(max_new_tokens, cfg.block_size - P)
+    ids, real = pad_rows(prompts, pad_id, left=True)
+    seq, attn = F.pad(ids, (0, L - P), value=pad_id).to(device), F.pad(real, (0, L - P)).to(device)  # (B, L)
+    gen, logprobs = torch.zeros_like(attn), torch.zeros(B, L, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    cache = [{"len": L} for _ in model.transformer.h] if use_cache else None
     was_training = model.training
     model.eval()
+    # ---- 1. the prompts, longest first (the cache's row order), into a KV cache with room for all L tokens
+    rows = torch.tensor(sorted(range(B), key=lambda i: -len(prompts[i])), device=device)  # cache row -> row
+    cache = [{"size": (B, L)} for _ in model.transformer.h] if use_cache else None
+    logits = prefill(model, seq[rows, :P], attn[rows, :P], cache)  # (B, V)
+    # kept across steps rather than rebuilt: the additive key mask (-inf on the left padding), the positions
+    padding = F.pad(attn[rows, :P] == 0, (0, L - P))  # (B, L)
+    mask = torch.zeros(B, 1, 1, L, device=device).masked_fill(padding[:, None, None], float("-inf"))
+    pos = attn[rows].sum(1)  # (B,) the position of each row's next token: its real tokens so far
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    # ---- 2. sample, record, stop; drop finished rows from the batch; feed the new tokens
     for t in range(P, L):
-        # with the cache only the new token goes through the network (the whole prompt on the first step)
-        start = t - 1 if (use_cache and t > P) else 0
-        h = model.hidden(seq[:, start:t], attn[:, :t], kv_cache=cache)[:, -1]  # (B, C)
-        logits = model.lm_head(h).float()                                          # (B, V)
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            logits_t = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits_t, min(top_k, logits_t.size(-1))).values[:, -1:]
-                logits_t = logits_t.masked_fill(logits_t < kth, float("-inf"))
-            if top_p is not None:  # nucleus: keep the smallest set of top tokens whose mass reaches top_p
-                sorted_l, order = torch.sort(logits_t, descending=True)
-                probs = F.softmax(sorted_l, dim=-1)
-                drop = probs.cumsum(-1) - probs > top_p  # the mass before a token already reaches top_p
-                logits_t = logits_t.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
-            tok = torch.multinomial(F.softmax(logits_t, dim=-1), 1, generator=generator).squeeze(-1)
-        lp = token_logprobs(logits, tok, temperature if temperature > 0 else 1.0)
-        alive = ~done
-        seq[:, t] = torch.where(alive, tok, pad_id)
-        attn[:, t], gen[:, t] = alive.long(), alive.long()
-        logprobs[:, t] = torch.where(alive, lp, 0.0)
-        done = done | (alive & torch.isin(tok, stop))
-        if done.all():
+        tok, lp = sample(logits, temperature, top_k, top_p, generator)
+        seq[rows, t] = torch.where(done, pad_id, tok)  # a finished row not yet dropped gets padding
+        attn[rows, t] = gen[rows, t] = (~done).long()
+        logprobs[rows, t] = torch.where(done, 0.0, lp)
+        done = done | torch.isin(tok, stop)
+        if done.all() or t == L - 1:
             L = t + 1
             break
+        if 4 * done.sum() >= len(rows):  # a quarter of the rows finished: stop computing them
+            keep = ~done
+            rows, tok, pos, mask, done = rows[keep], tok[keep], pos[keep], mask[keep], done[keep]
+            for layer in cache or ():
+                layer["k"], layer["v"] = layer["k"][keep], layer["v"][keep]
+        if use_cache:
+            logits = decode_step(model, tok, pos, mask[..., :t + 1], cache)
+        else:
+            logits = model.lm_head(model.hidden(seq[rows, :t + 1], attn[rows, :t + 1])[:, -1]).float()
+        pos = pos + 1
     model.train(was_training)
     out = (seq[:, :L], attn[:, :L], gen[:, :L])
     return out + (logprobs[:, :L],) if return_logprobs else out
