@@ -49,8 +49,10 @@ group_size = 8             # G answers per prompt: the baseline is their mean, s
 group_prompts = 16         # prompts per batch (per process): group_size x group_prompts answers per iteration
 minibatch_size = 64        # answers per gradient step (whole groups stay together only for the advantage)
 ppo_epochs = 2             # passes over each batch; 1 = one update per batch (the ratio is then 1)
-lr = 1.5e-4                # the policy's learning rate, as in ppo.py
-beta = 0.05                # KL weight: in the loss (GRPO) or in the sequence reward (RLOO)
+lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 the group advantage (one unit of
+                           # std per answer, every token alike) pushed the policy far from SFT within 30 batches
+beta = 0.3                 # KL weight: in the loss (GRPO) or in the sequence reward (RLOO); with the k3 term in
+                           # the loss, a small weight barely held the KL back (docs/experiments.md)
 max_new_tokens = 32        # longest answer, as in ppo.py
 temperature = 1.0          # pure sampling, so the sampled tokens give unbiased KL estimates
 no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn, as in ppo.py
