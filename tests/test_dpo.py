@@ -1,10 +1,13 @@
-"""Correctness of dpo.py: the three losses against hand-worked numbers, the response-only log-prob sum, a
-gradient step that widens the margin, the pairs a ranking gives, and a tiny end-to-end run with resume."""
+"""Correctness of dpo.py: the losses (DPO, conservative DPO, IPO, the NLL term) against hand-worked numbers,
+the response-only log-prob sum, a gradient step that widens the margin, the empty-answer regression, the
+non-finite guard, the option checks, the pairs a ranking gives, and a tiny end-to-end run with resume."""
 import json
 import math
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dpo  # noqa: E402  (importing must not start the stage)
 import model as M  # noqa: E402
-import runtime
+import runtime  # noqa: E402
 from data.readers import DataError  # noqa: E402
 from data.tokenizer import END, get_tokenizer, special_id  # noqa: E402
 
@@ -31,37 +34,55 @@ def t(*xs):
 
 def test_policy_equal_to_reference_gives_ln2_and_no_wins():
     lp_c, lp_r = torch.randn(8) * 10, torch.randn(8) * 10
-    loss, rc, rr = dpo.dpo_loss(lp_c, lp_r, lp_c.clone(), lp_r.clone(), beta=0.1)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # sigma(0) = 1/2 for every pair
+    losses = dpo.dpo_loss(lp_c, lp_r, lp_c.clone(), lp_r.clone(), beta=0.1)
+    assert losses.shape == (8,)  # one loss per pair
+    torch.testing.assert_close(losses, torch.full((8,), math.log(2)))  # sigma(0) = 1/2 for every pair
+    rc, rr = dpo.implicit_reward(lp_c, lp_c.clone(), 0.1), dpo.implicit_reward(lp_r, lp_r.clone(), 0.1)
     assert (rc == 0).all() and (rr == 0).all()
-    assert (rc > rr).float().mean().item() == 0.0  # accuracy counts strict wins only
+    stats = dpo.pair_stats(losses.mean(), lp_c, lp_r, lp_c.clone(), lp_r.clone(), beta=0.1)
+    assert stats["accuracy"] == 0.0 and stats["margin"] == 0.0  # accuracy counts strict wins only
 
 
 def test_sigmoid_loss_by_hand():
     # h = (pi_c - ref_c) - (pi_r - ref_r) = (-1 + 2) - (-3 + 2) = 2, beta h = 1
     # loss = -log sigma(1) = log(1 + e^-1) = 0.3132616875...; rewards = beta * log-ratio = +0.5 and -0.5
-    loss, rc, rr = dpo.dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5, loss_type="sigmoid")
-    assert loss.item() == pytest.approx(0.31326168751822286, abs=1e-6)
-    assert rc.item() == pytest.approx(0.5) and rr.item() == pytest.approx(-0.5)
+    # pair 2: h = 0 - 2 = -2, beta h = -1: -log sigma(-1) = log(1 + e) = 1.3132616875...
+    losses = dpo.dpo_loss(t(-1.0, -2.0), t(-3.0, -1.0), t(-2.0, -2.0), t(-2.0, -3.0), beta=0.5)
+    torch.testing.assert_close(losses, t(0.31326168751822286, 1.3132616875182228))
+    assert dpo.implicit_reward(t(-1.0), t(-2.0), 0.5).item() == pytest.approx(0.5)
+    assert dpo.implicit_reward(t(-3.0), t(-2.0), 0.5).item() == pytest.approx(-0.5)
 
 
 def test_ipo_loss_by_hand():
     # beta = 0.5, target margin 1/(2 beta) = 1.  pair 1: h = 2 -> (2 - 1)^2 = 1.
-    # pair 2: pi_c = -2, pi_r = -1, refs -2: h = 0 - 1 = -1 -> (-1 - 1)^2 = 4.  mean = 2.5
-    loss, _, _ = dpo.dpo_loss(t(-1.0, -2.0), t(-3.0, -1.0), t(-2.0, -2.0), t(-2.0, -2.0), beta=0.5, loss_type="ipo")
-    assert loss.item() == pytest.approx(2.5, abs=1e-6)
+    # pair 2: pi_c = -2, pi_r = -1, refs -2: h = 0 - 1 = -1 -> (-1 - 1)^2 = 4.
+    losses = dpo.ipo_loss(t(-1.0, -2.0), t(-3.0, -1.0), t(-2.0, -2.0), t(-2.0, -2.0), beta=0.5)
+    torch.testing.assert_close(losses, t(1.0, 4.0))
+    total, pref = dpo.preference_loss(t(-1.0, -2.0), t(-3.0, -1.0), t(-2.0, -2.0), t(-2.0, -2.0), t(1.0, 1.0),
+                                      "ipo", 0.5, 0.0, 0.0)
+    assert total.item() == pref.item() == pytest.approx(2.5)  # the mean over pairs
 
 
 def test_label_smoothed_loss_by_hand():
     # beta h = 1, eps = 0.1: -0.9 log sigma(1) - 0.1 log sigma(-1) = 0.9 * 0.31326169 + 0.1 * 1.31326169
-    # = 0.28193552 + 0.13132617 = 0.41326169 (= DPO's loss + eps * beta h, as log sigma(x) - log sigma(-x) = x)
-    loss, _, _ = dpo.dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5, loss_type="sigmoid", label_smoothing=0.1)
+    # = 0.28193552 + 0.13132617 = 0.41326169
+    # (= DPO's loss + eps * beta h, as log sigma(x) - log sigma(-x) = x)
+    loss = dpo.dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5, label_smoothing=0.1)
     assert loss.item() == pytest.approx(0.41326168751822285, abs=1e-6)
+
+
+def test_nll_term_and_total_by_hand():
+    # per-token NLL of the chosen answers: -(-6) / 3 = 2, and an answer with no tokens adds 0 (not 0/0)
+    torch.testing.assert_close(dpo.nll_term(t(-6.0, 0.0), t(3.0, 0.0)), t(2.0, 0.0))
+    # sigmoid loss of the hand-worked pair (0.31326169) + alpha 0.5 * NLL (-(-1) / 2 = 0.5) = 0.56326169
+    total, pref = dpo.preference_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), t(2.0), "sigmoid", 0.5, 0.0, 0.5)
+    assert pref.item() == pytest.approx(0.31326168751822286, abs=1e-6)
+    assert total.item() == pytest.approx(0.56326168751822286, abs=1e-6)
 
 
 def test_unknown_loss_type_is_an_error():
     with pytest.raises(ValueError, match="unknown loss"):
-        dpo.dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), beta=0.1, loss_type="hinge")
+        dpo.preference_loss(t(0.0), t(0.0), t(0.0), t(0.0), t(1.0), "hinge", 0.1, 0.0, 0.0)
 
 
 ROW = [5, 6, 7, 8, 9, 10, 11]
@@ -73,7 +94,8 @@ def test_summed_logprob_counts_answer_tokens_only():
     with torch.no_grad():
         got = dpo.response_logps(m, [ROW], [MASK], pad_id=0, device="cpu")
         logp = torch.log_softmax(m(torch.tensor([ROW]))[0][0], -1)  # (T, V): row t predicts token t+1
-    by_hand = sum(logp[i - 1, ROW[i]].item() for i in range(len(ROW)) if MASK[i])  # 8 | 5 6 7, 9 | .., 10 | ..
+    # 8 | 5 6 7, 9 | 5 6 7 8, 10 | 5 6 7 8 9
+    by_hand = sum(logp[i - 1, ROW[i]].item() for i in range(len(ROW)) if MASK[i])
     assert got.item() == pytest.approx(by_hand, abs=1e-5)
 
 
@@ -98,9 +120,10 @@ def test_gradient_step_widens_the_margin():
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
 
     def margin_and_loss():
-        lp = dpo.response_logps(policy, chosen + rejected, masks, 0, "cpu")  # one forward, chosen over rejected
-        loss, rc, rr = dpo.dpo_loss(lp[:2], lp[2:], ref_lp[:2], ref_lp[2:], beta=0.1)
-        return (rc - rr).mean().item(), loss
+        lp = dpo.response_logps(policy, chosen + rejected, masks, 0, "cpu")  # one forward, chosen first
+        loss = dpo.dpo_loss(lp[:2], lp[2:], ref_lp[:2], ref_lp[2:], beta=0.1).mean()
+        margin = dpo.implicit_reward(lp[:2], ref_lp[:2], 0.1) - dpo.implicit_reward(lp[2:], ref_lp[2:], 0.1)
+        return margin.mean().item(), loss
 
     before, loss = margin_and_loss()
     assert before == pytest.approx(0.0, abs=1e-6)  # policy = reference
@@ -108,6 +131,45 @@ def test_gradient_step_widens_the_margin():
     opt.step()
     after, _ = margin_and_loss()
     assert after > before + 1e-3
+
+
+def test_empty_chosen_answer_gives_finite_loss_and_gradients():
+    """Regression: an online reply that stopped at once (text '', never ended) has no answer tokens; as the
+    chosen answer of a pair its NLL term was 0/0 = NaN, and every weight became NaN after one step."""
+    enc = get_tokenizer("world")
+    prompt = [{"role": "user", "content": "Describe the fox."}]
+    empty, empty_mask = dpo.encode(enc, prompt, "", False, 64)
+    assert sum(empty_mask) == 0  # a legitimate answer with no tokens
+    full, full_mask = dpo.encode(enc, prompt, "The fox is red.", True, 64)
+    rows, masks = [empty, full], [empty_mask, full_mask]  # pair (0, 1): the empty answer is the chosen one
+    args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    policy, ref = M.GPT(M.GPTConfig(**args)), M.GPT(M.GPTConfig(**args))
+    pad = enc.eot_token
+    answers = (rows, masks, dpo.response_logps(ref, rows, masks, pad, "cpu").detach())
+    pi_c, pi_r, ref_c, ref_r, n_c = dpo.forward(policy, torch.tensor([[0, 1]]), answers, pad, "cpu")
+    assert n_c.item() == 0 and pi_c.item() == 0.0
+    for loss_type in ("sigmoid", "ipo"):
+        total, _ = dpo.preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, loss_type, 0.1, 0.0, 1.0)
+        assert torch.isfinite(total)
+        policy.zero_grad()
+        total.backward(retain_graph=True)
+        grads = [p.grad for p in policy.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_nonfinite_loss_stops_the_stage():
+    policy = tiny().train()
+    rows, masks = [ROW, [5, 6, 7, 12, 13]], [MASK, [0, 0, 0, 1, 1]]
+    answers = (rows, masks, torch.tensor([float("nan"), 0.0]))  # a broken reference log-prob
+    rt = SimpleNamespace(device="cpu", ctx=nullcontext(), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                         ddp=False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in policy.parameters()]
+    hp = dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, rpo_alpha=0.0)
+    with pytest.raises(SystemExit, match="dpo step 7: loss is nan"):
+        dpo.train_step(policy, opt, rt, [torch.tensor([[0, 1]])], answers, 0, 1e-3, 1.0, 7, hp)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))  # the step was skipped
 
 
 def test_encode_drops_end_of_an_unfinished_answer():
@@ -134,7 +196,8 @@ def test_ranking_gives_all_ordered_pairs(tmp_path):
                   "ranking": [2, 0, 1, 3], "chosen": "c", "rejected": "b"}])
     responses, pairs = dpo.load_pairs(str(path))
     texts = [(responses[c][1], responses[r][1]) for _, c, r in pairs]
-    # 4 answers -> 6 pairs, the better-ranked one chosen; "b" vs "b" (identical, both ended) carries no preference
+    # 4 answers -> 6 pairs, the better-ranked one chosen; "b" vs "b" (identical, both ended) carries no
+    # preference
     assert texts == [("c", "a"), ("c", "b"), ("c", "b"), ("a", "b"), ("a", "b")]
     assert responses[2] == (p, "c", False)
 
@@ -144,8 +207,9 @@ def test_trl_pairs_and_bad_lines(tmp_path):
     write(path, [{"prompt": "Describe the fox.", "chosen": "The fox is red.", "rejected": "You are dumb."}])
     responses, pairs = dpo.load_pairs(str(path))
     assert [(responses[c][1], responses[r][1]) for _, c, r in pairs] == [("The fox is red.", "You are dumb.")]
-    write(path, [{"prompt": [{"role": "user", "content": "Hi."}], "responses": ["a", "b"], "ranking": [0, 1]},
-                 {"prompt": [{"role": "user", "content": "Hi."}], "responses": ["a", "b"], "ranking": [0, 0]}])
+    hi = [{"role": "user", "content": "Hi."}]
+    write(path, [{"prompt": hi, "responses": ["a", "b"], "ranking": [0, 1]},
+                 {"prompt": hi, "responses": ["a", "b"], "ranking": [0, 0]}])
     with pytest.raises(DataError, match=r"prefs.jsonl:2: "):
         dpo.load_pairs(str(path))
 
@@ -154,34 +218,41 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     enc = get_tokenizer("world")
     args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     torch.manual_seed(0)
-    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
-                                                 "config": {}, "kind": "sft", "step": 0, "tokenizer": "world"})
+    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {
+        "model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args, "config": {}, "kind": "sft",
+        "step": 0, "tokenizer": "world"})
     rows = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
-             "responses": [f"The {a} is red.", f"The {a} is sad.", "You are dumb."], "ended": [True, True, False],
-             "ranking": [0, 1, 2]} for a in ("fox", "cat", "dog", "owl", "frog", "bird", "duck", "bear")]
-    write(tmp_path / "comparisons.jsonl", rows)
+             "responses": [f"The {a} is red.", f"The {a} is sad.", "You are dumb."],
+             "ended": [True, True, False], "ranking": [0, 1, 2]}
+            for a in ("fox", "cat", "dog", "owl", "frog", "bird", "duck", "bear")]
+    rows[0]["responses"][1], rows[0]["ended"][1] = "", False  # an answer with no tokens: a legitimate pair
+    long = {**rows[1], "prompt": [{"role": "user", "content": "Describe the fox. " * 40}]}  # fills the block
+    write(tmp_path / "comparisons.jsonl", rows + [long])
     flags = [f"--out_dir={tmp_path}", "--batch_size=4", "--eval_interval=2", "--max_new_tokens=8",
              "--eval_fraction=0.25", "--n_eval=8"]
     run = lambda *a: subprocess.run([sys.executable, "dpo.py", *flags, *a], cwd=ROOT, capture_output=True,
                                     text=True, timeout=300)
-    r = run("--max_iters=3", "--online_rounds=0")  # offline DPO first: no reward model here yet
+    r = run("--max_iters=3")  # offline DPO, the default: no reward model needed, none built
     assert r.returncode == 0, r.stderr[-2000:]
+    assert not (tmp_path / "reward.pt").exists()
+    assert "dropped 3 pairs whose prompt fills the 64-token block" in r.stdout
     assert "dpo wins" in r.stdout and "KL(dpo || sft)" in r.stdout
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
-    assert [x["iter"] for x in logs] == [1, 2, 3] and len({tuple(x) for x in logs}) == 1  # same keys every step
+    assert [x["iter"] for x in logs] == [1, 2, 3]
+    assert len({tuple(x) for x in logs}) == 1  # the same keys every step
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1's batch: policy = reference
     assert logs[1]["val/accuracy"] is not None and logs[0]["val/accuracy"] is None
     ck = runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
     assert ck["step"] == 3 and ck["tokenizer"] == "world"
-    r = run("--max_iters=4", "--resume=True", "--online_rounds=0")
+    r = run("--max_iters=4", "--resume=True")
     assert r.returncode == 0, r.stderr[-2000:]
     assert runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")["step"] == 4
     assert [json.loads(line)["iter"] for line in open(tmp_path / "dpo.jsonl")] == [1, 2, 3, 4]
     # online DPO after the offline steps: one round of fresh answers judged by a (random) reward model
     rm_args = {**args, "scalar_head": True}
-    runtime.save_checkpoint(str(tmp_path / "reward.pt"), {"model": M.GPT(M.GPTConfig(**rm_args)).state_dict(),
-                                                    "model_args": rm_args, "config": {}, "kind": "reward", "step": 0,
-                                                    "tokenizer": "world", "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
+    runtime.save_checkpoint(str(tmp_path / "reward.pt"), {
+        "model": M.GPT(M.GPTConfig(**rm_args)).state_dict(), "model_args": rm_args, "config": {},
+        "kind": "reward", "step": 0, "tokenizer": "world", "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
     r = run("--max_iters=4", "--resume=True", "--online_rounds=1", "--online_prompts=4", "--online_k=3",
             "--online_pairs=1")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -189,14 +260,15 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     ck = runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
     assert ck["step"] == 4 and ck["round"] == 1
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
-    assert [x["iter"] for x in logs] == [1, 2, 3, 4, 5] and logs[-1]["round"] == 1  # 4 prompts: one step of 4 pairs
+    assert [x["iter"] for x in logs] == [1, 2, 3, 4, 5]  # 4 prompts: one step of 4 pairs
+    assert logs[-1]["round"] == 1
 
 
 def test_online_pairs_are_best_and_worst_by_hand():
     reply = lambda text, ended=True: {"text": text, "ended": ended}
     replies = [reply("a"), reply("b"), reply("c"),        # prompt 1: best is 1 (0.9), worst is 0 (0.1)
                reply("d"), reply("e"), reply("f"),        # prompt 2: all tie: no pair
-               reply("g"), reply("h"), reply("g"),        # prompt 3: best 6 and worst 8 are the same text: no pair
+               reply("g"), reply("h"), reply("g"),        # prompt 3: best 6, worst 8, the same text: no pair
                reply("i"), reply("i", False), reply("j")]  # prompt 4: same text, but one never ended: a pair
     scores = [0.1, 0.9, 0.5, 0.2, 0.2, 0.2, 0.8, 0.3, 0.1, 0.7, -0.4, 0.0]
     assert dpo.best_and_worst(scores, replies, 3) == [(1, 0), (9, 10)]
@@ -204,3 +276,33 @@ def test_online_pairs_are_best_and_worst_by_hand():
     replies = [reply(t) for t in "abcdefgh"]
     scores = [0.3, 0.9, 0.1, 0.5,   0.2, 0.8, 0.5, 0.5]  # prompt 2: the inner pair ties, so it gives no pair
     assert dpo.best_and_worst(scores, replies, 4, n=2) == [(1, 2), (3, 0), (5, 4)]
+
+
+def test_an_answer_that_never_ends_loses_the_penalty_in_the_ranking():
+    reply = lambda text, ended=True: {"text": text, "ended": ended}
+    # the reward model likes the empty reply that never ended best (0.9); with the penalty of 1 it scores
+    # -0.1, below both finished answers (0.5, 0.2), and becomes the rejected answer instead of the chosen one
+    replies = [reply("", False), reply("The fox is red."), reply("The fox is sad.")]
+    assert dpo.best_and_worst([0.9, 0.5, 0.2], replies, 3) == [(0, 2)]
+    assert dpo.best_and_worst([0.9, 0.5, 0.2], replies, 3, no_end_penalty=1.0) == [(1, 0)]
+    # penalised scores 0.3 - 1 = -0.7 and 0.2 - 1 = -0.8: both unended, the ranking between them stays
+    replies = [reply("a", False), reply("b", False)]
+    assert dpo.best_and_worst([0.3, 0.2], replies, 2, no_end_penalty=1.0) == [(0, 1)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--loss=hinge"], "--loss='hinge' is out of range"),
+    (["--beta=0"], "--beta=0.0 is out of range"),  # dpo.py's own rule: beta divides in IPO, scales in DPO
+    (["--online_k=4", "--online_pairs=3"], "--online_pairs=3 must be <= online_k / 2 = 2"),
+    (["--loss=ipo", "--label_smoothing=0.1"], "needs --loss=sigmoid"),
+    (["--online_rounds=1", "--data=prefs.jsonl"], "need a reward model"),
+])
+def test_bad_options_stop_before_anything_is_touched(tmp_path, flags, message):
+    (tmp_path / "dpo.jsonl").write_text("old log\n")
+    write(tmp_path / "prefs.jsonl", [{"prompt": "Hi.", "chosen": "a", "rejected": "b"}])
+    flags = [f.replace("prefs.jsonl", str(tmp_path / "prefs.jsonl")) for f in flags]
+    r = subprocess.run([sys.executable, "dpo.py", f"--out_dir={tmp_path}", *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and message in r.stderr and r.stderr.strip().startswith("error: ")
+    assert sorted(os.listdir(tmp_path)) == ["dpo.jsonl", "prefs.jsonl"]  # no sft.pt built, nothing written
+    assert (tmp_path / "dpo.jsonl").read_text() == "old log\n"
