@@ -178,3 +178,44 @@ def test_check_finite_names_the_stage_step_and_quantity():
         runtime.check_finite("sft", 7, "a lower --lr", loss=1.0, grad_norm=float("nan"))
     with pytest.raises(SystemExit, match="rewards is inf"):
         runtime.check_finite("ppo", 1, "x", rewards=torch.tensor([0.0, float("inf")]))
+
+
+def fp16_step(model, loss_fn):
+    """One training step as every stage takes it: fp16 autocast on CPU, the GradScaler, runtime.optimizer_step.
+    Returns (weights before, weights after, the gradient norm)."""
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    opt = runtime.configure_optimizer(model, 0.0, 1e-3, (0.9, 0.95), "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.autocast(device_type="cpu", dtype=torch.float16):
+        loss = loss_fn(model)
+    assert loss.dtype == torch.float32  # losses stay fp32 under autocast
+    scaler.scale(loss).backward()
+    norm = runtime.optimizer_step(model, opt, scaler, 1.0)
+    return before, model.state_dict(), norm
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "dpo", "grpo"])
+def test_each_stage_steps_under_fp16_autocast_with_a_grad_scaler(stage):
+    import dpo
+    import grpo
+    import pretrain
+    import reward
+    import sft
+    from rollout import rm_score
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, scalar_head=stage == "reward"))
+    x = torch.randint(0, 50, (4, 12))
+    mask = torch.ones_like(x)
+    loss_fn = {
+        "pretrain": lambda net: pretrain.next_token_loss(net(x[:, :-1])[0], x[:, 1:]),
+        "sft": lambda net: sft.sft_loss(net(x[:, :-1])[0], torch.where(torch.rand(4, 11) < 0.5, x[:, 1:], -1)),
+        "reward": lambda net: reward.bradley_terry_loss(rm_score(net, x, mask).view(1, 4)),
+        "dpo": lambda net: dpo.dpo_loss(*M.sequence_logprobs(net, x).sum(1).view(2, 2), torch.zeros(2),
+                                        torch.zeros(2), 0.5).mean(),
+        "grpo": lambda net: grpo.grpo_loss(lp := M.sequence_logprobs(net, x), lp.detach() + 0.01, lp.detach(),
+                                           torch.tensor([1.0, -1.0, 0.5, -0.5]), mask[:, 1:].float(), 0.2, 0.1),
+    }[stage]
+    before, after, norm = fp16_step(m, loss_fn)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    moved = [k for k in after if not torch.equal(before[k], after[k])]
+    assert moved, "the scaler skipped the step: no weight moved"
