@@ -89,7 +89,8 @@ def main():
 
     # ---- 2. the model: any language-model checkpoint (a PPO one may carry a value head; chat needs the LM)
     path = ckpt or latest_checkpoint(out_dir)
-    model, enc, ck = runtime.load_model(path, ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0, scalar_head=False)
+    model, enc, ck = runtime.load_model(path, ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0,
+                                        scalar_head=False)
     model.to(rt.device).eval()
     g = torch.Generator(device=rt.device).manual_seed(seed)
     opening = [{"role": "system", "content": system}] if system else []

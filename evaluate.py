@@ -31,13 +31,16 @@ from data.readers import DataError, read_prompts
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
-ckpt = ""                  # comma-separated checkpoints (path or name=path; "bon" = best-of-N); "" = every stage
-prompts = ""               # "" = the world's held-out prompts; or a JSONL file of {"prompt": ...} / {"messages": ...}
+ckpt = ""                  # comma-separated checkpoints (path or name=path; "bon" = best-of-N);
+                           # "" = every stage
+prompts = ""               # "" = the world's held-out prompts; or a JSONL file of
+                           # {"prompt": ...} / {"messages": ...}
 seed = 1234                # sampling seed: every model answers the same prompts with the same random stream
 device = "auto"
 dtype = "auto"
-samples = 8                # answers per prompt and model: the win rate's interval shrinks as 1/sqrt(prompts x samples),
-                           # and a few samples per prompt let two runs of the same model read very differently
+samples = 8                # answers per prompt and model: the win rate's interval shrinks as
+                           # 1/sqrt(prompts x samples), and a few samples per prompt let two runs of the
+                           # same model read very differently
 max_new_tokens = 48
 temperature = 1.0
 bon = 16                   # best-of-N baseline from SFT with the reward model (0 = skip)
@@ -63,13 +66,15 @@ def svg_plot(path, title, xlabel, ylabel, series):
     y0, y1 = y0 - pad, y1 + pad
     sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
     sy = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           'font-family="sans-serif" font-size="11">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2 - R / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>',
            f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
            f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
            f'<text x="{(L + W - R) / 2}" y="{H - 8}" text-anchor="middle">{xlabel}</text>',
-           f'<text x="14" y="{(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 14 {(T + H - B) / 2})">{ylabel}</text>']
+           f'<text x="14" y="{(T + H - B) / 2}" text-anchor="middle" '
+           f'transform="rotate(-90 14 {(T + H - B) / 2})">{ylabel}</text>']
     for i in range(5):  # ticks
         xv, yv = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
         out.append(f'<text x="{sx(xv):.1f}" y="{H - B + 14}" text-anchor="middle">{xv:.3g}</text>')
@@ -79,7 +84,8 @@ def svg_plot(path, title, xlabel, ylabel, series):
         if line and len(sxs) > 1:
             out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.5"/>')
         if not line or len(sxs) <= 12:
-            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>' for x, y in zip(sxs, sys_)]
+            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>'
+                    for x, y in zip(sxs, sys_)]
         out.append(f'<rect x="{W - R + 10}" y="{T + 16 * k}" width="10" height="10" fill="{color}"/>')
         out.append(f'<text x="{W - R + 24}" y="{T + 16 * k + 9}">{label}</text>')
     with open(path, "w") as f:
@@ -93,14 +99,17 @@ def read_jsonl(path):
 
 def run_sweep(rt, eval_prompts, rm_path):
     """Train each method at several betas from the same SFT, reward model and comparisons; evaluate each."""
-    runtime.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)  # writes comparisons.jsonl too
+    # writes comparisons.jsonl too
+    runtime.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)
     if not os.path.isfile(os.path.join(out_dir, "comparisons.jsonl")):  # a reward model trained on --data=...
         raise SystemExit(f"error: the sweep needs {out_dir}/comparisons.jsonl; `python reward.py` writes it")
     root = os.path.join(out_dir, "sweep")
-    script = {"ppo": ["ppo.py"], "dpo": ["dpo.py"], "grpo": ["grpo.py"], "rloo": ["grpo.py", "--baseline=rloo"]}
+    script = {"ppo": ["ppo.py"], "dpo": ["dpo.py"], "grpo": ["grpo.py"],
+              "rloo": ["grpo.py", "--baseline=rloo"]}
     betas = {"ppo": ppo_betas, "dpo": dpo_betas, "grpo": grpo_betas, "rloo": grpo_betas}
     runs = [(m, b, []) for m in sweep_methods for b in betas[m]]
-    runs.append(("ppo", 0.0, [f"--max_iters={hack_iters}", "--n_eval=16", "--eval_samples=1"]))  # over-optimisation
+    # over-optimisation
+    runs.append(("ppo", 0.0, [f"--max_iters={hack_iters}", "--n_eval=16", "--eval_samples=1"]))
     results = []
     for method, b, extra in runs:
         d = os.path.join(root, f"{method}_beta{b:g}" + ("_long" if extra else ""))
@@ -131,13 +140,14 @@ def evaluate(rt, paths, prompts, rm_path):
     evals = prompts * samples
     results = {}
     for name in ["sft"] + [n for n in paths if n != "sft"]:
-        g = torch.Generator(device=rt.device).manual_seed(seed)  # same prompts, same random stream for everyone
+        # same prompts, same random stream for everyone
+        g = torch.Generator(device=rt.device).manual_seed(seed)
         with torch.no_grad(), rt.ctx:
             if name == "bon":
                 res = best_of_n_samples(sft, rm, rm_ck, enc, evals, g)
             else:
-                policy = sft if name == "sft" else runtime.load_model(paths[name], ("base", "sft", "ppo", "grpo", "dpo"),
-                                                                      dropout=0.0)[0]
+                policy = sft if name == "sft" else runtime.load_model(
+                    paths[name], ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0)[0]
                 res = score(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature, generator=g,
                             ref=None if name == "sft" else sft)
             if rm is not None:
@@ -148,7 +158,8 @@ def evaluate(rt, paths, prompts, rm_path):
         res["win_vs_sft"], res["win_ci"] = world.win_rate([s["gold"] for s in res["samples"]], sft_golds)
         # where the gold is lost: WEIGHTS[k] * (1 - component k), averaged; the parts add up to 1 - gold
         comps = [world.gold_components(s["prompt"], s["text"], s["ended"]) for s in res["samples"]]
-        res["missing"] = {k: sum(w * (1 - c[k]) for c in comps) / len(comps) for k, w in world.WEIGHTS.items()}
+        res["missing"] = {k: sum(w * (1 - c[k]) for c in comps) / len(comps)
+                          for k, w in world.WEIGHTS.items()}
         results[name] = res
     return results
 
@@ -158,8 +169,9 @@ def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator):
     known exactly, ln N - (N - 1) / N (Stiennon et al. 2020, https://arxiv.org/abs/2009.01325, appendix)."""
     picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens, temperature,
                       generator=generator, lm_weight=rm_ck.get("lm_weight", 0.0))
-    res = {"samples": [{"prompt": p, "text": r["text"], "ended": r["ended"], "gold": world.gold(p, r["text"], r["ended"]),
-                        "fluency": world.fluency(r["text"])} for p, r in zip(evals, picks)]}
+    res = {"samples": [{"prompt": p, "text": r["text"], "ended": r["ended"],
+                        "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])}
+                       for p, r in zip(evals, picks)]}
     for k in ("gold", "ended", "fluency"):
         res[k] = sum(s[k] for s in res["samples"]) / len(evals)
     res["n"], res["kl"] = len(evals), math.log(bon) - (bon - 1) / bon
@@ -170,7 +182,8 @@ def checkpoints_to_compare(rm_path):
     """{name: path}: --ckpt's list (name=path or a path named by its file), or every stage present in out_dir
     with best-of-N right after SFT when a reward model exists."""
     if ckpt:  # "bon" in the list is the best-of-N row
-        items = [c.split("=", 1) if "=" in c else (os.path.splitext(os.path.basename(c))[0], c) for c in ckpt.split(",")]
+        items = [c.split("=", 1) if "=" in c else (os.path.splitext(os.path.basename(c))[0], c)
+                 for c in ckpt.split(",")]
         items = [(n, None if n == "bon" else p) for n, p in items]
         missing = [p for n, p in items if p is not None and not os.path.isfile(p)]
         if missing:
@@ -190,18 +203,20 @@ def write_report(results, order, prompts, fig_dir):
     """out_dir/report.md: the table, where the gold is lost, sample conversations, figures."""
     label = {"bon": f"best-of-{bon}"}
     lines = ["# Evaluation report", "",
-             f"{len(prompts)} held-out prompts x {samples} samples each (temperature {temperature}, seed {seed}). "
-             "Gold is the hidden human's utility as a fraction of ideal (ideal answers score 1.0); the win rate is "
-             "against an SFT answer to the same prompt, ties counting half, with a 95% interval.", "",
-             "| model | gold (of ideal) | win rate vs SFT | KL(pi ‖ SFT) nats | RM score | fluency | ends turn |",
+             f"{len(prompts)} held-out prompts x {samples} samples each (temperature {temperature}, "
+             f"seed {seed}). Gold is the hidden human's utility as a fraction of ideal "
+             "(ideal answers score 1.0); the win rate is against an SFT answer to the same prompt, "
+             "ties counting half, with a 95% interval.", "",
+             "| model | gold (of ideal) | win rate vs SFT | KL(pi ‖ SFT) nats | RM score | fluency "
+             "| ends turn |",
              "|---|---|---|---|---|---|---|"]
     for n in order:
         r = results[n]
         rm_s = f"{r['rm_score']:+.2f}" if "rm_score" in r else "-"
         lines.append(f"| {label.get(n, n)} | {r['gold']:.3f} | {r['win_vs_sft']:.1%} ± {r['win_ci']:.1%} | "
                      f"{r['kl']:.2f} | {rm_s} | {r['fluency']:.1%} | {r['ended']:.1%} |")
-    lines += ["", "Where the gold is lost: weight x (1 - component) of the hidden human's utility, averaged over the "
-              "same samples (a row adds up to 1 - gold):", "",
+    lines += ["", "Where the gold is lost: weight x (1 - component) of the hidden human's utility, "
+              "averaged over the same samples (a row adds up to 1 - gold):", "",
               "| model | " + " | ".join(world.WEIGHTS) + " |", "|---|" + "---|" * len(world.WEIGHTS)]
     for n in order:
         lines.append(f"| {label.get(n, n)} | "
@@ -230,16 +245,19 @@ def draw_figures(results, fig_dir):
     sw = json.load(open(sw_path)) if os.path.isfile(sw_path) else []
     if sw:
         series = [("SFT", [0.0], [results["sft"]["gold"]], "black", False)]
-        for stage, color in (("ppo", "#1f77b4"), ("dpo", "#ff7f0e"), ("grpo", "#2ca02c"), ("rloo", "#9467bd")):
+        for stage, color in (("ppo", "#1f77b4"), ("dpo", "#ff7f0e"), ("grpo", "#2ca02c"),
+                             ("rloo", "#9467bd")):
             pts = sorted((r["kl"], r["gold"]) for r in sw if r["stage"] == stage)
             if pts:
                 series.append((stage.upper(), [p[0] for p in pts], [p[1] for p in pts], color, True))
         f = svg_plot(os.path.join(fig_dir, "frontier.svg"), "Reward vs KL frontier (beta sweep)",
                      "KL(pi || SFT), nats per answer", "gold (fraction of ideal)", series)
         lines += [f"![frontier](figures/{f})", ""]
-        lines += [f"- {r['stage']} beta={r['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}" for r in sw] + [""]
+        lines += [f"- {r['stage']} beta={r['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}"
+                  for r in sw] + [""]
     else:
-        lines += ["(No beta sweep yet: `python evaluate.py --sweep=True` draws the reward-vs-KL frontier.)", ""]
+        lines += ["(No beta sweep yet: `python evaluate.py --sweep=True` draws the reward-vs-KL frontier.)",
+                  ""]
     hack = read_jsonl(os.path.join(out_dir, "sweep", "ppo_beta0_long", "ppo.jsonl"))
     if hack:
         kls = [r["kl"] for r in hack]
@@ -249,7 +267,8 @@ def draw_figures(results, fig_dir):
                       ("gold (hidden human)", kls, [r["gold"] for r in hack], "#d62728", True)])
         lines += [f"![over-optimisation](figures/{f})", ""]
     curves = [("pretrain", "loss", "val_loss"), ("sft", "loss", "val_loss"), ("reward", "loss", "val_loss"),
-              ("ppo", "score", "gold"), ("grpo", "score", "gold"), ("rloo", "score", "gold"), ("dpo", "loss", "val/loss")]
+              ("ppo", "score", "gold"), ("grpo", "score", "gold"), ("rloo", "score", "gold"),
+              ("dpo", "loss", "val/loss")]
     for stage, a, b in curves:
         rows = read_jsonl(os.path.join(out_dir, f"{stage}.jsonl"))
         if not rows:
@@ -259,7 +278,8 @@ def draw_figures(results, fig_dir):
         pts = [(i, r[b]) for i, r in zip(x, rows) if r.get(b) is not None]
         if pts:
             series.append((b, [p[0] for p in pts], [p[1] for p in pts], "#d62728", True))
-        f = svg_plot(os.path.join(fig_dir, f"{stage}.svg"), f"{stage} training", "logged step", "value", series)
+        f = svg_plot(os.path.join(fig_dir, f"{stage}.svg"), f"{stage} training", "logged step", "value",
+                     series)
         lines += [f"![{stage}](figures/{f})", ""]
     return lines
 
@@ -288,7 +308,8 @@ def main():
     print("\n".join(lines[:6 + len(order)]))
     print(f"\nwrote {os.path.join(out_dir, 'report.md')} and figures in {os.path.join(out_dir, 'figures')}")
     if json_out:
-        print(json.dumps({n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()}, indent=1))
+        print(json.dumps({n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()},
+                         indent=1))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """
 Stage 3'': critic-free policy gradient against the reward model, from SFT -> out/grpo.pt (or out/rloo.pt)
 
-PPO learns a value function to tell a good token from a lucky one. The critic-free methods drop it: sample a
-group of G answers to the same prompt and use the group itself as the baseline. Same SFT start, same reward
-model, same prompts and the same held-out evaluation as ppo.py, so the two can be compared by the hidden human.
+PPO learns a value function to tell a good token from a lucky one. The critic-free methods drop it: sample
+a group of G answers to the same prompt and use the group itself as the baseline. Same SFT start, same
+reward model, same prompts and the same held-out evaluation as ppo.py, so the two can be compared by the
+hidden human.
 
 GRPO (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300, eq. 3 with outcome supervision):
     A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)       the same for every token of answer i
     J = E[ 1/G sum_i 1/|o_i| sum_t ( min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) - beta D_KL,t ) ]
-    D_KL,t = pi_ref/pi - log(pi_ref/pi) - 1                     (the k3 estimator, in the loss, not the reward)
+    D_KL,t = pi_ref/pi - log(pi_ref/pi) - 1                     (k3 estimator, in the loss, not the reward)
 RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740, eq. 6), --baseline=rloo:
     R_i = r_i - beta * sum_t (log pi - log pi_ref)_t            the KL-penalised sequence reward
     A_i = R_i - 1/(G-1) sum_{j != i} R_j                        leave-one-out baseline, no KL in the loss
@@ -19,8 +20,8 @@ RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740, 
     torchrun --nproc_per_node=2 grpo.py    # each rank samples its own groups, gradients are averaged
 
 Departures: the reward is the normalised reward-model score less a missing-end penalty, as in ppo.py; RLOO's
-loss uses the same per-token average and clipping as GRPO (with one update per batch, ppo_epochs = 1, the ratio
-is 1 and it is exactly the REINFORCE gradient, averaged over each answer's tokens rather than summed).
+loss uses the same per-token average and clipping as GRPO (with one update per batch, ppo_epochs = 1, the
+ratio is 1 and it is exactly the REINFORCE gradient, averaged over each answer's tokens rather than summed).
 """
 import os
 import random
@@ -36,10 +37,12 @@ from rollout import compare_to_sft, respond, reward_scores, training_prompts
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
-out_dir = "out"            # reads out_dir/sft.pt and reward.pt, writes out_dir/<baseline>.pt and <baseline>.jsonl
+out_dir = "out"            # reads out_dir/sft.pt and reward.pt, writes
+                           # out_dir/<baseline>.pt and <baseline>.jsonl
 baseline = "grpo"          # "grpo": group-normalised advantage, k3 KL in the loss; "rloo": leave-one-out
 reward = "rm"              # "rm": the learned reward model; "gold": the hidden human itself (a ceiling)
-prompts = ""               # "" = the world's train prompts; or a JSONL file of {"prompt": ...} / {"messages": ...}
+prompts = ""               # "" = the world's train prompts; or a JSONL file of
+                           # {"prompt": ...} / {"messages": ...}
 seed = 1337                # same seed, same run (on CPU)
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
@@ -49,10 +52,11 @@ group_size = 8             # G answers per prompt: the baseline is their mean, s
 group_prompts = 16         # prompts per batch (per process): group_size x group_prompts answers per iteration
 minibatch_size = 64        # answers per gradient step (whole groups stay together only for the advantage)
 ppo_epochs = 2             # passes over each batch; 1 = one update per batch (the ratio is then 1)
-lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 the group advantage (one unit of
-                           # std per answer, every token alike) pushed the policy far from SFT within 30 batches
-beta = 0.3                 # KL weight: in the loss (GRPO) or in the sequence reward (RLOO); with the k3 term in
-                           # the loss, a small weight barely held the KL back (docs/experiments.md)
+lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 the group advantage
+                           # (one unit of std per answer, every token alike) pushed the policy far from
+                           # SFT within 30 batches
+beta = 0.3                 # KL weight: in the loss (GRPO) or in the sequence reward (RLOO); with the k3 term
+                           # in the loss, a small weight barely held the KL back (docs/experiments.md)
 max_new_tokens = 32        # longest answer, as in ppo.py
 temperature = 1.0          # pure sampling, so the sampled tokens give unbiased KL estimates
 no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn, as in ppo.py
@@ -68,16 +72,16 @@ resume = False             # continue from out_dir/grpo.pt (policy, optimizer, i
 
 def group_advantages(rewards, group_size, eps):
     """GRPO's outcome-supervision advantage, Shao et al. 2024 sec. 4.1.2 (https://arxiv.org/abs/2402.03300):
-    each reward normalised by its group's mean and standard deviation. rewards (N * G,), each group's G answers
-    consecutive -> (N * G,); every group sums to zero."""
+    each reward normalised by its group's mean and standard deviation. rewards (N * G,), each group's G
+    answers consecutive -> (N * G,); every group sums to zero."""
     r = rewards.view(-1, group_size)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
 def rloo_advantages(rewards, group_size):
-    """REINFORCE leave-one-out, Ahmadian et al. 2024 eq. 6 (https://arxiv.org/abs/2402.14740) after Kool et al.
-    2019: each reward minus the mean of the OTHER G - 1 rewards of its group, an unbiased baseline because it
-    does not depend on the answer it judges. rewards (N * G,) -> (N * G,)."""
+    """REINFORCE leave-one-out, Ahmadian et al. 2024 eq. 6 (https://arxiv.org/abs/2402.14740) after
+    Kool et al. 2019: each reward minus the mean of the OTHER G - 1 rewards of its group, an unbiased
+    baseline because it does not depend on the answer it judges. rewards (N * G,) -> (N * G,)."""
     r = rewards.view(-1, group_size)
     others = (r.sum(1, keepdim=True) - r) / (group_size - 1)
     return (r - others).view(-1)
@@ -86,9 +90,10 @@ def rloo_advantages(rewards, group_size):
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
     """The negative of GRPO's objective, Shao et al. 2024 eq. 3 (https://arxiv.org/abs/2402.03300):
         per token  -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta * (pi_ref/pi - log(pi_ref/pi) - 1)
-    averaged over each answer's tokens (1/|o_i|), then over the answers. logp, old_logp, ref_logp, mask (B, T);
-    adv (B,), one advantage per answer. rho_t = pi / pi_old; the KL term is the k3 estimator of KL(pi || ref),
-    in the loss rather than in the reward. beta = 0 leaves the clipped policy-gradient loss alone (RLOO)."""
+    averaged over each answer's tokens (1/|o_i|), then over the answers. logp, old_logp, ref_logp,
+    mask (B, T); adv (B,), one advantage per answer. rho_t = pi / pi_old; the KL term is the k3 estimator
+    of KL(pi || ref), in the loss rather than in the reward. beta = 0 leaves the clipped policy-gradient
+    loss alone (RLOO)."""
     adv = adv[:, None]
     ratio = torch.exp(torch.where(mask > 0, logp - old_logp, 0.0))  # exactly 1 off the answer
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - cliprange, 1 + cliprange) * adv)
@@ -149,7 +154,8 @@ def main():
         # ---- 1. groups: G answers to each of group_prompts prompts, sampled with the KV cache
         chosen = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(group_prompts)]
         convs = [p for p in chosen for _ in range(group_size)]
-        replies, (seq, attn, gen) = respond(raw_policy, enc, convs, max_new_tokens, temperature, return_batch=True)
+        replies, (seq, attn, gen) = respond(raw_policy, enc, convs, max_new_tokens, temperature,
+                                            return_batch=True)
         seq, attn, gen = seq.to(rt.device), attn.to(rt.device), gen.to(rt.device)
         action = gen[:, 1:].float()  # (B, L-1): 1 where seq[:, t+1] was sampled by the policy
         with torch.no_grad(), rt.ctx:
@@ -160,8 +166,9 @@ def main():
         # ---- 2. rewards: the reward model's score less the missing-end penalty (RLOO: less beta * KL too)
         golds = torch.tensor([world.gold(p, r["text"], r["ended"]) for p, r in zip(convs, replies)]) \
             if world_prompts else torch.zeros(len(convs))
-        scores = golds if reward == "gold" else reward_scores(rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
-                                                              lm_weight=rm_ck.get("lm_weight", 0.0), sft=ref)
+        scores = golds if reward == "gold" else reward_scores(
+            rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
+            lm_weight=rm_ck.get("lm_weight", 0.0), sft=ref)
         scores = scores.to(rt.device) - no_end_penalty * (1 - ended)
         seq_kl = ((old_logp - ref_logp) * action).sum(1)  # k1 per answer: RLOO's penalty and the log's KL
         runtime.check_finite(baseline, it + 1, hint, score=scores)
@@ -192,7 +199,8 @@ def main():
         if rt.ddp:
             torch.distributed.all_reduce(mean_kl)
             mean_kl /= rt.world_size
-        row = {"iter": it + 1, "score": scores.mean().item(), "gold": golds.mean().item() if world_prompts else None,
+        row = {"iter": it + 1, "score": scores.mean().item(),
+               "gold": golds.mean().item() if world_prompts else None,
                "kl": mean_kl.item(), "loss": sum(losses) / len(losses), "ended": ended.mean().item(),
                "length": action.sum(1).mean().item(),
                "flat_groups": (scores.view(-1, group_size).std(1) < 1e-6).float().mean().item(),

@@ -21,7 +21,8 @@ score climbs). One iteration, as in the RLHF references:
     python ppo.py --reward=gold            # "PPO-GT": optimise the hidden human's utility itself (a ceiling)
     python ppo.py --target_kl=3            # adaptive beta (Ziegler et al.'s controller), 3 nats per answer
     python ppo.py --resume=True            # continue from out/ppo.pt exactly where it was saved
-    python ppo.py --prompts=my.jsonl       # RL on your own prompts, e.g. with `python reward.py --data=prefs.jsonl`
+    python ppo.py --prompts=my.jsonl       # RL on your own prompts, e.g. with
+                                           # `python reward.py --data=prefs.jsonl`
     torchrun --nproc_per_node=2 ppo.py     # each rank samples its own rollouts, gradients are averaged
 
 Departures from InstructGPT:
@@ -48,7 +49,8 @@ from rollout import compare_to_sft, respond, reward_scores, training_prompts
 # config (every name can be overridden with --name=value)
 out_dir = "out"            # reads out_dir/sft.pt and reward.pt, writes out_dir/ppo.pt and out_dir/ppo.jsonl
 reward = "rm"              # "rm": the learned reward model; "gold": the hidden human itself (PPO-GT baseline)
-prompts = ""               # "" = the world's train prompts; or a JSONL file of {"prompt": ...} / {"messages": ...}
+prompts = ""               # "" = the world's train prompts; or a JSONL file of
+                           # {"prompt": ...} / {"messages": ...}
 seed = 1337                # same seed, same run (on CPU)
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32

@@ -108,8 +108,9 @@ LOSSES = {"bradley_terry": bradley_terry_loss, "plackett_luce": plackett_luce_lo
 def normalisation(r):
     """(gain, bias) such that gain * r + bias has mean 0 and std 1 over r, the rewards of the SFT policy's own
     answers, as Ziegler et al. 2019 normalise on samples of the initial policy
-    (https://arxiv.org/abs/1909.08593); InstructGPT (section 3.5, https://arxiv.org/abs/2203.02155) only adds a
-    bias so that its demonstrations score 0 on average. The std is clamped: a constant reward stays finite."""
+    (https://arxiv.org/abs/1909.08593); InstructGPT (section 3.5, https://arxiv.org/abs/2203.02155)
+    only adds a bias so that its demonstrations score 0 on average. The std is clamped: a constant
+    reward stays finite."""
     gain = 1.0 / r.float().std().clamp(min=1e-6).item()
     return gain, -r.float().mean().item() * gain
 

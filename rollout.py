@@ -15,8 +15,8 @@ from model import generate, pad_rows, sequence_logprobs
 
 
 def training_prompts(path):
-    """The prompts RL trains on (ppo.py, grpo.py): the world's train prompts, or a JSONL file of {"prompt": ...}
-    or {"messages": [...]} per line; a bad file is one line naming file:line."""
+    """The prompts RL trains on (ppo.py, grpo.py): the world's train prompts, or a JSONL file of
+    {"prompt": ...} or {"messages": [...]} per line; a bad file is one line naming file:line."""
     if not path:
         return world.prompts("train")
     try:
@@ -160,7 +160,8 @@ def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64
         chunk = prompts[i:i + batch_size]
         replies, (seq, attn, gen) = respond(model, enc, chunk, max_new_tokens, temperature,
                                             generator=generator, return_batch=True, **sampling)
-        kls = [0.0] * len(chunk) if ref is None else sample_kl(model, ref, seq, attn, gen, temperature).tolist()
+        kls = ([0.0] * len(chunk) if ref is None
+               else sample_kl(model, ref, seq, attn, gen, temperature).tolist())
         for p, r, kl in zip(chunk, replies, kls):
             samples.append({"prompt": p, "text": r["text"], "ended": r["ended"], "kl": kl,
                             "gold": world.gold(p, r["text"], r["ended"]),

@@ -33,7 +33,8 @@ def setup(device="auto", dtype="auto", seed=1337):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                  else "cpu")
     device_type = device.split(":")[0]
     if ddp and device_type == "cuda":
         device = f"cuda:{local_rank}"  # one process per GPU
@@ -41,10 +42,12 @@ def setup(device="auto", dtype="auto", seed=1337):
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     if dtype == "auto":
-        dtype = "float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        dtype = ("float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported()
+                 else "float16")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # free speed on Ampere+
+        # free speed on Ampere+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # autocast runs matmuls in low precision and keeps reductions in fp32; fp16 also needs loss scaling
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -88,7 +91,8 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return norm if not scaler.is_enabled() else torch.zeros(())  # under fp16 an inf norm is the scaler's business
+    # under fp16 an inf norm is the scaler's business
+    return norm if not scaler.is_enabled() else torch.zeros(())
 
 def get_lr(it, warmup, max_iters, lr, min_lr):
     """Linear warmup, then cosine decay from lr to min_lr at max_iters."""
@@ -121,8 +125,8 @@ def save_checkpoint(path, ckpt):
         bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and v.is_floating_point()
                and not torch.isfinite(v).all()]
         if bad:
-            raise SystemExit(f"error: refusing to write {path}: {len(bad)} tensors are not finite ({bad[0]}, ...); "
-                             "the last good checkpoint is kept")
+            raise SystemExit(f"error: refusing to write {path}: {len(bad)} tensors are not finite "
+                             f"({bad[0]}, ...); the last good checkpoint is kept")
     tmp = path + ".tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -150,10 +154,12 @@ def load_checkpoint(path, kinds=None, map_location="cpu"):
         why = (str(e).strip().splitlines() or [""])[0][:200]
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict):
-        raise SystemExit(f"error: {path} is not a checkpoint of this project (a {type(ckpt).__name__}, not a dict)")
+        raise SystemExit(f"error: {path} is not a checkpoint of this project "
+                         f"(a {type(ckpt).__name__}, not a dict)")
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     if kinds is not None and ckpt.get("kind") not in kinds:
-        raise SystemExit(f"error: {path} is a {ckpt.get('kind')!r} checkpoint; expected one of {', '.join(kinds)}")
+        raise SystemExit(f"error: {path} is a {ckpt.get('kind')!r} checkpoint; "
+                         f"expected one of {', '.join(kinds)}")
     missing = [k for k in ("model", "model_args") if not isinstance(ckpt.get(k), dict)]
     if missing:
         raise SystemExit(f"error: {path} has no {' or '.join(missing)}: not a complete checkpoint")
@@ -166,7 +172,8 @@ def load_weights(model, sd):
     if model.scalar_head is None:
         sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    bad = [k for k in missing if not k.startswith(("scalar_head.", "lm_head."))] + list(unexpected)  # lm_head = wte
+    # lm_head = wte
+    bad = [k for k in missing if not k.startswith(("scalar_head.", "lm_head."))] + list(unexpected)
     if bad:
         raise ValueError(f"state dict does not fit the model: {bad[:5]}")
     return model
@@ -177,7 +184,8 @@ def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
     try:
         return load_weights(GPT(GPTConfig(**{**ckpt["model_args"], **overrides})), ckpt["model"])
     except (TypeError, ValueError, RuntimeError, AssertionError) as e:
-        raise SystemExit(f"error: {path}: the weights do not fit its model_args ({str(e).splitlines()[0][:200]})")
+        raise SystemExit(f"error: {path}: the weights do not fit its model_args "
+                         f"({str(e).splitlines()[0][:200]})")
 
 def load_model(path, kinds, **overrides):
     """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (e.g.
@@ -185,8 +193,8 @@ def load_model(path, kinds, **overrides):
     ckpt = load_checkpoint(path, kinds)
     enc = get_tokenizer(ckpt.get("tokenizer", "world"))
     if enc.n_vocab > ckpt["model_args"].get("vocab_size", 0):
-        raise SystemExit(f"error: {path}: its vocabulary ({ckpt['model_args'].get('vocab_size')}) is smaller than "
-                         f"its tokenizer's ({enc.n_vocab} tokens)")
+        raise SystemExit(f"error: {path}: its vocabulary ({ckpt['model_args'].get('vocab_size')}) "
+                         f"is smaller than its tokenizer's ({enc.n_vocab} tokens)")
     return model_from_checkpoint(ckpt, path, **overrides), enc, ckpt
 
 def same_network(path, ckpt, ref_args):
@@ -302,12 +310,14 @@ def keep_log_until(path, step):
 def ensure_checkpoint(path, script, out_dir):
     """A stage's input is missing: say which command makes it, then run that stage with its defaults, so that
     `python ppo.py` works on a fresh clone (each stage in turn builds what it needs)."""
-    if os.path.isfile(path) or int(os.environ.get("RANK", 0)) != 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if (os.path.isfile(path)
+            or int(os.environ.get("RANK", 0)) != 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1):
         return
     cmd = [sys.executable, script] + ([f"--out_dir={out_dir}"] if out_dir != "out" else [])
     print(f"{path} not found: running `{' '.join(['python'] + cmd[1:])}` to make it")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env).returncode != 0 or not os.path.isfile(path):
+    if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)),
+                      env=env).returncode != 0 or not os.path.isfile(path):
         raise SystemExit(f"error: `python {script}` did not produce {path}")
 
 
@@ -322,8 +332,8 @@ def check_finite(stage, step, hint, **values):
         bad = ~torch.isfinite(v.detach()) if torch.is_tensor(v) else torch.tensor(not math.isfinite(float(v)))
         if bad.any():  # a tensor counts if any element is NaN or inf
             shown = v.detach()[bad].flatten()[0].item() if torch.is_tensor(v) else v
-            raise SystemExit(f"error: {stage} step {step}: {name} is {shown} (not finite); stopped, the last good "
-                             f"checkpoint is kept; try {hint}")
+            raise SystemExit(f"error: {stage} step {step}: {name} is {shown} (not finite); stopped, "
+                             f"the last good checkpoint is kept; try {hint}")
 
 def append_jsonl(path, obj):
     """One metrics object per line; tensors and numpy scalars become floats."""
@@ -334,20 +344,22 @@ def append_jsonl(path, obj):
 # The valid range of every option name the stages share; a stage adds its own through configure(ranges=...).
 # Checked right after the overrides, before anything is read or written.
 RANGES = {
-    **dict.fromkeys(("batch_size", "grad_accum", "eval_interval", "eval_iters", "max_new_tokens", "minibatch_size",
-                     "ppo_epochs", "eval_samples", "samples", "gen_batch", "K", "online_k", "online_prompts",
-                     "online_pairs", "sample_interval"), (lambda v: v >= 1, ">= 1")),
-    **dict.fromkeys(("max_iters", "warmup_iters", "stop_at", "n_eval", "n_prompts", "bon", "online_rounds", "beta",
-                     "min_lr", "grad_clip", "weight_decay", "target_kl", "rpo_alpha", "vf_coef", "no_end_penalty"),
-                    (lambda v: v >= 0, ">= 0")),
+    **dict.fromkeys(("batch_size", "grad_accum", "eval_interval", "eval_iters", "max_new_tokens",
+                     "minibatch_size", "ppo_epochs", "eval_samples", "samples", "gen_batch", "K", "online_k",
+                     "online_prompts", "online_pairs", "sample_interval"), (lambda v: v >= 1, ">= 1")),
+    **dict.fromkeys(("max_iters", "warmup_iters", "stop_at", "n_eval", "n_prompts", "bon", "online_rounds",
+                     "beta", "min_lr", "grad_clip", "weight_decay", "target_kl", "rpo_alpha", "vf_coef",
+                     "no_end_penalty"), (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(("lr", "online_lr", "vf_lr", "epochs", "temperature", "labeler_tau", "kl_horizon"),
                     (lambda v: v > 0, "> 0")),
     **dict.fromkeys(("dropout", "val_fraction", "eval_fraction"), (lambda v: 0 <= v < 1, "in [0, 1)")),
     **dict.fromkeys(("cliprange", "cliprange_value"), (lambda v: 0 < v < 1, "in (0, 1)")),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "one of auto, float32, bfloat16, float16"),
-    "device": (lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or v.startswith("cuda:") and v[5:].isdigit(),
+    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"),
+              "one of auto, float32, bfloat16, float16"),
+    "device": (lambda v: v in ("auto", "cpu", "mps") or v == "cuda"
+               or v.startswith("cuda:") and v[5:].isdigit(),
                "one of auto, cpu, cuda, cuda:N, mps"),
 }
 
@@ -355,7 +367,8 @@ def configure(g, argv=None, ranges=None):
     """Apply --name=value overrides to a script's config globals g and check every option's range (RANGES,
     then the stage's own ranges {name: (ok(value), rule)}); returns {name: value} of the config. A bad name,
     type or value is one line naming the option, before the stage touches anything."""
-    keys = [k for k, v in g.items() if not k.startswith("_") and (v is None or type(v) in (int, float, bool, str, tuple, list))]
+    keys = [k for k, v in g.items()
+            if not k.startswith("_") and (v is None or type(v) in (int, float, bool, str, tuple, list))]
     for arg in sys.argv[1:] if argv is None else argv:
         if arg.startswith("--") and arg[2:] in keys and isinstance(g[arg[2:]], bool):
             arg += "=True"  # a bare --flag switches a bool option on: --sweep means --sweep=True
@@ -376,7 +389,8 @@ def configure(g, argv=None, ranges=None):
         elif isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)):
             new = type(old)(new)
         if old is not None and type(new) is not type(old):
-            raise SystemExit(f"error: --{name} expects {type(old).__name__}, got {type(new).__name__} {raw!r}")
+            raise SystemExit(f"error: --{name} expects {type(old).__name__}, "
+                             f"got {type(new).__name__} {raw!r}")
         g[name] = new
     for name, (ok, rule) in {**RANGES, **(ranges or {})}.items():
         if name in keys and g[name] is not None and not ok(g[name]):

@@ -1,8 +1,8 @@
 """
 Chat template and SFT loss mask.
 
-    <|endoftext|> <|system|> ...text... <|end|> <|user|> ...text... <|end|> <|assistant|> ...text... <|end|> ...
-    mask:    0        0          0          0       0         0         0          0           1 ... 1      1
+  <|endoftext|> <|system|> ...text... <|end|> <|user|> ...text... <|end|> <|assistant|> ...text... <|end|> ...
+  mask:    0        0          0          0       0         0         0          0           1 ... 1      1
 
 The model is trained only where the mask is 1: the assistant's words and the <|end|> that closes them, so it
 learns what to say and when to stop, but never to imitate the user or to predict where a user turn begins.
@@ -32,7 +32,8 @@ def render(enc, messages) -> tuple[list[int], list[int]]:
     check_messages(messages)
     ids, mask = [special_id(enc, EOT)], [0]  # BOS: every conversation starts fresh, like a new document
     for m in messages:
-        body = enc.encode_ordinary(m["content"]) + [special_id(enc, END)]  # ordinary: typed "<|end|>" stays text
+        # ordinary: typed "<|end|>" stays text
+        body = enc.encode_ordinary(m["content"]) + [special_id(enc, END)]
         train = int(m["role"] == "assistant")
         ids += [special_id(enc, ROLES[m["role"]])] + body
         mask += [0] + [train] * len(body)  # the role marker is given, never predicted
@@ -48,8 +49,8 @@ def render_prompt(enc, messages) -> list[int]:
 
 
 def render_response(enc, messages, response) -> tuple[list[int], list[int]]:
-    """(prompt + response + <|end|>) ids and a mask that is 1 on the response and its <|end|> only: what reward
-    models score and what DPO/PPO take log-probs of."""
+    """(prompt + response + <|end|>) ids and a mask that is 1 on the response and its <|end|> only: what
+    reward models score and what DPO/PPO take log-probs of."""
     prompt = render_prompt(enc, messages)
     reply = enc.encode_ordinary(response) + [special_id(enc, END)]
     return prompt + reply, [0] * len(prompt) + [1] * len(reply)
@@ -59,14 +60,15 @@ def sft_example(enc, messages, block_size=None) -> tuple[list[int], list[int]]:
     """One SFT training row: (input ids, targets), where targets[t] is the token after ids[t] if that token is
     learned (mask 1) and -1 (ignored by the loss) otherwise. Both are cut to block_size tokens."""
     ids, mask = render(enc, messages)
-    targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]  # predict token t+1, only where it is learned
+    # predict token t+1, only where it is learned
+    targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
     return ids[:-1][:block_size], targets[:block_size]
 
 
 def scored_ids(enc, messages, text, ended=True, block_size=None):
-    """Ids a reward model reads: prompt + reply + <|end|>, without <|end|> if the reply never ended its turn (its
-    score is then read at its last token, and the model must learn that running on is bad). Rows longer than
-    block_size keep their end, where the score is read."""
+    """Ids a reward model reads: prompt + reply + <|end|>, without <|end|> if the reply never ended its turn
+    (its score is then read at its last token, and the model must learn that running on is bad). Rows longer
+    than block_size keep their end, where the score is read."""
     ids, _ = render_response(enc, messages, text)
     ids = ids if ended else ids[:-1]
     return ids[-block_size:] if block_size else ids

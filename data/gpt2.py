@@ -28,7 +28,8 @@ def read_safetensors(path):
         if info["dtype"] not in dtypes:
             raise SystemExit(f"error: {path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        out[name] = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+        out[name] = torch.frombuffer(bytearray(data[start:end]),
+                                     dtype=dtypes[info["dtype"]]).reshape(info["shape"])
     return out
 
 
@@ -36,14 +37,16 @@ def read_gpt2(path):
     """(state dict with our keys and (out, in) matrices, GPTConfig arguments) from a GPT-2 directory or file.
     A missing path or a directory without weights is one clear error line."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: {path} not found (expected a GPT-2 directory, model.safetensors or pytorch_model.bin)")
+        raise SystemExit(f"error: {path} not found "
+                         "(expected a GPT-2 directory, model.safetensors or pytorch_model.bin)")
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if os.path.isdir(path):
         files = [os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")]
         path = next((f for f in files if os.path.isfile(f)), None)
         if path is None:
             raise SystemExit(f"error: {folder} has neither model.safetensors nor pytorch_model.bin")
-    sd = read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    sd = (read_safetensors(path) if path.endswith(".safetensors")
+          else torch.load(path, map_location="cpu", weights_only=True))
     ours = {}
     for k, v in sd.items():
         k = k.removeprefix("transformer.")
@@ -53,7 +56,8 @@ def read_gpt2(path):
     cfg_file = os.path.join(folder, "config.json")
     n_embd = ours["transformer.wte.weight"].size(1)
     n_head = json.load(open(cfg_file))["n_head"] if os.path.isfile(cfg_file) else n_embd // 64
-    args = dict(vocab_size=ours["transformer.wte.weight"].size(0), block_size=ours["transformer.wpe.weight"].size(0),
+    args = dict(vocab_size=ours["transformer.wte.weight"].size(0),
+                block_size=ours["transformer.wpe.weight"].size(0),
                 n_layer=1 + max(int(k.split(".")[2]) for k in ours if k.startswith("transformer.h.")),
                 n_head=n_head, n_embd=n_embd, bias="transformer.h.0.attn.c_attn.bias" in ours)
     return ours, args

@@ -32,7 +32,8 @@ def _rows(path):
         try:
             line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a byte-order mark
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            raise DataError(f"{path}:{n}: not valid UTF-8 "
+                            f"(byte {raw[e.start]:#04x} at column {e.start + 1})") from None
         if not line.strip():
             continue
         try:
@@ -49,7 +50,8 @@ def _rows(path):
 
 def _get(path, n, row, key, types):
     if key not in row:
-        raise DataError(f"{path}:{n}: missing key {key!r} (keys present: {', '.join(map(repr, row)) or 'none'})")
+        raise DataError(f"{path}:{n}: missing key {key!r} "
+                        f"(keys present: {', '.join(map(repr, row)) or 'none'})")
     if not isinstance(row[key], types):
         want = " or ".join("string" if t is str else "messages list" for t in types)
         raise DataError(f"{path}:{n}: {key!r} must be a {want}, got {type(row[key]).__name__}")
@@ -63,15 +65,19 @@ def _messages(path, n, key, value, last=None):
     except ValueError as e:
         raise DataError(f"{path}:{n}: {key!r}: {e}") from None
     if last and value[-1]["role"] != last:
-        raise DataError(f"{path}:{n}: {key!r}: the last message must be from the {last}, got {value[-1]['role']!r}")
+        raise DataError(f"{path}:{n}: {key!r}: the last message must be from the {last}, "
+                        f"got {value[-1]['role']!r}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _hh(path, n, key, text):
-    """Anthropic HH transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." -> messages list ending with the assistant."""
+    """Anthropic HH transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." -> messages list
+    ending with the assistant."""
     parts = re.split(r"(?:^|\n\n)(Human|Assistant):", text)
-    if parts[0].strip() or len(parts) < 5:  # want: nothing before the first turn, then at least Human + Assistant
-        raise DataError(f"{path}:{n}: {key!r} is not an HH transcript (\"\\n\\nHuman: ...\\n\\nAssistant: ...\")")
+    # want: nothing before the first turn, then at least Human + Assistant
+    if parts[0].strip() or len(parts) < 5:
+        raise DataError(f"{path}:{n}: {key!r} is not an HH transcript "
+                        "(\"\\n\\nHuman: ...\\n\\nAssistant: ...\")")
     roles = {"Human": "user", "Assistant": "assistant"}
     msgs = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
     return _messages(path, n, key, msgs, last="assistant")
@@ -89,8 +95,8 @@ def read_messages(path) -> list[list[dict]]:
 
 
 def read_comparisons(path):
-    """reward.py's comparisons.jsonl (K ranked answers per prompt) -> [{"prompt", "responses", "ended", "ranking"}],
-    ranking = indices of the responses, best first."""
+    """reward.py's comparisons.jsonl (K ranked answers per prompt) ->
+    [{"prompt", "responses", "ended", "ranking"}], ranking = indices of the responses, best first."""
     out = []
     try:
         lines = open(path, encoding="utf-8").read().split("\n")
@@ -105,15 +111,17 @@ def read_comparisons(path):
             k = len(row["responses"])
             ended = row.get("ended") or [True] * k
             if sorted(row["ranking"]) != list(range(k)) or len(ended) != k or k < 2:
-                raise ValueError("'ranking' must order all of 'responses' (at least 2) and 'ended' match them")
+                raise ValueError("'ranking' must order all of 'responses' (at least 2) "
+                                 "and 'ended' match them")
             if not all(isinstance(r, str) for r in row["responses"]):
                 raise ValueError("'responses' must be strings")
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: invalid JSON: {e.msg} at column {e.colno}") from None
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}:{n}: {e if not isinstance(e, KeyError) else f'missing key {e}'}") from None
-        out.append({"prompt": row["prompt"], "responses": row["responses"], "ended": [bool(x) for x in ended],
-                    "ranking": row["ranking"]})
+            raise DataError(
+                f"{path}:{n}: {e if not isinstance(e, KeyError) else f'missing key {e}'}") from None
+        out.append({"prompt": row["prompt"], "responses": row["responses"],
+                    "ended": [bool(x) for x in ended], "ranking": row["ranking"]})
     if not out:
         raise DataError(f"{path}: file is empty (no JSON lines)")
     return out
@@ -132,7 +140,8 @@ def read_preferences(path) -> list[dict]:
             pair = [r if isinstance(r, str) else _messages(path, n, k, r, last="assistant")[-1]["content"]
                     for k, r in (("chosen", chosen), ("rejected", rejected))]
         elif type(chosen) is not type(rejected):
-            raise DataError(f"{path}:{n}: 'chosen' and 'rejected' must both be strings or both be messages lists")
+            raise DataError(f"{path}:{n}: 'chosen' and 'rejected' must both be strings "
+                            "or both be messages lists")
         else:  # implicit prompt (TRL messages) or HH transcripts: the shared history is the prompt
             if isinstance(chosen, str):
                 chosen, rejected = _hh(path, n, "chosen", chosen), _hh(path, n, "rejected", rejected)
@@ -151,7 +160,8 @@ def read_preferences(path) -> list[dict]:
 
 
 def read_prompts(path) -> list[list[dict]]:
-    """Prompts for RL/eval as messages lists ending with a user turn: {"prompt": str} or {"messages": [...]}."""
+    """Prompts for RL/eval as messages lists ending with a user turn: {"prompt": str} or
+    {"messages": [...]}."""
     out = []
     for n, row in _rows(path):
         if "prompt" not in row and "messages" not in row:

@@ -2,8 +2,8 @@
 Tokenizer: a byte-level BPE trained here on the world corpus, run by tiktoken.
 
 Training is the readable part (train_bpe, below): the 256 single bytes are the first tokens, then the most
-frequent adjacent pair is merged into a new token, again and again. Encoding is tiktoken's job: given the ranks
-(token bytes -> id, in merge order) it re-applies the merges fast and exactly.
+frequent adjacent pair is merged into a new token, again and again. Encoding is tiktoken's job: given the
+ranks (token bytes -> id, in merge order) it re-applies the merges fast and exactly.
 
 Plain text is always encoded with enc.encode_ordinary(text), so a user who types "<|user|>" gets ordinary
 tokens, never the special id; special ids are only ever placed by code (see data/chat.py).
@@ -36,7 +36,8 @@ WORLD_VOCAB = 1024  # an upper bound: once every distinct word is one token ther
 
 
 def train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
-    """Byte-level BPE: returns {token bytes: rank}, vocab_size - len(SPECIALS) entries (fewer if text runs out)."""
+    """Byte-level BPE: returns {token bytes: rank}, vocab_size - len(SPECIALS) entries
+    (fewer if text runs out)."""
     n_merges = vocab_size - len(SPECIALS) - 256
     assert n_merges >= 0, f"vocab_size must be at least {256 + len(SPECIALS)}"
     ranks = {bytes([b]): b for b in range(256)}
@@ -44,7 +45,8 @@ def train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
     docs = re.split("|".join(map(re.escape, SPECIALS)), text)
     # Count every distinct chunk once; all merge work below scales with distinct chunks, not text length.
     chunk_counts = Counter(chunk for doc in docs for chunk in re.findall(PAT, doc))
-    words = [[bytes([b]) for b in chunk.encode("utf-8")] for chunk in chunk_counts]  # each word: list of tokens
+    # each word: list of tokens
+    words = [[bytes([b]) for b in chunk.encode("utf-8")] for chunk in chunk_counts]
     freqs = list(chunk_counts.values())
 
     pair_counts = Counter()  # (left, right) -> how often that pair occurs in the text
@@ -148,5 +150,6 @@ if __name__ == "__main__":
     enc = get_tokenizer("world")
     text = world.corpus_text()
     n_tokens = len(enc.encode_ordinary(text.replace(EOT, "\n")))
-    print(f"wrote {WORLD_PATH}: vocab {enc.n_vocab} ({enc.n_vocab - len(SPECIALS)} BPE + {len(SPECIALS)} special), "
+    print(f"wrote {WORLD_PATH}: vocab {enc.n_vocab} "
+          f"({enc.n_vocab - len(SPECIALS)} BPE + {len(SPECIALS)} special), "
           f"{len(text.encode('utf-8')) / n_tokens:.2f} bytes/token on {len(text):,} chars")
