@@ -117,19 +117,11 @@ def main():
     train_prompts = training_prompts(prompts)
     world_prompts = not prompts
     rt = runtime.setup(device, dtype, seed)
-    sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
     ck_path, log_path = os.path.join(out_dir, f"{baseline}.pt"), os.path.join(out_dir, f"{baseline}.jsonl")
     hint = "a lower --lr or a larger --beta"
-    if rt.master:
-        runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)
-        if reward == "rm":
-            runtime.ensure_checkpoint(rm_path, "reward.py", out_dir)
-    if rt.ddp:
-        torch.distributed.barrier()
-    ref, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
-    ref.to(rt.device).eval().requires_grad_(False)
-    policy = runtime.model_from_checkpoint(sft_ck, sft_path, dropout=0.0).to(rt.device)
-    rm, rm_ck = runtime.load_reward_model(rm_path, rt.device) if reward == "rm" else (None, None)
+    # the frozen SFT reference and reward model, each built by its stage first if missing
+    ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
+    policy = runtime.model_from_checkpoint(sft_ck, "sft.pt", dropout=0.0).to(rt.device)  # starts as SFT
     optimizer = runtime.configure_optimizer(policy, 0.0, lr, (0.9, 0.95), rt.device_type)
     rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
     start = 0

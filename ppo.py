@@ -215,22 +215,14 @@ def main():
     train_prompts = training_prompts(prompts)  # a bad file is one line, before anything is loaded
     world_prompts = not prompts  # the hidden human judges the world's prompts only
     rt = runtime.setup(device, dtype, seed)
-    sft_path, rm_path, ck_path = (os.path.join(out_dir, f) for f in ("sft.pt", "reward.pt", "ppo.pt"))
-    log_path = os.path.join(out_dir, "ppo.jsonl")
+    ck_path, log_path = os.path.join(out_dir, "ppo.pt"), os.path.join(out_dir, "ppo.jsonl")
     hint = "a lower --lr or --temperature closer to 1"
-    if rt.master:
-        runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)
-        if reward == "rm":
-            runtime.ensure_checkpoint(rm_path, "reward.py", out_dir)
-    if rt.ddp:
-        torch.distributed.barrier()
-    ref, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
-    ref.to(rt.device).eval().requires_grad_(False)
+    # the frozen SFT reference and reward model, each built by its stage first if missing
+    ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
     # the policy starts as SFT, with a fresh scalar head on its trunk as the value function (a departure)
-    policy = runtime.model_from_checkpoint(sft_ck, sft_path, dropout=0.0, scalar_head=True).to(rt.device)
-    rm, gain, bias, lm_weight = None, 1.0, 0.0, 0.0
-    if reward == "rm":
-        rm, rm_ck = runtime.load_reward_model(rm_path, rt.device)  # frozen; refused if never normalised
+    policy = runtime.model_from_checkpoint(sft_ck, "sft.pt", dropout=0.0, scalar_head=True).to(rt.device)
+    gain, bias, lm_weight = 1.0, 0.0, 0.0
+    if rm is not None:
         gain, bias, lm_weight = rm_ck["gain"], rm_ck["bias"], rm_ck.get("lm_weight", 0.0)
     head = list(policy.scalar_head.parameters())
     trunk = [p for n, p in policy.named_parameters() if not n.startswith("scalar_head.")]

@@ -257,6 +257,22 @@ def restore(ckpt, model, optimizer, scaler=None):
     set_rng_state(ckpt["rng"])
     return ckpt["step"]
 
+def load_rl_inputs(out_dir, use_rm, rt):
+    """An RL stage's frozen inputs: out_dir's SFT model (the reference the policy starts from) and, if use_rm,
+    its reward model, each built first by its own stage when missing (rank 0 builds, the others wait).
+    Returns (ref, tokenizer, SFT checkpoint, reward model or None, its checkpoint or None)."""
+    sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
+    if rt.master:
+        ensure_checkpoint(sft_path, "sft.py", out_dir)
+        if use_rm:
+            ensure_checkpoint(rm_path, "reward.py", out_dir)
+    if rt.ddp:
+        torch.distributed.barrier()
+    ref, enc, sft_ck = load_model(sft_path, "sft", dropout=0.0)
+    ref.to(rt.device).eval().requires_grad_(False)
+    rm, rm_ck = load_reward_model(rm_path, rt.device) if use_rm else (None, None)
+    return ref, enc, sft_ck, rm, rm_ck
+
 def sampler_state(rng):
     """A random.Random's state as plain lists, which torch.load(weights_only=True) reads back (like
     rng_state); set_sampler_state undoes it."""
