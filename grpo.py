@@ -132,10 +132,8 @@ def main():
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
     raw_policy = policy
     policy = runtime.wrap(policy, rt, compile)
-    if rt.master and resume:  # the run is known to start: a resumed run continues its own log ...
-        runtime.keep_log_until(log_path, start)
-    elif rt.master and os.path.exists(log_path):  # ... and a fresh run starts a fresh one
-        os.remove(log_path)
+    if rt.master:  # the run is known to start: a fresh log, or a resumed run's rows up to its checkpoint
+        runtime.start_log(log_path, start if resume else None)
     if rt.master and not world_prompts:
         print(f"training on {len(train_prompts)} prompts from {prompts}: the hidden human judges the world's "
               "language only, so no gold or win rate is reported")

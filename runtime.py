@@ -307,16 +307,21 @@ def set_rank_rng_states(rng, states, rt):
             torch.cuda.set_rng_state(s["cuda"], rt.device)
 
 
-def keep_log_until(path, step):
-    """--resume: drop the rows a killed run logged after its last checkpoint (and a line cut by the kill), so
-    the resumed run's rows follow on as an uninterrupted run's would."""
+def start_log(path, resumed_step=None):
+    """Called once a run is known to start (so a run that fails its checks loses no log): a fresh run starts
+    a fresh log; a resumed one drops the rows a killed run logged after its last checkpoint (and a line cut by
+    the kill), so its rows follow on as an uninterrupted run's would."""
+    if resumed_step is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
     if not os.path.exists(path):
         return
     keep = []
     with open(path) as f:
         for line in f:
             try:
-                if json.loads(line)["iter"] <= step:
+                if json.loads(line)["iter"] <= resumed_step:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 pass
