@@ -134,9 +134,6 @@ def main():
     policy = runtime.wrap(policy, rt, compile)
     if rt.master:  # the run is known to start: a fresh log, or a resumed run's rows up to its checkpoint
         runtime.start_log(log_path, start if resume else None)
-    if rt.master and not world_prompts:
-        print(f"training on {len(train_prompts)} prompts from {prompts}: the hidden human judges the world's "
-              "language only, so no gold or win rate is reported")
 
     bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc=baseline)
     t0 = time.time()

@@ -5,6 +5,8 @@ model, pick the best of N, and compare a tuned policy with SFT under the world's
 Every stage after SFT samples or scores replies the same way, so these live once, here. A reply is the dict
 that respond() returns: {"text", "ended", "ids", "logprob"}; "ended" means it closed its turn with <|end|>.
 """
+import os
+
 import torch
 
 from data import world
@@ -20,9 +22,13 @@ def training_prompts(path):
     if not path:
         return world.prompts("train")
     try:
-        return read_prompts(path)
+        prompts = read_prompts(path)
     except DataError as e:
         raise SystemExit(f"error: {e}")
+    if int(os.environ.get("RANK", 0)) == 0:  # said once, by the first process
+        print(f"training on {len(prompts)} prompts from {path}: the hidden human judges the world's language "
+              "only, so no gold or win rate is reported")
+    return prompts
 
 
 def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None,
