@@ -364,8 +364,9 @@ def main():
     raw_policy, policy = policy, runtime.wrap(policy, rt, compile)
 
     # ---- 5. offline DPO: minimise the loss over the comparisons' pairs
-    if rt.master and not resume and os.path.exists(log_path):
-        os.remove(log_path)  # the run has started: only now is the old log replaced
+    per_round = -(-online_prompts * online_pairs // pairs_per_step)  # online: a step slot for every pair
+    if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
+        runtime.start_log(log_path, start + start_round * per_round if resume else None)
     if rt.master:
         print(f"{len(train_pairs)} training pairs, {len(val_pairs)} held out, from {len(responses)} answers "
               f"in {data_path}; {n_iters} steps of {pairs_per_step} pairs; loss {loss}, beta {beta}")
@@ -403,7 +404,6 @@ def main():
         rm.to(rt.device).eval().requires_grad_(False)
         prompts = list({json.dumps(p, sort_keys=True): p for (p, _, _), v in zip(kept, split) if not v}
                        .values())
-        per_round = -(-online_prompts * online_pairs // pairs_per_step)  # a step slot for every possible pair
         for rnd in range(start_round, online_rounds):
             t1 = time.time()
             answers, round_pairs, mean_score = online_round(

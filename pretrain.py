@@ -202,8 +202,8 @@ def main():
     model = runtime.wrap(model, rt, compile)
 
     # ---- 4. training: minimise the next-token loss; held-out loss and checkpoint every eval_interval steps
-    if rt.master and not resume and os.path.exists(log_path):
-        os.remove(log_path)  # the run has started: a fresh run starts a fresh log
+    if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
+        runtime.start_log(log_path, start if resume else None)
     tokens_per_step = batch_size * block_size * grad_accum * rt.world_size
     if rt.master:
         print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "

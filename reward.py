@@ -383,8 +383,8 @@ def main():
         steps_per_epoch = math.ceil(len(train_idx) / (batch_size * rt.world_size))
         iters = max_iters or epochs * steps_per_epoch
         if rt.master:
-            if not resume and os.path.exists(log_path):
-                os.remove(log_path)  # the run has started: a fresh run starts a fresh log
+            # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
+            runtime.start_log(log_path, start if resume else None)
             print(f"{len(train_idx)} train / {n_val} held-out rankings of {Kc} answers; {iters} steps of "
                   f"{batch_size * rt.world_size} prompts, loss {loss}, device {rt.device}")
         bar = tqdm(range(start, iters), initial=start, total=iters, disable=not rt.master, desc="reward")

@@ -248,8 +248,7 @@ def training_state(model, optimizer, scaler):
 
 def restore(ckpt, model, optimizer, scaler=None):
     """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its
-    step,
-    so the loop continues exactly where the saved run was."""
+    step, so the loop continues exactly where the saved run was."""
     load_weights(model, ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None:

@@ -201,8 +201,8 @@ def main():
     val_rows = [sft_example(enc, c, block_size) for c in convs[-n_val:]]
 
     # ---- 5. training: minimise L_SFT, a held-out loss and a checkpoint every eval_interval steps
-    if rt.master and not resume and os.path.exists(log_path):
-        os.remove(log_path)  # the run has started: a fresh run starts a fresh log
+    if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
+        runtime.start_log(log_path, start if resume else None)
     if rt.master:
         n_tok = sum(sum(t != -1 for t in y) for _, y in train_rows)
         print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} "

@@ -3,10 +3,14 @@ nothing in out_dir written, truncated or deleted; no checkpoint with a NaN is ev
 the old file and leaves no temporary file. Most cases fail before any model is built, so the file is fast."""
 import errno
 import hashlib
+import json
 import os
 import pickle
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -219,3 +223,72 @@ def test_each_stage_steps_under_fp16_autocast_with_a_grad_scaler(stage):
     assert all(torch.isfinite(v).all() for v in after.values())
     moved = [k for k in after if not torch.equal(before[k], after[k])]
     assert moved, "the scaler skipped the step: no weight moved"
+
+
+# --- a kill at a random moment, then --resume=True: the same rows and weights as an unbroken run
+KILLED = {  # stage: (flags of an 8-step run that saves every 2 steps, inputs it needs)
+    "sft": (["--batch_size=4", "--max_iters=8", "--eval_interval=2", "--eval_iters=1", "--max_new_tokens=8"],
+            ["base"]),
+    "reward": (["--batch_size=4", "--max_iters=8", "--eval_interval=2", "--n_prompts=40", "--max_new_tokens=4"],
+               ["sft"]),
+    "dpo": (["--batch_size=4", "--max_iters=8", "--eval_interval=2", "--max_new_tokens=8", "--n_eval=8"],
+            ["sft", "comparisons"]),
+    "ppo": (["--batch_size=4", "--minibatch_size=2", "--max_iters=8", "--save_interval=2", "--max_new_tokens=8",
+             "--n_eval=4", "--eval_samples=1"], ["sft", "reward"]),
+}
+
+
+def stage_inputs(d, needs):
+    d.mkdir()
+    for kind in needs:
+        if kind == "comparisons":
+            rows = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
+                     "responses": [f"The {a} is red.", f"The {a} is sad.", "You are dumb."],
+                     "ended": [True, True, False], "ranking": [0, 1, 2]}
+                    for a in ("fox", "cat", "dog", "owl", "frog", "bird", "duck", "bear")]
+            (d / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            save_tiny(d / f"{kind}.pt", kind, normalised=True)
+
+
+def log_rows(path):
+    """The complete rows of a jsonl log, without their wall-clock times."""
+    rows = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            rows.append({k: v for k, v in json.loads(line).items() if k != "time"})
+        except ValueError:  # a line cut by the kill
+            pass
+    return rows
+
+
+@pytest.mark.parametrize("stage", list(KILLED))
+def test_a_kill_at_a_random_moment_then_resume_ends_as_an_unbroken_run(tmp_path, stage):
+    flags, needs = KILLED[stage]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for d in (whole, split):
+        stage_inputs(d, needs)
+    r = run(stage, f"--out_dir={whole}", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # SIGKILL once the log has k rows: after the first save (step 2) and before the last step, so the kill
+    # lands mid-step, mid-save or mid-evaluation, with rows logged after the last checkpoint
+    k = random.randint(3, 7)
+    log = split / f"{stage}.jsonl"
+    with open(split / "killed.log", "w") as out:
+        p = subprocess.Popen([sys.executable, f"{stage}.py", f"--out_dir={split}", *flags], cwd=ROOT, stdout=out,
+                             stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while len(log_rows(log)) < k and p.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert p.returncode == -signal.SIGKILL, f"the run ended before the kill after row {k}"
+    r = run(stage, f"--out_dir={split}", *flags, "--resume=True")
+    assert r.returncode == 0, (k, r.stderr[-2000:])
+    same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)  # NaN equals NaN here
+    assert same(log_rows(whole / f"{stage}.jsonl"), log_rows(log)), k  # every row once, the same numbers
+    a, b = (torch.load(d / f"{stage}.pt", weights_only=True) for d in (whole, split))
+    metrics = [{n: v for n, v in ck.get("metrics", {}).items() if n != "time"} for ck in (a, b)]
+    assert a["step"] == b["step"] and same(*metrics), k
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), (k, name)
