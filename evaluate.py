@@ -6,12 +6,13 @@ to the held-out prompts and reports: mean gold utility as a fraction of ideal (t
 1.0), gold win rate against SFT with a 95% interval, KL(pi || pi_SFT) estimated from the samples, reward-model
 score, fluency, how often the answer ends its turn, where the gold is lost (the utility's components), and
 three sample conversations. It also draws figures (SVG, written here, no plotting library): the reward-vs-KL
-frontier of PPO and DPO over a beta sweep (the DPO paper's Figure 2 on our world), reward over-optimisation
-along a beta = 0 PPO run, and every stage's training curves.
+frontier of PPO, DPO, GRPO and RLOO over a beta sweep (the DPO paper's Figure 2 on our world) with each
+method's gold read off at equal KL, reward over-optimisation along a beta = 0 PPO run, and every stage's
+training curves.
 
     python evaluate.py                      # the default run's checkpoints -> out/report.md
     python evaluate.py --json_out=True      # also print the numbers as JSON
-    python evaluate.py --sweep=True         # first train PPO and DPO over a beta sweep, then report
+    python evaluate.py --sweep=True         # first train each method over a beta sweep, then report
     python evaluate.py --ckpt=out/sft.pt,out/ppo.pt --prompts=my_prompts.jsonl
     python evaluate.py --ckpt=out/sft.pt,online=out/online/dpo.pt --bon=0   # name=path names a row
 """
@@ -47,9 +48,11 @@ bon = 16                   # best-of-N baseline from SFT with the reward model (
 json_out = False           # print the numbers as JSON too
 sweep = False              # train the methods below over their betas first (writes out_dir/sweep/)
 sweep_methods = ("ppo", "dpo", "grpo", "rloo")  # which methods the sweep trains
-ppo_betas = (0.03, 0.1, 0.2, 0.5)
-dpo_betas = (0.03, 0.1, 0.3, 1.0)
-grpo_betas = (0.01, 0.05, 0.2, 0.5)  # GRPO and RLOO: the KL weight in the loss / in the sequence reward
+# the betas around each default (ppo 0.05, dpo 0.5, grpo and rloo 0.3): the default run is the frontier's
+# fourth point, so it is not trained twice
+ppo_betas = (0.02, 0.1, 0.2)
+dpo_betas = (0.1, 0.2, 1.0)
+grpo_betas = (0.05, 0.1, 0.6)  # GRPO and RLOO: the KL weight in the loss / in the sequence reward
 hack_iters = 120           # length of the beta = 0 PPO run that shows reward over-optimisation
 reward = ""                # reward model for best-of-N and the RM score column ("" = out_dir/reward.pt)
 # -----------------------------------------------------------------------------
@@ -91,6 +94,16 @@ def svg_plot(path, title, xlabel, ylabel, series):
     with open(path, "w") as f:
         f.write("\n".join(out + ["</svg>"]))
     return os.path.basename(path)
+
+
+def gold_at_kl(points, kl):
+    """A method's gold at a given KL, read off its frontier: linear interpolation between the two measured
+    (KL, gold) points either side; None outside the KL range the method's runs cover (no extrapolation)."""
+    pts = sorted(points)
+    for (k0, g0), (k1, g1) in zip(pts, pts[1:]):
+        if k0 <= kl <= k1:
+            return g0 if k1 == k0 else g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
+    return pts[0][1] if len(pts) == 1 and pts[0][0] == kl else None
 
 
 def read_jsonl(path):
@@ -245,16 +258,30 @@ def draw_figures(results, fig_dir):
     sw = json.load(open(sw_path)) if os.path.isfile(sw_path) else []
     if sw:
         series = [("SFT", [0.0], [results["sft"]["gold"]], "black", False)]
+        if "bon" in results:
+            series.append((f"best-of-{bon}", [results["bon"]["kl"]], [results["bon"]["gold"]], "gray", False))
+        frontier = {}  # each method's (KL, gold): its sweep runs and, when evaluated above, its default run
         for stage, color in (("ppo", "#1f77b4"), ("dpo", "#ff7f0e"), ("grpo", "#2ca02c"),
                              ("rloo", "#9467bd")):
-            pts = sorted((r["kl"], r["gold"]) for r in sw if r["stage"] == stage)
+            pts = [(r["kl"], r["gold"]) for r in sw if r["stage"] == stage]
+            pts += [(results[stage]["kl"], results[stage]["gold"])] if stage in results else []
             if pts:
+                frontier[stage] = pts = sorted(pts)
                 series.append((stage.upper(), [p[0] for p in pts], [p[1] for p in pts], color, True))
         f = svg_plot(os.path.join(fig_dir, "frontier.svg"), "Reward vs KL frontier (beta sweep)",
                      "KL(pi || SFT), nats per answer", "gold (fraction of ideal)", series)
         lines += [f"![frontier](figures/{f})", ""]
         lines += [f"- {r['stage']} beta={r['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}"
-                  for r in sw] + [""]
+                  for r in sw] + [f"- {s} default: gold {results[s]['gold']:.3f}, KL {results[s]['kl']:.2f}"
+                                  for s in frontier if s in results] + [""]
+        kls = (0.5, 1.0, 1.5, 2.0, 3.0)  # gold at equal KL: which method buys more gold per nat
+        lines += ["Gold at equal KL (read off each frontier; blank outside the KL its runs cover):", "",
+                  "| KL (nats) | " + " | ".join(s.upper() for s in frontier) + " |",
+                  "|---|" + "---|" * len(frontier)]
+        for kl in kls:
+            cells = [gold_at_kl(frontier[s], kl) for s in frontier]
+            lines.append(f"| {kl:g} | " + " | ".join("" if g is None else f"{g:.3f}" for g in cells) + " |")
+        lines.append("")
     else:
         lines += ["(No beta sweep yet: `python evaluate.py --sweep=True` draws the reward-vs-KL frontier.)",
                   ""]

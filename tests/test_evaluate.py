@@ -35,3 +35,29 @@ def test_report_numbers_add_up(tmp_path):
     assert res["missing"]["ended"] >= 0.0  # a cut-off answer loses 2 x 0.1 here, an ended one nothing
     report = (tmp_path / "report.md").read_text()
     assert "| sft | " in report and "Where the gold is lost" in report
+
+
+def test_gold_at_equal_kl_is_read_off_the_frontier():
+    import evaluate
+    pts = [(2.0, 0.9), (0.5, 0.75), (1.0, 0.8)]  # any order
+    assert evaluate.gold_at_kl(pts, 0.5) == pytest.approx(0.75)
+    assert evaluate.gold_at_kl(pts, 1.5) == pytest.approx(0.85)  # halfway between (1, 0.8) and (2, 0.9)
+    assert evaluate.gold_at_kl(pts, 0.25) is None and evaluate.gold_at_kl(pts, 2.5) is None  # no extrapolation
+    assert evaluate.gold_at_kl([(1.0, 0.8)], 1.0) == 0.8 and evaluate.gold_at_kl([(1.0, 0.8)], 1.5) is None
+
+
+def test_the_frontier_has_every_method_and_its_default_run(tmp_path, monkeypatch):
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    (tmp_path / "sweep").mkdir()
+    sweep = [{"stage": s, "beta": 0.1, "gold": g, "kl": kl}
+             for s, g, kl in (("ppo", 0.80, 1.0), ("dpo", 0.85, 2.0), ("grpo", 0.7, 0.5), ("rloo", 0.9, 3.0))]
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(sweep))
+    results = {"sft": {"gold": 0.7, "kl": 0.0}, "ppo": {"gold": 0.9, "kl": 2.0}, "bon": {"gold": 0.88, "kl": 1.8}}
+    lines = evaluate.draw_figures(results, str(tmp_path / "figures"))
+    svg = (tmp_path / "figures" / "frontier.svg").read_text()
+    assert all(name in svg for name in ("PPO", "DPO", "GRPO", "RLOO", "best-of-16", "SFT"))
+    assert "- ppo default: gold 0.900, KL 2.00" in lines
+    # PPO's frontier is its sweep run (1.0, 0.80) and its default run (2.0, 0.90): at KL 1.5, 0.85; the
+    # other methods have one run each, so only their own KL has a value
+    assert "| 1.5 | 0.850 |  |  |  |" in lines and "| 2 | 0.900 | 0.850 |  |  |" in lines
