@@ -42,7 +42,7 @@ def test_gold_at_equal_kl_is_read_off_the_frontier():
     pts = [(2.0, 0.9), (0.5, 0.75), (1.0, 0.8)]  # any order
     assert evaluate.gold_at_kl(pts, 0.5) == pytest.approx(0.75)
     assert evaluate.gold_at_kl(pts, 1.5) == pytest.approx(0.85)  # halfway between (1, 0.8) and (2, 0.9)
-    assert evaluate.gold_at_kl(pts, 0.25) is None and evaluate.gold_at_kl(pts, 2.5) is None  # no extrapolation
+    assert evaluate.gold_at_kl(pts, 0.25) is None and evaluate.gold_at_kl(pts, 2.5) is None  # not extrapolated
     assert evaluate.gold_at_kl([(1.0, 0.8)], 1.0) == 0.8 and evaluate.gold_at_kl([(1.0, 0.8)], 1.5) is None
 
 
@@ -53,7 +53,8 @@ def test_the_frontier_has_every_method_and_its_default_run(tmp_path, monkeypatch
     sweep = [{"stage": s, "beta": 0.1, "gold": g, "kl": kl}
              for s, g, kl in (("ppo", 0.80, 1.0), ("dpo", 0.85, 2.0), ("grpo", 0.7, 0.5), ("rloo", 0.9, 3.0))]
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(sweep))
-    results = {"sft": {"gold": 0.7, "kl": 0.0}, "ppo": {"gold": 0.9, "kl": 2.0}, "bon": {"gold": 0.88, "kl": 1.8}}
+    results = {"sft": {"gold": 0.7, "kl": 0.0}, "ppo": {"gold": 0.9, "kl": 2.0},
+               "bon": {"gold": 0.88, "kl": 1.8}}
     lines = evaluate.draw_figures(results, str(tmp_path / "figures"))
     svg = (tmp_path / "figures" / "frontier.svg").read_text()
     assert all(name in svg for name in ("PPO", "DPO", "GRPO", "RLOO", "best-of-16", "SFT"))

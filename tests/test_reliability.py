@@ -275,8 +275,8 @@ def test_a_kill_at_a_random_moment_then_resume_ends_as_an_unbroken_run(tmp_path,
     k = random.randint(3, 7)
     log = split / f"{stage}.jsonl"
     with open(split / "killed.log", "w") as out:
-        p = subprocess.Popen([sys.executable, f"{stage}.py", f"--out_dir={split}", *flags], cwd=ROOT, stdout=out,
-                             stderr=subprocess.STDOUT)
+        p = subprocess.Popen([sys.executable, f"{stage}.py", f"--out_dir={split}", *flags], cwd=ROOT,
+                             stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while len(log_rows(log)) < k and p.poll() is None and time.time() < deadline:
             time.sleep(0.002)
