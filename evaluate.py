@@ -48,12 +48,13 @@ bon = 16                   # best-of-N baseline from SFT with the reward model (
 json_out = False           # print the numbers as JSON too
 sweep = False              # train the methods below over their betas first (writes out_dir/sweep/)
 sweep_methods = ("ppo", "dpo", "grpo", "rloo")  # which methods the sweep trains
-# the betas around each default (ppo 0.05, dpo 0.5, grpo and rloo 0.3): the default run is the frontier's
-# fourth point, so it is not trained twice
-ppo_betas = (0.02, 0.1, 0.2)
-dpo_betas = (0.1, 0.2, 1.0)
-grpo_betas = (0.05, 0.1, 0.6)  # GRPO and RLOO: the KL weight in the loss / in the sequence reward
-hack_iters = 120           # length of the beta = 0 PPO run that shows reward over-optimisation
+# two betas per method besides its default (ppo 0.05, dpo 0.5, grpo and rloo 0.3), toward the KL range the
+# other methods reach; the default run is each frontier's third point, so it is not trained twice
+ppo_betas = (0.1, 0.2)
+dpo_betas = (0.1, 0.2)
+grpo_betas = (0.6, 1.0)    # GRPO: the KL weight in the loss
+rloo_betas = (0.05, 0.1)   # RLOO: the KL weight in the sequence reward
+hack_iters = 120           # length of the beta = 0 PPO run that shows reward over-optimisation (0 = skip)
 reward = ""                # reward model for best-of-N and the RM score column ("" = out_dir/reward.pt)
 # -----------------------------------------------------------------------------
 
@@ -119,10 +120,11 @@ def run_sweep(rt, eval_prompts, rm_path):
     root = os.path.join(out_dir, "sweep")
     script = {"ppo": ["ppo.py"], "dpo": ["dpo.py"], "grpo": ["grpo.py"],
               "rloo": ["grpo.py", "--baseline=rloo"]}
-    betas = {"ppo": ppo_betas, "dpo": dpo_betas, "grpo": grpo_betas, "rloo": grpo_betas}
+    betas = {"ppo": ppo_betas, "dpo": dpo_betas, "grpo": grpo_betas, "rloo": rloo_betas}
     runs = [(m, b, []) for m in sweep_methods for b in betas[m]]
     # over-optimisation
-    runs.append(("ppo", 0.0, [f"--max_iters={hack_iters}", "--n_eval=16", "--eval_samples=1"]))
+    if hack_iters:
+        runs.append(("ppo", 0.0, [f"--max_iters={hack_iters}", "--n_eval=16", "--eval_samples=1"]))
     results = []
     for method, b, extra in runs:
         d = os.path.join(root, f"{method}_beta{b:g}" + ("_long" if extra else ""))
@@ -312,7 +314,7 @@ def draw_figures(results, fig_dir):
 
 
 def main():
-    runtime.configure(globals())
+    runtime.configure(globals(), ranges={"hack_iters": (lambda v: v >= 0, ">= 0")})
     rt = runtime.setup(device, dtype, seed)
     # ---- 1. the prompts and the checkpoints to compare (a bad file or path is one line, before any sampling)
     try:
