@@ -48,12 +48,12 @@ bon = 16                   # best-of-N baseline from SFT with the reward model (
 json_out = False           # print the numbers as JSON too
 sweep = False              # train the methods below over their betas first (writes out_dir/sweep/)
 sweep_methods = ("ppo", "dpo", "grpo", "rloo")  # which methods the sweep trains
-# two betas per method besides its default (ppo 0.05, dpo 0.5, grpo and rloo 0.3), toward the KL range the
-# other methods reach; the default run is each frontier's third point, so it is not trained twice
+# betas besides each default (ppo 0.05, dpo 0.5, grpo and rloo 0.3), toward the KL range the other methods
+# reach; the default run is each frontier's last point, so it is not trained twice
 ppo_betas = (0.1, 0.2)
 dpo_betas = (0.1, 0.2)
-grpo_betas = (0.6, 1.0)    # GRPO: the KL weight in the loss
-rloo_betas = (0.05, 0.1)   # RLOO: the KL weight in the sequence reward
+grpo_betas = (0.6,)        # GRPO: the KL weight in the loss
+rloo_betas = (0.1,)        # RLOO: the KL weight in the sequence reward
 hack_iters = 120           # length of the beta = 0 PPO run that shows reward over-optimisation (0 = skip)
 reward = ""                # reward model for best-of-N and the RM score column ("" = out_dir/reward.pt)
 # -----------------------------------------------------------------------------
