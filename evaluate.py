@@ -276,7 +276,10 @@ def draw_figures(results, fig_dir):
         lines += [f"- {r['stage']} beta={r['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}"
                   for r in sw] + [f"- {s} default: gold {results[s]['gold']:.3f}, KL {results[s]['kl']:.2f}"
                                   for s in frontier if s in results] + [""]
-        kls = (0.5, 1.0, 1.5, 2.0, 3.0)  # gold at equal KL: which method buys more gold per nat
+        kls = [0.5, 1.0, 1.5, 2.0, 3.0]  # gold at equal KL: which method buys more gold per nat
+        lo, hi = max(min(pts)[0] for pts in frontier.values()), min(max(pts)[0] for pts in frontier.values())
+        if lo <= hi:  # the KL every method's runs cover: the one place all of them can be compared
+            kls = sorted(set(kls + [round((lo + hi) / 2, 2)]))
         lines += ["Gold at equal KL (read off each frontier; blank outside the KL its runs cover):", "",
                   "| KL (nats) | " + " | ".join(s.upper() for s in frontier) + " |",
                   "|---|" + "---|" * len(frontier)]

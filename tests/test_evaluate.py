@@ -62,3 +62,16 @@ def test_the_frontier_has_every_method_and_its_default_run(tmp_path, monkeypatch
     # PPO's frontier is its sweep run (1.0, 0.80) and its default run (2.0, 0.90): at KL 1.5, 0.85; the
     # other methods have one run each, so only their own KL has a value
     assert "| 1.5 | 0.850 |  |  |  |" in lines and "| 2 | 0.900 | 0.850 |  |  |" in lines
+
+
+def test_the_equal_kl_table_has_the_kl_every_method_covers(tmp_path, monkeypatch):
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    (tmp_path / "sweep").mkdir()
+    sweep = [{"stage": "ppo", "beta": 0.1, "gold": 0.8, "kl": 1.0},
+             {"stage": "dpo", "beta": 0.1, "gold": 0.7, "kl": 0.6}]
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(sweep))
+    results = {"sft": {"gold": 0.6, "kl": 0.0}, "ppo": {"gold": 0.9, "kl": 1.4}, "dpo": {"gold": 0.8, "kl": 1.6}}
+    lines = evaluate.draw_figures(results, str(tmp_path / "figures"))
+    # PPO covers KL 1.0-1.4, DPO 0.6-1.6: both at 1.2, halfway through PPO's segment, 0.6 of the way in DPO's
+    assert "| 1.2 | 0.850 | 0.760 |" in lines and "| 1.5 |  | 0.790 |" in lines
