@@ -38,9 +38,9 @@ BAD_OPTIONS = (
 )
 
 
-def run(script, *args):
+def run(script, *args, env=None):
     return subprocess.run([sys.executable, f"{script}.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 def snapshot(d):
@@ -268,7 +268,10 @@ def test_a_kill_at_a_random_moment_then_resume_ends_as_an_unbroken_run(tmp_path,
     whole, split = tmp_path / "whole", tmp_path / "split"
     for d in (whole, split):
         stage_inputs(d, needs)
-    r = run(stage, f"--out_dir={whole}", *flags)
+    # one thread: with several, some CPU kernels may sum in another order from run to run, and the two runs must
+    # sample the same answers (reward.py collects its comparisons by sampling) to end equal
+    one = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = run(stage, f"--out_dir={whole}", *flags, env=one)
     assert r.returncode == 0, r.stderr[-2000:]
     # SIGKILL once the log has k rows: after the first save (step 2) and before the last step, so the kill
     # lands mid-step, mid-save or mid-evaluation, with rows logged after the last checkpoint
@@ -276,14 +279,14 @@ def test_a_kill_at_a_random_moment_then_resume_ends_as_an_unbroken_run(tmp_path,
     log = split / f"{stage}.jsonl"
     with open(split / "killed.log", "w") as out:
         p = subprocess.Popen([sys.executable, f"{stage}.py", f"--out_dir={split}", *flags], cwd=ROOT,
-                             stdout=out, stderr=subprocess.STDOUT)
+                             stdout=out, stderr=subprocess.STDOUT, env=one)
         deadline = time.time() + 300
         while len(log_rows(log)) < k and p.poll() is None and time.time() < deadline:
             time.sleep(0.002)
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert p.returncode == -signal.SIGKILL, f"the run ended before the kill after row {k}"
-    r = run(stage, f"--out_dir={split}", *flags, "--resume=True")
+    r = run(stage, f"--out_dir={split}", *flags, "--resume=True", env=one)
     assert r.returncode == 0, (k, r.stderr[-2000:])
     same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)  # NaN equals NaN here
     assert same(log_rows(whole / f"{stage}.jsonl"), log_rows(log)), k  # every row once, the same numbers
