@@ -15,6 +15,8 @@ How fast is the default model on this machine?
     python bench.py                       # training per precision, then sampling
     python bench.py --threads=1           # steadier on a machine shared with other jobs
     python bench.py --dtypes="('float32',)" --train_iters=3 --gen_batches="(128,)"
+    python bench.py --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --block_size=1024 \
+        --dtypes="('bfloat16',)" --gen_dtype=bfloat16 --matmul_size=8192 --compile=True   # GPT-2 small, GPU
 """
 import statistics
 import time
@@ -33,6 +35,9 @@ threads = 0                            # torch.set_num_threads when > 0 (0: torc
 dtypes = ("float32", "bfloat16")       # training precisions to measure (low precision via autocast)
 batch_size = 16                        # training batch, sequences of block_size tokens
 block_size = 256
+n_layer, n_head, n_embd = GPTConfig.n_layer, GPTConfig.n_head, GPTConfig.n_embd  # the stages' model dims
+vocab_size = 0                         # 0: the world tokenizer's, as the stages train with
+compile = False                        # torch.compile the training step, and the blocks when sampling
 train_iters = 10                       # timed training steps per precision (after warmup_iters untimed)
 warmup_iters = 2
 gen_batches = (128, 64, 256)           # sampling batch sizes: ppo.py's rollout batch first, reward.py's 256
@@ -47,12 +52,15 @@ config = configure(globals(), ranges={
     "threads": (lambda v: v >= 0, ">= 0"),
     "dtypes": (lambda v: set(v) <= {"float32", "bfloat16", "float16"}, "float32, bfloat16, float16"),
     "gen_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
-    **dict.fromkeys(("block_size", "train_iters", "gen_new_tokens", "gen_repeats", "matmul_size"),
+    **dict.fromkeys(("block_size", "n_layer", "n_head", "n_embd", "train_iters", "gen_new_tokens", "gen_repeats", "matmul_size"),
                     (lambda v: v >= 1, ">= 1")),
+    "vocab_size": (lambda v: v >= 0, ">= 0 (0: the world tokenizer's)"),
     "gen_batches": (lambda v: len(v) > 0 and all(type(b) is int and b >= 1 for b in v), "ints >= 1"),
     "gen_prompt_lens": (lambda v: len(v) == 2 and 1 <= v[0] <= v[1] < GPTConfig.block_size,
                         f"(shortest, longest) with 1 <= shortest <= longest < {GPTConfig.block_size}"),
 })
+if n_embd % n_head:
+    raise SystemExit(f"error: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
 
 env = setup(device, "float32", seed)
 if threads > 0:
@@ -87,16 +95,21 @@ def matmul_peak(dtype):
     return 2 * matmul_size ** 3 / dt  # multiply-add = 2 FLOPs
 
 
-def train_speed(dtype, vocab_size):
+def dims(**kw):
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size, **kw)
+
+
+def train_speed(dtype):
     torch.manual_seed(seed)
-    cfg = GPTConfig(block_size=block_size, vocab_size=vocab_size)
+    cfg = dims(block_size=block_size)
     model = GPT(cfg).to(env.device)
     opt = configure_optimizer(model, 0.1, 3e-4, (0.9, 0.95), env.device_type)
+    step_model = torch.compile(model) if compile else model  # the first (warm-up) steps compile
     x = torch.randint(0, cfg.vocab_size, (batch_size, block_size + 1), device=env.device)
 
     def step():
         with autocast(dtype):
-            _, loss = model(x[:, :-1], x[:, 1:])
+            _, loss = step_model(x[:, :-1], x[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -203,20 +216,20 @@ def sampling_table(model, peak):
     return rows
 
 
-vocab_size = get_tokenizer().n_vocab  # the vocabulary the stages train with
+vocab_size = vocab_size or get_tokenizer().n_vocab
 torch.set_grad_enabled(True)
 cpu = f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if env.device_type == "cpu" else ""
 print(f"device {env.device}{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-c = GPTConfig(vocab_size=vocab_size)
-print(f"model: GPTConfig defaults, {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, "
-      f"vocab {c.vocab_size} (world tokenizer), {GPT(c).get_num_params() / 1e6:.2f}M params")
+c = dims(block_size=max(block_size, GPTConfig.block_size))
+print(f"model: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, vocab {c.vocab_size}, "
+      f"{GPT(c).get_num_params() / 1e6:.2f}M params{', torch.compile' if compile else ''}")
 peaks = {d: matmul_peak(d) for d in dict.fromkeys(("float32", *dtypes, gen_dtype))}
 # a CPU without bf16/fp16 matmul units emulates them below its fp32 speed: that is no peak to compare with
 emulated = [d for d in peaks if d != "float32" and env.device_type == "cpu" and peaks[d] < peaks["float32"]]
 print(f"\ntraining, batch {batch_size} x {block_size}, {train_iters} timed steps")
 print(f"{'dtype':<10} {'tokens/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'fraction':>9}")
 for dtype in dtypes:
-    tps, flops = train_speed(dtype, vocab_size)
+    tps, flops = train_speed(dtype)
     peak = "n/a" if dtype in emulated else f"{peaks[dtype] / 1e9:.1f}"
     fraction = "n/a" if dtype in emulated else f"{flops / peaks[dtype]:.1%}"
     print(f"{dtype:<10} {tps:>10,.0f} {flops / 1e9:>9.1f} {peak:>13} {fraction:>9}")
@@ -225,7 +238,9 @@ for d in emulated:
           f"{peaks['float32'] / 1e9:.1f}): {d} is emulated, there is no {d} peak to take a fraction of")
 
 torch.manual_seed(seed)
-model = GPT(GPTConfig(vocab_size=vocab_size)).to(env.device).eval()
+model = GPT(c).to(env.device).eval()
+for blk in model.transformer.h if compile else ():  # the batch and the keys change size: dynamic shapes
+    blk.compile(dynamic=True)
 print(f"\nsampling ({gen_dtype}, KV cache): prompts of {gen_prompt_lens[0]}-{gen_prompt_lens[1]} tokens, "
       f"left-padded, {gen_new_tokens} new tokens each, random weights; medians of {gen_repeats} turns")
 print(f"{'batch':>5} {'generate tok/s':>15} {'plain tok/s':>12} {'speed-up':>9} {'GFLOP/s':>8} "
