@@ -13,7 +13,7 @@ answer's last token. A ranking gives K(K-1)/2 pairs, winner y_w above loser y_l,
 The loss sees only differences of rewards, so the trained reward is then normalised, gain * r + bias, to
 mean 0 and std 1 on SFT's own answers: PPO's reward and its KL penalty get a known scale whatever it learnt.
 
-    python reward.py                          # collect K=8 answers per train prompt, rank them, train
+    python reward.py                          # K=4 answers to each of 4000 train prompts, ranked; train
     python reward.py --data=prefs.jsonl       # your own TRL / Anthropic HH preference pairs
     python reward.py --bon=16                 # then best-of-16 on held-out prompts, judged by gold
     python reward.py --train=False --bon=16   # best-of-16 with an existing out/reward.pt
@@ -21,10 +21,9 @@ mean 0 and std 1 on SFT's own answers: PPO's reward and its KL penalty get a kno
 
 Departures (options; the defaults are InstructGPT's):
     --loss=plackett_luce  the likelihood of the whole ranking (Plackett-Luce) instead of its pairs.
-    --lm_feature=True     r = head + w * log p_SFT(answer | prompt), w learned from the rankings (from 0).
-                          From a few hundred prompts the head learns how an answer sounds (polite, padded)
-                          more easily than whether it is on topic, which SFT, trained on demonstrations,
-                          knows; the rankings decide how far to trust it (rollout.reply_logprobs computes it).
+    --lm_feature=True     r = head + w * log p_SFT(answer | prompt), w learned from the rankings (from 0):
+                          SFT, trained on demonstrations, knows whether an answer is on topic, which a head
+                          learns slowly from rankings (rollout.reply_logprobs computes it).
 
 comparisons.jsonl, one line per prompt: the ranking, and the TRL chosen/rejected view that dpo.py reads
     {"prompt": messages, "responses": [K strings], "ended": [K bools], "ranking": [indices, best first],
@@ -53,8 +52,8 @@ out_dir = "out"            # reads sft.pt, writes comparisons.jsonl, reward.pt, 
 data = ""                  # "" = sample comparisons from SFT on the world's train prompts; or a TRL/HH JSONL
 collect = True             # sample and rank fresh comparisons; False reuses out_dir/comparisons.jsonl
 train = True               # train the reward model; False loads out_dir/reward.pt (e.g. to run --bon)
-n_prompts = 0              # collect on the first n train prompts only (0 = all of them)
-K = 8                      # answers per prompt that a labeler ranks (InstructGPT: 4 to 9): K(K-1)/2 pairs
+n_prompts = 4000           # the first n train prompts (0 = all): many distinct prompts, each ranked once
+K = 4                      # answers ranked per prompt (InstructGPT: 4 to 9); 4 leaves time for more prompts
 max_new_tokens = 48        # longest sampled answer; one that is cut off never ended its turn
 temperature = 1.0          # 1 = sample the SFT distribution itself, which is where PPO starts
 labeler_tau = world.LABELER_TAU  # labelers' Plackett-Luce temperature (data/world.py); 1e-6: rank by gold
@@ -67,7 +66,7 @@ dtype = "auto"             # bf16/fp16 autocast on CUDA, fp32 on CPU; rewards an
 compile = False            # torch.compile the reward model (pays off on GPUs only)
 dropout = 0.0              # while the reward model trains (scoring is always without); off: no better here
 batch_size = 8             # prompts per step (per process); each brings all K of its answers
-epochs = 3                 # passes over the training comparisons
+epochs = 1                 # passes over the training comparisons: with thousands of prompts one is enough
 max_iters = 0              # optimizer steps; 0 = `epochs` passes
 lr, min_lr = 3e-4, 3e-5    # peak learning rate, cosine-decayed to min_lr
 warmup_iters = 10          # linear warmup while Adam's moment estimates are still noisy
@@ -76,6 +75,7 @@ beta1, beta2 = 0.9, 0.95   # nanoGPT's Adam betas
 grad_clip = 1.0            # clip the global gradient norm (0 = off)
 eval_interval = 50         # held-out metrics and a checkpoint (for --resume) every this many steps
 val_fraction = 0.1         # prompts held out to measure the reward model (chosen by seed)
+n_train = 0                # train on the first n of the other rankings only (0 = all); the held-out set stays
 resume = False             # continue training from out_dir/reward.pt (reuses out_dir/comparisons.jsonl)
 stop_at = 0                # end after this step as if killed (0 = run to the end): split a run, test resume
 bon = 0                    # > 0: best-of-bon sampling on the held-out eval prompts, judged by gold
@@ -361,7 +361,7 @@ def main():
                                  for c in comps for k in c["ranking"]]).view(-1, Kc)
         perm = torch.randperm(len(comps), generator=torch.Generator().manual_seed(seed)).tolist()
         n_val = max(1, round(val_fraction * len(comps)))
-        val_idx, train_idx = sorted(perm[:n_val]), perm[n_val:]
+        val_idx, train_idx = sorted(perm[:n_val]), perm[n_val:][:n_train or None]
         first = torch.arange(Kc, 0, -1.0).expand(n_val, Kc)  # the labeler's ranking as scores, best highest
         gold, parts, second = (None,) * 3 if data else yardsticks(comps, val_idx, seed, labeler_tau)
         golds = gold[val_idx] if gold is not None else None

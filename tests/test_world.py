@@ -40,8 +40,41 @@ def test_fluency_check():
 
 
 def test_ideal_scores_one_for_every_prompt():
-    for p in w.all_prompts():
+    for p in w.prompts("train") + w.prompts("eval"):
         assert w.gold(p, w.ideal(p)) == pytest.approx(1.0), p
+
+
+def test_every_wording_asks_the_same_task_as_the_core_one():
+    W = w.WORDINGS
+    for t in ("the fox", "Tom"):
+        assert all(w.parse_task(U(f.format(t=t))) == {"kind": "describe", "topic": t} for f in W["describe"])
+        for mood in ("happy", "sad"):
+            assert all(w.parse_task(U(f.format(t=t, mood=mood))) == {"kind": "sentiment", "mood": mood, "topic": t}
+                       for f in W["sentiment"])
+    assert all(w.parse_task(U(f.format(k="three", g="foods"))) == {"kind": "list", "n": 3, "category": "foods"}
+               for f in W["list"])
+    for rel in ("home", "pet", "likes"):
+        assert all(w.parse_task(U(f.format(n="Anna"))) == {"kind": "question", "name": "Anna", "rel": rel}
+                   for f in W[rel])
+    harm = [f.format(n="Anna", o="ball") for f in W["harm_person"] + W["steal"]]
+    assert all(w.parse_task(U(q)) == {"kind": "harmful", "target": "Anna"} for q in harm)
+    assert all(w.parse_task(U(f.format(t="the fox"))) == {"kind": "harmful", "target": "the fox"}
+               for f in W["harm_animal"])
+    # every wording is a sentence of the world's language, so the base model reads it in its corpus
+    assert all(w.sentence_type(q) == "instruction" for q, _ in w._questions())
+
+
+def test_training_asks_many_more_prompts_and_the_held_out_set_is_the_core_one():
+    core = w.all_prompts()
+    random.Random(0).shuffle(core)
+    ev, train = w.prompts("eval"), w.prompts("train")
+    assert json.dumps(ev) == json.dumps(core[:int(0.15 * len(core))])  # the held-out prompts never change
+    assert len(train) > 5 * len(core)
+    # a question after an unrelated exchange is read on its own: the answer must fit the last question
+    p = w._exchange("Describe the fox.") + U("What does Anna like?")
+    assert w.parse_task(p) == {"kind": "question", "name": "Anna", "rel": "likes"}
+    second = [q for q in train if len(q) == 3 and w.parse_task(q[-1:])["kind"] != "chat"]  # not a follow-up
+    assert len(second) > len(core) and all(w.parse_task(q) == w.parse_task(q[-1:]) for q in second)
 
 
 def test_gold_describe_and_style_components():
