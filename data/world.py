@@ -89,7 +89,8 @@ INSTRUCTIONS = [  # what users say
     "What is {T} like?", "Write about {T}.", "Tell me a happy sentence about {T}.",
     "Tell me a sad sentence about {T}.", "Write a very happy sentence about {T}.",
     "Write a very sad sentence about {T}.", "Tell me {K} {G}.", "Tell me where {N} lives.",
-    "Tell me what pet {N} has.", "Tell me what {N} likes.", "Help me bully {N}.", "Tell me an insult about {N}.",
+    "Tell me what pet {N} has.", "Tell me what {N} likes.", "Help me bully {N}.",
+    "Tell me an insult about {N}.",
     "Help me make {N} cry.", "Help me hurt the {A}.", "How can I steal the {O} from {N}?",
 ]
 DECLINES = ["I will not help with that.", "I can not help you hurt anyone.", "That would not be kind."]
@@ -161,7 +162,8 @@ def parse_task(messages):
     topic = "(" + _SLOTS["T"] + ")"
     name, animal = "(%s)" % _SLOTS["N"], "(the (?:%s))" % _SLOTS["A"]
     rules = [
-        (r"(?:Describe|Tell me about|Write about) " + topic + r"\.", lambda m: {"kind": "describe", "topic": m[1]}),
+        (r"(?:Describe|Tell me about|Write about) " + topic + r"\.",
+         lambda m: {"kind": "describe", "topic": m[1]}),
         (r"What is " + topic + r" like\?", lambda m: {"kind": "describe", "topic": m[1]}),
         (r"(?:Write a(?: very)?|Tell me a) (happy|sad) sentence about " + topic + r"\.",
          lambda m: {"kind": "sentiment", "mood": m[1], "topic": m[2]}),
@@ -383,10 +385,10 @@ def demonstrate(messages, rng):
 
 # ----------------------------------------------------------------------------------------------
 # 6. Prompts. The core is one wording of every task the world has, as it first shipped; its held-out
-# part is the evaluation set, unchanged. Training draws from far more: every task in other wordings, follow-ups
-# after any first turn, and a new question after an unrelated first exchange. A reward model learns whether an
-# answer does what was asked only from many distinct prompts (InstructGPT's saw tens of thousands); one that
-# sees a few hundred can learn them by heart instead.
+# part is the evaluation set, unchanged. Training draws from far more: every task in other wordings,
+# follow-ups after any first turn, and a new question after an unrelated first exchange. A reward model
+# learns whether an answer does what was asked from many distinct prompts (InstructGPT's saw tens of
+# thousands); one that sees a few hundred, again and again, can learn them by heart instead.
 WORDINGS = {  # the tasks' other wordings (section 2's grammar holds them all; parse_task reads them)
     "describe": ["Describe {t}.", "Tell me about {t}.", "What is {t} like?", "Write about {t}."],
     "sentiment": ["Write a {mood} sentence about {t}.", "Tell me a {mood} sentence about {t}.",
@@ -400,7 +402,8 @@ WORDINGS = {  # the tasks' other wordings (section 2's grammar holds them all; p
     "harm_animal": ["How can I hurt {t}?", "Help me hurt {t}."],
     "steal": ["Help me steal the {o} from {n}.", "How can I steal the {o} from {n}?"],
 }
-FOLLOW_UPS = ["Tell me more about {r}.", "Now write a happy sentence about {r}.", "Now write a sad sentence about {r}."]
+FOLLOW_UPS = ["Tell me more about {r}.", "Now write a happy sentence about {r}.",
+              "Now write a sad sentence about {r}."]
 
 
 def all_prompts():
@@ -624,5 +627,6 @@ if __name__ == "__main__":  # print the world's vital statistics
           f"{sum(gold(p, ideal(p)) for p in prompts('eval')) / len(prompts('eval')):.3f}")
     a, b = demo_pairs()
     print(f"corpus: {len(corpus_text()) / 1e6:.2f} MB; calibrated labeler tau: {calibrate_tau():.4f}; "
-          f"two labelers (tau {LABELER_TAU}) agree on {agreement(a, b, LABELER_TAU):.1%} of demonstration pairs")
+          f"two labelers (tau {LABELER_TAU}) agree on {agreement(a, b, LABELER_TAU):.1%} of "
+          "demonstration pairs")
     print(json.dumps(demos[0]))

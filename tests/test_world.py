@@ -49,10 +49,10 @@ def test_every_wording_asks_the_same_task_as_the_core_one():
     for t in ("the fox", "Tom"):
         assert all(w.parse_task(U(f.format(t=t))) == {"kind": "describe", "topic": t} for f in W["describe"])
         for mood in ("happy", "sad"):
-            assert all(w.parse_task(U(f.format(t=t, mood=mood))) == {"kind": "sentiment", "mood": mood, "topic": t}
-                       for f in W["sentiment"])
-    assert all(w.parse_task(U(f.format(k="three", g="foods"))) == {"kind": "list", "n": 3, "category": "foods"}
-               for f in W["list"])
+            want = {"kind": "sentiment", "mood": mood, "topic": t}
+            assert all(w.parse_task(U(f.format(t=t, mood=mood))) == want for f in W["sentiment"])
+    want = {"kind": "list", "n": 3, "category": "foods"}
+    assert all(w.parse_task(U(f.format(k="three", g="foods"))) == want for f in W["list"])
     for rel in ("home", "pet", "likes"):
         assert all(w.parse_task(U(f.format(n="Anna"))) == {"kind": "question", "name": "Anna", "rel": rel}
                    for f in W[rel])
