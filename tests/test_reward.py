@@ -255,6 +255,7 @@ def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
     out = tiny_sft
     r = run(out, "--K=3", "--bon=2")
     assert "normalised as" in r.stdout and "log p_SFT" not in r.stdout  # the head alone
+    full = r.stdout
     comps = [json.loads(line) for line in open(out / "comparisons.jsonl")]
     prompts = world.prompts("train")[:40]
     assert [c["prompt"] for c in comps] == prompts
@@ -284,6 +285,13 @@ def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
     run(out, "--collect=False", "--loss=plackett_luce")
     assert open(out / "comparisons.jsonl").read() == before
     assert torch.load(out / "reward.pt", weights_only=True)["loss"] == "plackett_luce"
+    # --n_train: the first n training rankings only, measured on the same held-out rankings (the curve's runs)
+    part = run(out, "--collect=False", "--n_train=10").stdout
+    assert "36 train / 4 held-out" in full and "10 train / 4 held-out" in part
+    def held_out_shown(stdout):  # the report's held-out examples: the prompts printed after "normalised as"
+        lines = stdout[stdout.index("normalised as"):].splitlines()[1:]
+        return [line for line in lines if line.startswith("  ") and not line.startswith("   ")][:3]
+    assert held_out_shown(part) == held_out_shown(full) and len(held_out_shown(full)) == 3
     r = run(out, "--train=False", "--bon=2")
     assert "best-of-2" in r.stdout
     # --lm_feature=True (a departure): the weight of log p_SFT is learned from 0 along with the head, saved,
