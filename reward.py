@@ -66,7 +66,7 @@ dtype = "auto"             # bf16/fp16 autocast on CUDA, fp32 on CPU; rewards an
 compile = False            # torch.compile the reward model (pays off on GPUs only)
 dropout = 0.0              # while the reward model trains (scoring is always without); off: no better here
 batch_size = 8             # prompts per step (per process); each brings all K of its answers
-epochs = 1                 # passes over the comparisons: one, as InstructGPT; a second one learns them by heart
+epochs = 1                 # passes over the comparisons: one, as in InstructGPT (more learns them by heart)
 max_iters = 0              # optimizer steps; 0 = `epochs` passes
 lr, min_lr = 3e-4, 3e-5    # peak learning rate, cosine-decayed to min_lr
 warmup_iters = 10          # linear warmup while Adam's moment estimates are still noisy
