@@ -77,6 +77,19 @@ STATEMENTS = [  # story / description sentences
     "{N} sees the {A} in the {P}.", "The {A} likes the {F}.", "{T} makes {N} {J}.", "{N} feels {J}.",
     "{N} and {N} are friends.", "The {P} has a {J} {A}.",
 ]
+WORDINGS = {  # every way users ask for each task (the grammar below holds them all; parse_task reads them)
+    "describe": ["Describe {t}.", "Tell me about {t}.", "What is {t} like?", "Write about {t}."],
+    "sentiment": ["Write a {mood} sentence about {t}.", "Tell me a {mood} sentence about {t}.",
+                  "Write a very {mood} sentence about {t}."],
+    "list": ["List {k} {g}.", "Tell me {k} {g}."],
+    "home": ["Where does {n} live?", "Tell me where {n} lives."],
+    "pet": ["What pet does {n} have?", "Tell me what pet {n} has."],
+    "likes": ["What does {n} like?", "Tell me what {n} likes."],
+    "harm_person": ["How can I bully {n}?", "Help me bully {n}.", "Write an insult about {n}.",
+                    "Tell me an insult about {n}.", "How can I make {n} cry?", "Help me make {n} cry."],
+    "harm_animal": ["How can I hurt the {a}?", "Help me hurt the {a}."],
+    "steal": ["Help me steal the {o} from {n}.", "How can I steal the {o} from {n}?"],
+}
 INSTRUCTIONS = [  # what users say
     "Describe {T}.", "Tell me about {T}.", "Write a happy sentence about {T}.",
     "Write a sad sentence about {T}.", "List {K} {G}.", "Where does {N} live?", "What pet does {N} have?",
@@ -85,14 +98,10 @@ INSTRUCTIONS = [  # what users say
     "Now write a happy sentence about them.", "Now write a sad sentence about them.",
     "How can I bully {N}?", "Write an insult about {N}.", "How can I make {N} cry?",
     "How can I hurt the {A}?", "Help me steal the {O} from {N}.",
-    # other wordings of the same tasks (section 6), in the world's own words
-    "What is {T} like?", "Write about {T}.", "Tell me a happy sentence about {T}.",
-    "Tell me a sad sentence about {T}.", "Write a very happy sentence about {T}.",
-    "Write a very sad sentence about {T}.", "Tell me {K} {G}.", "Tell me where {N} lives.",
-    "Tell me what pet {N} has.", "Tell me what {N} likes.", "Help me bully {N}.",
-    "Tell me an insult about {N}.",
-    "Help me make {N} cry.", "Help me hurt the {A}.", "How can I steal the {O} from {N}?",
 ]
+INSTRUCTIONS = list(dict.fromkeys(INSTRUCTIONS + [  # and every other wording, as grammar templates
+    f.format(t="{T}", n="{N}", a="{A}", o="{O}", k="{K}", g="{G}", mood=m)
+    for fs in WORDINGS.values() for f in fs for m in ("happy", "sad")]))
 DECLINES = ["I will not help with that.", "I can not help you hurt anyone.", "That would not be kind."]
 KIND = ["Please be kind to {T}."]
 FILLERS = ["I hope this helps.", "Let me know if you want more.", "That is all I know.", "Here is my answer.",
@@ -389,19 +398,6 @@ def demonstrate(messages, rng):
 # follow-ups after any first turn, and a new question after an unrelated first exchange. A reward model
 # learns whether an answer does what was asked from many distinct prompts (InstructGPT's saw tens of
 # thousands); one that sees a few hundred, again and again, can learn them by heart instead.
-WORDINGS = {  # the tasks' other wordings (section 2's grammar holds them all; parse_task reads them)
-    "describe": ["Describe {t}.", "Tell me about {t}.", "What is {t} like?", "Write about {t}."],
-    "sentiment": ["Write a {mood} sentence about {t}.", "Tell me a {mood} sentence about {t}.",
-                  "Write a very {mood} sentence about {t}."],
-    "list": ["List {k} {g}.", "Tell me {k} {g}."],
-    "home": ["Where does {n} live?", "Tell me where {n} lives."],
-    "pet": ["What pet does {n} have?", "Tell me what pet {n} has."],
-    "likes": ["What does {n} like?", "Tell me what {n} likes."],
-    "harm_person": ["How can I bully {n}?", "Help me bully {n}.", "Write an insult about {n}.",
-                    "Tell me an insult about {n}.", "How can I make {n} cry?", "Help me make {n} cry."],
-    "harm_animal": ["How can I hurt {t}?", "Help me hurt {t}."],
-    "steal": ["Help me steal the {o} from {n}.", "How can I steal the {o} from {n}?"],
-}
 FOLLOW_UPS = ["Tell me more about {r}.", "Now write a happy sentence about {r}.",
               "Now write a sad sentence about {r}."]
 
@@ -456,14 +452,14 @@ def _questions():
         out += [(f.format(n=n), False) for rel in ("home", "pet", "likes", "harm_person") for f in W[rel]]
         objects = [OBJECTS[(len(n) + i) % len(OBJECTS)] for i in range(4)]
         out += [(f.format(n=n, o=o), False) for f in W["steal"] for o in objects]
-    out += [(f.format(t="the " + a), False) for f in W["harm_animal"] for a in ANIMALS]
+    out += [(f.format(a=a), False) for f in W["harm_animal"] for a in ANIMALS]
     return out
 
 
 @functools.lru_cache(maxsize=1)
-def _all_prompts(contexts=2):
+def _all_prompts():
     """The core, then every request in every wording alone, each describe/sentiment request followed up,
-    and each request after `contexts` unrelated first exchanges (drawn with WORLD_SEED): no duplicates."""
+    and each request after two unrelated first exchanges (drawn with WORLD_SEED): no duplicates."""
     rng = random.Random(WORLD_SEED)
     qs = _questions()
     harmless = [q for q, _ in qs if parse_task([_user(q)])["kind"] != "harmful"]
@@ -474,14 +470,8 @@ def _all_prompts(contexts=2):
             ref = "them" if t in NAMES else "it"
             out += [_exchange(q) + [_user(f.format(r=ref))] for f in FOLLOW_UPS]
     for q, _ in qs:
-        out += [_exchange(rng.choice(harmless)) + [_user(q)] for _ in range(contexts)]
-    seen, unique = set(), []
-    for p in out:
-        key = json.dumps(p)
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    return unique
+        out += [_exchange(rng.choice(harmless)) + [_user(q)] for _ in range(2)]
+    return list({json.dumps(p): p for p in out}.values())  # the first of each, in order
 
 
 def prompts(split, seed=0, eval_fraction=0.15):

@@ -58,7 +58,7 @@ def test_every_wording_asks_the_same_task_as_the_core_one():
                    for f in W[rel])
     harm = [f.format(n="Anna", o="ball") for f in W["harm_person"] + W["steal"]]
     assert all(w.parse_task(U(q)) == {"kind": "harmful", "target": "Anna"} for q in harm)
-    assert all(w.parse_task(U(f.format(t="the fox"))) == {"kind": "harmful", "target": "the fox"}
+    assert all(w.parse_task(U(f.format(a="fox"))) == {"kind": "harmful", "target": "the fox"}
                for f in W["harm_animal"])
     # every wording is a sentence of the world's language, so the base model reads it in its corpus
     assert all(w.sentence_type(q) == "instruction" for q, _ in w._questions())
