@@ -141,12 +141,13 @@ def main():
         # ---- 1. groups: G answers to each of group_prompts prompts, sampled with the KV cache
         chosen = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(group_prompts)]
         convs = [p for p in chosen for _ in range(group_size)]
-        replies, (seq, attn, gen) = respond(raw_policy, enc, convs, max_new_tokens, temperature,
-                                            return_batch=True)
-        seq, attn, gen = seq.to(rt.device), attn.to(rt.device), gen.to(rt.device)
+        replies, batch = respond(raw_policy, enc, convs, max_new_tokens, temperature, return_batch=True)
+        seq, attn, gen, sampled_logp = (x.to(rt.device) for x in batch)
         action = gen[:, 1:].float()  # (B, L-1): 1 where seq[:, t+1] was sampled by the policy
+        # pi_old is the policy that sampled: generate recorded its log-probs (fp32), so no second pass. Under
+        # autocast the training pass rounds differently, and the first ratio is 1 only to that rounding
+        old_logp = sampled_logp[:, 1:]  # (B, L-1): index t scores seq[:, t+1], 0 off the answer
         with torch.no_grad(), rt.ctx:
-            old_logp = M.sequence_logprobs(policy, seq, attn, temperature)
             ref_logp = M.sequence_logprobs(ref, seq, attn, temperature)
         ended = torch.tensor([r["ended"] for r in replies], dtype=torch.float, device=rt.device)
 

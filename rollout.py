@@ -36,8 +36,8 @@ def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k
     """Sample one assistant reply per conversation with the KV cache. Returns [{"text", "ended", "ids",
     "logprob"}] where ended means the reply closed its turn (<|end|>) before max_new_tokens and logprob is the
     log-probability of the reply as sampled (its tokens and <|end|> if it ended) at the sampling temperature;
-    with return_batch also the raw (seq, attn_mask, gen_mask) tensors from model.generate for callers that
-    train on them (PPO)."""
+    with return_batch also the raw (seq, attn_mask, gen_mask, logprobs) tensors from model.generate for callers
+    that train on them (PPO, GRPO) or measure their KL."""
     stops = (special_id(enc, END), special_id(enc, EOT))
     prompts = [render_prompt(enc, c) for c in conversations]
     seq, attn, gen, logprobs = generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stops,
@@ -50,7 +50,7 @@ def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k
         text_ids = ids[:-1] if ids and ids[-1] in stops else ids
         logprob = sum([lp for lp, m in zip(lps, g) if m][:len(text_ids) + ended])
         out.append({"text": enc.decode(text_ids), "ended": ended, "ids": ids, "logprob": logprob})
-    return (out, (seq, attn, gen)) if return_batch else out
+    return (out, (seq, attn, gen, logprobs)) if return_batch else out
 
 
 # -----------------------------------------------------------------------------
@@ -147,12 +147,12 @@ def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tok
 # Judged by the hidden human (evaluation only: gold is never a training signal)
 
 @torch.no_grad()
-def sample_kl(policy, ref, seq, attn_mask, gen_mask, temperature=1.0):
+def sample_kl(logprobs, ref, seq, attn_mask, gen_mask, temperature=1.0):
     """Monte-Carlo KL(policy || ref) per sequence, (B,) fp32: the sum over sampled response tokens of
-    log pi(y_t) - log ref(y_t) (the k1 estimator; unbiased because the tokens were sampled from policy)."""
-    lp = sequence_logprobs(policy, seq, attn_mask, temperature)
-    lr = sequence_logprobs(ref, seq, attn_mask, temperature)
-    return ((lp - lr) * gen_mask[:, 1:]).sum(1)
+    log pi(y_t) - log ref(y_t) (the k1 estimator; unbiased because the tokens were sampled from policy).
+    logprobs (B, L) are the policy's own, recorded by generate while it sampled seq: only ref runs here."""
+    lr = sequence_logprobs(ref, seq, attn_mask, temperature)  # (B, L-1): index t scores seq[:, t+1]
+    return ((logprobs[:, 1:] - lr) * gen_mask[:, 1:]).sum(1)
 
 
 def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64, generator=None, ref=None,
@@ -164,10 +164,10 @@ def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64
     samples = []
     for i in range(0, len(prompts), batch_size):  # chunks bound the memory of a batched KV cache
         chunk = prompts[i:i + batch_size]
-        replies, (seq, attn, gen) = respond(model, enc, chunk, max_new_tokens, temperature,
-                                            generator=generator, return_batch=True, **sampling)
+        replies, (seq, attn, gen, logprobs) = respond(model, enc, chunk, max_new_tokens, temperature,
+                                                      generator=generator, return_batch=True, **sampling)
         kls = ([0.0] * len(chunk) if ref is None
-               else sample_kl(model, ref, seq, attn, gen, temperature).tolist())
+               else sample_kl(logprobs, ref, seq, attn, gen, temperature).tolist())
         for p, r, kl in zip(chunk, replies, kls):
             samples.append({"prompt": p, "text": r["text"], "ended": r["ended"], "kl": kl,
                             "gold": world.gold(p, r["text"], r["ended"]),

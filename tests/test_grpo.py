@@ -11,7 +11,10 @@ import pytest
 import torch
 
 import grpo
+import model as M
 import runtime
+from data import world
+from rollout import respond, sample_kl
 from test_ppo import make_stage_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +53,26 @@ def test_at_the_first_update_the_ratio_is_one_and_the_loss_is_the_plain_policy_g
     g_pg, = torch.autograd.grad(pg, logp)
     torch.testing.assert_close(loss, -adv.mean())  # ratio 1 everywhere, KL 0
     torch.testing.assert_close(g_loss, g_pg)  # and the k3 term has zero gradient at pi = ref
+
+
+def test_the_log_probs_recorded_while_sampling_are_pi_old_ratio_one_and_the_kl_needs_only_the_reference():
+    # grpo.py takes pi_old from generate instead of a second pass: a real policy's first ratio is still 1
+    from test_ppo import tiny_policy
+    policy, enc = tiny_policy()
+    torch.manual_seed(1)
+    ref = type(policy)(policy.config)  # another network: a KL well away from zero
+    prompts = world.prompts("train")[:6]
+    _, (seq, attn, gen, sampled) = respond(policy, enc, prompts, 12, generator=torch.Generator().manual_seed(0),
+                                           return_batch=True)
+    action = gen[:, 1:].float()
+    logp = M.sequence_logprobs(policy, seq, attn)
+    loss = grpo.grpo_loss(logp, sampled[:, 1:], logp.detach(), torch.ones(6), action, 0.2, 0.0)
+    assert action.sum() > 6 and loss.item() == pytest.approx(-1.0, abs=1e-5)  # -mean(ratio * A), ratio 1
+    # the evaluation's KL estimate from the recorded log-probs = the one from two fresh passes, and 0 vs itself
+    with torch.no_grad():
+        two_passes = ((logp - M.sequence_logprobs(ref, seq, attn)) * action).sum(1)
+    torch.testing.assert_close(sample_kl(sampled, ref, seq, attn, gen), two_passes, atol=1e-4, rtol=0)
+    assert two_passes.abs().min() > 0.01 and sample_kl(sampled, policy, seq, attn, gen).abs().max() < 1e-4
 
 
 def test_k3_term_by_hand_and_clipping():

@@ -154,7 +154,7 @@ def tiny_policy(seed=0):
 def rollout(policy, enc, n=6):
     prompts = world.prompts("train")[:n]
     g = torch.Generator().manual_seed(0)
-    _, (seq, attn, gen) = respond(policy, enc, prompts, 12, generator=g, return_batch=True)
+    _, (seq, attn, gen, _) = respond(policy, enc, prompts, 12, generator=g, return_batch=True)
     return seq, attn, gen[:, 1:].float()
 
 
