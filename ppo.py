@@ -252,7 +252,8 @@ def main():
     for it in bar:
         # ---- 1. rollouts: sample answers with the KV cache; log-probs under pi and pi_SFT, values (no grad)
         batch_prompts = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(batch_size)]
-        replies, batch = respond(raw_policy, enc, batch_prompts, max_new_tokens, temperature, return_batch=True)
+        replies, batch = respond(raw_policy, enc, batch_prompts, max_new_tokens, temperature,
+                                 return_batch=True)
         seq, attn, gen = (x.to(rt.device) for x in batch[:3])
         action = gen[:, 1:].float()  # (B, L-1): 1 where seq[:, t+1] was sampled by the policy
         with torch.no_grad(), rt.ctx:  # the values need this pass anyway; pi_old's log-probs come with them

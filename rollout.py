@@ -36,8 +36,8 @@ def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k
     """Sample one assistant reply per conversation with the KV cache. Returns [{"text", "ended", "ids",
     "logprob"}] where ended means the reply closed its turn (<|end|>) before max_new_tokens and logprob is the
     log-probability of the reply as sampled (its tokens and <|end|> if it ended) at the sampling temperature;
-    with return_batch also the raw (seq, attn_mask, gen_mask, logprobs) tensors from model.generate for callers
-    that train on them (PPO, GRPO) or measure their KL."""
+    with return_batch also the raw (seq, attn_mask, gen_mask, logprobs) tensors from model.generate, for
+    callers that train on them (PPO, GRPO) or measure their KL."""
     stops = (special_id(enc, END), special_id(enc, EOT))
     prompts = [render_prompt(enc, c) for c in conversations]
     seq, attn, gen, logprobs = generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stops,
