@@ -15,7 +15,7 @@ import model as M
 import runtime
 from data import world
 from rollout import respond, sample_kl
-from test_ppo import make_stage_checkpoints
+from test_ppo import make_stage_checkpoints, tiny_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,10 +57,9 @@ def test_at_the_first_update_the_ratio_is_one_and_the_loss_is_the_plain_policy_g
 
 def test_the_log_probs_recorded_while_sampling_are_pi_old_ratio_one_and_the_kl_needs_only_the_reference():
     # grpo.py takes pi_old from generate instead of a second pass: a real policy's first ratio is still 1
-    from test_ppo import tiny_policy
     policy, enc = tiny_policy()
     torch.manual_seed(1)
-    ref = type(policy)(policy.config)  # another network: a KL well away from zero
+    ref = M.GPT(policy.config)  # another network: a KL well away from zero
     prompts = world.prompts("train")[:6]
     _, (seq, attn, gen, sampled) = respond(policy, enc, prompts, 12, generator=torch.Generator().manual_seed(0),
                                            return_batch=True)
