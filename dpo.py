@@ -29,12 +29,11 @@ Departures from the paper, each a flag and off by default:
   --rpo_alpha         RPO's NLL term (Pang et al. 2024, https://arxiv.org/abs/2404.19733): DPO only asks that
                       chosen beat rejected, so it can move probability onto text neither answer contained; the
                       per-token NLL of the chosen answer keeps the chosen answers likely in absolute terms.
-  --online_rounds     online DPO (Guo et al. 2024, https://arxiv.org/abs/2402.04792): every offline answer
-                      was written by SFT, so offline DPO never sees the answers it comes to write itself. Each
-                      round samples online_k answers to online_prompts training prompts from the current
-                      policy; the reward model trained on the same comparisons ranks them (an answer that
-                      never ends its turn loses no_end_penalty, as in PPO), and best-vs-worst pairs feed the
-                      same loss and reference. Not reward-model free, but no labels beyond the comparisons.
+  --online_rounds     online DPO (Guo et al. 2024, https://arxiv.org/abs/2402.04792): offline DPO never sees
+                      the answers it comes to write itself. Each round samples online_k answers to
+                      online_prompts training prompts from the current policy; the reward model trained on
+                      the same comparisons ranks them (not ending costs no_end_penalty, as in PPO), and
+                      best-vs-worst pairs feed the same loss. Not reward-model free; no labels beyond them.
 The paper's optimizer (RMSprop, lr 1e-6, App. B) is replaced by AdamW, a cosine schedule and a larger lr.
 """
 import json
@@ -274,7 +273,7 @@ def save(path, policy, optimizer, rt, config, sft_ck, step, rnd=0):
 
 
 def online_round(policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, n_prompts, k, n_pairs,
-                 max_new_tokens, no_end_penalty, block_size, seed):
+                 max_new_tokens, no_end_penalty, block_size, seed, lap=lambda phase: None):
     """One round of online DPO: this rank's share of n_prompts training prompts (taken in turn), k answers
     each sampled from the policy at temperature 1, ranked by the reward model (not ending costs
     no_end_penalty), n_pairs best-vs-worst pairs per prompt. Returns NEW answers (rows, masks, ref_logps)
@@ -287,12 +286,14 @@ def online_round(policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, n_promp
     replies = [r for s in range(0, len(convs), 256)
                for r in respond(policy, enc, convs[s:s + 256], max_new_tokens, 1.0, generator=g)]
     policy.train()
+    lap("sampling")
     new_rows, new_masks = map(list, zip(*(encode(enc, c, r["text"], r["ended"], block_size)
                                           for c, r in zip(convs, replies))))
     new_ref = reference_logps(ref, new_rows, new_masks, enc.eot_token, rt)
     scores = reward_scores(rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
                            lm_weight=rm_ck.get("lm_weight", 0.0), sft=ref)
     pairs = best_and_worst(scores.tolist(), replies, k, n_pairs, no_end_penalty)
+    lap("scoring")
     pairs = torch.tensor([(len(rows) + b, len(rows) + w) for b, w in pairs], dtype=torch.long).view(-1, 2)
     return (rows + new_rows, masks + new_masks, torch.cat([ref_logps, new_ref])), pairs, scores.mean().item()
 
@@ -345,7 +346,9 @@ def main():
     train_pairs = torch.tensor(train_pairs, dtype=torch.long).view(-1, 2)
     if len(train_pairs) == 0:
         raise SystemExit(f"error: {data_path} has no usable training pairs")
+    watch = runtime.Stopwatch(rt.device_type, rt.master)  # where the time goes, phase by phase
     answers = (rows, masks, reference_logps(ref, rows, masks, pad_id, rt))
+    watch.lap("scoring")
 
     # ---- 4. optimizer, the order of the micro-batches, resume
     hp = dict(loss_type=loss, beta=beta, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha)
@@ -367,13 +370,10 @@ def main():
     per_round = -(-online_prompts * online_pairs // pairs_per_step)  # online: a step slot for every pair
     if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
         runtime.start_log(log_path, start + start_round * per_round if resume else None)
-    if rt.master:
         print(f"{len(train_pairs)} training pairs, {len(val_pairs)} held out, from {len(responses)} answers "
               f"in {data_path}; {n_iters} steps of {pairs_per_step} pairs; loss {loss}, beta {beta}")
-    # Why "logps/chosen" often FALLS while the margin grows: the loss only sees the DIFFERENCE of the two
-    # log-ratios. Probability mass may leave both answers for other sequences; and when chosen and rejected
-    # share most of their tokens (here: same topic, same sentence patterns), the cheapest way to widen the
-    # margin is to push both down, the rejected one faster. A falling chosen log-prob is not a bug.
+    # "logps/chosen" often FALLS as the margin grows (no bug): the loss sees only the DIFFERENCE of the
+    # log-ratios, and when two answers share most tokens, pushing both down (rejected faster) is cheapest.
     t0 = time.time()
     policy.train()
     bar = tqdm(range(start, n_iters), initial=start, total=n_iters, disable=not rt.master, desc="dpo")
@@ -384,6 +384,7 @@ def main():
         ks = [(it * grad_accum + m) * rt.world_size + rt.rank for m in range(grad_accum)]
         micro = [train_pairs[plan[k]] for k in ks]
         means = train_step(policy, optimizer, rt, micro, answers, pad_id, lr_now, grad_clip, it + 1, hp)
+        watch.lap("training")
         due = rt.master and ((it + 1) % eval_interval == 0 or it == n_iters - 1)
         val = evaluate_pairs(raw_policy, val_pairs, answers, pad_id, rt, 2 * batch_size, hp) if due else None
         if rt.master:
@@ -393,22 +394,20 @@ def main():
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "accuracy", "margin")})
             if val is not None:
                 save(ck_path, raw_policy, optimizer, rt, config, sft_ck, it + 1)
+        watch.lap("held-out & checkpoints")
     bar.close()
     if rt.master and start >= n_iters and start_round >= online_rounds:
         print(f"{ck_path} is already at step {start} >= {n_iters} steps; nothing to train")
 
     # ---- 6. (departure) online DPO: rounds of fresh answers from the policy, ranked by the reward model
     if online_rounds > start_round:
-        rm_ck = runtime.load_checkpoint(rm_path, "reward")
-        rm = runtime.model_from_checkpoint(rm_ck, rm_path, dropout=0.0, scalar_head=True)
-        rm.to(rt.device).eval().requires_grad_(False)
+        rm, rm_ck = runtime.load_reward_model(rm_path, rt.device)
         prompts = list({json.dumps(p, sort_keys=True): p for (p, _, _), v in zip(kept, split) if not v}
                        .values())
         for rnd in range(start_round, online_rounds):
-            t1 = time.time()
             answers, round_pairs, mean_score = online_round(
                 raw_policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, online_prompts, online_k,
-                online_pairs, max_new_tokens, no_end_penalty, block_size, seed)
+                online_pairs, max_new_tokens, no_end_penalty, block_size, seed, watch.lap)
             n_round = torch.tensor(float(len(round_pairs)), device=rt.device)
             if rt.ddp:  # every rank must take the same number of steps: skip the round if one has no pair
                 torch.distributed.all_reduce(n_round, op=torch.distributed.ReduceOp.MIN)
@@ -433,7 +432,8 @@ def main():
                 # (with several processes: the score and the pairs of this process's share)
                 print(f"online round {rnd + 1}/{online_rounds}: {online_prompts} prompts x {online_k} "
                       f"answers, RM score {mean_score:+.3f}, {len(round_pairs)} pairs, loss "
-                      f"{means['loss']:.3f}, accuracy {means['accuracy']:.2f}, {time.time() - t1:.1f} s")
+                      f"{means['loss']:.3f}, accuracy {means['accuracy']:.2f}")
+            watch.lap("training")  # the round's steps, its checkpoint and line
 
     # ---- 7. held-out world prompts: DPO against SFT under the hidden human
     if rt.master and sft_ck.get("tokenizer", "world") == "world":
@@ -441,7 +441,8 @@ def main():
         print(f"\nheld-out prompts ({len(evals) // eval_samples} x {eval_samples} samples, temperature 1):")
         with torch.no_grad():
             compare_to_sft("dpo", raw_policy.eval(), ref, enc, evals, max_new_tokens,
-                           torch.Generator(device=rt.device).manual_seed(seed))
+                           torch.Generator(device=rt.device).manual_seed(seed), lap=watch.lap)
+    watch.report("dpo")
     runtime.cleanup()
 
 

@@ -144,9 +144,10 @@ def run_sweep(rt, eval_prompts, rm_path):
         json.dump(results, f, indent=1)
 
 
-def evaluate(rt, paths, prompts, rm_path):
+def evaluate(rt, paths, prompts, rm_path, watch=None):
     """{name: checkpoint path (None for best-of-N)} -> {name: metrics}, each model answering prompts x samples
-    with the same random stream; SFT (the reference) is always evaluated first."""
+    with the same random stream; SFT (the reference) is always evaluated first. watch: a runtime.Stopwatch."""
+    watch = watch or runtime.Stopwatch(rt.device_type)
     sft, enc, _ = runtime.load_model(os.path.join(out_dir, "sft.pt"), "sft", dropout=0.0)
     sft.to(rt.device).eval()
     rm = rm_ck = None
@@ -157,17 +158,19 @@ def evaluate(rt, paths, prompts, rm_path):
     for name in ["sft"] + [n for n in paths if n != "sft"]:
         # same prompts, same random stream for everyone
         g = torch.Generator(device=rt.device).manual_seed(seed)
+        lap = watch.lap if name != "bon" else (lambda phase: watch.lap(f"best-of-{bon} {phase}"))
         with torch.no_grad(), rt.ctx:
             if name == "bon":
-                res = best_of_n_samples(sft, rm, rm_ck, enc, evals, g)
+                res = best_of_n_samples(sft, rm, rm_ck, enc, evals, g, lap)
             else:
                 policy = sft if name == "sft" else runtime.load_model(
                     paths[name], ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0)[0]
                 res = score(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature, generator=g,
-                            ref=None if name == "sft" else sft)
+                            ref=None if name == "sft" else sft, lap=lap)
             if rm is not None:
                 res["rm_score"] = reward_scores(rm, enc, evals, res["samples"], rm_ck["gain"], rm_ck["bias"],
                                                 lm_weight=rm_ck.get("lm_weight", 0.0), sft=sft).mean().item()
+            lap("scoring")
         if name == "sft":
             sft_golds = [s["gold"] for s in res["samples"]]
         res["win_vs_sft"], res["win_ci"] = world.win_rate([s["gold"] for s in res["samples"]], sft_golds)
@@ -175,18 +178,20 @@ def evaluate(rt, paths, prompts, rm_path):
         comps = [world.gold_components(s["prompt"], s["text"], s["ended"]) for s in res["samples"]]
         res["missing"] = {k: sum(w * (1 - c[k]) for c in comps) / len(comps)
                           for k, w in world.WEIGHTS.items()}
+        lap("hidden human")
         results[name] = res
     return results
 
 
-def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator):
+def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator, lap):
     """The best-of-`bon` row: SFT's answers picked by the reward model, in score()'s format. Its KL to SFT is
     known exactly, ln N - (N - 1) / N (Stiennon et al. 2020, https://arxiv.org/abs/2009.01325, appendix)."""
     picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens, temperature,
-                      generator=generator, lm_weight=rm_ck.get("lm_weight", 0.0))
+                      generator=generator, lm_weight=rm_ck.get("lm_weight", 0.0), lap=lap)
     res = {"samples": [{"prompt": p, "text": r["text"], "ended": r["ended"],
                         "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])}
                        for p, r in zip(evals, picks)]}
+    lap("hidden human")
     for k in ("gold", "ended", "fluency"):
         res[k] = sum(s[k] for s in res["samples"]) / len(evals)
     res["n"], res["kl"] = len(evals), math.log(bon) - (bon - 1) / bon
@@ -333,12 +338,14 @@ def main():
         run_sweep(rt, eval_prompts, rm_path)
     # ---- 3. every model answers the same prompts; the hidden human judges
     paths = checkpoints_to_compare(rm_path)
-    results = evaluate(rt, paths, eval_prompts, rm_path)
+    watch = runtime.Stopwatch(rt.device_type)  # where the time goes: sampling, scoring, the hidden human
+    results = evaluate(rt, paths, eval_prompts, rm_path, watch)
     order = [n for n in paths if n in results] + [n for n in results if n not in paths]
     # ---- 4. the report and its figures
     lines = write_report(results, order, eval_prompts, os.path.join(out_dir, "figures"))
     print("\n".join(lines[:6 + len(order)]))
     print(f"\nwrote {os.path.join(out_dir, 'report.md')} and figures in {os.path.join(out_dir, 'figures')}")
+    watch.report("evaluate", last="report & figures")
     if json_out:
         print(json.dumps({n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()},
                          indent=1))

@@ -137,11 +137,13 @@ def main():
 
     bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc=baseline)
     t0 = time.time()
+    watch = runtime.Stopwatch(rt.device_type, rt.master)  # where the time goes, phase by phase
     for it in bar:
         # ---- 1. groups: G answers to each of group_prompts prompts, sampled with the KV cache
         chosen = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(group_prompts)]
         convs = [p for p in chosen for _ in range(group_size)]
         replies, batch = respond(raw_policy, enc, convs, max_new_tokens, temperature, return_batch=True)
+        watch.lap("sampling")
         seq, attn, gen, sampled_logp = (x.to(rt.device) for x in batch)
         action = gen[:, 1:].float()  # (B, L-1): 1 where seq[:, t+1] was sampled by the policy
         # pi_old is the policy that sampled: generate recorded its log-probs (fp32), so no second pass. Under
@@ -150,10 +152,12 @@ def main():
         with torch.no_grad(), rt.ctx:
             ref_logp = M.sequence_logprobs(ref, seq, attn, temperature)
         ended = torch.tensor([r["ended"] for r in replies], dtype=torch.float, device=rt.device)
+        watch.lap("scoring")
 
         # ---- 2. rewards: the reward model's score less the missing-end penalty (RLOO: less beta * KL too)
         golds = torch.tensor([world.gold(p, r["text"], r["ended"]) for p, r in zip(convs, replies)]) \
             if world_prompts else torch.zeros(len(convs))
+        watch.lap("hidden human")
         scores = golds if reward == "gold" else reward_scores(
             rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
             lm_weight=rm_ck.get("lm_weight", 0.0), sft=ref)
@@ -166,6 +170,7 @@ def main():
             adv, loss_beta = group_advantages(scores, group_size, adv_eps), beta
         else:
             adv, loss_beta = rloo_advantages(scores - beta * seq_kl, group_size), 0.0
+        watch.lap("scoring")
 
         # ---- 4. clipped policy-gradient steps over the batch
         losses = []
@@ -181,6 +186,7 @@ def main():
                 grad_norm = runtime.optimizer_step(policy, optimizer, rt.scaler, grad_clip)
                 runtime.check_finite(baseline, it + 1, hint, grad_norm=grad_norm)
                 losses.append(loss.item())
+        watch.lap("training")
 
         # ---- 5. log and checkpoint
         mean_kl = seq_kl.mean()
@@ -204,13 +210,15 @@ def main():
                     **runtime.training_state(raw_policy, optimizer, rt.scaler), "rank_rng": rank_rng,
                     "config": config, "model_args": sft_ck["model_args"], "kind": "grpo", "step": it + 1,
                     "tokenizer": sft_ck.get("tokenizer", "world")})
+        watch.lap("logs & checkpoints")
 
     # ---- 6. held-out comparison with SFT under the hidden human (the world's prompts only)
     if rt.master and world_prompts:
         evals = world.prompts("eval")[:n_eval or None] * eval_samples
         print(f"\nheld-out prompts ({len(evals) // eval_samples} x {eval_samples} samples):")
         compare_to_sft(baseline, raw_policy.eval(), ref, enc, evals, max_new_tokens,
-                       torch.Generator(device=rt.device).manual_seed(seed))
+                       torch.Generator(device=rt.device).manual_seed(seed), lap=watch.lap)
+    watch.report(baseline)
     runtime.cleanup()
 
 

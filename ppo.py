@@ -249,11 +249,13 @@ def main():
 
     bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="ppo")
     t0 = time.time()
+    watch = runtime.Stopwatch(rt.device_type, rt.master)  # where the time goes, phase by phase
     for it in bar:
         # ---- 1. rollouts: sample answers with the KV cache; log-probs under pi and pi_SFT, values (no grad)
         batch_prompts = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(batch_size)]
         replies, batch = respond(raw_policy, enc, batch_prompts, max_new_tokens, temperature,
                                  return_batch=True)
+        watch.lap("sampling")
         seq, attn, gen = (x.to(rt.device) for x in batch[:3])
         action = gen[:, 1:].float()  # (B, L-1): 1 where seq[:, t+1] was sampled by the policy
         with torch.no_grad(), rt.ctx:  # the values need this pass anyway; pi_old's log-probs come with them
@@ -261,8 +263,10 @@ def main():
             ref_logp = M.sequence_logprobs(ref, seq, attn, temperature)
         old_values = old_values * action
         ended = torch.tensor([r["ended"] for r in replies], dtype=torch.float, device=rt.device)
+        watch.lap("scoring")
         golds = torch.tensor([world.gold(p, r["text"], r["ended"]) for p, r in zip(batch_prompts, replies)]) \
             if world_prompts else torch.zeros(len(replies))  # logged only: gold never trains the policy
+        watch.lap("hidden human")
 
         # ---- 2. rewards: the score (less the missing-end penalty) at the last token, -beta KL at every token
         if reward == "gold":
@@ -277,6 +281,7 @@ def main():
         # ---- 3. advantages (GAE) and returns, advantages whitened over the batch's answer tokens
         adv, returns = gae(rewards, old_values, action, gamma, lam)
         adv = masked_whiten(adv, action)
+        watch.lap("scoring")
 
         # ---- 4. PPO: ppo_epochs passes of minibatch steps on the clipped surrogate and clipped value loss
         stats = []
@@ -295,6 +300,8 @@ def main():
                 runtime.check_finite("ppo", it + 1, hint, grad_norm=grad_norm)
                 stats.append({**st, "pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(),
                               "entropy": masked_mean(entropy.detach(), action[mb]).item()})
+
+        watch.lap("training")
 
         # ---- 5. KL controller: the k1 KL per answer (averaged over ranks) moves beta toward target_kl
         seq_kl = (kl_k1(old_logp, ref_logp) * action).sum(1).mean()
@@ -329,13 +336,15 @@ def main():
                     **runtime.training_state(raw_policy, optimizer, rt.scaler), "rank_rng": rank_rng,
                     "config": config, "model_args": sft_ck["model_args"], "kind": "ppo", "step": it + 1,
                     "kl_coef": kl_coef, "tokenizer": sft_ck.get("tokenizer", "world")})
+        watch.lap("logs & checkpoints")
 
     # ---- 7. held-out comparison with SFT under the hidden human (the world's prompts only)
     if rt.master and world_prompts:
         evals = world.prompts("eval")[:n_eval or None] * eval_samples
         print(f"\nheld-out prompts ({len(evals) // eval_samples} x {eval_samples} samples):")
         compare_to_sft("ppo", raw_policy.eval(), ref, enc, evals, max_new_tokens,
-                       torch.Generator(device=rt.device).manual_seed(seed))
+                       torch.Generator(device=rt.device).manual_seed(seed), lap=watch.lap)
+    watch.report("ppo")
     runtime.cleanup()
 
 

@@ -209,7 +209,7 @@ def main():
         print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(streams['train']):,} training tokens, {tokens_per_step:,} tokens per step, "
               f"device {rt.device}, dtype {rt.dtype}")
-    t0 = time.time()
+    t0, watch = time.time(), runtime.Stopwatch(rt.device_type, rt.master)  # watch: where the time goes
     bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master,
                desc="pretrain")
     for it in bar:
@@ -225,12 +225,14 @@ def main():
             rt.scaler.scale(loss / grad_accum).backward()
         norm = runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
         runtime.check_finite("pretrain", it + 1, hint, loss=loss, grad_norm=norm)
+        watch.lap("training")
         last = it + 1 in (max_iters, stop_at)
         val = None
         if (it + 1) % eval_interval == 0 or last:
             val = held_out_loss(model, streams["val"], block_size, batch_size, eval_iters, seed, rt.rank,
                                 rt.device, rt.ctx)
             runtime.check_finite("pretrain", it + 1, hint, val_loss=val)
+            watch.lap("held-out loss")
         if rt.master:
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}" if val is not None else "-")
             runtime.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val,
@@ -240,6 +242,7 @@ def main():
                 runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler),
                                                   "config": config, "model_args": model_args, "kind": "base",
                                                   "step": it + 1, "tokenizer": tokenizer})
+        watch.lap("logs & checkpoints")
         if it + 1 == stop_at:
             break
     if rt.master and start >= max_iters:
@@ -249,6 +252,7 @@ def main():
     if rt.master and tokenizer == "world" and not data and n_samples > 0:
         raw_model.eval()
         show_samples(raw_model, enc, n_samples, torch.Generator(device=rt.device).manual_seed(seed))
+    watch.report("pretrain", last="samples")
     runtime.cleanup()
 
 

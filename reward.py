@@ -106,11 +106,10 @@ LOSSES = {"bradley_terry": bradley_terry_loss, "plackett_luce": plackett_luce_lo
 
 
 def normalisation(r):
-    """(gain, bias) such that gain * r + bias has mean 0 and std 1 over r, the rewards of the SFT policy's own
-    answers, as Ziegler et al. 2019 normalise on samples of the initial policy
-    (https://arxiv.org/abs/1909.08593); InstructGPT (section 3.5, https://arxiv.org/abs/2203.02155)
-    only adds a bias so that its demonstrations score 0 on average. The std is clamped: a constant
-    reward stays finite."""
+    """(gain, bias): gain * r + bias has mean 0 and std 1 over r, the rewards of the SFT policy's own answers,
+    as Ziegler et al. 2019 normalise on samples of the initial policy (https://arxiv.org/abs/1909.08593);
+    InstructGPT (section 3.5, https://arxiv.org/abs/2203.02155) only adds a bias so that its demonstrations
+    score 0 on average. The std is clamped: a constant reward stays finite."""
     gain = 1.0 / r.float().std().clamp(min=1e-6).item()
     return gain, -r.float().mean().item() * gain
 
@@ -127,17 +126,13 @@ def pairwise_accuracy(r, target):
 
 def calibration(r, bins=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0)):
     """r (N, K) in the labeler's order, best first. Each pair's predicted P(win) = sigmoid(r_a - r_b) for the
-    answer the model prefers, binned, against how often the labeler agreed: (lo, hi, pairs, predicted, seen)
-    rows."""
+    answer the model prefers, binned, against the labeler's agreement: (lo, hi, pairs, predicted, seen)."""
     i, j = torch.triu_indices(r.size(1), r.size(1), 1)
     d = r[:, i] - r[:, j]
     p, right = torch.sigmoid(d.abs()).flatten(), (d > 0).float().flatten()
-    rows = []
-    for lo, hi in zip(bins[:-1], bins[1:]):
-        m = (p >= lo) & ((p < hi) if hi < 1 else (p <= hi))
-        if m.any():
-            rows.append((lo, hi, int(m.sum()), p[m].mean().item(), right[m].mean().item()))
-    return rows
+    masks = [(lo, hi, (p >= lo) & ((p < hi) if hi < 1 else (p <= hi))) for lo, hi in zip(bins[:-1], bins[1:])]
+    return [(lo, hi, int(m.sum()), p[m].mean().item(), right[m].mean().item())
+            for lo, hi, m in masks if m.any()]
 
 
 def accuracy_by_part(r, golds, parts):
@@ -146,14 +141,13 @@ def accuracy_by_part(r, golds, parts):
     difference is largest: {component: (share of its pairs r orders like gold, pairs)}; r's ties count 1/2."""
     hits = {}
     for n in range(r.size(0)):
-        for a in range(r.size(1)):
-            for b in range(a + 1, r.size(1)):
-                dg, dr = golds[n, a] - golds[n, b], r[n, a] - r[n, b]
-                if abs(dg) < 1e-9:
-                    continue
-                gap = {k: abs(w * (parts[n][a][k] - parts[n][b][k])) for k, w in world.WEIGHTS.items()}
-                part = max(gap, key=gap.get)
-                hits.setdefault(part, []).append(1.0 if dr * dg > 0 else 0.5 if dr == 0 else 0.0)
+        for a, b in zip(*torch.triu_indices(r.size(1), r.size(1), 1).tolist()):  # every pair a < b
+            dg, dr = golds[n, a] - golds[n, b], r[n, a] - r[n, b]
+            if abs(dg) < 1e-9:
+                continue
+            gap = {k: abs(w * (parts[n][a][k] - parts[n][b][k])) for k, w in world.WEIGHTS.items()}
+            part = max(gap, key=gap.get)
+            hits.setdefault(part, []).append(1.0 if dr * dg > 0 else 0.5 if dr == 0 else 0.0)
     return {k: (sum(v) / len(v), len(v)) for k, v in sorted(hits.items(), key=lambda kv: -len(kv[1]))}
 
 
@@ -168,7 +162,7 @@ def comparison(prompt, texts, ended, ranking):
 
 
 def collect_comparisons(policy, enc, prompts, rt, generator, K, max_new_tokens, temperature, tau, seed,
-                        gen_batch):
+                        gen_batch, lap=lambda phase: None):
     """Sample K answers per prompt from SFT and have a labeler (temperature tau) rank them. Each rank does
     prompts[rank::world_size]; the shares are gathered: every rank ends up with all comparisons, in order."""
     mine = list(range(rt.rank, len(prompts), rt.world_size))
@@ -178,10 +172,12 @@ def collect_comparisons(policy, enc, prompts, rt, generator, K, max_new_tokens, 
         idx = mine[s:s + per]
         replies = respond(policy, enc, [prompts[i] for i in idx for _ in range(K)], max_new_tokens,
                           temperature, generator=generator)
+        lap("sampling")
         for n, i in enumerate(idx):
             texts, ended = ([r[key] for r in replies[n * K:(n + 1) * K]] for key in ("text", "ended"))
             ranking = world.rank(prompts[i], texts, labeler("labeler", seed, i), ended=ended, tau=tau)
             rows.append((i, comparison(prompts[i], texts, ended, ranking)))
+        lap("hidden human")
     if rt.ddp:
         shares = [None] * rt.world_size
         torch.distributed.all_gather_object(shares, rows)
@@ -337,7 +333,7 @@ def main():
     policy, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
     policy.to(rt.device).eval().requires_grad_(False)
     eot, block = enc.eot_token, sft_ck["model_args"]["block_size"]
-    t0 = time.time()
+    t0, watch = time.time(), runtime.Stopwatch(rt.device_type, rt.master)  # watch: where the time goes
 
     if train:
         # ---- 1. comparisons: K answers per prompt from SFT, ranked by a labeler (or pairs from a file)
@@ -346,7 +342,7 @@ def main():
         else:
             gen = torch.Generator(device=rt.device).manual_seed(seed + rt.rank)
             comps = collect_comparisons(policy, enc, world.prompts("train")[:n_prompts or None], rt, gen, K,
-                                        max_new_tokens, temperature, labeler_tau, seed, gen_batch)
+                                        max_new_tokens, temperature, labeler_tau, seed, gen_batch, watch.lap)
             if rt.master:
                 write_jsonl(cmp_path, comps)
                 print(f"wrote {len(comps)} rankings of {K} answers to {cmp_path} ({time.time() - t0:.0f}s)")
@@ -365,6 +361,7 @@ def main():
         first = torch.arange(Kc, 0, -1.0).expand(n_val, Kc)  # the labeler's ranking as scores, best highest
         gold, parts, second = (None,) * 3 if data else yardsticks(comps, val_idx, seed, labeler_tau)
         golds = gold[val_idx] if gold is not None else None
+        watch.lap("tokens & gold yardsticks")
 
         # ---- 2. the reward model: the SFT network with a scalar head that starts at zero (loss from ln 2)
         raw_rm = runtime.model_from_checkpoint(sft_ck, scalar_head=True, dropout=dropout).to(rt.device)
@@ -401,6 +398,7 @@ def main():
                 lm_w.grad /= rt.world_size
             norm = runtime.optimizer_step(rm, optimizer, rt.scaler, grad_clip)
             runtime.check_finite("reward", it + 1, "a lower --lr", loss=l.detach(), grad_norm=norm)
+            watch.lap("training")
             if rt.master:
                 val = dict.fromkeys(("val_loss", "val_acc", "val_acc_gold"))
                 if (it + 1) % eval_interval == 0 or it + 1 in (iters, stop_at):
@@ -413,6 +411,7 @@ def main():
                     "lr": optimizer.param_groups[0]["lr"], "time": time.time() - t0})
                 if (it + 1) % eval_interval == 0 or it + 1 == stop_at:  # for --resume: not normalised yet
                     save_reward(ck_path, raw_rm, optimizer, rt, sft_ck, config, it + 1, Kc, loss, lm_w.item())
+            watch.lap("held-out & checkpoints")
             if it + 1 == stop_at:
                 break
         if 0 < stop_at < iters:  # "killed": no normalisation, report or best-of-N
@@ -431,6 +430,7 @@ def main():
                              second)
             save_reward(ck_path, raw_rm, optimizer, rt, sft_ck, config, iters, Kc, loss, lm_weight,
                         (gain, bias), {**metrics, "time": time.time() - t0})
+            watch.report("reward", last="scoring all & report")  # every answer: the normalisation
     elif rt.master:  # --train=False: the normalised reward model on disk, for best-of-N
         raw_rm, ck = runtime.load_reward_model(ck_path, rt.device)
         gain, bias, lm_weight = ck["gain"], ck["bias"], ck.get("lm_weight", 0.0)

@@ -127,16 +127,19 @@ def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_siz
 
 
 def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tokens=48, temperature=1.0,
-              generator=None, batch_size=256, lm_weight=0.0, **sampling):
+              generator=None, batch_size=256, lm_weight=0.0, lap=lambda phase: None, **sampling):
     """Best-of-n (rejection sampling): sample n replies per conversation from policy, keep the one the reward
     model scores highest. Returns [{"text", "ended", "ids", "score", "candidates": the n scored replies}].
-    policy is the SFT model (also what an --lm_feature reward model's lm_weight term is computed with)."""
+    policy is the SFT model (also what an --lm_feature reward model's lm_weight term is computed with).
+    lap: a runtime.Stopwatch's, to split the time into sampling and scoring."""
     out = []
     per = max(1, batch_size // n)  # conversations per generate() call: bounds the KV cache's memory
     for i in range(0, len(conversations), per):
         chunk = [c for c in conversations[i:i + per] for _ in range(n)]
         replies = respond(policy, enc, chunk, max_new_tokens, temperature, generator=generator, **sampling)
+        lap("sampling")
         scores = reward_scores(rm, enc, chunk, replies, gain, bias, lm_weight=lm_weight, sft=policy).tolist()
+        lap("scoring")
         for j in range(0, len(chunk), n):
             cands = [dict(r, score=s) for r, s in zip(replies[j:j + n], scores[j:j + n])]
             out.append(dict(max(cands, key=lambda r: r["score"]), candidates=cands))
@@ -156,33 +159,37 @@ def sample_kl(logprobs, ref, seq, attn_mask, gen_mask, temperature=1.0):
 
 
 def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64, generator=None, ref=None,
-          **sampling):
+          lap=lambda phase: None, **sampling):
     """Sample one reply per prompt and grade it with the world's hidden human (data.world.gold; 1.0 = ideal).
     Returns means over prompts {"gold", "ended", "fluency", "n"} and "samples" [{"prompt", "text", "ended",
     "gold", "fluency"}]; with a reference model also "kl": KL(model || ref) per answer, estimated on the same
-    samples."""
+    samples. lap: a runtime.Stopwatch's, to split the time into sampling, scoring and the hidden human."""
     samples = []
     for i in range(0, len(prompts), batch_size):  # chunks bound the memory of a batched KV cache
         chunk = prompts[i:i + batch_size]
         replies, (seq, attn, gen, logprobs) = respond(model, enc, chunk, max_new_tokens, temperature,
                                                       generator=generator, return_batch=True, **sampling)
+        lap("sampling")
         kls = ([0.0] * len(chunk) if ref is None
                else sample_kl(logprobs, ref, seq, attn, gen, temperature).tolist())
+        lap("scoring")
         for p, r, kl in zip(chunk, replies, kls):
             samples.append({"prompt": p, "text": r["text"], "ended": r["ended"], "kl": kl,
                             "gold": world.gold(p, r["text"], r["ended"]),
                             "fluency": world.fluency(r["text"])})
+        lap("hidden human")
     n = max(1, len(samples))
     mean = {k: sum(s[k] for s in samples) / n for k in ("gold", "ended", "fluency", "kl")}
     return {**mean, "n": len(samples), "samples": samples}
 
 
-def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator=None):
+def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator=None,
+                   lap=lambda phase: None):
     """The end-of-stage check of ppo.py and dpo.py: the same held-out prompts answered by SFT and by the tuned
     policy, judged by the hidden human. Prints gold, turn ending, fluency, the policy's gold win rate against
     SFT (ties count half, 95% interval) and KL(policy || SFT) on its own samples; returns the numbers."""
-    sft_res = score(sft, enc, prompts, max_new_tokens, generator=generator)
-    res = score(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft)
+    sft_res = score(sft, enc, prompts, max_new_tokens, generator=generator, lap=lap)
+    res = score(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft, lap=lap)
     rate, ci = world.win_rate([s["gold"] for s in res["samples"]], [s["gold"] for s in sft_res["samples"]])
     for who, r in (("sft", sft_res), (name, res)):
         print(f"  {who}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, "

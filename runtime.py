@@ -1,7 +1,7 @@
 """
 What every stage needs around the network, nanoGPT style: device, precision (autocast, GradScaler) and DDP;
 the one optimizer step and the learning-rate schedule; checkpoints (atomic, weights_only, never non-finite)
-and RNG state; `--name=value` config; JSONL logs; building a missing prerequisite stage; the non-finite guard.
+and RNG state; a stopwatch; `--name=value` config; JSONL logs; building a missing stage; the non-finite guard.
 """
 import ast
 import json
@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import warnings
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -340,6 +341,37 @@ def ensure_checkpoint(path, script, out_dir):
                       env=env).returncode != 0 or not os.path.isfile(path):
         raise SystemExit(f"error: `python {script}` did not produce {path}")
 
+
+# -----------------------------------------------------------------------------
+# Where a stage's time goes
+
+class Stopwatch:
+    """Wall time per phase of a stage. lap(phase) adds the seconds since the previous lap to that phase, so
+    a loop reads: sample ... lap("sampling"); score ... lap("scoring"); train ... lap("training").
+    On CUDA a lap first waits for the queued kernels, or their time would count in a later phase."""
+
+    def __init__(self, device_type="cpu", master=True, clock=time.perf_counter):
+        self.clock, self.cuda, self.master = clock, device_type == "cuda", master
+        self.start = self.last = clock()
+        self.seconds = {}  # phase -> seconds, in the order the phases first appear
+
+    def lap(self, phase):
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = self.clock()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def summary(self, stage, last="other"):
+        """One line: the seconds since the start, by phase (the time since the last lap counts as last)."""
+        self.lap(last)
+        total = max(self.last - self.start, 1e-9)
+        parts = ", ".join(f"{p} {s:.1f} s ({s / total:.0%})" for p, s in self.seconds.items())
+        return f"{stage} time {total:.1f} s: {parts}"
+
+    def report(self, stage, last="other"):  # the summary, printed by the first process only
+        if self.master:
+            print("\n" + self.summary(stage, last))
 
 # -----------------------------------------------------------------------------
 # Logs and --name=value overrides (nanoGPT's configurator, with type checks)

@@ -209,7 +209,7 @@ def main():
               f"training conversations ({n_tok:,} assistant tokens), {len(val_rows)} held out, "
               f"{batch_size * grad_accum * rt.world_size} conversations per step, device {rt.device}, "
               f"dtype {rt.dtype}")
-    t0 = time.time()
+    t0, watch = time.time(), runtime.Stopwatch(rt.device_type, rt.master)  # watch: where the time goes
     model.train()
     bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="sft")
     for it in bar:
@@ -227,6 +227,7 @@ def main():
             n_targets += (y != -1).sum().item()
         norm = runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
         runtime.check_finite("sft", it + 1, hint, loss=loss, grad_norm=norm)
+        watch.lap("training")
         if rt.ddp:  # the log counts the assistant tokens of every process
             n_targets = torch.tensor(n_targets, device=rt.device)
             torch.distributed.all_reduce(n_targets)
@@ -236,6 +237,7 @@ def main():
         if (it + 1) % eval_interval == 0 or last:
             val = held_out_loss(model, val_rows, batch_size, eval_iters, eot, rt.device, rt.ctx)
             runtime.check_finite("sft", it + 1, hint, val_loss=val)
+            watch.lap("held-out loss")
         if rt.master:
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}" if val is not None else "-")
             runtime.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val,
@@ -245,6 +247,7 @@ def main():
                 runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler),
                                                   "config": config, "model_args": model_args, "kind": "sft",
                                                   "step": it + 1, "tokenizer": tokenizer})
+        watch.lap("logs & checkpoints")
         if it + 1 == stop_at:
             break
     if rt.master and start >= max_iters:
@@ -258,7 +261,7 @@ def main():
         prompts = held_out_prompts(convs, n_val, bool(data))
         prompts = [p for p in prompts if len(render(enc, p)[0]) < block_size]
         with rt.ctx:
-            res = {name: score(m, enc, prompts, max_new_tokens, temperature, generator=g)
+            res = {name: score(m, enc, prompts, max_new_tokens, temperature, generator=g, lap=watch.lap)
                    for name, m in (("base", base), ("sft", raw_model))}
         print(f"\nheld-out prompts, one sample each (temperature {temperature}):")
         for i, p in enumerate(prompts[:3]):
@@ -273,6 +276,7 @@ def main():
             demo = sum(world.gold(c[:-1], c[-1]["content"]) for c in convs) / len(convs)
             print(f"demonstrations: mean gold {demo:.3f} "
                   "(SFT imitates them; reward.py + ppo.py/dpo.py aim higher)")
+    watch.report("sft")
     runtime.cleanup()
 
 

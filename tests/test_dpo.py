@@ -19,6 +19,7 @@ import model as M  # noqa: E402
 import runtime  # noqa: E402
 from data.readers import DataError  # noqa: E402
 from data.tokenizer import END, get_tokenizer, special_id  # noqa: E402
+from test_reliability import time_split  # noqa: E402
 
 TINY = dict(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 
@@ -237,6 +238,7 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     assert not (tmp_path / "reward.pt").exists()
     assert "dropped 3 pairs whose prompt fills the 64-token block" in r.stdout
     assert "dpo wins" in r.stdout and "KL(dpo || sft)" in r.stdout
+    assert {"scoring", "training", "held-out & checkpoints", "sampling"} <= set(time_split(r.stdout, "dpo"))
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
     assert [x["iter"] for x in logs] == [1, 2, 3]
     assert len({tuple(x) for x in logs}) == 1  # the same keys every step

@@ -12,6 +12,7 @@ sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import runtime
 from data.tokenizer import get_tokenizer  # noqa: E402
+from test_reliability import time_split  # noqa: E402
 
 
 def test_report_numbers_add_up(tmp_path):
@@ -35,6 +36,7 @@ def test_report_numbers_add_up(tmp_path):
     assert res["missing"]["ended"] >= 0.0  # a cut-off answer loses 2 x 0.1 here, an ended one nothing
     report = (tmp_path / "report.md").read_text()
     assert "| sft | " in report and "Where the gold is lost" in report
+    assert {"sampling", "scoring", "hidden human"} <= set(time_split(r.stdout, "evaluate"))
 
 
 def test_gold_at_equal_kl_is_read_off_the_frontier():

@@ -16,6 +16,7 @@ import runtime
 from data import world
 from rollout import respond, sample_kl
 from test_ppo import make_stage_checkpoints, tiny_policy
+from test_reliability import time_split  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +113,7 @@ def test_smoke_run_of_each_baseline(tmp_path, baseline):
     assert abs(rows[0]["kl"]) < 1e-5  # the policy starts as the reference
     assert runtime.load_checkpoint(str(tmp_path / f"{baseline}.pt"), "grpo")["step"] == 2
     assert f"{baseline} wins" in r.stdout
+    assert {"sampling", "scoring", "hidden human", "training"} <= set(time_split(r.stdout, baseline))
 
 
 def test_own_prompts_and_a_bad_prompts_file(tmp_path):

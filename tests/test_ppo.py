@@ -17,6 +17,7 @@ import ppo
 from data import world
 from rollout import respond
 from data.tokenizer import get_tokenizer
+from test_reliability import time_split  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -297,6 +298,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     assert abs(rows[0]["kl"]) < 1e-5  # the policy starts as the reference
     assert math.isfinite(rows[1]["pg_loss"]) and rows[1]["beta"] != ppo.beta  # the controller moved beta
     assert "ppo wins" in r.stdout
+    assert {"sampling", "scoring", "hidden human", "training"} <= set(time_split(r.stdout, "ppo"))
     run_ppo(split, "--max_iters=1", "--target_kl=1")  # "killed" after iteration 1 (its checkpoint is saved)
     with open(split / "ppo.jsonl", "a") as f:
         f.write('{"iter": 2, "score": 0.0}\n{"iter": 3, "sc')  # logged after the checkpoint, the last row cut

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -182,6 +183,39 @@ def test_check_finite_names_the_stage_step_and_quantity():
         runtime.check_finite("sft", 7, "a lower --lr", loss=1.0, grad_norm=float("nan"))
     with pytest.raises(SystemExit, match="rewards is inf"):
         runtime.check_finite("ppo", 1, "x", rewards=torch.tensor([0.0, float("inf")]))
+
+
+def test_a_stopwatch_adds_each_lap_to_its_phase_and_the_rest_to_the_last():
+    ticks = iter([10.0, 11.0, 13.0, 16.0, 20.0])  # the start, then one reading per lap
+    watch = runtime.Stopwatch(clock=lambda: next(ticks))
+    watch.lap("sampling")  # 1 s
+    watch.lap("training")  # 2 s
+    watch.lap("sampling")  # 3 s more: a phase's laps add up
+    line = watch.summary("ppo")  # the 4 s since the last lap are "other"
+    assert watch.seconds == {"sampling": 4.0, "training": 2.0, "other": 4.0}
+    assert line == "ppo time 10.0 s: sampling 4.0 s (40%), training 2.0 s (20%), other 4.0 s (40%)"
+    assert time_split(line, "ppo") == {"sampling": 4.0, "training": 2.0, "other": 4.0}
+
+
+def test_scoring_replies_laps_sampling_then_scoring_then_the_hidden_human_per_chunk():
+    from data import world
+    from rollout import score
+    torch.manual_seed(0)
+    model = M.GPT(M.GPTConfig(vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=96))
+    laps = []
+    res = score(model, get_tokenizer("world"), world.prompts("eval")[:3], 6, batch_size=2, ref=model,
+                lap=laps.append)
+    assert laps == ["sampling", "scoring", "hidden human"] * 2 and res["n"] == 3  # two chunks of prompts
+
+
+def time_split(stdout, stage):
+    """The phases of a stage's closing "<stage> time T s: phase S s (P%), ..." line, checked to add up to T
+    (each figure rounded to 0.1 s)."""
+    line = next(x for x in stdout.splitlines() if x.startswith(f"{stage} time "))
+    total, parts = re.fullmatch(rf"{stage} time ([0-9.]+) s: (.*)", line).groups()
+    phases = {m[1]: float(m[2]) for m in re.finditer(r"([^,]+?) ([0-9.]+) s \(\d+%\)(?:, |$)", parts)}
+    assert abs(sum(phases.values()) - float(total)) <= 0.05 * (len(phases) + 1), line
+    return phases
 
 
 def fp16_step(model, loss_fn):

@@ -19,6 +19,7 @@ from data.chat import render_prompt, render_response
 from rollout import best_of_n, reply_logprobs, respond, reward_scores, rm_score
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
+from test_reliability import time_split  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTES = make_encoding(train_bpe("", 256 + len(SPECIALS)))  # no merges: one token per byte, specials 256..260
@@ -255,6 +256,8 @@ def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
     out = tiny_sft
     r = run(out, "--K=3", "--bon=2")
     assert "normalised as" in r.stdout and "log p_SFT" not in r.stdout  # the head alone
+    phases = time_split(r.stdout, "reward")
+    assert {"sampling", "hidden human", "training", "scoring all & report"} <= set(phases)
     full = r.stdout
     comps = [json.loads(line) for line in open(out / "comparisons.jsonl")]
     prompts = world.prompts("train")[:40]
