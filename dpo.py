@@ -199,15 +199,15 @@ def epoch_batches(pair_len, batch_size, seed, epoch):
 
 
 @torch.no_grad()
-def reference_logps(ref, rows, masks, pad_id, rt):
-    """The frozen reference's summed answer log-probs, (N,) fp32, computed ONCE per answer (recomputing them
-    each step would only double the cost of training); similar lengths batched together for little padding."""
+def answer_logps(model, rows, masks, pad_id, rt, desc=None):
+    """Summed answer log-probs without gradients, (N,) fp32, batched by length for little padding; desc labels
+    a progress bar. The frozen reference scores each answer ONCE: at every step, it would double the cost."""
     out = torch.zeros(len(rows), device=rt.device)
     by_len = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for s in tqdm(range(0, len(rows), 64), desc="reference log-probs", disable=not rt.master, leave=False):
+    for s in tqdm(range(0, len(rows), 64), desc=desc, disable=not (rt.master and desc), leave=False):
         idx = by_len[s:s + 64]
         with rt.ctx:
-            lp = response_logps(ref, [rows[i] for i in idx], [masks[i] for i in idx], pad_id, rt.device)
+            lp = response_logps(model, [rows[i] for i in idx], [masks[i] for i in idx], pad_id, rt.device)
         out[idx] = lp.float()
     return out
 
@@ -231,18 +231,21 @@ def pair_stats(pref, pi_c, pi_r, ref_c, ref_r, beta):
 
 
 @torch.no_grad()
-def evaluate_pairs(policy, val_pairs, answers, pad_id, rt, batch_size, hp):
-    """Preference loss, accuracy and margin on all the held-out pairs (scored in fixed batches)."""
+def evaluate_pairs(policy, val_pairs, answers, pad_id, rt, hp):
+    """Preference loss, accuracy and margin on all the held-out pairs. An answer ranked among K is in K - 1
+    pairs, so each distinct answer is scored once."""
     if len(val_pairs) == 0:
         return {"loss": None, "accuracy": None, "margin": None}
+    rows, masks, ref = answers
+    ids = sorted(set(val_pairs.flatten().tolist()))
+    pi = torch.zeros(len(rows), device=rt.device)  # the policy's summed log-prob of each answer scored
     policy.eval()
-    with rt.ctx:
-        parts = [forward(policy, val_pairs[i:i + batch_size], answers, pad_id, rt.device)
-                 for i in range(0, len(val_pairs), batch_size)]
+    pi[ids] = answer_logps(policy, [rows[i] for i in ids], [masks[i] for i in ids], pad_id, rt)
     policy.train()
-    pi_c, pi_r, ref_c, ref_r, n_c = (torch.cat(x) for x in zip(*parts))
-    _, pref = preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, **hp)
-    s = pair_stats(pref, pi_c, pi_r, ref_c, ref_r, hp["beta"])
+    c, r = val_pairs[:, 0], val_pairs[:, 1]
+    n_c = torch.tensor([float(sum(masks[i])) for i in c.tolist()], device=rt.device)
+    _, pref = preference_loss(pi[c], pi[r], ref[c], ref[r], n_c, **hp)
+    s = pair_stats(pref, pi[c], pi[r], ref[c], ref[r], hp["beta"])
     return {k: s[k] for k in ("loss", "accuracy", "margin")}
 
 
@@ -289,7 +292,7 @@ def online_round(policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, n_promp
     lap("sampling")
     new_rows, new_masks = map(list, zip(*(encode(enc, c, r["text"], r["ended"], block_size)
                                           for c, r in zip(convs, replies))))
-    new_ref = reference_logps(ref, new_rows, new_masks, enc.eot_token, rt)
+    new_ref = answer_logps(ref, new_rows, new_masks, enc.eot_token, rt)
     scores = reward_scores(rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
                            lm_weight=rm_ck.get("lm_weight", 0.0), sft=ref)
     pairs = best_and_worst(scores.tolist(), replies, k, n_pairs, no_end_penalty)
@@ -332,22 +335,19 @@ def main():
     policy = runtime.model_from_checkpoint(sft_ck, sft_path, dropout=0.0).to(rt.device)
     pad_id, block_size = enc.eot_token, sft_ck["model_args"]["block_size"]
 
-    # ---- 3. tokenise every distinct answer once (prompt + answer, + <|end|> if it ended its turn; mask on
-    # the answer), split the pairs by prompt, score every answer with the reference once
+    # ---- 3. each distinct answer tokenised (encode) and scored by the reference once; pairs split by prompt
     rows, masks = map(list, zip(*(encode(enc, p, text, ended, block_size) for p, text, ended in responses)))
     fills = [len(r) == block_size and not any(m) for r, m in zip(rows, masks)]  # prompt fills the block
     kept = [p for p in pairs if not fills[p[1]] and not fills[p[2]]]
     if rt.master and len(kept) < len(pairs):
         print(f"dropped {len(pairs) - len(kept)} pairs whose prompt fills the {block_size}-token block")
-    split = [held_out(p, eval_fraction) for p, _, _ in kept]
-    val_pairs = sorted([(c, r) for (_, c, r), v in zip(kept, split) if v], key=lambda p: len(rows[p[0]]))
-    val_pairs = torch.tensor(val_pairs, dtype=torch.long).view(-1, 2)  # by length: little padding
-    train_pairs = [(c, r) for (_, c, r), v in zip(kept, split) if not v]
-    train_pairs = torch.tensor(train_pairs, dtype=torch.long).view(-1, 2)
+    split = torch.tensor([held_out(p, eval_fraction) for p, _, _ in kept], dtype=torch.bool)
+    both = torch.tensor([(c, r) for _, c, r in kept], dtype=torch.long).view(-1, 2)  # (chosen, rejected)
+    val_pairs, train_pairs = both[split], both[~split]
     if len(train_pairs) == 0:
         raise SystemExit(f"error: {data_path} has no usable training pairs")
     watch = runtime.Stopwatch(rt.device_type, rt.master)  # where the time goes, phase by phase
-    answers = (rows, masks, reference_logps(ref, rows, masks, pad_id, rt))
+    answers = (rows, masks, answer_logps(ref, rows, masks, pad_id, rt, "reference log-probs"))
     watch.lap("scoring")
 
     # ---- 4. optimizer, the order of the micro-batches, resume
@@ -386,7 +386,7 @@ def main():
         means = train_step(policy, optimizer, rt, micro, answers, pad_id, lr_now, grad_clip, it + 1, hp)
         watch.lap("training")
         due = rt.master and ((it + 1) % eval_interval == 0 or it == n_iters - 1)
-        val = evaluate_pairs(raw_policy, val_pairs, answers, pad_id, rt, 2 * batch_size, hp) if due else None
+        val = evaluate_pairs(raw_policy, val_pairs, answers, pad_id, rt, hp) if due else None
         if rt.master:
             row = {"iter": it + 1, **means, "lr": lr_now}
             row.update({f"val/{k}": (val or {}).get(k) for k in ("loss", "accuracy", "margin")})

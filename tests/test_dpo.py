@@ -111,6 +111,36 @@ def test_padding_changes_nothing():
     torch.testing.assert_close(other_pad, padded, atol=1e-5, rtol=0)
 
 
+def test_held_out_pairs_score_each_distinct_answer_once_and_match_pair_by_pair(monkeypatch):
+    policy, ref = tiny(), tiny()
+    with torch.no_grad():  # the policy has moved away from the reference: losses and margins are not trivial
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(6, 14, (9,), generator=g).tolist()
+    rows = [torch.randint(1, 97, (n,), generator=g).tolist() for n in lengths]
+    masks = [[0] * 4 + [1] * (len(r) - 4) for r in rows]
+    rt = SimpleNamespace(device="cpu", ctx=nullcontext(), master=True)
+    answers = (rows, masks, dpo.answer_logps(ref, rows, masks, 0, rt))
+    # three rankings of K = 3 answers: each ranking gives 3 pairs, and each answer is in 2 of them
+    pairs = torch.tensor([(k + a, k + b) for k in (0, 3, 6) for a, b in ((0, 1), (0, 2), (1, 2))])
+    hp = dict(loss_type="sigmoid", beta=0.5, label_smoothing=0.0, rpo_alpha=0.0)
+    scored = []
+    real = dpo.response_logps
+    monkeypatch.setattr(dpo, "response_logps", lambda m, r, *a: scored.extend(r) or real(m, r, *a))
+    got = dpo.evaluate_pairs(policy, pairs, answers, 0, rt, hp)
+    assert len(scored) == 9  # 9 distinct answers scored once each, not 18 answers of 9 pairs
+    with torch.no_grad():  # pair by pair, as a training step computes them
+        pi_c, pi_r, ref_c, ref_r, n_c = (torch.cat(x) for x in zip(*(
+            dpo.forward(policy, pairs[i:i + 1], answers, 0, "cpu") for i in range(len(pairs)))))
+    _, pref = dpo.preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, **hp)
+    want = dpo.pair_stats(pref, pi_c, pi_r, ref_c, ref_r, hp["beta"])
+    assert 0 < want["accuracy"] < 1 and abs(want["margin"]) > 1e-3
+    for k in ("loss", "accuracy", "margin"):
+        assert got[k] == pytest.approx(want[k], abs=1e-5)
+    assert policy.training  # evaluate_pairs leaves the policy in training mode
+
+
 def test_gradient_step_widens_the_margin():
     policy, ref = tiny(), tiny()
     chosen = [[1, 2, 3, 10, 11, 12], [4, 5, 20, 21, 22, 23]]
