@@ -5,12 +5,14 @@ How fast is the default model on this machine?
   achieved FLOP/s (nanoGPT's estimate: 6N per token plus attention) as a fraction of the matmul peak measured
   here (a large square matmul in the same dtype) -- a CPU "MFU". A CPU without bf16 matmul units emulates
   bf16, below its fp32 speed; the bench says so instead of showing a fraction of that emulated "peak".
-- sampling, the cost of RLHF: tokens/s of model.generate with the KV cache as the RL stages call it
-  (left-padded prompts of 7 to 36 tokens, 32 new tokens, random weights, the world tokenizer's vocabulary) at
+- sampling, the step RL adds to training: tokens/s of model.generate with the KV cache as the RL stages call
+  it (left-padded prompts of 7 to 36 tokens, 32 new tokens, random weights, the world tokenizer's vocabulary) at
   batch 128 and the other batch sizes the stages use, against generate_plain below, the earlier
   implementation kept as the reference. The two take turns (new, plain, new, plain, ...) so that a machine
   busy with other work slows both alike; the table shows medians and the median of the per-turn ratios.
   FLOP/s counts every real token of the result (prompt and reply) once through the forward pass.
+- where a stage's time goes is not measured here: every stage ends with a line splitting its own run into
+  sampling, scoring, the hidden human, training and the rest (runtime.Stopwatch).
 
     python bench.py                       # training per precision, then sampling
     python bench.py --threads=1           # steadier on a machine shared with other jobs

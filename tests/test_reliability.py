@@ -197,6 +197,16 @@ def test_a_stopwatch_adds_each_lap_to_its_phase_and_the_rest_to_the_last():
     assert time_split(line, "ppo") == {"sampling": 4.0, "training": 2.0, "other": 4.0}
 
 
+def test_a_stopwatch_on_cuda_waits_for_the_queued_kernels_at_every_lap(monkeypatch):
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
+    watch = runtime.Stopwatch("cuda", clock=iter([0.0, 1.0, 2.0, 3.0]).__next__)
+    watch.lap("sampling")
+    watch.lap("training")
+    assert len(syncs) == 2 and watch.summary("ppo").startswith("ppo time 3.0 s") and len(syncs) == 3
+    assert runtime.Stopwatch("cpu").lap("x") is None and len(syncs) == 3  # no CUDA call on a CPU
+
+
 def test_scoring_replies_laps_sampling_then_scoring_then_the_hidden_human_per_chunk():
     from data import world
     from rollout import score
