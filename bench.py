@@ -6,8 +6,8 @@ How fast is the default model on this machine?
   here (a large square matmul in the same dtype) -- a CPU "MFU". A CPU without bf16 matmul units emulates
   bf16, below its fp32 speed; the bench says so instead of showing a fraction of that emulated "peak".
 - sampling, the step RL adds to training: tokens/s of model.generate with the KV cache as the RL stages call
-  it (left-padded prompts of 7 to 36 tokens, 32 new tokens, random weights, the world tokenizer's vocabulary) at
-  batch 128 and the other batch sizes the stages use, against generate_plain below, the earlier
+  it (left-padded prompts of 7 to 36 tokens, 32 new tokens, random weights, the world tokenizer's vocabulary)
+  at batch 128 and the other batch sizes the stages use, against generate_plain below, the earlier
   implementation kept as the reference. The two take turns (new, plain, new, plain, ...) so that a machine
   busy with other work slows both alike; the table shows medians and the median of the per-turn ratios.
   FLOP/s counts every real token of the result (prompt and reply) once through the forward pass.
