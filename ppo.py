@@ -248,8 +248,7 @@ def main():
         runtime.start_log(log_path, start if resume else None)
 
     bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="ppo")
-    t0 = time.time()
-    watch = runtime.Stopwatch(rt.device_type, rt.master)  # where the time goes, phase by phase
+    t0, watch = time.time(), runtime.Stopwatch(rt.device_type, rt.master)  # watch: where the time goes
     for it in bar:
         # ---- 1. rollouts: sample answers with the KV cache; log-probs under pi and pi_SFT, values (no grad)
         batch_prompts = [train_prompts[rng.randrange(len(train_prompts))] for _ in range(batch_size)]
