@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, generate, token_logprobs
-from runtime import configure, configure_optimizer, setup
+from runtime import configure, configure_optimizer, matmul_flops, setup
 
 # -----------------------------------------------------------------------------
 device = "auto"                        # auto: cuda > mps > cpu
@@ -88,13 +88,6 @@ def timed(fn, iters, warmup):
         fn()
     sync()
     return (time.perf_counter() - t0) / iters
-
-
-def matmul_peak(dtype):
-    a = torch.randn(matmul_size, matmul_size, device=env.device, dtype=ptdtype[dtype])
-    b = torch.randn(matmul_size, matmul_size, device=env.device, dtype=ptdtype[dtype])
-    dt = timed(lambda: a @ b, iters=5, warmup=1)
-    return 2 * matmul_size ** 3 / dt  # multiply-add = 2 FLOPs
 
 
 def dims(**kw):
@@ -225,7 +218,8 @@ print(f"device {env.device}{cpu}, {torch.get_num_threads()} threads, torch {torc
 c = dims(block_size=max(block_size, GPTConfig.block_size))
 print(f"model: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, vocab {c.vocab_size}, "
       f"{GPT(c).get_num_params() / 1e6:.2f}M params{', torch.compile' if compile else ''}")
-peaks = {d: matmul_peak(d) for d in dict.fromkeys(("float32", *dtypes, gen_dtype))}
+peaks = {d: matmul_flops(ptdtype[d], env.device, matmul_size, iters=5)  # each precision's real speed here
+         for d in dict.fromkeys(("float32", *dtypes, gen_dtype))}
 # a CPU without bf16/fp16 matmul units emulates them below its fp32 speed: that is no peak to compare with
 emulated = [d for d in peaks if d != "float32" and env.device_type == "cpu" and peaks[d] < peaks["float32"]]
 print(f"\ntraining, batch {batch_size} x {block_size}, {train_iters} timed steps")

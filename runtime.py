@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -46,18 +47,32 @@ def setup(device="auto", dtype="auto", seed=1337):
         dtype = ("float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported()
                  else "float16")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if device_type == "cuda":
-        # free speed on Ampere+
+    if device_type == "cuda":  # TF32: free speed on Ampere+
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # autocast runs matmuls in low precision and keeps reductions in fp32; fp16 also needs loss scaling
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    if device_type == "cpu" and dtype != "float32" and rank == 0:  # no bf16/fp16 units: emulated, slow
+        low, full = matmul_flops(ptdtype), matmul_flops(torch.float32)
+        if low < full:
+            print(f"warning: this CPU has no {dtype} units ({dtype} matmuls {low / 1e9:.1f} GFLOP/s, float32 "
+                  f"{full / 1e9:.1f}): --dtype={dtype} is slower here than --dtype=float32", file=sys.stderr)
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)  # each rank draws different data and samples
     return SimpleNamespace(device=device, device_type=device_type, dtype=dtype, ptdtype=ptdtype, ctx=ctx,
                            scaler=scaler, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
                            master=(rank == 0))
+
+def matmul_flops(ptdtype, device="cpu", n=256, iters=3):
+    """FLOP/s of an n x n matmul in ptdtype on device: what that precision really runs at here."""
+    a = torch.randn(n, n, device=device).to(ptdtype)
+    (a @ a).sum().item()  # untimed: the first product sets up the kernels (.item() waits for a GPU to finish)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        b = a @ a
+    b.sum().item()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)  # a multiply-add is 2 FLOPs
 
 def cleanup():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -92,7 +107,6 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    # under fp16 an inf norm is the scaler's business
     return norm if not scaler.is_enabled() else torch.zeros(())
 
 def get_lr(it, warmup, max_iters, lr, min_lr):
@@ -104,18 +118,12 @@ def get_lr(it, warmup, max_iters, lr, min_lr):
     ratio = (it - warmup) / max(1, max_iters - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
-
 # -----------------------------------------------------------------------------
 # Checkpoints and RNG state
 
 def clean_state_dict(sd):
     """Drop the prefixes torch.compile ('_orig_mod.') and DDP ('module.') put on every key."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(("_orig_mod.", "module.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+    return {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in sd.items()}
 
 def save_checkpoint(path, ckpt):
     """Write to a temp file in the same directory, then rename: a kill mid-write leaves the old file intact.
@@ -173,7 +181,6 @@ def load_weights(model, sd):
     if model.scalar_head is None:
         sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    # lm_head = wte
     bad = [k for k in missing if not k.startswith(("scalar_head.", "lm_head."))] + list(unexpected)
     if bad:
         raise ValueError(f"state dict does not fit the model: {bad[:5]}")
@@ -226,16 +233,15 @@ def load_gpt2(path, **overrides):
 
 def rng_state():
     """Python, numpy and torch RNG states as plain lists and tensors (weights_only-loadable)."""
-    version, mt, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    d = {"python": [version, list(mt), gauss], "torch": torch.get_rng_state(),
+    d = {"python": sampler_state(random), "torch": torch.get_rng_state(),
          "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         d["cuda"] = torch.cuda.get_rng_state_all()
     return d
 
 def set_rng_state(d):
-    random.setstate((d["python"][0], tuple(d["python"][1]), d["python"][2]))
+    set_sampler_state(random, d["python"])
     keys, pos, has_gauss, cached = d["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(d["torch"])
@@ -274,15 +280,13 @@ def load_rl_inputs(out_dir, use_rm, rt):
     return ref, enc, sft_ck, rm, rm_ck
 
 def sampler_state(rng):
-    """A random.Random's state as plain lists, which torch.load(weights_only=True) reads back (like
-    rng_state); set_sampler_state undoes it."""
+    """A random.Random's (or the random module's) state as plain lists, which torch.load(weights_only=True)
+    reads back; set_sampler_state undoes it."""
     version, mt, gauss = rng.getstate()
     return [version, list(mt), gauss]
 
-
 def set_sampler_state(rng, state):
     rng.setstate((state[0], tuple(state[1]), state[2]))
-
 
 def rank_rng_states(rng, rt):
     """Every process's own random streams, [rank 0's, rank 1's, ...]: its prompt sampler and the torch
@@ -297,7 +301,6 @@ def rank_rng_states(rng, rt):
     torch.distributed.all_gather_object(states, mine)
     return states
 
-
 def set_rank_rng_states(rng, states, rt):
     if rt.rank < len(states):  # resumed on more processes than it was saved from: the new ranks start fresh
         s = states[rt.rank]
@@ -306,17 +309,14 @@ def set_rank_rng_states(rng, states, rt):
         if "cuda" in s and rt.device_type == "cuda":
             torch.cuda.set_rng_state(s["cuda"], rt.device)
 
-
 def start_log(path, resumed_step=None):
     """Called once a run is known to start (so a run that fails its checks loses no log): a fresh run starts
     a fresh log; a resumed one drops the rows a killed run logged after its last checkpoint (and a line cut by
     the kill), so its rows follow on as an uninterrupted run's would."""
-    if resumed_step is None:
-        if os.path.exists(path):
-            os.remove(path)
-        return
     if not os.path.exists(path):
         return
+    if resumed_step is None:
+        return os.remove(path)
     keep = []
     with open(path) as f:
         for line in f:
@@ -340,7 +340,6 @@ def ensure_checkpoint(path, script, out_dir):
     if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)),
                       env=env).returncode != 0 or not os.path.isfile(path):
         raise SystemExit(f"error: `python {script}` did not produce {path}")
-
 
 # -----------------------------------------------------------------------------
 # Where a stage's time goes

@@ -218,6 +218,34 @@ def test_scoring_replies_laps_sampling_then_scoring_then_the_hidden_human_per_ch
     assert laps == ["sampling", "scoring", "hidden human"] * 2 and res["n"] == 3  # two chunks of prompts
 
 
+def test_matmul_flops_counts_two_flops_per_multiply_add(monkeypatch):
+    ticks = iter([5.0, 7.0])  # the clock before and after the timed products
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(ticks))
+    assert runtime.matmul_flops(torch.float32, n=4, iters=3) == 2 * 4 ** 3 * 3 / 2.0
+    monkeypatch.undo()
+    assert 0 < runtime.matmul_flops(torch.float32) < float("inf")  # and on the real clock
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_on_a_cpu_without_its_units_warns_in_one_line(monkeypatch, capsys, dtype):
+    speeds = {torch.float32: 80e9, torch.bfloat16: 20e9, torch.float16: 1e9}  # as a CPU that emulates them
+    monkeypatch.setattr(runtime, "matmul_flops", lambda ptdtype, *a, **k: speeds[ptdtype])
+    rt = runtime.setup("cpu", dtype)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rt.dtype == dtype and len(err) == 1  # a warning, not a refusal
+    assert err[0].startswith(f"warning: this CPU has no {dtype} units") and "--dtype=float32" in err[0]
+    speeds[torch.float32] = 0.5e9  # a CPU with those units: low precision is the faster, nothing to say
+    runtime.setup("cpu", dtype)
+    assert capsys.readouterr().err == ""
+
+
+def test_float32_on_a_cpu_times_no_matmul(monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "matmul_flops", lambda *a, **k: pytest.fail("timed a matmul"))
+    for dtype in ("float32", "auto"):
+        assert runtime.setup("cpu", dtype).dtype == "float32"
+    assert capsys.readouterr().err == ""
+
+
 def time_split(stdout, stage):
     """The phases of a stage's closing "<stage> time T s: phase S s (P%), ..." line, checked to add up to T
     (each figure rounded to 0.1 s)."""
