@@ -316,7 +316,8 @@ def start_log(path, resumed_step=None):
     if not os.path.exists(path):
         return
     if resumed_step is None:
-        return os.remove(path)
+        os.remove(path)
+        return
     keep = []
     with open(path) as f:
         for line in f:
