@@ -53,6 +53,7 @@ data = ""                  # "" = sample comparisons from SFT on the world's tra
 collect = True             # sample and rank fresh comparisons; False reuses out_dir/comparisons.jsonl
 train = True               # train the reward model; False loads out_dir/reward.pt (e.g. to run --bon)
 n_prompts = 4000           # the first n train prompts (0 = all): many distinct prompts, each ranked once
+contexts = 2               # unrelated first exchanges before each question (16: 26,579 prompts, not 6,741)
 K = 4                      # answers ranked per prompt (InstructGPT: 4 to 9); 4 leaves time for more prompts
 max_new_tokens = 48        # longest sampled answer; one that is cut off never ended its turn
 temperature = 1.0          # 1 = sample the SFT distribution itself, which is where PPO starts
@@ -301,13 +302,12 @@ def best_of_n_on_held_out(policy, rm, enc, n, gain, bias, lm_weight, max_new_tok
             policy, enc, evals[i:i + gen_batch], max_new_tokens, temperature, generator=generator)]
     gold_bon, gold_one = ([world.gold(p, x["text"], x["ended"]) for p, x in zip(evals, replies)]
                           for replies in (picks, singles))
-    gold_cands = [[world.gold(p, x["text"], x["ended"]) for x in pk["candidates"]]
-                  for p, pk in zip(evals, picks)]
+    golds = [[world.gold(p, x["text"], x["ended"]) for x in c["candidates"]] for p, c in zip(evals, picks)]
     rate, ci = world.win_rate(gold_bon, gold_one)
-    oracle_rate, _ = world.win_rate(list(map(max, gold_cands)), gold_one)
+    oracle_rate, _ = world.win_rate(list(map(max, golds)), gold_one)
     res = {"bon": n, "bon_gold": sum(gold_bon) / len(evals), "bon_win_rate": rate, "bon_win_ci": ci,
-           "sft_gold": sum(map(sum, gold_cands)) / (n * len(evals)),
-           "oracle_gold": sum(map(max, gold_cands)) / len(evals), "oracle_win_rate": oracle_rate}
+           "sft_gold": sum(map(sum, golds)) / (n * len(evals)),
+           "oracle_gold": sum(map(max, golds)) / len(evals), "oracle_win_rate": oracle_rate}
     print(f"\nbest-of-{n} on {len(evals)} held-out prompts, judged by the hidden human (ideal = 1.0):")
     print(f"  SFT sample mean gold {res['sft_gold']:.3f}; RM's pick {res['bon_gold']:.3f}; "
           f"gold's own pick (the ceiling) {res['oracle_gold']:.3f}")
@@ -341,8 +341,9 @@ def main():
             comps = file_comparisons(data, cmp_path)
         else:
             gen = torch.Generator(device=rt.device).manual_seed(seed + rt.rank)
-            comps = collect_comparisons(policy, enc, world.prompts("train")[:n_prompts or None], rt, gen, K,
-                                        max_new_tokens, temperature, labeler_tau, seed, gen_batch, watch.lap)
+            pool = world.prompts("train", contexts=contexts)[:n_prompts or None]
+            comps = collect_comparisons(policy, enc, pool, rt, gen, K, max_new_tokens, temperature,
+                                        labeler_tau, seed, gen_batch, watch.lap)
             if rt.master:
                 write_jsonl(cmp_path, comps)
                 print(f"wrote {len(comps)} rankings of {K} answers to {cmp_path} ({time.time() - t0:.0f}s)")
@@ -394,8 +395,7 @@ def main():
             l = loss_fn(r)
             rt.scaler.scale(l).backward()
             if rt.ddp and lm_feature:  # DDP averages the network's gradients; w lives outside it
-                torch.distributed.all_reduce(lm_w.grad)
-                lm_w.grad /= rt.world_size
+                torch.distributed.all_reduce(lm_w.grad.div_(rt.world_size))  # a sum of shares: the mean
             norm = runtime.optimizer_step(rm, optimizer, rt.scaler, grad_clip)
             runtime.check_finite("reward", it + 1, "a lower --lr", loss=l.detach(), grad_norm=norm)
             watch.lap("training")

@@ -406,7 +406,7 @@ RANGES = {
                     (lambda v: v > 0, "> 0")),
     **dict.fromkeys(("dropout", "val_fraction", "eval_fraction"), (lambda v: 0 <= v < 1, "in [0, 1)")),
     **dict.fromkeys(("cliprange", "cliprange_value"), (lambda v: 0 < v < 1, "in (0, 1)")),
-    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "contexts": (lambda v: v >= 2, ">= 2"),
     "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"),
               "one of auto, float32, bfloat16, float16"),

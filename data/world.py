@@ -456,11 +456,12 @@ def _questions():
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _all_prompts():
+@functools.lru_cache(maxsize=4)
+def _all_prompts(contexts=2):
     """The core, then every request in every wording alone, each describe/sentiment request followed up,
-    and each request after two unrelated first exchanges (drawn with WORLD_SEED): no duplicates."""
-    rng = random.Random(WORLD_SEED)
+    and each request after `contexts` unrelated first exchanges: two drawn with WORLD_SEED, any more with
+    WORLD_SEED + 1 and put last, so a bigger pool keeps the default one as its first part; no duplicates."""
+    rng, more = random.Random(WORLD_SEED), random.Random(WORLD_SEED + 1)
     qs = _questions()
     harmless = [q for q, _ in qs if parse_task([_user(q)])["kind"] != "harmful"]
     out = list(_core_prompts()) + [[_user(q)] for q, _ in qs]
@@ -471,19 +472,25 @@ def _all_prompts():
             out += [_exchange(q) + [_user(f.format(r=ref))] for f in FOLLOW_UPS]
     for q, _ in qs:
         out += [_exchange(rng.choice(harmless)) + [_user(q)] for _ in range(2)]
+    for q, _ in qs:
+        out += [_exchange(more.choice(harmless)) + [_user(q)] for _ in range(contexts - 2)]
     return list({json.dumps(p): p for p in out}.values())  # the first of each, in order
 
 
-def prompts(split, seed=0, eval_fraction=0.15):
+def prompts(split, seed=0, eval_fraction=0.15, contexts=2):
     """Held-out eval prompts (`eval_fraction` of the core, shuffled by seed: the same set the world always
-    had) or train prompts (every other prompt of every wording, shuffled by seed); no prompt is in both."""
+    had) or train prompts (every other prompt of every wording, shuffled by seed); no prompt is in both.
+    contexts > 2 puts each request after more unrelated first exchanges: more distinct train prompts (a
+    reward model's accuracy grows with them); the eval prompts never change."""
+    if contexts < 2:
+        raise ValueError(f"contexts={contexts}: the world's prompts put each request after at least 2")
     core = all_prompts()
     random.Random(seed).shuffle(core)
     ev = core[:int(len(core) * eval_fraction)]
     if split == "eval":
         return ev
     held = {json.dumps(p) for p in ev}
-    train = [[dict(m) for m in p] for p in _all_prompts() if json.dumps(p) not in held]
+    train = [[dict(m) for m in p] for p in _all_prompts(contexts) if json.dumps(p) not in held]
     random.Random(seed).shuffle(train)
     return train
 

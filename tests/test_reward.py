@@ -329,6 +329,7 @@ def test_preference_file_and_bad_input(tiny_sft, tmp_path):
 @pytest.mark.parametrize("flag, message", [
     ("--loss=hinge", "error: --loss='hinge' is out of range: it must be one of bradley_terry, plackett_luce"),
     ("--K=1", "error: --K=1 is out of range: it must be >= 2"),
+    ("--contexts=1", "error: --contexts=1 is out of range: it must be >= 2"),
     ("--labeler_tau=0", "error: --labeler_tau=0.0 is out of range: it must be > 0"),
     ("--train=False", "error: nothing to do with --train=False and --bon=0")])
 def test_a_bad_option_is_one_line_before_anything_is_touched(tmp_path, monkeypatch, flag, message):

@@ -77,6 +77,26 @@ def test_training_asks_many_more_prompts_and_the_held_out_set_is_the_core_one():
     assert len(second) > len(core) and all(w.parse_task(q) == w.parse_task(q[-1:]) for q in second)
 
 
+
+def test_more_contexts_make_a_bigger_pool_that_starts_with_the_default_one():
+    key = lambda p: json.dumps(p)  # noqa: E731
+    assert w.prompts("train", contexts=2) == w.prompts("train")
+    small, big = w._all_prompts(2), w._all_prompts(6)
+    assert big[:len(small)] == small  # the default pool is the first part
+    assert len(big) > len(small) + 3 * len(w._questions())  # four more per question, a few coinciding
+    assert len({key(p) for p in big}) == len(big)  # no prompt twice
+    extra = big[len(small):]  # each a question after an unrelated, harmless first exchange
+    questions = {q for q, _ in w._questions()}
+    assert all(len(p) == 3 and p[-1]["content"] in questions and p[1] == w._exchange(p[0]["content"])[1]
+               and w.parse_task(p[:1])["kind"] != "harmful" for p in extra)
+    train, ev = w.prompts("train", contexts=6), w.prompts("eval")
+    pool = {key(p) for p in big}
+    assert len(train) == len(big) - sum(key(p) in pool for p in ev)  # only the eval prompts are held out
+    assert not {key(p) for p in train} & {key(p) for p in ev}
+    with pytest.raises(ValueError, match="contexts=1"):
+        w.prompts("train", contexts=1)
+
+
 def test_gold_describe_and_style_components():
     p = U("Describe the fox.")
     good = "The fox is happy. The fox runs in the forest."
