@@ -619,6 +619,8 @@ if __name__ == "__main__":  # print the world's vital statistics
     g = [gold(d[:-1], d[-1]["content"]) for d in demos]
     print(f"prompts: {len(prompts('train'))} train / {len(prompts('eval'))} eval; "
           f"demonstrations: {len(demos)}")
+    print(f"  {len(_questions())} distinct questions; each after 16 first exchanges (--contexts=16): "
+          f"{len(prompts('train', contexts=16))} train prompts")
     print(f"demonstrations' mean gold: {sum(g) / len(g):.3f} of ideal 1.0")
     print("ideal mean gold (eval): "
           f"{sum(gold(p, ideal(p)) for p in prompts('eval')) / len(prompts('eval')):.3f}")
