@@ -77,7 +77,6 @@ def test_training_asks_many_more_prompts_and_the_held_out_set_is_the_core_one():
     assert len(second) > len(core) and all(w.parse_task(q) == w.parse_task(q[-1:]) for q in second)
 
 
-
 def test_more_contexts_make_a_bigger_pool_that_starts_with_the_default_one():
     key = lambda p: json.dumps(p)  # noqa: E731
     assert w.prompts("train", contexts=2) == w.prompts("train")
