@@ -604,7 +604,6 @@ def rank(messages, responses, rng, ended=None, tau=LABELER_TAU):
     return sorted(range(len(responses)), key=lambda i: -keys[i])
 
 
-
 def win_rate(golds_a, golds_b):
     """How often a beats b under the hidden human (ties count half), with a 95% normal-approximation interval
     half-width: (rate, half_width)."""
@@ -613,6 +612,7 @@ def win_rate(golds_a, golds_b):
     p = sum(outcomes) / n
     var = sum((o - p) ** 2 for o in outcomes) / max(1, n - 1)
     return p, 1.96 * math.sqrt(var / n)
+
 
 if __name__ == "__main__":  # print the world's vital statistics
     demos = demonstrations()

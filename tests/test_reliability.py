@@ -83,12 +83,22 @@ def out_dir(tmp_path):
     return d
 
 
-@pytest.mark.parametrize("script,option", BAD_OPTIONS, ids=[f"{s}{o}" for s, o in BAD_OPTIONS])
-def test_a_bad_option_is_one_line_and_touches_nothing(out_dir, script, option):
+@pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "dpo", "evaluate", "chat"])
+def test_a_bad_option_as_a_user_meets_it(out_dir, script):
+    """Once per script in a new python: one line on stderr, no traceback, a non-zero exit, nothing touched."""
     before = snapshot(out_dir)
-    r = run(script, f"--out_dir={out_dir}", option)
+    r = run(script, f"--out_dir={out_dir}", "--device=tpu")
     assert one_line_error(r), r.stderr[-1500:]
-    assert option.split("=")[0] in r.stderr  # the line names the option
+    assert r.stderr.startswith("error: --device='tpu' is out of range")  # the line names the option
+    assert snapshot(out_dir) == before
+
+
+@pytest.mark.parametrize("script,option", BAD_OPTIONS, ids=[f"{s}{o}" for s, o in BAD_OPTIONS])
+def test_a_bad_option_is_one_line_and_touches_nothing(out_dir, refusal, script, option):
+    before = snapshot(out_dir)
+    message = refusal(script, f"--out_dir={out_dir}", option)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert option.split("=")[0] in message  # the line names the option
     assert snapshot(out_dir) == before
 
 
@@ -116,26 +126,28 @@ def damaged_checkpoints(d):
     return [(n, d / f"{n}.pt") for n in names]
 
 
-def test_damaged_checkpoints_are_one_line_and_run_no_code(tmp_path):
+def test_damaged_checkpoints_are_one_line_and_run_no_code(tmp_path, refusal):
     for name, path in damaged_checkpoints(tmp_path / "ck"):
-        r = run("chat", f"--ckpt={path}", "--prompt=Describe the owl.", "--max_new_tokens=4")
-        assert one_line_error(r), (name, r.stderr[-1500:])
-        assert str(path) in r.stderr, name  # the line names the file
+        message = refusal("chat", f"--ckpt={path}", "--prompt=Describe the owl.", "--max_new_tokens=4")
+        assert message.startswith("error: ") and "\n" not in message, (name, message)
+        assert str(path) in message, name  # the line names the file
     assert not (tmp_path / "ck" / "PWNED").exists()
 
 
 @pytest.mark.parametrize("stage", ["ppo", "dpo", "reward"])
-def test_a_damaged_sft_checkpoint_stops_a_later_stage_in_one_line(tmp_path, stage):
+def test_a_damaged_sft_checkpoint_stops_a_later_stage_in_one_line(tmp_path, refusal, stage):
     d = tmp_path / "out"
     d.mkdir()
     cks = dict(damaged_checkpoints(tmp_path / "ck"))
     for name in ("other_vocab", "truncated"):
         (d / "sft.pt").write_bytes(cks[name].read_bytes())
         save_tiny(d / "reward.pt", "reward")
-        (d / "comparisons.jsonl").write_text("")
+        ranking = {"prompt": [{"role": "user", "content": "Describe the owl."}], "ranking": [0, 1],
+                   "responses": ["The owl is kind.", "No."], "ended": [True, True]}
+        (d / "comparisons.jsonl").write_text(json.dumps(ranking) + "\n")  # good: only sft.pt is wrong
         before = snapshot(d)
-        r = run(stage, f"--out_dir={d}", "--max_iters=1")
-        assert one_line_error(r), (stage, name, r.stderr[-1500:])
+        message = refusal(stage, f"--out_dir={d}", "--max_iters=1")
+        assert message.startswith(f"error: {d / 'sft.pt'}") and "\n" not in message, (stage, name, message)
         assert snapshot(d) == before
 
 

@@ -332,16 +332,10 @@ def test_preference_file_and_bad_input(tiny_sft, tmp_path):
     ("--contexts=1", "error: --contexts=1 is out of range: it must be >= 2"),
     ("--labeler_tau=0", "error: --labeler_tau=0.0 is out of range: it must be > 0"),
     ("--train=False", "error: nothing to do with --train=False and --bon=0")])
-def test_a_bad_option_is_one_line_before_anything_is_touched(tmp_path, monkeypatch, flag, message):
+def test_a_bad_option_is_one_line_before_anything_is_touched(tmp_path, refusal, flag, message):
     (tmp_path / "reward.jsonl").write_text("old log\n")
-    config = {k: v for k, v in vars(reward).items() if not k.startswith("_")}
-    monkeypatch.setattr(sys, "argv", ["reward.py", f"--out_dir={tmp_path}", flag])
-    try:
-        with pytest.raises(SystemExit) as e:
-            reward.main()  # in-process: the checks come before any model is loaded
-    finally:
-        vars(reward).update(config)  # configure() rebinds the module's config globals
-    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    got = refusal("reward", f"--out_dir={tmp_path}", flag)  # the checks come before any model is loaded
+    assert got.startswith(message) and "\n" not in got, got
     assert os.listdir(tmp_path) == ["reward.jsonl"] and (tmp_path / "reward.jsonl").read_text() == "old log\n"
 
 

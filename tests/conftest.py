@@ -1,0 +1,25 @@
+"""What several test files share: running a script that must refuse its input, in this process."""
+import os
+import runpy
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def refusal(monkeypatch, capsys):
+    """refusal(script, *args) runs `python script.py args` in this process (a new python spends seconds
+    importing torch) and returns the SystemExit message it stops with; nothing may be printed before it.
+    Python prints that message as the one line on stderr and exits with 1: tests/test_reliability.py checks
+    that once per script in a real subprocess."""
+    def run(script, *args):
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, f"{script}.py"), run_name="__main__")
+        printed = capsys.readouterr()
+        assert printed.out == printed.err == "", (script, args, printed)
+        return str(e.value)
+    return run
