@@ -1,4 +1,5 @@
-"""evaluate.py end to end on a tiny untrained SFT checkpoint: the report's arithmetic, not the model's quality."""
+"""evaluate.py end to end on a tiny untrained SFT checkpoint: the report's arithmetic, not the model's
+quality."""
 import json
 import os
 import subprocess
@@ -19,13 +20,15 @@ def test_report_numbers_add_up(tmp_path):
     args = dict(block_size=128, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2, n_embd=32)
     torch.manual_seed(0)
     sft = M.GPT(M.GPTConfig(**args))
-    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {"model": sft.state_dict(), "model_args": args, "kind": "sft",
-                                                 "step": 0, "config": {}, "tokenizer": "world"})
+    runtime.save_checkpoint(str(tmp_path / "sft.pt"),
+                            {"model": sft.state_dict(), "model_args": args, "kind": "sft", "step": 0,
+                             "config": {}, "tokenizer": "world"})
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
-                                 ["Describe the cat.", "Write an insult about Tom.", "Where does Mia live?"]) + "\n")
-    r = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={tmp_path}", f"--prompts={prompts}", "--samples=4",
-                        "--bon=0", "--max_new_tokens=12", "--json_out=True"],
+                                 ["Describe the cat.", "Write an insult about Tom.",
+                                  "Where does Mia live?"]) + "\n")
+    r = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={tmp_path}", f"--prompts={prompts}",
+                        "--samples=4", "--bon=0", "--max_new_tokens=12", "--json_out=True"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout[r.stdout.index("\n{") + 1:])["sft"]
@@ -44,7 +47,8 @@ def test_gold_at_equal_kl_is_read_off_the_frontier():
     pts = [(2.0, 0.9), (0.5, 0.75), (1.0, 0.8)]  # any order
     assert evaluate.gold_at_kl(pts, 0.5) == pytest.approx(0.75)
     assert evaluate.gold_at_kl(pts, 1.5) == pytest.approx(0.85)  # halfway between (1, 0.8) and (2, 0.9)
-    assert evaluate.gold_at_kl(pts, 0.25) is None and evaluate.gold_at_kl(pts, 2.5) is None  # not extrapolated
+    # not extrapolated
+    assert evaluate.gold_at_kl(pts, 0.25) is None and evaluate.gold_at_kl(pts, 2.5) is None
     assert evaluate.gold_at_kl([(1.0, 0.8)], 1.0) == 0.8 and evaluate.gold_at_kl([(1.0, 0.8)], 1.5) is None
 
 
@@ -73,7 +77,8 @@ def test_the_equal_kl_table_has_the_kl_every_method_covers(tmp_path, monkeypatch
     sweep = [{"stage": "ppo", "beta": 0.1, "gold": 0.8, "kl": 1.0},
              {"stage": "dpo", "beta": 0.1, "gold": 0.7, "kl": 0.6}]
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(sweep))
-    results = {"sft": {"gold": 0.6, "kl": 0.0}, "ppo": {"gold": 0.9, "kl": 1.4}, "dpo": {"gold": 0.8, "kl": 1.6}}
+    results = {"sft": {"gold": 0.6, "kl": 0.0}, "ppo": {"gold": 0.9, "kl": 1.4},
+               "dpo": {"gold": 0.8, "kl": 1.6}}
     lines = evaluate.draw_figures(results, str(tmp_path / "figures"))
     # PPO covers KL 1.0-1.4, DPO 0.6-1.6: both at 1.2, halfway through PPO's segment, 0.6 of the way in DPO's
     assert "| 1.2 | 0.850 | 0.760 |" in lines and "| 1.5 |  | 0.790 |" in lines

@@ -1,6 +1,6 @@
-"""The critic-free policy gradients by hand (GRPO's group advantage, RLOO's leave-one-out baseline, the clipped
-loss with the k3 KL), the invariants at the first update, and smoke runs of both baselines, on the world's
-prompts and on a prompts file."""
+"""The critic-free policy gradients by hand (GRPO's group advantage, RLOO's leave-one-out baseline, the
+clipped loss with the k3 KL), the invariants at the first update, and smoke runs of both baselines, on the
+world's prompts and on a prompts file."""
 import json
 import math
 import os
@@ -44,7 +44,8 @@ def test_rloo_equals_the_hand_worked_leave_one_out_value():
 def test_at_the_first_update_the_ratio_is_one_and_the_loss_is_the_plain_policy_gradient_loss():
     torch.manual_seed(0)
     logp = (-torch.rand(4, 6)).requires_grad_()
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]).float()
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0, 0]]).float()
     adv = torch.tensor([1.0, -2.0, 0.5, 0.0])
     old = logp.detach().clone()
     loss = grpo.grpo_loss(logp, old, old, adv, mask, 0.2, beta=0.1)  # policy = pi_old = reference
@@ -62,13 +63,14 @@ def test_the_log_probs_recorded_while_sampling_are_pi_old_ratio_one_and_the_kl_n
     torch.manual_seed(1)
     ref = M.GPT(policy.config)  # another network: a KL well away from zero
     prompts = world.prompts("train")[:6]
-    _, (seq, attn, gen, sampled) = respond(policy, enc, prompts, 12, generator=torch.Generator().manual_seed(0),
-                                           return_batch=True)
+    _, (seq, attn, gen, sampled) = respond(policy, enc, prompts, 12,
+                                           generator=torch.Generator().manual_seed(0), return_batch=True)
     action = gen[:, 1:].float()
     logp = M.sequence_logprobs(policy, seq, attn)
     loss = grpo.grpo_loss(logp, sampled[:, 1:], logp.detach(), torch.ones(6), action, 0.2, 0.0)
     assert action.sum() > 6 and loss.item() == pytest.approx(-1.0, abs=1e-5)  # -mean(ratio * A), ratio 1
-    # the evaluation's KL estimate from the recorded log-probs = the one from two fresh passes, and 0 vs itself
+    # the evaluation's KL estimate from the recorded log-probs = the one from two fresh passes,
+    # and 0 vs itself
     with torch.no_grad():
         two_passes = ((logp - M.sequence_logprobs(ref, seq, attn)) * action).sum(1)
     torch.testing.assert_close(sample_kl(sampled, ref, seq, attn, gen), two_passes, atol=1e-4, rtol=0)
@@ -79,7 +81,8 @@ def test_k3_term_by_hand_and_clipping():
     logp = torch.tensor([[-1.0, -2.0]])
     ref = torch.tensor([[-1.5, -2.0]])
     mask = torch.ones(1, 2)
-    # adv 0: only the KL term; r = ref/pi = e^-0.5 on token 0: e^-0.5 + 0.5 - 1, token 1: 0; mean over 2 tokens
+    # adv 0: only the KL term; r = ref/pi = e^-0.5 on token 0: e^-0.5 + 0.5 - 1, token 1: 0;
+    # mean over 2 tokens
     want = 0.1 * (math.exp(-0.5) + 0.5 - 1) / 2
     assert grpo.grpo_loss(logp, logp, ref, torch.zeros(1), mask, 0.2, 0.1).item() == pytest.approx(want)
     # a ratio of e^1 with a positive advantage is clipped at 1.2: -min(e * 1, 1.2 * 1) = -1.2 on that token
@@ -91,7 +94,8 @@ def test_k3_term_by_hand_and_clipping():
 def test_a_group_whose_answers_all_score_the_same_contributes_no_gradient():
     logp = (-torch.rand(4, 5)).requires_grad_()
     mask = torch.ones(4, 5)
-    for adv in (grpo.group_advantages(torch.full((4,), 0.7), 4, 1e-4), grpo.rloo_advantages(torch.full((4,), 0.7), 4)):
+    for adv in (grpo.group_advantages(torch.full((4,), 0.7), 4, 1e-4),
+                grpo.rloo_advantages(torch.full((4,), 0.7), 4)):
         loss = grpo.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, 0.2, 0.05)
         g, = torch.autograd.grad(loss, logp)
         assert g.abs().max() == 0
@@ -119,7 +123,8 @@ def test_smoke_run_of_each_baseline(tmp_path, baseline):
 def test_own_prompts_and_a_bad_prompts_file(tmp_path):
     make_stage_checkpoints(tmp_path)
     good = tmp_path / "prompts.jsonl"
-    good.write_text('{"prompt": "Tell me about the sea."}\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    good.write_text('{"prompt": "Tell me about the sea."}\n'
+                    '{"messages": [{"role": "user", "content": "Hi"}]}\n')
     r = run_grpo(tmp_path, f"--prompts={good}", "--max_iters=1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no gold or win rate is reported" in r.stdout and "wins" not in r.stdout

@@ -196,7 +196,8 @@ def write_safetensors(path, sd):
 
 
 def gpt2_state_dict(model):
-    """Our weights in GPT2LMHeadModel's layout: 'transformer.' keys, Conv1D (in, out) matrices, mask buffers."""
+    """Our weights in GPT2LMHeadModel's layout: 'transformer.' keys, Conv1D (in, out) matrices, mask
+    buffers."""
     cfg, out = model.config, {}
     for k, v in model.state_dict().items():
         if k.startswith("transformer."):
@@ -222,7 +223,8 @@ def test_gpt2_layout_round_trip(tmp_path):
     (tmp_path / "bin" / "config.json").write_text(json.dumps({"n_head": 2}))
     # the hub's gpt2 files carry no 'transformer.' prefix; the reader takes both
     (tmp_path / "st").mkdir()
-    write_safetensors(tmp_path / "st" / "model.safetensors", {k.removeprefix("transformer."): v for k, v in sd.items()})
+    write_safetensors(tmp_path / "st" / "model.safetensors",
+                      {k.removeprefix("transformer."): v for k, v in sd.items()})
     for path, heads in [(tmp_path / "bin", {}), (tmp_path / "st" / "model.safetensors", {"n_head": 2})]:
         m2 = runtime.load_gpt2(str(path), **heads).eval()
         assert m2.config.n_layer == 2 and m2.config.block_size == 48 and m2.config.vocab_size == 97
@@ -237,14 +239,16 @@ def test_checkpoint_survives_kill_mid_write(tmp_path):
         import io, sys, time, torch
         sys.path.insert(0, {ROOT!r})
         import runtime
-        runtime.save_checkpoint({path!r}, {{"kind": "base", "step": 1, "model": {{"w": torch.arange(10.0)}}, "model_args": {{}}}})
+        runtime.save_checkpoint({path!r}, {{"kind": "base", "step": 1, "model": {{"w": torch.arange(10.0)}},
+                                            "model_args": {{}}}})
         real_save = torch.save
         def slow_save(obj, f):  # write half the bytes, then hang: the parent kills us mid-write
             buf = io.BytesIO(); real_save(obj, buf)
             f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
             print("writing", flush=True); time.sleep(60)
         torch.save = slow_save
-        runtime.save_checkpoint({path!r}, {{"kind": "base", "step": 2, "model": {{"w": torch.randn(1_000_000)}}, "model_args": {{}}}})
+        runtime.save_checkpoint({path!r}, {{"kind": "base", "step": 2,
+                                            "model": {{"w": torch.randn(1_000_000)}}, "model_args": {{}}}})
     """)
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
@@ -255,7 +259,8 @@ def test_checkpoint_survives_kill_mid_write(tmp_path):
         p.wait(timeout=30)
     ck = runtime.load_checkpoint(path, kinds=("base",))
     assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(10.0))
-    runtime.save_checkpoint(path, {"kind": "base", "step": 3, "model": {}, "model_args": {}})  # a stale .tmp does not get in the way
+    # a stale .tmp does not get in the way
+    runtime.save_checkpoint(path, {"kind": "base", "step": 3, "model": {}, "model_args": {}})
     assert runtime.load_checkpoint(path)["step"] == 3 and not os.path.exists(path + ".tmp")
 
 
@@ -285,8 +290,8 @@ def test_configure_overrides():
         return dict(max_iters=10, lr=3e-4, compile=False, device="auto", betas=(0.9, 0.95), init=None,
                     _private=1, np=np, f=len)
     d = g()
-    cfg = runtime.configure(d, ["--max_iters=20", "--lr=1", "--compile=True", "--device=cpu", "--betas=[0.8,0.9]",
-                          "--init=gpt2"])
+    cfg = runtime.configure(d, ["--max_iters=20", "--lr=1", "--compile=True", "--device=cpu",
+                                "--betas=[0.8,0.9]", "--init=gpt2"])
     assert cfg == dict(max_iters=20, lr=1.0, compile=True, device="cpu", betas=(0.8, 0.9), init="gpt2")
     assert type(d["lr"]) is float and d["max_iters"] == 20
     with pytest.raises(SystemExit, match="valid options: max_iters, lr, compile, device, betas, init$"):
@@ -306,8 +311,8 @@ def test_configure_overrides():
 
 @pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "dpo", "evaluate", "chat", "bench"])
 def test_options_are_the_config_block(refusal, script):
-    """The options a script accepts are exactly the names its config block (between its first two rules) assigns:
-    nothing imported (a constant such as a special token) may turn into an option."""
+    """The options a script accepts are exactly the names its config block (between its first two rules)
+    assigns: nothing imported (a constant such as a special token) may turn into an option."""
     lines = open(os.path.join(ROOT, f"{script}.py")).read().splitlines()
     rules = [i for i, line in enumerate(lines) if line.startswith("# -----")][:2]
     block = set()

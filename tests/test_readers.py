@@ -13,7 +13,8 @@ S = lambda s: {"role": "system", "content": s}  # noqa: E731
 def write(tmp_path, *lines, name="d.jsonl"):
     """Write raw lines (str or bytes, dicts become JSON) and return the path."""
     path = tmp_path / name
-    path.write_bytes(b"\n".join(l if isinstance(l, bytes) else (json.dumps(l) if isinstance(l, dict) else l).encode()
+    path.write_bytes(b"\n".join(l if isinstance(l, bytes)
+                                else (json.dumps(l) if isinstance(l, dict) else l).encode()
                                 for l in lines))
     return path
 
@@ -62,7 +63,8 @@ def test_wrong_type(tmp_path, row, what):
 
 def test_wrong_type_preferences_and_prompts(tmp_path):
     p = write(tmp_path, {"prompt": 3, "chosen": "a", "rejected": "b"})
-    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: 'prompt' must be a string or messages list"):
+    with pytest.raises(DataError,
+                       match=rf"^{re.escape(str(p))}:1: 'prompt' must be a string or messages list"):
         read_preferences(p)
     p = write(tmp_path, {"chosen": "a", "rejected": [A("b")]})
     with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: .*both"):
@@ -91,7 +93,8 @@ def test_not_found(tmp_path):
 
 
 def test_hh_history_mismatch(tmp_path):
-    p = write(tmp_path, {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"})
+    p = write(tmp_path, {"chosen": "\n\nHuman: a\n\nAssistant: b",
+                         "rejected": "\n\nHuman: c\n\nAssistant: d"})
     with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: .*same history"):
         read_preferences(p)
     p = write(tmp_path, {"chosen": "just text", "rejected": "more text"})
@@ -102,7 +105,8 @@ def test_hh_history_mismatch(tmp_path):
 # ---- good input ----
 
 def test_messages_good(tmp_path):
-    convo = {"messages": [S("be brief"), U("hi"), {"role": "assistant", "content": "héllo 🙂", "extra": 1}]}
+    convo = {"messages": [S("be brief"), U("hi"),
+                          {"role": "assistant", "content": "héllo 🙂", "extra": 1}]}
     p = write(tmp_path, "\ufeff" + json.dumps(GOOD), "", convo, "")  # BOM, blank lines: fine
     assert read_messages(p) == [GOOD["messages"], [S("be brief"), U("hi"), A("héllo 🙂")]]
 
@@ -125,7 +129,8 @@ def test_trl_implicit_prompt(tmp_path):
 
 def test_anthropic_hh(tmp_path):
     history = "\n\nHuman: What is 2+2?\n\nAssistant: Why?\n\nHuman: Homework."
-    p = write(tmp_path, {"chosen": history + "\n\nAssistant: It is 4.", "rejected": history + "\n\nAssistant: No."})
+    p = write(tmp_path, {"chosen": history + "\n\nAssistant: It is 4.",
+                         "rejected": history + "\n\nAssistant: No."})
     assert read_preferences(p) == [{
         "prompt": [U("What is 2+2?"), A("Why?"), U("Homework.")],
         "chosen": "It is 4.",

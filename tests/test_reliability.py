@@ -1,6 +1,7 @@
-"""Every command survives: a bad option or a damaged checkpoint is one line (no traceback) with a non-zero exit and
-nothing in out_dir written, truncated or deleted; no checkpoint with a NaN is ever written; a failed write keeps
-the old file and leaves no temporary file. Most cases fail before any model is built, so the file is fast."""
+"""Every command survives: a bad option or a damaged checkpoint is one line (no traceback) with a non-zero
+exit and nothing in out_dir written, truncated or deleted; no checkpoint with a NaN is ever written; a failed
+write keeps the old file and leaves no temporary file. Most cases fail before any model is built, so the file
+is fast."""
 import errno
 import hashlib
 import json
@@ -29,10 +30,11 @@ BAD_OPTIONS = (
     + [(s, "--eval_interval=0") for s in ("sft", "reward", "dpo", "pretrain")]
     + [(s, "--grad_accum=0") for s in ("sft", "dpo", "pretrain")]
     + [("ppo", "--minibatch_size=0"), ("ppo", "--ppo_epochs=0"), ("ppo", "--eval_samples=0"),
-       ("dpo", "--eval_samples=0"), ("ppo", "--temperature=0"), ("ppo", "--beta=-0.1"), ("dpo", "--beta=-0.1"),
-       ("ppo", "--minibatch_size=999"), ("sft", "--max_iters=0"), ("pretrain", "--max_iters=0"),
-       ("evaluate", "--samples=0"), ("chat", "--temperature=-1"), ("ppo", "--cliprange=0"),
-       ("dpo", "--label_smoothing=0.5"), ("reward", "--K=1"), ("sft", "--dropout=1.5")]
+       ("dpo", "--eval_samples=0"), ("ppo", "--temperature=0"), ("ppo", "--beta=-0.1"),
+       ("dpo", "--beta=-0.1"), ("ppo", "--minibatch_size=999"), ("sft", "--max_iters=0"),
+       ("pretrain", "--max_iters=0"), ("evaluate", "--samples=0"), ("chat", "--temperature=-1"),
+       ("ppo", "--cliprange=0"), ("dpo", "--label_smoothing=0.5"), ("reward", "--K=1"),
+       ("sft", "--dropout=1.5")]
     + [(s, "--dtype=float64") for s in TRAINERS + ["pretrain", "evaluate", "chat"]]
     + [(s, "--device=tpu") for s in TRAINERS + ["pretrain", "evaluate", "chat"]]
     + [(s, "--max_new_tokens=0") for s in ("sft", "reward", "ppo", "dpo", "evaluate", "chat")]
@@ -56,12 +58,14 @@ def snapshot(d):
 
 def one_line_error(r):
     lines = r.stderr.strip().splitlines()
-    return r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+    return (r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ")
+            and "Traceback" not in r.stderr)
 
 
 def save_tiny(path, kind="sft", **changes):
     torch.manual_seed(0)
-    args = dict(block_size=64, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32, scalar_head=kind == "reward")
+    args = dict(block_size=64, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32,
+                scalar_head=kind == "reward")
     m = M.GPT(M.GPTConfig(**args))
     ck = {"model": m.state_dict(), "model_args": args, "kind": kind, "step": 1, "tokenizer": "world",
           "gain": 1.0, "bias": 0.0, **changes}
@@ -113,7 +117,8 @@ def damaged_checkpoints(d):
     torch.save({k: v for k, v in good.items() if k != "model_args"}, d / "no_model_args.pt")
     torch.save({**good, "model_args": {**good["model_args"], "n_embd": 64}}, d / "other_shape.pt")
     torch.save({**good, "model_args": {**good["model_args"], "vocab_size": 100},
-                "model": {**good["model"], "transformer.wte.weight": torch.zeros(100, 32)}}, d / "other_vocab.pt")
+                "model": {**good["model"], "transformer.wte.weight": torch.zeros(100, 32)}},
+               d / "other_vocab.pt")
     torch.save(torch.zeros(3), d / "a_tensor.pt")
 
     class Exploit:  # a pickle that would run code when loaded without weights_only
@@ -121,8 +126,8 @@ def damaged_checkpoints(d):
             return (os.system, (f"touch {d / 'PWNED'}",))
     with open(d / "exploit.pt", "wb") as f:
         pickle.dump({"kind": "sft", "model": Exploit()}, f)
-    names = ["empty", "random", "truncated", "wrong_kind", "no_model_args", "other_shape", "other_vocab", "a_tensor",
-             "exploit"]
+    names = ["empty", "random", "truncated", "wrong_kind", "no_model_args", "other_shape", "other_vocab",
+             "a_tensor", "exploit"]
     return [(n, d / f"{n}.pt") for n in names]
 
 
@@ -269,8 +274,8 @@ def time_split(stdout, stage):
 
 
 def fp16_step(model, loss_fn):
-    """One training step as every stage takes it: fp16 autocast on CPU, the GradScaler, runtime.optimizer_step.
-    Returns (weights before, weights after, the gradient norm)."""
+    """One training step as every stage takes it: fp16 autocast on CPU, the GradScaler,
+    runtime.optimizer_step. Returns (weights before, weights after, the gradient norm)."""
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     opt = runtime.configure_optimizer(model, 0.0, 1e-3, (0.9, 0.95), "cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -291,17 +296,20 @@ def test_each_stage_steps_under_fp16_autocast_with_a_grad_scaler(stage):
     import sft
     from rollout import rm_score
     torch.manual_seed(0)
-    m = M.GPT(M.GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, scalar_head=stage == "reward"))
+    m = M.GPT(M.GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16,
+                          scalar_head=stage == "reward"))
     x = torch.randint(0, 50, (4, 12))
     mask = torch.ones_like(x)
     loss_fn = {
         "pretrain": lambda net: pretrain.next_token_loss(net(x[:, :-1])[0], x[:, 1:]),
-        "sft": lambda net: sft.sft_loss(net(x[:, :-1])[0], torch.where(torch.rand(4, 11) < 0.5, x[:, 1:], -1)),
+        "sft": lambda net: sft.sft_loss(net(x[:, :-1])[0],
+                                        torch.where(torch.rand(4, 11) < 0.5, x[:, 1:], -1)),
         "reward": lambda net: reward.bradley_terry_loss(rm_score(net, x, mask).view(1, 4)),
         "dpo": lambda net: dpo.dpo_loss(*M.sequence_logprobs(net, x).sum(1).view(2, 2), torch.zeros(2),
                                         torch.zeros(2), 0.5).mean(),
         "grpo": lambda net: grpo.grpo_loss(lp := M.sequence_logprobs(net, x), lp.detach() + 0.01, lp.detach(),
-                                           torch.tensor([1.0, -1.0, 0.5, -0.5]), mask[:, 1:].float(), 0.2, 0.1),
+                                           torch.tensor([1.0, -1.0, 0.5, -0.5]), mask[:, 1:].float(),
+                                           0.2, 0.1),
     }[stage]
     before, after, norm = fp16_step(m, loss_fn)
     assert all(torch.isfinite(v).all() for v in after.values())
@@ -313,12 +321,13 @@ def test_each_stage_steps_under_fp16_autocast_with_a_grad_scaler(stage):
 KILLED = {  # stage: (flags of an 8-step run that saves every 2 steps, inputs it needs)
     "sft": (["--batch_size=4", "--max_iters=8", "--eval_interval=2", "--eval_iters=1", "--max_new_tokens=8"],
             ["base"]),
-    "reward": (["--batch_size=4", "--max_iters=8", "--eval_interval=2", "--n_prompts=40", "--max_new_tokens=4"],
+    "reward": (["--batch_size=4", "--max_iters=8", "--eval_interval=2", "--n_prompts=40",
+                "--max_new_tokens=4"],
                ["sft"]),
     "dpo": (["--batch_size=4", "--max_iters=8", "--eval_interval=2", "--max_new_tokens=8", "--n_eval=8"],
             ["sft", "comparisons"]),
-    "ppo": (["--batch_size=4", "--minibatch_size=2", "--max_iters=8", "--save_interval=2", "--max_new_tokens=8",
-             "--n_eval=4", "--eval_samples=1"], ["sft", "reward"]),
+    "ppo": (["--batch_size=4", "--minibatch_size=2", "--max_iters=8", "--save_interval=2",
+             "--max_new_tokens=8", "--n_eval=4", "--eval_samples=1"], ["sft", "reward"]),
 }
 
 
@@ -352,8 +361,8 @@ def test_a_kill_at_a_random_moment_then_resume_ends_as_an_unbroken_run(tmp_path,
     whole, split = tmp_path / "whole", tmp_path / "split"
     for d in (whole, split):
         stage_inputs(d, needs)
-    # one thread: with several, some CPU kernels may sum in another order from run to run, and the two runs must
-    # sample the same answers (reward.py collects its comparisons by sampling) to end equal
+    # one thread: with several, some CPU kernels may sum in another order from run to run, and the two runs
+    # must sample the same answers (reward.py collects its comparisons by sampling) to end equal
     one = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = run(stage, f"--out_dir={whole}", *flags, env=one)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -25,8 +25,9 @@ RANKS = train_bpe(TEXT, 400)
 ENC = make_encoding(RANKS)
 
 UNICODE = [
-    "", " ", "\n\n\t  \r\n", "héllo wörld, ça va? ñandú", "日本語のテキストと中文", "emoji 🙂👍🏽 👨‍👩‍👧 done",
-    "control \x00\x01\x1b[31m\x7f chars", "mixed: abc123 ... !!! ???   trailing   ", "Ελληνικά и русский",
+    "", " ", "\n\n\t  \r\n", "héllo wörld, ça va? ñandú", "日本語のテキストと中文",
+    "emoji 🙂👍🏽 👨‍👩‍👧 done", "control \x00\x01\x1b[31m\x7f chars",
+    "mixed: abc123 ... !!! ???   trailing   ", "Ελληνικά и русский",
     "zero\u200bwidth and \u2028 line sep", "'s 've 'll don't", "a" * 1000,
 ]
 
@@ -109,7 +110,8 @@ def test_world_tokenizer():
     if not tok.WORLD_PATH.exists():
         pytest.skip("data/world.tiktoken not trained yet")
     enc = tok.get_tokenizer("world")
-    assert 256 + len(SPECIALS) < enc.n_vocab <= tok.WORLD_VOCAB  # the small world may run out of merges early
+    # the small world may run out of merges early
+    assert 256 + len(SPECIALS) < enc.n_vocab <= tok.WORLD_VOCAB
     for s in UNICODE + ["The quick brown fox. <|user|> 42!"]:
         assert enc.decode(enc.encode_ordinary(s)) == s
     assert [special_id(enc, s) for s in SPECIALS] == list(range(enc.n_vocab - len(SPECIALS), enc.n_vocab))
@@ -117,7 +119,8 @@ def test_world_tokenizer():
 
 def test_gpt2_specials(monkeypatch):
     # Offline here, so stand in a tiny base whose <|endoftext|> is its last id, as in gpt2 (50256 of 50257).
-    base = tiktoken.Encoding(name="gpt2", pat_str=tok.PAT, mergeable_ranks={bytes([b]): b for b in range(256)},
+    base = tiktoken.Encoding(name="gpt2", pat_str=tok.PAT,
+                             mergeable_ranks={bytes([b]): b for b in range(256)},
                              special_tokens={tok.EOT: 256})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: base)
     enc = tok.get_tokenizer("gpt2")
