@@ -323,6 +323,7 @@ def test_options_are_the_config_block(refusal, script):
     assert message.startswith("error: unknown option --not_an_option; valid options: "), message
     assert set(message.split("valid options: ")[1].split(", ")) == block
 
+
 def test_scalar_head_and_ignored_loss():
     m = tiny(scalar_head=True).train()
     x = torch.randint(0, 97, (3, 12))

@@ -25,7 +25,8 @@ from data.tokenizer import get_tokenizer  # noqa: E402
 
 N_VOCAB = get_tokenizer("world").n_vocab
 TRAINERS = ["sft", "reward", "ppo", "dpo"]
-BAD_OPTIONS = (
+SCRIPTS = TRAINERS + ["pretrain", "evaluate", "chat"]
+BAD_OPTIONS = (  # each script's --device=tpu runs in a new python: test_a_bad_option_as_a_user_meets_it
     [(s, "--batch_size=0") for s in TRAINERS] + [(s, "--lr=-1") for s in TRAINERS]
     + [(s, "--eval_interval=0") for s in ("sft", "reward", "dpo", "pretrain")]
     + [(s, "--grad_accum=0") for s in ("sft", "dpo", "pretrain")]
@@ -35,8 +36,7 @@ BAD_OPTIONS = (
        ("pretrain", "--max_iters=0"), ("evaluate", "--samples=0"), ("chat", "--temperature=-1"),
        ("ppo", "--cliprange=0"), ("dpo", "--label_smoothing=0.5"), ("reward", "--K=1"),
        ("sft", "--dropout=1.5")]
-    + [(s, "--dtype=float64") for s in TRAINERS + ["pretrain", "evaluate", "chat"]]
-    + [(s, "--device=tpu") for s in TRAINERS + ["pretrain", "evaluate", "chat"]]
+    + [(s, "--dtype=float64") for s in SCRIPTS]
     + [(s, "--max_new_tokens=0") for s in ("sft", "reward", "ppo", "dpo", "evaluate", "chat")]
 )
 
@@ -87,7 +87,7 @@ def out_dir(tmp_path):
     return d
 
 
-@pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "dpo", "evaluate", "chat"])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_a_bad_option_as_a_user_meets_it(out_dir, script):
     """Once per script in a new python: one line on stderr, no traceback, a non-zero exit, nothing touched."""
     before = snapshot(out_dir)
