@@ -47,7 +47,8 @@ seed = 1337                # same seed, same run (on CPU)
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
 compile = False            # torch.compile the policy (CUDA)
-max_iters = 100            # iterations (one batch of groups each), as many answers as ppo.py's default run
+max_iters = 100            # iterations (one batch of groups each): 12,800 answers; ppo.py stops at 5,120,
+                           # where its gold has stopped rising, while RLOO's still rises at 100
 group_size = 8             # G answers per prompt: the baseline is their mean, so G >= 2
 group_prompts = 16         # prompts per batch (per process): group_size x group_prompts answers per iteration
 minibatch_size = 64        # answers per gradient step (whole groups stay together only for the advantage)
