@@ -146,9 +146,10 @@ def run_sweep(rt, eval_prompts, rm_path):
 
 def evaluate(rt, paths, prompts, rm_path, watch=None):
     """{name: checkpoint path (None for best-of-N)} -> {name: metrics}, each model answering prompts x samples
-    with the same random stream; SFT (the reference) is always evaluated first. watch: a runtime.Stopwatch."""
+    with the same random stream; SFT (the reference: paths["sft"], else out_dir/sft.pt) is always evaluated
+    first. watch: a runtime.Stopwatch."""
     watch = watch or runtime.Stopwatch(rt.device_type)
-    sft, enc, _ = runtime.load_model(os.path.join(out_dir, "sft.pt"), "sft", dropout=0.0)
+    sft, enc, _ = runtime.load_model(paths.get("sft") or os.path.join(out_dir, "sft.pt"), "sft", dropout=0.0)
     sft.to(rt.device).eval()
     rm = rm_ck = None
     if os.path.isfile(rm_path):
@@ -198,19 +199,24 @@ def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator, lap):
     return res
 
 
+def listed_checkpoints():
+    """--ckpt's list -> {name: path}: name=path, or a path named by its file; "bon" (best-of-N) has no path."""
+    items = [c.split("=", 1) if "=" in c else (os.path.splitext(os.path.basename(c))[0], c)
+             for c in ckpt.split(",")]
+    items = [(n, None if n == "bon" else p) for n, p in items]
+    missing = [p for n, p in items if p is not None and not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"error: --ckpt: {missing[0]} not found")
+    return dict(items)
+
 def checkpoints_to_compare(rm_path):
-    """{name: path}: --ckpt's list (name=path or a path named by its file), or every stage present in out_dir
-    with best-of-N right after SFT when a reward model exists."""
-    if ckpt:  # "bon" in the list is the best-of-N row
-        items = [c.split("=", 1) if "=" in c else (os.path.splitext(os.path.basename(c))[0], c)
-                 for c in ckpt.split(",")]
-        items = [(n, None if n == "bon" else p) for n, p in items]
-        missing = [p for n, p in items if p is not None and not os.path.isfile(p)]
-        if missing:
-            raise SystemExit(f"error: --ckpt: {missing[0]} not found")
-        if "bon" in dict(items) and not os.path.isfile(rm_path):
+    """{name: path}: --ckpt's list, or every stage present in out_dir with best-of-N right after SFT when a
+    reward model exists."""
+    if ckpt:
+        items = listed_checkpoints()
+        if "bon" in items and not os.path.isfile(rm_path):
             raise SystemExit(f"error: --ckpt: the best-of-N row needs a reward model; {rm_path} not found")
-        return dict(items)
+        return items
     paths = {n: os.path.join(out_dir, f"{n}.pt") for n in ("base", "sft", "ppo", "grpo", "rloo", "dpo")}
     paths = {n: p for n, p in paths.items() if os.path.isfile(p)}
     if bon > 0 and os.path.isfile(rm_path):
@@ -332,7 +338,9 @@ def main():
     rm_path = reward or os.path.join(out_dir, "reward.pt")
     if reward and not os.path.isfile(reward):
         raise SystemExit(f"error: --reward: {reward} not found")
-    runtime.ensure_checkpoint(os.path.join(out_dir, "sft.pt"), "sft.py", out_dir)
+    # the reference every row is compared with: --ckpt's sft row if it names one, else out_dir/sft.pt
+    if not (ckpt and listed_checkpoints().get("sft")):
+        runtime.ensure_checkpoint(os.path.join(out_dir, "sft.pt"), "sft.py", out_dir)
     # ---- 2. optionally, PPO and DPO over a beta sweep first
     if sweep:
         run_sweep(rt, eval_prompts, rm_path)

@@ -42,6 +42,30 @@ def test_report_numbers_add_up(tmp_path):
     assert {"sampling", "scoring", "hidden human"} <= set(time_split(r.stdout, "evaluate"))
 
 
+def test_an_sft_row_in_ckpt_is_the_reference_every_row_meets(tmp_path):
+    """--ckpt=sft=PATH compares every row with PATH, not with out_dir/sft.pt (which it once silently used)."""
+    args = dict(block_size=128, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2, n_embd=32)
+    for i, d in enumerate(("out", "other")):
+        torch.manual_seed(i)
+        net = M.GPT(M.GPTConfig(**args))
+        if d == "other":  # large token embeddings (tied to the output): far from the near-uniform "out"
+            torch.nn.init.normal_(net.transformer.wte.weight, std=1.0)
+        (tmp_path / d).mkdir()
+        runtime.save_checkpoint(str(tmp_path / d / "sft.pt"),
+                                {"model": net.state_dict(), "model_args": args, "kind": "sft", "step": 0,
+                                 "config": {}, "tokenizer": "world"})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Describe the cat."}) + "\n")
+    r = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={tmp_path / 'out'}", f"--prompts={prompts}",
+                        f"--ckpt=sft={tmp_path / 'other' / 'sft.pt'},mine={tmp_path / 'out' / 'sft.pt'}",
+                        "--samples=4", "--bon=0", "--max_new_tokens=8", "--json_out=True"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    assert res["sft"]["kl"] == 0.0
+    assert res["mine"]["kl"] > 0.1  # out_dir's own sft.pt is far from the reference
+
+
 def test_gold_at_equal_kl_is_read_off_the_frontier():
     import evaluate
     pts = [(2.0, 0.9), (0.5, 0.75), (1.0, 0.8)]  # any order
