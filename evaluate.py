@@ -200,7 +200,7 @@ def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator, lap):
 
 
 def listed_checkpoints():
-    """--ckpt's list -> {name: path}: name=path, or a path named by its file; "bon" (best-of-N) has no path."""
+    """--ckpt's list -> {name: path}: name=path, or a path named by its file; "bon" (best-of-N): None."""
     items = [c.split("=", 1) if "=" in c else (os.path.splitext(os.path.basename(c))[0], c)
              for c in ckpt.split(",")]
     items = [(n, None if n == "bon" else p) for n, p in items]

@@ -56,7 +56,8 @@ def test_an_sft_row_in_ckpt_is_the_reference_every_row_meets(tmp_path):
                                  "config": {}, "tokenizer": "world"})
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Describe the cat."}) + "\n")
-    r = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={tmp_path / 'out'}", f"--prompts={prompts}",
+    r = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={tmp_path / 'out'}",
+                        f"--prompts={prompts}",
                         f"--ckpt=sft={tmp_path / 'other' / 'sft.pt'},mine={tmp_path / 'out' / 'sft.pt'}",
                         "--samples=4", "--bon=0", "--max_new_tokens=8", "--json_out=True"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
