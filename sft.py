@@ -48,7 +48,8 @@ seed = 1337                # same seed, same run (on CPU)
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
 compile = False            # torch.compile the model (CUDA)
-dropout = 0.1              # each conversation is seen several times: a little dropout keeps samples fluent
+dropout = 0.1              # InstructGPT trains SFT with residual dropout; without it the held-out loss is
+                           # lower but the hidden human likes the answers less (docs/experiments.md)
 batch_size = 32            # conversations per micro-batch (per process)
 grad_accum = 1             # micro-batches per optimizer step
 max_iters = 450            # optimizer steps: several passes over the world's demonstrations
