@@ -65,7 +65,7 @@ seed = 1337                # samples, labelers, held-out split and batches: a ru
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # bf16/fp16 autocast on CUDA, fp32 on CPU; rewards and losses are always fp32
 compile = False            # torch.compile the reward model (pays off on GPUs only)
-dropout = 0.0              # while the reward model trains (scoring is always without); off: no better here
+dropout = 0.0              # while the reward model trains (scoring is always without); 0.1 was worse here
 batch_size = 8             # prompts per step (per process); each brings all K of its answers
 epochs = 1                 # passes over the comparisons: one, as in InstructGPT (more learns them by heart)
 max_iters = 0              # optimizer steps; 0 = `epochs` passes
