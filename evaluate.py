@@ -209,6 +209,7 @@ def listed_checkpoints():
         raise SystemExit(f"error: --ckpt: {missing[0]} not found")
     return dict(items)
 
+
 def checkpoints_to_compare(rm_path):
     """{name: path}: --ckpt's list, or every stage present in out_dir with best-of-N right after SFT when a
     reward model exists."""
