@@ -32,8 +32,8 @@ from data.readers import DataError, read_prompts
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
-ckpt = ""                  # comma-separated checkpoints (path or name=path; "bon" = best-of-N);
-                           # "" = every stage
+ckpt = ""                  # comma-separated checkpoints (path or name=path; "bon" = best-of-N); the row
+                           # named sft (else out_dir/sft.pt) is the reference; "" = every stage
 prompts = ""               # "" = the world's held-out prompts; or a JSONL file of
                            # {"prompt": ...} / {"messages": ...}
 seed = 1234                # sampling seed: every model answers the same prompts with the same random stream
