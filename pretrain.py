@@ -179,9 +179,13 @@ def main():
 
     # ---- 2. data: documents -> one token stream per split
     streams = token_streams(read_documents(data), enc)
-    if len(streams["val"]) <= block_size:
-        raise SystemExit(f"error: the held-out text has {len(streams['val'])} tokens; "
-                         f"need more than block_size={block_size}")
+    for split, what in (("train", "training text"), ("val", "held-out text (the last 5% of the documents)")):
+        n_tokens = len(streams[split])
+        # get_batch draws window starts from randint(len - block_size - 1), which needs at least one
+        if n_tokens < block_size + 2:
+            raise SystemExit(f"error: {data or 'the world corpus'}: the {what} has {n_tokens} tokens; "
+                             f"need at least block_size + 2 = {block_size + 2} (more text, or a smaller "
+                             "--block_size)")
 
     # ---- 3. model (fresh, or the run to resume), optimizer
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout,

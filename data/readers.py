@@ -48,12 +48,12 @@ def _rows(path):
     return rows
 
 
-def _get(path, n, row, key, types):
+def _get(path, n, row, key, types, want=None):
     if key not in row:
         raise DataError(f"{path}:{n}: missing key {key!r} "
                         f"(keys present: {', '.join(map(repr, row)) or 'none'})")
     if not isinstance(row[key], types):
-        want = " or ".join("string" if t is str else "messages list" for t in types)
+        want = want or " or ".join("string" if t is str else "messages list" for t in types)
         raise DataError(f"{path}:{n}: {key!r} must be a {want}, got {type(row[key]).__name__}")
     return row[key]
 
@@ -98,32 +98,29 @@ def read_comparisons(path):
     """reward.py's comparisons.jsonl (K ranked answers per prompt) ->
     [{"prompt", "responses", "ended", "ranking"}], ranking = indices of the responses, best first."""
     out = []
-    try:
-        lines = open(path, encoding="utf-8").read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            check_messages(row["prompt"])
-            k = len(row["responses"])
-            ended = row.get("ended") or [True] * k
-            if sorted(row["ranking"]) != list(range(k)) or len(ended) != k or k < 2:
-                raise ValueError("'ranking' must order all of 'responses' (at least 2) "
-                                 "and 'ended' match them")
-            if not all(isinstance(r, str) for r in row["responses"]):
-                raise ValueError("'responses' must be strings")
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON: {e.msg} at column {e.colno}") from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(
-                f"{path}:{n}: {e if not isinstance(e, KeyError) else f'missing key {e}'}") from None
-        out.append({"prompt": row["prompt"], "responses": row["responses"],
-                    "ended": [bool(x) for x in ended], "ranking": row["ranking"]})
-    if not out:
-        raise DataError(f"{path}: file is empty (no JSON lines)")
+    for n, row in _rows(path):
+        # a prompt is answered next, so it must end with the user (as render_prompt requires)
+        prompt = _messages(path, n, "prompt", _get(path, n, row, "prompt", (list,)), last="user")
+        # a list, not any sized thing: a string would read as one-character answers, a dict as its keys
+        responses = _get(path, n, row, "responses", (list,), "list of strings")
+        if len(responses) < 2:
+            raise DataError(f"{path}:{n}: 'responses' must hold at least 2 answers to rank, "
+                            f"got {len(responses)}")
+        bad = next((i for i, r in enumerate(responses) if not isinstance(r, str)), None)
+        if bad is not None:
+            raise DataError(f"{path}:{n}: 'responses'[{bad}] must be a string, "
+                            f"got {type(responses[bad]).__name__}")
+        k = len(responses)
+        ended = row.get("ended")
+        ended = [True] * k if ended is None else ended  # a file without it: every answer closed its turn
+        if not (isinstance(ended, list) and len(ended) == k and all(isinstance(e, bool) for e in ended)):
+            raise DataError(f"{path}:{n}: 'ended' must be a list of {k} true/false values, one per response")
+        ranking = _get(path, n, row, "ranking", (list,), "list of indices")
+        # type(r) is int: 1.0 and True pass the sorted() check (they equal 1) but are not indices
+        if not (all(type(r) is int for r in ranking) and sorted(ranking) == list(range(k))):
+            raise DataError(f"{path}:{n}: 'ranking' must list each index 0..{k - 1} of 'responses' once, "
+                            "best first")
+        out.append({"prompt": prompt, "responses": responses, "ended": ended, "ranking": ranking})
     return out
 
 

@@ -148,3 +148,38 @@ def test_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(us
     assert re.match(r"error: pretrain step [1-4]: (loss|grad_norm) is (nan|inf|-inf) \(not finite\); "
                     r"stopped, the last good checkpoint is kept; try a lower --lr$", errors[0]), errors[0]
     assert files_of(used_dir)["base.pt"] == good and not os.path.exists(used_dir / "base.pt.tmp")
+
+
+def doc_of(n_tokens, enc):
+    """A document of exactly n_tokens world tokens; in the stream it takes one more (its <|endoftext|>)."""
+    words = ("The owl is calm. " * n_tokens).split()
+    for k in range(1, len(words) + 1):
+        doc = " ".join(words[:k])
+        if len(enc.encode_ordinary(doc)) == n_tokens:
+            return doc
+    raise AssertionError(f"no prefix of the owl text is {n_tokens} tokens long")
+
+
+@pytest.mark.parametrize("train, val, what", [
+    (200, 32, "held-out text (the last 5% of the documents) has 33 tokens"),  # block_size + 1: one short
+    (10, 200, "training text has 11 tokens"),
+])
+def test_a_stream_too_short_for_one_window_is_one_line(used_dir, refusal, train, val, what):
+    """get_batch needs block_size + 2 tokens of each stream: a held-out stream of block_size + 1 once passed
+    the check and crashed at the first evaluation, and the training stream was never checked."""
+    enc = get_tokenizer("world")
+    corpus = used_dir / "tiny.txt"
+    corpus.write_text(doc_of(train, enc) + "\n\n" + doc_of(val, enc))  # 2 documents: the last one held out
+    before = files_of(used_dir)
+    msg = refusal("pretrain", f"--out_dir={used_dir}", *TINY, f"--data={corpus}")
+    assert msg == (f"error: {corpus}: the {what}; need at least block_size + 2 = 34 (more text, or a smaller "
+                   "--block_size)"), msg
+    assert files_of(used_dir) == before
+
+
+def test_streams_of_exactly_one_window_train_and_evaluate(tmp_path):
+    enc = get_tokenizer("world")
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(doc_of(33, enc) + "\n\n" + doc_of(33, enc))  # block_size + 2 tokens per stream
+    log = run([f"--data={corpus}", "--max_iters=1", "--eval_interval=1"], tmp_path / "out")
+    assert len(log) == 1 and math.isfinite(log[0]["val_loss"])

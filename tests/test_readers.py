@@ -1,9 +1,13 @@
 import json
 import re
+import struct
 
 import pytest
+import torch
 
-from data.readers import DataError, read_messages, read_preferences, read_prompts, write_jsonl
+from data.gpt2 import read_gpt2, read_safetensors
+from data.readers import (DataError, read_comparisons, read_messages, read_preferences, read_prompts,
+                          write_jsonl)
 
 U = lambda s: {"role": "user", "content": s}  # noqa: E731
 A = lambda s: {"role": "assistant", "content": s}  # noqa: E731
@@ -102,7 +106,50 @@ def test_hh_history_mismatch(tmp_path):
         read_preferences(p)
 
 
+RANKED = {"prompt": [U("Describe the owl.")], "responses": ["The owl is calm.", "No."],
+          "ended": [True, False], "ranking": [1, 0]}
+
+
+@pytest.mark.parametrize("change, what", [
+    ({"prompt": [U("hi"), A("hello")]}, "'prompt': the last message must be from the user, got 'assistant'"),
+    ({"prompt": "Describe the owl."}, "'prompt' must be a messages list, got str"),
+    ({"responses": "ab"}, "'responses' must be a list of strings, got str"),  # not two answers 'a' and 'b'
+    ({"responses": {"0": "a", "1": "b"}}, "'responses' must be a list of strings, got dict"),
+    ({"responses": ["a", 2]}, r"'responses'\[1\] must be a string, got int"),
+    ({"responses": ["a"], "ended": [True], "ranking": [0]}, "'responses' must hold at least 2"),
+    ({"ranking": [0.0, 1.0]}, r"'ranking' must list each index 0\.\.1 of 'responses' once"),
+    ({"ranking": [False, True]}, r"'ranking' must list each index 0\.\.1"),
+    ({"ranking": [0, 0]}, r"'ranking' must list each index 0\.\.1"),
+    ({"ranking": "10"}, "'ranking' must be a list of indices, got str"),
+    ({"ended": "ab"}, "'ended' must be a list of 2 true/false values"),
+    ({"ended": [True]}, "'ended' must be a list of 2 true/false values"),
+    ({"ended": [1, "no"]}, "'ended' must be a list of 2 true/false values"),
+])
+def test_comparisons_that_a_stage_could_not_use_are_refused_by_line(tmp_path, change, what):
+    """Each of these once passed the reader and crashed reward.py or dpo.py later with a traceback, or (a
+    string of responses) was silently read as one-character answers."""
+    p = write(tmp_path, RANKED, {**RANKED, **change})
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:2: {what}"):
+        read_comparisons(p)
+
+
+def test_comparisons_not_an_object_or_missing_a_key(tmp_path):
+    p = write(tmp_path, RANKED, "[1, 2]")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:2: expected a JSON object"):
+        read_comparisons(p)
+    p = write(tmp_path, {k: v for k, v in RANKED.items() if k != "ranking"})
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: missing key 'ranking'"):
+        read_comparisons(p)
+
+
 # ---- good input ----
+
+def test_comparisons_good(tmp_path):
+    no_ended = {k: v for k, v in RANKED.items() if k != "ended"}  # absent: every answer ended its turn
+    trl_view = {"chosen": "No.", "rejected": "The owl is calm."}  # what reward.py adds for dpo.py: ignored
+    p = write(tmp_path, "\ufeff" + json.dumps({**RANKED, **trl_view}), "", no_ended)
+    assert read_comparisons(p) == [RANKED, {**RANKED, "ended": [True, True]}]
+
 
 def test_messages_good(tmp_path):
     convo = {"messages": [S("be brief"), U("hi"),
@@ -149,3 +196,90 @@ def test_write_jsonl_round_trip(tmp_path):
     write_jsonl(path, rows)
     assert [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()] == rows
     assert sorted(x.name for x in path.parent.iterdir()) == ["out.jsonl"]  # no temp file left behind
+
+
+# ---- GPT-2 weights (data/gpt2.py): a damaged file is one line naming it ----
+
+def safetensors_bytes(tensors, header_extra=None):
+    """The safetensors layout by hand: 8-byte little-endian header length, JSON header, raw bytes."""
+    header, blobs, offset = dict(header_extra or {}), [], 0
+    for k, v in tensors.items():
+        b = v.contiguous().numpy().tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
+
+
+TINY_GPT2 = {"wte.weight": torch.arange(20.0).view(5, 4), "wpe.weight": -torch.arange(12.0).view(3, 4),
+             "h.0.ln_1.weight": torch.ones(4)}
+
+
+def test_gpt2_safetensors_good(tmp_path):
+    empty = {"none": torch.zeros(0, 4)}  # a tensor of no elements has no bytes: still a tensor
+    (tmp_path / "model.safetensors").write_bytes(safetensors_bytes({**TINY_GPT2, **empty},
+                                                                   {"__metadata__": {"format": "pt"}}))
+    (tmp_path / "config.json").write_text('{"n_head": 2}')
+    sd = read_safetensors(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(sd[k], v) for k, v in TINY_GPT2.items()) and sd["none"].shape == (0, 4)
+    ours, args = read_gpt2(str(tmp_path))
+    assert args == dict(vocab_size=5, block_size=3, n_layer=1, n_head=2, n_embd=4, bias=False)
+
+
+GOOD_ST = safetensors_bytes(TINY_GPT2)
+HEADER_END = 8 + struct.unpack("<Q", GOOD_ST[:8])[0]
+
+
+def damaged_header(**entry):
+    """GOOD_ST with wte.weight's header entry changed (a key given None is removed), the header's length
+    kept right."""
+    h = json.loads(GOOD_ST[8:HEADER_END])
+    h["wte.weight"] = {k: v for k, v in {**h["wte.weight"], **entry}.items() if v is not None}
+    h = json.dumps(h).encode()
+    return struct.pack("<Q", len(h)) + h + GOOD_ST[HEADER_END:]
+
+
+ST, BIN = "model.safetensors", "pytorch_model.bin"
+
+
+@pytest.mark.parametrize("name, content, what", [
+    (ST, b"", r"not a safetensors file \(0 bytes"),  # once struct.error
+    (ST, b"\x01\x02", r"not a safetensors file \(2 bytes"),
+    (ST, b"this is not a safetensors file", "not a safetensors file .no JSON header"),  # an absurd length
+    (ST, struct.pack("<Q", 4) + b"{{{{" + bytes(64), "not a safetensors file .no JSON header"),
+    (ST, struct.pack("<Q", 2) + b"[]", "not a safetensors file .no JSON header"),
+    (ST, GOOD_ST[:-7], "truncated: tensor h.0.ln_1.weight ends at data byte"),  # once RuntimeError in reshape
+    (ST, damaged_header(shape=[6, 4]), r"tensor wte.weight has 80 bytes .* needs 96"),
+    (ST, damaged_header(data_offsets=None), "tensor wte.weight's header entry is damaged"),
+    (ST, damaged_header(shape="ab"), "tensor wte.weight's header entry is damaged"),
+    (ST, damaged_header(dtype="I64"), "tensor wte.weight has unsupported dtype I64"),
+    (BIN, b"", "empty file, not PyTorch weights"),
+    (BIN, b"\x80\x02garbage", "not PyTorch weights, or a pickle of more"),  # once UnpicklingError
+    (BIN, b"not a pickle at all", "not (readable )?PyTorch weights"),  # how torch fails varies with the bytes
+])
+def test_gpt2_damaged_weights_are_one_line_naming_the_file(tmp_path, name, content, what):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        read_gpt2(str(tmp_path))
+    msg = str(e.value)
+    assert re.match(rf"error: {re.escape(str(path))}: {what}", msg) and "\n" not in msg, msg
+
+
+def test_gpt2_bin_truncated_or_not_a_state_dict(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(TINY_GPT2, path)
+    path.write_bytes(path.read_bytes()[:-100])  # a download cut short: the zip's directory is missing
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(path))}: not readable PyTorch weights"):
+        read_gpt2(str(path))
+    torch.save([torch.ones(2)], path)
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(path))}: not a state dict \(a list"):
+        read_gpt2(str(path))
+    torch.save({"wte.weight": torch.ones(2)}, path)
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(path))}: not GPT-2 weights"):
+        read_gpt2(str(path))
+    torch.save(TINY_GPT2, path)
+    (tmp_path / "config.json").write_text('{"n_layer": 1}')
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(tmp_path / 'config.json'))}: not a GPT-2"):
+        read_gpt2(str(path))
