@@ -395,7 +395,7 @@ def demonstrate(messages, rng):
 # ----------------------------------------------------------------------------------------------
 # 6. Prompts. The core is one wording of every task the world has, as it first shipped; its held-out
 # part is the evaluation set, unchanged. Training draws from far more: every task in other wordings,
-# follow-ups after any first turn, and a new question after an unrelated first exchange. A reward model
+# follow-ups after any first turn, and every question after an unrelated first exchange. A reward model
 # learns whether an answer does what was asked from many distinct prompts (InstructGPT's saw tens of
 # thousands); one that sees a few hundred, again and again, can learn them by heart instead.
 FOLLOW_UPS = ["Tell me more about {r}.", "Now write a happy sentence about {r}.",
@@ -478,14 +478,16 @@ def _all_prompts(contexts=2):
 
 
 def prompts(split, seed=0, eval_fraction=0.15, contexts=2):
-    """Held-out eval prompts (`eval_fraction` of the core, shuffled by seed: the same set the world always
-    had) or train prompts (every other prompt of every wording, shuffled by seed); no prompt is in both.
-    contexts > 2 puts each request after more unrelated first exchanges: more distinct train prompts (a
-    reward model's accuracy grows with them); the eval prompts never change."""
+    """Held-out eval prompts (`eval_fraction` of the core, picked by a fixed shuffle: the same set the world
+    always had, whatever the seed, so no seed's training data can contain them) or train prompts (every other
+    prompt of every wording, shuffled by seed); no prompt is in both. Held out are prompts, not tasks:
+    training asks the same things in other wordings, and the held-out single questions also come after an
+    unrelated first exchange. contexts > 2 puts each request after more unrelated first exchanges: more
+    distinct train prompts (a reward model's accuracy grows with them); the eval prompts never change."""
     if contexts < 2:
         raise ValueError(f"contexts={contexts}: the world's prompts put each request after at least 2")
     core = all_prompts()
-    random.Random(seed).shuffle(core)
+    random.Random(0).shuffle(core)
     ev = core[:int(len(core) * eval_fraction)]
     if split == "eval":
         return ev
