@@ -10,8 +10,8 @@ answer's last token. A ranking gives K(K-1)/2 pairs, winner y_w above loser y_l,
 
     loss(theta) = -1 / C(K, 2) * E_{(x, y_w, y_l) ~ D} [ log sigmoid(r_theta(x, y_w) - r_theta(x, y_l)) ]
 
-The loss sees only differences of rewards, so the trained reward is then normalised, gain * r + bias, to
-mean 0 and std 1 on SFT's own answers: PPO's reward and its KL penalty get a known scale whatever it learnt.
+The loss sees only differences of rewards, so the reward is then normalised, gain * r + bias, to mean 0 and
+std 1 on SFT's own answers: PPO's reward and its KL penalty get a known scale whatever it learnt.
 
     python reward.py                          # K=4 answers to each of 4000 train prompts, ranked; train
     python reward.py --data=prefs.jsonl       # your own TRL / Anthropic HH preference pairs
@@ -116,8 +116,7 @@ def normalisation(r):
 
 
 def pairwise_accuracy(r, target):
-    """Fraction of pairs a reward r (N, K) orders the way target (N, K) does; pairs that target ties are
-    skipped, ties in r count half."""
+    """Share of pairs r (N, K) orders the way target (N, K) does; target's ties skipped, r's count half."""
     i, j = torch.triu_indices(r.size(1), r.size(1), 1)
     dr, dt = r[:, i] - r[:, j], target[:, i] - target[:, j]
     agree = (dr * dt.sign() > 0).float() + 0.5 * (dr == 0).float()
@@ -127,10 +126,11 @@ def pairwise_accuracy(r, target):
 
 def calibration(r, bins=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0)):
     """r (N, K) in the labeler's order, best first. Each pair's predicted P(win) = sigmoid(r_a - r_b) for the
-    answer the model prefers, binned, against the labeler's agreement: (lo, hi, pairs, predicted, seen)."""
+    answer the model prefers, binned, against the labeler's agreement: (lo, hi, pairs, predicted, seen); a tie
+    predicts 1/2 and is half right."""
     i, j = torch.triu_indices(r.size(1), r.size(1), 1)
     d = r[:, i] - r[:, j]
-    p, right = torch.sigmoid(d.abs()).flatten(), (d > 0).float().flatten()
+    p, right = torch.sigmoid(d.abs()).flatten(), ((d > 0).float() + 0.5 * (d == 0).float()).flatten()
     masks = [(lo, hi, (p >= lo) & ((p < hi) if hi < 1 else (p <= hi))) for lo, hi in zip(bins[:-1], bins[1:])]
     return [(lo, hi, int(m.sum()), p[m].mean().item(), right[m].mean().item())
             for lo, hi, m in masks if m.any()]

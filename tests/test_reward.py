@@ -148,6 +148,8 @@ def test_pairwise_accuracy_and_calibration():
     assert reward.pairwise_accuracy(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])) == 0.5  # r ties count half
     rows = reward.calibration(torch.tensor([[0.0, -3.0], [0.0, 3.0]]))  # sigmoid(3) = 0.95, half right
     assert rows == [(0.9, 1.0, 2, pytest.approx(1 / (1 + math.exp(-3))), 0.5)]
+    # identical answers score alike: predicted 1/2, and half right (not wrong)
+    assert reward.calibration(torch.tensor([[1.0, 1.0]])) == [(0.5, 0.6, 1, 0.5, 0.5)]
 
 
 def test_accuracy_by_part_files_each_pair_under_its_largest_weighted_difference():
