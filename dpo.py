@@ -30,10 +30,9 @@ Departures from the paper, each a flag and off by default:
                       chosen beat rejected, so it can move probability onto text neither answer contained; the
                       per-token NLL of the chosen answer keeps the chosen answers likely in absolute terms.
   --online_rounds     online DPO (Guo et al. 2024, https://arxiv.org/abs/2402.04792): offline DPO never sees
-                      the answers it comes to write itself. Each round samples online_k answers to
-                      online_prompts training prompts from the current policy; the reward model trained on
-                      the same comparisons ranks them (not ending costs no_end_penalty, as in PPO), and
-                      best-vs-worst pairs feed the same loss. Not reward-model free; no labels beyond them.
+                      the answers it comes to write. Each round the policy answers online_prompts training
+                      prompts online_k times; the reward model ranks the answers (not ending costs
+                      no_end_penalty, as in PPO), and best-vs-worst pairs feed the same loss.
 The paper's optimizer (RMSprop, lr 1e-6, App. B) is replaced by AdamW, a cosine schedule and a larger lr.
 """
 import json
@@ -105,9 +104,8 @@ def ipo_loss(pi_c, pi_r, ref_c, ref_r, beta):
 
 def nll_term(pi_c, n_tokens):
     """RPO's NLL term per pair (Pang et al. 2024, Sec. 2, https://arxiv.org/abs/2404.19733):
-    -log pi(y_w|x) / |y_w|, the chosen answer's per-token negative log-likelihood (weighted by alpha, as in
-    TRL's rpo_alpha). An answer with no tokens (a reply that stopped at once without ending its turn) is a
-    legitimate answer whose summed log-prob is 0: its count is clamped to 1, so it adds 0 rather than 0/0."""
+    -log pi(y_w|x) / |y_w|, the chosen answer's per-token NLL (weighted by alpha, as TRL's rpo_alpha). An
+    empty answer (stopped at once, without ending its turn) has log-prob 0, its count is clamped to 1: 0."""
     return -pi_c / n_tokens.clamp(min=1)
 
 
@@ -304,7 +302,8 @@ def online_round(policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, n_promp
 def main():
     # ---- 1. options, then the inputs: sft.pt and the comparisons (built if missing)
     config = runtime.configure(globals(), ranges={
-        "loss": (lambda v: v in ("sigmoid", "ipo"), "'sigmoid' or 'ipo'"), "beta": (lambda v: v > 0, "> 0")})
+        "loss": (lambda v: v in ("sigmoid", "ipo"), "'sigmoid' or 'ipo'"), "beta": (lambda v: v > 0, "> 0"),
+        "online_prompts": (lambda v: v >= int(os.environ.get("WORLD_SIZE", 1)), ">= 1 per process")})
     if online_pairs > online_k // 2:
         raise SystemExit(f"error: --online_pairs={online_pairs} must be <= online_k / 2 = {online_k // 2}")
     if label_smoothing and loss != "sigmoid":
@@ -362,6 +361,7 @@ def main():
     start = start_round = 0
     if resume:
         ck = runtime.load_checkpoint(ck_path, "dpo")
+        runtime.same_network(ck_path, ck, sft_ck["model_args"])
         start, start_round = runtime.restore(ck, policy, optimizer, rt.scaler), ck.get("round", 0)
         print(f"resuming from {ck_path} at step {start}, online round {start_round}")
     raw_policy, policy = policy, runtime.wrap(policy, rt, compile)

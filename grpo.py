@@ -20,8 +20,9 @@ RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740, 
     torchrun --nproc_per_node=2 grpo.py    # each rank samples its own groups, gradients are averaged
 
 Departures: the reward is the normalised reward-model score less a missing-end penalty, as in ppo.py; RLOO's
-loss uses the same per-token average and clipping as GRPO (with one update per batch, ppo_epochs = 1, the
-ratio is 1 and it is exactly the REINFORCE gradient, averaged over each answer's tokens rather than summed).
+loss uses the same per-token average and clipping as GRPO (with one update per batch, ppo_epochs = 1 and
+minibatch_size = group_size x group_prompts, the ratio is 1 and it is exactly the REINFORCE gradient, averaged
+over each answer's tokens rather than summed).
 """
 import os
 import random
@@ -52,7 +53,8 @@ max_iters = 100            # iterations (one batch of groups each): 12,800 answe
 group_size = 8             # G answers per prompt: the baseline is their mean, so G >= 2
 group_prompts = 16         # prompts per batch (per process): group_size x group_prompts answers per iteration
 minibatch_size = 64        # answers per gradient step (whole groups stay together only for the advantage)
-ppo_epochs = 2             # passes over each batch; 1 = one update per batch (the ratio is then 1)
+ppo_epochs = 2             # passes over each batch; 1, with minibatch_size = the whole batch, is one update
+                           # per batch (the ratio is then 1)
 lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 the group advantage
                            # (one unit of std per answer, every token alike) pushed the policy far from
                            # SFT within 30 batches
@@ -67,7 +69,7 @@ grad_clip = 1.0            # clip the global gradient norm (0 = off)
 save_interval = 20         # checkpoint every this many iterations (and at the end)
 eval_samples = 4           # answers per held-out prompt in the final comparison with SFT (world prompts only)
 n_eval = 0                 # held-out prompts in that comparison (0 = all of them)
-resume = False             # continue from out_dir/grpo.pt (policy, optimizer, iteration, every RNG)
+resume = False             # continue from out_dir/grpo.pt or rloo.pt (policy, optimizer, iteration, RNGs)
 # -----------------------------------------------------------------------------
 
 
@@ -129,6 +131,10 @@ def main():
     if resume:
         ck = runtime.load_checkpoint(ck_path, "grpo")
         runtime.same_network(ck_path, ck, sft_ck["model_args"])
+        missing = [k for k in ("optimizer", "scaler", "rng", "rank_rng") if k not in ck]
+        if missing:
+            raise SystemExit(f"error: {ck_path} has no {', '.join(missing)} (an older grpo.py wrote it): it "
+                             "cannot be resumed; start afresh without --resume")
         start = runtime.restore(ck, policy, optimizer, rt.scaler)
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
     raw_policy = policy

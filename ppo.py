@@ -213,6 +213,8 @@ def main():
         "save_interval": (lambda v: v >= 1, ">= 1")})
     if reward == "gold" and prompts:
         raise SystemExit("error: --reward=gold judges the world's language only; drop it with --prompts")
+    if target_kl > 0 and beta == 0:  # the controller multiplies beta: from 0 it would never move
+        raise SystemExit("error: --target_kl adapts beta by factors, so it needs --beta > 0 to start from")
     train_prompts = training_prompts(prompts)  # a bad file is one line, before anything is loaded
     world_prompts = not prompts  # the hidden human judges the world's prompts only
     rt = runtime.setup(device, dtype, seed)
