@@ -296,6 +296,13 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
     assert [x["iter"] for x in logs] == [1, 2, 3, 4, 5]  # 4 prompts: one step of 4 pairs
     assert logs[-1]["round"] == 1
+    # a dpo.pt of another network is refused in one line, not a traceback from load_state_dict
+    other = {**args, "n_embd": 32}
+    runtime.save_checkpoint(str(tmp_path / "dpo.pt"), {**ck, "model_args": other,
+                                                       "model": M.GPT(M.GPTConfig(**other)).state_dict()})
+    r = run("--max_iters=5", "--resume=True")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().endswith("is another network than the SFT model (n_embd 32 vs 16)")
 
 
 def test_online_pairs_are_best_and_worst_by_hand():
@@ -339,3 +346,10 @@ def test_bad_options_stop_before_anything_is_touched(tmp_path, refusal, flags, m
     assert got.startswith("error: ") and message in got and "\n" not in got, got
     assert sorted(os.listdir(tmp_path)) == ["dpo.jsonl", "prefs.jsonl"]  # no sft.pt built, nothing written
     assert (tmp_path / "dpo.jsonl").read_text() == "old log\n"
+
+
+def test_online_rounds_need_a_prompt_per_process(tmp_path, refusal, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: a process with no prompt has nothing to rank
+    msg = refusal("dpo", f"--out_dir={tmp_path}", "--online_rounds=1", "--online_prompts=1")
+    assert msg.startswith("error: --online_prompts=1 is out of range"), msg
+    assert not os.listdir(tmp_path)

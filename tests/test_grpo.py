@@ -136,3 +136,13 @@ def test_own_prompts_and_a_bad_prompts_file(tmp_path):
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: {bad}:2: missing key 'prompt' "
                                                                    "(or 'messages')"]
     assert (tmp_path / "grpo.pt").read_bytes() == before
+
+
+def test_resuming_a_checkpoint_without_its_rng_states_is_one_line(tmp_path, refusal):
+    make_stage_checkpoints(tmp_path)
+    ck = runtime.load_checkpoint(str(tmp_path / "sft.pt"), "sft")
+    runtime.save_checkpoint(str(tmp_path / "grpo.pt"), {**ck, "kind": "grpo", "step": 2})  # no optimizer, RNGs
+    before = (tmp_path / "grpo.pt").read_bytes()
+    msg = refusal("grpo", f"--out_dir={tmp_path}", "--resume=True")
+    assert msg.startswith(f"error: {tmp_path / 'grpo.pt'} has no optimizer, scaler, rng, rank_rng"), msg
+    assert (tmp_path / "grpo.pt").read_bytes() == before

@@ -260,11 +260,13 @@ def run_main_here(monkeypatch, *argv):
     ("--temperature=0.0", "--temperature=0.0 is out of range"),
     ("--beta=-0.1", "--beta=-0.1 is out of range"),
     ("--save_interval=0", "--save_interval=0 is out of range"),
+    ("--target_kl=3", "--target_kl adapts beta by factors, so it needs --beta > 0"),  # with --beta=0 below
 ])
 def test_bad_options_stop_before_anything_is_touched(tmp_path, monkeypatch, bad, message):
     (tmp_path / "ppo.jsonl").write_text('{"iter": 1}\n')
     with pytest.raises(SystemExit, match="^error: " + re.escape(message)):
-        run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2", bad)
+        run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+                      *["--beta=0"] * bad.startswith("--target_kl"), bad)
     assert (tmp_path / "ppo.jsonl").read_text() == '{"iter": 1}\n' and not (tmp_path / "ppo.pt").exists()
 
 
