@@ -37,6 +37,7 @@ ckpt = ""                  # comma-separated checkpoints (path or name=path; "bo
 prompts = ""               # "" = the world's held-out prompts; or a JSONL file of
                            # {"prompt": ...} / {"messages": ...}
 seed = 1234                # sampling seed: every model answers the same prompts with the same random stream
+                           # (SFT, the reference of the win rate, with the next seed's)
 device = "auto"
 dtype = "auto"
 samples = 8                # answers per prompt and model: the win rate's interval shrinks as
@@ -108,7 +109,14 @@ def gold_at_kl(points, kl):
 
 
 def read_jsonl(path):
-    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    """A stage's log rows; a line a kill cut short (a run never resumed) is skipped, not fatal."""
+    rows = []
+    for line in open(path) if os.path.isfile(path) else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
 
 
 def run_sweep(rt, eval_prompts, rm_path):
@@ -146,10 +154,11 @@ def run_sweep(rt, eval_prompts, rm_path):
 
 def evaluate(rt, paths, prompts, rm_path, watch=None):
     """{name: checkpoint path (None for best-of-N)} -> {name: metrics}, each model answering prompts x samples
-    with the same random stream; SFT (the reference: paths["sft"], else out_dir/sft.pt) is always evaluated
-    first. watch: a runtime.Stopwatch."""
+    with the same random stream, SFT with one of its own; SFT (the reference: paths["sft"], else
+    out_dir/sft.pt) is always evaluated first. watch: a runtime.Stopwatch."""
     watch = watch or runtime.Stopwatch(rt.device_type)
-    sft, enc, _ = runtime.load_model(paths.get("sft") or os.path.join(out_dir, "sft.pt"), "sft", dropout=0.0)
+    sft, enc, sft_ck = runtime.load_model(paths.get("sft") or os.path.join(out_dir, "sft.pt"), "sft",
+                                          dropout=0.0)
     sft.to(rt.device).eval()
     rm = rm_ck = None
     if os.path.isfile(rm_path):
@@ -157,15 +166,20 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
     evals = prompts * samples
     results = {}
     for name in ["sft"] + [n for n in paths if n != "sft"]:
-        # same prompts, same random stream for everyone
-        g = torch.Generator(device=rt.device).manual_seed(seed)
+        # the same prompts for everyone, and the same random stream for every model but the reference:
+        # sampling is inverse-CDF, so with SFT's own stream a policy close to SFT would draw SFT's very
+        # answers, and the win rate would count ties instead of comparing two independent answers
+        g = torch.Generator(device=rt.device).manual_seed(seed + 1 if name == "sft" else seed)
         lap = watch.lap if name != "bon" else (lambda phase: watch.lap(f"best-of-{bon} {phase}"))
         with torch.no_grad(), rt.ctx:
             if name == "bon":
                 res = best_of_n_samples(sft, rm, rm_ck, enc, evals, g, lap)
             else:
-                policy = sft if name == "sft" else runtime.load_model(
-                    paths[name], ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0)[0]
+                policy, _, ck = (sft, enc, sft_ck) if name == "sft" else runtime.load_model(
+                    paths[name], ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0)
+                if ck.get("tokenizer", "world") != sft_ck.get("tokenizer", "world"):  # its KL would be noise
+                    raise SystemExit(f"error: {paths[name]} uses another tokenizer than the SFT model it is "
+                                     "compared with")
                 res = score(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature, generator=g,
                             ref=None if name == "sft" else sft, lap=lap)
             if rm is not None:
@@ -186,7 +200,9 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
 
 def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator, lap):
     """The best-of-`bon` row: SFT's answers picked by the reward model, in score()'s format. Its KL to SFT is
-    known exactly, ln N - (N - 1) / N (Stiennon et al. 2020, https://arxiv.org/abs/2009.01325, appendix)."""
+    the analytical ln N - (N - 1) / N (Stiennon et al. 2020, https://arxiv.org/abs/2009.01325, appendix): an
+    upper bound, exact only when no two of the N answers can coincide (Beirami et al. 2024,
+    https://arxiv.org/abs/2401.01879), and short answers here do repeat."""
     picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens, temperature,
                       generator=generator, lm_weight=rm_ck.get("lm_weight", 0.0), lap=lap)
     res = {"samples": [{"prompt": p, "text": r["text"], "ended": r["ended"],
@@ -204,6 +220,12 @@ def listed_checkpoints():
     items = [c.split("=", 1) if "=" in c else (os.path.splitext(os.path.basename(c))[0], c)
              for c in ckpt.split(",")]
     items = [(n, None if n == "bon" else p) for n, p in items]
+    names = [n for n, _ in items]
+    twice = [n for n in names if names.count(n) > 1]
+    if twice:
+        raise SystemExit(f"error: --ckpt: two rows are named {twice[0]}; name them apart with name=path")
+    if "bon" in names and bon < 1:
+        raise SystemExit("error: --ckpt: the best-of-N row needs --bon >= 1")
     missing = [p for n, p in items if p is not None and not os.path.isfile(p)]
     if missing:
         raise SystemExit(f"error: --ckpt: {missing[0]} not found")
@@ -240,8 +262,9 @@ def write_report(results, order, prompts, fig_dir):
     for n in order:
         r = results[n]
         rm_s = f"{r['rm_score']:+.2f}" if "rm_score" in r else "-"
+        kl = ("≤ " if n == "bon" else "") + f"{r['kl']:.2f}"  # best-of-N's is the analytical upper bound
         lines.append(f"| {label.get(n, n)} | {r['gold']:.3f} | {r['win_vs_sft']:.1%} ± {r['win_ci']:.1%} | "
-                     f"{r['kl']:.2f} | {rm_s} | {r['fluency']:.1%} | {r['ended']:.1%} |")
+                     f"{kl} | {rm_s} | {r['fluency']:.1%} | {r['ended']:.1%} |")
     lines += ["", "Where the gold is lost: weight x (1 - component) of the hidden human's utility, "
               "averaged over the same samples (a row adds up to 1 - gold):", "",
               "| model | " + " | ".join(world.WEIGHTS) + " |", "|---|" + "---|" * len(world.WEIGHTS)]
@@ -329,7 +352,9 @@ def draw_figures(results, fig_dir):
 
 
 def main():
-    runtime.configure(globals(), ranges={"hack_iters": (lambda v: v >= 0, ">= 0")})
+    methods = ("ppo", "dpo", "grpo", "rloo")
+    runtime.configure(globals(), ranges={"hack_iters": (lambda v: v >= 0, ">= 0"), "sweep_methods": (
+        lambda v: set(v) <= set(methods), "a tuple of " + ", ".join(methods))})
     rt = runtime.setup(device, dtype, seed)
     # ---- 1. the prompts and the checkpoints to compare (a bad file or path is one line, before any sampling)
     try:

@@ -67,6 +67,25 @@ def test_an_sft_row_in_ckpt_is_the_reference_every_row_meets(tmp_path):
     assert res["mine"]["kl"] > 0.1  # out_dir's own sft.pt is far from the reference
 
 
+def test_a_twin_of_sft_draws_its_own_answers_not_sfts(tmp_path, monkeypatch):
+    """The win rate compares two independent answers: a row with SFT's very weights must not share the SFT
+    row's random stream (inverse-CDF sampling would give it SFT's answers, every pair a tie)."""
+    import evaluate
+    args = dict(block_size=64, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    path = str(tmp_path / "sft.pt")
+    runtime.save_checkpoint(path, {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
+                                   "kind": "sft", "step": 0, "config": {}, "tokenizer": "world"})
+    for name, value in (("samples", 4), ("max_new_tokens", 8), ("bon", 0)):
+        monkeypatch.setattr(evaluate, name, value)
+    rt = runtime.setup("cpu", "float32", 0)
+    prompts = [[{"role": "user", "content": "Describe the cat."}]]
+    res = evaluate.evaluate(rt, {"sft": path, "twin": path}, prompts, str(tmp_path / "no_reward.pt"))
+    texts = {n: [s["text"] for s in res[n]["samples"]] for n in ("sft", "twin")}
+    assert texts["sft"] != texts["twin"]
+    assert res["twin"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the same network: the stream differs, not pi
+
+
 def test_gold_at_equal_kl_is_read_off_the_frontier():
     import evaluate
     pts = [(2.0, 0.9), (0.5, 0.75), (1.0, 0.8)]  # any order
@@ -107,3 +126,23 @@ def test_the_equal_kl_table_has_the_kl_every_method_covers(tmp_path, monkeypatch
     lines = evaluate.draw_figures(results, str(tmp_path / "figures"))
     # PPO covers KL 1.0-1.4, DPO 0.6-1.6: both at 1.2, halfway through PPO's segment, 0.6 of the way in DPO's
     assert "| 1.2 | 0.850 | 0.760 |" in lines and "| 1.5 |  | 0.790 |" in lines
+
+
+@pytest.mark.parametrize("options,says", [
+    (["--ckpt=a/ppo.pt,b/ppo.pt"], "two rows are named ppo"),
+    (["--ckpt=bon", "--bon=0"], "needs --bon >= 1"),
+    (["--sweep=True", "--sweep_methods=('PPO',)"], "--sweep_methods"),
+])
+def test_a_bad_row_list_is_one_line_before_anything_runs(tmp_path, options, says):
+    r = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={tmp_path}", *options], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-1500:]
+    assert says in lines[0] and not os.listdir(tmp_path)  # nothing was built or written
+
+
+def test_a_log_line_cut_by_a_kill_does_not_stop_the_report(tmp_path):
+    import evaluate
+    (tmp_path / "sft.jsonl").write_text('{"iter": 1, "loss": 2.0}\n{"iter": 2, "loss": 1.5}\n{"iter": 3, "lo')
+    assert [r["iter"] for r in evaluate.read_jsonl(str(tmp_path / "sft.jsonl"))] == [1, 2]
+    assert evaluate.read_jsonl(str(tmp_path / "missing.jsonl")) == []
