@@ -50,16 +50,20 @@ gen_dtype = "float32"                  # precision for the sampling benchmark
 matmul_size = 2048                     # side of the square matmul that measures the peak
 seed = 1337
 # -----------------------------------------------------------------------------
+# configure checks that a tuple option is a tuple; each element's type and range is checked here, so that a
+# bad one stops the bench at once rather than after the training benchmark has run
 config = configure(globals(), ranges={
     "threads": (lambda v: v >= 0, ">= 0"),
-    "dtypes": (lambda v: set(v) <= {"float32", "bfloat16", "float16"}, "float32, bfloat16, float16"),
+    "dtypes": (lambda v: all(d in ("float32", "bfloat16", "float16") for d in v),
+               "a tuple of float32, bfloat16, float16"),
     "gen_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
     **dict.fromkeys(("block_size", "n_layer", "n_head", "n_embd", "train_iters", "gen_new_tokens",
                      "gen_repeats", "matmul_size"), (lambda v: v >= 1, ">= 1")),
     "vocab_size": (lambda v: v >= 0, ">= 0 (0: the world tokenizer's)"),
     "gen_batches": (lambda v: len(v) > 0 and all(type(b) is int and b >= 1 for b in v), "ints >= 1"),
-    "gen_prompt_lens": (lambda v: len(v) == 2 and 1 <= v[0] <= v[1] < GPTConfig.block_size,
-                        f"(shortest, longest) with 1 <= shortest <= longest < {GPTConfig.block_size}"),
+    "gen_prompt_lens": (lambda v: len(v) == 2 and all(type(n) is int for n in v)
+                        and 1 <= v[0] <= v[1] < GPTConfig.block_size,
+                        f"(shortest, longest), ints with 1 <= shortest <= longest < {GPTConfig.block_size}"),
 })
 if n_embd % n_head:
     raise SystemExit(f"error: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")

@@ -59,18 +59,21 @@ def reply(model, enc, history, n_keep, generator, ctx, max_new_tokens, temperatu
           show_tokens=False):
     """Fit history into the context, then sample the assistant's reply (temperature 0 = greedy). history is
     updated in place (old exchanges dropped, the reply appended). Returns the reply text, or None if the last
-    message alone is too long (it is then taken back)."""
+    message alone is too long (it is then taken back, and the earlier exchanges are all kept)."""
     block_size = model.config.block_size
+    # the least that could be sent (the system message and the new one) is checked before anything is dropped:
+    # a message that cannot be sent must not cost the conversation its history
+    least = render_prompt(enc, history[:n_keep] + history[-1:])
+    if len(least) >= block_size:
+        print(f"(that message is {len(least)} tokens with the template; "
+              f"the context holds {block_size}: not sent)")
+        history.pop()
+        return None
     dropped = fit_context(enc, history, n_keep, max_new_tokens, block_size)
     if dropped:
         print(f"(context full: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} "
               f"to fit {block_size} tokens)")
     ids = render_prompt(enc, history)
-    if len(ids) >= block_size:
-        print(f"(that message is {len(ids)} tokens with the template; "
-              f"the context holds {block_size}: not sent)")
-        history.pop()
-        return None
     if show_tokens:
         print(f"[prompt {len(ids)} tokens] {enc.decode(ids)!r}")
     with ctx:

@@ -27,8 +27,9 @@ import torch
 
 import runtime
 from data import world
-from rollout import best_of_n, reward_scores, score
 from data.readers import DataError, read_prompts
+from data.tokenizer import get_tokenizer
+from rollout import best_of_n, prompts_fit, reward_scores, score
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -365,8 +366,12 @@ def main():
     if reward and not os.path.isfile(reward):
         raise SystemExit(f"error: --reward: {reward} not found")
     # the reference every row is compared with: --ckpt's sft row if it names one, else out_dir/sft.pt
-    if not (ckpt and listed_checkpoints().get("sft")):
-        runtime.ensure_checkpoint(os.path.join(out_dir, "sft.pt"), "sft.py", out_dir)
+    ref_path = (ckpt and listed_checkpoints().get("sft")) or os.path.join(out_dir, "sft.pt")
+    runtime.ensure_checkpoint(ref_path, "sft.py", out_dir)
+    if prompts:  # a prompt with no room for its answer: one line now, not a crash after minutes of sampling
+        ref_ck = runtime.load_checkpoint(ref_path, "sft")
+        prompts_fit(prompts, eval_prompts, get_tokenizer(ref_ck.get("tokenizer", "world")),
+                    ref_ck["model_args"]["block_size"], max_new_tokens)
     # ---- 2. optionally, PPO and DPO over a beta sweep first
     if sweep:
         run_sweep(rt, eval_prompts, rm_path)

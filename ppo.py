@@ -43,7 +43,7 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from rollout import compare_to_sft, respond, reward_scores, training_prompts
+from rollout import compare_to_sft, prompts_fit, respond, reward_scores, training_prompts
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -222,6 +222,7 @@ def main():
     hint = "a lower --lr or --temperature closer to 1"
     # the frozen SFT reference and reward model, each built by its stage first if missing
     ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
+    prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
     # the policy starts as SFT, with a fresh scalar head on its trunk as the value function (a departure)
     policy = runtime.model_from_checkpoint(sft_ck, "sft.pt", dropout=0.0, scalar_head=True).to(rt.device)
     gain, bias, lm_weight = 1.0, 0.0, 0.0

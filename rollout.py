@@ -18,7 +18,8 @@ from model import generate, pad_rows, sequence_logprobs
 
 def training_prompts(path):
     """The prompts RL trains on (ppo.py, grpo.py): the world's train prompts, or a JSONL file of
-    {"prompt": ...} or {"messages": [...]} per line; a bad file is one line naming file:line."""
+    {"prompt": ...} or {"messages": [...]} per line; a bad file is one line naming file:line. Read before any
+    model is; once the policy's tokenizer is known, prompts_fit checks the prompts' lengths."""
     if not path:
         return world.prompts("train")
     try:
@@ -29,6 +30,21 @@ def training_prompts(path):
         print(f"training on {len(prompts)} prompts from {path}: the hidden human judges the world's language "
               "only, so no gold or win rate is reported")
     return prompts
+
+
+def prompts_fit(path, prompts, enc, block_size, max_new_tokens):
+    """Stop with one line naming path:line at the first prompt read from path (read_prompts: one per non-blank
+    line) that leaves less than max_new_tokens of the model's block_size for its reply: generate would refuse
+    it, or cut every reply of its batch short, only when training first drew it. No path (the world's
+    prompts): nothing to check."""
+    for i, p in enumerate(prompts if path else []):
+        n = len(render_prompt(enc, p))
+        if n + max_new_tokens > block_size:
+            with open(path, "rb") as f:  # the line of the i-th prompt: blank lines hold none
+                lines = f.read().split(b"\n")
+            line = [k for k, raw in enumerate(lines, 1) if raw.decode("utf-8-sig").strip()][i]
+            raise SystemExit(f"error: {path}:{line}: the prompt is {n} tokens with the chat template; the "
+                             f"model's {block_size} have no room for --max_new_tokens={max_new_tokens} more")
 
 
 def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None,
@@ -153,8 +169,9 @@ def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tok
 def sample_kl(logprobs, ref, seq, attn_mask, gen_mask, temperature=1.0):
     """Monte-Carlo KL(policy || ref) per sequence, (B,) fp32: the sum over sampled response tokens of
     log pi(y_t) - log ref(y_t) (the k1 estimator; unbiased because the tokens were sampled from policy).
-    logprobs (B, L) are the policy's own, recorded by generate while it sampled seq: only ref runs here."""
-    lr = sequence_logprobs(ref, seq, attn_mask, temperature)  # (B, L-1): index t scores seq[:, t+1]
+    logprobs (B, L) are the policy's own, recorded by generate while it sampled seq: only ref runs here. At
+    temperature 0 (greedy) generate records temperature-1 log-probs (model.sample): so are ref's."""
+    lr = sequence_logprobs(ref, seq, attn_mask, temperature or 1.0)  # (B, L-1): index t scores seq[:, t+1]
     return ((logprobs[:, 1:] - lr) * gen_mask[:, 1:]).sum(1)
 
 

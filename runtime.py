@@ -30,14 +30,15 @@ def setup(device="auto", dtype="auto", seed=1337):
     """Read torchrun's environment, pick device and precision, seed. Returns a namespace the stages use:
     device, device_type, dtype, ptdtype, ctx (autocast or nullcontext), scaler, ddp, rank, local_rank,
     world_size, master."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    ddp, rank = int(os.environ.get("RANK", -1)) != -1, int(os.environ.get("RANK", 0))
+    local_rank, world_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if device == "auto":
         device = ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
                   else "cpu")
     device_type = device.split(":")[0]
+    if (device_type == "cuda" and int(device[5:] or 0) >= torch.cuda.device_count()
+            or device_type == "mps" and not torch.backends.mps.is_available()):  # else torch fails much later
+        raise SystemExit(f"error: --device={device} is not available on this machine; try --device=auto")
     if ddp and device_type == "cuda":
         device = f"cuda:{local_rank}"  # one process per GPU
         torch.cuda.set_device(device)
@@ -92,22 +93,21 @@ def configure_optimizer(model, weight_decay, lr, betas, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    extra = {"fused": True} if device_type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
     """The one update every stage makes after backward(): unscale fp16 gradients (a no-op otherwise) so the
     clip sees true norms, clip the global gradient norm (0 = off), step, update the loss scale, zero the
-    gradients. Returns the gradient norm before clipping. Under fp16 an overflow (inf norm) is normal: the
-    scaler skips that step and lowers its scale. Without a scaler a non-finite norm skips the step too, so the
-    weights in memory stay finite, and the caller's check_finite stops the run."""
+    gradients. Returns the true gradient norm before clipping. A non-finite norm skips the step (the weights
+    stay finite): under fp16 it is an overflow, normal (the scaler lowers its scale), returned as 0 for the
+    caller's check_finite to let pass; without a scaler it is returned as it is, and check_finite stops."""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if scaler.is_enabled() or torch.isfinite(norm):
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return norm if not scaler.is_enabled() else torch.zeros(())
+    return norm.nan_to_num(0.0, 0.0, 0.0) if scaler.is_enabled() else norm  # 0 if skipped, with no GPU sync
 
 def get_lr(it, warmup, max_iters, lr, min_lr):
     """Linear warmup, then cosine decay from lr to min_lr at max_iters."""
@@ -144,10 +144,13 @@ def save_checkpoint(path, ckpt):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f"error: could not write {path} ({e.strerror or e}); the previous file is unchanged")
+        err = e if isinstance(e, OSError) else e.__context__  # torch.save raises RuntimeError on an OSError
+        if not isinstance(err, OSError):
+            raise
+        raise SystemExit(f"error: could not write {path} ({err.strerror or err}); the old file is unchanged")
 
 def load_checkpoint(path, kinds=None, map_location="cpu"):
     """torch.load(weights_only=True) with one-line errors for a missing, unreadable or wrong-kind file."""
@@ -196,8 +199,7 @@ def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
                          f"({str(e).splitlines()[0][:200]})")
 
 def load_model(path, kinds, **overrides):
-    """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (e.g.
-    dropout=0.0)."""
+    """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (dropout=0.0)."""
     ckpt = load_checkpoint(path, kinds)
     enc = get_tokenizer(ckpt.get("tokenizer", "world"))
     if enc.n_vocab > ckpt["model_args"].get("vocab_size", 0):
@@ -215,9 +217,8 @@ def same_network(path, ckpt, ref_args):
         raise SystemExit(f"error: {path} is another network than the SFT model ({', '.join(diff)})")
 
 def load_reward_model(path, device):
-    """(reward model, checkpoint) from reward.py's checkpoint, ready to score: frozen, eval mode. A checkpoint
-    saved mid-training (for --resume) is not normalised yet, so its scores have no known scale: refused in one
-    line."""
+    """(reward model, checkpoint) from reward.py's checkpoint, frozen, in eval mode. One saved mid-training
+    (for --resume) is not normalised yet: its scores have no known scale, so it is refused in one line."""
     ck = load_checkpoint(path, "reward")
     if ck.get("normalised") is False:
         raise SystemExit(f"error: {path} was saved before training finished (not normalised); finish it with "
@@ -226,8 +227,7 @@ def load_reward_model(path, device):
     return rm.to(device).eval().requires_grad_(False), ck
 
 def load_gpt2(path, **overrides):
-    """GPT from Hugging Face GPT-2 weights on disk (data/gpt2.py reads and converts them); overrides change
-    GPTConfig, e.g. dropout or scalar_head."""
+    """GPT from Hugging Face GPT-2 weights on disk (data/gpt2.py reads them); overrides change GPTConfig."""
     sd, args = read_gpt2(path)
     return load_weights(GPT(GPTConfig(**{**args, **overrides})), sd)
 
@@ -330,16 +330,16 @@ def start_log(path, resumed_step=None):
         f.writelines(keep)
 
 def ensure_checkpoint(path, script, out_dir):
-    """A stage's input is missing: say which command makes it, then run that stage with its defaults, so that
-    `python ppo.py` works on a fresh clone (each stage in turn builds what it needs)."""
+    """A stage's input is missing: say which command makes it, then run that stage with its defaults, in this
+    process's directory (so out_dir is the same folder to both): `python ppo.py` works on a fresh clone."""
     if (os.path.isfile(path)
             or int(os.environ.get("RANK", 0)) != 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1):
         return
-    cmd = [sys.executable, script] + ([f"--out_dir={out_dir}"] if out_dir != "out" else [])
-    print(f"{path} not found: running `{' '.join(['python'] + cmd[1:])}` to make it")
+    flag = [f"--out_dir={out_dir}"] if out_dir != "out" else []
+    print(f"{path} not found: running `{' '.join(['python', script] + flag)}` to make it")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)),
-                      env=env).returncode != 0 or not os.path.isfile(path):
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)] + flag
+    if subprocess.run(cmd, env=env).returncode != 0 or not os.path.isfile(path):
         raise SystemExit(f"error: `python {script}` did not produce {path}")
 
 # -----------------------------------------------------------------------------
@@ -377,9 +377,8 @@ class Stopwatch:
 # Logs and --name=value overrides (nanoGPT's configurator, with type checks)
 
 def check_finite(stage, step, hint, **values):
-    """The non-finite guard: the first NaN or inf loss, gradient norm or reward stops the stage with one line
-    (which stage, step and quantity, and what to try). Checkpoints are only written from finite weights, so
-    the last good one stays."""
+    """The non-finite guard: the first NaN or inf loss, gradient norm or reward stops the stage in one line
+    (stage, step, quantity, what to try); checkpoints hold only finite weights, so the last good one stays."""
     for name, v in values.items():
         bad = ~torch.isfinite(v.detach()) if torch.is_tensor(v) else torch.tensor(not math.isfinite(float(v)))
         if bad.any():  # a tensor counts if any element is NaN or inf
@@ -407,11 +406,11 @@ RANGES = {
     **dict.fromkeys(("dropout", "val_fraction", "eval_fraction"), (lambda v: 0 <= v < 1, "in [0, 1)")),
     **dict.fromkeys(("cliprange", "cliprange_value"), (lambda v: 0 < v < 1, "in (0, 1)")),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "contexts": (lambda v: v >= 2, ">= 2"),
+    "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2**31)"),  # numpy takes seed + rank, below 2**32
     "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"),
               "one of auto, float32, bfloat16, float16"),
-    "device": (lambda v: v in ("auto", "cpu", "mps") or v == "cuda"
-               or v.startswith("cuda:") and v[5:].isdigit(),
+    "device": (lambda v: v in ("auto", "cpu", "mps", "cuda") or v.startswith("cuda:") and v[5:].isdigit(),
                "one of auto, cpu, cuda, cuda:N, mps"),
 }
 

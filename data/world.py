@@ -460,7 +460,8 @@ def _questions():
 def _all_prompts(contexts=2):
     """The core, then every request in every wording alone, each describe/sentiment request followed up,
     and each request after `contexts` unrelated first exchanges: two drawn with WORLD_SEED, any more with
-    WORLD_SEED + 1 and put last, so a bigger pool keeps the default one as its first part; no duplicates."""
+    WORLD_SEED + 1 and put last, so a bigger pool contains the default one (as its first part before
+    prompts() shuffles it); no duplicates."""
     rng, more = random.Random(WORLD_SEED), random.Random(WORLD_SEED + 1)
     qs = _questions()
     harmless = [q for q, _ in qs if parse_task([_user(q)])["kind"] != "harmful"]

@@ -112,6 +112,25 @@ def test_fit_context_drops_the_oldest_whole_exchanges_by_hand():
     assert fit_context(enc, history, 1, 10, 10_000) == 0 and history == msg  # it fits: nothing changes
 
 
+def test_a_message_too_long_to_send_keeps_the_whole_history(capsys):
+    """The message is checked before any exchange is dropped: refusing it must not wipe the conversation."""
+    from chat import reply
+    enc = get_tokenizer("world")
+    torch.manual_seed(0)
+    model = M.GPT(M.GPTConfig(block_size=40, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32)).eval()
+    history = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Describe the owl."},
+               {"role": "assistant", "content": "The owl is calm."}]
+    kept = list(history)
+    history.append({"role": "user", "content": " ".join(["Describe the fox."] * 12)})  # alone > 40 tokens
+    assert reply(model, enc, history, 1, None, torch.no_grad(), 8, 0.0) is None
+    assert history == kept  # the message taken back, every earlier exchange still there
+    out = capsys.readouterr().out
+    assert "not sent" in out and "dropped" not in out
+    history.append({"role": "user", "content": "Describe the fox."})  # a short one is answered
+    assert reply(model, enc, history, 1, None, torch.no_grad(), 8, 0.0) is not None
+    assert history[-1]["role"] == "assistant"
+
+
 def chat_main(monkeypatch, *args):
     """chat.main() in this process (cheaper than a new python): its SystemExit."""
     import chat as chat_py

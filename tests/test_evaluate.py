@@ -146,3 +146,18 @@ def test_a_log_line_cut_by_a_kill_does_not_stop_the_report(tmp_path):
     (tmp_path / "sft.jsonl").write_text('{"iter": 1, "loss": 2.0}\n{"iter": 2, "loss": 1.5}\n{"iter": 3, "lo')
     assert [r["iter"] for r in evaluate.read_jsonl(str(tmp_path / "sft.jsonl"))] == [1, 2]
     assert evaluate.read_jsonl(str(tmp_path / "missing.jsonl")) == []
+
+
+def test_a_prompt_with_no_room_for_its_answer_is_one_line_before_any_sampling(tmp_path):
+    args = dict(block_size=32, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2, n_embd=16)
+    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {"model": M.GPT(M.GPTConfig(**args)).state_dict(),
+                                                       "model_args": args, "kind": "sft", "step": 0,
+                                                       "config": {}, "tokenizer": "world"})
+    prompts = tmp_path / "prompts.jsonl"
+    long = "Describe the cat and the dog and the owl and the fox."
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("Describe the cat.", long)) + "\n")
+    r = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={tmp_path}", f"--prompts={prompts}",
+                        "--max_new_tokens=16", "--bon=0"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and r.stderr.startswith(f"error: {prompts}:2: the prompt is "), r.stderr[-1500:]
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "report.md").exists()

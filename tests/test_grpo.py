@@ -141,7 +141,8 @@ def test_own_prompts_and_a_bad_prompts_file(tmp_path):
 def test_resuming_a_checkpoint_without_its_rng_states_is_one_line(tmp_path, refusal):
     make_stage_checkpoints(tmp_path)
     ck = runtime.load_checkpoint(str(tmp_path / "sft.pt"), "sft")
-    runtime.save_checkpoint(str(tmp_path / "grpo.pt"), {**ck, "kind": "grpo", "step": 2})  # no optimizer, RNGs
+    # a grpo.pt with weights only: no optimizer, no RNG states
+    runtime.save_checkpoint(str(tmp_path / "grpo.pt"), {**ck, "kind": "grpo", "step": 2})
     before = (tmp_path / "grpo.pt").read_bytes()
     msg = refusal("grpo", f"--out_dir={tmp_path}", "--resume=True")
     assert msg.startswith(f"error: {tmp_path / 'grpo.pt'} has no optimizer, scaler, rng, rank_rng"), msg

@@ -345,3 +345,24 @@ def test_get_lr():
     assert runtime.get_lr(0, 10, 100, 1.0, 0.1) == pytest.approx(1 / 11)
     assert runtime.get_lr(10, 10, 100, 1.0, 0.1) == pytest.approx(1.0)
     assert runtime.get_lr(100, 10, 100, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_sample_kl_at_temperature_zero_uses_the_log_probs_generate_recorded():
+    """Greedy decoding records temperature-1 log-probs (model.sample): the reference's must match, or the KL
+    of a model against itself is NaN instead of 0."""
+    from rollout import sample_kl
+    m = tiny()
+    seq, attn, gen, lp = M.generate(m, PROMPTS, 10, temperature=0, return_logprobs=True)
+    kl = sample_kl(lp, m, seq, attn, gen, temperature=0)
+    assert torch.isfinite(kl).all() and kl.abs().max() < 1e-4, kl
+    other = tiny(n_layer=1)
+    kl = sample_kl(lp, other, seq, attn, gen, temperature=0)
+    torch.testing.assert_close(kl, sample_kl(lp, other, seq, attn, gen, temperature=1.0))
+
+
+@pytest.mark.parametrize("bad", ["--gen_prompt_lens=(7.5,36)", "--gen_prompt_lens=(True,36)",
+                                 "--gen_prompt_lens=('a','b')", "--gen_batches=(64,'x')",
+                                 "--dtypes=(['float32'],)", "--dtypes=('float64',)"])
+def test_bench_checks_the_elements_of_its_tuple_options_before_it_runs(refusal, bad):
+    message = refusal("bench", bad)
+    assert message.startswith(f"error: {bad.split('=')[0]}=") and "out of range" in message, message

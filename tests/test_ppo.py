@@ -344,3 +344,17 @@ def test_own_prompts_file_and_a_bad_one(tmp_path):
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith(f"error: {bad}:2:")
     assert ((tmp_path / "ppo.pt").read_bytes(), (tmp_path / "ppo.jsonl").read_bytes()) == before
+
+
+@pytest.mark.parametrize("script", ["ppo", "grpo"])
+def test_a_prompt_with_no_room_for_its_answer_is_one_line_naming_its_line(tmp_path, script):
+    make_stage_checkpoints(tmp_path)  # block_size 96
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "Describe the cat."}) + "\n"
+                    + json.dumps({"prompt": " ".join(["Describe the cat."] * 20)}) + "\n")
+    r = subprocess.run([sys.executable, f"{script}.py", f"--out_dir={tmp_path}", f"--prompts={path}",
+                        "--max_new_tokens=16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    msg = r.stderr.strip()
+    assert r.returncode != 0 and msg.startswith(f"error: {path}:2: the prompt is "), r.stderr[-1500:]
+    assert "\n" not in msg and "--max_new_tokens=16" in msg
+    assert not (tmp_path / f"{script}.pt").exists() and not (tmp_path / f"{script}.jsonl").exists()

@@ -38,6 +38,7 @@ BAD_OPTIONS = (  # each script's --device=tpu runs in a new python: test_a_bad_o
        ("sft", "--dropout=1.5")]
     + [(s, "--dtype=float64") for s in SCRIPTS]
     + [(s, "--max_new_tokens=0") for s in ("sft", "reward", "ppo", "dpo", "evaluate", "chat")]
+    + [(s, "--seed=-1") for s in SCRIPTS] + [("chat", f"--seed={2 ** 32}"), ("ppo", f"--seed={2 ** 31}")]
 )
 
 
@@ -170,18 +171,105 @@ def test_no_checkpoint_with_a_nan_is_ever_written(tmp_path):
     assert snapshot(tmp_path) == before  # the good checkpoint is untouched, no temporary file
 
 
-def test_a_full_disk_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("room", [0, 1000, 50_000])
+def test_a_full_disk_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch, room):
+    """The real torch.save into a file whose disk fills after `room` bytes: torch reports the failed write as
+    a RuntimeError ("unexpected pos") raised while handling the OSError; the line still says why."""
     path = str(tmp_path / "sft.pt")
-    save_tiny(path)
+    ck = save_tiny(path)
     before = snapshot(tmp_path)
+    real_open = open
 
-    def full_disk(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(SystemExit, match="could not write .*No space left on device"):
-        runtime.save_checkpoint(path, {"model": {}, "model_args": {}, "kind": "sft"})
+    class FullDisk:  # a file on a disk with `room` bytes left: a write past them fails as the OS's would
+        def __init__(self, *args, **kwargs):
+            self.f, self.room = real_open(*args, **kwargs), room
+
+        def write(self, b):
+            if len(b) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(b)
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(runtime, "open", FullDisk, raising=False)  # the open save_checkpoint calls
+    with pytest.raises(SystemExit, match=r"could not write .*\(No space left on device\)"):
+        runtime.save_checkpoint(path, {**ck, "step": 2})
     assert snapshot(tmp_path) == before
+    monkeypatch.undo()
+
+    def broken_save(obj, f):  # a RuntimeError that no failed write caused: a bug, not to be hidden
+        f.write(b"half a checkpoint")
+        raise RuntimeError("not a disk problem")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="not a disk problem"):
+        runtime.save_checkpoint(path, {**ck, "step": 2})
+    assert snapshot(tmp_path) == before  # and still no temporary file
+
+
+def test_a_missing_stage_is_built_where_the_caller_looks(tmp_path, monkeypatch, capsys):
+    """`python /path/to/ppo.py` run from another directory: the stage it runs to make out/sft.pt must write
+    into the out/ of that directory, where the caller then looks (a stand-in stage, a real one is slow)."""
+    stage = tmp_path / "stage.py"
+    stage.write_text(
+        "import os, sys\n"
+        "out = next((a[10:] for a in sys.argv[1:] if a.startswith('--out_dir=')), 'out')\n"
+        "if not os.path.samefile(os.getcwd(), os.environ['CALLER_DIR']):\n"
+        "    sys.exit(f'ran in {os.getcwd()}')  # writes nothing where the caller would not look\n"
+        "os.makedirs(out, exist_ok=True)\n"
+        "open(os.path.join(out, 'made.pt'), 'wb').close()\n")
+    caller = tmp_path / "elsewhere"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    monkeypatch.setenv("CALLER_DIR", str(caller))
+    for out_dir in ("out", os.path.join("runs", "a")):
+        runtime.ensure_checkpoint(os.path.join(out_dir, "made.pt"), str(stage), out_dir)
+        assert (caller / out_dir / "made.pt").is_file()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{os.path.join('out', 'made.pt')} not found: running `python {stage}` to make it"
+    assert printed[1].endswith(f"running `python {stage} --out_dir=runs/a` to make it")
+    with pytest.raises(SystemExit, match="did not produce"):  # a stage that fails is one line
+        runtime.ensure_checkpoint(os.path.join("other", "made.pt"), str(stage), "out")
+
+
+def test_a_device_this_machine_lacks_is_one_line(refusal, tmp_path, monkeypatch):
+    """--device=cuda (or mps) where there is none stops in setup, before anything is read or written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    save_tiny(tmp_path / "sft.pt")
+    before = snapshot(tmp_path)
+    for device in ("cuda", "cuda:0", "mps"):
+        message = refusal("chat", f"--out_dir={tmp_path}", f"--device={device}", "--prompt=Hi")
+        assert message.startswith(f"error: --device={device} is not available") and "\n" not in message
+    assert snapshot(tmp_path) == before
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: cuda:0 is there, cuda:1 is not
+    with pytest.raises(SystemExit, match="--device=cuda:1 is not available"):
+        runtime.setup("cuda:1")
+    assert runtime.setup("cpu").device == "cpu"
+
+
+def test_a_prompt_file_with_a_prompt_too_long_for_the_model_names_its_line(tmp_path):
+    from data.chat import render_prompt
+    from rollout import prompts_fit, training_prompts
+    enc = get_tokenizer("world")
+    path = tmp_path / "prompts.jsonl"
+    long = " ".join(["Describe the owl."] * 20)
+    path.write_text(json.dumps({"prompt": "Describe the owl."}) + "\n\n"  # line 2 is blank: no prompt
+                    + json.dumps({"messages": [{"role": "user", "content": long}]}) + "\n")
+    prompts = training_prompts(str(path))
+    n = len(render_prompt(enc, prompts[1]))
+    prompts_fit(str(path), prompts, enc, n + 8, 8)  # room for the whole reply: fine
+    with pytest.raises(SystemExit) as e:  # one token short: the reply (and its batch's) would be cut
+        prompts_fit(str(path), prompts, enc, n + 7, 8)
+    assert str(e.value).startswith(f"error: {path}:3: the prompt is {n} tokens") and "\n" not in str(e.value)
+    prompts_fit("", [[{"role": "user", "content": long}]], enc, 4, 8)  # the world's prompts: nothing to check
 
 
 def test_a_read_only_out_dir_is_one_line(tmp_path):
@@ -285,6 +373,37 @@ def fp16_step(model, loss_fn):
     scaler.scale(loss).backward()
     norm = runtime.optimizer_step(model, opt, scaler, 1.0)
     return before, model.state_dict(), norm
+
+
+def test_the_fp16_step_returns_the_true_gradient_norm_and_zero_when_it_skips():
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(0, 50, (4, 12))
+
+    def loss_fn(net):
+        return net(x[:, :-1], x[:, 1:])[1]
+    with torch.autocast(device_type="cpu", dtype=torch.float16):
+        loss_fn(m).backward()  # the same gradients, unscaled
+    true = torch.stack([p.grad.norm() for p in m.parameters() if p.grad is not None]).norm()
+    m.zero_grad(set_to_none=True)
+    _, _, norm = fp16_step(m, loss_fn)
+    assert norm > 0 and torch.allclose(norm, true, rtol=1e-3), (norm, true)  # not the scaled norm, not 0
+    # an overflow: the scaler skips the step, and the norm is 0 so that the stage's check_finite goes on
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    opt = runtime.configure_optimizer(m, 0.0, 1e-3, (0.9, 0.95), "cpu")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    scaler.scale(loss_fn(m)).backward()
+    next(m.parameters()).grad[0] = float("inf")
+    norm = runtime.optimizer_step(m, opt, scaler, 1.0)
+    assert norm.item() == 0.0 and scaler.get_scale() < 2.0 ** 16
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    runtime.check_finite("sft", 1, "x", grad_norm=norm)
+    # without a scaler a non-finite norm is returned as it is: check_finite stops the stage
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    loss_fn(m).backward()
+    next(m.parameters()).grad[0] = float("nan")
+    with pytest.raises(SystemExit, match="grad_norm is nan"):
+        runtime.check_finite("sft", 1, "x", grad_norm=runtime.optimizer_step(m, opt, off, 1.0))
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "dpo", "grpo"])
