@@ -58,9 +58,8 @@ def setup(device="auto", dtype="auto", seed=1337):
         if low < full:
             print(f"warning: this CPU has no {dtype} units ({dtype} matmuls {low / 1e9:.1f} GFLOP/s, float32 "
                   f"{full / 1e9:.1f}): --dtype={dtype} is slower here than --dtype=float32", file=sys.stderr)
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)  # each rank draws different data and samples
+    for seeded in (random.seed, np.random.seed, torch.manual_seed):
+        seeded(seed + rank)  # each rank draws different data and samples
     return SimpleNamespace(device=device, device_type=device_type, dtype=dtype, ptdtype=ptdtype, ctx=ctx,
                            scaler=scaler, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
                            master=(rank == 0))
@@ -178,8 +177,7 @@ def load_checkpoint(path, kinds=None, map_location="cpu"):
     return ckpt
 
 def load_weights(model, sd):
-    """load_state_dict that lets the scalar head be new (base -> reward model) or dropped (reward -> policy)
-    and lm_head be absent (it is wte)."""
+    """load_state_dict; the scalar head may be new (base -> reward) or dropped, lm_head absent (it is wte)."""
     sd = clean_state_dict(sd)
     if model.scalar_head is None:
         sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
@@ -255,12 +253,15 @@ def training_state(model, optimizer, scaler):
 
 def restore(ckpt, model, optimizer, scaler=None):
     """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its
-    step, so the loop continues exactly where the saved run was."""
+    step, so the loop continues exactly where the saved run was. Only rank 0 saves: under torchrun another
+    rank starts from its streams moved on by the rank (ppo.py and grpo.py save every rank's: exact)."""
     load_weights(model, ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
+    if int(os.environ.get("RANK", 0)):  # not rank 0's very streams, or every rank would drop the same units
+        torch.manual_seed(int(torch.randint(2 ** 62, ())) + int(os.environ["RANK"]))
     return ckpt["step"]
 
 def load_rl_inputs(out_dir, use_rm, rt):
@@ -280,8 +281,7 @@ def load_rl_inputs(out_dir, use_rm, rt):
     return ref, enc, sft_ck, rm, rm_ck
 
 def sampler_state(rng):
-    """A random.Random's (or the random module's) state as plain lists, which torch.load(weights_only=True)
-    reads back; set_sampler_state undoes it."""
+    """A random.Random's state as plain lists (weights_only-loadable); set_sampler_state undoes it."""
     version, mt, gauss = rng.getstate()
     return [version, list(mt), gauss]
 

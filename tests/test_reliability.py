@@ -507,3 +507,20 @@ def test_a_kill_at_a_random_moment_then_resume_ends_as_an_unbroken_run(tmp_path,
     assert a["step"] == b["step"] and same(*metrics), k
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), (k, name)
+
+
+def test_a_resumed_rank_other_than_0_does_not_replay_rank_0s_random_stream(tmp_path, monkeypatch):
+    """Only rank 0 saves its RNG streams: after --resume under torchrun, rank 0 continues its own stream
+    exactly, and another rank gets one of its own (the same on every resume), not rank 0's dropout masks."""
+    model = M.GPT(M.GPTConfig(block_size=8, vocab_size=N_VOCAB, n_layer=1, n_head=1, n_embd=8))
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.manual_seed(5)
+    ck = {**runtime.training_state(model, optimizer, torch.amp.GradScaler("cpu", enabled=False)), "step": 3}
+    draws = {}
+    for rank in ("0", "1", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert runtime.restore(ck, model, optimizer) == 3
+        draws.setdefault(rank, []).append(torch.rand(4))
+    torch.manual_seed(5)
+    assert torch.equal(draws["0"][0], torch.rand(4))  # rank 0: exactly the saved stream
+    assert not torch.equal(draws["1"][0], draws["0"][0]) and torch.equal(draws["1"][0], draws["1"][1])
