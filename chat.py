@@ -20,7 +20,7 @@ from rollout import respond
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
 out_dir = "out"            # where to look for a checkpoint when --ckpt is not given
-ckpt = ""                  # a base, sft, ppo or dpo checkpoint ("" = the latest stage found in out_dir)
+ckpt = ""                  # a base, sft, ppo, grpo/rloo or dpo checkpoint ("" = the latest stage in out_dir)
 prompt = ""                # answer this one message and exit instead of starting the REPL
 system = ""                # optional system message that opens every conversation
 temperature = 0.8          # 0 = greedy

@@ -253,14 +253,16 @@ def training_state(model, optimizer, scaler):
 
 def restore(ckpt, model, optimizer, scaler=None):
     """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its
-    step, so the loop continues exactly where the saved run was. Only rank 0 saves: under torchrun another
-    rank starts from its streams moved on by the rank (ppo.py and grpo.py save every rank's: exact)."""
+    step, so the loop continues exactly where the saved run was (under torchrun: ppo.py and grpo.py only)."""
     load_weights(model, ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:  # options that change the optimizer's parameter groups (reward.py --lm_feature) cannot resume it
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:
+        raise SystemExit(f"error: --resume: the checkpoint's optimizer does not fit these options ({e})")
     if scaler is not None:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    if int(os.environ.get("RANK", 0)):  # not rank 0's very streams, or every rank would drop the same units
+    if int(os.environ.get("RANK", 0)):  # only rank 0's were saved: shift them, or all drop the same units
         torch.manual_seed(int(torch.randint(2 ** 62, ())) + int(os.environ["RANK"]))
     return ckpt["step"]
 
@@ -346,9 +348,8 @@ def ensure_checkpoint(path, script, out_dir):
 # Where a stage's time goes
 
 class Stopwatch:
-    """Wall time per phase of a stage. lap(phase) adds the seconds since the previous lap to that phase, so
-    a loop reads: sample ... lap("sampling"); score ... lap("scoring"); train ... lap("training").
-    On CUDA a lap first waits for the queued kernels, or their time would count in a later phase."""
+    """Wall time per phase of a stage: lap(phase) adds the seconds since the previous lap to that phase
+    (sample; lap("sampling"); train; lap("training")). On CUDA a lap first waits for the queued kernels."""
 
     def __init__(self, device_type="cpu", master=True, clock=time.perf_counter):
         self.clock, self.cuda, self.master = clock, device_type == "cuda", master

@@ -524,3 +524,15 @@ def test_a_resumed_rank_other_than_0_does_not_replay_rank_0s_random_stream(tmp_p
     torch.manual_seed(5)
     assert torch.equal(draws["0"][0], torch.rand(4))  # rank 0: exactly the saved stream
     assert not torch.equal(draws["1"][0], draws["0"][0]) and torch.equal(draws["1"][0], draws["1"][1])
+
+
+def test_resuming_with_options_that_change_the_optimizer_is_one_line():
+    """reward.py --lm_feature adds a parameter group: a checkpoint saved without it cannot resume with it."""
+    model = M.GPT(M.GPTConfig(block_size=8, vocab_size=N_VOCAB, n_layer=1, n_head=1, n_embd=8))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ck = {**runtime.training_state(model, runtime.configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu"),
+                                   scaler), "step": 1}
+    optimizer = runtime.configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer.add_param_group({"params": [torch.zeros((), requires_grad=True)], "weight_decay": 0.0})
+    with pytest.raises(SystemExit, match=r"^error: --resume: the checkpoint's optimizer does not fit these"):
+        runtime.restore(ck, model, optimizer, scaler)
