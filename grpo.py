@@ -138,6 +138,9 @@ def main():
                              "cannot be resumed; start afresh without --resume")
         start = runtime.restore(ck, policy, optimizer, rt.scaler)
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
+        if rt.master and start >= max_iters:
+            print(f"{ck_path} is already at iteration {start} >= --max_iters={max_iters}: nothing to train "
+                  "(raise --max_iters to continue); evaluating it")
     raw_policy = policy
     policy = runtime.wrap(policy, rt, compile)
     if rt.master:  # the run is known to start: a fresh log, or a resumed run's rows up to its checkpoint

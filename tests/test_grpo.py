@@ -147,3 +147,22 @@ def test_resuming_a_checkpoint_without_its_rng_states_is_one_line(tmp_path, refu
     msg = refusal("grpo", f"--out_dir={tmp_path}", "--resume=True")
     assert msg.startswith(f"error: {tmp_path / 'grpo.pt'} has no optimizer, scaler, rng, rank_rng"), msg
     assert (tmp_path / "grpo.pt").read_bytes() == before
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for d in (whole, split):
+        d.mkdir()
+        make_stage_checkpoints(d)
+    assert run_grpo(whole, "--baseline=rloo", "--max_iters=2").returncode == 0
+    assert run_grpo(split, "--baseline=rloo", "--max_iters=1").returncode == 0  # "killed" after iteration 1
+    r = run_grpo(split, "--baseline=rloo", "--max_iters=2", "--resume=True")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (runtime.load_checkpoint(str(d / "rloo.pt"), "grpo") for d in (whole, split))
+    assert a["step"] == b["step"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "time"} for line in open(d / "rloo.jsonl")]
+            for d in (whole, split)]
+    assert rows[0] == rows[1] and [row["iter"] for row in rows[0]] == [1, 2]
+    r = run_grpo(split, "--baseline=rloo", "--max_iters=2", "--resume=True")  # a finished run says so
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rloo.pt is already at iteration 2 >= --max_iters=2: nothing to train" in r.stdout
