@@ -53,7 +53,7 @@ data = ""                  # "" = sample comparisons from SFT on the world's tra
 collect = True             # sample and rank fresh comparisons; False reuses out_dir/comparisons.jsonl
 train = True               # train the reward model; False loads out_dir/reward.pt (e.g. to run --bon)
 n_prompts = 4000           # the first n train prompts (0 = all): many distinct prompts, each ranked once
-contexts = 2               # unrelated first exchanges before each question (16: 26,579 prompts, not 6,741)
+contexts = 2               # unrelated first exchanges before each question (16: 25,230 prompts, not 6,461)
 K = 4                      # answers ranked per prompt (InstructGPT: 4 to 9); 4 leaves time for more prompts
 max_new_tokens = 48        # longest sampled answer; one that is cut off never ended its turn
 temperature = 1.0          # 1 = sample the SFT distribution itself, which is where PPO starts

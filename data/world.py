@@ -480,11 +480,12 @@ def _all_prompts(contexts=2):
 
 def prompts(split, seed=0, eval_fraction=0.15, contexts=2):
     """Held-out eval prompts (`eval_fraction` of the core, picked by a fixed shuffle: the same set the world
-    always had, whatever the seed, so no seed's training data can contain them) or train prompts (every other
-    prompt of every wording, shuffled by seed); no prompt is in both. Held out are prompts, not tasks:
-    training asks the same things in other wordings, and the held-out single questions also come after an
-    unrelated first exchange. contexts > 2 puts each request after more unrelated first exchanges: more
-    distinct train prompts (a reward model's accuracy grows with them); the eval prompts never change."""
+    always had, whatever the seed) or train prompts (every other prompt of every wording, shuffled by seed).
+    No train prompt is a held-out one or starts with one (up to one of its user turns), where SFT's data
+    would answer it. Held out are prompts, not tasks: training asks the same things in other wordings, and
+    the held-out single questions also come last, after an unrelated first exchange. contexts > 2 puts each
+    request after more unrelated first exchanges: more distinct train prompts (a reward model's accuracy grows
+    with them); the eval prompts never change."""
     if contexts < 2:
         raise ValueError(f"contexts={contexts}: the world's prompts put each request after at least 2")
     core = all_prompts()
@@ -493,7 +494,8 @@ def prompts(split, seed=0, eval_fraction=0.15, contexts=2):
     if split == "eval":
         return ev
     held = {json.dumps(p) for p in ev}
-    train = [[dict(m) for m in p] for p in _all_prompts(contexts) if json.dumps(p) not in held]
+    train = [[dict(m) for m in p] for p in _all_prompts(contexts)  # no held-out prompt, nor one as a start
+             if not any(json.dumps(p[:k + 1]) in held for k in range(len(p)) if p[k]["role"] == "user")]
     random.Random(seed).shuffle(train)
     return train
 
@@ -596,7 +598,7 @@ def calibrate_tau(target=0.73, seed=0):
     return math.sqrt(lo * hi)
 
 
-LABELER_TAU = 0.134  # = calibrate_tau() rounded; a test checks the calibration still holds
+LABELER_TAU = 0.128  # = calibrate_tau() rounded; a test checks the calibration still holds
 
 
 def rank(messages, responses, rng, ended=None, tau=LABELER_TAU):

@@ -28,6 +28,14 @@ def test_train_and_eval_prompts_are_disjoint():
         assert train and ev and not (train & ev)
 
 
+@pytest.mark.parametrize("contexts", [2, 3])
+def test_no_train_prompt_starts_with_a_held_out_one(contexts):
+    """A held-out question as a train prompt's first exchange would put SFT's answer to it in SFT's data."""
+    ev = {json.dumps(p) for p in w.prompts("eval")}
+    for p in w.prompts("train", contexts=contexts):
+        assert not any(json.dumps(p[:k + 1]) in ev for k in range(len(p)) if p[k]["role"] == "user"), p
+
+
 def test_fluency_check():
     assert w.sentence_type("The fox is happy.") == "statement"
     assert w.sentence_type("Tom lives in the forest.") == "statement"
@@ -92,8 +100,12 @@ def test_more_contexts_make_a_bigger_pool_that_starts_with_the_default_one():
                and w.parse_task(p[:1])["kind"] != "harmful" for p in extra)
     train, ev = w.prompts("train", contexts=6), w.prompts("eval")
     pool = {key(p) for p in big}
-    assert len(train) == len(big) - sum(key(p) in pool for p in ev)  # only the eval prompts are held out
-    assert not {key(p) for p in train} & {key(p) for p in ev}
+    held = {key(p) for p in ev}
+    starts_held = [p for p in big
+                   if any(key(p[:k + 1]) in held for k in range(len(p)) if p[k]["role"] == "user")]
+    assert held & pool <= {key(p) for p in starts_held}  # the eval prompts themselves are held out
+    assert len(train) == len(big) - len(starts_held)  # and those that start with one: nothing else
+    assert not {key(p) for p in train} & held
     with pytest.raises(ValueError, match="contexts=1"):
         w.prompts("train", contexts=1)
 
