@@ -199,11 +199,16 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
     return results
 
 
+def best_of_n_kl_bound(n):
+    """KL(best-of-n || SFT) <= ln n - (n - 1) / n, the analytical value (Stiennon et al. 2020,
+    https://arxiv.org/abs/2009.01325, appendix); an upper bound, exact only when no two of the n answers can
+    coincide (Beirami et al. 2024, https://arxiv.org/abs/2401.01879), and short answers here do repeat."""
+    return math.log(n) - (n - 1) / n
+
+
 def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator, lap):
-    """The best-of-`bon` row: SFT's answers picked by the reward model, in score()'s format. Its KL to SFT is
-    the analytical ln N - (N - 1) / N (Stiennon et al. 2020, https://arxiv.org/abs/2009.01325, appendix): an
-    upper bound, exact only when no two of the N answers can coincide (Beirami et al. 2024,
-    https://arxiv.org/abs/2401.01879), and short answers here do repeat."""
+    """The best-of-`bon` row: SFT's answers picked by the reward model, in score()'s format; its KL is
+    best_of_n_kl_bound(bon)."""
     picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens, temperature,
                       generator=generator, lm_weight=rm_ck.get("lm_weight", 0.0), lap=lap)
     res = {"samples": [{"prompt": p, "text": r["text"], "ended": r["ended"],
@@ -212,7 +217,7 @@ def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator, lap):
     lap("hidden human")
     for k in ("gold", "ended", "fluency"):
         res[k] = sum(s[k] for s in res["samples"]) / len(evals)
-    res["n"], res["kl"] = len(evals), math.log(bon) - (bon - 1) / bon
+    res["n"], res["kl"] = len(evals), best_of_n_kl_bound(bon)
     return res
 
 

@@ -409,8 +409,7 @@ RANGES = {
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "contexts": (lambda v: v >= 2, ">= 2"),
     "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2**31)"),  # numpy takes seed + rank, below 2**32
     "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"),
-              "one of auto, float32, bfloat16, float16"),
+    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16, float16"),
     "device": (lambda v: v in ("auto", "cpu", "mps", "cuda") or v.startswith("cuda:") and v[5:].isdigit(),
                "one of auto, cpu, cuda, cuda:N, mps"),
 }
@@ -444,7 +443,8 @@ def configure(g, argv=None, ranges=None):
             raise SystemExit(f"error: --{name} expects {type(old).__name__}, "
                              f"got {type(new).__name__} {raw!r}")
         g[name] = new
-    for name, (ok, rule) in {**RANGES, **(ranges or {})}.items():
+    ranges = ranges or {}  # the stage's rules last, in its order: one that depends on another comes after it
+    for name, (ok, rule) in [(k, r) for k, r in RANGES.items() if k not in ranges] + list(ranges.items()):
         if name in keys and g[name] is not None and not ok(g[name]):
             raise SystemExit(f"error: --{name}={g[name]!r} is out of range: it must be {rule}")
     return {k: g[k] for k in keys}

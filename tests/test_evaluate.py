@@ -1,6 +1,7 @@
 """evaluate.py end to end on a tiny untrained SFT checkpoint: the report's arithmetic, not the model's
 quality."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def test_report_numbers_add_up(tmp_path):
     assert res["n"] == 12 and res["kl"] == 0.0
     # the per-component losses are the gold utility's own decomposition: they add up to 1 - gold
     assert sum(res["missing"].values()) == pytest.approx(1 - res["gold"], abs=1e-9)
-    assert res["missing"]["ended"] >= 0.0  # a cut-off answer loses 2 x 0.1 here, an ended one nothing
+    # a cut-off answer loses 2 x 0.1 here (its turn-end component is -1), an ended one nothing
+    assert res["missing"]["ended"] == pytest.approx(0.2 * (1 - res["ended"]))
     report = (tmp_path / "report.md").read_text()
     assert "| sft | " in report and "Where the gold is lost" in report
     assert {"sampling", "scoring", "hidden human"} <= set(time_split(r.stdout, "evaluate"))
@@ -161,3 +163,14 @@ def test_a_prompt_with_no_room_for_its_answer_is_one_line_before_any_sampling(tm
                        timeout=300)
     assert r.returncode != 0 and r.stderr.startswith(f"error: {prompts}:2: the prompt is "), r.stderr[-1500:]
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "report.md").exists()
+
+
+def test_the_best_of_n_kl_bound_by_hand():
+    import evaluate
+    assert evaluate.best_of_n_kl_bound(1) == 0.0  # one sample: SFT itself
+    assert evaluate.best_of_n_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
+    assert evaluate.best_of_n_kl_bound(16) == pytest.approx(1.8351, abs=1e-4)  # the report's <= 1.84
+    # the bound holds where answers coincide: two equally likely answers, best-of-16 picks the better one
+    # unless all 16 draws are the worse: KL = sum p log(p / q) with p = (1 - 2**-16, 2**-16), q = (1/2, 1/2)
+    p = [1 - 2 ** -16, 2 ** -16]
+    assert sum(x * math.log(x / 0.5) for x in p) < evaluate.best_of_n_kl_bound(16)

@@ -1,5 +1,6 @@
 """Correctness of model.py: KV cache, padding, causality, tying, GPT-2 import, checkpoints, overrides."""
 import json
+import math
 import os
 import random
 import signal
@@ -309,7 +310,8 @@ def test_configure_overrides():
             runtime.configure(g(), [bare])
 
 
-@pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "dpo", "evaluate", "chat", "bench"])
+@pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "grpo", "dpo", "evaluate", "chat",
+                                    "bench"])
 def test_options_are_the_config_block(refusal, script):
     """The options a script accepts are exactly the names its config block (between its first two rules)
     assigns: nothing imported (a constant such as a special token) may turn into an option."""
@@ -345,6 +347,8 @@ def test_get_lr():
     assert runtime.get_lr(0, 10, 100, 1.0, 0.1) == pytest.approx(1 / 11)
     assert runtime.get_lr(10, 10, 100, 1.0, 0.1) == pytest.approx(1.0)
     assert runtime.get_lr(100, 10, 100, 1.0, 0.1) == pytest.approx(0.1)
+    # a quarter of the way down the cosine (where a linear decay would give 0.775 instead)
+    assert runtime.get_lr(35, 10, 110, 1.0, 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
 
 
 def test_sample_kl_at_temperature_zero_uses_the_log_probs_generate_recorded():

@@ -358,3 +358,50 @@ def test_a_prompt_with_no_room_for_its_answer_is_one_line_naming_its_line(tmp_pa
     assert r.returncode != 0 and msg.startswith(f"error: {path}:2: the prompt is "), r.stderr[-1500:]
     assert "\n" not in msg and "--max_new_tokens=16" in msg
     assert not (tmp_path / f"{script}.pt").exists() and not (tmp_path / f"{script}.jsonl").exists()
+
+
+def test_the_value_loss_never_moves_the_policys_trunk():
+    """The value head reads detached features: the value loss trains the head and nothing else."""
+    policy, enc = tiny_policy()
+    torch.nn.init.normal_(policy.scalar_head.weight, std=0.1)  # a fresh head is 0: no gradient to pass on
+    seq = torch.randint(0, enc.n_vocab, (3, 12))
+    attn, mask = torch.ones(3, 12), torch.ones(3, 11)
+    _, values, _ = ppo.forward_policy(policy, seq, attn, 1.0)
+    ppo.clipped_value_loss(values, torch.zeros(3, 11), torch.ones(3, 11), mask, 0.2).backward()
+    trunk = [p for n, p in policy.named_parameters() if not n.startswith("scalar_head.")]
+    assert all(p.grad is None or not p.grad.any() for p in trunk)
+    assert policy.scalar_head.weight.grad.abs().sum() > 0
+
+
+def test_main_trains_on_the_answer_tokens_only_and_takes_off_the_missing_end_penalty(tmp_path, monkeypatch):
+    """What main() hands the equations: the action mask is the sampled tokens (never a prompt token), and
+    each score is the reward less no_end_penalty for an answer that never ended its turn."""
+    make_stage_checkpoints(tmp_path)
+    seen = {"masks": []}
+    real_respond, real_token_rewards, real_clip_loss = ppo.respond, ppo.token_rewards, ppo.ppo_clip_loss
+
+    def respond_and_keep(*args, **kwargs):
+        seen["prompts"], (seen["replies"], seen["batch"]) = args[2], real_respond(*args, **kwargs)
+        return seen["replies"], seen["batch"]
+
+    def token_rewards_and_keep(scores, kl, action, kl_coef):
+        seen["scores"], seen["action"] = scores.clone(), action.clone()
+        return real_token_rewards(scores, kl, action, kl_coef)
+
+    def clip_loss_and_keep(logp, old_logp, adv, mask, cliprange):
+        seen["masks"].append(mask.clone())
+        return real_clip_loss(logp, old_logp, adv, mask, cliprange)
+
+    monkeypatch.setattr(ppo, "respond", respond_and_keep)
+    monkeypatch.setattr(ppo, "token_rewards", token_rewards_and_keep)
+    monkeypatch.setattr(ppo, "ppo_clip_loss", clip_loss_and_keep)
+    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+                  "--max_iters=1", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--reward=gold",
+                  "--no_end_penalty=5.0", "--ppo_epochs=1")
+    seq, attn, gen = seen["batch"][:3]
+    assert torch.equal(seen["action"], gen[:, 1:].float()) and not (seen["action"] * (1 - gen[:, 1:])).any()
+    assert sum(m.sum() for m in seen["masks"]) == gen[:, 1:].sum()  # every answer token, once per epoch
+    ended = torch.tensor([float(r["ended"]) for r in seen["replies"]])
+    golds = torch.tensor([world.gold(p, r["text"], r["ended"])
+                          for p, r in zip(seen["prompts"], seen["replies"])])
+    torch.testing.assert_close(seen["scores"], golds - 5.0 * (1 - ended))

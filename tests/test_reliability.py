@@ -25,7 +25,7 @@ from data.tokenizer import get_tokenizer  # noqa: E402
 
 N_VOCAB = get_tokenizer("world").n_vocab
 TRAINERS = ["sft", "reward", "ppo", "dpo"]
-SCRIPTS = TRAINERS + ["pretrain", "evaluate", "chat"]
+SCRIPTS = TRAINERS + ["grpo", "pretrain", "evaluate", "chat"]
 BAD_OPTIONS = (  # each script's --device=tpu runs in a new python: test_a_bad_option_as_a_user_meets_it
     [(s, "--batch_size=0") for s in TRAINERS] + [(s, "--lr=-1") for s in TRAINERS]
     + [(s, "--eval_interval=0") for s in ("sft", "reward", "dpo", "pretrain")]
@@ -35,9 +35,10 @@ BAD_OPTIONS = (  # each script's --device=tpu runs in a new python: test_a_bad_o
        ("dpo", "--beta=-0.1"), ("ppo", "--minibatch_size=999"), ("sft", "--max_iters=0"),
        ("pretrain", "--max_iters=0"), ("evaluate", "--samples=0"), ("chat", "--temperature=-1"),
        ("ppo", "--cliprange=0"), ("dpo", "--label_smoothing=0.5"), ("reward", "--K=1"),
-       ("sft", "--dropout=1.5")]
+       ("sft", "--dropout=1.5"), ("grpo", "--group_size=1"), ("grpo", "--baseline=ppo"),
+       ("grpo", "--adv_eps=0"), ("grpo", "--minibatch_size=999")]
     + [(s, "--dtype=float64") for s in SCRIPTS]
-    + [(s, "--max_new_tokens=0") for s in ("sft", "reward", "ppo", "dpo", "evaluate", "chat")]
+    + [(s, "--max_new_tokens=0") for s in ("sft", "reward", "ppo", "grpo", "dpo", "evaluate", "chat")]
     + [(s, "--seed=-1") for s in SCRIPTS] + [("chat", f"--seed={2 ** 32}"), ("ppo", f"--seed={2 ** 31}")]
 )
 
@@ -103,7 +104,8 @@ def test_a_bad_option_is_one_line_and_touches_nothing(out_dir, refusal, script, 
     before = snapshot(out_dir)
     message = refusal(script, f"--out_dir={out_dir}", option)
     assert message.startswith("error: ") and "\n" not in message, message
-    assert option.split("=")[0] in message  # the line names the option
+    # the line names the option and its range (an unknown option's line would name it too)
+    assert message.startswith(f"error: {option.split('=')[0]}=") and "is out of range" in message, message
     assert snapshot(out_dir) == before
 
 

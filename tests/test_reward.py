@@ -342,12 +342,13 @@ def test_a_bad_option_is_one_line_before_anything_is_touched(tmp_path, refusal, 
 
 
 def test_noise_free_labelers_rank_by_gold(tiny_sft):
-    # --labeler_tau=1e-6: the Plackett-Luce labeler becomes the gold ordering (ties in any order); with the
-    # default temperature 8 of these 40 rankings of 4 are out of gold order
+    # --labeler_tau=1e-6: the Plackett-Luce labeler becomes the gold ordering (ties in any order). The tiny
+    # model's answers mostly tie (gibberish), so the test also asks for rankings the order can get wrong
     run(tiny_sft, "--K=4", "--max_iters=1", "--labeler_tau=1e-6")
-    for c in map(json.loads, open(tiny_sft / "comparisons.jsonl")):
-        g = [world.gold(c["prompt"], c["responses"][k], c["ended"][k]) for k in c["ranking"]]
-        assert all(a >= b - 1e-9 for a, b in zip(g, g[1:]))
+    golds = [[world.gold(c["prompt"], c["responses"][k], c["ended"][k]) for k in c["ranking"]]
+             for c in map(json.loads, open(tiny_sft / "comparisons.jsonl"))]
+    assert sum(max(g) - min(g) > 1e-9 for g in golds) >= 1  # not every ranking a tie: the check bites
+    assert all(a >= b - 1e-9 for g in golds for a, b in zip(g, g[1:]))
 
 
 @pytest.mark.parametrize("flags", [[], ["--lm_feature=True"]])
