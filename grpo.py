@@ -130,12 +130,8 @@ def main():
     rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
     start = 0
     if resume:
-        ck = runtime.load_checkpoint(ck_path, "grpo")
+        ck = runtime.load_checkpoint(ck_path, "grpo", need=("optimizer", "scaler", "rng", "rank_rng"))
         runtime.same_network(ck_path, ck, sft_ck["model_args"])
-        missing = [k for k in ("optimizer", "scaler", "rng", "rank_rng") if k not in ck]
-        if missing:
-            raise SystemExit(f"error: {ck_path} has no {', '.join(missing)} (an older grpo.py wrote it): it "
-                             "cannot be resumed; start afresh without --resume")
         start = runtime.restore(ck, policy, optimizer, rt.scaler)
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
         if rt.master and start >= max_iters:

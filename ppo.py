@@ -235,12 +235,9 @@ def main():
     rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
     kl_coef, start = beta, 0
     if resume:
-        ck = runtime.load_checkpoint(ck_path, "ppo")
+        ck = runtime.load_checkpoint(ck_path, "ppo",
+                                     need=("optimizer", "scaler", "rng", "rank_rng", "kl_coef"))
         runtime.same_network(ck_path, ck, sft_ck["model_args"])
-        missing = [k for k in ("optimizer", "scaler", "rng", "rank_rng", "kl_coef") if k not in ck]
-        if missing:
-            raise SystemExit(f"error: {ck_path} has no {', '.join(missing)} (an older ppo.py wrote it): it "
-                             "cannot be resumed; start afresh without --resume")
         kl_coef, start = ck["kl_coef"], runtime.restore(ck, policy, optimizer, rt.scaler)
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
         if rt.master and start >= max_iters:

@@ -11,7 +11,7 @@ import torch
 
 from data import world
 from data.chat import render_prompt, render_response, scored_ids
-from data.readers import DataError, read_prompts
+from data.readers import DataError, read_prompts, row_lines
 from data.tokenizer import END, EOT, special_id
 from model import generate, pad_rows, sequence_logprobs
 
@@ -33,18 +33,15 @@ def training_prompts(path):
 
 
 def prompts_fit(path, prompts, enc, block_size, max_new_tokens):
-    """Stop with one line naming path:line at the first prompt read from path (read_prompts: one per non-blank
-    line) that leaves less than max_new_tokens of the model's block_size for its reply: generate would refuse
-    it, or cut every reply of its batch short, only when training first drew it. No path (the world's
-    prompts): nothing to check."""
+    """Stop with one line naming path:line at the first prompt read from path (read_prompts) that leaves less
+    than max_new_tokens of the model's block_size for its reply: generate would refuse it, or cut every reply
+    of its batch short, only when training first drew it. No path (the world's prompts): nothing to check."""
     for i, p in enumerate(prompts if path else []):
         n = len(render_prompt(enc, p))
         if n + max_new_tokens > block_size:
-            with open(path, "rb") as f:  # the line of the i-th prompt: blank lines hold none
-                lines = f.read().split(b"\n")
-            line = [k for k, raw in enumerate(lines, 1) if raw.decode("utf-8-sig").strip()][i]
-            raise SystemExit(f"error: {path}:{line}: the prompt is {n} tokens with the chat template; the "
-                             f"model's {block_size} have no room for --max_new_tokens={max_new_tokens} more")
+            raise SystemExit(f"error: {path}:{row_lines(path)[i]}: the prompt is {n} tokens with the chat "
+                             f"template; the model's {block_size} have no room for --max_new_tokens="
+                             f"{max_new_tokens} more")
 
 
 def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None,

@@ -27,9 +27,8 @@ from model import GPT, GPTConfig
 # Device, precision, DDP, optimizer
 
 def setup(device="auto", dtype="auto", seed=1337):
-    """Read torchrun's environment, pick device and precision, seed. Returns a namespace the stages use:
-    device, device_type, dtype, ptdtype, ctx (autocast or nullcontext), scaler, ddp, rank, local_rank,
-    world_size, master."""
+    """Read torchrun's environment, pick device and precision, seed. Returns a namespace: device, device_type,
+    dtype, ptdtype, ctx (autocast or nullcontext), scaler, ddp, rank, local_rank, world_size, master."""
     ddp, rank = int(os.environ.get("RANK", -1)) != -1, int(os.environ.get("RANK", 0))
     local_rank, world_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if device == "auto":
@@ -151,8 +150,8 @@ def save_checkpoint(path, ckpt):
             raise
         raise SystemExit(f"error: could not write {path} ({err.strerror or err}); the old file is unchanged")
 
-def load_checkpoint(path, kinds=None, map_location="cpu"):
-    """torch.load(weights_only=True) with one-line errors for a missing, unreadable or wrong-kind file."""
+def load_checkpoint(path, kinds=None, map_location="cpu", need=()):
+    """torch.load(weights_only=True); one line for a missing, unreadable, wrong-kind or need-lacking file."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} not found")
     if os.path.getsize(path) == 0:
@@ -165,15 +164,16 @@ def load_checkpoint(path, kinds=None, map_location="cpu"):
         why = (str(e).strip().splitlines() or [""])[0][:200]
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict):
-        raise SystemExit(f"error: {path} is not a checkpoint of this project "
-                         f"(a {type(ckpt).__name__}, not a dict)")
+        raise SystemExit(f"error: {path} is not a checkpoint of this project (a {type(ckpt).__name__})")
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     if kinds is not None and ckpt.get("kind") not in kinds:
         raise SystemExit(f"error: {path} is a {ckpt.get('kind')!r} checkpoint; "
                          f"expected one of {', '.join(kinds)}")
     missing = [k for k in ("model", "model_args") if not isinstance(ckpt.get(k), dict)]
+    missing += [k for k in need if k not in ckpt]  # what --resume reads: an older script may lack it
     if missing:
-        raise SystemExit(f"error: {path} has no {' or '.join(missing)}: not a complete checkpoint")
+        raise SystemExit(f"error: {path} has no {', '.join(missing)}: not a complete checkpoint"
+                         + "; start afresh without --resume" * bool(need))
     return ckpt
 
 def load_weights(model, sd):

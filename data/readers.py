@@ -156,6 +156,11 @@ def read_preferences(path) -> list[dict]:
     return out
 
 
+def row_lines(path) -> list[int]:
+    """The line number of each JSON row of path, in order (blank lines hold none): to name a row's line."""
+    return [n for n, _ in _rows(path)]
+
+
 def read_prompts(path) -> list[list[dict]]:
     """Prompts for RL/eval as messages lists ending with a user turn: {"prompt": str} or
     {"messages": [...]}."""
