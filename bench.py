@@ -158,7 +158,8 @@ def generate_plain(model, prompts, max_new_tokens, temperature=1.0, top_k=None, 
             if top_p is not None:  # nucleus: keep the smallest set of top tokens whose mass reaches top_p
                 sorted_l, order = torch.sort(logits_t, descending=True)
                 probs = F.softmax(sorted_l, dim=-1)
-                drop = probs.cumsum(-1) - probs > top_p  # the mass before a token already reaches top_p
+                drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
+                drop[:, 0] = False  # the most likely token always stays
                 logits_t = logits_t.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
             tok = torch.multinomial(F.softmax(logits_t, dim=-1), 1, generator=generator).squeeze(-1)
         lp = token_logprobs(logits, tok, temperature if temperature > 0 else 1.0)

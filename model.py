@@ -208,7 +208,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         if top_p is not None:  # nucleus: keep the smallest set of top tokens whose mass reaches top_p
             sorted_l, order = torch.sort(kept, descending=True)
             probs = F.softmax(sorted_l, dim=-1)
-            drop = probs.cumsum(-1) - probs > top_p  # the mass before a token already reaches top_p
+            drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
+            drop[:, 0] = False  # the most likely token always stays, so some token is left to draw
             kept = kept.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
         # inverse-CDF sampling: one uniform number per row, where multinomial draws one per vocabulary entry.
         # u * total < total, so the first cdf entry above it ends a token of non-zero probability

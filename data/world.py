@@ -7,9 +7,9 @@ is a transparent function, gold(), so we can measure what SFT, a reward model, P
 buy us, and catch reward hacking because the true utility is known. It plays the role of the
 sentiment classifier in the DPO paper's controlled experiment, scaled down to a laptop CPU.
 
-Rule of the house: only reward.py (to collect comparisons) and evaluate.py may call gold() or the
-labelers. Training code learns from demonstrations and rankings, never from gold() directly
-(except ppo.py's explicit --reward=gold upper-bound baseline).
+Rule of the house: only reward.py calls the labelers (to collect comparisons). Training code learns
+from demonstrations and rankings, never from gold() (except the explicit --reward=gold ceiling of
+ppo.py and grpo.py): the stages call it only to report how they are doing, evaluate.py to compare them.
 
 Everything is deterministic: the world's facts are fixed (WORLD_SEED), and prompts, demonstrations
 and the corpus depend only on the `seed` argument.
@@ -275,7 +275,8 @@ def gold_components(messages, response, ended=True):
 
 
 def gold(messages, response, ended=True):
-    """The hidden human's utility of `response` to the conversation `messages`. Ideal = 1.0."""
+    """The hidden human's utility of `response` to the conversation `messages`. Ideal = 1.0 for every task
+    parse_task reads; a turn it cannot read (kind "chat") has no helpful answer, so its best is 0.5."""
     c = gold_components(messages, response, ended)
     return sum(WEIGHTS[k] * c[k] for k in WEIGHTS)
 
@@ -336,7 +337,8 @@ def _answer(task, rng=None):
 
 
 def ideal(messages):
-    """The best response the world allows for this conversation (gold = 1.0 by construction)."""
+    """The best response the world allows for this conversation: gold = 1.0 by construction for every task
+    parse_task reads, 0.5 (a filler: nothing is helpful) for a turn it cannot read."""
     return _answer(parse_task(messages))
 
 

@@ -141,6 +141,28 @@ def test_sampler_draws_the_softmax_and_respects_top_k():
     torch.testing.assert_close(lp, torch.tensor([0.5, 0.5]).log())
 
 
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_top_p():
+    """Nucleus sampling (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751, §3.1) keeps the smallest
+    set of top tokens whose mass reaches p: a token goes once the mass ahead of it is >= p. The probabilities
+    below are exact in fp32, so the boundary is hit exactly: (0.5, 0.25, 0.25) at p = 0.5 keeps only the
+    first token (it alone reaches 0.5), four equal tokens at p = 0.5 keep two; the log-probs stay
+    unfiltered."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 1.0]).log().expand(2000, 3)
+    assert torch.softmax(logits[0], -1).tolist() == [0.5, 0.25, 0.25]  # exact, so p = 0.5 is the boundary
+    tok, lp = M.sample(logits, top_p=0.5, generator=g)
+    assert tok.tolist() == [0] * 2000
+    torch.testing.assert_close(lp, torch.full((2000,), 0.5).log())  # before the filter
+    tok, _ = M.sample(logits, top_p=0.6, generator=g)  # 0.5 ahead of the second token is < 0.6: two kept
+    assert set(tok.tolist()) == {0, 1}
+    tok, _ = M.sample(torch.zeros(2000, 4), top_p=0.5, generator=g)
+    assert len(set(tok.tolist())) == 2
+    tok, _ = M.sample(torch.zeros(2000, 4), top_p=1.0, generator=g)  # p = 1 keeps everything
+    assert set(tok.tolist()) == {0, 1, 2, 3}
+    tok, _ = M.sample(logits, top_p=0.0, generator=g)  # p -> 0: the top token, never an empty set
+    assert tok.tolist() == [0] * 2000
+
+
 def test_generate_respects_block_size():
     m = tiny()
     seq, _, _ = M.generate(m, [[1] * 40, [2, 3]], 100, top_k=5, top_p=0.9)

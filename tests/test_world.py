@@ -54,6 +54,15 @@ def test_ideal_scores_one_for_every_prompt():
         assert w.gold(p, w.ideal(p)) == pytest.approx(1.0), p
 
 
+def test_a_turn_the_world_cannot_read_tops_out_at_half():
+    """ideal() and gold() document 1.0 for every task parse_task reads; a turn it cannot read has no helpful
+    answer, so even ideal()'s filler is worth everything but the helpful weight."""
+    for text in ("Hello.", "Tell me more about it.", "", "Grüß dich, wie geht's?"):
+        p = U(text)
+        assert w.parse_task(p) == {"kind": "chat"}
+        assert w.gold(p, w.ideal(p)) == pytest.approx(1.0 - w.WEIGHTS["helpful"])
+
+
 def test_every_wording_asks_the_same_task_as_the_core_one():
     W = w.WORDINGS
     for t in ("the fox", "Tom"):
