@@ -150,7 +150,7 @@ def load_pairs(path):
     with open(path, encoding="utf-8", errors="replace") as f:
         first = next((line for line in f if line.strip()), "")
     try:
-        ranked = "ranking" in json.loads(first)
+        ranked = isinstance(obj := json.loads(first), dict) and "ranking" in obj  # 5, null: the reader says
     except json.JSONDecodeError:
         ranked = False  # let the reader report the bad line
     responses, pairs = [], []

@@ -101,7 +101,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
     ratio = torch.exp(torch.where(mask > 0, logp - old_logp, 0.0))  # exactly 1 off the answer
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - cliprange, 1 + cliprange) * adv)
     log_r = torch.where(mask > 0, ref_logp - logp, 0.0)
-    per_token = -surrogate + beta * (log_r.exp() - log_r - 1)
+    per_token = -surrogate + beta * (torch.expm1(log_r) - log_r)  # expm1: exp - 1 cancels in fp32 near ref
     per_answer = torch.where(mask > 0, per_token, 0.0).sum(1) / mask.sum(1).clamp(min=1)
     return per_answer.mean()
 
@@ -119,8 +119,11 @@ def main():
         raise SystemExit("error: --reward=gold judges the world's language only; drop it with --prompts")
     train_prompts = training_prompts(prompts)
     world_prompts = not prompts
-    rt = runtime.setup(device, dtype, seed)
     ck_path, log_path = os.path.join(out_dir, f"{baseline}.pt"), os.path.join(out_dir, f"{baseline}.jsonl")
+    # read before the inputs: a missing or broken checkpoint must not first build base, SFT and reward model
+    ck = runtime.load_checkpoint(ck_path, "grpo", need=("optimizer", "scaler", "rng", "rank_rng")) \
+        if resume else None
+    rt = runtime.setup(device, dtype, seed)
     hint = "a lower --lr or a larger --beta"
     # the frozen SFT reference and reward model, each built by its stage first if missing
     ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
@@ -130,7 +133,6 @@ def main():
     rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
     start = 0
     if resume:
-        ck = runtime.load_checkpoint(ck_path, "grpo", need=("optimizer", "scaler", "rng", "rank_rng"))
         runtime.same_network(ck_path, ck, sft_ck["model_args"])
         start = runtime.restore(ck, policy, optimizer, rt.scaler)
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)

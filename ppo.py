@@ -28,7 +28,8 @@ score climbs). One iteration, as in the RLHF references:
 Departures from InstructGPT:
 - the value function is a scalar head on the policy's own trunk, reading detached features with its own
   learning rate (vf_lr), instead of a separate critic initialised from the reward model: one network instead
-  of two halves the cost, and the detach keeps the value loss from moving the policy's text;
+  of two halves the cost, and the detach keeps the value loss's gradient out of the trunk (only the clip of
+  the global gradient norm, grad_clip, still sees the head's gradient with the policy's);
 - no pretraining-mix term (PPO-ptx): InstructGPT's plain "PPO" models have none either;
 - options: --reward=gold (the hidden human as the reward), --kl_estimator=k3. A reward model trained with
   reward.py --lm_feature brings its likelihood term as part of its sequence score (rollout.reward_scores).
@@ -113,7 +114,8 @@ def kl_k3(logp, logp_ref):
     negative (log r <= r - 1), with lower variance when pi is close to ref. Schulman, "Approximating KL
     divergence" (2020), http://joschu.net/blog/kl-approx.html"""
     log_r = logp_ref - logp
-    return log_r.exp() - 1 - log_r
+    # expm1, not exp - 1: near pi = ref, exp(log r) - 1 in fp32 cancels to a few digits, even below zero
+    return torch.expm1(log_r) - log_r
 
 
 def kl_penalty(logp, logp_ref, estimator):
@@ -217,8 +219,11 @@ def main():
         raise SystemExit("error: --target_kl adapts beta by factors, so it needs --beta > 0 to start from")
     train_prompts = training_prompts(prompts)  # a bad file is one line, before anything is loaded
     world_prompts = not prompts  # the hidden human judges the world's prompts only
-    rt = runtime.setup(device, dtype, seed)
     ck_path, log_path = os.path.join(out_dir, "ppo.pt"), os.path.join(out_dir, "ppo.jsonl")
+    # read before the inputs: a missing or broken checkpoint must not first build base, SFT and reward model
+    ck = runtime.load_checkpoint(ck_path, "ppo", need=("optimizer", "scaler", "rng", "rank_rng", "kl_coef")) \
+        if resume else None
+    rt = runtime.setup(device, dtype, seed)
     hint = "a lower --lr or --temperature closer to 1"
     # the frozen SFT reference and reward model, each built by its stage first if missing
     ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
@@ -235,8 +240,6 @@ def main():
     rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
     kl_coef, start = beta, 0
     if resume:
-        ck = runtime.load_checkpoint(ck_path, "ppo",
-                                     need=("optimizer", "scaler", "rng", "rank_rng", "kl_coef"))
         runtime.same_network(ck_path, ck, sft_ck["model_args"])
         kl_coef, start = ck["kl_coef"], runtime.restore(ck, policy, optimizer, rt.scaler)
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)

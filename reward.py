@@ -152,36 +152,25 @@ def accuracy_by_part(r, golds, parts):
     return {k: (sum(v) / len(v), len(v)) for k, v in sorted(hits.items(), key=lambda kv: -len(kv[1]))}
 
 
-def labeler(which, seed, i):
-    """A labeler's private random stream for comparison i: the same ranking however prompts are split."""
-    return random.Random(f"{which}-{seed}-{i}")
-
-
-def comparison(prompt, texts, ended, ranking):
-    return {"prompt": prompt, "responses": texts, "ended": ended, "ranking": ranking,
-            "chosen": texts[ranking[0]], "rejected": texts[ranking[-1]]}
-
-
 def collect_comparisons(policy, enc, prompts, rt, generator, K, max_new_tokens, temperature, tau, seed,
                         gen_batch, lap=lambda phase: None):
     """Sample K answers per prompt from SFT and have a labeler (temperature tau) rank them. Each rank does
     prompts[rank::world_size]; the shares are gathered: every rank ends up with all comparisons, in order."""
     mine = list(range(rt.rank, len(prompts), rt.world_size))
-    per = max(1, gen_batch // K)
-    rows = []
+    per, rows = max(1, gen_batch // K), []
     for s in tqdm(range(0, len(mine), per), desc="collect", disable=not rt.master):
         idx = mine[s:s + per]
         replies = respond(policy, enc, [prompts[i] for i in idx for _ in range(K)], max_new_tokens,
                           temperature, generator=generator)
         lap("sampling")
-        for n, i in enumerate(idx):
+        for n, i in enumerate(idx):  # comparison i's own labeler stream: the same however prompts are split
             texts, ended = ([r[key] for r in replies[n * K:(n + 1) * K]] for key in ("text", "ended"))
-            ranking = world.rank(prompts[i], texts, labeler("labeler", seed, i), ended=ended, tau=tau)
-            rows.append((i, comparison(prompts[i], texts, ended, ranking)))
+            ranking = world.rank(prompts[i], texts, random.Random(f"labeler-{seed}-{i}"), ended, tau=tau)
+            rows.append((i, {"prompt": prompts[i], "responses": texts, "ended": ended, "ranking": ranking,
+                             "chosen": texts[ranking[0]], "rejected": texts[ranking[-1]]}))
         lap("hidden human")
     if rt.ddp:
-        shares = [None] * rt.world_size
-        torch.distributed.all_gather_object(shares, rows)
+        torch.distributed.all_gather_object(shares := [None] * rt.world_size, rows)
         rows = [r for share in shares for r in share]
     return [c for _, c in sorted(rows, key=lambda x: x[0])]
 
@@ -191,8 +180,8 @@ def file_comparisons(data, cmp_path):
     run collected (checked by data.readers; all rankings of the same size K)."""
     try:
         if data:
-            return [comparison(p["prompt"], [p["chosen"], p["rejected"]], [True, True], [0, 1])
-                    for p in read_preferences(data)]
+            return [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ended": [True, True],
+                     "ranking": [0, 1]} for p in read_preferences(data)]
         if not os.path.isfile(cmp_path):
             sys.exit(f"error: {cmp_path} not found; run with --collect=True to sample comparisons")
         comps = read_comparisons(cmp_path)
@@ -201,6 +190,17 @@ def file_comparisons(data, cmp_path):
     if len({len(c["ranking"]) for c in comps}) != 1:
         sys.exit(f"error: {cmp_path}: every comparison must rank the same number of responses")
     return comps
+
+
+def held_out_split(prompts, fraction, n_train, seed):
+    """(held-out, train) comparison indices: a seeded `fraction` of the distinct prompts (at least one), with
+    ALL their comparisons (a file may rank a prompt often); train: the first n_train (0 = all) of the rest."""
+    groups = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(repr(p), []).append(i)
+    g, n = list(groups.values()), max(1, round(fraction * len(groups)))
+    perm = torch.randperm(len(g), generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(i for k in perm[:n] for i in g[k]), [i for k in perm[n:] for i in g[k]][:n_train or None]
 
 
 def yardsticks(comps, val_idx, seed, tau):
@@ -213,8 +213,8 @@ def yardsticks(comps, val_idx, seed, tau):
     parts = [[world.gold_components(*a) for a in row] for row in answers]
     second = torch.zeros(len(val_idx), K)
     for n, i in enumerate(val_idx):
-        c = comps[i]
-        again = world.rank(c["prompt"], c["responses"], labeler("second", seed, i), ended=c["ended"], tau=tau)
+        c, rng = comps[i], random.Random(f"second-{seed}-{i}")  # another labeler's own stream
+        again = world.rank(c["prompt"], c["responses"], rng, ended=c["ended"], tau=tau)
         pos = {k: K - p for p, k in enumerate(again)}  # best highest
         second[n] = torch.tensor([float(pos[k]) for k in c["ranking"]])
     return gold, parts, second
@@ -348,6 +348,9 @@ def main():
                 write_jsonl(cmp_path, comps)
                 print(f"wrote {len(comps)} rankings of {K} answers to {cmp_path} ({time.time() - t0:.0f}s)")
         Kc = len(comps[0]["ranking"])
+        val_idx, train_idx = held_out_split([c["prompt"] for c in comps], val_fraction, n_train, seed)
+        if not train_idx:  # e.g. a file of one pair: all of it is held out
+            sys.exit(f"error: {data or cmp_path}: nothing left to train on after holding out {len(val_idx)}")
         # every comparison's answers as token rows in ranked order, best first: the loss wants that order
         rows = [[scored_ids(enc, c["prompt"], c["responses"][k], c["ended"][k], block) for k in c["ranking"]]
                 for c in comps]
@@ -356,10 +359,7 @@ def main():
             lp = reply_logprobs(policy, enc, [c["prompt"] for c in comps for _ in c["ranking"]],
                                 [{"text": c["responses"][k], "ended": c["ended"][k]}
                                  for c in comps for k in c["ranking"]]).view(-1, Kc)
-        perm = torch.randperm(len(comps), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_val = max(1, round(val_fraction * len(comps)))
-        val_idx, train_idx = sorted(perm[:n_val]), perm[n_val:][:n_train or None]
-        first = torch.arange(Kc, 0, -1.0).expand(n_val, Kc)  # the labeler's ranking as scores, best highest
+        first = torch.arange(Kc, 0, -1.0).expand(len(val_idx), Kc)  # the labeler's ranking as scores
         gold, parts, second = (None,) * 3 if data else yardsticks(comps, val_idx, seed, labeler_tau)
         golds = gold[val_idx] if gold is not None else None
         watch.lap("tokens & gold yardsticks")
@@ -370,21 +370,21 @@ def main():
         lm_w = torch.zeros((), device=rt.device, requires_grad=lm_feature)  # the weight w of log p_SFT
         if lm_feature:  # one scalar with a 100x step: it must travel ~0.05 in a few hundred steps of lr 3e-4
             optimizer.add_param_group({"params": [lm_w], "weight_decay": 0.0, "lr_scale": 100.0})
-        start = 0
+        start, loss_fn = 0, LOSSES[loss]
         if resume:
             ck = runtime.load_checkpoint(ck_path, "reward")
+            runtime.same_network(ck_path, ck, sft_ck["model_args"])  # another network: one line, no traceback
             start = runtime.restore(ck, raw_rm, optimizer, rt.scaler)
             lm_w.data.fill_(ck.get("lm_weight", 0.0))
             print(f"resuming from {ck_path} at step {start}")
         rm = runtime.wrap(raw_rm, rt, compile)
-        loss_fn = LOSSES[loss]
         steps_per_epoch = math.ceil(len(train_idx) / (batch_size * rt.world_size))
         iters = max_iters or epochs * steps_per_epoch
         if rt.master:
             # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
             runtime.start_log(log_path, start if resume else None)
-            print(f"{len(train_idx)} train / {n_val} held-out rankings of {Kc} answers; {iters} steps of "
-                  f"{batch_size * rt.world_size} prompts, loss {loss}, device {rt.device}")
+            print(f"{len(train_idx)} train / {len(val_idx)} held-out rankings of {Kc} answers; {iters} steps "
+                  f"of {batch_size * rt.world_size} prompts, loss {loss}, device {rt.device}")
         bar = tqdm(range(start, iters), initial=start, total=iters, disable=not rt.master, desc="reward")
         for it in bar:
             for group in optimizer.param_groups:

@@ -353,3 +353,12 @@ def test_online_rounds_need_a_prompt_per_process(tmp_path, refusal, monkeypatch)
     msg = refusal("dpo", f"--out_dir={tmp_path}", "--online_rounds=1", "--online_prompts=1")
     assert msg.startswith("error: --online_prompts=1 is out of range"), msg
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("first", ["5", "null", "true", '"Describe the fox."', '["ranking"]'])
+def test_a_first_line_that_is_not_an_object_is_one_line(tmp_path, first):
+    # load_pairs peeks at the first line for "ranking"; a number or null there was a TypeError traceback
+    path = tmp_path / "prefs.jsonl"
+    write(path, [first, {"prompt": "Describe the fox.", "chosen": "The fox is red.", "rejected": "Go away."}])
+    with pytest.raises(DataError, match=r"prefs\.jsonl:1: "):
+        dpo.load_pairs(str(path))

@@ -91,6 +91,18 @@ def test_k3_term_by_hand_and_clipping():
     assert loss.item() == pytest.approx((-1.2 - 1.0) / 2)
 
 
+def test_the_k3_term_keeps_its_digits_in_fp32_when_pi_is_close_to_ref():
+    # one answer of one token, advantage 0: the loss is beta * k3 of that token; its fp64 value from the same
+    # fp32 log-probs is the truth ((r - 1) - log r = x^2 / 2 - x^3 / 6 + ..., never negative)
+    for x in (1e-3, -1e-3, 2e-3, -3e-3, 5e-3):
+        logp = torch.tensor([[-2.3]])
+        ref = logp + x
+        loss = grpo.grpo_loss(logp, logp, ref, torch.zeros(1), torch.ones(1, 1), 0.2, 1.0).item()
+        lr = (ref - logp).double()
+        exact = (lr.exp() - 1 - lr).item()
+        assert loss >= 0 and loss == pytest.approx(exact, rel=1e-3), (x, loss, exact)
+
+
 def test_a_group_whose_answers_all_score_the_same_contributes_no_gradient():
     logp = (-torch.rand(4, 5)).requires_grad_()
     mask = torch.ones(4, 5)
@@ -147,6 +159,18 @@ def test_resuming_a_checkpoint_without_its_rng_states_is_one_line(tmp_path, refu
     msg = refusal("grpo", f"--out_dir={tmp_path}", "--resume=True")
     assert msg.startswith(f"error: {tmp_path / 'grpo.pt'} has no optimizer, scaler, rng, rank_rng"), msg
     assert (tmp_path / "grpo.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("baseline", ["grpo", "rloo"])
+def test_resume_without_a_checkpoint_is_one_line_before_any_stage_is_built(tmp_path, monkeypatch, refusal,
+                                                                            baseline):
+    # a mistyped --out_dir with --resume=True: refused at once, not after building base, SFT and reward model
+    def build(path, script, out_dir):
+        raise AssertionError(f"built {script} before checking the checkpoint to resume")
+    monkeypatch.setattr(runtime, "ensure_checkpoint", build)
+    msg = refusal("grpo", f"--out_dir={tmp_path}", f"--baseline={baseline}", "--resume=True")
+    assert msg == f"error: checkpoint {tmp_path / f'{baseline}.pt'} not found"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):

@@ -75,6 +75,23 @@ def test_kl_estimators_hand_values():
     assert ppo.kl_k3(logp, logp).abs().max() == 0  # both vanish where pi = ref
 
 
+def test_k3_is_never_negative_and_accurate_in_fp32_when_pi_is_close_to_ref():
+    # per-token log-ratios of a policy a few steps from its reference; the fp64 value of the same fp32 inputs
+    # is the truth: (r - 1) - log r >= 0 exactly, and fp32 must keep more than a few of its digits
+    torch.manual_seed(0)
+    logp = -5 * torch.rand(20_000)
+    logp_ref = logp + 1e-3 * torch.randn(20_000)
+    k3 = ppo.kl_k3(logp, logp_ref)
+    exact = ppo.kl_k3(logp.double(), logp_ref.double())
+    assert (k3 >= 0).all()
+    # where |log r| > 1e-3, k3 ~ (log r)^2 / 2 > 5e-7: rounding log r itself costs under 1e-4 of that, while
+    # exp(log r) - 1 loses about 1e-7 absolute, a sizeable fraction
+    big = (logp_ref - logp).abs() > 1e-3
+    rel = ((k3.double() - exact).abs() / exact)[big]
+    assert big.sum() > 5000 and rel.max() < 1e-3, rel.max()
+    assert ppo.kl_penalty(logp, logp_ref, "k3").sum().item() == pytest.approx(exact.sum().item(), rel=1e-5)
+
+
 def test_k1_and_k3_estimate_the_exact_kl_of_a_categorical():
     torch.manual_seed(0)
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -316,6 +333,18 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     run_main_here(monkeypatch, f"--out_dir={split}", "--batch_size=4", "--minibatch_size=2", "--max_iters=2",
                   "--max_new_tokens=8", "--n_eval=4", "--eval_samples=1", "--resume=True")
     assert "ppo.pt is already at iteration 2 >= --max_iters=2: nothing to train" in capsys.readouterr().out
+
+
+def test_resume_without_a_checkpoint_is_one_line_before_any_stage_is_built(tmp_path, monkeypatch):
+    """--resume=True in a folder with no ppo.pt (a mistyped --out_dir) must not first pretrain, SFT and train
+    a reward model there for minutes: the missing checkpoint is refused before the inputs are looked for."""
+    def build(path, script, out_dir):  # what load_rl_inputs would run for the missing sft.pt and reward.pt
+        raise AssertionError(f"built {script} before checking the checkpoint to resume")
+    monkeypatch.setattr(runtime, "ensure_checkpoint", build)
+    with pytest.raises(SystemExit, match="^error: checkpoint " + re.escape(str(tmp_path / "ppo.pt"))
+                       + " not found$"):
+        run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--resume=True")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_non_finite_reward_stops_the_run_in_one_line(tmp_path, monkeypatch):

@@ -382,3 +382,50 @@ def test_torchrun_two_processes_share_the_collection(tiny_sft):
     comps = [json.loads(line) for line in open(tiny_sft / "comparisons.jsonl")]
     assert [c["prompt"] for c in comps] == world.prompts("train")[:40]  # both ranks' shares, in prompt order
     assert torch.load(tiny_sft / "reward.pt", weights_only=True)["step"] == 3
+
+
+def test_held_out_split_keeps_all_comparisons_of_a_prompt_on_one_side():
+    # a preference file may hold several pairs of one prompt: splitting by comparison would train on some of
+    # a prompt's pairs and measure on the others. 7 distinct prompts, 16 comparisons; 3 of 7 held out
+    names = list("aabbbcdddeffggga")
+    prompts = [[{"role": "user", "content": n}] for n in names]
+    for seed in range(20):
+        val, train = reward.held_out_split(prompts, 0.4, 0, seed)
+        assert sorted(val + train) == list(range(16))  # every comparison once
+        held = {names[i] for i in val}
+        assert held.isdisjoint(names[i] for i in train) and len(held) == round(0.4 * 7)
+        assert val == sorted(val) and (val, train) == reward.held_out_split(prompts, 0.4, 0, seed)
+    assert len({tuple(reward.held_out_split(prompts, 0.4, 0, s)[0]) for s in range(20)}) > 1  # seeded
+    # distinct prompts: a seeded share of the comparisons, at least one; --n_train: the first n of the rest
+    distinct = [[{"role": "user", "content": str(i)}] for i in range(40)]
+    val, train = reward.held_out_split(distinct, 0.1, 0, 3)
+    assert len(val) == 4 and len(train) == 36
+    assert reward.held_out_split(distinct, 0.1, 10, 3) == (val, train[:10])
+    assert reward.held_out_split(prompts[:1], 0.0, 0, 1) == ([0], [])  # one prompt: held out, none to train
+
+
+def test_a_file_with_nothing_left_to_train_on_is_one_line(tiny_sft, tmp_path, refusal):
+    one = tmp_path / "one.jsonl"  # one pair: all held out (training divided by zero, or trained nothing)
+    one.write_text(json.dumps({"prompt": "Describe the fox.", "chosen": "The fox is red.",
+                               "rejected": "You are dumb."}) + "\n")
+    for flags in ([], ["--max_iters=3"]):
+        got = refusal("reward", f"--out_dir={tiny_sft}", f"--data={one}", *flags)
+        assert got == f"error: {one}: nothing left to train on after holding out 1", got
+        assert sorted(os.listdir(tiny_sft)) == ["one.jsonl", "sft.pt"]  # no reward.pt, no log
+
+
+def test_resume_from_another_network_is_one_line(tiny_sft, refusal):
+    rows = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
+             "responses": [f"The {a} is red.", "You are dumb."], "ended": [True, True], "ranking": [0, 1]}
+            for a in world.ANIMALS]
+    (tiny_sft / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft_args = torch.load(tiny_sft / "sft.pt", weights_only=True)["model_args"]
+    args = {**sft_args, "n_embd": 16, "scalar_head": True}  # a reward.pt left by another SFT model's run
+    other = M.GPT(M.GPTConfig(**args))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    runtime.save_checkpoint(str(tiny_sft / "reward.pt"), {
+        **runtime.training_state(other, torch.optim.AdamW(other.parameters()), scaler),
+        "model_args": args, "config": {}, "kind": "reward", "step": 2, "normalised": False})
+    got = refusal("reward", f"--out_dir={tiny_sft}", "--resume=True", "--max_iters=4")
+    path = tiny_sft / "reward.pt"
+    assert got == f"error: {path} is another network than the SFT model (n_embd 16 vs 32)", got
