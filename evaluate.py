@@ -1,14 +1,14 @@
 """
 Evaluate: every stage side by side on held-out prompts, judged by the hidden human -> out/report.md
 
-For each checkpoint present (base, sft, best-of-N from SFT with the reward model, ppo, dpo) it samples answers
-to the held-out prompts and reports: mean gold utility as a fraction of ideal (the world's ideal answers score
-1.0), gold win rate against SFT with a 95% interval, KL(pi || pi_SFT) estimated from the samples, reward-model
-score, fluency, how often the answer ends its turn, where the gold is lost (the utility's components), and
-three sample conversations. It also draws figures (SVG, written here, no plotting library): the reward-vs-KL
-frontier of PPO, DPO, GRPO and RLOO over a beta sweep (the DPO paper's Figure 2 on our world) with each
-method's gold read off at equal KL, reward over-optimisation along a beta = 0 PPO run, and every stage's
-training curves.
+For each checkpoint present (base, sft, best-of-N from SFT with the reward model, ppo, grpo, rloo, dpo) it
+samples answers to the held-out prompts and reports: mean gold utility as a fraction of ideal (the world's
+ideal answers score 1.0), gold win rate against SFT with a 95% interval, KL(pi || pi_SFT) estimated from the
+samples, reward-model score, fluency, how often the answer ends its turn, where the gold is lost (the
+utility's components), and three sample conversations. It also draws figures (SVG, written here, no plotting
+library): the reward-vs-KL frontier of PPO, DPO, GRPO and RLOO over a beta sweep (the DPO paper's Figure 2 on
+our world) with each method's gold read off at equal KL, reward over-optimisation along a beta = 0 PPO run,
+and every stage's training curves.
 
     python evaluate.py                      # the default run's checkpoints -> out/report.md
     python evaluate.py --json_out=True      # also print the numbers as JSON
@@ -27,6 +27,7 @@ import torch
 
 import runtime
 from data import world
+from data.chat import render_prompt
 from data.readers import DataError, read_prompts
 from data.tokenizer import get_tokenizer
 from rollout import best_of_n, prompts_fit, reward_scores, score
@@ -140,11 +141,13 @@ def run_sweep(rt, eval_prompts, rm_path):
         os.makedirs(d, exist_ok=True)
         for f in ("sft.pt", "reward.pt", "comparisons.jsonl"):  # every run starts from the same inputs
             shutil.copy(os.path.join(out_dir, f), d)
-        cmd = [sys.executable, *script[method], f"--out_dir={d}", f"--beta={b}", *extra]
-        print(f"sweep: {' '.join(['python'] + cmd[1:])}", flush=True)
+        args = [*script[method], f"--out_dir={d}", f"--beta={b}", *extra]
+        # the script beside this one, as runtime.ensure_checkpoint runs it: whatever the working directory
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), args[0]), *args[1:]]
+        print(f"sweep: {' '.join(['python'] + args)}", flush=True)
         with open(os.path.join(d, "train.log"), "w") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                raise SystemExit(f"error: {' '.join(cmd[1:])} failed; see {d}/train.log")
+                raise SystemExit(f"error: {' '.join(args)} failed; see {d}/train.log")
         if not extra:
             r = evaluate(rt, {method: os.path.join(d, f"{method}.pt")}, eval_prompts, rm_path)[method]
             results.append({"stage": method, "beta": b, "gold": r["gold"], "kl": r["kl"]})
@@ -236,6 +239,28 @@ def listed_checkpoints():
     if missing:
         raise SystemExit(f"error: --ckpt: {missing[0]} not found")
     return dict(items)
+
+
+def check_rows(paths, ref_path, ref_ck, prompts, enc):
+    """Every row's checkpoint, read before any sampling: one line naming the file if it is damaged, of a kind
+    that does not answer (a reward model), of another tokenizer than the reference SFT model (its KL would be
+    noise) or a vocabulary smaller than it, or with a context too short for the longest prompt and
+    max_new_tokens more (generate would refuse the prompt, or cut every answer of its batch short, after the
+    rows before it were sampled)."""
+    longest = max(len(render_prompt(enc, p)) for p in prompts)
+    for path in [ref_path] + [p for p in paths.values() if p is not None and p != ref_path]:
+        kinds = ("base", "sft", "ppo", "grpo", "dpo")  # what evaluate() samples from
+        ck = ref_ck if path == ref_path else runtime.load_checkpoint(path, kinds)
+        if ck.get("tokenizer", "world") != ref_ck.get("tokenizer", "world"):
+            raise SystemExit(f"error: {path} uses another tokenizer than the SFT model it is compared with")
+        if enc.n_vocab > ck["model_args"].get("vocab_size", 0):
+            raise SystemExit(f"error: {path}: its vocabulary ({ck['model_args'].get('vocab_size')}) "
+                             f"is smaller than its tokenizer's ({enc.n_vocab} tokens)")
+        block = ck["model_args"].get("block_size", 0)
+        if longest + max_new_tokens > block:
+            raise SystemExit(f"error: {path}: its block_size {block} has no room for the longest prompt "
+                             f"({longest} tokens with the chat template) and "
+                             f"--max_new_tokens={max_new_tokens}")
 
 
 def checkpoints_to_compare(rm_path):
@@ -370,14 +395,18 @@ def main():
     rm_path = reward or os.path.join(out_dir, "reward.pt")
     if reward and not os.path.isfile(reward):
         raise SystemExit(f"error: --reward: {reward} not found")
+    listed = listed_checkpoints() if ckpt else {}
+    if "bon" in listed and not sweep and not os.path.isfile(rm_path):  # (the sweep builds one)
+        raise SystemExit(f"error: --ckpt: the best-of-N row needs a reward model; {rm_path} not found")
     # the reference every row is compared with: --ckpt's sft row if it names one, else out_dir/sft.pt
-    ref_path = (ckpt and listed_checkpoints().get("sft")) or os.path.join(out_dir, "sft.pt")
+    ref_path = listed.get("sft") or os.path.join(out_dir, "sft.pt")
     runtime.ensure_checkpoint(ref_path, "sft.py", out_dir)
+    ref_ck = runtime.load_checkpoint(ref_path, "sft")
+    enc = get_tokenizer(ref_ck.get("tokenizer", "world"))
     if prompts:  # a prompt with no room for its answer: one line now, not a crash after minutes of sampling
-        ref_ck = runtime.load_checkpoint(ref_path, "sft")
-        prompts_fit(prompts, eval_prompts, get_tokenizer(ref_ck.get("tokenizer", "world")),
-                    ref_ck["model_args"]["block_size"], max_new_tokens)
-    # ---- 2. optionally, PPO and DPO over a beta sweep first
+        prompts_fit(prompts, eval_prompts, enc, ref_ck["model_args"]["block_size"], max_new_tokens)
+    check_rows(listed or checkpoints_to_compare(rm_path), ref_path, ref_ck, eval_prompts, enc)
+    # ---- 2. optionally, PPO, DPO, GRPO and RLOO over a beta sweep first
     if sweep:
         run_sweep(rt, eval_prompts, rm_path)
     # ---- 3. every model answers the same prompts; the hidden human judges

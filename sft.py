@@ -34,7 +34,7 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from data.chat import render, sft_example
+from data.chat import render, render_prompt, sft_example
 from data.readers import DataError, read_messages
 from data.tokenizer import get_tokenizer
 from rollout import score
@@ -52,7 +52,8 @@ dropout = 0.1              # InstructGPT trains SFT with residual dropout; witho
                            # lower but the hidden human likes the answers less (docs/experiments.md)
 batch_size = 32            # conversations per micro-batch (per process)
 grad_accum = 1             # micro-batches per optimizer step
-max_iters = 450            # optimizer steps: several passes over the world's demonstrations
+max_iters = 450            # optimizer steps: 450 x 32 draws, a little over one pass over the world's
+                           # 12,276 training demonstrations
 lr, min_lr = 3e-3, 3e-4    # peak learning rate, cosine-decayed to min_lr (a lower peak is still unfluent
                            # after max_iters)
 warmup_iters = 20
@@ -165,8 +166,11 @@ def main():
     hint = "a lower --lr"
     rt = runtime.setup(device, dtype, seed)
 
-    # ---- 2. demonstrations: read first, so a bad file is reported before any model is built
+    # ---- 2. demonstrations and the run to resume: read first, so a bad file or a missing checkpoint is
+    # reported before any model is built
     convs = read_conversations(data)
+    if resume:
+        model, enc, ckpt = runtime.load_model(ck_path, "sft")
     if not init and (not resume or compare):  # the base model is needed to start from, or to compare with
         if rt.master:
             runtime.ensure_checkpoint(base_path, "pretrain.py", out_dir)
@@ -175,7 +179,6 @@ def main():
 
     # ---- 3. model (the base model, or the run to resume), optimizer
     if resume:
-        model, enc, ckpt = runtime.load_model(ck_path, "sft")
         model_args, tokenizer = ckpt["model_args"], ckpt.get("tokenizer", "world")
     else:
         model, model_args, tokenizer = load_base(init, base_path, dropout)
@@ -260,7 +263,8 @@ def main():
         base = load_base(init, base_path, dropout)[0].to(rt.device).eval()
         g = torch.Generator(device=rt.device).manual_seed(seed)
         prompts = held_out_prompts(convs, n_val, bool(data))
-        prompts = [p for p in prompts if len(render(enc, p)[0]) < block_size]
+        # generate() needs the prompt and its <|assistant|> marker to leave room for one token at least
+        prompts = [p for p in prompts if len(render_prompt(enc, p)) < block_size]
         with rt.ctx:
             res = {name: score(m, enc, prompts, max_new_tokens, temperature, generator=g, lap=watch.lap)
                    for name, m in (("base", base), ("sft", raw_model))}

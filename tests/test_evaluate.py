@@ -174,3 +174,78 @@ def test_the_best_of_n_kl_bound_by_hand():
     # unless all 16 draws are the worse: KL = sum p log(p / q) with p = (1 - 2**-16, 2**-16), q = (1/2, 1/2)
     p = [1 - 2 ** -16, 2 ** -16]
     assert sum(x * math.log(x / 0.5) for x in p) < evaluate.best_of_n_kl_bound(16)
+
+
+def save_row(path, kind="sft", tokenizer="world", **changes):
+    """A tiny checkpoint that evaluate.py can read (weights of the shape its model_args say)."""
+    args = {**dict(block_size=64, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2, n_embd=16,
+                   scalar_head=kind == "reward"), **changes}
+    torch.manual_seed(0)
+    runtime.save_checkpoint(str(path), {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
+                                        "kind": kind, "step": 0, "config": {}, "tokenizer": tokenizer,
+                                        "gain": 1.0, "bias": 0.0, "normalised": True})
+
+
+@pytest.mark.parametrize("row, says", [
+    (dict(kind="reward"), "is a 'reward' checkpoint; expected one of base, sft, ppo, grpo, dpo"),
+    (dict(tokenizer="gpt2"), "uses another tokenizer than the SFT model"),
+    (dict(block_size=16), "its block_size 16 has no room for the longest prompt"),  # generate's traceback
+])
+def test_a_row_that_cannot_be_evaluated_is_one_line_before_any_sampling(tmp_path, refusal, monkeypatch,
+                                                                         row, says):
+    """A row evaluate() would refuse (or crash on) only when its turn came, after SFT and the rows before it
+    were sampled for minutes, is refused while the options and files are checked."""
+    import rollout
+
+    def sampled(*a, **k):
+        raise AssertionError("a model was sampled before the rows were checked")
+    for name in ("score", "best_of_n"):
+        monkeypatch.setattr(rollout, name, sampled)
+    save_row(tmp_path / "sft.pt")
+    save_row(tmp_path / "row.pt", **row)
+    rows = f"--ckpt=sft={tmp_path / 'sft.pt'},{tmp_path / 'row.pt'}"
+    msg = refusal("evaluate", f"--out_dir={tmp_path}", rows, "--max_new_tokens=8")
+    assert msg.startswith(f"error: {tmp_path / 'row.pt'}") and says in msg and "\n" not in msg, msg
+    assert sorted(os.listdir(tmp_path)) == ["row.pt", "sft.pt"]
+
+
+def test_a_best_of_n_row_with_no_reward_model_builds_nothing_first(tmp_path, refusal, monkeypatch):
+    """--ckpt=bon with no reward model is refused before the missing SFT model is built (a pretrain.py and
+    an sft.py run), not after."""
+    built = []
+    monkeypatch.setattr(runtime, "ensure_checkpoint", lambda *a: built.append(a))
+    msg = refusal("evaluate", f"--out_dir={tmp_path}", "--ckpt=bon")
+    assert msg == f"error: --ckpt: the best-of-N row needs a reward model; {tmp_path / 'reward.pt'} not found"
+    assert built == [] and not os.listdir(tmp_path)
+
+
+def test_the_sweep_runs_the_scripts_beside_it_from_any_directory(tmp_path, monkeypatch):
+    """The sweep's training runs are the scripts in evaluate.py's own folder, as a missing stage's are
+    (runtime.ensure_checkpoint): they were named relative to the working directory, so `python
+    path/to/evaluate.py --sweep=True` run from elsewhere failed at its first run."""
+    import types
+    import evaluate
+    (tmp_path / "out").mkdir()
+    for f in ("sft.pt", "reward.pt", "comparisons.jsonl"):
+        (tmp_path / "out" / f).write_bytes(b"copied, not read")
+    monkeypatch.chdir(tmp_path)  # not the repository
+    for name, value in (("out_dir", "out"), ("sweep_methods", ("ppo", "rloo")), ("ppo_betas", (0.1,)),
+                        ("rloo_betas", (0.2,)), ("hack_iters", 0)):
+        monkeypatch.setattr(evaluate, name, value)
+    runs = []
+
+    def train(cmd, **kw):
+        runs.append(cmd)
+        return types.SimpleNamespace(returncode=0 if os.path.isfile(cmd[1]) else 2)  # python: no such file
+    monkeypatch.setattr(evaluate.subprocess, "run", train)
+    monkeypatch.setattr(evaluate, "evaluate", lambda rt, paths, *a: {m: {"gold": 0.8, "kl": 1.0}
+                                                                      for m in paths})
+    evaluate.run_sweep(None, [], "out/reward.pt")
+    sweep = os.path.join("out", "sweep")
+    assert [c[1:] for c in runs] == [
+        [os.path.join(ROOT, "ppo.py"), f"--out_dir={os.path.join(sweep, 'ppo_beta0.1')}", "--beta=0.1"],
+        [os.path.join(ROOT, "grpo.py"), "--baseline=rloo", f"--out_dir={os.path.join(sweep, 'rloo_beta0.2')}",
+         "--beta=0.2"]]
+    assert json.loads((tmp_path / sweep / "results.json").read_text()) == [
+        {"stage": "ppo", "beta": 0.1, "gold": 0.8, "kl": 1.0},
+        {"stage": "rloo", "beta": 0.2, "gold": 0.8, "kl": 1.0}]

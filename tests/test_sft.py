@@ -258,3 +258,41 @@ def test_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(us
     assert re.match(r"error: sft step [1-4]: (loss|grad_norm) is (nan|inf|-inf) \(not finite\); stopped, "
                     r"the last good checkpoint is kept; try a lower --lr$", errors[0]), errors[0]
     assert files_of(used_dir)["sft.pt"] == good and not os.path.exists(used_dir / "sft.pt.tmp")
+
+
+def prompt_rendering_to(n_tokens):
+    """A one-turn prompt whose rendered conversation (data.chat.render) is exactly n_tokens long."""
+    words = ("The owl is calm. " * n_tokens).split()
+    for k in range(1, len(words) + 1):
+        p = [{"role": "user", "content": " ".join(words[:k])}]
+        if len(render(ENC, p)[0]) == n_tokens:
+            return p
+    raise AssertionError(f"no prefix of the owl text renders to {n_tokens} tokens")
+
+
+def test_a_held_out_prompt_that_fills_the_context_is_skipped_not_a_crash(base_dir, tmp_path):
+    """The before/after comparison samples held-out prompts with <|assistant|> appended: a prompt that renders
+    to block_size - 1 tokens becomes block_size tokens, with no room for a reply; it once passed the filter
+    (which measured it without the marker) and generate() stopped the run with a traceback."""
+    os.link(base_dir / "base.pt", tmp_path / "base.pt")
+    reply = {"role": "assistant", "content": "The owl is calm."}
+    full, fits = prompt_rendering_to(63), prompt_rendering_to(61)  # + <|assistant|>: 64 and 62 of 64
+    convs = [[{"role": "user", "content": "Describe the owl."}, reply]] * 38
+    convs += [full + [reply], fits + [reply]]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))  # 40: the last 2 held out
+    r = run(tmp_path, f"--data={data}", "--compare=True", "--max_new_tokens=4")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    shown = r.stdout.splitlines()
+    assert "  " + fits[0]["content"] in shown  # a prompt with room for a reply is still compared
+    assert "  " + full[0]["content"] not in shown
+
+
+def test_resume_with_no_checkpoint_is_one_line_before_anything_is_built(tmp_path, refusal, monkeypatch):
+    """--resume=True in an out_dir with no sft.pt must say so at once: it once built the missing base model
+    first (a whole pretrain.py run, writing base.pt) and only then found nothing to resume."""
+    built = []
+    monkeypatch.setattr(runtime, "ensure_checkpoint", lambda *a: built.append(a))
+    msg = refusal("sft", f"--out_dir={tmp_path}", "--resume=True")
+    assert msg == f"error: checkpoint {tmp_path / 'sft.pt'} not found"
+    assert built == [] and not os.listdir(tmp_path)
