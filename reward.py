@@ -280,7 +280,7 @@ def report(r, gain, bias, term, loss_fn, comps, val_idx, train_idx, first, gold,
     print("  calibration: predicted P(labeler agrees) -> observed")
     for lo, hi, n, p, seen in m["calibration"]:
         print(f"    [{lo:.1f}, {hi:.1f}]  {n:4d} pairs  predicted {p:.2f}  observed {seen:.2f}")
-    print(f"  normalised as {gain:.3f} * {term} + {bias:.3f} (mean 0, std 1 on {r.numel()} SFT answers)")
+    print(f"  normalised as {gain:.3f} * {term} + {bias:.3f} (mean 0, std 1 on {r.numel()} ranked answers)")
     for i in val_idx[:3]:
         print(f"  {comps[i]['prompt'][-1]['content']}")
         for place, k in enumerate(comps[i]["ranking"]):
@@ -419,7 +419,7 @@ def main():
             return
 
         if rt.master:
-            # ---- 3. normalise on all of SFT's collected answers: gain * r + bias has mean 0, std 1 there
+            # ---- 3. normalise on every ranked answer (SFT's, or --data's): gain * r + bias, mean 0, std 1
             lm_weight = lm_w.item()
             r_all = rewards(raw_rm, rows, lp, lm_weight, eot, rt.ctx)  # (N, K): head + w * log p_SFT
             runtime.check_finite("reward", iters, "a lower --lr", reward=r_all)
