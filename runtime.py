@@ -94,11 +94,10 @@ def configure_optimizer(model, weight_decay, lr, betas, device_type):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
-    """The one update every stage makes after backward(): unscale fp16 gradients (a no-op otherwise) so the
-    clip sees true norms, clip the global gradient norm (0 = off), step, update the loss scale, zero the
-    gradients. Returns the true gradient norm before clipping. A non-finite norm skips the step (the weights
-    stay finite): under fp16 it is an overflow, normal (the scaler lowers its scale), returned as 0 for the
-    caller's check_finite to let pass; without a scaler it is returned as it is, and check_finite stops."""
+    """The one update every stage makes after backward(): unscale fp16 gradients so the clip sees true norms,
+    clip the global gradient norm (0 = off), step, update the loss scale, zero the gradients. Returns the true
+    norm before clipping. A non-finite norm skips the step: under fp16 a usual overflow (the scaler lowers its
+    scale), returned as 0 for check_finite to let pass; without a scaler, check_finite stops on it."""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if scaler.is_enabled() or torch.isfinite(norm):
@@ -179,8 +178,7 @@ def load_checkpoint(path, kinds=None, map_location="cpu", need=()):
 def load_weights(model, sd):
     """load_state_dict; the scalar head may be new (base -> reward) or dropped, lm_head absent (it is wte)."""
     sd = clean_state_dict(sd)
-    if model.scalar_head is None:
-        sd = {k: v for k, v in sd.items() if not k.startswith("scalar_head.")}
+    sd = {k: v for k, v in sd.items() if model.scalar_head is not None or not k.startswith("scalar_head.")}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     bad = [k for k in missing if not k.startswith(("scalar_head.", "lm_head."))] + list(unexpected)
     if bad:
@@ -193,8 +191,8 @@ def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
     try:
         return load_weights(GPT(GPTConfig(**{**ckpt["model_args"], **overrides})), ckpt["model"])
     except (TypeError, ValueError, RuntimeError, AssertionError) as e:
-        raise SystemExit(f"error: {path}: the weights do not fit its model_args "
-                         f"({str(e).splitlines()[0][:200]})")
+        raise SystemExit(f"error: {path}: the weights do not fit its model_args "  # an assert may say nothing
+                         f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
 
 def load_model(path, kinds, **overrides):
     """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (dropout=0.0)."""
@@ -225,9 +223,9 @@ def load_reward_model(path, device):
     return rm.to(device).eval().requires_grad_(False), ck
 
 def load_gpt2(path, **overrides):
-    """GPT from Hugging Face GPT-2 weights on disk (data/gpt2.py reads them); overrides change GPTConfig."""
+    """GPT from GPT-2 weights on disk (data/gpt2.py reads them), overrides changing GPTConfig; or one line."""
     sd, args = read_gpt2(path)
-    return load_weights(GPT(GPTConfig(**{**args, **overrides})), sd)
+    return model_from_checkpoint({"model": sd, "model_args": args}, path, **overrides)
 
 def rng_state():
     """Python, numpy and torch RNG states as plain lists and tensors (weights_only-loadable)."""
@@ -259,7 +257,7 @@ def restore(ckpt, model, optimizer, scaler=None):
         optimizer.load_state_dict(ckpt["optimizer"])
     except ValueError as e:
         raise SystemExit(f"error: --resume: the checkpoint's optimizer does not fit these options ({e})")
-    if scaler is not None:
+    if scaler is not None and ckpt["scaler"]:  # {} from a run without fp16: a new fp16 scaler starts afresh
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     if int(os.environ.get("RANK", 0)):  # only rank 0's were saved: shift them, or all drop the same units
@@ -284,8 +282,7 @@ def load_rl_inputs(out_dir, use_rm, rt):
 
 def sampler_state(rng):
     """A random.Random's state as plain lists (weights_only-loadable); set_sampler_state undoes it."""
-    version, mt, gauss = rng.getstate()
-    return [version, list(mt), gauss]
+    return [list(x) if isinstance(x, tuple) else x for x in rng.getstate()]  # (version, mt, gauss)
 
 def set_sampler_state(rng, state):
     rng.setstate((state[0], tuple(state[1]), state[2]))
@@ -393,9 +390,7 @@ def append_jsonl(path, obj):
     with open(path, "a") as f:
         f.write(json.dumps(obj, default=float) + "\n")
 
-# The valid range of every option name the stages share; a stage adds its own through configure(ranges=...).
-# Checked right after the overrides, before anything is read or written.
-RANGES = {
+RANGES = {  # shared options' valid ranges (a stage adds its own via configure), checked before anything else
     **dict.fromkeys(("batch_size", "grad_accum", "eval_interval", "eval_iters", "max_new_tokens",
                      "minibatch_size", "ppo_epochs", "eval_samples", "samples", "gen_batch", "K", "online_k",
                      "online_prompts", "online_pairs", "sample_interval"), (lambda v: v >= 1, ">= 1")),
@@ -415,9 +410,8 @@ RANGES = {
 }
 
 def configure(g, argv=None, ranges=None):
-    """Apply --name=value overrides to a script's config globals g and check every option's range (RANGES,
-    then the stage's own ranges {name: (ok(value), rule)}); returns {name: value} of the config. A bad name,
-    type or value is one line naming the option, before the stage touches anything."""
+    """Apply --name=value overrides to the config globals g, then check every option's range (RANGES, then the
+    stage's own {name: (ok(value), rule)}); returns {name: value}. A bad name, type or value is one line."""
     keys = [k for k, v in g.items()
             if not k.startswith("_") and (v is None or type(v) in (int, float, bool, str, tuple, list))]
     for arg in sys.argv[1:] if argv is None else argv:
@@ -433,15 +427,21 @@ def configure(g, argv=None, ranges=None):
             new = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             new = raw  # a bare word: fine for a str option, a type error for the others
+        seq = isinstance(old, (tuple, list)) and isinstance(new, (tuple, list))
+        t = type(old[0]) if seq and old and all(type(v) is type(old[0]) for v in old) else None
         if isinstance(old, str) and not isinstance(new, str):
             new = raw  # --out_dir=123 means the directory "123"
+        elif seq:  # a tuple stays a tuple, a list a list; ints where the default holds floats are fine
+            new = type(old)(float(v) if t is float and type(v) is int else v for v in new)
         elif isinstance(old, float) and type(new) is int:
             new = float(new)
-        elif isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)):
-            new = type(old)(new)
         if old is not None and type(new) is not type(old):
             raise SystemExit(f"error: --{name} expects {type(old).__name__}, "
                              f"got {type(new).__name__} {raw!r}")
+        for v in new if seq else [new]:  # a tuple's elements: its default's type; numbers: finite (not 1e999)
+            rule = f"a {type(old).__name__} of {t.__name__}" if t and type(v) is not t else "finite"
+            if rule != "finite" or type(v) is float and not math.isfinite(v):
+                raise SystemExit(f"error: --{name}={new!r} is out of range: it must be {rule}")
         g[name] = new
     ranges = ranges or {}  # the stage's rules last, in its order: one that depends on another comes after it
     for name, (ok, rule) in [(k, r) for k, r in RANGES.items() if k not in ranges] + list(ranges.items()):

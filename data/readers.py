@@ -9,7 +9,6 @@ Every problem raises DataError("path:line: what is wrong"), so a script can stop
 import json
 import os
 import re
-import tempfile
 
 from data.chat import check_messages
 
@@ -19,7 +18,7 @@ class DataError(Exception):
 
 
 def _rows(path):
-    """Yield (line number, JSON object) for each non-blank line of a JSONL file."""
+    """[(line number, JSON object)] for each non-blank line of a JSONL file, all read and checked first."""
     try:
         with open(path, "rb") as f:  # bytes, so a bad byte can be pinned to its line
             lines = f.read().split(b"\n")  # only \n: U+2028 and friends are legal inside JSON strings
@@ -29,8 +28,10 @@ def _rows(path):
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     rows = []
     for n, raw in enumerate(lines, 1):
+        # tolerate a byte-order mark, cut off here so that a bad byte's offset below indexes this very line
+        raw = raw[3:] if n == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
         try:
-            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a byte-order mark
+            line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}:{n}: not valid UTF-8 "
                             f"(byte {raw[e.start]:#04x} at column {e.start + 1})") from None
@@ -180,12 +181,13 @@ def write_jsonl(path, rows) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    tmp = f"{path}.{os.getpid()}.tmp"  # open(), not mkstemp: the umask's mode, not 0600
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     except BaseException:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise

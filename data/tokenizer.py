@@ -14,7 +14,6 @@ tokens, never the special id; special ids are only ever placed by code (see data
 import base64
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -86,8 +85,8 @@ def train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
 def save_ranks(ranks: dict[bytes, int], path) -> None:
     """tiktoken's format, one `base64(token) rank` per line; written atomically (temp file, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # open(), not mkstemp: the umask's mode, not 0600
+    with open(tmp, "w") as f:
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(f"{base64.b64encode(token).decode()} {rank}\n")
     os.replace(tmp, path)

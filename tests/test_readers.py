@@ -1,5 +1,7 @@
 import json
+import os
 import re
+import stat
 import struct
 
 import pytest
@@ -88,6 +90,19 @@ def test_not_utf8(tmp_path):
     p = write(tmp_path, GOOD, GOOD, b'{"messages": [{"role": "user", "content": "caf\xe9"}]}')
     with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:3: not valid UTF-8"):
         read_messages(p)
+
+
+def test_a_bad_byte_after_a_byte_order_mark_is_the_byte_named(tmp_path):
+    """The line names the bad byte and its column as the user sees the line (the BOM is not text): not the
+    byte three places before it, as when the offset into the BOM-stripped text indexed the raw line."""
+    p = write(tmp_path, b'\xef\xbb\xbf{"prompt": "caf\xe9"}', b'{"prompt": "caf\xe9"}')
+    bad = r"not valid UTF-8 \(byte 0xe9 at column 16\)$"
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: {bad}"):
+        read_prompts(p)
+    p = write(tmp_path, GOOD, b'{"prompt": "caf\xe9"}')  # without a BOM, the same line says the same
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:2: {bad}"):
+        read_prompts(p)
+    assert read_prompts(write(tmp_path, b'\xef\xbb\xbf{"prompt": "caf\xc3\xa9"}')) == [[U("caf\u00e9")]]
 
 
 def test_not_found(tmp_path):
@@ -198,6 +213,31 @@ def test_write_jsonl_round_trip(tmp_path):
     assert sorted(x.name for x in path.parent.iterdir()) == ["out.jsonl"]  # no temp file left behind
 
 
+def test_write_jsonl_gives_its_file_the_mode_open_would(tmp_path):
+    """The umask decides who may read out/comparisons.jsonl, as for every other file a stage writes; a
+    temp file from tempfile.mkstemp is private (0600) and kept that mode through the rename."""
+    old = os.umask(0o022)
+    try:
+        write_jsonl(tmp_path / "a.jsonl", [{"n": 1}])
+        (tmp_path / "b.jsonl").write_text("")
+    finally:
+        os.umask(old)
+    mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
+    assert mode("a.jsonl") == mode("b.jsonl") == 0o644
+
+
+def test_write_jsonl_that_fails_keeps_the_old_file(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_jsonl(path, [{"n": 1}])
+
+    def rows():
+        yield {"n": 2}
+        raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError):
+        write_jsonl(path, rows())
+    assert path.read_text() == '{"n": 1}\n' and os.listdir(tmp_path) == ["out.jsonl"]
+
+
 # ---- GPT-2 weights (data/gpt2.py): a damaged file is one line naming it ----
 
 def safetensors_bytes(tensors, header_extra=None):
@@ -283,3 +323,19 @@ def test_gpt2_bin_truncated_or_not_a_state_dict(tmp_path):
     (tmp_path / "config.json").write_text('{"n_layer": 1}')
     with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(tmp_path / 'config.json'))}: not a GPT-2"):
         read_gpt2(str(path))
+
+
+@pytest.mark.parametrize("config, why", [
+    ('{"n_head": 2}', "state dict does not fit the model: .'transformer.h.0.attn.c_attn.weight'"),
+    ('{"n_head": 3}', ""),  # 4 channels do not split into 3 heads: GPT's own assertion, once a traceback
+])
+def test_gpt2_weights_that_do_not_make_a_gpt_are_one_line_naming_them(tmp_path, config, why):
+    """read_gpt2 accepts TINY_GPT2 (it has wte, wpe and h.0), but it lacks most of a layer's tensors:
+    building the network from it (sft.py --init=...) must be one line naming the path, not a traceback."""
+    import runtime
+    (tmp_path / "model.safetensors").write_bytes(GOOD_ST)
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(SystemExit) as e:
+        runtime.load_gpt2(str(tmp_path), dropout=0.0)
+    msg = str(e.value)
+    assert re.match(rf"error: {re.escape(str(tmp_path))}: .*{why}", msg) and "\n" not in msg, msg

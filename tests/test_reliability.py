@@ -538,3 +538,51 @@ def test_resuming_with_options_that_change_the_optimizer_is_one_line():
     optimizer.add_param_group({"params": [torch.zeros((), requires_grad=True)], "weight_decay": 0.0})
     with pytest.raises(SystemExit, match=r"^error: --resume: the checkpoint's optimizer does not fit these"):
         runtime.restore(ck, model, optimizer, scaler)
+
+
+def test_a_run_saved_without_fp16_resumes_under_fp16():
+    """A checkpoint from an fp32 or bf16 run holds no loss scale (a disabled GradScaler saves {}): resumed
+    with --dtype=float16 it continues, its new scaler at the initial scale, instead of a traceback."""
+    model = M.GPT(M.GPTConfig(block_size=8, vocab_size=N_VOCAB, n_layer=1, n_head=1, n_embd=8))
+    optimizer = runtime.configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    ck = {**runtime.training_state(model, optimizer, torch.amp.GradScaler("cpu", enabled=False)), "step": 4}
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    assert runtime.restore(ck, model, optimizer, fp16) == 4
+    assert fp16.is_enabled() and fp16.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+
+
+@pytest.mark.parametrize("arg, what", [
+    ("--betas=('a', 0.95)", "it must be a tuple of float"),  # a str where the default holds floats
+    ("--betas=(0.9, True)", "it must be a tuple of float"),  # bool is an int to Python, not a float here
+    ("--names=['x', 3]", "it must be a list of str"),
+    ("--lr=1e999", "is out of range: it must be finite"),  # literal_eval reads an overflow as inf
+    ("--lr=-1e999", "is out of range: it must be finite"),
+    ("--beta=1e999", "is out of range: it must be finite"),  # >= 0 holds for inf, yet no option takes it
+    ("--betas=(0.9, 1e999)", "is out of range: it must be finite"),
+])
+def test_an_option_of_the_wrong_element_type_or_infinite_is_one_line(arg, what):
+    g = dict(betas=(0.9, 0.95), names=["a", "b"], lr=1e-3, beta=0.1)
+    with pytest.raises(SystemExit) as e:
+        runtime.configure(g, [arg])
+    msg = str(e.value)
+    assert msg.startswith(f"error: {arg.split('=')[0]}") and what in msg and "\n" not in msg, msg
+
+
+def test_tuples_of_ints_where_floats_are_expected_are_floats():
+    g = dict(betas=(0.9, 0.95), sizes=(1, 2), empty=())
+    cfg = runtime.configure(g, ["--betas=[1, 0.5]", "--sizes=(3,)", "--empty=('x', 2)"])
+    assert cfg == dict(betas=(1.0, 0.5), sizes=(3,), empty=("x", 2))  # an empty default says no type
+    assert type(cfg["betas"][0]) is float
+    with pytest.raises(SystemExit, match="it must be a tuple of int"):
+        runtime.configure(g, ["--sizes=(1, 2.5)"])
+
+
+def test_a_checkpoint_whose_heads_do_not_divide_its_width_is_one_line(tmp_path):
+    """GPT asserts n_embd % n_head == 0 without a message: the line must still come, naming the file."""
+    path = tmp_path / "sft.pt"
+    ck = save_tiny(path, "sft")
+    runtime.save_checkpoint(str(path), {**ck, "model_args": {**ck["model_args"], "n_head": 3}})  # 32 / 3
+    with pytest.raises(SystemExit) as e:
+        runtime.load_model(str(path), "sft")
+    msg = str(e.value)
+    assert msg.startswith(f"error: {path}: the weights do not fit") and "AssertionError" in msg, msg

@@ -1,3 +1,4 @@
+import os
 import random
 import sys
 import types
@@ -91,6 +92,19 @@ def test_save_load_round_trip(tmp_path):
     for s in [TEXT[:5000]] + UNICODE:
         assert enc2.encode_ordinary(s) == ENC.encode_ordinary(s)
     assert [p.name for p in tmp_path.iterdir()] == ["t.tiktoken"]  # no temp file left behind
+
+
+def test_saved_ranks_get_the_mode_open_would(tmp_path):
+    """A retrained data/world.tiktoken must stay readable by whoever shares the checkout (the umask decides),
+    not become private (0600) as tempfile.mkstemp's file would."""
+    old = os.umask(0o022)
+    try:
+        save_ranks(RANKS, tmp_path / "t.tiktoken")
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.tiktoken").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
 
 
 def test_world_trained_when_missing(tmp_path, monkeypatch, capsys):
