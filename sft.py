@@ -70,12 +70,15 @@ temperature = 1.0          # sampling temperature at the end (1.0: the policy as
 # -----------------------------------------------------------------------------
 
 
-def sft_loss(logits, targets):
+def sft_loss(logits, targets, n_targets=None):
     """L_SFT, InstructGPT step 1 (https://arxiv.org/abs/2203.02155, Section 3.5; the module docstring): mean
     cross-entropy over the positions whose target is an assistant token; targets are -1 everywhere else
     (user and system turns, role markers, padding). logits (B, T, V), targets (B, T) -> scalar fp32. A batch
-    with no assistant token left gives 0.0 (still in the graph), not NaN."""
-    n = (targets != -1).sum().clamp(min=1)
+    with no assistant token left gives 0.0 (still in the graph), not NaN. The sum is divided by n_targets,
+    by default this batch's count: a step split into micro-batches passes the whole step's count, so that the
+    losses add up to the step's mean and every token weighs the same (a mean of the micro-batches' means
+    would weigh a token of a micro-batch with few assistant tokens more)."""
+    n = (targets != -1).sum().clamp(min=1) if n_targets is None else torch.tensor(max(n_targets, 1))
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                            reduction="sum") / n
 
@@ -219,23 +222,24 @@ def main():
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
-        n_targets = 0
-        for micro in range(grad_accum):
-            batch = train_batch(train_rows, batch_size, seed, it, micro, rt.rank, eot)
-            x, y, attn = [t.to(rt.device) for t in batch]
-            if rt.ddp:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            with rt.ctx:
-                loss = sft_loss(model(x, attention_mask=attn)[0], y)
-            rt.scaler.scale(loss / grad_accum).backward()
-            n_targets += (y != -1).sum().item()
-        norm = runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
-        runtime.check_finite("sft", it + 1, hint, loss=loss, grad_norm=norm)
-        watch.lap("training")
-        if rt.ddp:  # the log counts the assistant tokens of every process
+        batches = [train_batch(train_rows, batch_size, seed, it, m, rt.rank, eot) for m in range(grad_accum)]
+        n_targets = sum((y != -1).sum().item() for _, y, _ in batches)  # the step's assistant tokens
+        if rt.ddp:  # every process's: DDP averages the gradients, so each loss is scaled by world_size below
             n_targets = torch.tensor(n_targets, device=rt.device)
             torch.distributed.all_reduce(n_targets)
             n_targets = n_targets.item()
+        loss = 0.0
+        for micro, batch in enumerate(batches):
+            x, y, attn = [t.to(rt.device) for t in batch]
+            if rt.ddp:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            with rt.ctx:  # the micro-batches' losses add up to the step's mean over all its assistant tokens
+                micro_loss = sft_loss(model(x, attention_mask=attn)[0], y, n_targets / rt.world_size)
+            rt.scaler.scale(micro_loss).backward()
+            loss = loss + micro_loss.detach()
+        norm = runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
+        runtime.check_finite("sft", it + 1, hint, loss=loss, grad_norm=norm)
+        watch.lap("training")
         last = it + 1 in (max_iters, stop_at)
         val = None
         if (it + 1) % eval_interval == 0 or last:

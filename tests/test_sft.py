@@ -296,3 +296,35 @@ def test_resume_with_no_checkpoint_is_one_line_before_anything_is_built(tmp_path
     msg = refusal("sft", f"--out_dir={tmp_path}", "--resume=True")
     assert msg == f"error: checkpoint {tmp_path / 'sft.pt'} not found"
     assert built == [] and not os.listdir(tmp_path)
+
+
+def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(base_dir, tmp_path, monkeypatch):
+    """L_SFT is a mean over the step's assistant tokens. With --grad_accum=2 the gradient must be the one a
+    single batch of both halves gives, although the halves hold different numbers of assistant tokens: the
+    mean of the two halves' means would weigh each token of the half with fewer of them more."""
+    import sft
+    long, short = CONVS[0][:2], [CONVS[1][1], {"role": "assistant", "content": "Tom."}]
+    data = tmp_path / "chats.jsonl"  # rows 0-1 long answers, rows 2-3 short ones; the last is held out
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in [long, long, short, short, long]))
+    monkeypatch.setattr(sft, "train_batch", lambda rows, batch_size, seed, it, micro, rank, pad_id: sft_batch(
+        rows[micro * batch_size:(micro + 1) * batch_size], pad_id))  # micro-batch m: rows in order
+    grads, step = [], runtime.optimizer_step
+
+    def capture(model, optimizer, scaler, grad_clip):
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        return step(model, optimizer, scaler, grad_clip)
+    monkeypatch.setattr(runtime, "optimizer_step", capture)
+    for name, value in list(vars(sft).items()):  # the config globals main() rebinds, restored after
+        if not name.startswith("_") and type(value) in (int, float, bool, str):
+            monkeypatch.setattr(sft, name, value)
+    for batch_size, accum in ((4, 1), (2, 2)):
+        monkeypatch.setattr(sys, "argv", ["sft.py", f"--out_dir={tmp_path / str(accum)}", f"--data={data}",
+                                          "--dropout=0.0", f"--batch_size={batch_size}",
+                                          f"--grad_accum={accum}", "--max_iters=1", "--compare=False",
+                                          "--eval_iters=1"])
+        os.makedirs(tmp_path / str(accum))
+        os.link(base_dir / "base.pt", tmp_path / str(accum) / "base.pt")
+        sft.main()
+    y = [sft_example(ENC, c, 64)[1] for c in (long, short)]
+    assert sum(t != -1 for t in y[0]) > 2 * sum(t != -1 for t in y[1])  # the halves differ: the test can fail
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
