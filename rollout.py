@@ -33,15 +33,15 @@ def training_prompts(path):
 
 
 def prompts_fit(path, prompts, enc, block_size, max_new_tokens):
-    """Stop with one line naming path:line at the first prompt read from path (read_prompts) that leaves less
-    than max_new_tokens of the model's block_size for its reply: generate would refuse it, or cut every reply
-    of its batch short, only when training first drew it. No path (the world's prompts): nothing to check."""
-    for i, p in enumerate(prompts if path else []):
+    """Stop with one line at the first prompt that leaves less than max_new_tokens of the model's block_size
+    for its reply (naming path:line for a prompts file read by read_prompts; path "" is the world's): generate
+    would refuse it, or cut every reply of its batch short, only when training first drew it."""
+    for i, p in enumerate(prompts):
         n = len(render_prompt(enc, p))
         if n + max_new_tokens > block_size:
-            raise SystemExit(f"error: {path}:{row_lines(path)[i]}: the prompt is {n} tokens with the chat "
-                             f"template; the model's {block_size} have no room for --max_new_tokens="
-                             f"{max_new_tokens} more")
+            where = f"{path}:{row_lines(path)[i]}: the prompt" if path else "a world prompt"
+            raise SystemExit(f"error: {where} is {n} tokens with the chat template; the model's {block_size} "
+                             f"have no room for --max_new_tokens={max_new_tokens} more")
 
 
 def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None,

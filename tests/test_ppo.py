@@ -387,6 +387,14 @@ def test_a_prompt_with_no_room_for_its_answer_is_one_line_naming_its_line(tmp_pa
     assert r.returncode != 0 and msg.startswith(f"error: {path}:2: the prompt is "), r.stderr[-1500:]
     assert "\n" not in msg and "--max_new_tokens=16" in msg
     assert not (tmp_path / f"{script}.pt").exists() and not (tmp_path / f"{script}.jsonl").exists()
+    # the world's own prompts too: an answer longer than the room left was cut short without a word
+    r = subprocess.run([sys.executable, f"{script}.py", f"--out_dir={tmp_path}", "--max_new_tokens=80"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    msg = r.stderr.strip()
+    want = (r"error: a world prompt is \d+ tokens with the chat template; the model's 96 have no room for "
+            r"--max_new_tokens=80 more")
+    assert r.returncode != 0 and re.fullmatch(want, msg), msg
+    assert not (tmp_path / f"{script}.pt").exists() and not (tmp_path / f"{script}.jsonl").exists()
 
 
 def test_the_value_loss_never_moves_the_policys_trunk():
