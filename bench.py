@@ -10,7 +10,8 @@ How fast is the default model on this machine?
   at batch 128 and the other batch sizes the stages use, against generate_plain below, the earlier
   implementation kept as the reference. The two take turns (new, plain, new, plain, ...) so that a machine
   busy with other work slows both alike; the table shows medians and the median of the per-turn ratios.
-  FLOP/s counts every real token of the result (prompt and reply) once through the forward pass.
+  FLOP/s counts the forward passes generate makes: every real token of the result (prompt and reply) but
+  the last once through the network, the logits only where a token is sampled from them.
 - where a stage's time goes is not measured here: every stage ends with a line splitting its own run into
   sampling, scoring, the hidden human, training and the rest (runtime.Stopwatch).
 
@@ -50,27 +51,6 @@ gen_dtype = "float32"                  # precision for the sampling benchmark
 matmul_size = 2048                     # side of the square matmul that measures the peak
 seed = 1337
 # -----------------------------------------------------------------------------
-# configure checks that a tuple option is a tuple; each element's type and range is checked here, so that a
-# bad one stops the bench at once rather than after the training benchmark has run
-config = configure(globals(), ranges={
-    "threads": (lambda v: v >= 0, ">= 0"),
-    "dtypes": (lambda v: all(d in ("float32", "bfloat16", "float16") for d in v),
-               "a tuple of float32, bfloat16, float16"),
-    "gen_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
-    **dict.fromkeys(("block_size", "n_layer", "n_head", "n_embd", "train_iters", "gen_new_tokens",
-                     "gen_repeats", "matmul_size"), (lambda v: v >= 1, ">= 1")),
-    "vocab_size": (lambda v: v >= 0, ">= 0 (0: the world tokenizer's)"),
-    "gen_batches": (lambda v: len(v) > 0 and all(type(b) is int and b >= 1 for b in v), "ints >= 1"),
-    "gen_prompt_lens": (lambda v: len(v) == 2 and all(type(n) is int for n in v)
-                        and 1 <= v[0] <= v[1] < GPTConfig.block_size,
-                        f"(shortest, longest), ints with 1 <= shortest <= longest < {GPTConfig.block_size}"),
-})
-if n_embd % n_head:
-    raise SystemExit(f"error: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
-
-env = setup(device, "float32", seed)
-if threads > 0:
-    torch.set_num_threads(threads)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -176,11 +156,16 @@ def generate_plain(model, prompts, max_new_tokens, temperature=1.0, top_k=None, 
     return out + (logprobs[:, :L],) if return_logprobs else out
 
 
-def forward_flops(n_params, n_layer, n_embd, attn_mask):
-    """Forward FLOPs of the real tokens of a batch (B, T), each once: 2N per token for the matmuls (nanoGPT's
-    estimate) plus 4 * n_layer * n_embd per (query, key) pair a token attends to (q.k and the sum of v)."""
-    n = attn_mask.sum(1).double()  # real tokens per row; a row's tokens attend to 1 + 2 + ... + n keys
-    return float(2 * n_params * n.sum() + 4 * n_layer * n_embd * (n * (n + 1) / 2).sum())
+def forward_flops(n_params, head_params, n_layer, n_embd, attn_mask, gen_mask):
+    """Forward FLOPs generate does for the real tokens of its result (B, T), counted as nanoGPT counts them:
+    every real token but the last (sampled, never fed back) goes once through the trunk, 2 (N - head) per
+    token for its matmuls plus 4 * n_layer * n_embd per (query, key) pair it attends to (q.k and the sum of
+    v); the head's logits (2 * head per row) are computed only where a token is sampled from them, once per
+    generated token (the prompt's other positions need none)."""
+    fed = attn_mask.sum(1).double() - 1  # (B,) tokens through the trunk; the i-th attends to i keys
+    sampled = gen_mask.sum().double()    # logits computed: one set per generated token
+    return float(2 * (n_params - head_params) * fed.sum() + 2 * head_params * sampled
+                 + 4 * n_layer * n_embd * (fed * (fed + 1) / 2).sum())
 
 
 def sampling_speed(fn, model, prompts):
@@ -193,7 +178,9 @@ def sampling_speed(fn, model, prompts):
     sync()
     dt = time.perf_counter() - t0
     cfg = model.config
-    return gen.sum().item() / dt, forward_flops(model.get_num_params(), cfg.n_layer, cfg.n_embd, attn) / dt
+    flops = forward_flops(model.get_num_params(), model.lm_head.weight.numel(), cfg.n_layer, cfg.n_embd, attn,
+                          gen)
+    return gen.sum().item() / dt, flops / dt
 
 
 def sampling_table(model, peak):
@@ -216,37 +203,71 @@ def sampling_table(model, peak):
     return rows
 
 
-vocab_size = vocab_size or get_tokenizer().n_vocab
-torch.set_grad_enabled(True)
-cpu = f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if env.device_type == "cpu" else ""
-print(f"device {env.device}{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-c = dims(block_size=max(block_size, GPTConfig.block_size))
-print(f"model: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, vocab {c.vocab_size}, "
-      f"{GPT(c).get_num_params() / 1e6:.2f}M params{', torch.compile' if compile else ''}")
-peaks = {d: matmul_flops(ptdtype[d], env.device, matmul_size, iters=5)  # each precision's real speed here
-         for d in dict.fromkeys(("float32", *dtypes, gen_dtype))}
-# a CPU without bf16/fp16 matmul units emulates them below its fp32 speed: that is no peak to compare with
-emulated = [d for d in peaks if d != "float32" and env.device_type == "cpu" and peaks[d] < peaks["float32"]]
-print(f"\ntraining, batch {batch_size} x {block_size}, {train_iters} timed steps")
-print(f"{'dtype':<10} {'tokens/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'fraction':>9}")
-for dtype in dtypes:
-    tps, flops = train_speed(dtype)
-    peak = "n/a" if dtype in emulated else f"{peaks[dtype] / 1e9:.1f}"
-    fraction = "n/a" if dtype in emulated else f"{flops / peaks[dtype]:.1%}"
-    print(f"{dtype:<10} {tps:>10,.0f} {flops / 1e9:>9.1f} {peak:>13} {fraction:>9}")
-for d in emulated:
-    print(f"{d}: this CPU has no {d} matmul units ({d} matmul {peaks[d] / 1e9:.1f} GFLOP/s, below fp32's "
-          f"{peaks['float32'] / 1e9:.1f}): {d} is emulated, there is no {d} peak to take a fraction of")
+def main():
+    global env, vocab_size
+    # configure checks that a tuple option is a tuple; each element's type and range is checked here, so
+    # that a bad one stops the bench at once rather than after the training benchmark has run
+    configure(globals(), ranges={
+        "threads": (lambda v: v >= 0, ">= 0"),
+        "dtypes": (lambda v: all(d in ("float32", "bfloat16", "float16") for d in v),
+                   "a tuple of float32, bfloat16, float16"),
+        "gen_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
+        **dict.fromkeys(("block_size", "n_layer", "n_head", "n_embd", "train_iters", "gen_new_tokens",
+                         "gen_repeats", "matmul_size"), (lambda v: v >= 1, ">= 1")),
+        "vocab_size": (lambda v: v >= 0, ">= 0 (0: the world tokenizer's)"),
+        "gen_batches": (lambda v: len(v) > 0 and all(type(b) is int and b >= 1 for b in v), "ints >= 1"),
+        "gen_prompt_lens": (lambda v: len(v) == 2 and all(type(n) is int for n in v) and 1 <= v[0] <= v[1],
+                            "(shortest, longest), ints with 1 <= shortest <= longest"),
+    })
+    if n_embd % n_head:
+        raise SystemExit(f"error: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+    # generate clips the reply to the room the context leaves: every row must get all gen_new_tokens, or
+    # the table would time shorter replies than its header says
+    room = max(block_size, GPTConfig.block_size)  # the sampling model's context (see c below)
+    if gen_prompt_lens[1] + gen_new_tokens > room:
+        raise SystemExit(f"error: --gen_prompt_lens={gen_prompt_lens!r} is out of range with "
+                         f"--gen_new_tokens={gen_new_tokens}: the longest prompt plus the new tokens must be "
+                         f"<= {room}, the sampling model's block_size")
 
-torch.manual_seed(seed)
-model = GPT(c).to(env.device).eval()
-for blk in model.transformer.h if compile else ():  # the batch and the keys change size: dynamic shapes
-    blk.compile(dynamic=True)
-print(f"\nsampling ({gen_dtype}, KV cache): prompts of {gen_prompt_lens[0]}-{gen_prompt_lens[1]} tokens, "
-      f"left-padded, {gen_new_tokens} new tokens each, random weights; medians of {gen_repeats} turns")
-print(f"{'batch':>5} {'generate tok/s':>15} {'plain tok/s':>12} {'speed-up':>9} {'GFLOP/s':>8} "
-      f"{'of peak':>8}")
-gen_peak = None if gen_dtype in emulated else peaks[gen_dtype]
-for b, new, plain, ratio, flops, fraction in sampling_table(model, gen_peak):
-    fraction = "n/a" if fraction is None else f"{fraction:.1%}"
-    print(f"{b:>5} {new:>15,.0f} {plain:>12,.0f} {ratio:>8.2f}x {flops / 1e9:>8.1f} {fraction:>8}")
+    env = setup(device, "float32", seed)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    vocab_size = vocab_size or get_tokenizer().n_vocab
+    torch.set_grad_enabled(True)
+    cpu = f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if env.device_type == "cpu" else ""
+    print(f"device {env.device}{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    c = dims(block_size=max(block_size, GPTConfig.block_size))
+    print(f"model: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, vocab {c.vocab_size}, "
+          f"{GPT(c).get_num_params() / 1e6:.2f}M params{', torch.compile' if compile else ''}")
+    peaks = {d: matmul_flops(ptdtype[d], env.device, matmul_size, iters=5)  # each precision's real speed here
+             for d in dict.fromkeys(("float32", *dtypes, gen_dtype))}
+    # a CPU without bf16/fp16 matmul units emulates them below its fp32 speed: that is no peak to compare with
+    emulated = [d for d in peaks
+                if d != "float32" and env.device_type == "cpu" and peaks[d] < peaks["float32"]]
+    print(f"\ntraining, batch {batch_size} x {block_size}, {train_iters} timed steps")
+    print(f"{'dtype':<10} {'tokens/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'fraction':>9}")
+    for dtype in dtypes:
+        tps, flops = train_speed(dtype)
+        peak = "n/a" if dtype in emulated else f"{peaks[dtype] / 1e9:.1f}"
+        fraction = "n/a" if dtype in emulated else f"{flops / peaks[dtype]:.1%}"
+        print(f"{dtype:<10} {tps:>10,.0f} {flops / 1e9:>9.1f} {peak:>13} {fraction:>9}")
+    for d in emulated:
+        print(f"{d}: this CPU has no {d} matmul units ({d} matmul {peaks[d] / 1e9:.1f} GFLOP/s, below fp32's "
+              f"{peaks['float32'] / 1e9:.1f}): {d} is emulated, there is no {d} peak to take a fraction of")
+
+    torch.manual_seed(seed)
+    model = GPT(c).to(env.device).eval()
+    for blk in model.transformer.h if compile else ():  # the batch and the keys change size: dynamic shapes
+        blk.compile(dynamic=True)
+    print(f"\nsampling ({gen_dtype}, KV cache): prompts of {gen_prompt_lens[0]}-{gen_prompt_lens[1]} tokens, "
+          f"left-padded, {gen_new_tokens} new tokens each, random weights; medians of {gen_repeats} turns")
+    print(f"{'batch':>5} {'generate tok/s':>15} {'plain tok/s':>12} {'speed-up':>9} {'GFLOP/s':>8} "
+          f"{'of peak':>8}")
+    gen_peak = None if gen_dtype in emulated else peaks[gen_dtype]
+    for b, new, plain, ratio, flops, fraction in sampling_table(model, gen_peak):
+        fraction = "n/a" if fraction is None else f"{fraction:.1%}"
+        print(f"{b:>5} {new:>15,.0f} {plain:>12,.0f} {ratio:>8.2f}x {flops / 1e9:>8.1f} {fraction:>8}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """
 Talk to any checkpoint, multi-turn.
 
-    python chat.py                              # the latest stage in out/: ppo.pt, dpo.pt, sft.pt or base.pt
+    python chat.py                              # the latest stage in out/: ppo, dpo, grpo, rloo, sft, base
     python chat.py --ckpt=out/sft.pt --temperature=0.7 --top_p=0.9
     python chat.py --prompt="Describe the owl."  # answer once and exit (for scripts)
 
@@ -35,9 +35,10 @@ show_tokens = False        # print the exact prompt the model sees before each r
 
 
 def latest_checkpoint(out_dir):
-    """The latest stage's checkpoint in out_dir: ppo.pt, dpo.pt, sft.pt, else base.pt."""
-    found = [p for p in (os.path.join(out_dir, f) for f in ("ppo.pt", "dpo.pt", "sft.pt", "base.pt"))
-             if os.path.isfile(p)]
+    """The latest stage's checkpoint in out_dir: a stage-3 one (ppo.pt, dpo.pt, grpo.pt, rloo.pt, in that
+    order), else sft.pt, else base.pt."""
+    names = ("ppo.pt", "dpo.pt", "grpo.pt", "rloo.pt", "sft.pt", "base.pt")  # grpo.py writes <baseline>.pt
+    found = [p for p in (os.path.join(out_dir, f) for f in names) if os.path.isfile(p)]
     if not found:
         raise SystemExit(f"error: no checkpoint in {out_dir}/; make one with `python sft.py` "
                          "(or pass --ckpt=...)")

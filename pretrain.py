@@ -23,6 +23,7 @@ scale: a model, context and corpus small enough for a laptop CPU.
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -101,9 +102,12 @@ def get_batch(stream, block_size, batch_size, seed, it, micro, rank, val=False):
     """batch_size random windows of the token stream: inputs (B, T) and the next tokens (B, T). The generator
     is seeded by (seed, step, micro-step, rank, split), so a resumed run draws exactly the batches an
     uninterrupted run would have drawn."""
-    key = (((seed * 1_000_003 + it + 1) * 64 + micro) * 1024 + rank) * 2 + val
-    g = torch.Generator().manual_seed(key % 2**62)
-    ix = torch.randint(len(stream) - block_size - 1, (batch_size,), generator=g)
+    # SeedSequence hashes the whole tuple: a packed key (fixed bits per field) would give micro-step 64 of
+    # one step the batch of micro-step 0 of the next
+    key = np.random.SeedSequence([seed, it + 1, micro, rank, int(val)]).generate_state(1, np.uint64)[0]
+    g = torch.Generator().manual_seed(int(key))
+    # a window starts at 0 .. len - block_size - 1: the last one's targets end at the stream's last token
+    ix = torch.randint(len(stream) - block_size, (batch_size,), generator=g)
     x = torch.stack([stream[i:i + block_size] for i in ix])
     y = torch.stack([stream[i + 1:i + 1 + block_size] for i in ix])
     return x, y
@@ -181,10 +185,10 @@ def main():
     streams = token_streams(read_documents(data), enc)
     for split, what in (("train", "training text"), ("val", "held-out text (the last 5% of the documents)")):
         n_tokens = len(streams[split])
-        # get_batch draws window starts from randint(len - block_size - 1), which needs at least one
-        if n_tokens < block_size + 2:
+        # one window needs block_size inputs and, one token later, block_size targets
+        if n_tokens < block_size + 1:
             raise SystemExit(f"error: {data or 'the world corpus'}: the {what} has {n_tokens} tokens; "
-                             f"need at least block_size + 2 = {block_size + 2} (more text, or a smaller "
+                             f"need at least block_size + 1 = {block_size + 1} (more text, or a smaller "
                              "--block_size)")
 
     # ---- 3. model (fresh, or the run to resume), optimizer

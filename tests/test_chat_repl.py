@@ -159,3 +159,15 @@ def test_temperature_zero_is_greedy(tmp_path, monkeypatch, capsys):
         assert e.code == 0
         replies.append(capsys.readouterr().out)
     assert replies[0] == replies[1] and replies[0].strip()
+
+
+@pytest.mark.parametrize("stage3", ["grpo.pt", "rloo.pt"])
+def test_the_latest_stage_includes_grpo_and_rloo(tmp_path, stage3):
+    """grpo.py writes out/grpo.pt (or rloo.pt with --baseline=rloo), a stage after SFT: `python chat.py` after
+    it must talk to it, not to the SFT model it started from."""
+    from chat import latest_checkpoint
+    for name in ("base.pt", "sft.pt", stage3):
+        (tmp_path / name).write_bytes(b"")
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / stage3)
+    (tmp_path / "ppo.pt").write_bytes(b"")  # PPO, the InstructGPT stage, still comes first
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "ppo.pt")

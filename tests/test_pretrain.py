@@ -47,6 +47,25 @@ def test_batches_are_windows_and_their_next_tokens():
     assert all(not torch.equal(o[0], x) for o in others)  # another step, micro-step, rank or split: another
 
 
+def test_every_window_can_be_drawn():
+    """A stream of block_size + 2 tokens holds two windows, starting at 0 and 1; the one at 1 is the only one
+    whose targets reach the stream's last token. block_size + 1 tokens hold exactly one."""
+    stream = torch.arange(10)
+    starts = {int(x[0]) for it in range(40) for x in get_batch(stream, 8, 4, 1, it, 0, 0)[0]}
+    assert starts == {0, 1}
+    x, y = get_batch(torch.arange(9), 8, 2, 1, 0, 0, 0)
+    assert torch.equal(x, torch.arange(8).expand(2, 8)) and torch.equal(y, torch.arange(1, 9).expand(2, 8))
+
+
+def test_micro_steps_and_ranks_past_a_field_width_draw_their_own_batches():
+    """Each (step, micro-step, rank) has its own batch, however many micro-steps (--grad_accum) or ranks: a
+    key packed in fixed bits gave micro-step 64 of step 0 the batch of micro-step 0 of step 1."""
+    stream = torch.arange(10_000)
+    x = get_batch(stream, 8, 4, 1, 1, 0, 0)[0]
+    assert not torch.equal(get_batch(stream, 8, 4, 1, 0, 64, 0)[0], x)
+    assert not torch.equal(get_batch(stream, 8, 4, 1, 0, 63, 1024)[0], x)
+
+
 def run(args, out, launcher=(sys.executable,), check=True):
     r = subprocess.run([*launcher, "pretrain.py", f"--out_dir={out}", *TINY, *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
@@ -161,18 +180,19 @@ def doc_of(n_tokens, enc):
 
 
 @pytest.mark.parametrize("train, val, what", [
-    (200, 32, "held-out text (the last 5% of the documents) has 33 tokens"),  # block_size + 1: one short
+    (200, 31, "held-out text (the last 5% of the documents) has 32 tokens"),  # block_size: one short
     (10, 200, "training text has 11 tokens"),
 ])
 def test_a_stream_too_short_for_one_window_is_one_line(used_dir, refusal, train, val, what):
-    """get_batch needs block_size + 2 tokens of each stream: a held-out stream of block_size + 1 once passed
-    the check and crashed at the first evaluation, and the training stream was never checked."""
+    """get_batch needs block_size + 1 tokens of each stream (a window and its targets): a held-out stream one
+    token short once passed the check and crashed at the first evaluation, and the training stream was never
+    checked."""
     enc = get_tokenizer("world")
     corpus = used_dir / "tiny.txt"
     corpus.write_text(doc_of(train, enc) + "\n\n" + doc_of(val, enc))  # 2 documents: the last one held out
     before = files_of(used_dir)
     msg = refusal("pretrain", f"--out_dir={used_dir}", *TINY, f"--data={corpus}")
-    assert msg == (f"error: {corpus}: the {what}; need at least block_size + 2 = 34 (more text, or a smaller "
+    assert msg == (f"error: {corpus}: the {what}; need at least block_size + 1 = 33 (more text, or a smaller "
                    "--block_size)"), msg
     assert files_of(used_dir) == before
 
@@ -180,6 +200,6 @@ def test_a_stream_too_short_for_one_window_is_one_line(used_dir, refusal, train,
 def test_streams_of_exactly_one_window_train_and_evaluate(tmp_path):
     enc = get_tokenizer("world")
     corpus = tmp_path / "tiny.txt"
-    corpus.write_text(doc_of(33, enc) + "\n\n" + doc_of(33, enc))  # block_size + 2 tokens per stream
+    corpus.write_text(doc_of(32, enc) + "\n\n" + doc_of(32, enc))  # block_size + 1 tokens per stream
     log = run([f"--data={corpus}", "--max_iters=1", "--eval_interval=1"], tmp_path / "out")
     assert len(log) == 1 and math.isfinite(log[0]["val_loss"])

@@ -328,3 +328,17 @@ def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(base
     y = [sft_example(ENC, c, 64)[1] for c in (long, short)]
     assert sum(t != -1 for t in y[0]) > 2 * sum(t != -1 for t in y[1])  # the halves differ: the test can fail
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
+
+
+def test_micro_steps_and_ranks_past_a_field_width_draw_their_own_batches():
+    """The batch generator's seed hashes (seed, step, micro-step, rank) whole; a key packed into fixed bit
+    widths gave micro-step 64 of step 0 the batch of micro-step 0 of step 1 (and rank 1024 that of rank 0)."""
+    import sft
+    rows = [sft_example(ENC, CONVS[i % 2], 64) for i in range(500)]
+    rows = [(x + [PAD] * (i % 7), y + [-1] * (i % 7)) for i, (x, y) in enumerate(rows)]  # 14 kinds of row
+
+    def draw(it, micro, rank):
+        return sft.train_batch(rows, 16, 1337, it, micro, rank, PAD)[0]
+    assert not torch.equal(draw(0, 64, 0), draw(1, 0, 0))
+    assert not torch.equal(draw(0, 0, 1024), draw(0, 1, 0))
+    assert torch.equal(draw(3, 2, 1), draw(3, 2, 1))  # and the same key, the same batch: resume is exact
