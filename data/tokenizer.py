@@ -12,8 +12,10 @@ tokens, never the special id; special ids are only ever placed by code (see data
 """
 
 import base64
+import hashlib
 import os
 import re
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -121,6 +123,10 @@ def train_world() -> dict[bytes, int]:
     return ranks
 
 
+GPT2_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+             "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
+
+
 def get_tokenizer(name: str = "world") -> tiktoken.Encoding:
     """"world": our BPE (trained on first use); "gpt2": tiktoken's gpt2 plus our chat specials."""
     if name == "world":
@@ -129,11 +135,18 @@ def get_tokenizer(name: str = "world") -> tiktoken.Encoding:
             print(f"trained a {len(ranks) + len(SPECIALS)}-token BPE on the world corpus -> {WORLD_PATH}")
         return make_encoding(load_ranks(WORLD_PATH), "world")
     if name == "gpt2":
+        # tiktoken would download gpt2's two files on first use: we only let it read them from its cache,
+        # where each is named by the sha1 of its URL
+        cache = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+                 or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+        names = [hashlib.sha1(url.encode()).hexdigest() for url in GPT2_URLS]
+        if not all(os.path.isfile(os.path.join(cache, n)) for n in names):
+            raise SystemExit(f"error: the gpt2 tokenizer's files are not in {cache}; set TIKTOKEN_CACHE_DIR "
+                             "to a directory holding tiktoken's cached gpt2 files (nothing is downloaded)")
         try:
-            base = tiktoken.get_encoding("gpt2")  # downloads on first use unless TIKTOKEN_CACHE_DIR has it
+            base = tiktoken.get_encoding("gpt2")
         except Exception:
-            raise SystemExit("error: the gpt2 tokenizer could not be loaded offline; set TIKTOKEN_CACHE_DIR "
-                             "to a directory holding tiktoken's cached gpt2 files") from None
+            raise SystemExit(f"error: the gpt2 tokenizer's files in {cache} could not be read") from None
         # gpt2 already owns <|endoftext|> = 50256; our four chat markers go right after it.
         specials = {EOT: base.eot_token, **{s: base.n_vocab + i for i, s in enumerate(SPECIALS[1:])}}
         return tiktoken.Encoding(name="gpt2-chat", pat_str=base._pat_str,

@@ -1,5 +1,7 @@
+import hashlib
 import os
 import random
+import re
 import sys
 import types
 
@@ -131,8 +133,16 @@ def test_world_tokenizer():
     assert [special_id(enc, s) for s in SPECIALS] == list(range(enc.n_vocab - len(SPECIALS), enc.n_vocab))
 
 
-def test_gpt2_specials(monkeypatch):
+def gpt2_cache(monkeypatch, d):
+    """A stand-in for tiktoken's cache of gpt2's two files in d (named by the sha1 of their URLs)."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(d))
+    for url in tok.GPT2_URLS:
+        (d / hashlib.sha1(url.encode()).hexdigest()).write_bytes(b"")
+
+
+def test_gpt2_specials(monkeypatch, tmp_path):
     # Offline here, so stand in a tiny base whose <|endoftext|> is its last id, as in gpt2 (50256 of 50257).
+    gpt2_cache(monkeypatch, tmp_path)
     base = tiktoken.Encoding(name="gpt2", pat_str=tok.PAT,
                              mergeable_ranks={bytes([b]): b for b in range(256)},
                              special_tokens={tok.EOT: 256})
@@ -141,11 +151,20 @@ def test_gpt2_specials(monkeypatch):
     assert [special_id(enc, s) for s in SPECIALS] == [256, 257, 258, 259, 260]
 
 
-def test_gpt2_offline_is_one_clear_line(monkeypatch):
-    def fail(name):
-        raise OSError("network unreachable")
-    monkeypatch.setattr(tiktoken, "get_encoding", fail)
-    with pytest.raises(SystemExit, match="TIKTOKEN_CACHE_DIR"):
+def test_gpt2_files_missing_from_the_cache_are_one_line_and_nothing_is_downloaded(monkeypatch, tmp_path):
+    def download(name):  # tiktoken fetches gpt2's files over the network when its cache lacks them
+        raise AssertionError("tiktoken was asked for gpt2 with its files missing: it would download them")
+    monkeypatch.setattr(tiktoken, "get_encoding", download)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    where = re.escape(str(tmp_path))
+    with pytest.raises(SystemExit, match=f"^error: the gpt2 tokenizer's files are not in {where}; set "):
+        tok.get_tokenizer("gpt2")
+    gpt2_cache(monkeypatch, tmp_path)  # present but unreadable: one line too
+
+    def broken(name):
+        raise ValueError("bad merges")
+    monkeypatch.setattr(tiktoken, "get_encoding", broken)
+    with pytest.raises(SystemExit, match="could not be read"):
         tok.get_tokenizer("gpt2")
 
 
