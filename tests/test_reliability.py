@@ -271,7 +271,9 @@ def test_a_prompt_file_with_a_prompt_too_long_for_the_model_names_its_line(tmp_p
     with pytest.raises(SystemExit) as e:  # one token short: the reply (and its batch's) would be cut
         prompts_fit(str(path), prompts, enc, n + 7, 8)
     assert str(e.value).startswith(f"error: {path}:3: the prompt is {n} tokens") and "\n" not in str(e.value)
-    prompts_fit("", [[{"role": "user", "content": long}]], enc, 4, 8)  # the world's prompts: nothing to check
+    with pytest.raises(SystemExit) as e:  # the world's prompts (no file) are checked too, without a line
+        prompts_fit("", [[{"role": "user", "content": long}]], enc, n + 7, 8)
+    assert str(e.value).startswith(f"error: a world prompt is {n} tokens") and "\n" not in str(e.value)
 
 
 def test_a_read_only_out_dir_is_one_line(tmp_path):
