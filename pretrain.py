@@ -23,7 +23,6 @@ scale: a model, context and corpus small enough for a laptop CPU.
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -102,10 +101,7 @@ def get_batch(stream, block_size, batch_size, seed, it, micro, rank, val=False):
     """batch_size random windows of the token stream: inputs (B, T) and the next tokens (B, T). The generator
     is seeded by (seed, step, micro-step, rank, split), so a resumed run draws exactly the batches an
     uninterrupted run would have drawn."""
-    # SeedSequence hashes the whole tuple: a packed key (fixed bits per field) would give micro-step 64 of
-    # one step the batch of micro-step 0 of the next
-    key = np.random.SeedSequence([seed, it + 1, micro, rank, int(val)]).generate_state(1, np.uint64)[0]
-    g = torch.Generator().manual_seed(int(key))
+    g = runtime.seeded_generator(seed, it + 1, micro, rank, int(val))
     # a window starts at 0 .. len - block_size - 1: the last one's targets end at the stream's last token
     ix = torch.randint(len(stream) - block_size, (batch_size,), generator=g)
     x = torch.stack([stream[i:i + block_size] for i in ix])

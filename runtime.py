@@ -213,8 +213,7 @@ def same_network(path, ckpt, ref_args):
         raise SystemExit(f"error: {path} is another network than the SFT model ({', '.join(diff)})")
 
 def load_reward_model(path, device):
-    """(reward model, checkpoint) from reward.py's checkpoint, frozen, in eval mode. One saved mid-training
-    (for --resume) is not normalised yet: its scores have no known scale, so it is refused in one line."""
+    """(reward model, checkpoint), frozen, in eval mode; one saved mid-training (unnormalised) is one line."""
     ck = load_checkpoint(path, "reward")
     if ck.get("normalised") is False:
         raise SystemExit(f"error: {path} was saved before training finished (not normalised); finish it with "
@@ -232,9 +231,10 @@ def rng_state():
     _, keys, pos, has_gauss, cached = np.random.get_state()
     d = {"python": sampler_state(random), "torch": torch.get_rng_state(),
          "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
-    if torch.cuda.is_available():
-        d["cuda"] = torch.cuda.get_rng_state_all()
-    return d
+    return {**d, "cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else d
+
+def seeded_generator(*key):  # seeded by a hash of the whole key: no two (seed, step, micro, rank) share it
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
 def set_rng_state(d):
     set_sampler_state(random, d["python"])

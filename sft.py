@@ -27,7 +27,6 @@ import dataclasses
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -95,10 +94,7 @@ def sft_batch(examples, pad_id):
 def train_batch(rows, batch_size, seed, it, micro, rank, pad_id):
     """batch_size random training conversations, as sft_batch tensors. The generator is seeded by (seed, step,
     micro-step, rank), so a resumed run draws exactly the batches an uninterrupted run would have drawn."""
-    # SeedSequence hashes the whole tuple: a packed key (fixed bits per field) would give micro-step 64 of
-    # one step the batch of micro-step 0 of the next
-    key = np.random.SeedSequence([seed, it + 1, micro, rank]).generate_state(1, np.uint64)[0]
-    g = torch.Generator().manual_seed(int(key))
+    g = runtime.seeded_generator(seed, it + 1, micro, rank)
     ix = torch.randint(len(rows), (batch_size,), generator=g).tolist()
     return sft_batch([rows[i] for i in ix], pad_id)
 
