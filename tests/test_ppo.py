@@ -434,7 +434,7 @@ def test_main_trains_on_the_answer_tokens_only_and_takes_off_the_missing_end_pen
     monkeypatch.setattr(ppo, "ppo_clip_loss", clip_loss_and_keep)
     run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
                   "--max_iters=1", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--reward=gold",
-                  "--no_end_penalty=5.0", "--ppo_epochs=1")
+                  "--no_end_penalty=5.0", "--ppo_epochs=1", "--device=cpu")
     seq, attn, gen = seen["batch"][:3]
     assert torch.equal(seen["action"], gen[:, 1:].float()) and not (seen["action"] * (1 - gen[:, 1:])).any()
     assert sum(m.sum() for m in seen["masks"]) == gen[:, 1:].sum()  # every answer token, once per epoch

@@ -377,8 +377,8 @@ def test_resume_continues_with_the_same_losses(tiny_sft, tmp_path, flags):
                     reason="torchrun not installed")
 def test_torchrun_two_processes_share_the_collection(tiny_sft):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    run(tiny_sft, "--K=2", launcher=(torchrun if os.path.exists(torchrun) else "torchrun", "--standalone",
-                                     "--nproc_per_node=2"))
+    run(tiny_sft, "--K=2", "--device=cpu", launcher=(torchrun if os.path.exists(torchrun) else "torchrun",
+                                                     "--standalone", "--nproc_per_node=2"))
     comps = [json.loads(line) for line in open(tiny_sft / "comparisons.jsonl")]
     assert [c["prompt"] for c in comps] == world.prompts("train")[:40]  # both ranks' shares, in prompt order
     assert torch.load(tiny_sft / "reward.pt", weights_only=True)["step"] == 3

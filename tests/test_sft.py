@@ -177,8 +177,8 @@ def test_resume_continues_with_the_same_losses(base_dir, tmp_path):
 def test_torchrun_two_processes_on_cpu(base_dir, tmp_path):
     os.link(base_dir / "base.pt", tmp_path / "base.pt")
     launcher = [TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2"]
-    r = subprocess.run([*launcher, "sft.py", f"--out_dir={tmp_path}", *TINY], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([*launcher, "sft.py", f"--out_dir={tmp_path}", "--device=cpu", *TINY], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     log = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
     assert [r["iter"] for r in log] == [1, 2, 3, 4, 5, 6]  # only rank 0 logs
@@ -321,7 +321,7 @@ def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(base
         monkeypatch.setattr(sys, "argv", ["sft.py", f"--out_dir={tmp_path / str(accum)}", f"--data={data}",
                                           "--dropout=0.0", f"--batch_size={batch_size}",
                                           f"--grad_accum={accum}", "--max_iters=1", "--compare=False",
-                                          "--eval_iters=1"])
+                                          "--eval_iters=1", "--device=cpu"])  # fp32 on any machine
         os.makedirs(tmp_path / str(accum))
         os.link(base_dir / "base.pt", tmp_path / str(accum) / "base.pt")
         sft.main()
