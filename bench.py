@@ -54,9 +54,11 @@ seed = 1337
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def sync():
+def sync():  # a GPU runs ahead of Python: stop the clock only once its queued work is done
     if env.device_type == "cuda":
         torch.cuda.synchronize()
+    elif env.device_type == "mps":
+        torch.mps.synchronize()
 
 
 def autocast(dtype):  # fp32 runs as is; lower precisions autocast the matmuls, as the stages do

@@ -27,8 +27,7 @@ Departures from the paper, each a flag and off by default:
   --label_smoothing   conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences",
                       https://ericmitchell.ai/cdpo.pdf): the labels are flipped with this probability.
   --rpo_alpha         RPO's NLL term (Pang et al. 2024, https://arxiv.org/abs/2404.19733): DPO only asks that
-                      chosen beat rejected, so it can move probability onto text neither answer contained; the
-                      per-token NLL of the chosen answer keeps the chosen answers likely in absolute terms.
+                      chosen beat rejected; the chosen answers' per-token NLL keeps them likely outright.
   --online_rounds     online DPO (Guo et al. 2024, https://arxiv.org/abs/2402.04792): offline DPO never sees
                       the answers it comes to write. Each round the policy answers online_prompts training
                       prompts online_k times; the reward model ranks the answers (not ending costs
@@ -147,7 +146,7 @@ def load_pairs(path):
     """Preference data as (responses [(prompt, text, ended)], pairs [(prompt, chosen index, rejected index)]).
     A ranking of K answers gives all K(K-1)/2 pairs, the higher-ranked one chosen: each pair is a
     Bradley-Terry observation implied by the Plackett-Luce ranking, as in InstructGPT's reward model."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: as the readers, past a BOM
         first = next((line for line in f if line.strip()), "")
     try:
         ranked = isinstance(obj := json.loads(first), dict) and "ranking" in obj  # 5, null: the reader says
@@ -313,6 +312,8 @@ def main():
     data_path = data or os.path.join(out_dir, "comparisons.jsonl")
     if data and not os.path.isfile(data):
         raise SystemExit(f"error: preference file {data} not found")
+    if not data and os.path.isfile(rm_path) and not os.path.isfile(data_path):  # a --data reward model
+        raise SystemExit(f"error: {data_path} not found beside {rm_path}: pass the --data it was trained on")
     if data and online_rounds and not os.path.isfile(rm_path):
         raise SystemExit(f"error: the online rounds need a reward model trained on {data}: `python reward.py "
                          f"--data={data} --out_dir={out_dir}` writes {rm_path} (or --online_rounds=0)")
@@ -402,8 +403,7 @@ def main():
     # ---- 6. (departure) online DPO: rounds of fresh answers from the policy, ranked by the reward model
     if online_rounds > start_round:
         rm, rm_ck = runtime.load_reward_model(rm_path, rt.device)
-        prompts = list({json.dumps(p, sort_keys=True): p for (p, _, _), v in zip(kept, split) if not v}
-                       .values())
+        prompts = list({json.dumps(p, sort_keys=True): p for (p, *_), v in zip(kept, ~split) if v}.values())
         for rnd in range(start_round, online_rounds):
             answers, round_pairs, mean_score = online_round(
                 raw_policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, online_prompts, online_k,

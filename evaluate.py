@@ -241,15 +241,15 @@ def listed_checkpoints():
     return dict(items)
 
 
-def check_rows(paths, ref_path, ref_ck, prompts, enc):
-    """Every row's checkpoint, read before any sampling: one line naming the file if it is damaged, of a kind
-    that does not answer (a reward model), of another tokenizer than the reference SFT model (its KL would be
-    noise) or a vocabulary smaller than it, or with a context too short for the longest prompt and
-    max_new_tokens more (generate would refuse the prompt, or cut every answer of its batch short, after the
-    rows before it were sampled)."""
+def check_rows(paths, ref_path, ref_ck, prompts, enc, rm_path=""):
+    """Every row's checkpoint, and the reward model that scores them, read before any sampling: one line
+    naming the file if it is damaged, of a kind that does not answer (a reward model as a row), of another
+    tokenizer than the reference SFT model (its KL or scores would be noise) or a vocabulary smaller than it,
+    or with a context too short for the longest prompt and max_new_tokens more (generate would refuse the
+    prompt, or cut every answer of its batch short, after the rows before it were sampled)."""
     longest = max(len(render_prompt(enc, p)) for p in prompts)
-    for path in [ref_path] + [p for p in paths.values() if p is not None and p != ref_path]:
-        kinds = ("base", "sft", "ppo", "grpo", "dpo")  # what evaluate() samples from
+    rows = [(p, ("base", "sft", "ppo", "grpo", "dpo")) for p in paths.values() if p not in (None, ref_path)]
+    for path, kinds in [(ref_path, "sft")] + rows + [(rm_path, "reward")] * os.path.isfile(rm_path):
         ck = ref_ck if path == ref_path else runtime.load_checkpoint(path, kinds)
         if ck.get("tokenizer", "world") != ref_ck.get("tokenizer", "world"):
             raise SystemExit(f"error: {path} uses another tokenizer than the SFT model it is compared with")
@@ -385,7 +385,10 @@ def draw_figures(results, fig_dir):
 def main():
     methods = ("ppo", "dpo", "grpo", "rloo")
     runtime.configure(globals(), ranges={"hack_iters": (lambda v: v >= 0, ">= 0"), "sweep_methods": (
-        lambda v: set(v) <= set(methods), "a tuple of " + ", ".join(methods))})
+        lambda v: set(v) <= set(methods), "a tuple of " + ", ".join(methods)),
+        **dict.fromkeys(("ppo_betas", "grpo_betas", "rloo_betas"), (lambda v: min(v, default=0) >= 0,
+                                                                    "betas >= 0")),
+        "dpo_betas": (lambda v: min(v, default=1) > 0, "betas > 0")})  # refused now, not after a sweep's runs
     rt = runtime.setup(device, dtype, seed)
     # ---- 1. the prompts and the checkpoints to compare (a bad file or path is one line, before any sampling)
     try:
@@ -405,7 +408,7 @@ def main():
     enc = get_tokenizer(ref_ck.get("tokenizer", "world"))
     if prompts:  # a prompt with no room for its answer: one line now, not a crash after minutes of sampling
         prompts_fit(prompts, eval_prompts, enc, ref_ck["model_args"]["block_size"], max_new_tokens)
-    check_rows(listed or checkpoints_to_compare(rm_path), ref_path, ref_ck, eval_prompts, enc)
+    check_rows(listed or checkpoints_to_compare(rm_path), ref_path, ref_ck, eval_prompts, enc, rm_path)
     # ---- 2. optionally, PPO, DPO, GRPO and RLOO over a beta sweep first
     if sweep:
         run_sweep(rt, eval_prompts, rm_path)

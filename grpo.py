@@ -95,8 +95,9 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
         per token  -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta * (pi_ref/pi - log(pi_ref/pi) - 1)
     averaged over each answer's tokens (1/|o_i|), then over the answers. logp, old_logp, ref_logp,
     mask (B, T); adv (B,), one advantage per answer. rho_t = pi / pi_old; the KL term is the k3 estimator
-    of KL(pi || ref), in the loss rather than in the reward. beta = 0 leaves the clipped policy-gradient
-    loss alone (RLOO)."""
+    of KL(pi || ref), in the loss rather than in the reward. Its value estimates KL(pi || ref), but on tokens
+    from pi its gradient is E_pi[(1 - ref/pi) grad log pi] = grad KL(ref || pi), the other direction (Tang &
+    Munos 2025, arXiv 2506.09477). beta = 0 leaves the clipped policy-gradient loss alone (RLOO)."""
     adv = adv[:, None]
     ratio = torch.exp(torch.where(mask > 0, logp - old_logp, 0.0))  # exactly 1 off the answer
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - cliprange, 1 + cliprange) * adv)

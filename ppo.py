@@ -71,12 +71,15 @@ beta = 0.05                # KL coefficient (initial value when target_kl is set
 target_kl = 0.0            # > 0: adapt beta toward this KL (nats per answer); 0: fixed beta
 kl_horizon = 10000         # the controller's horizon (episodes), as in Ziegler et al.
 kl_estimator = "k1"        # per-token KL penalty: "k1" = logp - logp_ref, "k3" = (ratio - 1) - log ratio
+                           # (k3 estimates the KL's value; as a reward its gradient is not the KL's: kl_k3)
 no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn
 gamma, lam = 1.0, 1.0      # GAE discount and bias-variance trade-off: lam < 1 trusts the value head, a linear
                            # probe on frozen features that predicts the returns poorly; it bought nothing here
 cliprange = 0.2            # PPO-clip epsilon for the policy ratio
 cliprange_value = 0.2      # and for the value function
-vf_coef = 0.5              # weight of the value loss (it trains only the value head: see forward_policy)
+vf_coef = 0.5              # weight of the value loss. It trains only the value head, which has its own Adam
+                           # group, and Adam's step ignores a loss's scale: vf_coef only sets the head's share
+                           # of the global gradient norm that grad_clip clips (vf_lr sets how fast it learns)
 vf_lr = 1e-3               # learning rate of the value head: a fresh linear probe needs far larger steps
 grad_clip = 1.0            # clip the global gradient norm (0 = off)
 sample_interval = 20       # print a few samples every this many iterations
@@ -112,7 +115,9 @@ def kl_k1(logp, logp_ref):
 def kl_k3(logp, logp_ref):
     """k3 = (r - 1) - log r with r = ref(y) / pi(y) on a token y ~ pi: unbiased for KL(pi || ref) and never
     negative (log r <= r - 1), with lower variance when pi is close to ref. Schulman, "Approximating KL
-    divergence" (2020), http://joschu.net/blog/kl-approx.html"""
+    divergence" (2020), http://joschu.net/blog/kl-approx.html. Its value, not its gradient: as a reward,
+    E_pi[k3 grad log pi] = grad KL(pi || ref) - grad KL(ref || pi), not grad KL(pi || ref) as k1 gives (Tang
+    & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL", arXiv 2506.09477)."""
     log_r = logp_ref - logp
     # expm1, not exp - 1: near pi = ref, exp(log r) - 1 in fp32 cancels to a few digits, even below zero
     return torch.expm1(log_r) - log_r
@@ -241,7 +246,8 @@ def main():
     kl_coef, start = beta, 0
     if resume:
         runtime.same_network(ck_path, ck, sft_ck["model_args"])
-        kl_coef, start = ck["kl_coef"], runtime.restore(ck, policy, optimizer, rt.scaler)
+        start = runtime.restore(ck, policy, optimizer, rt.scaler)  # with this run's lr and vf_lr
+        kl_coef = ck["kl_coef"] if target_kl > 0 else beta  # an adapted beta resumes; a fixed one is --beta
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
         if rt.master and start >= max_iters:
             print(f"{ck_path} is already at iteration {start} >= --max_iters={max_iters}: nothing to train "

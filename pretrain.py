@@ -21,6 +21,7 @@ scale: a model, context and corpus small enough for a laptop CPU.
     python pretrain.py --data=my_corpus.txt             # your own text (documents separated by blank lines)
 """
 import os
+import re
 import time
 
 import torch
@@ -75,8 +76,8 @@ def read_documents(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: --data file {path} not found")
     try:
-        with open(path, encoding="utf-8") as f:
-            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
+            docs = [d.strip() for d in re.split(r"\n[ \t\r]*\n", f.read()) if d.strip()]  # blank: spaces too
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: {path} is not UTF-8 ({e.reason} at byte {e.start})")
     if len(docs) < 2:
@@ -167,7 +168,6 @@ def main():
     config = runtime.configure(globals(), ranges={
         "max_iters": (lambda v: v >= 1, ">= 1"), "n_samples": (lambda v: v >= 0, ">= 0"),
         **dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size"), (lambda v: v >= 1, ">= 1")),
-        **dict.fromkeys(("beta1", "beta2"), (lambda v: 0 <= v < 1, "in [0, 1)")),
         "tokenizer": (lambda v: v in ("world", "gpt2"), "one of world, gpt2")})
     if n_embd % n_head:
         raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
@@ -194,8 +194,8 @@ def main():
     ckpt = runtime.load_checkpoint(ck_path, "base") if resume else None
     if ckpt:
         check_resume(ck_path, ckpt, model_args, tokenizer)
-        model_args = ckpt["model_args"]
-        model = runtime.model_from_checkpoint(ckpt, ck_path).to(rt.device)
+        model_args = {**ckpt["model_args"], "dropout": dropout}  # the network resumes, the options are new
+        model = runtime.model_from_checkpoint(ckpt, ck_path, dropout=dropout).to(rt.device)
     else:
         model = M.GPT(M.GPTConfig(**model_args)).to(rt.device)
     optimizer = runtime.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
@@ -214,8 +214,8 @@ def main():
               f"{len(streams['train']):,} training tokens, {tokens_per_step:,} tokens per step, "
               f"device {rt.device}, dtype {rt.dtype}")
     t0, watch = time.time(), runtime.Stopwatch(rt.device_type, rt.master)  # watch: where the time goes
-    bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master,
-               desc="pretrain")
+    end = min(max_iters, stop_at or max_iters)  # --stop_at ends the run there, as if killed
+    bar = tqdm(range(start, end), initial=start, total=max_iters, disable=not rt.master, desc="pretrain")
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
@@ -230,7 +230,7 @@ def main():
         norm = runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
         runtime.check_finite("pretrain", it + 1, hint, loss=loss, grad_norm=norm)
         watch.lap("training")
-        last = it + 1 in (max_iters, stop_at)
+        last = it + 1 == end
         val = None
         if (it + 1) % eval_interval == 0 or last:
             val = held_out_loss(model, streams["val"], block_size, batch_size, eval_iters, seed, rt.rank,
@@ -247,10 +247,9 @@ def main():
                                                   "config": config, "model_args": model_args, "kind": "base",
                                                   "step": it + 1, "tokenizer": tokenizer})
         watch.lap("logs & checkpoints")
-        if it + 1 == stop_at:
-            break
-    if rt.master and start >= max_iters:
-        print(f"{ck_path} is already at step {start} >= max_iters={max_iters}; nothing to train")
+    if rt.master and start >= end:
+        print(f"{ck_path} is already at step {start} >= {end} (--max_iters={max_iters}, "
+              f"--stop_at={stop_at}): nothing to train")
 
     # ---- 5. samples: free text, and eval instructions as plain text (the base model continues the document)
     if rt.master and tokenizer == "world" and not data and n_samples > 0:

@@ -385,7 +385,8 @@ def main():
             runtime.start_log(log_path, start if resume else None)
             print(f"{len(train_idx)} train / {len(val_idx)} held-out rankings of {Kc} answers; {iters} steps "
                   f"of {batch_size * rt.world_size} prompts, loss {loss}, device {rt.device}")
-        bar = tqdm(range(start, iters), initial=start, total=iters, disable=not rt.master, desc="reward")
+        bar = tqdm(range(start, min(iters, stop_at or iters)), initial=start, total=iters,  # stop_at: killed
+                   disable=not rt.master, desc="reward")
         for it in bar:
             for group in optimizer.param_groups:
                 group["lr"] = runtime.get_lr(it, warmup_iters, iters, lr, min_lr) * group.get("lr_scale", 1.0)
@@ -412,8 +413,6 @@ def main():
                 if (it + 1) % eval_interval == 0 or it + 1 == stop_at:  # for --resume: not normalised yet
                     save_reward(ck_path, raw_rm, optimizer, rt, sft_ck, config, it + 1, Kc, loss, lm_w.item())
             watch.lap("held-out & checkpoints")
-            if it + 1 == stop_at:
-                break
         if 0 < stop_at < iters:  # "killed": no normalisation, report or best-of-N
             runtime.cleanup()
             return

@@ -12,7 +12,7 @@ import torch
 from data import world
 from data.chat import render_prompt, render_response, scored_ids
 from data.readers import DataError, read_prompts, row_lines
-from data.tokenizer import END, EOT, special_id
+from data.tokenizer import ASSISTANT, END, EOT, SYSTEM, USER, special_id
 from model import generate, pad_rows, sequence_logprobs
 
 
@@ -50,8 +50,10 @@ def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k
     "logprob"}] where ended means the reply closed its turn (<|end|>) before max_new_tokens and logprob is the
     log-probability of the reply as sampled (its tokens and <|end|> if it ended) at the sampling temperature;
     with return_batch also the raw (seq, attn_mask, gen_mask, logprobs) tensors from model.generate, for
-    callers that train on them (PPO, GRPO) or measure their KL."""
-    stops = (special_id(enc, END), special_id(enc, EOT))
+    callers that train on them (PPO, GRPO) or measure their KL. Any other special token also stops a reply
+    (not ended): decoded, a role marker would become plain text, which the reward model and the hidden human
+    would read as other tokens than the policy wrote."""
+    stops = tuple(special_id(enc, s) for s in (END, EOT, USER, ASSISTANT, SYSTEM))
     prompts = [render_prompt(enc, c) for c in conversations]
     seq, attn, gen, logprobs = generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stops,
                                         pad_id=special_id(enc, EOT), generator=generator,

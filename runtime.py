@@ -44,8 +44,8 @@ def setup(device="auto", dtype="auto", seed=1337):
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     if dtype == "auto":
-        dtype = ("float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported()
-                 else "float16")
+        dtype = ("float32" if device_type != "cuda"  # bf16 only where the card has bf16 units (Ampere on)
+                 else "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if device_type == "cuda":  # TF32: free speed on Ampere+
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -190,7 +190,7 @@ def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
     checkpoint whose arguments or weights do not fit is one line naming path."""
     try:
         return load_weights(GPT(GPTConfig(**{**ckpt["model_args"], **overrides})), ckpt["model"])
-    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+    except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as e:  # 0 heads
         raise SystemExit(f"error: {path}: the weights do not fit its model_args "  # an assert may say nothing
                          f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
 
@@ -241,8 +241,8 @@ def set_rng_state(d):
     keys, pos, has_gauss, cached = d["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(d["torch"])
-    if "cuda" in d and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(d["cuda"])
+    if "cuda" in d and torch.cuda.is_available():  # saved on a machine with more GPUs: the first ones
+        torch.cuda.set_rng_state_all(d["cuda"][:torch.cuda.device_count()])
 
 def training_state(model, optimizer, scaler):
     """The part of a checkpoint that --resume needs besides config and step (restore() reads it back)."""
@@ -253,10 +253,13 @@ def restore(ckpt, model, optimizer, scaler=None):
     """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its
     step, so the loop continues exactly where the saved run was (under torchrun: ppo.py and grpo.py only)."""
     load_weights(model, ckpt["model"])
+    options = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this run's
     try:  # options that change the optimizer's parameter groups (reward.py --lm_feature) cannot resume it
         optimizer.load_state_dict(ckpt["optimizer"])
     except ValueError as e:
         raise SystemExit(f"error: --resume: the checkpoint's optimizer does not fit these options ({e})")
+    for group, opts in zip(optimizer.param_groups, options):  # Adam's moments resume; lr, betas, weight
+        group.update(opts)  # decay and the rest are what this run was asked for, not what the saved one was
     if scaler is not None and ckpt["scaler"]:  # {} from a run without fp16: a new fp16 scaler starts afresh
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
@@ -265,14 +268,12 @@ def restore(ckpt, model, optimizer, scaler=None):
     return ckpt["step"]
 
 def load_rl_inputs(out_dir, use_rm, rt):
-    """An RL stage's frozen inputs: out_dir's SFT model (the reference the policy starts from) and, if use_rm,
-    its reward model, each built first by its own stage when missing (rank 0 builds, the others wait).
-    Returns (ref, tokenizer, SFT checkpoint, reward model or None, its checkpoint or None)."""
+    """An RL stage's frozen inputs, each built by its own stage first when missing (rank 0 builds, the others
+    wait): (SFT reference, tokenizer, SFT checkpoint, reward model if use_rm else None, its checkpoint)."""
     sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
-    if rt.master:
-        ensure_checkpoint(sft_path, "sft.py", out_dir)
-        if use_rm:
-            ensure_checkpoint(rm_path, "reward.py", out_dir)
+    for path, script in [(sft_path, "sft.py")] + [(rm_path, "reward.py")] * use_rm:
+        if rt.master:
+            ensure_checkpoint(path, script, out_dir)
     if rt.ddp:
         torch.distributed.barrier()
     ref, enc, sft_ck = load_model(sft_path, "sft", dropout=0.0)
@@ -288,9 +289,8 @@ def set_sampler_state(rng, state):
     rng.setstate((state[0], tuple(state[1]), state[2]))
 
 def rank_rng_states(rng, rt):
-    """Every process's own random streams, [rank 0's, rank 1's, ...]: its prompt sampler and the torch
-    generator that samples its replies. runtime.rng_state() holds rank 0's only; with these a resumed torchrun
-    run draws on every rank what an uninterrupted one would have drawn. Every rank calls it (a collective)."""
+    """Each rank's prompt sampler and reply generator, [rank 0's, ...]; rng_state() holds rank 0's only. With
+    them a resumed torchrun run draws what an uninterrupted one would. A collective: every rank calls it."""
     mine = {"prompts": sampler_state(rng), "torch": torch.get_rng_state()}
     if rt.device_type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(rt.device)
@@ -312,10 +312,9 @@ def start_log(path, resumed_step=None):
     """Called once a run is known to start (so a run that fails its checks loses no log): a fresh run starts
     a fresh log; a resumed one drops the rows a killed run logged after its last checkpoint (and a line cut by
     the kill), so its rows follow on as an uninterrupted run's would."""
-    if not os.path.exists(path):
-        return
-    if resumed_step is None:
+    if os.path.exists(path) and resumed_step is None:
         os.remove(path)
+    if not os.path.exists(path):
         return
     keep = []
     with open(path) as f:
@@ -346,16 +345,15 @@ def ensure_checkpoint(path, script, out_dir):
 
 class Stopwatch:
     """Wall time per phase of a stage: lap(phase) adds the seconds since the previous lap to that phase
-    (sample; lap("sampling"); train; lap("training")). On CUDA a lap first waits for the queued kernels."""
+    (sample; lap("sampling"); train; lap("training")). On a GPU a lap first waits for the queued kernels."""
 
     def __init__(self, device_type="cpu", master=True, clock=time.perf_counter):
-        self.clock, self.cuda, self.master = clock, device_type == "cuda", master
+        self.clock, self.master, self.sync = clock, master, getattr(torch, device_type).synchronize
         self.start = self.last = clock()
         self.seconds = {}  # phase -> seconds, in the order the phases first appear
 
     def lap(self, phase):
-        if self.cuda:
-            torch.cuda.synchronize()
+        self.sync()  # torch.cuda's or torch.mps's; torch.cpu's returns at once
         now = self.clock()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
         self.last = now
@@ -399,7 +397,8 @@ RANGES = {  # shared options' valid ranges (a stage adds its own via configure),
                      "vf_coef", "no_end_penalty"), (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(("lr", "online_lr", "vf_lr", "epochs", "temperature", "labeler_tau", "kl_horizon"),
                     (lambda v: v > 0, "> 0")),
-    **dict.fromkeys(("dropout", "val_fraction", "eval_fraction"), (lambda v: 0 <= v < 1, "in [0, 1)")),
+    **dict.fromkeys(("dropout", "val_fraction", "eval_fraction", "beta1", "beta2"),
+                    (lambda v: 0 <= v < 1, "in [0, 1)")),
     **dict.fromkeys(("cliprange", "cliprange_value"), (lambda v: 0 < v < 1, "in (0, 1)")),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "contexts": (lambda v: v >= 2, ">= 2"),
     "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2**31)"),  # numpy takes seed + rank, below 2**32

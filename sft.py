@@ -159,9 +159,7 @@ def held_out_prompts(convs, n_val, own_data):
 
 def main():
     # ---- 1. options (all checked before anything is read or written), device, precision
-    config = runtime.configure(globals(), ranges={"max_iters": (lambda v: v >= 1, ">= 1"),
-                                                  "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-                                                  "beta2": (lambda v: 0 <= v < 1, "in [0, 1)")})
+    config = runtime.configure(globals(), ranges={"max_iters": (lambda v: v >= 1, ">= 1")})
     base_path = os.path.join(out_dir, "base.pt")
     ck_path = os.path.join(out_dir, "sft.pt")
     log_path = os.path.join(out_dir, "sft.jsonl")
@@ -172,8 +170,9 @@ def main():
     # reported before any model is built
     convs = read_conversations(data)
     if resume:
-        model, enc, ckpt = runtime.load_model(ck_path, "sft")
-    if not init and (not resume or compare):  # the base model is needed to start from, or to compare with
+        model, enc, ckpt = runtime.load_model(ck_path, "sft", dropout=dropout)
+    start_from = init or (ckpt.get("config", {}).get("init", "") if resume else "")  # a resumed run's own
+    if not start_from and (not resume or compare):  # base.pt is needed to start from, or to compare with
         if rt.master:
             runtime.ensure_checkpoint(base_path, "pretrain.py", out_dir)
         if rt.ddp:
@@ -181,7 +180,7 @@ def main():
 
     # ---- 3. model (the base model, or the run to resume), optimizer
     if resume:
-        model_args, tokenizer = ckpt["model_args"], ckpt.get("tokenizer", "world")
+        model_args, tokenizer = {**ckpt["model_args"], "dropout": dropout}, ckpt.get("tokenizer", "world")
     else:
         model, model_args, tokenizer = load_base(init, base_path, dropout)
         model_args = {**model_args, "dropout": dropout}
@@ -217,7 +216,8 @@ def main():
               f"dtype {rt.dtype}")
     t0, watch = time.time(), runtime.Stopwatch(rt.device_type, rt.master)  # watch: where the time goes
     model.train()
-    bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="sft")
+    end = min(max_iters, stop_at or max_iters)  # --stop_at ends the run there, as if killed
+    bar = tqdm(range(start, end), initial=start, total=max_iters, disable=not rt.master, desc="sft")
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
@@ -239,7 +239,7 @@ def main():
         norm = runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
         runtime.check_finite("sft", it + 1, hint, loss=loss, grad_norm=norm)
         watch.lap("training")
-        last = it + 1 in (max_iters, stop_at)
+        last = it + 1 == end
         val = None
         if (it + 1) % eval_interval == 0 or last:
             val = held_out_loss(model, val_rows, batch_size, eval_iters, eot, rt.device, rt.ctx)
@@ -255,15 +255,14 @@ def main():
                                                   "config": config, "model_args": model_args, "kind": "sft",
                                                   "step": it + 1, "tokenizer": tokenizer})
         watch.lap("logs & checkpoints")
-        if it + 1 == stop_at:
-            break
-    if rt.master and start >= max_iters:
-        print(f"{ck_path} is already at step {start} >= max_iters={max_iters}; nothing to train")
+    if rt.master and start >= end:
+        print(f"{ck_path} is already at step {start} >= {end} (--max_iters={max_iters}, "
+              f"--stop_at={stop_at}): nothing to train")
 
     # ---- 6. before and after: the base model and the SFT model answer the same held-out prompts
     if rt.master and compare:
         raw_model.eval()
-        base = load_base(init, base_path, dropout)[0].to(rt.device).eval()
+        base = load_base(start_from, base_path, dropout)[0].to(rt.device).eval()
         g = torch.Generator(device=rt.device).manual_seed(seed)
         prompts = held_out_prompts(convs, n_val, bool(data))
         # generate() needs the prompt and its <|assistant|> marker to leave room for one token at least

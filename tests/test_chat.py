@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from data.chat import render, render_prompt
 from data.tokenizer import ASSISTANT, END, SPECIALS, USER, make_encoding, special_id, train_bpe
@@ -74,3 +75,23 @@ def test_invalid_messages(bad):
 def test_render_prompt_needs_user_last():
     with pytest.raises(ValueError, match="user"):
         render_prompt(BYTES, CONVO)
+
+
+def test_a_role_marker_sampled_mid_reply_ends_it_not_ended_and_stays_out_of_its_text(monkeypatch):
+    """Decoded, <|user|> would become the 8 characters "<|user|>": the reward model and the hidden human
+    would score other tokens than the policy wrote. So every special token stops a reply; only <|end|> ends
+    it."""
+    import rollout
+    from data.tokenizer import get_tokenizer
+    enc = get_tokenizer("world")
+    words, marker = enc.encode_ordinary("The fox is calm."), special_id(enc, USER)
+
+    def generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stops, **kw):
+        assert {special_id(enc, s) for s in SPECIALS} <= set(stops)  # generate stops at any of them
+        row = prompts[0] + words + [marker]
+        gen = torch.tensor([[0] * len(prompts[0]) + [1] * (len(words) + 1)])
+        return torch.tensor([row]), torch.ones_like(gen), gen, -0.5 * gen.float()
+    monkeypatch.setattr(rollout, "generate", generate)
+    (reply,) = rollout.respond(None, enc, [[{"role": "user", "content": "Describe the fox."}]])
+    assert reply["text"] == "The fox is calm." and not reply["ended"] and reply["ids"][-1] == marker
+    assert reply["logprob"] == -0.5 * len(words)  # the text's tokens: a stop other than <|end|> is not

@@ -233,6 +233,17 @@ def test_ranking_gives_all_ordered_pairs(tmp_path):
     assert responses[2] == (p, "c", False)
 
 
+def test_a_byte_order_mark_does_not_hide_the_ranking(tmp_path):
+    """An editor's BOM before the first line: still reward.py's rankings (all 3 pairs of 3 answers), not TRL
+    pairs read from its "chosen"/"rejected" (one pair)."""
+    path = tmp_path / "c.jsonl"
+    row = {"prompt": [{"role": "user", "content": "Hi."}], "responses": ["a", "b", "c"], "ranking": [2, 0, 1],
+           "chosen": "c", "rejected": "b"}
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8-sig")
+    responses, pairs = dpo.load_pairs(str(path))
+    assert [(responses[c][1], responses[r][1]) for _, c, r in pairs] == [("c", "a"), ("c", "b"), ("a", "b")]
+
+
 def test_trl_pairs_and_bad_lines(tmp_path):
     path = tmp_path / "prefs.jsonl"
     write(path, [{"prompt": "Describe the fox.", "chosen": "The fox is red.", "rejected": "You are dumb."}])
@@ -346,6 +357,18 @@ def test_bad_options_stop_before_anything_is_touched(tmp_path, refusal, flags, m
     assert got.startswith("error: ") and message in got and "\n" not in got, got
     assert sorted(os.listdir(tmp_path)) == ["dpo.jsonl", "prefs.jsonl"]  # no sft.pt built, nothing written
     assert (tmp_path / "dpo.jsonl").read_text() == "old log\n"
+
+
+def test_a_reward_model_from_data_is_not_rebuilt_over(tmp_path, refusal, monkeypatch):
+    """reward.py --data=... writes reward.pt but no comparisons.jsonl; dpo.py without --data must not run
+    reward.py to make comparisons, which would replace that reward model with one of the world's."""
+    built = []
+    monkeypatch.setattr(runtime, "ensure_checkpoint", lambda *a: built.append(a))
+    (tmp_path / "reward.pt").write_bytes(b"a reward model trained on the user's data")
+    msg = refusal("dpo", f"--out_dir={tmp_path}")
+    assert msg == (f"error: {tmp_path / 'comparisons.jsonl'} not found beside {tmp_path / 'reward.pt'}: pass "
+                   "the --data it was trained on") and built == []
+    assert os.listdir(tmp_path) == ["reward.pt"]
 
 
 def test_online_rounds_need_a_prompt_per_process(tmp_path, refusal, monkeypatch):

@@ -209,6 +209,30 @@ def test_a_row_that_cannot_be_evaluated_is_one_line_before_any_sampling(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["row.pt", "sft.pt"]
 
 
+@pytest.mark.parametrize("rm, says", [
+    (dict(vocab_size=64), "its vocabulary (64) is smaller than its tokenizer's"),  # an embedding IndexError
+    (dict(tokenizer="gpt2"), "uses another tokenizer than the SFT model"),  # scores of other tokens: noise
+])
+def test_a_reward_model_that_cannot_score_the_rows_is_one_line_before_sampling(tmp_path, refusal, rm, says,
+                                                                                 monkeypatch):
+    import rollout
+    monkeypatch.setattr(rollout, "score", lambda *a, **k: pytest.fail("sampled before the checks"))
+    save_row(tmp_path / "sft.pt")
+    save_row(tmp_path / "rm.pt", kind="reward", **rm)
+    msg = refusal("evaluate", f"--out_dir={tmp_path}", f"--reward={tmp_path / 'rm.pt'}", "--bon=0",
+                  "--max_new_tokens=8")
+    assert msg.startswith(f"error: {tmp_path / 'rm.pt'}") and says in msg, msg
+
+
+@pytest.mark.parametrize("flag, shown", [("--dpo_betas=(0.1,0.0)", "(0.1, 0.0)"),
+                                         ("--ppo_betas=(-0.1,)", "(-0.1,)"),
+                                         ("--rloo_betas=(0.1,-1.0)", "(0.1, -1.0)")])
+def test_a_sweep_beta_out_of_range_is_refused_before_any_run(tmp_path, refusal, flag, shown):
+    msg = refusal("evaluate", f"--out_dir={tmp_path}", "--sweep", flag)
+    assert msg.startswith(f"error: {flag.split('=')[0]}={shown} is out of range: it must be betas"), msg
+    assert not os.listdir(tmp_path)
+
+
 def test_a_best_of_n_row_with_no_reward_model_builds_nothing_first(tmp_path, refusal, monkeypatch):
     """--ckpt=bon with no reward model is refused before the missing SFT model is built (a pretrain.py and
     an sft.py run), not after."""

@@ -191,3 +191,16 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     r = run_grpo(split, "--baseline=rloo", "--max_iters=2", "--resume=True")  # a finished run says so
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rloo.pt is already at iteration 2 >= --max_iters=2: nothing to train" in r.stdout
+
+
+def test_the_k3_term_in_the_loss_has_the_gradient_of_the_reverse_kl():
+    """Differentiated on tokens from pi, GRPO's k3 term has the gradient E_pi[(1 - ref/pi) grad log pi] =
+    grad KL(ref || pi), not grad KL(pi || ref): exact expectations over a 5-token vocabulary."""
+    from test_ppo import categorical
+    logp, ref, grad, d_kl, d_reverse = categorical()
+    lp, rf = logp.view(5, 1), ref.view(5, 1)  # token y as an answer of its own, adv 0: only the KL term moves
+    total = sum(lp[y].exp().detach() * grad(grpo.grpo_loss(lp[y:y + 1], lp[y:y + 1].detach(), rf[y:y + 1],
+                                                           torch.zeros(1), torch.ones(1, 1), 0.2, 1.0))
+                for y in range(5))
+    torch.testing.assert_close(total, d_reverse)
+    assert (d_reverse - d_kl).abs().max() > 0.1

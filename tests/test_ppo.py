@@ -442,3 +442,25 @@ def test_main_trains_on_the_answer_tokens_only_and_takes_off_the_missing_end_pen
     golds = torch.tensor([world.gold(p, r["text"], r["ended"])
                           for p, r in zip(seen["prompts"], seen["replies"])])
     torch.testing.assert_close(seen["scores"], golds - 5.0 * (1 - ended))
+
+
+def categorical(seed=0):
+    """A 5-token policy (its logits theta), a reference, and exact gradients of both KL directions."""
+    torch.manual_seed(seed)
+    theta = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(5, dtype=torch.float64), 0)
+    logp = torch.log_softmax(theta, 0)
+    grad = lambda f: torch.autograd.grad(f, theta, retain_graph=True)[0]  # noqa: E731
+    kl, reverse = (logp.exp() * (logp - ref)).sum(), (ref.exp() * (ref - logp)).sum()
+    return logp, ref, grad, grad(kl), grad(reverse)
+
+
+def test_as_a_reward_k1_pushes_along_the_kl_and_k3_does_not():
+    """Exact expectations over the vocabulary of the score-function gradient E_pi[k grad log pi], the KL
+    estimate k a detached per-token reward as in PPO: k1 gives grad KL(pi || ref); k3, whose value is as
+    unbiased, gives grad KL(pi || ref) - grad KL(ref || pi) (Tang & Munos 2025, arXiv 2506.09477)."""
+    logp, ref, grad, d_kl, d_reverse = categorical()
+    for estimator, want in (("k1", d_kl), ("k3", d_kl - d_reverse)):
+        k = ppo.kl_penalty(logp.detach(), ref, estimator)
+        torch.testing.assert_close(grad((logp.exp().detach() * k * logp).sum()), want)
+    assert (d_kl - d_reverse - d_kl).abs().max() > 0.1  # the two differ here: the test can fail

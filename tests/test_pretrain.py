@@ -85,6 +85,19 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     for a, b in zip(full, resumed):  # same batches, same weights, same optimizer state: same losses
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
     assert full[-1]["val_loss"] == pytest.approx(resumed[-1]["val_loss"], abs=1e-6)
+    # --stop_at at or before the checkpoint's step: nothing to train (it ran on to max_iters and overwrote it)
+    ck = (tmp_path / "b" / "base.pt").read_bytes()
+    r = run(["--resume=True", "--max_iters=8", "--stop_at=6"], tmp_path / "b", check=False)
+    assert r.returncode == 0 and "is already at step 6 >= 6 (--max_iters=8, --stop_at=6)" in r.stdout
+    assert (tmp_path / "b" / "base.pt").read_bytes() == ck
+
+
+def test_a_text_files_documents_split_at_blank_lines_even_with_spaces_and_a_bom(tmp_path):
+    from pretrain import read_documents
+    path = tmp_path / "docs.txt"
+    path.write_text("The owl is calm.\n  \nThe fox sleeps.\r\n\t\r\nThe cat runs.\n\n\n",
+                    encoding="utf-8-sig")
+    assert read_documents(str(path)) == ["The owl is calm.", "The fox sleeps.", "The cat runs."]
 
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")

@@ -588,3 +588,58 @@ def test_a_checkpoint_whose_heads_do_not_divide_its_width_is_one_line(tmp_path):
         runtime.load_model(str(path), "sft")
     msg = str(e.value)
     assert msg.startswith(f"error: {path}: the weights do not fit") and "AssertionError" in msg, msg
+
+
+def test_a_resumed_optimizer_keeps_its_moments_but_takes_this_runs_options():
+    """load_state_dict would bring back the saved run's lr, betas and weight decay: a run resumed with a lower
+    --lr (after a blow-up, say) kept the old one in ppo.py and grpo.py, which never set it again."""
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    old = runtime.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    m(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)))[1].backward()
+    old.step()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ck = {**runtime.training_state(m, old, scaler), "step": 7}
+    new = runtime.configure_optimizer(m, 0.0, 1e-5, (0.8, 0.99), "cpu")
+    assert runtime.restore(ck, m, new, scaler) == 7
+    hyper = [(g["lr"], g["betas"], g["weight_decay"]) for g in new.param_groups]
+    assert hyper == [(1e-5, (0.8, 0.99), 0.0)] * 2
+    p = next(m.parameters())
+    assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])  # the moments did resume
+
+
+def test_cuda_rng_states_saved_on_more_gpus_resume_on_fewer(monkeypatch):
+    got = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", got.append)
+    state = {**runtime.rng_state(), "cuda": ["gpu 0's", "gpu 1's"]}
+    runtime.set_rng_state(state)  # was an IndexError inside torch for the missing cuda:1
+    assert got == [["gpu 0's"]]
+
+
+def test_auto_precision_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on a T4 or V100, which emulate bf16 slowly; without its
+    emulation they get fp16 with the GradScaler, as the option's comment promises."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert runtime.setup("cuda").dtype == "float16"
+
+
+@pytest.mark.parametrize("script", ["reward", "pretrain", "sft"])
+def test_adam_betas_are_checked_by_every_stage_that_has_them(refusal, script, tmp_path):
+    """reward.py took --beta1=1.0, sampled and ranked its comparisons, then stopped in AdamW's traceback."""
+    for bad in ("--beta1=1.0", "--beta2=-0.5"):
+        msg = refusal(script, f"--out_dir={tmp_path}", bad)
+        assert msg == f"error: {bad} is out of range: it must be in [0, 1)", msg
+    assert not os.listdir(tmp_path)
+
+
+def test_gpt2_weights_with_no_head_count_to_guess_are_one_line(tmp_path):
+    sd = M.GPT(M.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8)).state_dict()
+    args = dict(block_size=8, vocab_size=16, n_layer=1, n_head=0, n_embd=8)  # n_embd // 64 guessed 0 heads
+    with pytest.raises(SystemExit, match="^error: w: the weights do not fit its model_args"):
+        runtime.model_from_checkpoint({"model": sd, "model_args": args}, "w")
