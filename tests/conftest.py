@@ -23,3 +23,17 @@ def refusal(monkeypatch, capsys):
         assert printed.out == printed.err == "", (script, args, printed)
         return str(e.value)
     return run
+
+
+@pytest.fixture
+def no_tf32():
+    """Exact fp32 matmuls on CUDA for the test, the flags restored after: runtime.setup() turns TF32 on for the
+    whole process. (monkeypatch cannot undo these: they are properties of torch's backend modules.)"""
+    import torch
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [f.allow_tf32 for f in flags]
+    for f in flags:
+        f.allow_tf32 = False
+    yield
+    for f, value in zip(flags, saved):
+        f.allow_tf32 = value

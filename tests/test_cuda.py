@@ -18,12 +18,6 @@ TINY = dict(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 PROMPTS = [[5] * 33, [1, 2, 3], list(range(20, 40)), [7], list(range(40, 57)), [9, 8, 7, 6, 5, 4]]
 
 
-@pytest.fixture
-def fp32(monkeypatch):  # exact fp32 matmuls: a stage's setup() turns TF32 on for the whole process
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
 def tiny(**kw):
     torch.manual_seed(0)
     return M.GPT(M.GPTConfig(**{**TINY, **kw})).cuda().eval()
@@ -41,13 +35,13 @@ def cache_against_full_forward(m, ctx, seed=3):
     return (lp[:, 1:][sel] - full[sel]).abs().max().item()
 
 
-def test_kv_cache_matches_full_forward_on_cuda_in_fp32(fp32):
+def test_kv_cache_matches_full_forward_on_cuda_in_fp32(no_tf32):
     delta = cache_against_full_forward(tiny(), torch.autocast("cuda", enabled=False))
     print(f"cache vs full forward, fp32, max |delta log-prob|: {delta:.2e}")
     assert delta < 1e-5
 
 
-def test_kv_cache_under_bf16_autocast_stays_within_bf16_rounding(fp32):
+def test_kv_cache_under_bf16_autocast_stays_within_bf16_rounding(no_tf32):
     # bf16 keeps 8 bits of mantissa: logits of a few units round by a few hundredths per matmul, while a
     # wrong key, position or mask moves a log-prob by about its spread over tokens (weights scaled up to make
     # that spread about 1.5)
@@ -101,7 +95,7 @@ def test_ppo_first_minibatch_ratio_under_bf16_is_one_up_to_rounding():
     assert st["ratio"] == pytest.approx(1.0, abs=1e-2) and worst < 0.02 and st["clipfrac"] == 0.0
 
 
-def test_a_checkpoint_written_from_the_gpu_loads_on_a_cpu(tmp_path, fp32):
+def test_a_checkpoint_written_from_the_gpu_loads_on_a_cpu(tmp_path, no_tf32):
     m = tiny()
     path = str(tmp_path / "sft.pt")
     runtime.save_checkpoint(path, {"model": m.state_dict(), "model_args": TINY, "kind": "sft", "step": 1})

@@ -618,14 +618,12 @@ def test_cuda_rng_states_saved_on_more_gpus_resume_on_fewer(monkeypatch):
     assert got == [["gpu 0's"]]
 
 
-def test_auto_precision_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+def test_auto_precision_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch, no_tf32):
     """torch.cuda.is_bf16_supported() is True on a T4 or V100, which emulate bf16 slowly; without its
     emulation they get fp16 with the GradScaler, as the option's comment promises."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert runtime.setup("cuda").dtype == "float16"
 
 
