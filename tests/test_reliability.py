@@ -343,9 +343,10 @@ def test_low_precision_on_a_cpu_without_its_units_warns_in_one_line(monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert rt.dtype == dtype and len(err) == 1  # a warning, not a refusal
     assert err[0].startswith(f"warning: this CPU has no {dtype} units") and "--dtype=float32" in err[0]
-    speeds[torch.float32] = 0.5e9  # a CPU with those units: low precision is the faster, nothing to say
-    runtime.setup("cpu", dtype)
-    assert capsys.readouterr().err == ""
+    low = speeds[getattr(torch, dtype)]
+    for speeds[torch.float32] in (0.5e9, low * 1.05):  # a CPU with those units (AMX): the low
+        runtime.setup("cpu", dtype)  # precision wins, or ties a probe this small (seen: bf16 164, fp32 167)
+        assert capsys.readouterr().err == ""
 
 
 def test_float32_on_a_cpu_times_no_matmul(monkeypatch, capsys):
