@@ -27,8 +27,8 @@ def refusal(monkeypatch, capsys):
 
 @pytest.fixture
 def no_tf32():
-    """Exact fp32 matmuls on CUDA for the test, the flags restored after: runtime.setup() turns TF32 on for the
-    whole process. (monkeypatch cannot undo these: they are properties of torch's backend modules.)"""
+    """Exact fp32 matmuls on CUDA for the test, the flags restored after: runtime.setup() turns TF32 on for
+    the whole process. (monkeypatch cannot undo these: they are properties of torch's backend modules.)"""
     import torch
     flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
     saved = [f.allow_tf32 for f in flags]

@@ -333,7 +333,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     run_main_here(monkeypatch, f"--out_dir={split}", "--batch_size=4", "--minibatch_size=2", "--max_iters=2",
                   "--max_new_tokens=8", "--n_eval=4", "--eval_samples=1", "--resume=True")
     assert "ppo.pt is already at iteration 2 >= --max_iters=2: nothing to train" in capsys.readouterr().out
-    # resumed with a fixed beta (no --target_kl), the run uses that beta, not the one the controller had reached
+    # resumed with a fixed beta (no --target_kl), the run uses that beta, not the controller's last one
     run_ppo(split, "--max_iters=3", "--beta=0.2", "--resume=True")
     assert [json.loads(line)["beta"] for line in open(split / "ppo.jsonl")][2:] == [0.2]
 

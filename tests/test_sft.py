@@ -170,7 +170,8 @@ def test_resume_continues_with_the_same_losses(base_dir, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
     ck = torch.load(tmp_path / "b" / "sft.pt", weights_only=True)
     assert ck["kind"] == "sft" and ck["step"] == 6 and ck["tokenizer"] == "world"
-    assert run(tmp_path / "b", "--resume=True", "--max_iters=7", "--dropout=0.2").returncode == 0  # new options
+    # a new --dropout on resume
+    assert run(tmp_path / "b", "--resume=True", "--max_iters=7", "--dropout=0.2").returncode == 0
     assert torch.load(tmp_path / "b" / "sft.pt", weights_only=True)["model_args"]["dropout"] == 0.2
     # a run started from --init=<GPT-2 weights> compares, once resumed, with those weights, not with base.pt
     ck["config"]["init"] = str(tmp_path / "gpt2")
