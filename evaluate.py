@@ -249,7 +249,8 @@ def check_rows(paths, ref_path, ref_ck, prompts, enc, rm_path=""):
     prompt, or cut every answer of its batch short, after the rows before it were sampled)."""
     longest = max(len(render_prompt(enc, p)) for p in prompts)
     rows = [(p, ("base", "sft", "ppo", "grpo", "dpo")) for p in paths.values() if p not in (None, ref_path)]
-    for path, kinds in [(ref_path, "sft")] + rows + [(rm_path, "reward")] * os.path.isfile(rm_path):
+    rows += [(rm_path, "reward")] if os.path.isfile(rm_path) else []  # it scores every row's answers
+    for path, kinds in [(ref_path, "sft")] + rows:
         ck = ref_ck if path == ref_path else runtime.load_checkpoint(path, kinds)
         if ck.get("tokenizer", "world") != ref_ck.get("tokenizer", "world"):
             raise SystemExit(f"error: {path} uses another tokenizer than the SFT model it is compared with")

@@ -12,7 +12,7 @@ import torch
 from data import world
 from data.chat import render_prompt, render_response, scored_ids
 from data.readers import DataError, read_prompts, row_lines
-from data.tokenizer import ASSISTANT, END, EOT, SYSTEM, USER, special_id
+from data.tokenizer import END, EOT, SPECIALS, special_id
 from model import generate, pad_rows, sequence_logprobs
 
 
@@ -53,7 +53,7 @@ def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k
     callers that train on them (PPO, GRPO) or measure their KL. Any other special token also stops a reply
     (not ended): decoded, a role marker would become plain text, which the reward model and the hidden human
     would read as other tokens than the policy wrote."""
-    stops = tuple(special_id(enc, s) for s in (END, EOT, USER, ASSISTANT, SYSTEM))
+    end, stops = special_id(enc, END), tuple(special_id(enc, s) for s in SPECIALS)
     prompts = [render_prompt(enc, c) for c in conversations]
     seq, attn, gen, logprobs = generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stops,
                                         pad_id=special_id(enc, EOT), generator=generator,
@@ -61,7 +61,7 @@ def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k
     out = []
     for row, g, lps in zip(seq.tolist(), gen.tolist(), logprobs.tolist()):
         ids = [t for t, m in zip(row, g) if m]
-        ended = bool(ids) and ids[-1] == stops[0]
+        ended = bool(ids) and ids[-1] == end
         text_ids = ids[:-1] if ids and ids[-1] in stops else ids
         logprob = sum([lp for lp, m in zip(lps, g) if m][:len(text_ids) + ended])
         out.append({"text": enc.decode(text_ids), "ended": ended, "ids": ids, "logprob": logprob})

@@ -271,8 +271,8 @@ def load_rl_inputs(out_dir, use_rm, rt):
     """An RL stage's frozen inputs, each built by its own stage first when missing (rank 0 builds, the others
     wait): (SFT reference, tokenizer, SFT checkpoint, reward model if use_rm else None, its checkpoint)."""
     sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
-    for path, script in [(sft_path, "sft.py")] + [(rm_path, "reward.py")] * use_rm:
-        if rt.master:
+    if rt.master:
+        for path, script in [(sft_path, "sft.py")] + [(rm_path, "reward.py")] * use_rm:
             ensure_checkpoint(path, script, out_dir)
     if rt.ddp:
         torch.distributed.barrier()
