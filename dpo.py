@@ -334,6 +334,7 @@ def main():
     ref.to(rt.device).eval().requires_grad_(False)
     policy = runtime.model_from_checkpoint(sft_ck, sft_path, dropout=0.0).to(rt.device)
     pad_id, block_size = enc.eot_token, sft_ck["model_args"]["block_size"]
+    rm, rm_ck = runtime.load_reward_model(rm_path, rt.device, sft_ck) if online_rounds else (None, None)
 
     # ---- 3. each distinct answer tokenised (encode) and scored by the reference once; pairs split by prompt
     rows, masks = map(list, zip(*(encode(enc, p, text, ended, block_size) for p, text, ended in responses)))
@@ -362,7 +363,7 @@ def main():
     start = start_round = 0
     if resume:
         ck = runtime.load_checkpoint(ck_path, "dpo")
-        runtime.same_network(ck_path, ck, sft_ck["model_args"])
+        runtime.same_network(ck_path, ck, sft_ck)
         start, start_round = runtime.restore(ck, policy, optimizer, rt.scaler), ck.get("round", 0)
         print(f"resuming from {ck_path} at step {start}, online round {start_round}")
     raw_policy, policy = policy, runtime.wrap(policy, rt, compile)
@@ -402,12 +403,12 @@ def main():
 
     # ---- 6. (departure) online DPO: rounds of fresh answers from the policy, ranked by the reward model
     if online_rounds > start_round:
-        rm, rm_ck = runtime.load_reward_model(rm_path, rt.device)
         prompts = list({json.dumps(p, sort_keys=True): p for (p, *_), v in zip(kept, ~split) if v}.values())
         for rnd in range(start_round, online_rounds):
             answers, round_pairs, mean_score = online_round(
                 raw_policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, online_prompts, online_k,
                 online_pairs, max_new_tokens, no_end_penalty, block_size, seed, watch.lap)
+            runtime.check_finite("dpo", n_iters + rnd * per_round + 1, "--dtype=float32", score=mean_score)
             n_round = torch.tensor(float(len(round_pairs)), device=rt.device)
             if rt.ddp:  # every rank must take the same number of steps: skip the round if one has no pair
                 torch.distributed.all_reduce(n_round, op=torch.distributed.ReduceOp.MIN)
@@ -427,9 +428,8 @@ def main():
                 if rt.master:
                     runtime.append_jsonl(log_path, {"iter": step, "round": rnd + 1, **means, "lr": lr_now,
                                                     "time": time.time() - t0})
-            if rt.master:
+            if rt.master:  # with several processes: the score and the pairs of this process's share
                 save(ck_path, raw_policy, optimizer, rt, config, sft_ck, n_iters, rnd + 1)
-                # (with several processes: the score and the pairs of this process's share)
                 print(f"online round {rnd + 1}/{online_rounds}: {online_prompts} prompts x {online_k} "
                       f"answers, RM score {mean_score:+.3f}, {len(round_pairs)} pairs, loss "
                       f"{means['loss']:.3f}, accuracy {means['accuracy']:.2f}")

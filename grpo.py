@@ -134,7 +134,7 @@ def main():
     rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
     start = 0
     if resume:
-        runtime.same_network(ck_path, ck, sft_ck["model_args"])
+        runtime.same_network(ck_path, ck, sft_ck)
         start = runtime.restore(ck, policy, optimizer, rt.scaler)
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
         if rt.master and start >= max_iters:

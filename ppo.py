@@ -217,7 +217,9 @@ def main():
         "minibatch_size": (lambda v: 1 <= v <= batch_size, "between 1 and --batch_size"),
         "reward": (lambda v: v in ("rm", "gold"), "'rm' or 'gold'"),
         "kl_estimator": (lambda v: v in ("k1", "k3"), "'k1' or 'k3'"),
-        "save_interval": (lambda v: v >= 1, ">= 1")})
+        "save_interval": (lambda v: v >= 1, ">= 1"),  # K_beta = episodes / horizon <= 1: beta stays above 0
+        "kl_horizon": (lambda v: v >= batch_size * int(os.environ.get("WORLD_SIZE", 1)),
+                       ">= --batch_size x processes, so each update moves beta by at most 20 %")})
     if reward == "gold" and prompts:
         raise SystemExit("error: --reward=gold judges the world's language only; drop it with --prompts")
     if target_kl > 0 and beta == 0:  # the controller multiplies beta: from 0 it would never move
@@ -245,7 +247,7 @@ def main():
     rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
     kl_coef, start = beta, 0
     if resume:
-        runtime.same_network(ck_path, ck, sft_ck["model_args"])
+        runtime.same_network(ck_path, ck, sft_ck)
         start = runtime.restore(ck, policy, optimizer, rt.scaler)  # with this run's lr and vf_lr
         kl_coef = ck["kl_coef"] if target_kl > 0 else beta  # an adapted beta resumes; a fixed one is --beta
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)

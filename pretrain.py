@@ -149,8 +149,12 @@ def show_samples(model, enc, n_samples, generator):
     print(f"\nfree text ({fluent:.1%} of {len(sents)} generated sentences pass the fluency check):")
     for t in texts[:3]:
         print("  " + t.replace("\n", "\n  ") + "\n  ---")
-    evals = [p for p in world.prompts("eval") if len(p) == 1][:n_samples]
+    evals = [p for p in world.prompts("eval") if len(p) == 1]
     prompts = [[eot] + enc.encode_ordinary(p[0]["content"] + "\n") for p in evals]
+    fits = [i for i, ids in enumerate(prompts) if len(ids) < model.config.block_size][:n_samples]
+    if not fits:  # a context too short for any instruction and its answer
+        return
+    evals, prompts = [evals[i] for i in fits], [prompts[i] for i in fits]
     seq, _, gen = M.generate(model, prompts, 48, stop_ids=(eot,), pad_id=eot, generator=generator)
     outs = [enc.decode([t for t, m in zip(r, k) if m and t != eot]) for r, k in zip(seq.tolist(),
                                                                                      gen.tolist())]
@@ -167,7 +171,8 @@ def main():
     # ---- 1. options (all checked before anything is read or written), device, precision, tokenizer
     config = runtime.configure(globals(), ranges={
         "max_iters": (lambda v: v >= 1, ">= 1"), "n_samples": (lambda v: v >= 0, ">= 0"),
-        **dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size"), (lambda v: v >= 1, ">= 1")),
+        **dict.fromkeys(("n_layer", "n_head", "n_embd"), (lambda v: v >= 1, ">= 1")),
+        "block_size": (lambda v: v >= 2, ">= 2 (a token to continue and room for the next)"),
         "tokenizer": (lambda v: v in ("world", "gpt2"), "one of world, gpt2")})
     if n_embd % n_head:
         raise SystemExit(f"error: --n_embd={n_embd} must be a multiple of --n_head={n_head}")
@@ -219,14 +224,16 @@ def main():
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
+        loss = 0.0  # the step's mean over its micro-batches: the guard and the log see every one of them
         for micro in range(grad_accum):
             x, y = get_batch(streams["train"], block_size, batch_size, seed, it, micro, rt.rank)
             x, y = x.to(rt.device), y.to(rt.device)
             if rt.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == grad_accum - 1
             with rt.ctx:
-                loss = next_token_loss(model(x)[0], y)
-            rt.scaler.scale(loss / grad_accum).backward()
+                micro_loss = next_token_loss(model(x)[0], y)
+            rt.scaler.scale(micro_loss / grad_accum).backward()
+            loss = loss + micro_loss.detach() / grad_accum
         norm = runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)
         runtime.check_finite("pretrain", it + 1, hint, loss=loss, grad_norm=norm)
         watch.lap("training")

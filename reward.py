@@ -373,7 +373,7 @@ def main():
         start, loss_fn = 0, LOSSES[loss]
         if resume:
             ck = runtime.load_checkpoint(ck_path, "reward")
-            runtime.same_network(ck_path, ck, sft_ck["model_args"])  # another network: one line, no traceback
+            runtime.same_network(ck_path, ck, sft_ck)  # another network: one line, no traceback
             start = runtime.restore(ck, raw_rm, optimizer, rt.scaler)
             lm_w.data.fill_(ck.get("lm_weight", 0.0))
             print(f"resuming from {ck_path} at step {start}")

@@ -110,9 +110,7 @@ def get_lr(it, warmup, max_iters, lr, min_lr):
     """Linear warmup, then cosine decay from lr to min_lr at max_iters."""
     if it < warmup:
         return lr * (it + 1) / (warmup + 1)
-    if it >= max_iters:
-        return min_lr
-    ratio = (it - warmup) / max(1, max_iters - warmup)
+    ratio = min(1.0, (it - warmup) / max(1, max_iters - warmup))  # from max_iters on: min_lr
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 # -----------------------------------------------------------------------------
@@ -203,18 +201,23 @@ def load_model(path, kinds, **overrides):
                          f"is smaller than its tokenizer's ({enc.n_vocab} tokens)")
     return model_from_checkpoint(ckpt, path, **overrides), enc, ckpt
 
-def same_network(path, ckpt, ref_args):
-    """One line if ckpt (read from path) is not the network ref_args describes: a stage that continues from,
-    or compares with, another stage's checkpoint needs the same shape and vocabulary."""
-    keys = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")
-    diff = [f"{k} {ckpt['model_args'].get(k)} vs {ref_args.get(k)}" for k in keys
-            if ckpt["model_args"].get(k) != ref_args.get(k)]
+def same_network(path, ckpt, ref):
+    """One line if ckpt (read from path) is not the network of the checkpoint ref: a stage that continues
+    from, or compares with, another stage's checkpoint needs the same shape, vocabulary and tokenizer."""
+    a, b = ({**c["model_args"], "tokenizer": c.get("tokenizer", "world")} for c in (ckpt, ref))
+    keys = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "tokenizer")
+    diff = [f"{k} {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
     if diff:
         raise SystemExit(f"error: {path} is another network than the SFT model ({', '.join(diff)})")
 
-def load_reward_model(path, device):
-    """(reward model, checkpoint), frozen, in eval mode; one saved mid-training (unnormalised) is one line."""
+def load_reward_model(path, device, sft_ck=None):
+    """(reward model, checkpoint), frozen, in eval mode. One line for a file with no reward head, one saved
+    mid-training (unnormalised), or one of another network than sft_ck's (it scores that model's tokens)."""
     ck = load_checkpoint(path, "reward")
+    if not any("scalar_head." in k for k in ck["model"]):  # load_weights lets a base model's head be new
+        raise SystemExit(f"error: {path} has no reward head (scalar_head): not a reward model")
+    if sft_ck is not None:
+        same_network(path, ck, sft_ck)
     if ck.get("normalised") is False:
         raise SystemExit(f"error: {path} was saved before training finished (not normalised); finish it with "
                          "`python reward.py --resume=True`")
@@ -278,7 +281,7 @@ def load_rl_inputs(out_dir, use_rm, rt):
         torch.distributed.barrier()
     ref, enc, sft_ck = load_model(sft_path, "sft", dropout=0.0)
     ref.to(rt.device).eval().requires_grad_(False)
-    rm, rm_ck = load_reward_model(rm_path, rt.device) if use_rm else (None, None)
+    rm, rm_ck = load_reward_model(rm_path, rt.device, sft_ck) if use_rm else (None, None)
     return ref, enc, sft_ck, rm, rm_ck
 
 def sampler_state(rng):
@@ -294,10 +297,9 @@ def rank_rng_states(rng, rt):
     mine = {"prompts": sampler_state(rng), "torch": torch.get_rng_state()}
     if rt.device_type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(rt.device)
-    if not rt.ddp:
-        return [mine]
-    states = [None] * rt.world_size
-    torch.distributed.all_gather_object(states, mine)
+    states = [mine] * rt.world_size  # one process: its own; under torchrun every slot is filled by the gather
+    if rt.ddp:
+        torch.distributed.all_gather_object(states, mine)
     return states
 
 def set_rank_rng_states(rng, states, rt):
@@ -330,8 +332,7 @@ def start_log(path, resumed_step=None):
 def ensure_checkpoint(path, script, out_dir):
     """A stage's input is missing: say which command makes it, then run that stage with its defaults, in this
     process's directory (so out_dir is the same folder to both): `python ppo.py` works on a fresh clone."""
-    if (os.path.isfile(path)
-            or int(os.environ.get("RANK", 0)) != 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1):
+    if os.path.isfile(path) or int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 builds it
         return
     flag = [f"--out_dir={out_dir}"] if out_dir != "out" else []
     print(f"{path} not found: running `{' '.join(['python', script] + flag)}` to make it")

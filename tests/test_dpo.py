@@ -385,3 +385,27 @@ def test_a_first_line_that_is_not_an_object_is_one_line(tmp_path, first):
     write(path, [first, {"prompt": "Describe the fox.", "chosen": "The fox is red.", "rejected": "Go away."}])
     with pytest.raises(DataError, match=r"prefs\.jsonl:1: "):
         dpo.load_pairs(str(path))
+
+
+def test_a_non_finite_reward_in_an_online_round_stops_the_stage(tmp_path):
+    """A reward model that overflows (fp16 on a card without bf16, say) scores NaN: best_and_worst would then
+    pick pairs by a broken order, or none ("ties"), and train on or skip them without a word."""
+    enc = get_tokenizer("world")
+    args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    torch.manual_seed(0)
+    for kind, a in (("sft", args), ("reward", {**args, "scalar_head": True})):
+        runtime.save_checkpoint(str(tmp_path / f"{kind}.pt"), {
+            "model": M.GPT(M.GPTConfig(**a)).state_dict(), "model_args": a, "config": {}, "kind": kind,
+            "step": 0, "tokenizer": "world", "gain": 1.0, "bias": 0.0})
+    write(tmp_path / "comparisons.jsonl", [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
+                                           "responses": [f"The {a} is red.", "No."], "ended": [True, True],
+                                           "ranking": [0, 1]} for a in ("fox", "cat", "dog", "owl")])
+    flags = [f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2", "--online_rounds=1",
+             "--online_prompts=4", "--online_k=3", "--online_pairs=1", "--max_new_tokens=8"]
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import dpo; real = dpo.reward_scores; "
+            "dpo.reward_scores = lambda *a, **k: real(*a, **k) * float('nan'); "
+            f"sys.argv = ['dpo.py'] + {flags!r}; dpo.main()")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    last = (r.stderr.strip().splitlines() or [""])[-1]
+    assert r.returncode != 0 and last.startswith("error: dpo step 2: score is nan (not finite)"), r.stderr
+    assert "online round 1/1" not in r.stdout  # no update was made from the broken ranking

@@ -142,7 +142,7 @@ def used_dir(tmp_path):
 
 
 BAD_OPTIONS = ["--grad_accum=0", "--batch_size=0", "--lr=-1", "--eval_interval=0", "--max_iters=0",
-               "--eval_iters=0", "--n_head=0", "--n_embd=30", "--block_size=0", "--beta1=-0.1",
+               "--eval_iters=0", "--n_head=0", "--n_embd=30", "--block_size=1", "--beta1=-0.1",
                "--dropout=1.0", "--tokenizer=bpe", "--n_samples=-1", "--device=gpu"]
 
 
@@ -216,3 +216,50 @@ def test_streams_of_exactly_one_window_train_and_evaluate(tmp_path):
     corpus.write_text(doc_of(32, enc) + "\n\n" + doc_of(32, enc))  # block_size + 1 tokens per stream
     log = run([f"--data={corpus}", "--max_iters=1", "--eval_interval=1"], tmp_path / "out")
     assert len(log) == 1 and math.isfinite(log[0]["val_loss"])
+
+
+PATCHED = """
+import json, sys
+sys.path.insert(0, {root!r})
+import pretrain
+real, calls = pretrain.next_token_loss, []
+def recorded(logits, y):  # each micro-batch's (and held-out batch's) loss; a step's first NaN if asked
+    loss = real(logits, y)
+    calls.append(loss.item())
+    return loss * float("nan") if {nan} and len(calls) % 2 == 1 else loss
+pretrain.next_token_loss = recorded
+sys.argv = ["pretrain.py"] + {args!r}
+pretrain.main()
+print("CALLS", json.dumps(calls))
+"""
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_a_step_checks_and_logs_the_mean_of_its_micro_batches(used_dir, nan):
+    """With --grad_accum=2 the log and the non-finite guard see both micro-batches, not only the last one: a
+    NaN in the first stops the stage even under fp16, whose GradScaler would skip that step without a word."""
+    args = [f"--out_dir={used_dir}", *TINY, f"--data={used_dir / 'corpus.txt'}", "--grad_accum=2",
+            "--max_iters=2", "--eval_interval=2"] + ["--dtype=float16"] * nan
+    r = subprocess.run([sys.executable, "-c", PATCHED.format(root=ROOT, nan=nan, args=args)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    if nan:
+        assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
+            "error: pretrain step 1: loss is nan (not finite)"), r.stderr[-2000:]
+        return
+    assert r.returncode == 0, r.stderr[-2000:]
+    calls = json.loads(r.stdout.split("CALLS")[-1])
+    log = [json.loads(line) for line in open(used_dir / "pretrain.jsonl")]
+    means = [(calls[0] + calls[1]) / 2, (calls[2] + calls[3]) / 2]  # then the held-out batch
+    assert [row["loss"] for row in log] == pytest.approx(means)
+
+
+def test_a_short_context_shows_only_the_instructions_that_fit(tmp_path):
+    """The end-of-run samples skip eval instructions too long for --block_size (generate refuses a prompt that
+    fills the context): the run ends normally instead of with a traceback after its checkpoint."""
+    args = ["--block_size=8", "--n_layer=1", "--n_head=1", "--n_embd=8", "--max_iters=1", "--eval_iters=1",
+            "--batch_size=2", "--n_samples=4"]
+    r = subprocess.run([sys.executable, "pretrain.py", f"--out_dir={tmp_path}", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    shown = re.search(r"does not answer \d+% of (\d+)", r.stdout)
+    assert shown and 1 <= int(shown.group(1)) <= 4, r.stdout[-2000:]

@@ -36,7 +36,8 @@ BAD_OPTIONS = (  # each script's --device=tpu runs in a new python: test_a_bad_o
        ("pretrain", "--max_iters=0"), ("evaluate", "--samples=0"), ("chat", "--temperature=-1"),
        ("ppo", "--cliprange=0"), ("dpo", "--label_smoothing=0.5"), ("reward", "--K=1"),
        ("sft", "--dropout=1.5"), ("grpo", "--group_size=1"), ("grpo", "--baseline=ppo"),
-       ("grpo", "--adv_eps=0"), ("grpo", "--minibatch_size=999")]
+       ("grpo", "--adv_eps=0"), ("grpo", "--minibatch_size=999"),
+       ("ppo", "--kl_horizon=100")]  # below --batch_size (128): one controller update could flip beta's sign
     + [(s, "--dtype=float64") for s in SCRIPTS]
     + [(s, "--max_new_tokens=0") for s in ("sft", "reward", "ppo", "grpo", "dpo", "evaluate", "chat")]
     + [(s, "--seed=-1") for s in SCRIPTS] + [("chat", f"--seed={2 ** 32}"), ("ppo", f"--seed={2 ** 31}")]
@@ -156,6 +157,26 @@ def test_a_damaged_sft_checkpoint_stops_a_later_stage_in_one_line(tmp_path, refu
         before = snapshot(d)
         message = refusal(stage, f"--out_dir={d}", "--max_iters=1")
         assert message.startswith(f"error: {d / 'sft.pt'}") and "\n" not in message, (stage, name, message)
+        assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "dpo"])
+def test_a_reward_model_that_cannot_score_the_sft_models_answers_is_one_line(tmp_path, refusal, stage):
+    """reward.pt of another tokenizer than sft.pt (it would score ids that mean other text: noise), or with
+    no reward head (a constant score): one line before any training, nothing touched."""
+    d = tmp_path / "out"
+    d.mkdir()
+    save_tiny(d / "sft.pt", "sft")
+    ranking = {"prompt": [{"role": "user", "content": "Describe the owl."}], "ranking": [0, 1],
+               "responses": ["The owl is kind.", "No."], "ended": [True, True]}
+    (d / "comparisons.jsonl").write_text(json.dumps(ranking) + "\n")
+    for weights, changes, why in [("reward", {"tokenizer": "gpt2"}, "is another network than the SFT model "
+                                   "(tokenizer gpt2 vs world)"), ("sft", {}, "has no reward head")]:
+        ck = save_tiny(d / "reward.pt", weights, **changes)  # "sft": a language model saved as a reward model
+        runtime.save_checkpoint(str(d / "reward.pt"), {**ck, "kind": "reward"})
+        before = snapshot(d)
+        message = refusal(stage, f"--out_dir={d}", "--max_iters=1", *["--online_rounds=1"] * (stage == "dpo"))
+        assert message.startswith(f"error: {d / 'reward.pt'} {why}") and "\n" not in message, message
         assert snapshot(d) == before
 
 
