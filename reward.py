@@ -324,9 +324,11 @@ def main():
         "K": (lambda v: v >= 2, ">= 2: a labeler ranks several answers")})
     if not train and bon <= 0:
         sys.exit("error: nothing to do with --train=False and --bon=0 (add --bon=16 to use out/reward.pt)")
-    rt = runtime.setup(device, dtype, seed)
     sft_path, cmp_path, ck_path, log_path = (os.path.join(out_dir, f) for f in
                                              ("sft.pt", "comparisons.jsonl", "reward.pt", "reward.jsonl"))
+    # a file to read is read first: a bad one is one line before a missing SFT model is built
+    comps = file_comparisons(data, cmp_path) if train and (data or not collect or resume) else None
+    rt = runtime.setup(device, dtype, seed)
     runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)  # builds sft.pt if missing (rank 0 only)
     if rt.ddp:
         torch.distributed.barrier()
@@ -337,9 +339,7 @@ def main():
 
     if train:
         # ---- 1. comparisons: K answers per prompt from SFT, ranked by a labeler (or pairs from a file)
-        if data or not collect or resume:
-            comps = file_comparisons(data, cmp_path)
-        else:
+        if comps is None:
             gen = torch.Generator(device=rt.device).manual_seed(seed + rt.rank)
             pool = world.prompts("train", contexts=contexts)[:n_prompts or None]
             comps = collect_comparisons(policy, enc, pool, rt, gen, K, max_new_tokens, temperature,
@@ -431,7 +431,7 @@ def main():
                         (gain, bias), {**metrics, "time": time.time() - t0})
             watch.report("reward", last="scoring all & report")  # every answer: the normalisation
     elif rt.master:  # --train=False: the normalised reward model on disk, for best-of-N
-        raw_rm, ck = runtime.load_reward_model(ck_path, rt.device)
+        raw_rm, ck = runtime.load_reward_model(ck_path, rt.device, sft_ck)
         gain, bias, lm_weight = ck["gain"], ck["bias"], ck.get("lm_weight", 0.0)
 
     # ---- 5. best-of-N (rejection sampling) on held-out prompts: the RM picks, the hidden human judges

@@ -1,8 +1,7 @@
 """
 What every stage needs around the network, nanoGPT style: device, precision (autocast, GradScaler) and DDP;
-the one optimizer step and the learning-rate schedule; checkpoints (atomic, weights_only, never non-finite)
-and RNG state; a stopwatch; `--name=value` config; JSONL logs; building a missing stage; the non-finite guard.
-"""
+the one optimizer step and learning-rate schedule; checkpoints (atomic, weights_only, never non-finite) and
+RNG state; a stopwatch; `--name=value` config; JSONL logs; building a missing stage; the non-finite guard."""
 import ast
 import json
 import math
@@ -35,20 +34,21 @@ def setup(device="auto", dtype="auto", seed=1337):
         device = ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
                   else "cpu")
     device_type = device.split(":")[0]
-    if (device_type == "cuda" and int(device[5:] or 0) >= torch.cuda.device_count()
-            or device_type == "mps" and not torch.backends.mps.is_available()):  # else torch fails much later
-        raise SystemExit(f"error: --device={device} is not available on this machine; try --device=auto")
     if ddp and device_type == "cuda":
         device = f"cuda:{local_rank}"  # one process per GPU
-        torch.cuda.set_device(device)
+    if (device_type == "cuda" and int(device[5:] or 0) >= torch.cuda.device_count()
+            or device_type == "mps" and not torch.backends.mps.is_available()):  # else torch fails much later
+        raise SystemExit(f"error: --device={device} is not available on this machine; try --device=auto"
+                         + " and at most one process per GPU" * ddp)
+    if device_type == "cuda":  # the current GPU: synchronize() and the bf16 check below read that one
+        torch.cuda.set_device(int(device[5:] or 0))  # ("cuda" alone is not an index to set_device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 (Ampere+)
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     if dtype == "auto":
         dtype = ("float32" if device_type != "cuda"  # bf16 only where the card has bf16 units (Ampere on)
                  else "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if device_type == "cuda":  # TF32: free speed on Ampere+
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # autocast runs matmuls in low precision and keeps reductions in fp32; fp16 also needs loss scaling
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))

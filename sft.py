@@ -136,15 +136,19 @@ def load_base(init, base_path, dropout):
         model = runtime.model_from_checkpoint(ckpt, base_path, dropout=dropout)
         return model, ckpt["model_args"], ckpt.get("tokenizer", "world")
     gpt2 = runtime.load_gpt2(init, dropout=dropout)
-    # GPT-2 knows 50257 tokens; our chat markers (<|user|> ...) are new rows of the tied embedding, started at
-    # the mean embedding so their first logits are ordinary rather than random
-    n_vocab = get_tokenizer("gpt2").n_vocab
-    sd = gpt2.state_dict()
+    # GPT-2 knows 50257 tokens, <|endoftext|> the last; our chat markers (<|user|> ...) take the rows after
+    # it: new rows of the tied embedding, or rows of a table padded past them (nanoGPT's has 50304), started
+    # at the mean embedding so their first logits are ordinary rather than random
+    enc = get_tokenizer("gpt2")
+    known, sd = enc.eot_token + 1, gpt2.state_dict()
     sd.pop("lm_head.weight")  # the same tensor as wte (tied)
     wte = sd.pop("transformer.wte.weight")
-    new_rows = wte.mean(0, keepdim=True).repeat(n_vocab - wte.size(0), 1)
-    sd["transformer.wte.weight"] = torch.cat([wte, new_rows])
-    args = {**dataclasses.asdict(gpt2.config), "vocab_size": n_vocab}
+    if wte.size(0) < known:
+        raise SystemExit(f"error: {init}: an embedding of {wte.size(0)} tokens, fewer than GPT-2's {known}")
+    table = torch.cat([wte, wte.new_zeros(max(0, enc.n_vocab - wte.size(0)), wte.size(1))])
+    table[known:enc.n_vocab] = wte[:known].mean(0)
+    sd["transformer.wte.weight"] = table
+    args = {**dataclasses.asdict(gpt2.config), "vocab_size": table.size(0)}
     return runtime.load_weights(M.GPT(M.GPTConfig(**args)), sd), args, "gpt2"
 
 

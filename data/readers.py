@@ -41,6 +41,8 @@ def _rows(path):
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: invalid JSON: {e.msg} at column {e.colno}") from None
+        except RecursionError:  # a line of thousands of nested brackets
+            raise DataError(f"{path}:{n}: invalid JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
         rows.append((n, obj))

@@ -36,6 +36,12 @@ def test_invalid_json(tmp_path):
         read_messages(p)
 
 
+def test_json_nested_too_deeply_is_one_line(tmp_path):
+    p = write(tmp_path, GOOD, "[" * 100_000)  # json.loads raises RecursionError, not a JSONDecodeError
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:2: invalid JSON: nested too deeply$"):
+        read_messages(p)
+
+
 def test_not_an_object(tmp_path):
     p = write(tmp_path, GOOD, "[1, 2]")
     with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:2: expected a JSON object"):

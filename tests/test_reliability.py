@@ -278,6 +278,23 @@ def test_a_device_this_machine_lacks_is_one_line(refusal, tmp_path, monkeypatch)
     assert runtime.setup("cpu").device == "cpu"
 
 
+def test_the_chosen_gpu_is_made_current_and_torchrun_needs_one_per_process(monkeypatch, no_tf32):
+    """--device=cuda:N becomes the current GPU (synchronize() and the bf16 check read the current one), and a
+    torchrun process with no GPU of its own is one line, not CUDA's "invalid device ordinal" traceback. CUDA
+    is stood in: two GPUs, set_device recorded."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert runtime.setup("cuda:1", "float32").device == "cuda:1" and chosen == [1]
+    for name, value in {"RANK": "2", "LOCAL_RANK": "2", "WORLD_SIZE": "3"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match="^error: --device=cuda:2 is not available on this machine; try "
+                                         "--device=auto and at most one process per GPU$"):
+        runtime.setup("auto", "float32")
+    assert chosen == [1]
+
+
 def test_a_prompt_file_with_a_prompt_too_long_for_the_model_names_its_line(tmp_path):
     from data.chat import render_prompt
     from rollout import prompts_fit, training_prompts
@@ -646,6 +663,7 @@ def test_auto_precision_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch, no
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     assert runtime.setup("cuda").dtype == "float16"
 
 

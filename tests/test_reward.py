@@ -429,3 +429,29 @@ def test_resume_from_another_network_is_one_line(tiny_sft, refusal):
     got = refusal("reward", f"--out_dir={tiny_sft}", "--resume=True", "--max_iters=4")
     path = tiny_sft / "reward.pt"
     assert got == f"error: {path} is another network than the SFT model (n_embd 16 vs 32)", got
+
+
+@pytest.mark.parametrize("flags", [["--data=BAD"], ["--collect=False"], ["--resume=True"]])
+def test_a_bad_comparisons_file_is_one_line_before_a_missing_sft_model_is_built(tmp_path, refusal, flags):
+    """The file is read first: on a fresh out_dir a bad --data (or a missing comparisons.jsonl) once stopped
+    only after pretrain.py and sft.py had run for minutes and written their checkpoints."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hi", "chosen": "a"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    got = refusal("reward", f"--out_dir={out}", *[f.replace("BAD", str(bad)) for f in flags])
+    missing = f"error: {out / 'comparisons.jsonl'} not found"  # --collect=False and --resume reuse it
+    assert got.startswith(f"error: {bad}:1:" if "--data=BAD" in flags else missing) and "\n" not in got, got
+    assert os.listdir(out) == []  # no stage was built
+
+
+def test_best_of_n_with_a_reward_model_of_another_tokenizer_is_one_line(tiny_sft, refusal):
+    """--train=False --bon reads reward.pt as it is: one made for another tokenizer would rank the SFT model's
+    answers by ids that mean other text."""
+    args = {**torch.load(tiny_sft / "sft.pt", weights_only=True)["model_args"], "scalar_head": True}
+    runtime.save_checkpoint(str(tiny_sft / "reward.pt"), {
+        "model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args, "kind": "reward", "step": 1,
+        "tokenizer": "gpt2", "gain": 1.0, "bias": 0.0})
+    got = refusal("reward", f"--out_dir={tiny_sft}", "--train=False", "--bon=2")
+    path = tiny_sft / "reward.pt"
+    assert got == f"error: {path} is another network than the SFT model (tokenizer gpt2 vs world)", got

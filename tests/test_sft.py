@@ -352,3 +352,31 @@ def test_micro_steps_and_ranks_past_a_field_width_draw_their_own_batches():
     assert not torch.equal(draw(0, 64, 0), draw(1, 0, 0))
     assert not torch.equal(draw(0, 0, 1024), draw(0, 1, 0))
     assert torch.equal(draw(3, 2, 1), draw(3, 2, 1))  # and the same key, the same batch: resume is exact
+
+
+@pytest.mark.parametrize("rows", [257, 304, 100])
+def test_gpt2_weights_give_the_chat_markers_rows_at_the_mean_embedding(monkeypatch, rows):
+    """--init: the markers take the rows after <|endoftext|>, appended to GPT-2's table or inside one padded
+    past them (nanoGPT's 50304 rows was a traceback); a table smaller than GPT-2's vocabulary is one line.
+    Offline here, so a stand-in tokenizer knows 257 tokens (<|endoftext|> 256), the markers 257..260."""
+    import tiktoken
+    import sft
+    from data.tokenizer import PAT, SPECIALS
+    base = tiktoken.Encoding(name="gpt2", pat_str=PAT, mergeable_ranks={bytes([b]): b for b in range(256)},
+                             special_tokens={EOT: 256})
+    enc = tiktoken.Encoding(name="gpt2-chat", pat_str=PAT, mergeable_ranks=base._mergeable_ranks,
+                            special_tokens={EOT: 256, **{s: 257 + i for i, s in enumerate(SPECIALS[1:])}})
+    monkeypatch.setattr(sft, "get_tokenizer", lambda name: enc)
+    torch.manual_seed(0)
+    gpt2 = M.GPT(M.GPTConfig(block_size=16, vocab_size=rows, n_layer=1, n_head=2, n_embd=8))
+    monkeypatch.setattr(runtime, "load_gpt2", lambda path, **kw: gpt2)
+    if rows < 257:
+        with pytest.raises(SystemExit, match="^error: gpt2dir: an embedding of 100 tokens, fewer than GPT-2"):
+            sft.load_base("gpt2dir", None, 0.0)
+        return
+    model, args, name = sft.load_base("gpt2dir", None, 0.0)
+    wte, old = model.transformer.wte.weight.detach(), gpt2.transformer.wte.weight.detach()
+    assert name == "gpt2" and args["vocab_size"] == wte.size(0) == max(rows, 261)
+    torch.testing.assert_close(wte[:257], old[:257])  # GPT-2's own rows are kept
+    torch.testing.assert_close(wte[257:261], old[:257].mean(0).expand(4, -1))  # the markers: the mean
+    torch.testing.assert_close(wte[261:], old[261:])  # the padding past them is left as it was
