@@ -86,6 +86,10 @@ def test_a_twin_of_sft_draws_its_own_answers_not_sfts(tmp_path, monkeypatch):
     texts = {n: [s["text"] for s in res[n]["samples"]] for n in ("sft", "twin")}
     assert texts["sft"] != texts["twin"]
     assert res["twin"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the same network: the stream differs, not pi
+    # its win rate pairs each of its answers with SFT's answer to the same prompt, counted by hand here
+    golds = [(a["gold"], b["gold"]) for a, b in zip(res["twin"]["samples"], res["sft"]["samples"])]
+    by_hand = sum(1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5 for a, b in golds) / len(golds)
+    assert len(golds) == 4 and res["twin"]["win_vs_sft"] == pytest.approx(by_hand)
 
 
 def test_gold_at_equal_kl_is_read_off_the_frontier():

@@ -354,10 +354,14 @@ def test_scalar_head_and_ignored_loss():
     mask = torch.ones_like(x)
     mask[0, :4] = 0
     r = m.scalar_head(m.hidden(x, mask)).squeeze(-1)  # the head on the trunk's hidden states
-    assert r.shape == (3, 12) and r.dtype == torch.float32 and r.abs().max() < 1e-3
+    assert r.shape == (3, 12) and r.dtype == torch.float32 and r.abs().max() < 1e-3  # a fresh head says 0
+    torch.nn.init.normal_(m.scalar_head.weight)  # a head that reads the states, so the next check can fail
+    m.eval()  # (dropout off: the two passes below must see the same states)
+    r = m.scalar_head(m.hidden(x, mask)).squeeze(-1)
     logits, loss, values = m(x, attention_mask=mask, return_values=True)  # one trunk pass for both heads
-    assert loss is None and logits.shape == (3, 12, 97)
-    torch.testing.assert_close(values, r)
+    assert loss is None and logits.shape == (3, 12, 97) and r.abs().max() > 0.1
+    torch.testing.assert_close(values, r, atol=1e-6, rtol=0)
+    m.train()
     _, loss = m(x, torch.full_like(x, -1))
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()

@@ -212,3 +212,11 @@ def test_rankings_follow_plackett_luce():
     firsts = [w.rank(p, rs, rng)[0] for _ in range(4000)]
     for i, u in enumerate(us):
         assert firsts.count(i) / 4000 == pytest.approx(math.exp(u / w.LABELER_TAU) / z, abs=0.03)
+
+
+def test_win_rate_by_hand():
+    """Ties (within 1e-9) count half; the interval is 1.96 x the outcomes' standard error (sample variance).
+    Outcomes 1, 1/2, 0, 1/2: p = 1/2, variance (1/4 + 0 + 1/4 + 0) / 3 = 1/6, half-width 1.96 sqrt(1/24)."""
+    p, half = w.win_rate([1.0, 0.5, 0.2, 0.7], [0.5, 0.5 + 1e-12, 0.9, 0.7])
+    assert p == 0.5 and half == pytest.approx(1.96 * (1 / 24) ** 0.5)
+    assert w.win_rate([0.9, 0.8, 0.7], [0.1, 0.2, 0.3]) == (1.0, 0.0)  # always better: no spread
