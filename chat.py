@@ -124,7 +124,12 @@ def main():
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        out = reply(model, enc, history, len(opening), g, rt.ctx, *sampling, show_tokens)
+        try:
+            out = reply(model, enc, history, len(opening), g, rt.ctx, *sampling, show_tokens)
+        except KeyboardInterrupt:  # Ctrl-C while it answers: the message is taken back, the chat goes on
+            history.pop()
+            print("\n(interrupted: not answered)")
+            continue
         if out is not None:
             print(out)
 

@@ -121,6 +121,12 @@ def read_jsonl(path):
     return rows
 
 
+def sampling_setup():
+    """What a frontier point was measured with: a sweep run and this report's rows share the frontier only if
+    they answered the same prompts with the same sampling (else the points belong to no one evaluation)."""
+    return [prompts or "world", samples, temperature, max_new_tokens, seed]
+
+
 def run_sweep(rt, eval_prompts, rm_path):
     """Train each method at several betas from the same SFT, reward model and comparisons; evaluate each."""
     # writes comparisons.jsonl too
@@ -150,7 +156,8 @@ def run_sweep(rt, eval_prompts, rm_path):
                 raise SystemExit(f"error: {' '.join(args)} failed; see {d}/train.log")
         if not extra:
             r = evaluate(rt, {method: os.path.join(d, f"{method}.pt")}, eval_prompts, rm_path)[method]
-            results.append({"stage": method, "beta": b, "gold": r["gold"], "kl": r["kl"]})
+            results.append({"stage": method, "beta": b, "gold": r["gold"], "kl": r["kl"],
+                            "setup": sampling_setup()})
             print(f"  gold {r['gold']:.3f}, KL {r['kl']:.2f}", flush=True)
     with open(os.path.join(root, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -280,14 +287,15 @@ def checkpoints_to_compare(rm_path):
     return paths
 
 
-def write_report(results, order, prompts, fig_dir):
+def write_report(results, order, evals, fig_dir):
     """out_dir/report.md: the table, where the gold is lost, sample conversations, figures."""
     label = {"bon": f"best-of-{bon}"}
+    where = (f"prompts from {prompts} (the hidden human knows the world's language only: read gold and win "
+             "rate with care)") if prompts else "held-out prompts"
     lines = ["# Evaluation report", "",
-             f"{len(prompts)} held-out prompts x {samples} samples each (temperature {temperature}, "
-             f"seed {seed}). Gold is the hidden human's utility as a fraction of ideal "
-             "(ideal answers score 1.0); the win rate is against an SFT answer to the same prompt, "
-             "ties counting half, with a 95% interval.", "",
+             f"{len(evals)} {where} x {samples} samples each (temperature {temperature}, seed {seed}). Gold "
+             "is the hidden human's utility as a fraction of ideal (ideal answers score 1.0); the win rate "
+             "is against an SFT answer to the same prompt, ties counting half, with a 95% interval.", "",
              "| model | gold (of ideal) | win rate vs SFT | KL(pi ‖ SFT) nats | RM score | fluency "
              "| ends turn |",
              "|---|---|---|---|---|---|---|"]
@@ -304,7 +312,7 @@ def write_report(results, order, prompts, fig_dir):
         lines.append(f"| {label.get(n, n)} | "
                      + " | ".join(f"{results[n]['missing'][k]:.3f}" for k in world.WEIGHTS) + " |")
     lines += ["", "## Sample conversations", ""]
-    for i in range(min(3, len(prompts))):
+    for i in range(min(3, len(evals))):
         p = results["sft"]["samples"][i]["prompt"]
         lines += ["**" + " / ".join(f"{m['role']}: {m['content']}" for m in p) + "**", ""]
         for n in order:
@@ -325,15 +333,18 @@ def draw_figures(results, fig_dir):
     lines = []
     sw_path = os.path.join(out_dir, "sweep", "results.json")
     sw = json.load(open(sw_path)) if os.path.isfile(sw_path) else []
+    # this report's rows join the sweep's points only if they are the default runs (no --ckpt), measured alike
+    ours = {} if ckpt or any(r.get("setup") != sampling_setup() for r in sw) else results
     if sw:
-        series = [("SFT", [0.0], [results["sft"]["gold"]], "black", False)]
-        if "bon" in results:
-            series.append((f"best-of-{bon}", [results["bon"]["kl"]], [results["bon"]["gold"]], "gray", False))
+        series = [("SFT", [0.0], [ours["sft"]["gold"]], "black", False)] if ours else []
+        if "bon" in ours:  # its KL is the bound, not a measurement
+            series.append((f"best-of-{bon} (KL bound)", [ours["bon"]["kl"]], [ours["bon"]["gold"]], "gray",
+                           False))
         frontier = {}  # each method's (KL, gold): its sweep runs and, when evaluated above, its default run
         for stage, color in (("ppo", "#1f77b4"), ("dpo", "#ff7f0e"), ("grpo", "#2ca02c"),
                              ("rloo", "#9467bd")):
             pts = [(r["kl"], r["gold"]) for r in sw if r["stage"] == stage]
-            pts += [(results[stage]["kl"], results[stage]["gold"])] if stage in results else []
+            pts += [(ours[stage]["kl"], ours[stage]["gold"])] if stage in ours else []
             if pts:
                 frontier[stage] = pts = sorted(pts)
                 series.append((stage.upper(), [p[0] for p in pts], [p[1] for p in pts], color, True))
@@ -341,8 +352,11 @@ def draw_figures(results, fig_dir):
                      "KL(pi || SFT), nats per answer", "gold (fraction of ideal)", series)
         lines += [f"![frontier](figures/{f})", ""]
         lines += [f"- {r['stage']} beta={r['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}"
-                  for r in sw] + [f"- {s} default: gold {results[s]['gold']:.3f}, KL {results[s]['kl']:.2f}"
-                                  for s in frontier if s in results] + [""]
+                  for r in sw] + [f"- {s} default: gold {ours[s]['gold']:.3f}, KL {ours[s]['kl']:.2f}"
+                                  for s in frontier if s in ours] + [""]
+        if not ours:
+            lines += ["(The rows above are not drawn here: other checkpoints, prompts or sampling than the "
+                      "sweep's.)", ""]
         kls = [0.5, 1.0, 1.5, 2.0, 3.0]  # gold at equal KL: which method buys more gold per nat
         lo, hi = max(min(pts)[0] for pts in frontier.values()), min(max(pts)[0] for pts in frontier.values())
         if lo <= hi:  # the KL every method's runs cover: the one place all of them can be compared

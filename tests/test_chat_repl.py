@@ -171,3 +171,24 @@ def test_the_latest_stage_includes_grpo_and_rloo(tmp_path, stage3):
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / stage3)
     (tmp_path / "ppo.pt").write_bytes(b"")  # PPO, the InstructGPT stage, still comes first
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "ppo.pt")
+
+
+def test_ctrl_c_while_it_answers_takes_the_message_back_and_the_chat_goes_on(tmp_path):
+    """Ctrl-C during a reply (a KeyboardInterrupt out of the sampler) was a traceback that ended the chat."""
+    save_tiny(tmp_path / "sft.pt", "sft")
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import chat; real, calls = chat.respond, []\n"
+            "def respond(*a, **k):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) == 1:\n"
+            "        raise KeyboardInterrupt\n"
+            "    return real(*a, **k)\n"
+            f"chat.respond = respond\nsys.argv = ['chat.py', '--out_dir={tmp_path}', '--max_new_tokens=8', "
+            "'--show_tokens=True']\nchat.main()\n")
+    said = "Describe the owl.\nDescribe the cat.\n/quit\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=said, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "(interrupted: not answered)" in r.stdout
+    first, second = shown_prompts(r.stdout)
+    assert first == "<|endoftext|><|user|>Describe the owl.<|end|><|assistant|>"
+    assert second == "<|endoftext|><|user|>Describe the cat.<|end|><|assistant|>"  # the owl was taken back

@@ -33,6 +33,8 @@ def test_report_numbers_add_up(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout[r.stdout.index("\n{") + 1:])["sft"]
+    head = (tmp_path / "report.md").read_text().splitlines()[2]  # the user's prompts are not held-out ones
+    assert head.startswith(f"3 prompts from {prompts} (the hidden human knows the world"), head
     assert res["win_vs_sft"] == pytest.approx(0.5)  # against itself every pair is a tie
     assert res["n"] == 12 and res["kl"] == 0.0
     # the per-component losses are the gold utility's own decomposition: they add up to 1 - gold
@@ -106,26 +108,52 @@ def test_the_frontier_has_every_method_and_its_default_run(tmp_path, monkeypatch
     import evaluate
     monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
     (tmp_path / "sweep").mkdir()
-    sweep = [{"stage": s, "beta": 0.1, "gold": g, "kl": kl}
+    sweep = [{"stage": s, "beta": 0.1, "gold": g, "kl": kl, "setup": evaluate.sampling_setup()}
              for s, g, kl in (("ppo", 0.80, 1.0), ("dpo", 0.85, 2.0), ("grpo", 0.7, 0.5), ("rloo", 0.9, 3.0))]
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(sweep))
     results = {"sft": {"gold": 0.7, "kl": 0.0}, "ppo": {"gold": 0.9, "kl": 2.0},
                "bon": {"gold": 0.88, "kl": 1.8}}
     lines = evaluate.draw_figures(results, str(tmp_path / "figures"))
     svg = (tmp_path / "figures" / "frontier.svg").read_text()
-    assert all(name in svg for name in ("PPO", "DPO", "GRPO", "RLOO", "best-of-16", "SFT"))
+    assert all(f">{name}</text>" in svg for name in ("PPO", "DPO", "GRPO", "RLOO", "SFT"))  # the legend
     assert "- ppo default: gold 0.900, KL 2.00" in lines
     # PPO's frontier is its sweep run (1.0, 0.80) and its default run (2.0, 0.90): at KL 1.5, 0.85; the
     # other methods have one run each, so only their own KL has a value
     assert "| 1.5 | 0.850 |  |  |  |" in lines and "| 2 | 0.900 | 0.850 |  |  |" in lines
+    assert "best-of-16 (KL bound)" in svg  # drawn at ln N - (N-1)/N, an upper bound, not a measured KL
+
+
+@pytest.mark.parametrize("differs", [("prompts", "mine.jsonl"), ("samples", 2), ("temperature", 0.7),
+                                     ("ckpt", "x/sft.pt,y/ppo.pt"), ("legacy", None)])
+def test_rows_measured_unlike_the_sweep_stay_off_its_frontier(tmp_path, monkeypatch, differs):
+    """A frontier point is a (KL, gold) pair of one evaluation: this report's rows join the sweep's only if
+    they are the default runs answering the same prompts with the same sampling (or the sweep's file says
+    nothing of how it was measured: a sweep written before it did)."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    (tmp_path / "sweep").mkdir()
+    sweep = [{"stage": "ppo", "beta": 0.1, "gold": 0.8, "kl": 1.0, "setup": evaluate.sampling_setup()},
+             {"stage": "ppo", "beta": 0.2, "gold": 0.85, "kl": 0.5, "setup": evaluate.sampling_setup()}]
+    name, value = differs
+    if name == "legacy":
+        sweep = [{k: v for k, v in r.items() if k != "setup"} for r in sweep]
+    else:
+        monkeypatch.setattr(evaluate, name, value)
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(sweep))
+    results = {"sft": {"gold": 0.7, "kl": 0.0}, "ppo": {"gold": 0.5, "kl": 2.0}}
+    lines = evaluate.draw_figures(results, str(tmp_path / "figures"))
+    assert not any(line.startswith("- ppo default") for line in lines)
+    assert "| 2 |  |" in lines and "| 0.5 | 0.850 |" in lines  # PPO's frontier: the sweep's two runs only
+    assert any("not drawn here" in line for line in lines)
+    assert ">SFT</text>" not in (tmp_path / "figures" / "frontier.svg").read_text()  # no legend entry
 
 
 def test_the_equal_kl_table_has_the_kl_every_method_covers(tmp_path, monkeypatch):
     import evaluate
     monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
     (tmp_path / "sweep").mkdir()
-    sweep = [{"stage": "ppo", "beta": 0.1, "gold": 0.8, "kl": 1.0},
-             {"stage": "dpo", "beta": 0.1, "gold": 0.7, "kl": 0.6}]
+    sweep = [{"stage": "ppo", "beta": 0.1, "gold": 0.8, "kl": 1.0, "setup": evaluate.sampling_setup()},
+             {"stage": "dpo", "beta": 0.1, "gold": 0.7, "kl": 0.6, "setup": evaluate.sampling_setup()}]
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(sweep))
     results = {"sft": {"gold": 0.6, "kl": 0.0}, "ppo": {"gold": 0.9, "kl": 1.4},
                "dpo": {"gold": 0.8, "kl": 1.6}}
@@ -274,6 +302,7 @@ def test_the_sweep_runs_the_scripts_beside_it_from_any_directory(tmp_path, monke
         [os.path.join(ROOT, "ppo.py"), f"--out_dir={os.path.join(sweep, 'ppo_beta0.1')}", "--beta=0.1"],
         [os.path.join(ROOT, "grpo.py"), "--baseline=rloo", f"--out_dir={os.path.join(sweep, 'rloo_beta0.2')}",
          "--beta=0.2"]]
+    setup = evaluate.sampling_setup()  # how the points were measured: a report may join them only if alike
     assert json.loads((tmp_path / sweep / "results.json").read_text()) == [
-        {"stage": "ppo", "beta": 0.1, "gold": 0.8, "kl": 1.0},
-        {"stage": "rloo", "beta": 0.2, "gold": 0.8, "kl": 1.0}]
+        {"stage": "ppo", "beta": 0.1, "gold": 0.8, "kl": 1.0, "setup": setup},
+        {"stage": "rloo", "beta": 0.2, "gold": 0.8, "kl": 1.0, "setup": setup}]
