@@ -183,7 +183,7 @@ def file_comparisons(data, cmp_path):
             return [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ended": [True, True],
                      "ranking": [0, 1]} for p in read_preferences(data)]
         if not os.path.isfile(cmp_path):
-            sys.exit(f"error: {cmp_path} not found; run with --collect=True to sample comparisons")
+            sys.exit(f"error: {cmp_path} not found; a run with --collect=True, not --resume, samples them")
         comps = read_comparisons(cmp_path)
     except DataError as e:
         sys.exit(f"error: {e}")

@@ -425,8 +425,8 @@ def configure(g, argv=None, ranges=None):
         old = g[name]
         try:
             new = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            new = raw  # a bare word: fine for a str option, a type error for the others
+        except (ValueError, SyntaxError):  # a bare word: a str option's value, a bool's true/false, or wrong
+            new = {"true": True, "false": False}.get(raw.lower(), raw) if isinstance(old, bool) else raw
         seq = isinstance(old, (tuple, list)) and isinstance(new, (tuple, list))
         t = type(old[0]) if seq and old and all(type(v) is type(old[0]) for v in old) else None
         if isinstance(old, str) and not isinstance(new, str):

@@ -208,12 +208,15 @@ def main():
     n_val = max(1, len(convs) // 20)
     train_rows = [sft_example(enc, c, block_size) for c in convs[:-n_val]]
     val_rows = [sft_example(enc, c, block_size) for c in convs[-n_val:]]
+    n_tok = sum(sum(t != -1 for t in y) for _, y in train_rows)
+    if n_tok == 0:  # every reply cut off: the run would learn nothing, yet replace sft.pt
+        raise SystemExit(f"error: {data or 'the demonstrations'}: no assistant token of the training "
+                         f"conversations fits in block_size={block_size}; shorter ones, or a longer context")
 
     # ---- 5. training: minimise L_SFT, a held-out loss and a checkpoint every eval_interval steps
     if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
         runtime.start_log(log_path, start if resume else None)
     if rt.master:
-        n_tok = sum(sum(t != -1 for t in y) for _, y in train_rows)
         print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} "
               f"training conversations ({n_tok:,} assistant tokens), {len(val_rows)} held out, "
               f"{batch_size * grad_accum * rt.world_size} conversations per step, device {rt.device}, "

@@ -327,6 +327,10 @@ def test_configure_overrides():
     with pytest.raises(SystemExit, match="--name=value"):
         runtime.configure(g(), ["max_iters=5"])
     assert runtime.configure(g(), ["--compile"])["compile"] is True  # a bare flag sets a bool option
+    for word, value in [("true", True), ("FALSE", False)]:  # as a shell user writes it: any case
+        assert runtime.configure(g(), [f"--compile={word}"])["compile"] is value
+    with pytest.raises(SystemExit, match="--compile expects bool, got str 'yes'"):
+        runtime.configure(g(), ["--compile=yes"])
     for bare in ["--max_iters", "--device", "compile"]:  # ... and nothing else
         with pytest.raises(SystemExit, match="--name=value"):
             runtime.configure(g(), [bare])

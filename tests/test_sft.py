@@ -209,6 +209,21 @@ def test_bad_data_file_is_one_clear_line_and_nothing_is_written(base_dir, tmp_pa
     assert not os.path.exists(tmp_path / "sft.pt") and not os.path.exists(tmp_path / "sft.jsonl")
 
 
+def test_conversations_too_long_to_learn_anything_are_one_line_and_nothing_is_touched(used_dir):
+    """Every reply cut off by block_size: the run trained at loss 0 on no token and replaced sft.pt."""
+    long = {"messages": [{"role": "user", "content": "Describe the owl. " * 40},
+                         {"role": "assistant", "content": "The owl is calm."}]}
+    path = used_dir / "long.jsonl"
+    path.write_text((json.dumps(long) + "\n") * 20)
+    before = files_of(used_dir)
+    r = run(used_dir, f"--data={path}")
+    last = (r.stderr.strip().splitlines() or [""])[-1]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert last == (f"error: {path}: no assistant token of the training conversations fits in block_size=64; "
+                    "shorter ones, or a longer context"), last
+    assert files_of(used_dir) == before
+
+
 def files_of(d):
     """{name: sha256} of every file in d: what a failed run must leave exactly as it was."""
     return {p: hashlib.sha256(open(os.path.join(d, p), "rb").read()).hexdigest()
