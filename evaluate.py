@@ -435,7 +435,8 @@ def main():
     # ---- 4. the report and its figures
     lines = write_report(results, order, eval_prompts, os.path.join(out_dir, "figures"))
     print("\n".join(lines[:6 + len(order)]))
-    print(f"\nwrote {os.path.join(out_dir, 'report.md')} and figures in {os.path.join(out_dir, 'figures')}")
+    fig_dir = os.path.join(out_dir, "figures")  # empty without a sweep or the stages' logs
+    print(f"\nwrote {os.path.join(out_dir, 'report.md')} and {len(os.listdir(fig_dir))} figures in {fig_dir}")
     watch.report("evaluate", last="report & figures")
     if json_out:
         print(json.dumps({n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()},

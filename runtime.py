@@ -417,8 +417,8 @@ def configure(g, argv=None, ranges=None):
     for arg in sys.argv[1:] if argv is None else argv:
         if arg.startswith("--") and arg[2:] in keys and isinstance(g[arg[2:]], bool):
             arg += "=True"  # a bare --flag switches a bool option on: --sweep means --sweep=True
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: arguments must look like --name=value, got {arg!r}")
+        if not arg.startswith("--") or "=" not in arg:  # --help too: the line lists every option
+            raise SystemExit(f"error: {arg!r} is not --name=value; valid options: {', '.join(keys)}")
         name, raw = arg[2:].split("=", 1)
         if name not in keys:
             raise SystemExit(f"error: unknown option --{name}; valid options: {', '.join(keys)}")

@@ -33,6 +33,7 @@ def test_report_numbers_add_up(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout[r.stdout.index("\n{") + 1:])["sft"]
+    assert f"and 0 figures in {tmp_path / 'figures'}" in r.stdout  # no sweep and no logs here: none drawn
     head = (tmp_path / "report.md").read_text().splitlines()[2]  # the user's prompts are not held-out ones
     assert head.startswith(f"3 prompts from {prompts} (the hidden human knows the world"), head
     assert res["win_vs_sft"] == pytest.approx(0.5)  # against itself every pair is a tie

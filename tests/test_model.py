@@ -326,6 +326,9 @@ def test_configure_overrides():
             runtime.configure(g(), [bad])
     with pytest.raises(SystemExit, match="--name=value"):
         runtime.configure(g(), ["max_iters=5"])
+    listed = "valid options: max_iters, lr, compile, device, betas, init$"  # what --help asks for
+    with pytest.raises(SystemExit, match=r"^error: '--help' is not --name=value; " + listed):
+        runtime.configure(g(), ["--help"])
     assert runtime.configure(g(), ["--compile"])["compile"] is True  # a bare flag sets a bool option
     for word, value in [("true", True), ("FALSE", False)]:  # as a shell user writes it: any case
         assert runtime.configure(g(), [f"--compile={word}"])["compile"] is value
