@@ -106,7 +106,8 @@ def main():
                     *sampling, show_tokens)
         print(out if out is not None else "")
         raise SystemExit(0 if out is not None else 1)
-    print(f"chatting with {path} ({ck['kind']}, step {ck.get('step', '?')}); /reset clears the conversation, "
+    kind = ck.get("config", {}).get("baseline", "grpo") if ck["kind"] == "grpo" else ck["kind"]  # or rloo
+    print(f"chatting with {path} ({kind}, step {ck.get('step', '?')}); /reset clears the conversation, "
           "/quit exits")
     history = list(opening)
     while True:

@@ -137,6 +137,8 @@ def main():
         runtime.same_network(ck_path, ck, sft_ck)
         start = runtime.restore(ck, policy, optimizer, rt.scaler)
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
+        if rt.master and start < max_iters:
+            print(f"resuming from {ck_path} at iteration {start}")
         if rt.master and start >= max_iters:
             print(f"{ck_path} is already at iteration {start} >= --max_iters={max_iters}: nothing to train "
                   "(raise --max_iters to continue); evaluating it")

@@ -251,6 +251,8 @@ def main():
         start = runtime.restore(ck, policy, optimizer, rt.scaler)  # with this run's lr and vf_lr
         kl_coef = ck["kl_coef"] if target_kl > 0 else beta  # an adapted beta resumes; a fixed one is --beta
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
+        if rt.master and start < max_iters:
+            print(f"resuming from {ck_path} at iteration {start}")
         if rt.master and start >= max_iters:
             print(f"{ck_path} is already at iteration {start} >= --max_iters={max_iters}: nothing to train "
                   "(raise --max_iters to continue); evaluating it")

@@ -51,6 +51,9 @@ def test_second_turn_sees_the_first_and_reset_forgets(tmp_path):
                    "/quit\n")
     assert r.returncode == 0, r.stderr
     assert f"chatting with {tmp_path / 'sft.pt'} (sft, step 7)" in r.stdout
+    save_tiny(tmp_path / "rloo.pt", "grpo", config={"baseline": "rloo"})  # RLOO is written by grpo.py
+    rloo = chat(f"--out_dir={tmp_path}", stdin="/quit\n").stdout
+    assert f"chatting with {tmp_path / 'rloo.pt'} (rloo, step 7)" in rloo, rloo
     first, second, third = shown_prompts(r.stdout)
     assert first == "<|endoftext|><|user|>Describe the owl.<|end|><|assistant|>"
     # the second prompt is the first, the model's reply, then the new message: the history was kept

@@ -183,6 +183,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert run_grpo(split, "--baseline=rloo", "--max_iters=1").returncode == 0  # "killed" after iteration 1
     r = run_grpo(split, "--baseline=rloo", "--max_iters=2", "--resume=True")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {split / 'rloo.pt'} at iteration 1" in r.stdout
     a, b = (runtime.load_checkpoint(str(d / "rloo.pt"), "grpo") for d in (whole, split))
     assert a["step"] == b["step"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     rows = [[{k: v for k, v in json.loads(line).items() if k != "time"} for line in open(d / "rloo.jsonl")]

@@ -321,7 +321,8 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     run_ppo(split, "--max_iters=1", "--target_kl=1")  # "killed" after iteration 1 (its checkpoint is saved)
     with open(split / "ppo.jsonl", "a") as f:
         f.write('{"iter": 2, "score": 0.0}\n{"iter": 3, "sc')  # logged after the checkpoint, the last row cut
-    run_ppo(split, "--max_iters=2", "--target_kl=1", "--resume=True")
+    r = run_ppo(split, "--max_iters=2", "--target_kl=1", "--resume=True")
+    assert f"resuming from {split / 'ppo.pt'} at iteration 1" in r.stdout
     a, b = (runtime.load_checkpoint(str(d / "ppo.pt"), "ppo") for d in (whole, split))
     assert a["step"] == b["step"] == 2 and a["kl_coef"] == b["kl_coef"]
     for k in a["model"]:
