@@ -42,9 +42,9 @@ seed = 1234                # sampling seed: every model answers the same prompts
                            # (SFT, the reference of the win rate, with the next seed's)
 device = "auto"
 dtype = "auto"
-samples = 8                # answers per prompt and model: the win rate's interval shrinks as
-                           # 1/sqrt(prompts x samples), and a few samples per prompt let two runs of the
-                           # same model read very differently
+samples = 8                # answers per prompt and model: a few samples per prompt let two runs of the
+                           # same model read very differently; the win rate's interval is clustered by
+                           # prompt, so more samples narrow it only as far as one prompt's answers differ
 max_new_tokens = 48
 temperature = 1.0
 bon = 16                   # best-of-N baseline from SFT with the reward model (0 = skip)
@@ -199,7 +199,8 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
             lap("scoring")
         if name == "sft":
             sft_golds = [s["gold"] for s in res["samples"]]
-        res["win_vs_sft"], res["win_ci"] = world.win_rate([s["gold"] for s in res["samples"]], sft_golds)
+        res["win_vs_sft"], res["win_ci"] = world.win_rate(  # the interval clusters answers by prompt
+            [s["gold"] for s in res["samples"]], sft_golds, [repr(s["prompt"]) for s in res["samples"]])
         # where the gold is lost: WEIGHTS[k] * (1 - component k), averaged; the parts add up to 1 - gold
         comps = [world.gold_components(s["prompt"], s["text"], s["ended"]) for s in res["samples"]]
         res["missing"] = {k: sum(w * (1 - c[k]) for c in comps) / len(comps)
@@ -295,7 +296,8 @@ def write_report(results, order, evals, fig_dir):
     lines = ["# Evaluation report", "",
              f"{len(evals)} {where} x {samples} samples each (temperature {temperature}, seed {seed}). Gold "
              "is the hidden human's utility as a fraction of ideal (ideal answers score 1.0); the win rate "
-             "is against an SFT answer to the same prompt, ties counting half, with a 95% interval.", "",
+             "is against an SFT answer to the same prompt, ties counting half, with a 95% interval "
+             "clustered by prompt.", "",
              "| model | gold (of ideal) | win rate vs SFT | KL(pi ‖ SFT) nats | RM score | fluency "
              "| ends turn |",
              "|---|---|---|---|---|---|---|"]

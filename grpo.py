@@ -6,7 +6,8 @@ a group of G answers to the same prompt and use the group itself as the baseline
 reward model, same prompts and the same held-out evaluation as ppo.py, so the two can be compared by the
 hidden human.
 
-GRPO (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300, eq. 3 with outcome supervision):
+GRPO (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300, eq. 3 with outcome supervision;
+the KL estimator is its eq. 4):
     A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)       the same for every token of answer i
     J = E[ 1/G sum_i 1/|o_i| sum_t ( min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) - beta D_KL,t ) ]
     D_KL,t = pi_ref/pi - log(pi_ref/pi) - 1                     (k3 estimator, in the loss, not the reward)
@@ -94,10 +95,11 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
     """The negative of GRPO's objective, Shao et al. 2024 eq. 3 (https://arxiv.org/abs/2402.03300):
         per token  -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta * (pi_ref/pi - log(pi_ref/pi) - 1)
     averaged over each answer's tokens (1/|o_i|), then over the answers. logp, old_logp, ref_logp,
-    mask (B, T); adv (B,), one advantage per answer. rho_t = pi / pi_old; the KL term is the k3 estimator
-    of KL(pi || ref), in the loss rather than in the reward. Its value estimates KL(pi || ref), but on tokens
-    from pi its gradient is E_pi[(1 - ref/pi) grad log pi] = grad KL(ref || pi), the other direction (Tang &
-    Munos 2025, arXiv 2506.09477). beta = 0 leaves the clipped policy-gradient loss alone (RLOO)."""
+    mask (B, T); adv (B,), one advantage per answer. rho_t = pi / pi_old; the KL term is the k3
+    estimator of KL(pi || ref) (eq. 4), in the loss rather than in the reward. Its value estimates
+    KL(pi || ref), but on tokens from pi its gradient is E_pi[(1 - ref/pi) grad log pi] = grad KL(ref || pi),
+    the other direction (Tang & Munos 2025, arXiv 2506.09477). beta = 0 leaves the clipped policy-gradient
+    loss alone (RLOO)."""
     adv = adv[:, None]
     ratio = torch.exp(torch.where(mask > 0, logp - old_logp, 0.0))  # exactly 1 off the answer
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - cliprange, 1 + cliprange) * adv)
@@ -160,7 +162,7 @@ def main():
         # pi_old is the policy that sampled: generate recorded its log-probs (fp32), so no second pass. Under
         # autocast the training pass rounds differently, and the first ratio is 1 only to that rounding
         old_logp = sampled_logp[:, 1:]  # (B, L-1): index t scores seq[:, t+1], 0 off the answer
-        with torch.no_grad(), rt.ctx:
+        with torch.no_grad():  # fp32 like pi_old, outside autocast: else the KL at pi = ref is rounding noise
             ref_logp = M.sequence_logprobs(ref, seq, attn, temperature)
         ended = torch.tensor([r["ended"] for r in replies], dtype=torch.float, device=rt.device)
         watch.lap("scoring")

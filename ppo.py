@@ -217,7 +217,8 @@ def main():
         "minibatch_size": (lambda v: 1 <= v <= batch_size, "between 1 and --batch_size"),
         "reward": (lambda v: v in ("rm", "gold"), "'rm' or 'gold'"),
         "kl_estimator": (lambda v: v in ("k1", "k3"), "'k1' or 'k3'"),
-        "save_interval": (lambda v: v >= 1, ">= 1"),  # K_beta = episodes / horizon <= 1: beta stays above 0
+        "save_interval": (lambda v: v >= 1, ">= 1"),
+        # K_beta = episodes / horizon <= 1: one update moves beta by at most 20 %, so it stays above 0
         "kl_horizon": (lambda v: v >= batch_size * int(os.environ.get("WORLD_SIZE", 1)),
                        ">= --batch_size x processes, so each update moves beta by at most 20 %")})
     if reward == "gold" and prompts:

@@ -169,7 +169,8 @@ def sample_kl(logprobs, ref, seq, attn_mask, gen_mask, temperature=1.0):
     """Monte-Carlo KL(policy || ref) per sequence, (B,) fp32: the sum over sampled response tokens of
     log pi(y_t) - log ref(y_t) (the k1 estimator; unbiased because the tokens were sampled from policy).
     logprobs (B, L) are the policy's own, recorded by generate while it sampled seq: only ref runs here. At
-    temperature 0 (greedy) generate records temperature-1 log-probs (model.sample): so are ref's."""
+    temperature 0 (greedy) generate records temperature-1 log-probs (model.sample), and so are ref's; greedy
+    tokens are not draws from pi, so there the sum is only a distance along the greedy answer, not a KL."""
     lr = sequence_logprobs(ref, seq, attn_mask, temperature or 1.0)  # (B, L-1): index t scores seq[:, t+1]
     return ((logprobs[:, 1:] - lr) * gen_mask[:, 1:]).sum(1)
 
@@ -206,7 +207,8 @@ def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator
     SFT (ties count half, 95% interval) and KL(policy || SFT) on its own samples; returns the numbers."""
     sft_res = score(sft, enc, prompts, max_new_tokens, generator=generator, lap=lap)
     res = score(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft, lap=lap)
-    rate, ci = world.win_rate([s["gold"] for s in res["samples"]], [s["gold"] for s in sft_res["samples"]])
+    rate, ci = world.win_rate([s["gold"] for s in res["samples"]], [s["gold"] for s in sft_res["samples"]],
+                              [repr(s["prompt"]) for s in res["samples"]])  # clustered by prompt
     for who, r in (("sft", sft_res), (name, res)):
         print(f"  {who}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, "
               f"fluency {r['fluency']:.1%}")

@@ -611,14 +611,22 @@ def rank(messages, responses, rng, ended=None, tau=LABELER_TAU):
     return sorted(range(len(responses)), key=lambda i: -keys[i])
 
 
-def win_rate(golds_a, golds_b):
+def win_rate(golds_a, golds_b, groups=None):
     """How often a beats b under the hidden human (ties count half), with a 95% normal-approximation interval
-    half-width: (rate, half_width)."""
+    half-width: (rate, half_width). groups: one key per pair, the prompt it answers. Answers to the same
+    prompt are not independent (an easy prompt is won by every sample), so the variance is the clustered
+    one, G/(G-1) * sum_g (sum of g's outcomes - n_g * rate)^2 / n^2 over the G prompts; with every pair its
+    own group (groups=None) it is the usual s^2 / n. One prompt (or one pair) shows no spread: 0."""
     outcomes = [1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5 for a, b in zip(golds_a, golds_b)]
     n = len(outcomes)
     p = sum(outcomes) / n
-    var = sum((o - p) ** 2 for o in outcomes) / max(1, n - 1)
-    return p, 1.96 * math.sqrt(var / n)
+    resid = {}
+    for i, o in enumerate(outcomes):
+        key = i if groups is None else groups[i]
+        resid[key] = resid.get(key, 0.0) + o - p
+    g = len(resid)
+    var = g / max(1, g - 1) * sum(r * r for r in resid.values()) / n ** 2
+    return p, 1.96 * math.sqrt(var)
 
 
 if __name__ == "__main__":  # print the world's vital statistics

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import runtime
+from data import world  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 from test_reliability import time_split  # noqa: E402
 
@@ -83,16 +84,22 @@ def test_a_twin_of_sft_draws_its_own_answers_not_sfts(tmp_path, monkeypatch):
                                    "kind": "sft", "step": 0, "config": {}, "tokenizer": "world"})
     for name, value in (("samples", 4), ("max_new_tokens", 8), ("bon", 0)):
         monkeypatch.setattr(evaluate, name, value)
+    monkeypatch.setattr(world, "gold", lambda p, text, ended: len(text) % 5 / 5)  # a random net: no ties
     rt = runtime.setup("cpu", "float32", 0)
-    prompts = [[{"role": "user", "content": "Describe the cat."}]]
+    prompts = [[{"role": "user", "content": f"Describe the {x}."}] for x in ("cat", "dog")]
     res = evaluate.evaluate(rt, {"sft": path, "twin": path}, prompts, str(tmp_path / "no_reward.pt"))
     texts = {n: [s["text"] for s in res[n]["samples"]] for n in ("sft", "twin")}
     assert texts["sft"] != texts["twin"]
     assert res["twin"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the same network: the stream differs, not pi
     # its win rate pairs each of its answers with SFT's answer to the same prompt, counted by hand here
     golds = [(a["gold"], b["gold"]) for a, b in zip(res["twin"]["samples"], res["sft"]["samples"])]
-    by_hand = sum(1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5 for a, b in golds) / len(golds)
-    assert len(golds) == 4 and res["twin"]["win_vs_sft"] == pytest.approx(by_hand)
+    wins = [1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5 for a, b in golds]
+    p = sum(wins) / len(wins)
+    assert len(golds) == 8 and res["twin"]["win_vs_sft"] == pytest.approx(p)
+    # its interval treats the 4 answers to a prompt as one cluster: 2 prompts, variance 2 x sum of squared
+    # per-prompt residual sums / 8^2
+    sums = [sum(o - p for o, s in zip(wins, res["twin"]["samples"]) if s["prompt"] == q) for q in prompts]
+    assert res["twin"]["win_ci"] == pytest.approx(1.96 * (2 * sum(r * r for r in sums) / 64) ** 0.5)
 
 
 def test_gold_at_equal_kl_is_read_off_the_frontier():

@@ -133,6 +133,16 @@ def test_smoke_run_of_each_baseline(tmp_path, baseline):
     assert {"sampling", "scoring", "hidden human", "training"} <= set(time_split(r.stdout, baseline))
 
 
+def test_under_bf16_autocast_the_kl_compares_fp32_with_fp32(tmp_path):
+    """pi_old's log-probs come from the fp32 sampler, so the reference's must be fp32 too: under bf16
+    autocast RLOO's KL penalty at pi = ref would otherwise be rounding noise, not 0."""
+    make_stage_checkpoints(tmp_path)
+    r = run_grpo(tmp_path, "--baseline=rloo", "--max_iters=1", "--dtype=bfloat16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(open(tmp_path / "rloo.jsonl").readline())
+    assert row["length"] > 1 and abs(row["kl"]) < 1e-5
+
+
 def test_own_prompts_and_a_bad_prompts_file(tmp_path):
     make_stage_checkpoints(tmp_path)
     good = tmp_path / "prompts.jsonl"
@@ -194,7 +204,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert "rloo.pt is already at iteration 2 >= --max_iters=2: nothing to train" in r.stdout
 
 
-def test_the_k3_term_in_the_loss_has_the_gradient_of_the_reverse_kl():
+def test_the_k3_term_in_the_loss_has_the_gradient_of_kl_ref_to_pi():
     """Differentiated on tokens from pi, GRPO's k3 term has the gradient E_pi[(1 - ref/pi) grad log pi] =
     grad KL(ref || pi), not grad KL(pi || ref): exact expectations over a 5-token vocabulary."""
     from test_ppo import categorical

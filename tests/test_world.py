@@ -220,3 +220,15 @@ def test_win_rate_by_hand():
     p, half = w.win_rate([1.0, 0.5, 0.2, 0.7], [0.5, 0.5 + 1e-12, 0.9, 0.7])
     assert p == 0.5 and half == pytest.approx(1.96 * (1 / 24) ** 0.5)
     assert w.win_rate([0.9, 0.8, 0.7], [0.1, 0.2, 0.3]) == (1.0, 0.0)  # always better: no spread
+
+
+def test_win_rate_clusters_answers_to_the_same_prompt():
+    """Outcomes 1, 1, 0, 0: p = 1/2. As four independent pairs the variance is (4 x 1/4) / 3 / 4 = 1/12; as
+    two prompts (a: 1, 1; b: 0, 0) the residual sums are +1 and -1, variance 2/1 x 2 / 16 = 1/4: the interval
+    is wider, since the prompt decides the outcome. Split the other way (a: 1, 0; b: 1, 0)
+    the prompts agree."""
+    a, b = [0.9, 0.9, 0.1, 0.1], [0.5] * 4
+    assert w.win_rate(a, b)[1] == pytest.approx(1.96 * (1 / 12) ** 0.5)
+    assert w.win_rate(a, b, ["a", "a", "b", "b"]) == (0.5, pytest.approx(1.96 * 0.5))
+    assert w.win_rate(a, b, ["a", "b", "b", "a"]) == (0.5, 0.0)
+    assert w.win_rate(a, b, [0, 1, 2, 3]) == w.win_rate(a, b)  # a prompt per pair: the plain one
