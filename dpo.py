@@ -150,7 +150,7 @@ def load_pairs(path):
         first = next((line for line in f if line.strip()), "")
     try:
         ranked = isinstance(obj := json.loads(first), dict) and "ranking" in obj  # 5, null: the reader says
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         ranked = False  # let the reader report the bad line
     responses, pairs = [], []
     if ranked:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 import torch
+from tqdm import tqdm
 
 import runtime
 from data import world
@@ -113,12 +114,12 @@ def gold_at_kl(points, kl):
 def read_jsonl(path):
     """A stage's log rows; a line a kill cut short (a run never resumed) is skipped, not fatal."""
     rows = []
-    for line in open(path) if os.path.isfile(path) else []:
+    for line in open(path, errors="replace") if os.path.isfile(path) else []:  # a damaged byte: its line
         try:
             rows.append(json.loads(line))
         except ValueError:
             pass
-    return rows
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def sampling_setup():
@@ -138,8 +139,7 @@ def run_sweep(rt, eval_prompts, rm_path):
               "rloo": ["grpo.py", "--baseline=rloo"]}
     betas = {"ppo": ppo_betas, "dpo": dpo_betas, "grpo": grpo_betas, "rloo": rloo_betas}
     runs = [(m, b, []) for m in sweep_methods for b in betas[m]]
-    # over-optimisation
-    if hack_iters:
+    if hack_iters:  # over-optimisation: beta = 0, trained longer
         runs.append(("ppo", 0.0, [f"--max_iters={hack_iters}", "--n_eval=16", "--eval_samples=1"]))
     results = []
     for method, b, extra in runs:
@@ -176,7 +176,9 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
         rm, rm_ck = runtime.load_reward_model(rm_path, rt.device)
     evals = prompts * samples
     results = {}
-    for name in ["sft"] + [n for n in paths if n != "sft"]:
+    bar = tqdm(["sft"] + [n for n in paths if n != "sft"], desc="evaluate", unit="model")
+    for name in bar:
+        bar.set_postfix_str(name)
         # the same prompts for everyone, and the same random stream for every model but the reference:
         # sampling is inverse-CDF, so with SFT's own stream a policy close to SFT would draw SFT's very
         # answers, and the win rate would count ties instead of comparing two independent answers
@@ -323,7 +325,7 @@ def write_report(results, order, evals, fig_dir):
                          + ("" if s["ended"] else " *(never ended its turn)*"))
         lines.append("")
     lines += ["## Figures", ""] + draw_figures(results, fig_dir)
-    with open(os.path.join(out_dir, "report.md"), "w") as fh:
+    with open(os.path.join(out_dir, "report.md"), "w", errors="backslashreplace") as fh:  # a lone surrogate
         fh.write("\n".join(lines) + "\n")
     return lines
 
@@ -391,8 +393,7 @@ def draw_figures(results, fig_dir):
         x = list(range(1, len(rows) + 1))
         series = [(a, x, [r.get(a) for r in rows], "#1f77b4", True)]
         pts = [(i, r[b]) for i, r in zip(x, rows) if r.get(b) is not None]
-        if pts:
-            series.append((b, [p[0] for p in pts], [p[1] for p in pts], "#d62728", True))
+        series += [(b, [p[0] for p in pts], [p[1] for p in pts], "#d62728", True)] if pts else []
         f = svg_plot(os.path.join(fig_dir, f"{stage}.svg"), f"{stage} training", "logged step", "value",
                      series)
         lines += [f"![{stage}](figures/{f})", ""]

@@ -113,6 +113,7 @@ def main():
     # ---- 0. options (checked before anything is read or written), models, optimizer, resume
     config = runtime.configure(globals(), ranges={
         "baseline": (lambda v: v in ("grpo", "rloo"), "'grpo' or 'rloo'"),
+        "max_iters": (lambda v: v >= 1, ">= 1"),
         "reward": (lambda v: v in ("rm", "gold"), "'rm' or 'gold'"),
         "group_size": (lambda v: v >= 2, ">= 2 (the baseline is the rest of the group)"),
         "group_prompts": (lambda v: v >= 1, ">= 1"),

@@ -215,7 +215,7 @@ def main():
     # ---- 0. options (checked before anything is read or written), models, optimizer, resume
     config = runtime.configure(globals(), ranges={
         "minibatch_size": (lambda v: 1 <= v <= batch_size, "between 1 and --batch_size"),
-        "reward": (lambda v: v in ("rm", "gold"), "'rm' or 'gold'"),
+        "reward": (lambda v: v in ("rm", "gold"), "'rm' or 'gold'"), "max_iters": (lambda v: v >= 1, ">= 1"),
         "kl_estimator": (lambda v: v in ("k1", "k3"), "'k1' or 'k3'"),
         "save_interval": (lambda v: v >= 1, ">= 1"),
         # K_beta = episodes / horizon <= 1: one update moves beta by at most 20 %, so it stays above 0

@@ -34,8 +34,7 @@ def setup(device="auto", dtype="auto", seed=1337):
         device = ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
                   else "cpu")
     device_type = device.split(":")[0]
-    if ddp and device_type == "cuda":
-        device = f"cuda:{local_rank}"  # one process per GPU
+    device = f"cuda:{local_rank}" if ddp and device_type == "cuda" else device  # one process per GPU
     if (device_type == "cuda" and int(device[5:] or 0) >= torch.cuda.device_count()
             or device_type == "mps" and not torch.backends.mps.is_available()):  # else torch fails much later
         raise SystemExit(f"error: --device={device} is not available on this machine; try --device=auto"
@@ -126,8 +125,7 @@ def save_checkpoint(path, ckpt):
     full, read-only directory) removes its temp file, keeps the old checkpoint and stops with one line."""
     if isinstance(ckpt.get("model"), dict):
         ckpt = {**ckpt, "model": clean_state_dict(ckpt["model"])}
-        bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and v.is_floating_point()
-               and not torch.isfinite(v).all()]
+        bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
         if bad:
             raise SystemExit(f"error: refusing to write {path}: {len(bad)} tensors are not finite "
                              f"({bad[0]}, ...); the last good checkpoint is kept")
@@ -185,12 +183,15 @@ def load_weights(model, sd):
 
 def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
     """GPT built from ckpt['model_args'] (updated with overrides, e.g. dropout=0.0, scalar_head=True); a
-    checkpoint whose arguments or weights do not fit is one line naming path."""
+    checkpoint whose arguments or weights do not fit, or whose weights hold a NaN or inf, is one line."""
     try:
-        return load_weights(GPT(GPTConfig(**{**ckpt["model_args"], **overrides})), ckpt["model"])
+        model = load_weights(GPT(GPTConfig(**{**ckpt["model_args"], **overrides})), ckpt["model"])
     except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as e:  # 0 heads
         raise SystemExit(f"error: {path}: the weights do not fit its model_args "  # an assert may say nothing
                          f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
+    if not all(torch.isfinite(v).all() for v in model.state_dict().values()):  # it would answer nothing
+        raise SystemExit(f"error: {path} holds NaN or inf weights: not a usable model")
+    return model
 
 def load_model(path, kinds, **overrides):
     """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (dropout=0.0)."""
@@ -241,8 +242,7 @@ def seeded_generator(*key):  # seeded by a hash of the whole key: no two (seed, 
 
 def set_rng_state(d):
     set_sampler_state(random, d["python"])
-    keys, pos, has_gauss, cached = d["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state(("MT19937", d["numpy"][0].numpy().astype(np.uint32), *d["numpy"][1:]))  # pos, gauss
     torch.set_rng_state(d["torch"])
     if "cuda" in d and torch.cuda.is_available():  # saved on a machine with more GPUs: the first ones
         torch.cuda.set_rng_state_all(d["cuda"][:torch.cuda.device_count()])
@@ -319,7 +319,7 @@ def start_log(path, resumed_step=None):
     if not os.path.exists(path):
         return
     keep = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # a damaged byte costs its line, not the run
         for line in f:
             try:
                 if json.loads(line)["iter"] <= resumed_step:
@@ -402,8 +402,8 @@ RANGES = {  # shared options' valid ranges (a stage adds its own via configure),
                     (lambda v: 0 <= v < 1, "in [0, 1)")),
     **dict.fromkeys(("cliprange", "cliprange_value"), (lambda v: 0 < v < 1, "in (0, 1)")),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "contexts": (lambda v: v >= 2, ">= 2"),
-    "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2**31)"),  # numpy takes seed + rank, below 2**32
     "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2**31)"),  # numpy takes seed + rank, below 2**32
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16, float16"),
     "device": (lambda v: v in ("auto", "cpu", "mps", "cuda") or v.startswith("cuda:") and v[5:].isdigit(),
                "one of auto, cpu, cuda, cuda:N, mps"),

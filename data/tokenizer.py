@@ -95,11 +95,14 @@ def save_ranks(ranks: dict[bytes, int], path) -> None:
 
 
 def load_ranks(path) -> dict[bytes, int]:
+    """token -> rank from a file of "base64-token rank" lines; ValueError if they are not a BPE's ranks."""
     ranks = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError("its ranks are not 0, 1, ... over every byte and the merges")  # tiktoken would panic
     return ranks
 
 
@@ -125,6 +128,8 @@ def train_world() -> dict[bytes, int]:
 
 GPT2_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
              "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
+GPT2_SHA256 = ("1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",  # what tiktoken expects
+               "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
 
 
 def get_tokenizer(name: str = "world") -> tiktoken.Encoding:
@@ -133,16 +138,25 @@ def get_tokenizer(name: str = "world") -> tiktoken.Encoding:
         if not WORLD_PATH.exists():
             ranks = train_world()
             print(f"trained a {len(ranks) + len(SPECIALS)}-token BPE on the world corpus -> {WORLD_PATH}")
-        return make_encoding(load_ranks(WORLD_PATH), "world")
+        try:
+            ranks = load_ranks(WORLD_PATH)
+        except (OSError, ValueError) as e:  # (UnicodeDecodeError and base64's errors are ValueErrors)
+            raise SystemExit(f"error: {WORLD_PATH} is damaged ({e}); `git checkout -- data/world.tiktoken` "
+                             "restores it") from None
+        return make_encoding(ranks, "world")
     if name == "gpt2":
         # tiktoken would download gpt2's two files on first use: we only let it read them from its cache,
         # where each is named by the sha1 of its URL
         cache = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
                  or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
-        names = [hashlib.sha1(url.encode()).hexdigest() for url in GPT2_URLS]
-        if not all(os.path.isfile(os.path.join(cache, n)) for n in names):
+        paths = [os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()) for url in GPT2_URLS]
+        if not all(os.path.isfile(p) for p in paths):
             raise SystemExit(f"error: the gpt2 tokenizer's files are not in {cache}; set TIKTOKEN_CACHE_DIR "
                              "to a directory holding tiktoken's cached gpt2 files (nothing is downloaded)")
+        for p, want in zip(paths, GPT2_SHA256):  # tiktoken would delete a damaged file and download it anew
+            if hashlib.sha256(open(p, "rb").read()).hexdigest() != want:
+                raise SystemExit(f"error: the gpt2 tokenizer's file {p} is damaged (not the sha256 tiktoken "
+                                 "expects); replace it with a good copy (nothing is downloaded)")
         try:
             base = tiktoken.get_encoding("gpt2")
         except Exception:

@@ -314,3 +314,13 @@ def test_the_sweep_runs_the_scripts_beside_it_from_any_directory(tmp_path, monke
     assert json.loads((tmp_path / sweep / "results.json").read_text()) == [
         {"stage": "ppo", "beta": 0.1, "gold": 0.8, "kl": 1.0, "setup": setup},
         {"stage": "rloo", "beta": 0.2, "gold": 0.8, "kl": 1.0, "setup": setup}]
+
+
+def test_a_damaged_stage_log_costs_its_lines_not_the_report(tmp_path):
+    """The figures read every stage's log after all the sampling: a bad byte or a line that is not an object
+    was a traceback there, and the report was lost."""
+    import evaluate
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(b'{"iter": 1, "loss": 2.0}\n\xff\n[1]\n{"iter": 2, "loss": 1.5}\n{"iter": 3, "lo')
+    assert evaluate.read_jsonl(str(path)) == [{"iter": 1, "loss": 2.0}, {"iter": 2, "loss": 1.5}]
+    assert evaluate.read_jsonl(str(tmp_path / "none.jsonl")) == []

@@ -37,6 +37,7 @@ BAD_OPTIONS = (  # each script's --device=tpu runs in a new python: test_a_bad_o
        ("ppo", "--cliprange=0"), ("dpo", "--label_smoothing=0.5"), ("reward", "--K=1"),
        ("sft", "--dropout=1.5"), ("grpo", "--group_size=1"), ("grpo", "--baseline=ppo"),
        ("grpo", "--adv_eps=0"), ("grpo", "--minibatch_size=999"),
+       ("ppo", "--max_iters=0"), ("grpo", "--max_iters=0"),  # a fresh run would report SFT as the policy
        ("ppo", "--kl_horizon=100")]  # below --batch_size (128): one controller update could flip beta's sign
     + [(s, "--dtype=float64") for s in SCRIPTS]
     + [(s, "--max_new_tokens=0") for s in ("sft", "reward", "ppo", "grpo", "dpo", "evaluate", "chat")]
@@ -692,3 +693,23 @@ def test_gpt2_weights_with_no_head_count_to_guess_are_one_line(tmp_path):
     args = dict(block_size=8, vocab_size=16, n_layer=1, n_head=0, n_embd=8)  # n_embd // 64 guessed 0 heads
     with pytest.raises(SystemExit, match="^error: w: the weights do not fit its model_args"):
         runtime.model_from_checkpoint({"model": sd, "model_args": args}, "w")
+
+
+def test_weights_holding_a_nan_are_one_line_before_any_use(tmp_path):
+    """A NaN in a checkpoint (made elsewhere: ours never holds one) answered every message with nothing, and
+    in grpo.py stopped at the first loss with advice to lower --lr."""
+    args = dict(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8)
+    sd = M.GPT(M.GPTConfig(**args)).state_dict()
+    runtime.model_from_checkpoint({"model": sd, "model_args": args}, "w")  # finite: it loads
+    sd["transformer.h.0.attn.c_attn.weight"][0, 0] = float("nan")
+    with pytest.raises(SystemExit, match="^error: w holds NaN or inf weights: not a usable model$"):
+        runtime.model_from_checkpoint({"model": sd, "model_args": args}, "w")
+
+
+def test_a_resumed_log_keeps_its_rows_up_to_the_checkpoint_past_a_damaged_byte(tmp_path):
+    path = tmp_path / "ppo.jsonl"
+    path.write_bytes(b'{"iter": 1}\n\xff\xfe\n{"iter": 2}\n{"iter": 3}\n{"iter": 4')  # a kill cut the last
+    runtime.start_log(str(path), 2)
+    assert path.read_text() == '{"iter": 1}\n{"iter": 2}\n'
+    runtime.start_log(str(path))  # a fresh run: a fresh log
+    assert not path.exists()

@@ -138,6 +138,7 @@ def gpt2_cache(monkeypatch, d):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(d))
     for url in tok.GPT2_URLS:
         (d / hashlib.sha1(url.encode()).hexdigest()).write_bytes(b"")
+    monkeypatch.setattr(tok, "GPT2_SHA256", (hashlib.sha256(b"").hexdigest(),) * 2)  # as if they were good
 
 
 def test_gpt2_specials(monkeypatch, tmp_path):
@@ -166,6 +167,35 @@ def test_gpt2_files_missing_from_the_cache_are_one_line_and_nothing_is_downloade
     monkeypatch.setattr(tiktoken, "get_encoding", broken)
     with pytest.raises(SystemExit, match="could not be read"):
         tok.get_tokenizer("gpt2")
+
+
+def test_a_damaged_gpt2_file_in_the_cache_is_one_line_and_nothing_is_downloaded(monkeypatch, tmp_path):
+    """tiktoken deletes a cached file whose sha256 is wrong and downloads it again: refused before that."""
+    def download(name):
+        raise AssertionError("tiktoken was asked for gpt2 with a damaged file: it would download it")
+    monkeypatch.setattr(tiktoken, "get_encoding", download)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    for url in tok.GPT2_URLS:
+        (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(b"half a file")
+    with pytest.raises(SystemExit, match="is damaged"):
+        tok.get_tokenizer("gpt2")
+    assert len(os.listdir(tmp_path)) == 2  # both still there
+
+
+@pytest.mark.parametrize("damage", ["empty", "extra", "binary", "bad rank", "directory"])
+def test_a_damaged_world_tokenizer_file_is_one_line(monkeypatch, tmp_path, damage):
+    """An empty file was max() of nothing, a binary one a UnicodeDecodeError, a repeated rank a panic in
+    tiktoken's Rust: each now one line naming the file."""
+    good = tok.WORLD_PATH.read_text()
+    path = tmp_path / "world.tiktoken"
+    if damage == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes({"empty": b"", "extra": (good + "abc\n").encode(), "binary": b"\xff\xfe\x00" * 9,
+                          "bad rank": (good + "AAEC 5\n").encode()}[damage])  # bytes 0 1 2, rank 5 again
+    monkeypatch.setattr(tok, "WORLD_PATH", path)
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(str(path))} is damaged "):
+        tok.get_tokenizer("world")
 
 
 def test_unknown_name():
