@@ -262,6 +262,7 @@ def check_rows(paths, ref_path, ref_ck, prompts, enc, rm_path=""):
     rows += [(rm_path, "reward")] if os.path.isfile(rm_path) else []  # it scores every row's answers
     for path, kinds in [(ref_path, "sft")] + rows:
         ck = ref_ck if path == ref_path else runtime.load_checkpoint(path, kinds)
+        runtime.model_from_checkpoint(ck, path)  # its model_args build a network its weights fit, finite
         if ck.get("tokenizer", "world") != ref_ck.get("tokenizer", "world"):
             raise SystemExit(f"error: {path} uses another tokenizer than the SFT model it is compared with")
         if enc.n_vocab > ck["model_args"].get("vocab_size", 0):
@@ -419,8 +420,7 @@ def main():
     listed = listed_checkpoints() if ckpt else {}
     if "bon" in listed and not sweep and not os.path.isfile(rm_path):  # (the sweep builds one)
         raise SystemExit(f"error: --ckpt: the best-of-N row needs a reward model; {rm_path} not found")
-    # the reference every row is compared with: --ckpt's sft row if it names one, else out_dir/sft.pt
-    ref_path = listed.get("sft") or os.path.join(out_dir, "sft.pt")
+    ref_path = listed.get("sft") or os.path.join(out_dir, "sft.pt")  # every row's reference: --ckpt's sft row
     runtime.ensure_checkpoint(ref_path, "sft.py", out_dir)
     ref_ck = runtime.load_checkpoint(ref_path, "sft")
     enc = get_tokenizer(ref_ck.get("tokenizer", "world"))

@@ -216,12 +216,14 @@ def test_the_best_of_n_kl_bound_by_hand():
     assert sum(x * math.log(x / 0.5) for x in p) < evaluate.best_of_n_kl_bound(16)
 
 
-def save_row(path, kind="sft", tokenizer="world", **changes):
-    """A tiny checkpoint that evaluate.py can read (weights of the shape its model_args say)."""
+def save_row(path, kind="sft", tokenizer="world", claims=None, **changes):
+    """A tiny checkpoint that evaluate.py can read (weights of the shape its model_args say, unless claims
+    changes what they say)."""
     args = {**dict(block_size=64, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2, n_embd=16,
                    scalar_head=kind == "reward"), **changes}
     torch.manual_seed(0)
-    runtime.save_checkpoint(str(path), {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
+    sd = M.GPT(M.GPTConfig(**args)).state_dict()
+    runtime.save_checkpoint(str(path), {"model": sd, "model_args": {**args, **(claims or {})},
                                         "kind": kind, "step": 0, "config": {}, "tokenizer": tokenizer,
                                         "gain": 1.0, "bias": 0.0, "normalised": True})
 
@@ -230,6 +232,7 @@ def save_row(path, kind="sft", tokenizer="world", **changes):
     (dict(kind="reward"), "is a 'reward' checkpoint; expected one of base, sft, ppo, grpo, dpo"),
     (dict(tokenizer="gpt2"), "uses another tokenizer than the SFT model"),
     (dict(block_size=16), "its block_size 16 has no room for the longest prompt"),  # generate's traceback
+    (dict(claims=dict(n_head=3)), "the weights do not fit its model_args"),  # 16 dims do not split in 3
 ])
 def test_a_row_that_cannot_be_evaluated_is_one_line_before_any_sampling(tmp_path, refusal, monkeypatch,
                                                                          row, says):
