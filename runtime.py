@@ -294,9 +294,8 @@ def set_sampler_state(rng, state):
 def rank_rng_states(rng, rt):
     """Each rank's prompt sampler and reply generator, [rank 0's, ...]; rng_state() holds rank 0's only. With
     them a resumed torchrun run draws what an uninterrupted one would. A collective: every rank calls it."""
-    mine = {"prompts": sampler_state(rng), "torch": torch.get_rng_state()}
-    if rt.device_type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(rt.device)
+    mine = {"prompts": sampler_state(rng), "torch": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(rt.device)} if rt.device_type == "cuda" else {})}
     states = [mine] * rt.world_size  # one process: its own; under torchrun every slot is filled by the gather
     if rt.ddp:
         torch.distributed.all_gather_object(states, mine)
@@ -404,6 +403,7 @@ RANGES = {  # shared options' valid ranges (a stage adds its own via configure),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "contexts": (lambda v: v >= 2, ">= 2"),
     "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2**31)"),  # numpy takes seed + rank, below 2**32
+    "out_dir": (lambda v: not os.path.isfile(v), "a directory, not a file"),  # not minutes of training first
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16, float16"),
     "device": (lambda v: v in ("auto", "cpu", "mps", "cuda") or v.startswith("cuda:") and v[5:].isdigit(),
                "one of auto, cpu, cuda, cuda:N, mps"),
