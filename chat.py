@@ -10,6 +10,7 @@ lets "Now write a sad sentence about it." know what "it" is. /reset forgets the 
 Ctrl-D) exits. When the conversation no longer fits the context window, the oldest exchanges are dropped.
 """
 import os
+import sys
 
 import torch
 
@@ -99,6 +100,17 @@ def main():
     g = torch.Generator(device=rt.device).manual_seed(seed)
     opening = [{"role": "system", "content": system}] if system else []
     sampling = (max_new_tokens, temperature, top_k, top_p)
+    # the shortest prompt (the system message and a one-token message) must leave room for a whole reply, else
+    # every message would be refused, or would cost the conversation all its history
+    block_size, one = model.config.block_size, [{"role": "user", "content": "?"}]
+    bare, least = len(render_prompt(enc, one)), len(render_prompt(enc, opening + one))
+    if bare + max_new_tokens > block_size:
+        raise SystemExit(f"error: --max_new_tokens={max_new_tokens} leaves no room for a message in the "
+                         f"model's {block_size}-token context: it must be at most {block_size - bare}")
+    if least + max_new_tokens > block_size:
+        raise SystemExit(f"error: --system is {least - bare} tokens with the template: with --max_new_tokens="
+                         f"{max_new_tokens} that leaves no room for a message in the {block_size}-token "
+                         "context; shorten it or lower --max_new_tokens")
 
     # ---- 3. one message (--prompt), or the REPL: every reply sees the whole conversation so far
     if prompt:
@@ -106,10 +118,15 @@ def main():
                     *sampling, show_tokens)
         print(out if out is not None else "")
         raise SystemExit(0 if out is not None else 1)
-    kind = ck.get("config", {}).get("baseline", "grpo") if ck["kind"] == "grpo" else ck["kind"]  # or rloo
+    config = ck.get("config") if isinstance(ck.get("config"), dict) else {}  # hand-made: maybe None or a str
+    kind = config.get("baseline", "grpo") if ck["kind"] == "grpo" else ck["kind"]  # or rloo
     print(f"chatting with {path} ({kind}, step {ck.get('step', '?')}); /reset clears the conversation, "
           "/quit exits")
     history = list(opening)
+    # a byte stdin's encoding (UTF-8) cannot decode would make input() raise and lose the lines read with it:
+    # keep it as a lone surrogate instead, and refuse that line below (stdin is None when closed)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> ").strip()
@@ -123,6 +140,11 @@ def main():
             print("(conversation cleared)")
             continue
         if not line:
+            continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: the tokenizer would silently send it as U+FFFD
+            print(f"(not valid {sys.stdin.encoding} text: not sent)")
             continue
         history.append({"role": "user", "content": line})
         try:

@@ -3,6 +3,7 @@ are dropped when the context is full, temperature 0 is greedy, and a bad option 
 language model is refused in one line."""
 import ast
 import importlib
+import io
 import os
 import re
 import subprocess
@@ -195,3 +196,57 @@ def test_ctrl_c_while_it_answers_takes_the_message_back_and_the_chat_goes_on(tmp
     first, second = shown_prompts(r.stdout)
     assert first == "<|endoftext|><|user|>Describe the owl.<|end|><|assistant|>"
     assert second == "<|endoftext|><|user|>Describe the cat.<|end|><|assistant|>"  # the owl was taken back
+
+
+@pytest.mark.parametrize("io_encoding", ["utf-8", "utf-8:surrogateescape"])
+def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tmp_path, io_encoding):
+    """A byte that is not UTF-8 was a UnicodeDecodeError out of input() (strict stdin) that ended the chat and
+    lost the lines read with it, or (surrogateescape stdin) was sent to the model as U+FFFD."""
+    save_tiny(tmp_path / "sft.pt", "sft")
+    said = b"Describe the owl.\n\xff\xfe it\nTell me more.\n"
+    r = subprocess.run([sys.executable, "chat.py", f"--out_dir={tmp_path}", "--max_new_tokens=8",
+                        "--show_tokens=True"], cwd=ROOT, input=said, capture_output=True, timeout=120,
+                       env={**os.environ, "PYTHONIOENCODING": io_encoding})
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert "(not valid utf-8 text: not sent)" in out
+    first, second = shown_prompts(out)  # the bad line never reached the model; the next one did, with history
+    assert first == "<|endoftext|><|user|>Describe the owl.<|end|><|assistant|>"
+    assert second.startswith(first) and second.endswith("<|user|>Tell me more.<|end|><|assistant|>")
+    assert second.count("<|user|>") == 2
+
+
+def test_max_new_tokens_with_no_room_for_a_message_is_refused_at_startup(tmp_path, refusal, monkeypatch):
+    """--max_new_tokens close to block_size was accepted, then every turn dropped the whole history."""
+    save_tiny(tmp_path / "sft.pt", "sft", block_size=128)
+    bare = len(render_prompt(get_tokenizer("world"), [{"role": "user", "content": "?"}]))  # shortest prompt
+    for n in (128 - bare + 1, 127, 128, 300):
+        for mode in ([], ["--prompt=?"]):  # REPL or one message: refused before either starts
+            assert refusal("chat", f"--out_dir={tmp_path}", f"--max_new_tokens={n}", *mode) == (
+                f"error: --max_new_tokens={n} leaves no room for a message in the model's 128-token context: "
+                f"it must be at most {128 - bare}")
+    assert chat_main(monkeypatch, f"--out_dir={tmp_path}", "--prompt=?", f"--max_new_tokens={128 - bare}",
+                     "--temperature=0").code == 0  # the limit itself fits
+
+
+def test_a_system_message_with_no_room_for_a_message_is_refused_at_startup(tmp_path, refusal):
+    """A long --system started the REPL, which then refused every message as too long."""
+    save_tiny(tmp_path / "sft.pt", "sft", block_size=128)
+    msg = refusal("chat", f"--out_dir={tmp_path}", "--system=" + " ".join(["Be kind."] * 100))
+    assert msg.startswith("error: --system is ") and "--max_new_tokens=96" in msg and "128-token" in msg, msg
+    # short enough alone, but not with room for the reply as well
+    msg = refusal("chat", f"--out_dir={tmp_path}", "--system=" + " ".join(["Be kind."] * 12),
+                  "--max_new_tokens=100")
+    assert msg.startswith("error: --system is ") and "--max_new_tokens=100" in msg, msg
+
+
+@pytest.mark.parametrize("config", [None, "baseline=rloo"])
+def test_a_checkpoint_whose_config_is_not_a_dict_still_chats(tmp_path, monkeypatch, capsys, config):
+    """A hand-made grpo checkpoint with config None or a string was an AttributeError: it counts as empty."""
+    import chat as chat_py
+    importlib.reload(chat_py)
+    save_tiny(tmp_path / "grpo.pt", "grpo", config=config)
+    monkeypatch.setattr(sys, "argv", ["chat.py", f"--out_dir={tmp_path}"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
+    chat_py.main()
+    assert f"chatting with {tmp_path / 'grpo.pt'} (grpo, step 7)" in capsys.readouterr().out
