@@ -21,6 +21,7 @@ How fast is the default model on this machine?
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --vocab_size=50304 --block_size=1024 \
         --dtypes="('bfloat16',)" --gen_dtype=bfloat16 --matmul_size=8192 --compile=True   # GPT-2 small, GPU
 """
+import os
 import statistics
 import time
 
@@ -183,9 +184,9 @@ def sampling_speed(fn, model, prompts):
 
 
 def sampling_table(model, peak):
-    """Per batch size: (batch, generate tok/s, plain tok/s, median ratio, generate FLOP/s, its fraction
+    """Per batch size, yielded as soon as it is timed (a default run spends minutes here, so each row is
+    shown as it comes): (batch, generate tok/s, plain tok/s, median ratio, generate FLOP/s, its fraction
     of peak)."""
-    rows = []
     for b in gen_batches:
         g = torch.Generator().manual_seed(seed + b)
         lens = torch.randint(gen_prompt_lens[0], gen_prompt_lens[1] + 1, (b,), generator=g).tolist()
@@ -197,19 +198,28 @@ def sampling_table(model, peak):
             plain.append(sampling_speed(generate_plain, model, prompts))
         ratio = statistics.median(a[0] / p[0] for a, p in zip(new, plain))
         flops = statistics.median(a[1] for a in new)
-        rows.append((b, statistics.median(a[0] for a in new), statistics.median(p[0] for p in plain), ratio,
-                     flops, None if peak is None else flops / peak))
-    return rows
+        yield (b, statistics.median(a[0] for a in new), statistics.median(p[0] for p in plain), ratio, flops,
+               None if peak is None else flops / peak)
+
+
+def out_of_memory(e):
+    """Whether e is torch failing to allocate: OutOfMemoryError on a GPU, the CPU allocator's RuntimeError
+    (Linux, Windows) or MPS's. Any other RuntimeError is a bug to show in full."""
+    return isinstance(e, torch.OutOfMemoryError) or any(s in str(e) for s in (
+        "DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
+        "MPS backend out of memory"))
 
 
 def main():
     global env, vocab_size
+    cores = os.cpu_count() or 1
     # configure checks that a tuple option is a tuple; each element's type and range is checked here, so
     # that a bad one stops the bench at once rather than after the training benchmark has run
     configure(globals(), ranges={
-        "threads": (lambda v: v >= 0, ">= 0"),
-        "dtypes": (lambda v: all(d in ("float32", "bfloat16", "float16") for d in v),
-                   "a tuple of float32, bfloat16, float16"),
+        # more threads than cores only makes them wait on each other; far more crashes torch (segfault)
+        "threads": (lambda v: 0 <= v <= cores, f"between 0 and {cores}, this machine's cores"),
+        "dtypes": (lambda v: len(v) > 0 and all(d in ("float32", "bfloat16", "float16") for d in v),
+                   "a non-empty tuple of float32, bfloat16, float16"),
         "gen_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
         **dict.fromkeys(("block_size", "n_layer", "n_head", "n_embd", "train_iters", "gen_new_tokens",
                          "gen_repeats", "matmul_size"), (lambda v: v >= 1, ">= 1")),
@@ -232,12 +242,26 @@ def main():
     if threads > 0:
         torch.set_num_threads(threads)
     vocab_size = vocab_size or get_tokenizer().n_vocab
+    try:
+        benchmark()
+    except RuntimeError as e:  # dims too large for this machine: one line, not the allocator's traceback
+        if not out_of_memory(e):
+            raise
+        raise SystemExit(f"error: out of memory on {env.device} with --n_layer={n_layer} --n_head={n_head} "
+                         f"--n_embd={n_embd} --vocab_size={vocab_size} --batch_size={batch_size} "
+                         f"--block_size={block_size} --gen_batches={gen_batches!r} "
+                         f"--matmul_size={matmul_size}: lower them") from None
+
+
+def benchmark():
+    """The bench proper, its options checked: the training table per precision, then the sampling table."""
     torch.set_grad_enabled(True)
+    c = dims(block_size=max(block_size, GPTConfig.block_size))
+    n_params = GPT(c).get_num_params()  # built before anything is printed: dims too large stop here
     cpu = f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if env.device_type == "cpu" else ""
     print(f"device {env.device}{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    c = dims(block_size=max(block_size, GPTConfig.block_size))
     print(f"model: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, vocab {c.vocab_size}, "
-          f"{GPT(c).get_num_params() / 1e6:.2f}M params{', torch.compile' if compile else ''}")
+          f"{n_params / 1e6:.2f}M params{', torch.compile' if compile else ''}")
     peaks = {d: matmul_flops(ptdtype[d], env.device, matmul_size, iters=5)  # each precision's real speed here
              for d in dict.fromkeys(("float32", *dtypes, gen_dtype))}
     # a CPU without bf16/fp16 matmul units emulates them well below its fp32 speed (the rule runtime.setup
@@ -250,7 +274,7 @@ def main():
         tps, flops = train_speed(dtype)
         peak = "n/a" if dtype in emulated else f"{peaks[dtype] / 1e9:.1f}"
         fraction = "n/a" if dtype in emulated else f"{flops / peaks[dtype]:.1%}"
-        print(f"{dtype:<10} {tps:>10,.0f} {flops / 1e9:>9.1f} {peak:>13} {fraction:>9}")
+        print(f"{dtype:<10} {tps:>10,.0f} {flops / 1e9:>9.1f} {peak:>13} {fraction:>9}", flush=True)
     for d in emulated:
         print(f"{d}: this CPU has no {d} matmul units ({d} matmul {peaks[d] / 1e9:.1f} GFLOP/s, under half "
               f"of fp32's {peaks['float32'] / 1e9:.1f}): {d} is emulated, there is no {d} peak to take a "
@@ -265,9 +289,10 @@ def main():
     print(f"{'batch':>5} {'generate tok/s':>15} {'plain tok/s':>12} {'speed-up':>9} {'GFLOP/s':>8} "
           f"{'of peak':>8}")
     gen_peak = None if gen_dtype in emulated else peaks[gen_dtype]
-    for b, new, plain, ratio, flops, fraction in sampling_table(model, gen_peak):
+    for b, new, plain, ratio, flops, fraction in sampling_table(model, gen_peak):  # each row once timed
         fraction = "n/a" if fraction is None else f"{fraction:.1%}"
-        print(f"{b:>5} {new:>15,.0f} {plain:>12,.0f} {ratio:>8.2f}x {flops / 1e9:>8.1f} {fraction:>8}")
+        print(f"{b:>5} {new:>15,.0f} {plain:>12,.0f} {ratio:>8.2f}x {flops / 1e9:>8.1f} {fraction:>8}",
+              flush=True)  # piped to a file or tee, a row would otherwise wait in the buffer until the end
 
 
 if __name__ == "__main__":

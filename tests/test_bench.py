@@ -1,16 +1,19 @@
 """bench.py's arithmetic: the sampling FLOPs are the forward passes generate really makes (by hand, and
-against torch's FLOP counter), and a prompt length that leaves no room for the new tokens is refused in one
-line."""
+against torch's FLOP counter); a prompt length that leaves no room for the new tokens, more threads than
+cores, no precision to train in and dims too large for memory are each refused in one line; the sampling
+table shows each row as soon as it is timed."""
 import os
 import sys
+import types
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bench  # noqa: E402  (importing bench.py runs nothing)
 import model as M  # noqa: E402
-from bench import forward_flops  # noqa: E402  (importing bench.py runs nothing)
+from bench import forward_flops  # noqa: E402
 
 TINY = ["--train_iters=1", "--warmup_iters=0", "--gen_repeats=1", "--gen_batches=(2,)", "--matmul_size=64",
         "--dtypes=('float32',)", "--block_size=32", "--n_layer=1", "--n_head=2", "--n_embd=32"]
@@ -48,3 +51,45 @@ def test_a_prompt_with_no_room_for_the_new_tokens_is_refused(refusal):
     message = refusal("bench", *TINY, "--gen_prompt_lens=(7,250)")
     assert message.startswith("error: --gen_prompt_lens=(7, 250) is out of range") and "\n" not in message
     assert "<= 256" in message, message
+
+
+def test_more_threads_than_cores_are_refused(refusal):
+    """They only wait on each other, and far more (--threads=100000) crash torch with a segfault."""
+    cores = os.cpu_count()
+    message = refusal("bench", *TINY, f"--threads={cores + 1}")
+    assert message == (f"error: --threads={cores + 1} is out of range: it must be between 0 and {cores}, "
+                       "this machine's cores"), message
+
+
+def test_no_precision_to_train_in_is_refused(refusal):
+    """--dtypes=() would print an empty training table without saying why."""
+    message = refusal("bench", *TINY, "--dtypes=()")
+    assert message.startswith("error: --dtypes=() is out of range: it must be a non-empty tuple"), message
+
+
+def test_dims_too_large_for_memory_are_one_line(refusal):
+    """A vocabulary of 10**15 (a 128 PB embedding, past any address space) is the allocator's error, shown as
+    one line naming the dims rather than its traceback; nothing of the tables is printed first."""
+    message = refusal("bench", *TINY, "--vocab_size=1000000000000000")
+    assert message.startswith("error: out of memory on ") and "\n" not in message, message
+    assert "--n_embd=32" in message and "--vocab_size=1000000000000000" in message, message
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_hidden():
+    assert bench.out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ..."))
+    assert bench.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
+    assert not bench.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_each_sampling_row_comes_as_soon_as_its_batch_size_is_timed(monkeypatch):
+    """A default run spends minutes sampling: the first row must not wait for the other batch sizes."""
+    timed = []
+
+    def speed(fn, model, prompts):  # records the batch size it was asked to time
+        timed.append(len(prompts))
+        return 1.0, 1.0
+    monkeypatch.setattr(bench, "sampling_speed", speed)
+    monkeypatch.setattr(bench, "gen_batches", (2, 3))
+    rows = bench.sampling_table(types.SimpleNamespace(config=M.GPTConfig(vocab_size=50)), None)
+    assert next(iter(rows))[0] == 2
+    assert set(timed) == {2}, timed
