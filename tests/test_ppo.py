@@ -468,3 +468,142 @@ def test_as_a_reward_k1_pushes_along_the_kl_and_k3_does_not():
         k = ppo.kl_penalty(logp.detach(), ref, estimator)
         torch.testing.assert_close(grad((logp.exp().detach() * k * logp).sum()), want)
     assert (d_kl - d_reverse - d_kl).abs().max() > 0.1  # the two differ here: the test can fail
+
+
+def test_approx_kl_is_half_the_mean_squared_log_ratio():
+    """approx_kl = 0.5 * E[(log ratio)^2]: a log ratio of 0.2 on every answer token gives 0.5 * 0.04 = 0.02
+    (without the 0.5 it would read 0.04); the padding position's log ratio of 5 is not counted."""
+    old = torch.zeros(1, 4)
+    logp = torch.tensor([[0.2, 0.2, 0.2, 5.0]])
+    _, st = ppo.ppo_clip_loss(logp, old, torch.ones(1, 4), torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.2)
+    assert st["approx_kl"] == pytest.approx(0.02, rel=1e-5)
+    assert st["ratio"] == pytest.approx(math.exp(0.2), rel=1e-6)
+
+
+def test_explained_variance_ignores_a_constant_offset_of_the_values():
+    """Var[R - V] is a variance, centred: values = returns + 1 leave a constant residual, variance 0, so the
+    explained variance is 1 (uncentred, E[resid^2] = 1 against Var[R] = 2/3 would give 1 - 1.5 = -0.5)."""
+    returns = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    values = returns + 1.0
+    values[0, 3] = 50.0  # padding: never counted
+    assert ppo.explained_variance(values, returns, mask).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def scripted_policy(logits, values):
+    """A stand-in for the GPT that forward_policy calls: it returns these logits (B, L, V) and values
+    (B, L)."""
+    def policy(seq, attention_mask=None, return_values=False, detach_values=False):
+        assert return_values and detach_values and attention_mask is not None
+        return logits, None, values
+    return policy
+
+
+def test_forward_policy_reads_the_value_of_the_state_before_each_token():
+    """Index t of forward_policy's outputs is about token seq[:, t+1]: its log-prob comes from the logits at
+    position t, and so must its value, V(seq[:, :t+1]) = values[:, t]. With values[:, t] = 10 t the values
+    returned are 0, 10, 20, 30 (shifted by one they would read 10, 20, 30, 40)."""
+    B, L, V = 2, 5, 4
+    values = 10.0 * torch.arange(L).float().expand(B, L)
+    logits = torch.zeros(B, L, V)
+    logits[:, :, 1] = math.log(3.0)  # token 1 has probability 3/6 = 1/2, the others 1/6
+    seq = torch.tensor([[0, 1, 2, 1, 3], [1, 1, 1, 1, 1]])
+    logp, v, _ = ppo.forward_policy(scripted_policy(logits, values), seq, torch.ones(B, L), 1.0)
+    torch.testing.assert_close(v, torch.tensor([[0.0, 10.0, 20.0, 30.0]] * 2))
+    half, sixth = math.log(0.5), math.log(1 / 6)
+    torch.testing.assert_close(logp, torch.tensor([[half, sixth, half, sixth], [half] * 4]))
+
+
+def test_forward_policy_entropy_by_hand_and_unchanged_by_shifting_the_logits():
+    """H = logsumexp(z) - sum p z, which no constant added to the logits changes: uniform logits all equal to
+    3 give H = ln V at any temperature (-sum p z alone would read -3 / T). Logits 7 + (0, ln 3) at
+    temperature 1 give p = (1/4, 3/4) and H = ln 4 - 3/4 ln 3; at temperature 2 the logits are halved:
+    p = (1, sqrt 3) / (1 + sqrt 3)."""
+    V = 6
+    uniform = torch.full((1, 3, V), 3.0)
+    seq = torch.zeros(1, 3, dtype=torch.long)
+    for temperature in (1.0, 0.5):
+        _, _, h = ppo.forward_policy(scripted_policy(uniform, torch.zeros(1, 3)), seq, torch.ones(1, 3),
+                                     temperature)
+        torch.testing.assert_close(h, torch.full((1, 2), math.log(V)))
+    two = torch.tensor([[[0.0, math.log(3.0)]] * 2]) + 7.0  # shifted by 7: the same distribution
+    policy = scripted_policy(two, torch.zeros(1, 2))
+    _, _, h = ppo.forward_policy(policy, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), 1.0)
+    assert h.item() == pytest.approx(math.log(4) - 0.75 * math.log(3), rel=1e-6)
+    s = math.sqrt(3.0)
+    p = torch.tensor([1.0, s]) / (1 + s)
+    _, _, h = ppo.forward_policy(policy, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), 2.0)
+    assert h.item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-6)
+
+
+def test_main_whitens_the_advantages_over_the_rollout_batchs_answer_tokens(tmp_path, monkeypatch):
+    """main() hands ppo_clip_loss advantages whitened over the whole rollout batch's answer tokens: the
+    minibatches of one epoch partition the batch, so over their union the advantages have masked mean 0 and
+    masked (population) variance 1, and 0 on every non-answer position. The raw GAE advantages, with a zero
+    value head, are each answer's score at all its tokens: neither mean 0 nor variance 1."""
+    make_stage_checkpoints(tmp_path)
+    seen = []
+    real_clip_loss = ppo.ppo_clip_loss
+
+    def clip_loss_and_keep(logp, old_logp, adv, mask, cliprange):
+        seen.append((adv.detach().clone(), mask.clone()))
+        return real_clip_loss(logp, old_logp, adv, mask, cliprange)
+
+    monkeypatch.setattr(ppo, "ppo_clip_loss", clip_loss_and_keep)
+    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+                  "--max_iters=1", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1",
+                  "--ppo_epochs=2", "--device=cpu")
+    assert len(seen) == 4  # 2 epochs x 2 minibatches; the first two are one epoch, the whole batch
+    adv = torch.cat([a for a, _ in seen[:2]])
+    mask = torch.cat([m for _, m in seen[:2]])
+    assert adv.shape[0] == 4 and mask.sum() > 2  # more answer tokens than answers: the variance is defined
+    assert ppo.masked_mean(adv, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert ppo.masked_mean(adv ** 2, mask).item() == pytest.approx(1.0, abs=1e-4)
+    assert not adv[mask == 0].any()
+
+
+def test_main_logs_the_kl_in_nats_per_answer(tmp_path, monkeypatch):
+    """The logged kl (and the controller's input) is the k1 KL summed over each answer's tokens, averaged
+    over answers: sum_t k1_t action_t / B, not the per-token mean (smaller by the mean answer length). Checked
+    on iteration 2, after the policy has moved from the reference (a large lr), against the k1 values that
+    main() hands token_rewards."""
+    make_stage_checkpoints(tmp_path)
+    seen = []
+    real_token_rewards = ppo.token_rewards
+
+    def token_rewards_and_keep(scores, kl, action, kl_coef):
+        seen.append((kl.clone(), action.clone()))
+        return real_token_rewards(scores, kl, action, kl_coef)
+
+    monkeypatch.setattr(ppo, "token_rewards", token_rewards_and_keep)
+    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+                  "--max_iters=2", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1",
+                  "--ppo_epochs=2", "--lr=1e-2", "--kl_estimator=k1", "--device=cpu")
+    rows = [json.loads(line) for line in open(tmp_path / "ppo.jsonl")]
+    kl, action = seen[1]
+    per_answer = ((kl * action).sum(1).mean()).item()
+    assert abs(per_answer) > 1e-2 and action.sum(1).mean() > 1.5  # the two readings differ here
+    assert rows[1]["kl"] == pytest.approx(per_answer, rel=1e-5)
+    assert rows[1]["length"] == pytest.approx(action.sum(1).mean().item())
+
+
+def test_main_scores_the_reference_at_the_sampling_temperature(tmp_path, monkeypatch):
+    """At --temperature=0.7 the policy starts as the reference, so on the first iteration the KL is exactly 0
+    on every answer token, provided both log-probs are of softmax(logits / 0.7): a reference read at
+    temperature 1 would leave a KL of log softmax(z / 0.7) - log softmax(z) on each token."""
+    make_stage_checkpoints(tmp_path)
+    seen = []
+    real_token_rewards = ppo.token_rewards
+
+    def token_rewards_and_keep(scores, kl, action, kl_coef):
+        seen.append((kl.clone(), action.clone()))
+        return real_token_rewards(scores, kl, action, kl_coef)
+
+    monkeypatch.setattr(ppo, "token_rewards", token_rewards_and_keep)
+    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+                  "--max_iters=1", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--reward=gold",
+                  "--ppo_epochs=1", "--temperature=0.7", "--kl_estimator=k1", "--device=cpu")
+    kl, action = seen[0]
+    assert action.sum() > 0
+    assert (kl * action).abs().max() < 1e-5
+    assert abs(json.loads(open(tmp_path / "ppo.jsonl").readline())["kl"]) < 1e-5
