@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import zlib
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -410,3 +411,85 @@ def test_a_non_finite_reward_in_an_online_round_stops_the_stage(tmp_path):
     last = (r.stderr.strip().splitlines() or [""])[-1]
     assert r.returncode != 0 and last.startswith("error: dpo step 2: score is nan (not finite)"), r.stderr
     assert "online round 1/1" not in r.stdout  # no update was made from the broken ranking
+
+
+def test_preference_loss_is_the_mean_over_a_batch_of_two_pairs_by_hand():
+    """preference_loss averages over the pairs: the two hand-worked pairs of test_sigmoid_loss_by_hand lose
+    log(1 + e^-1) = 0.31326169 and log(1 + e) = 1.31326169, mean 0.81326169 (their sum would be 1.62652338);
+    with rpo_alpha = 0.5 the chosen answers' per-token NLLs -(-1)/1 = 1 and -(-2)/4 = 0.5, mean 0.75,
+    add 0.5 * 0.75 = 0.375."""
+    args = t(-1.0, -2.0), t(-3.0, -1.0), t(-2.0, -2.0), t(-2.0, -3.0), t(1.0, 4.0)
+    total, pref = dpo.preference_loss(*args, "sigmoid", 0.5, 0.0, 0.0)
+    assert total.item() == pref.item() == pytest.approx(0.81326168751822283, abs=1e-6)
+    total, pref = dpo.preference_loss(*args, "sigmoid", 0.5, 0.0, 0.5)
+    assert pref.item() == pytest.approx(0.81326168751822283, abs=1e-6)
+    assert total.item() == pytest.approx(0.81326168751822283 + 0.375, abs=1e-6)
+
+
+def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(monkeypatch):
+    """train_step with two micro-batches of 2 pairs must give the gradient of one batch of all 4 pairs (the
+    loss is a mean over pairs, so each micro-batch's mean is divided by 2 before backward), not twice it."""
+    policy, ref = tiny().train(), tiny()
+    with torch.no_grad():  # the policy has moved away from the reference: the pairs' losses differ
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 9, 6, 8, 10, 7, 9, 6)]
+    masks = [[0] * 3 + [1] * (len(r) - 3) for r in rows]
+    rt = SimpleNamespace(device="cpu", ctx=nullcontext(), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                         ddp=False, master=True)
+    answers = (rows, masks, dpo.answer_logps(ref, rows, masks, 0, rt))
+    pairs = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    hp = dict(loss_type="sigmoid", beta=0.5, label_smoothing=0.0, rpo_alpha=0.5)
+    grads, real_step = [], runtime.optimizer_step
+
+    def capture(model, optimizer, scaler, grad_clip):
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        return real_step(model, optimizer, scaler, grad_clip)
+    monkeypatch.setattr(runtime, "optimizer_step", capture)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # lr 0: both steps see the same weights
+    dpo.train_step(policy, opt, rt, [pairs], answers, 0, 0.0, 0.0, 1, hp)
+    dpo.train_step(policy, opt, rt, [pairs[:2], pairs[2:]], answers, 0, 0.0, 0.0, 2, hp)
+    assert grads[0].abs().max() > 1e-3  # a gradient to compare: the test can fail
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_held_out_takes_about_fraction_of_the_prompts_by_their_hash():
+    """held_out keeps a prompt aside when crc32 of its JSON, mod 1000, is below 1000 * fraction: a prompt
+    whose hash ends in h is held out at fraction (h + 1) / 1000 and not at h / 1000; of 2000 prompts about
+    10% (not 90%) are held out at fraction 0.1, none at 0."""
+    prompts = [[{"role": "user", "content": f"Describe animal number {i}."}] for i in range(2000)]
+    h = zlib.crc32(json.dumps(prompts[0], sort_keys=True).encode()) % 1000
+    assert dpo.held_out(prompts[0], (h + 1) / 1000) and not dpo.held_out(prompts[0], h / 1000)
+    share = sum(dpo.held_out(p, 0.1) for p in prompts) / len(prompts)
+    assert 0.08 < share < 0.12, share
+    assert not any(dpo.held_out(p, 0.0) for p in prompts)
+
+
+def test_the_online_learning_rate_falls_linearly_step_by_step_over_the_rounds(tmp_path, monkeypatch):
+    """Online steps use online_lr * (1 - 0.75 * (round + k / per_round) / online_rounds), k the step within
+    the round: with 2 rounds of per_round = 4 prompts x 1 pair / 2 pairs a step = 2 steps and online_lr 2e-4,
+    the four steps log 2e-4 * (1, 1 - 0.75 * 0.25, 1 - 0.75 * 0.5, 1 - 0.75 * 0.75)
+    = 2e-4, 1.625e-4, 1.25e-4, 0.875e-4: a quarter of online_lr is taken off over the rounds, by the step."""
+    enc = get_tokenizer("world")
+    args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    torch.manual_seed(0)
+    for kind, a in (("sft", args), ("reward", {**args, "scalar_head": True})):
+        runtime.save_checkpoint(str(tmp_path / f"{kind}.pt"), {
+            "model": M.GPT(M.GPTConfig(**a)).state_dict(), "model_args": a, "config": {}, "kind": kind,
+            "step": 0, "tokenizer": "world", "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
+    write(tmp_path / "comparisons.jsonl", [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
+                                           "responses": [f"The {a} is red.", "No."], "ended": [True, True],
+                                           "ranking": [0, 1]} for a in ("fox", "cat", "dog", "owl")])
+    for name, value in list(vars(dpo).items()):  # the config globals main() rebinds, restored after
+        if not name.startswith("_") and type(value) in (int, float, bool, str):
+            monkeypatch.setattr(dpo, name, value)
+    monkeypatch.setattr(sys, "argv", ["dpo.py", f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2",
+                                      "--online_rounds=2", "--online_prompts=4", "--online_k=3",
+                                      "--online_pairs=1", "--online_lr=2e-4", "--max_new_tokens=8",
+                                      "--n_eval=1", "--device=cpu"])
+    dpo.main()
+    logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
+    online = [(x["iter"], x["round"], x["lr"]) for x in logs if "round" in x]
+    assert [x[:2] for x in online] == [(2, 1), (3, 1), (4, 2), (5, 2)]
+    assert [x[2] for x in online] == pytest.approx([2e-4, 1.625e-4, 1.25e-4, 0.875e-4], rel=1e-9)

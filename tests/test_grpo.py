@@ -215,3 +215,83 @@ def test_the_k3_term_in_the_loss_has_the_gradient_of_kl_ref_to_pi():
                 for y in range(5))
     torch.testing.assert_close(total, d_reverse)
     assert (d_reverse - d_kl).abs().max() > 0.1
+
+
+def run_grpo_here(monkeypatch, out, *args):
+    """grpo.main() in this process with run_grpo's tiny options, one iteration of one epoch of one minibatch
+    (the whole batch: one grpo_loss call); the config globals main() rebinds are restored after."""
+    for name, value in list(vars(grpo).items()):
+        if not name.startswith("_") and type(value) in (int, float, bool, str):
+            monkeypatch.setattr(grpo, name, value)
+    monkeypatch.setattr(sys, "argv", ["grpo.py", f"--out_dir={out}", "--group_size=3", "--group_prompts=2",
+                                      "--minibatch_size=6", "--max_new_tokens=8", "--eval_samples=1",
+                                      "--n_eval=1", "--device=cpu", "--max_iters=1", "--ppo_epochs=1", *args])
+    grpo.main()
+
+
+def spy_on_main(monkeypatch):
+    """What main() hands its pieces: {name: [(args, result), ...]} for respond (the sampling; the final
+    comparison samples through rollout's own), the two advantages and grpo_loss."""
+    calls = {}
+    for name in ("respond", "group_advantages", "rloo_advantages", "grpo_loss"):
+        def wrapper(*args, _real=getattr(grpo, name), _name=name, **kwargs):
+            out = _real(*args, **kwargs)
+            calls.setdefault(_name, []).append((args, out))
+            return out
+        monkeypatch.setattr(grpo, name, wrapper)
+    return calls
+
+
+def test_main_takes_the_missing_end_penalty_off_the_unended_answers_only(tmp_path, monkeypatch):
+    """The score GRPO's group advantage sees is gold - no_end_penalty * (1 - ended): 5 off an answer that
+    never ended its turn, nothing off one that did (the hidden human is the reward, so the scores can be
+    worked out here from the replies main() sampled)."""
+    make_stage_checkpoints(tmp_path)
+    real_respond = grpo.respond
+
+    def half_ended(*args, **kwargs):  # the tiny random policy never ends: say every other answer did
+        replies, batch = real_respond(*args, **kwargs)
+        return [{**r, "ended": r["ended"] or i % 2 == 0} for i, r in enumerate(replies)], batch
+    monkeypatch.setattr(grpo, "respond", half_ended)
+    calls = spy_on_main(monkeypatch)
+    run_grpo_here(monkeypatch, tmp_path, "--reward=gold", "--no_end_penalty=5.0")
+    (_, _, prompts, *_), (replies, _) = calls["respond"][0]
+    ended = torch.tensor([float(r["ended"]) for r in replies])
+    assert 0 < ended.sum() < 6  # answers that ended and answers that did not
+    golds = torch.tensor([world.gold(p, r["text"], r["ended"]) for p, r in zip(prompts, replies)])
+    (scores, group_size, _), _ = calls["group_advantages"][0]
+    assert len(calls["respond"]) == 1 and len(replies) == 6 and group_size == 3
+    torch.testing.assert_close(scores, golds - 5.0 * (1 - ended))
+
+
+def test_rloo_in_main_pays_minus_beta_kl_in_the_reward_and_keeps_it_out_of_the_loss(tmp_path, monkeypatch):
+    """RLOO, scores stubbed to 0 and no end penalty: each answer's reward is R_i = -beta * KL_i (k1 summed
+    over its sampled tokens, the reference moved away from the policy so KL_i != 0), the advantage handed to
+    the loss is R_i - (sum of the group's other two R_j) / 2, and the loss gets beta = 0 (KL counted once)."""
+    make_stage_checkpoints(tmp_path)
+    calls = spy_on_main(monkeypatch)
+    monkeypatch.setattr(grpo, "reward_scores", lambda rm, enc, convs, *a, **k: torch.zeros(len(convs)))
+    real_inputs = runtime.load_rl_inputs
+
+    def moved_reference(*args):
+        ref, *rest = real_inputs(*args)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        calls["ref"] = ref
+        return (ref, *rest)
+    monkeypatch.setattr(runtime, "load_rl_inputs", moved_reference)
+    run_grpo_here(monkeypatch, tmp_path, "--baseline=rloo", "--beta=0.5", "--no_end_penalty=0.0")
+    _, (_, (seq, attn, gen, sampled)) = calls["respond"][0]
+    with torch.no_grad():
+        kl = ((sampled[:, 1:] - M.sequence_logprobs(calls["ref"], seq, attn, 1.0)) * gen[:, 1:]).sum(1)
+    r = -0.5 * kl
+    want = torch.stack([r[i] - (r[i // 3 * 3:i // 3 * 3 + 3].sum() - r[i]) / 2 for i in range(6)])
+    assert kl.abs().min() > 0.01 and want.abs().max() > 0.01  # a KL to pay: the test can fail
+    (rewards, group_size), _ = calls["rloo_advantages"][0]
+    assert group_size == 3 and "group_advantages" not in calls
+    torch.testing.assert_close(rewards, r)
+    (args, _), = calls["grpo_loss"]  # one minibatch of all 6 answers, in a shuffled order
+    torch.testing.assert_close(args[3].sort().values, want.sort().values)
+    assert args[6] == 0.0  # beta of the loss: the KL is in the reward only
