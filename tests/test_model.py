@@ -384,6 +384,14 @@ def test_get_lr():
     assert runtime.get_lr(35, 10, 110, 1.0, 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
 
 
+def test_get_lr_stays_at_min_lr_past_max_iters():
+    """From max_iters on the rate stays at min_lr: at step 150 of a 10 + 90 step schedule the cosine's ratio
+    is capped at 1 (uncapped, 140 / 90 would climb back up the cosine to 0.1 + 0.45 (1 + cos(1.56 pi)))."""
+    for it in (100, 101, 150, 10_000):
+        assert runtime.get_lr(it, 10, 100, 1.0, 0.1) == pytest.approx(0.1), it
+    assert runtime.get_lr(150, 10, 100, 3e-4, 3e-5) == pytest.approx(3e-5)
+
+
 def test_sample_kl_at_temperature_zero_uses_the_log_probs_generate_recorded():
     """Greedy decoding records temperature-1 log-probs (model.sample): the reference's must match, or the KL
     of a model against itself is NaN instead of 0."""
@@ -395,6 +403,19 @@ def test_sample_kl_at_temperature_zero_uses_the_log_probs_generate_recorded():
     other = tiny(n_layer=1)
     kl = sample_kl(lp, other, seq, attn, gen, temperature=0)
     torch.testing.assert_close(kl, sample_kl(lp, other, seq, attn, gen, temperature=1.0))
+
+
+def test_sample_kl_scores_the_reference_at_the_sampling_temperature():
+    """generate records the policy's log-probs at its temperature (softmax(logits / T)); the reference must
+    be scored at the same T, so a policy equal to its reference has KL 0 at T = 0.5 (at T = 1 it would not:
+    log softmax(z / 0.5) - log softmax(z) differs on every token)."""
+    from rollout import sample_kl
+    m = tiny()
+    g = torch.Generator().manual_seed(0)
+    seq, attn, gen, lp = M.generate(m, PROMPTS, 10, temperature=0.5, generator=g, return_logprobs=True)
+    kl = sample_kl(lp, m, seq, attn, gen, temperature=0.5)
+    assert kl.shape == (4,) and kl.abs().max() < 1e-5, kl
+    assert (sample_kl(lp, m, seq, attn, gen, temperature=1.0) - kl).abs().min() > 1e-2  # T matters here
 
 
 @pytest.mark.parametrize("bad", ["--gen_prompt_lens=(7.5,36)", "--gen_prompt_lens=(True,36)",

@@ -66,6 +66,43 @@ def test_micro_steps_and_ranks_past_a_field_width_draw_their_own_batches():
     assert not torch.equal(get_batch(stream, 8, 4, 1, 0, 63, 1024)[0], x)
 
 
+
+def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(tmp_path, monkeypatch):
+    """The loss is a mean over the step's B x T tokens, and every micro-batch holds as many: with
+    --grad_accum=2 each half's loss is divided by 2 before backward, so the step's gradient is the one a
+    single batch of both halves gives (without the division it would be twice that)."""
+    import pretrain
+    doc = "The owl is calm. The owl sleeps in the forest. " * 6
+    (tmp_path / "corpus.txt").write_text("\n\n".join([doc, doc.replace("owl", "fox")] * 5))
+    real = pretrain.get_batch
+
+    def halves(stream, block_size, batch_size, seed, it, micro, rank, val=False):
+        """Micro-batch m of a step: rows m * batch_size.. of the step's one batch of 4 windows."""
+        if val:
+            return real(stream, block_size, batch_size, seed, it, micro, rank, val)
+        x, y = real(stream, block_size, 4, seed, it, 0, rank)
+        return x[micro * batch_size:(micro + 1) * batch_size], y[micro * batch_size:(micro + 1) * batch_size]
+    monkeypatch.setattr(pretrain, "get_batch", halves)
+    grads, step = [], runtime.optimizer_step
+
+    def capture(model, optimizer, scaler, grad_clip):
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        return step(model, optimizer, scaler, grad_clip)
+    monkeypatch.setattr(runtime, "optimizer_step", capture)
+    for name, value in list(vars(pretrain).items()):  # the config globals main() rebinds, restored after
+        if not name.startswith("_") and type(value) in (int, float, bool, str):
+            monkeypatch.setattr(pretrain, name, value)
+    for batch_size, accum in ((4, 1), (2, 2)):
+        out = tmp_path / str(accum)
+        monkeypatch.setattr(sys, "argv", ["pretrain.py", f"--out_dir={out}", *TINY, "--max_iters=1",
+                                          f"--batch_size={batch_size}", f"--grad_accum={accum}",
+                                          "--eval_interval=1", f"--data={tmp_path / 'corpus.txt'}",
+                                          "--device=cpu"])  # fp32 on any machine
+        os.makedirs(out)
+        pretrain.main()
+    assert len(grads) == 2 and grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
+
 def run(args, out, launcher=(sys.executable,), check=True):
     r = subprocess.run([*launcher, "pretrain.py", f"--out_dir={out}", *TINY, *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)

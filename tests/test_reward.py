@@ -1,5 +1,6 @@
 """reward.py: Bradley-Terry, Plackett-Luce and the normalisation by hand, where the score is read, the ln 2
 start, the normalised flag that later stages check, bad options, end-to-end runs."""
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import runtime
 import reward  # importing the stage must not collect or train anything
 from data import world
 from data.chat import render_prompt, render_response
-from rollout import best_of_n, reply_logprobs, respond, reward_scores, rm_score
+from rollout import best_of_n, reply_logprobs, respond, reward_scores, rm_score, score_rows
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
 from test_reliability import time_split  # noqa: E402
@@ -166,6 +167,42 @@ def test_accuracy_by_part_files_each_pair_under_its_largest_weighted_difference(
     got = reward.accuracy_by_part(r, golds, parts)
     assert got == {"helpful": (0.0, 2), "harmless": (1.0, 1)}
 
+
+
+def test_rewards_add_the_weighted_likelihood_to_the_head():
+    """--lm_feature: r = head + w * log p_SFT. A fresh reward model's head is zero, so r = w * lp exactly:
+    with w = 0.5, lp = -2 gives -1, lp = -4 gives -2, lp = 0 gives 0 and lp = -1 gives -0.5 (ranked order
+    kept); w = 0 is the head alone, 0 everywhere."""
+    torch.manual_seed(0)
+    rm = M.GPT(M.GPTConfig(**TINY, scalar_head=True))
+    rows = [[[1, 2, 3], [4, 5]], [[6], [7, 8, 9, 10]]]  # two comparisons of K = 2 token rows
+    lp = torch.tensor([[-2.0, -4.0], [0.0, -1.0]])
+    ctx = contextlib.nullcontext()
+    assert reward.rewards(rm, rows, lp, 0.5, 0, ctx).tolist() == [[-1.0, -2.0], [0.0, -0.5]]
+    assert reward.rewards(rm, rows, lp, 0.0, 0, ctx).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    rm = trained_looking_rm()  # a head that is not zero: the sum, in the rows' order
+    head = score_rows(rm, [r for rs in rows for r in rs], 0).view(2, 2)
+    torch.testing.assert_close(reward.rewards(rm, rows, lp, 0.5, 0, ctx), head + 0.5 * lp)
+
+
+def test_yardsticks_are_in_ranked_order_and_the_second_labeler_scores_best_highest():
+    """Answers with gold 0.75 (half the description), 0.5 (off topic), 1.0 (ideal), ranked [2, 0, 1]: gold
+    and parts come in ranked order, (1.0, 0.75, 0.5), not the file's (0.75, 0.5, 1.0). A second labeler with
+    tau = 1e-6 ranks by gold, [2, 0, 1] again, and scores K - position = 3, 2, 1: best highest, in the first
+    labeler's ranked order, so the two agree on every pair (inverted scores would agree on none)."""
+    prompt = [{"role": "user", "content": "Describe the fox."}]
+    responses = ["The fox is happy.", "The owl is happy.", "The fox is happy. The fox runs in the forest."]
+    comp = {"prompt": prompt, "responses": responses, "ended": [True] * 3, "ranking": [2, 0, 1]}
+    other = {**comp, "ranking": [0, 1, 2]}  # the first labeler's noise: a ranking unlike gold's
+    gold, parts, second = reward.yardsticks([other, comp], [1], seed=0, tau=1e-6)
+    torch.testing.assert_close(gold, torch.tensor([[0.75, 0.5, 1.0], [1.0, 0.75, 0.5]]))
+    assert parts[1][0] == world.gold_components(prompt, responses[2]) and parts[1][2]["helpful"] == 0.0
+    assert second.tolist() == [[3.0, 2.0, 1.0]]  # the held-out comparison only
+    gold, parts, second = reward.yardsticks([other, comp], [0, 1], seed=0, tau=1e-6)
+    assert second.tolist() == [[2.0, 1.0, 3.0], [3.0, 2.0, 1.0]]  # ranked [0, 1, 2]: the best, 2, scores 3
+    first = torch.tensor([[3.0, 2.0, 1.0]])  # the first labeler's ranked order, best first
+    assert reward.pairwise_accuracy(second[1:], first) == 1.0  # agrees on all 3 pairs
+    assert reward.pairwise_accuracy(second[:1], first) == pytest.approx(1 / 3)  # only on (0, 1) of [0, 1, 2]
 
 def test_best_of_n_keeps_the_highest_score():
     rm = trained_looking_rm()

@@ -355,6 +355,28 @@ def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(base
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
 
 
+
+def test_held_out_loss_is_the_mean_over_all_assistant_tokens_of_its_batches():
+    """Batches of one row each, a long answer (n_a assistant tokens, mean loss l_a) and a short one (n_b,
+    l_b): the held-out loss is (n_a l_a + n_b l_b) / (n_a + n_b), the loss of one batch of both rows, not the
+    mean of the two batches' means (l_a + l_b) / 2, which would weigh each token of the short answer more."""
+    import contextlib
+    import sft
+    m = tiny().eval()
+    short = [CONVS[1][1], {"role": "assistant", "content": "Tom."}]
+    rows = [sft_example(ENC, c, 64) for c in (CONVS[0], short)]
+    n = [sum(t != -1 for t in y) for _, y in rows]
+    assert n[0] > 2 * n[1]  # unequal halves: the test can fail
+    with torch.no_grad():
+        l = [sft_loss(m(x, attention_mask=a)[0], y).item() for x, y, a in (sft_batch([r], PAD) for r in rows)]
+        x, y, attn = sft_batch(rows, PAD)
+        whole = sft_loss(m(x, attention_mask=attn)[0], y).item()
+    assert whole == pytest.approx((n[0] * l[0] + n[1] * l[1]) / (n[0] + n[1]), rel=1e-5)
+    assert abs(whole - (l[0] + l[1]) / 2) > 1e-3  # the mean of means is another number
+    got = sft.held_out_loss(m, rows, 1, 2, PAD, "cpu", contextlib.nullcontext())  # batch_size 1, 2 batches
+    assert got == pytest.approx(whole, rel=1e-5)
+    assert sft.held_out_loss(m, rows, 2, 1, PAD, "cpu", contextlib.nullcontext()) == pytest.approx(whole)
+
 def test_micro_steps_and_ranks_past_a_field_width_draw_their_own_batches():
     """The batch generator's seed hashes (seed, step, micro-step, rank) whole; a key packed into fixed bit
     widths gave micro-step 64 of step 0 the batch of micro-step 0 of step 1 (and rank 1024 that of rank 0)."""

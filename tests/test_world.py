@@ -232,3 +232,28 @@ def test_win_rate_clusters_answers_to_the_same_prompt():
     assert w.win_rate(a, b, ["a", "a", "b", "b"]) == (0.5, pytest.approx(1.96 * 0.5))
     assert w.win_rate(a, b, ["a", "b", "b", "a"]) == (0.5, 0.0)
     assert w.win_rate(a, b, [0, 1, 2, 3]) == w.win_rate(a, b)  # a prompt per pair: the plain one
+
+
+def test_rankings_follow_plackett_luce_when_the_answers_are_close():
+    """Gumbel-max: key_i = u_i / tau + g_i, g_i = -log(-log U) ~ Gumbel(0, 1), puts i first with the softmax
+    probability. Utilities 1, 0.75, 0.5 at tau = 0.25 give u / tau = 4, 3, 2 and P(first) = (e^2, e, 1) /
+    (e^2 + e + 1) = 0.665, 0.245, 0.090. Keys with +log(-log U) (a Gumbel of the minimum) would put the worst
+    answer first only 5.3% of the time: off by 0.037, three times the 0.012 allowed (6 standard errors of
+    20,000 draws)."""
+    p = U("Describe the fox.")
+    rs = ["The fox is happy. The fox runs in the forest.", "The fox is happy.", "The owl is happy."]
+    assert [w.gold(p, r) for r in rs] == pytest.approx([1.0, 0.75, 0.5])
+    z = math.e ** 2 + math.e + 1
+    want = [math.e ** 2 / z, math.e / z, 1 / z]
+    rng, n = random.Random(0), 20000
+    firsts = [w.rank(p, rs, rng, tau=0.25)[0] for _ in range(n)]
+    assert [firsts.count(i) / n for i in range(3)] == pytest.approx(want, abs=0.012)
+
+
+def test_a_list_with_more_items_than_asked_is_only_half_helpful():
+    """"List three animals." wants exactly three: four distinct animals are of the right kind (0.5) but not
+    the right number (0 of the other 0.5); five, one of them twice, earn neither half."""
+    lst = U("List three animals.")
+    assert w.gold_components(lst, "Cat, dog, fox and owl.")["helpful"] == 0.5
+    assert w.gold_components(lst, "Cat, dog, fox, owl and cat.")["helpful"] == 0.0
+    assert w.gold(lst, "Cat, dog, fox and owl.") == pytest.approx(1 - 0.5 * w.WEIGHTS["helpful"])
