@@ -204,7 +204,8 @@ def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator
                    lap=lambda phase: None):
     """The end-of-stage check of ppo.py and dpo.py: the same held-out prompts answered by SFT and by the tuned
     policy, judged by the hidden human. Prints gold, turn ending, fluency, the policy's gold win rate against
-    SFT (ties count half, 95% interval) and KL(policy || SFT) on its own samples; returns the numbers."""
+    SFT (ties count half, 95% interval clustered by prompt) and KL(policy || SFT) on its own samples; returns
+    the numbers."""
     sft_res = score(sft, enc, prompts, max_new_tokens, generator=generator, lap=lap)
     res = score(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft, lap=lap)
     rate, ci = world.win_rate([s["gold"] for s in res["samples"]], [s["gold"] for s in sft_res["samples"]],

@@ -327,3 +327,26 @@ def test_a_damaged_stage_log_costs_its_lines_not_the_report(tmp_path):
     path.write_bytes(b'{"iter": 1, "loss": 2.0}\n\xff\n[1]\n{"iter": 2, "loss": 1.5}\n{"iter": 3, "lo')
     assert evaluate.read_jsonl(str(path)) == [{"iter": 1, "loss": 2.0}, {"iter": 2, "loss": 1.5}]
     assert evaluate.read_jsonl(str(tmp_path / "none.jsonl")) == []
+
+
+def test_the_end_of_stage_check_clusters_its_interval_by_prompt(monkeypatch, capsys):
+    """ppo.py's and dpo.py's closing check answers each held-out prompt several times: its interval, like the
+    report's, treats one prompt's answers as one cluster. SFT scores 0.5 everywhere (it is judged first); the
+    policy 1 on the cat, 0 on the dog, 3 answers each: p = 1/2, residual sums +3/2 and -3/2, variance
+    2/1 x (9/4 + 9/4) / 6^2 = 1/4, half-width 1.96 x 1/2 (as 6 independent pairs: 1.96 x sqrt(0.3 / 6))."""
+    import rollout
+    calls = []
+
+    def gold(p, text, ended):
+        calls.append(p)
+        return 0.5 if len(calls) <= 6 else float("cat" in p[-1]["content"])
+    monkeypatch.setattr(world, "gold", gold)
+    torch.manual_seed(0)
+    net = M.GPT(M.GPTConfig(block_size=64, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2,
+                            n_embd=16)).eval()
+    prompts = [[{"role": "user", "content": f"Describe the {x}."}] for x in ("cat", "dog")] * 3
+    got = rollout.compare_to_sft("policy", net, net, get_tokenizer("world"), prompts, 8,
+                                 generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 12 and got["win_rate"] == 0.5
+    assert got["win_ci"] == pytest.approx(1.96 * 0.5)
+    assert "policy wins 50.0% +- 98.0% against SFT" in capsys.readouterr().out
