@@ -1,4 +1,5 @@
-"""What several test files share: running a script that must refuse its input, in this process."""
+"""What several test files share: running a script in this process (one that must refuse its input, or a
+stage's main() with options), and catching the gradient of each optimizer step."""
 import os
 import runpy
 import sys
@@ -37,3 +38,26 @@ def no_tf32():
     yield
     for f, value in zip(flags, saved):
         f.allow_tf32 = value
+
+
+def run_here(monkeypatch, module, *argv):
+    """module.main() in this process with these options (a new python spends seconds importing torch); the
+    config globals main() rebinds are restored after the test."""
+    for name, value in list(vars(module).items()):
+        if not name.startswith("_") and type(value) in (int, float, bool, str):
+            monkeypatch.setattr(module, name, value)
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    return module.main()
+
+
+def capture_grads(monkeypatch):
+    """A list that every runtime.optimizer_step fills with the step's flattened gradient before it steps."""
+    import runtime
+    import torch
+    grads, step = [], runtime.optimizer_step
+
+    def capture(model, optimizer, scaler, grad_clip):
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        return step(model, optimizer, scaler, grad_clip)
+    monkeypatch.setattr(runtime, "optimizer_step", capture)
+    return grads

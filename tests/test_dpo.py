@@ -21,6 +21,7 @@ import runtime  # noqa: E402
 from data.readers import DataError  # noqa: E402
 from data.tokenizer import END, get_tokenizer, special_id  # noqa: E402
 from test_reliability import time_split  # noqa: E402
+from conftest import run_here  # noqa: E402
 
 TINY = dict(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 
@@ -389,19 +390,24 @@ def test_a_first_line_that_is_not_an_object_is_one_line(tmp_path, first):
         dpo.load_pairs(str(path))
 
 
-def test_a_non_finite_reward_in_an_online_round_stops_the_stage(tmp_path):
-    """A reward model that overflows (fp16 on a card without bf16, say) scores NaN: best_and_worst would then
-    pick pairs by a broken order, or none ("ties"), and train on or skip them without a word."""
-    enc = get_tokenizer("world")
-    args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+def save_online_inputs(tmp_path, **reward_extra):
+    """A tiny SFT model, a reward model of the same network and four ranked pairs: what online rounds read."""
+    args = dict(block_size=64, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2, n_embd=16,
+                dropout=0.0)
     torch.manual_seed(0)
     for kind, a in (("sft", args), ("reward", {**args, "scalar_head": True})):
         runtime.save_checkpoint(str(tmp_path / f"{kind}.pt"), {
             "model": M.GPT(M.GPTConfig(**a)).state_dict(), "model_args": a, "config": {}, "kind": kind,
-            "step": 0, "tokenizer": "world", "gain": 1.0, "bias": 0.0})
+            "step": 0, "tokenizer": "world", "gain": 1.0, "bias": 0.0, **reward_extra})
     write(tmp_path / "comparisons.jsonl", [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
                                            "responses": [f"The {a} is red.", "No."], "ended": [True, True],
                                            "ranking": [0, 1]} for a in ("fox", "cat", "dog", "owl")])
+
+
+def test_a_non_finite_reward_in_an_online_round_stops_the_stage(tmp_path):
+    """A reward model that overflows (fp16 on a card without bf16, say) scores NaN: best_and_worst would then
+    pick pairs by a broken order, or none ("ties"), and train on or skip them without a word."""
+    save_online_inputs(tmp_path)
     flags = [f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2", "--online_rounds=1",
              "--online_prompts=4", "--online_k=3", "--online_pairs=1", "--max_new_tokens=8"]
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); import dpo; real = dpo.reward_scores; "
@@ -471,24 +477,10 @@ def test_the_online_learning_rate_falls_linearly_step_by_step_over_the_rounds(tm
     the round: with 2 rounds of per_round = 4 prompts x 1 pair / 2 pairs a step = 2 steps and online_lr 2e-4,
     the four steps log 2e-4 * (1, 1 - 0.75 * 0.25, 1 - 0.75 * 0.5, 1 - 0.75 * 0.75)
     = 2e-4, 1.625e-4, 1.25e-4, 0.875e-4: a quarter of online_lr is taken off over the rounds, by the step."""
-    enc = get_tokenizer("world")
-    args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
-    torch.manual_seed(0)
-    for kind, a in (("sft", args), ("reward", {**args, "scalar_head": True})):
-        runtime.save_checkpoint(str(tmp_path / f"{kind}.pt"), {
-            "model": M.GPT(M.GPTConfig(**a)).state_dict(), "model_args": a, "config": {}, "kind": kind,
-            "step": 0, "tokenizer": "world", "gain": 1.0, "bias": 0.0, "lm_weight": 0.05})
-    write(tmp_path / "comparisons.jsonl", [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
-                                           "responses": [f"The {a} is red.", "No."], "ended": [True, True],
-                                           "ranking": [0, 1]} for a in ("fox", "cat", "dog", "owl")])
-    for name, value in list(vars(dpo).items()):  # the config globals main() rebinds, restored after
-        if not name.startswith("_") and type(value) in (int, float, bool, str):
-            monkeypatch.setattr(dpo, name, value)
-    monkeypatch.setattr(sys, "argv", ["dpo.py", f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2",
-                                      "--online_rounds=2", "--online_prompts=4", "--online_k=3",
-                                      "--online_pairs=1", "--online_lr=2e-4", "--max_new_tokens=8",
-                                      "--n_eval=1", "--device=cpu"])
-    dpo.main()
+    save_online_inputs(tmp_path, lm_weight=0.05)
+    run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2",
+             "--online_rounds=2", "--online_prompts=4", "--online_k=3", "--online_pairs=1",
+             "--online_lr=2e-4", "--max_new_tokens=8", "--n_eval=1", "--device=cpu")
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
     online = [(x["iter"], x["round"], x["lr"]) for x in logs if "round" in x]
     assert [x[:2] for x in online] == [(2, 1), (3, 1), (4, 2), (5, 2)]

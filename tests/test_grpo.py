@@ -17,6 +17,7 @@ from data import world
 from rollout import respond, sample_kl
 from test_ppo import make_stage_checkpoints, tiny_policy
 from test_reliability import time_split  # noqa: E402
+from conftest import run_here  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,13 +221,9 @@ def test_the_k3_term_in_the_loss_has_the_gradient_of_kl_ref_to_pi():
 def run_grpo_here(monkeypatch, out, *args):
     """grpo.main() in this process with run_grpo's tiny options, one iteration of one epoch of one minibatch
     (the whole batch: one grpo_loss call); the config globals main() rebinds are restored after."""
-    for name, value in list(vars(grpo).items()):
-        if not name.startswith("_") and type(value) in (int, float, bool, str):
-            monkeypatch.setattr(grpo, name, value)
-    monkeypatch.setattr(sys, "argv", ["grpo.py", f"--out_dir={out}", "--group_size=3", "--group_prompts=2",
-                                      "--minibatch_size=6", "--max_new_tokens=8", "--eval_samples=1",
-                                      "--n_eval=1", "--device=cpu", "--max_iters=1", "--ppo_epochs=1", *args])
-    grpo.main()
+    run_here(monkeypatch, grpo, f"--out_dir={out}", "--group_size=3", "--group_prompts=2",
+             "--minibatch_size=6", "--max_new_tokens=8", "--eval_samples=1", "--n_eval=1", "--device=cpu",
+             "--max_iters=1", "--ppo_epochs=1", *args)
 
 
 def spy_on_main(monkeypatch):

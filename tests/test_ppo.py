@@ -18,6 +18,7 @@ from data import world
 from rollout import respond
 from data.tokenizer import get_tokenizer
 from test_reliability import time_split  # noqa: E402
+from conftest import run_here  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,11 +264,7 @@ def make_stage_checkpoints(out):
 
 def run_main_here(monkeypatch, *argv):
     """ppo.main() in this process with these options; the config globals it rebinds are restored after."""
-    for name, value in list(vars(ppo).items()):
-        if not name.startswith("_") and type(value) in (int, float, bool, str):
-            monkeypatch.setattr(ppo, name, value)
-    monkeypatch.setattr(sys, "argv", ["ppo.py", *argv])
-    ppo.main()
+    run_here(monkeypatch, ppo, *argv)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -562,20 +559,24 @@ def test_main_whitens_the_advantages_over_the_rollout_batchs_answer_tokens(tmp_p
     assert not adv[mask == 0].any()
 
 
+def spy_on_token_rewards(monkeypatch):
+    """A list that main()'s calls to token_rewards fill with their (k1 KL, answer mask), in order."""
+    seen, real = [], ppo.token_rewards
+
+    def token_rewards_and_keep(scores, kl, action, kl_coef):
+        seen.append((kl.clone(), action.clone()))
+        return real(scores, kl, action, kl_coef)
+    monkeypatch.setattr(ppo, "token_rewards", token_rewards_and_keep)
+    return seen
+
+
 def test_main_logs_the_kl_in_nats_per_answer(tmp_path, monkeypatch):
     """The logged kl (and the controller's input) is the k1 KL summed over each answer's tokens, averaged
     over answers: sum_t k1_t action_t / B, not the per-token mean (smaller by the mean answer length). Checked
     on iteration 2, after the policy has moved from the reference (a large lr), against the k1 values that
     main() hands token_rewards."""
     make_stage_checkpoints(tmp_path)
-    seen = []
-    real_token_rewards = ppo.token_rewards
-
-    def token_rewards_and_keep(scores, kl, action, kl_coef):
-        seen.append((kl.clone(), action.clone()))
-        return real_token_rewards(scores, kl, action, kl_coef)
-
-    monkeypatch.setattr(ppo, "token_rewards", token_rewards_and_keep)
+    seen = spy_on_token_rewards(monkeypatch)
     run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
                   "--max_iters=2", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1",
                   "--ppo_epochs=2", "--lr=1e-2", "--kl_estimator=k1", "--device=cpu")
@@ -592,14 +593,7 @@ def test_main_scores_the_reference_at_the_sampling_temperature(tmp_path, monkeyp
     on every answer token, provided both log-probs are of softmax(logits / 0.7): a reference read at
     temperature 1 would leave a KL of log softmax(z / 0.7) - log softmax(z) on each token."""
     make_stage_checkpoints(tmp_path)
-    seen = []
-    real_token_rewards = ppo.token_rewards
-
-    def token_rewards_and_keep(scores, kl, action, kl_coef):
-        seen.append((kl.clone(), action.clone()))
-        return real_token_rewards(scores, kl, action, kl_coef)
-
-    monkeypatch.setattr(ppo, "token_rewards", token_rewards_and_keep)
+    seen = spy_on_token_rewards(monkeypatch)
     run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
                   "--max_iters=1", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--reward=gold",
                   "--ppo_epochs=1", "--temperature=0.7", "--kl_estimator=k1", "--device=cpu")

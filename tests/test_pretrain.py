@@ -19,6 +19,7 @@ import model as M  # noqa: E402
 import runtime  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 from pretrain import get_batch, next_token_loss  # noqa: E402  (importing pretrain.py runs nothing)
+from conftest import capture_grads, run_here  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=6",
         "--eval_interval=3", "--eval_iters=1", "--n_samples=0", "--warmup_iters=2"]
@@ -83,23 +84,13 @@ def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(tmp_
         x, y = real(stream, block_size, 4, seed, it, 0, rank)
         return x[micro * batch_size:(micro + 1) * batch_size], y[micro * batch_size:(micro + 1) * batch_size]
     monkeypatch.setattr(pretrain, "get_batch", halves)
-    grads, step = [], runtime.optimizer_step
-
-    def capture(model, optimizer, scaler, grad_clip):
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-        return step(model, optimizer, scaler, grad_clip)
-    monkeypatch.setattr(runtime, "optimizer_step", capture)
-    for name, value in list(vars(pretrain).items()):  # the config globals main() rebinds, restored after
-        if not name.startswith("_") and type(value) in (int, float, bool, str):
-            monkeypatch.setattr(pretrain, name, value)
+    grads = capture_grads(monkeypatch)
     for batch_size, accum in ((4, 1), (2, 2)):
         out = tmp_path / str(accum)
-        monkeypatch.setattr(sys, "argv", ["pretrain.py", f"--out_dir={out}", *TINY, "--max_iters=1",
-                                          f"--batch_size={batch_size}", f"--grad_accum={accum}",
-                                          "--eval_interval=1", f"--data={tmp_path / 'corpus.txt'}",
-                                          "--device=cpu"])  # fp32 on any machine
         os.makedirs(out)
-        pretrain.main()
+        run_here(monkeypatch, pretrain, f"--out_dir={out}", *TINY, "--max_iters=1",
+                 f"--batch_size={batch_size}", f"--grad_accum={accum}", "--eval_interval=1",
+                 f"--data={tmp_path / 'corpus.txt'}", "--device=cpu")  # fp32 on any machine
     assert len(grads) == 2 and grads[0].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
 

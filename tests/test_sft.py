@@ -20,6 +20,7 @@ import model as M  # noqa: E402
 import runtime  # noqa: E402
 from data.chat import render, sft_example  # noqa: E402
 from sft import sft_batch, sft_loss  # noqa: E402  (importing sft.py runs nothing)
+from conftest import capture_grads, run_here  # noqa: E402
 from data.tokenizer import ASSISTANT, END, EOT, USER, get_tokenizer, special_id  # noqa: E402
 
 ENC = get_tokenizer("world")
@@ -333,23 +334,13 @@ def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(base
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in [long, long, short, short, long]))
     monkeypatch.setattr(sft, "train_batch", lambda rows, batch_size, seed, it, micro, rank, pad_id: sft_batch(
         rows[micro * batch_size:(micro + 1) * batch_size], pad_id))  # micro-batch m: rows in order
-    grads, step = [], runtime.optimizer_step
-
-    def capture(model, optimizer, scaler, grad_clip):
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-        return step(model, optimizer, scaler, grad_clip)
-    monkeypatch.setattr(runtime, "optimizer_step", capture)
-    for name, value in list(vars(sft).items()):  # the config globals main() rebinds, restored after
-        if not name.startswith("_") and type(value) in (int, float, bool, str):
-            monkeypatch.setattr(sft, name, value)
+    grads = capture_grads(monkeypatch)
     for batch_size, accum in ((4, 1), (2, 2)):
-        monkeypatch.setattr(sys, "argv", ["sft.py", f"--out_dir={tmp_path / str(accum)}", f"--data={data}",
-                                          "--dropout=0.0", f"--batch_size={batch_size}",
-                                          f"--grad_accum={accum}", "--max_iters=1", "--compare=False",
-                                          "--eval_iters=1", "--device=cpu"])  # fp32 on any machine
         os.makedirs(tmp_path / str(accum))
         os.link(base_dir / "base.pt", tmp_path / str(accum) / "base.pt")
-        sft.main()
+        run_here(monkeypatch, sft, f"--out_dir={tmp_path / str(accum)}", f"--data={data}", "--dropout=0.0",
+                 f"--batch_size={batch_size}", f"--grad_accum={accum}", "--max_iters=1", "--compare=False",
+                 "--eval_iters=1", "--device=cpu")  # fp32 on any machine
     y = [sft_example(ENC, c, 64)[1] for c in (long, short)]
     assert sum(t != -1 for t in y[0]) > 2 * sum(t != -1 for t in y[1])  # the halves differ: the test can fail
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
