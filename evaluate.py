@@ -31,7 +31,7 @@ from data import world
 from data.chat import render_prompt
 from data.readers import DataError, read_prompts
 from data.tokenizer import get_tokenizer
-from rollout import best_of_n, prompts_fit, reward_scores, score
+from rollout import best_of_n, prompts_fit, reward_scores, score, win_rate_against
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -200,9 +200,8 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
                                                 lm_weight=rm_ck.get("lm_weight", 0.0), sft=sft).mean().item()
             lap("scoring")
         if name == "sft":
-            sft_golds = [s["gold"] for s in res["samples"]]
-        res["win_vs_sft"], res["win_ci"] = world.win_rate(  # the interval clusters answers by prompt
-            [s["gold"] for s in res["samples"]], sft_golds, [repr(s["prompt"]) for s in res["samples"]])
+            sft_samples = res["samples"]
+        res["win_vs_sft"], res["win_ci"] = win_rate_against(res["samples"], sft_samples)
         # where the gold is lost: WEIGHTS[k] * (1 - component k), averaged; the parts add up to 1 - gold
         comps = [world.gold_components(s["prompt"], s["text"], s["ended"]) for s in res["samples"]]
         res["missing"] = {k: sum(w * (1 - c[k]) for c in comps) / len(comps)

@@ -200,6 +200,13 @@ def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64
     return {**mean, "n": len(samples), "samples": samples}
 
 
+def win_rate_against(samples, ref_samples):
+    """world.win_rate of scored samples against ref_samples, answers to the same prompts in the same order:
+    (rate, 95% half-width), the interval clustered by prompt (one prompt's answers are not independent)."""
+    return world.win_rate([s["gold"] for s in samples], [s["gold"] for s in ref_samples],
+                          [repr(s["prompt"]) for s in samples])
+
+
 def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator=None,
                    lap=lambda phase: None):
     """The end-of-stage check of ppo.py and dpo.py: the same held-out prompts answered by SFT and by the tuned
@@ -208,8 +215,7 @@ def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator
     the numbers."""
     sft_res = score(sft, enc, prompts, max_new_tokens, generator=generator, lap=lap)
     res = score(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft, lap=lap)
-    rate, ci = world.win_rate([s["gold"] for s in res["samples"]], [s["gold"] for s in sft_res["samples"]],
-                              [repr(s["prompt"]) for s in res["samples"]])  # clustered by prompt
+    rate, ci = win_rate_against(res["samples"], sft_res["samples"])
     for who, r in (("sft", sft_res), (name, res)):
         print(f"  {who}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, "
               f"fluency {r['fluency']:.1%}")
