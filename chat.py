@@ -60,8 +60,9 @@ def fit_context(enc, history, n_keep, max_new_tokens, block_size):
 def reply(model, enc, history, n_keep, generator, ctx, max_new_tokens, temperature, top_k=None, top_p=None,
           show_tokens=False):
     """Fit history into the context, then sample the assistant's reply (temperature 0 = greedy). history is
-    updated in place (old exchanges dropped, the reply appended). Returns the reply text, or None if the last
-    message alone is too long (it is then taken back, and the earlier exchanges are all kept)."""
+    updated in place once the reply is there (old exchanges dropped, the reply appended; a Ctrl-C while it
+    samples changes nothing). Returns the reply text, or None if the last message alone is too long (it is
+    then taken back, and the earlier exchanges are all kept)."""
     block_size = model.config.block_size
     # the least that could be sent (the system message and the new one) is checked before anything is dropped:
     # a message that cannot be sent must not cost the conversation its history
@@ -71,16 +72,17 @@ def reply(model, enc, history, n_keep, generator, ctx, max_new_tokens, temperatu
               f"the context holds {block_size}: not sent)")
         history.pop()
         return None
-    dropped = fit_context(enc, history, n_keep, max_new_tokens, block_size)
+    sent = list(history)  # trimmed and answered first; history changes only once there is a reply
+    dropped = fit_context(enc, sent, n_keep, max_new_tokens, block_size)
     if dropped:
         print(f"(context full: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} "
               f"to fit {block_size} tokens)")
-    ids = render_prompt(enc, history)
+    ids = render_prompt(enc, sent)
     if show_tokens:
         print(f"[prompt {len(ids)} tokens] {enc.decode(ids)!r}")
     with ctx:
-        r = respond(model, enc, [history], max_new_tokens, temperature, top_k, top_p, generator=generator)[0]
-    history.append({"role": "assistant", "content": r["text"].strip()})
+        r = respond(model, enc, [sent], max_new_tokens, temperature, top_k, top_p, generator=generator)[0]
+    history[:] = sent + [{"role": "assistant", "content": r["text"].strip()}]
     return r["text"].strip() + ("" if r["ended"] else " [cut off]")
 
 

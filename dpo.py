@@ -28,11 +28,13 @@ Departures from the paper, each a flag and off by default:
                       https://ericmitchell.ai/cdpo.pdf): the labels are flipped with this probability.
   --rpo_alpha         RPO's NLL term (Pang et al. 2024, https://arxiv.org/abs/2404.19733): DPO only asks that
                       chosen beat rejected; the chosen answers' per-token NLL keeps them likely outright.
-  --online_rounds     online DPO (Guo et al. 2024, https://arxiv.org/abs/2402.04792): offline DPO never sees
-                      the answers it comes to write. Each round the policy answers online_prompts training
-                      prompts online_k times; the reward model ranks the answers (not ending costs
-                      no_end_penalty, as in PPO), and best-vs-worst pairs feed the same loss.
-The paper's optimizer (RMSprop, lr 1e-6, App. B) is replaced by AdamW, a cosine schedule and a larger lr.
+  --online_rounds     iterative DPO (Xiong et al. 2024, https://arxiv.org/abs/2312.11456; Dong et al. 2024,
+                      https://arxiv.org/abs/2405.07863): offline DPO never sees the answers it comes to
+                      write. Each round the policy answers online_prompts training prompts online_k times;
+                      the reward model ranks them (not ending costs no_end_penalty, as in PPO), and
+                      best-vs-worst pairs feed the same loss.
+The paper's optimizer (RMSprop, lr 1e-6, batch 64, 150 warmup steps; App. B) is replaced by AdamW, a cosine
+schedule, a larger lr, batches of 32 and 10 warmup steps: a small model's settings.
 """
 import json
 import os
@@ -46,7 +48,7 @@ from tqdm import tqdm
 import runtime
 from data import world
 from data.chat import render_response
-from data.readers import DataError, read_comparisons, read_preferences
+from data.readers import or_exit, read_comparisons, read_preferences
 from rollout import compare_to_sft, respond, response_logps, reward_scores
 
 # -----------------------------------------------------------------------------
@@ -185,9 +187,9 @@ def best_and_worst(scores, replies, k, n=1, no_end_penalty=0.0):
 
 
 def epoch_batches(pair_len, batch_size, seed, epoch):
-    """One epoch's micro-batches of pair indices. Rows are padded to the longest in their batch, and in a
-    random batch about half of the tokens would be padding; so pairs of similar length go together (HF's
-    group_by_length): shuffle, sort windows of 50 batches by length, cut into batches, shuffle the batches."""
+    """One epoch's micro-batches of pair indices. Rows are padded to the longest in their batch, so pairs of
+    similar length go together (HF's group_by_length) rather than pad short answers to long ones: shuffle,
+    sort windows of 50 batches by length, cut into batches, shuffle the batches."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     perm, win = torch.randperm(len(pair_len), generator=g).tolist(), 50 * batch_size
     perm = [i for s in range(0, len(perm), win) for i in sorted(perm[s:s + win], key=pair_len.__getitem__)]
@@ -312,6 +314,7 @@ def main():
     data_path = data or os.path.join(out_dir, "comparisons.jsonl")
     if data and not os.path.isfile(data):
         raise SystemExit(f"error: preference file {data} not found")
+    loaded = or_exit(load_pairs, data_path) if data else None  # a bad file is one line before SFT is built
     if not data and os.path.isfile(rm_path) and not os.path.isfile(data_path):  # a --data reward model
         raise SystemExit(f"error: {data_path} not found beside {rm_path}: pass the --data it was trained on")
     if data and online_rounds and not os.path.isfile(rm_path):
@@ -324,10 +327,7 @@ def main():
             runtime.ensure_checkpoint(path, "reward.py", out_dir)  # reward.py writes both files
     if rt.ddp:
         torch.distributed.barrier()
-    try:
-        responses, pairs = load_pairs(data_path)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    responses, pairs = loaded or or_exit(load_pairs, data_path)
 
     # ---- 2. policy and reference: both start as the SFT model; the reference never changes
     ref, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)

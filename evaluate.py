@@ -29,7 +29,7 @@ from tqdm import tqdm
 import runtime
 from data import world
 from data.chat import render_prompt
-from data.readers import DataError, read_prompts
+from data.readers import or_exit, read_prompts
 from data.tokenizer import get_tokenizer
 from rollout import best_of_n, prompts_fit, reward_scores, score, win_rate_against
 
@@ -409,10 +409,7 @@ def main():
         "dpo_betas": (lambda v: min(v, default=1) > 0, "betas > 0")})  # refused now, not after a sweep's runs
     rt = runtime.setup(device, dtype, seed)
     # ---- 1. the prompts and the checkpoints to compare (a bad file or path is one line, before any sampling)
-    try:
-        eval_prompts = read_prompts(prompts) if prompts else world.prompts("eval")
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    eval_prompts = or_exit(read_prompts, prompts) if prompts else world.prompts("eval")
     rm_path = reward or os.path.join(out_dir, "reward.pt")
     if reward and not os.path.isfile(reward):
         raise SystemExit(f"error: --reward: {reward} not found")

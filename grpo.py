@@ -23,7 +23,8 @@ RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740, 
 Departures: the reward is the normalised reward-model score less a missing-end penalty, as in ppo.py; RLOO's
 loss uses the same per-token average and clipping as GRPO (with one update per batch, ppo_epochs = 1 and
 minibatch_size = group_size x group_prompts, the ratio is 1 and it is exactly the REINFORCE gradient, averaged
-over each answer's tokens rather than summed).
+over each answer's tokens rather than summed). Both take ppo_epochs x (batch / minibatch_size) clipped steps
+per batch, Algorithm 1's mu; DeepSeekMath's runs took a single step per batch, where the clip never acts.
 """
 import os
 import random
@@ -35,7 +36,7 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from rollout import compare_to_sft, prompts_fit, respond, reward_scores, training_prompts
+from rollout import compare_to_sft, load_rl_inputs, prompts_fit, respond, reward_scores, training_prompts
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -49,8 +50,8 @@ seed = 1337                # same seed, same run (on CPU)
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
 compile = False            # torch.compile the policy (CUDA)
-max_iters = 100            # iterations (one batch of groups each): 12,800 answers; ppo.py stops at 5,120,
-                           # where its gold has stopped rising, while RLOO's still rises at 100
+max_iters = 100            # iterations (one batch of groups each): more answers than ppo.py's 40 batches
+                           # of 128, and RLOO's gold still rises at the end (docs/experiments.md)
 group_size = 8             # G answers per prompt: the baseline is their mean, so G >= 2
 group_prompts = 16         # prompts per batch (per process): group_size x group_prompts answers per iteration
 minibatch_size = 64        # answers per gradient step (whole groups stay together only for the advantage)
@@ -58,7 +59,7 @@ ppo_epochs = 2             # passes over each batch; 1, with minibatch_size = th
                            # per batch (the ratio is then 1)
 lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 the group advantage
                            # (one unit of std per answer, every token alike) pushed the policy far from
-                           # SFT within 30 batches
+                           # SFT within a few dozen batches
 beta = 0.3                 # KL weight: in the loss (GRPO) or in the sequence reward (RLOO); with the k3 term
                            # in the loss, a small weight barely held the KL back (docs/experiments.md)
 max_new_tokens = 32        # longest answer, as in ppo.py
@@ -130,7 +131,7 @@ def main():
     rt = runtime.setup(device, dtype, seed)
     hint = "a lower --lr or a larger --beta"
     # the frozen SFT reference and reward model, each built by its stage first if missing
-    ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
+    ref, enc, sft_ck, rm, rm_ck = load_rl_inputs(out_dir, reward == "rm", rt)
     prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
     policy = runtime.model_from_checkpoint(sft_ck, "sft.pt", dropout=0.0).to(rt.device)  # starts as SFT
     optimizer = runtime.configure_optimizer(policy, 0.0, lr, (0.9, 0.95), rt.device_type)

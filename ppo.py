@@ -44,7 +44,7 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from rollout import compare_to_sft, prompts_fit, respond, reward_scores, training_prompts
+from rollout import compare_to_sft, load_rl_inputs, prompts_fit, respond, reward_scores, training_prompts
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -57,14 +57,14 @@ device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
 compile = False            # torch.compile the policy (CUDA)
 max_iters = 40             # PPO iterations (one rollout batch each): the hidden human's score on the
-                           # rollouts stops rising within about 20; further ones move the KL, not gold
+                           # rollouts stops rising early; further ones move the KL, not gold
 batch_size = 128           # prompts (= episodes) per rollout batch, per process
 minibatch_size = 64        # episodes per gradient step: with much smaller minibatches the steps were too
                            # noisy to buy more reward with the KL they spent
 ppo_epochs = 2             # passes over each rollout batch: fewer epochs on more, fresher batches beat more
                            # epochs on fewer batches, in about the same time
-lr = 1.5e-4                # the policy's learning rate: with 4 epochs 1e-4 was stable and 2e-4 ran away
-                           # (its KL exploded)
+lr = 1.5e-4                # the policy's learning rate: about the largest whose KL did not run away
+                           # (docs/experiments.md)
 max_new_tokens = 32        # longest answer; answers that never end their turn are penalised (the "EOS trick")
 temperature = 1.0          # pure sampling (no top-k/top-p): the sampled tokens give an unbiased KL estimate
 beta = 0.05                # KL coefficient (initial value when target_kl is set)
@@ -73,8 +73,8 @@ kl_horizon = 10000         # the controller's horizon (episodes), as in Ziegler 
 kl_estimator = "k1"        # per-token KL penalty: "k1" = logp - logp_ref, "k3" = (ratio - 1) - log ratio
                            # (k3 estimates the KL's value; as a reward its gradient is not the KL's: kl_k3)
 no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn
-gamma, lam = 1.0, 1.0      # GAE discount and bias-variance trade-off: lam < 1 trusts the value head, a linear
-                           # probe on frozen features that predicts the returns poorly; it bought nothing here
+gamma, lam = 1.0, 0.95     # GAE discount and bias-variance trade-off, Ziegler et al.'s values (and PPO's
+                           # lam): lam < 1 leans on the value head's estimates, lam = 1 is the plain return
 cliprange = 0.2            # PPO-clip epsilon for the policy ratio
 cliprange_value = 0.2      # and for the value function
 vf_coef = 0.5              # weight of the value loss. It trains only the value head, which has its own Adam
@@ -98,9 +98,9 @@ def masked_mean(x, mask):
 
 
 def masked_whiten(x, mask):
-    """Advantages normalised to mean 0, std 1 over the real (masked-in) tokens only; padding stays 0. The PPO
-    paper's reference code whitens advantages per batch (Schulman et al. 2017,
-    https://arxiv.org/abs/1707.06347)."""
+    """Advantages normalised to mean 0, std 1 over the real (masked-in) tokens only; padding stays 0. Not in
+    the PPO paper's equations but in its reference code, and in Ziegler et al. 2019's RLHF code, which
+    whitens each rollout batch's advantages (https://arxiv.org/abs/1909.08593)."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return torch.where(mask > 0, (x - mean) * torch.rsqrt(var + 1e-8), 0.0)
@@ -154,17 +154,17 @@ def gae(rewards, values, mask, gamma, lam):
         m = mask[:, t]
         delta = rewards[:, t] + gamma * next_v - values[:, t]
         a = delta + gamma * lam * next_a
-        adv[:, t] = a * m
+        adv[:, t] = torch.where(m > 0, a, 0.0)  # where, not a * m: a NaN in padding stays out
         next_v = torch.where(m > 0, values[:, t], next_v)  # carry across masked positions unchanged
         next_a = torch.where(m > 0, a, next_a)
-    return adv, (adv + values) * mask
+    return adv, torch.where(mask > 0, adv + values, 0.0)
 
 
 def ppo_clip_loss(logp, old_logp, adv, mask, cliprange):
     """PPO's clipped surrogate, Schulman et al. 2017 eq. 7 (https://arxiv.org/abs/1707.06347), as a loss:
         L = E_t[ max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps)) ],   ratio_t = pi(a_t) / pi_old(a_t)
     averaged over the answer tokens (mask). Returns (loss, stats): the clipped fraction, the approximate KL
-    to pi_old, 0.5 * E[(log ratio)^2], and the mean ratio, as floats for the log."""
+    to pi_old (0.5 * E[(log ratio)^2]) and the mean ratio, as floats for the log."""
     ratio = torch.exp(torch.where(mask > 0, logp - old_logp, 0.0))  # exactly 1 off the answer
     loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange)), mask)
     stats = {"clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask).item(),
@@ -234,7 +234,7 @@ def main():
     rt = runtime.setup(device, dtype, seed)
     hint = "a lower --lr or --temperature closer to 1"
     # the frozen SFT reference and reward model, each built by its stage first if missing
-    ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
+    ref, enc, sft_ck, rm, rm_ck = load_rl_inputs(out_dir, reward == "rm", rt)
     prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
     # the policy starts as SFT, with a fresh scalar head on its trunk as the value function (a departure)
     policy = runtime.model_from_checkpoint(sft_ck, "sft.pt", dropout=0.0, scalar_head=True).to(rt.device)

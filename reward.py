@@ -5,13 +5,13 @@ InstructGPT step 2 (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155): "a pr
 outputs are sampled; a labeler ranks the outputs from best to worst; this data is used to train our reward
 model". The SFT model writes K answers to every train prompt; one of the world's simulated labelers ranks them
 (data/world.py: Plackett-Luce over the hidden human's utility, about as noisy as InstructGPT's labelers). The
-reward model r_theta(x, y) is the SFT network with a scalar head in place of its unembedding, read at the
-answer's last token. A ranking gives K(K-1)/2 pairs, winner y_w above loser y_l, all in one batch (eq. 1):
+reward model r_theta(x, y) is the SFT network with a scalar head beside its (unused) unembedding, read at
+the answer's last token. A ranking gives K(K-1)/2 pairs, winner y_w above loser y_l, all in one batch (eq. 1):
 
     loss(theta) = -1 / C(K, 2) * E_{(x, y_w, y_l) ~ D} [ log sigmoid(r_theta(x, y_w) - r_theta(x, y_l)) ]
 
-The loss sees only differences of rewards, so the reward is then normalised, gain * r + bias, to mean 0 and
-std 1 on SFT's own answers: PPO's reward and its KL penalty get a known scale whatever it learnt.
+The loss sees only reward differences, so r is then normalised, gain * r + bias, to mean 0 and std 1 on
+SFT's own answers (Ziegler et al. 2019; InstructGPT only shifts it): PPO's reward and KL get a known scale.
 
     python reward.py                          # K=4 answers to each of 4000 train prompts, ranked; train
     python reward.py --data=prefs.jsonl       # your own TRL / Anthropic HH preference pairs
@@ -53,7 +53,7 @@ data = ""                  # "" = sample comparisons from SFT on the world's tra
 collect = True             # sample and rank fresh comparisons; False reuses out_dir/comparisons.jsonl
 train = True               # train the reward model; False loads out_dir/reward.pt (e.g. to run --bon)
 n_prompts = 4000           # the first n train prompts (0 = all): many distinct prompts, each ranked once
-contexts = 2               # unrelated first exchanges before each question (16: 25,230 prompts, not 6,461)
+contexts = 2               # unrelated first exchanges before each question (16: about 4x the prompts)
 K = 4                      # answers ranked per prompt (InstructGPT: 4 to 9); 4 leaves time for more prompts
 max_new_tokens = 48        # longest sampled answer; one that is cut off never ended its turn
 temperature = 1.0          # 1 = sample the SFT distribution itself, which is where PPO starts
@@ -215,8 +215,7 @@ def yardsticks(comps, val_idx, seed, tau):
     for n, i in enumerate(val_idx):
         c, rng = comps[i], random.Random(f"second-{seed}-{i}")  # another labeler's own stream
         again = world.rank(c["prompt"], c["responses"], rng, ended=c["ended"], tau=tau)
-        pos = {k: K - p for p, k in enumerate(again)}  # best highest
-        second[n] = torch.tensor([float(pos[k]) for k in c["ranking"]])
+        second[n] = torch.tensor([float(K - again.index(k)) for k in c["ranking"]])  # best highest
     return gold, parts, second
 
 
@@ -326,8 +325,11 @@ def main():
         sys.exit("error: nothing to do with --train=False and --bon=0 (add --bon=16 to use out/reward.pt)")
     sft_path, cmp_path, ck_path, log_path = (os.path.join(out_dir, f) for f in
                                              ("sft.pt", "comparisons.jsonl", "reward.pt", "reward.jsonl"))
-    # a file to read is read first: a bad one is one line before a missing SFT model is built
+    # a file is read, and the prompts counted, first: one line before SFT is built or comparisons rewritten
     comps = file_comparisons(data, cmp_path) if train and (data or not collect or resume) else None
+    pool = world.prompts("train", contexts=contexts)[:n_prompts or None] if train and comps is None else []
+    if pool and max(1, round(val_fraction * len(pool))) >= len(pool):
+        sys.exit(f"error: --n_prompts={n_prompts} leaves none to train on with --val_fraction={val_fraction}")
     rt = runtime.setup(device, dtype, seed)
     runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)  # builds sft.pt if missing (rank 0 only)
     if rt.ddp:
@@ -341,7 +343,6 @@ def main():
         # ---- 1. comparisons: K answers per prompt from SFT, ranked by a labeler (or pairs from a file)
         if comps is None:
             gen = torch.Generator(device=rt.device).manual_seed(seed + rt.rank)
-            pool = world.prompts("train", contexts=contexts)[:n_prompts or None]
             comps = collect_comparisons(policy, enc, pool, rt, gen, K, max_new_tokens, temperature,
                                         labeler_tau, seed, gen_batch, watch.lap)
             if rt.master:

@@ -2,18 +2,35 @@
 Chat replies as RLHF uses them: sample them with the KV cache, take their log-probs, score them with a reward
 model, pick the best of N, and compare a tuned policy with SFT under the world's hidden human.
 
-Every stage after SFT samples or scores replies the same way, so these live once, here. A reply is the dict
-that respond() returns: {"text", "ended", "ids", "logprob"}; "ended" means it closed its turn with <|end|>.
+Every stage after SFT samples or scores replies the same way, so these live once, here, with the RL stages'
+frozen inputs (load_rl_inputs). A reply is the dict that respond() returns: {"text", "ended", "ids",
+"logprob"}; "ended" means it closed its turn with <|end|>.
 """
 import os
 
 import torch
 
+import runtime
 from data import world
 from data.chat import render_prompt, render_response, scored_ids
-from data.readers import DataError, read_prompts, row_lines
+from data.readers import or_exit, read_prompts, row_lines
 from data.tokenizer import END, EOT, SPECIALS, special_id
 from model import generate, pad_rows, sequence_logprobs
+
+
+def load_rl_inputs(out_dir, use_rm, rt):
+    """An RL stage's frozen inputs, each built by its own stage first when missing (rank 0 builds, the others
+    wait): (SFT reference, tokenizer, SFT checkpoint, reward model if use_rm else None, its checkpoint)."""
+    sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
+    if rt.master:
+        for path, script in [(sft_path, "sft.py")] + [(rm_path, "reward.py")] * use_rm:
+            runtime.ensure_checkpoint(path, script, out_dir)
+    if rt.ddp:
+        torch.distributed.barrier()
+    ref, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
+    ref.to(rt.device).eval().requires_grad_(False)
+    rm, rm_ck = runtime.load_reward_model(rm_path, rt.device, sft_ck) if use_rm else (None, None)
+    return ref, enc, sft_ck, rm, rm_ck
 
 
 def training_prompts(path):
@@ -22,10 +39,7 @@ def training_prompts(path):
     model is; once the policy's tokenizer is known, prompts_fit checks the prompts' lengths."""
     if not path:
         return world.prompts("train")
-    try:
-        prompts = read_prompts(path)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    prompts = or_exit(read_prompts, path)
     if int(os.environ.get("RANK", 0)) == 0:  # said once, by the first process
         print(f"training on {len(prompts)} prompts from {path}: the hidden human judges the world's language "
               "only, so no gold or win rate is reported")
@@ -86,8 +100,8 @@ def reply_logprobs(model, enc, conversations, replies, batch_size=128):
     """log p(reply | conversation) under model at temperature 1, summed over the reply's tokens (and its
     <|end|> if it ended its turn): (N,) fp32 on the CPU, no gradients. Computed on the reply's text as the
     reward model reads it (scored_ids: re-encoded, the same tokens however they were sampled), so the
-    --lm_feature term of a
-    reward model means the same thing when it is trained, in best-of-N, in PPO and in evaluation."""
+    --lm_feature term of a reward model means the same thing when it is trained, in best-of-N, in PPO and in
+    evaluation."""
     device = next(model.parameters()).device
     rows, masks = [], []
     for c, r in zip(conversations, replies):
@@ -209,10 +223,10 @@ def win_rate_against(samples, ref_samples):
 
 def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator=None,
                    lap=lambda phase: None):
-    """The end-of-stage check of ppo.py and dpo.py: the same held-out prompts answered by SFT and by the tuned
-    policy, judged by the hidden human. Prints gold, turn ending, fluency, the policy's gold win rate against
-    SFT (ties count half, 95% interval clustered by prompt) and KL(policy || SFT) on its own samples; returns
-    the numbers."""
+    """The end-of-stage check of ppo.py, grpo.py and dpo.py: the same held-out prompts answered by SFT and by
+    the tuned policy, judged by the hidden human. Prints gold, turn ending, fluency, the policy's gold win
+    rate against SFT (ties count half, 95% interval clustered by prompt) and KL(policy || SFT) on its own
+    samples; returns the numbers."""
     sft_res = score(sft, enc, prompts, max_new_tokens, generator=generator, lap=lap)
     res = score(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft, lap=lap)
     rate, ci = win_rate_against(res["samples"], sft_res["samples"])

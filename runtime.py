@@ -270,20 +270,6 @@ def restore(ckpt, model, optimizer, scaler=None):
         torch.manual_seed(int(torch.randint(2 ** 62, ())) + int(os.environ["RANK"]))
     return ckpt["step"]
 
-def load_rl_inputs(out_dir, use_rm, rt):
-    """An RL stage's frozen inputs, each built by its own stage first when missing (rank 0 builds, the others
-    wait): (SFT reference, tokenizer, SFT checkpoint, reward model if use_rm else None, its checkpoint)."""
-    sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
-    if rt.master:
-        for path, script in [(sft_path, "sft.py")] + [(rm_path, "reward.py")] * use_rm:
-            ensure_checkpoint(path, script, out_dir)
-    if rt.ddp:
-        torch.distributed.barrier()
-    ref, enc, sft_ck = load_model(sft_path, "sft", dropout=0.0)
-    ref.to(rt.device).eval().requires_grad_(False)
-    rm, rm_ck = load_reward_model(rm_path, rt.device, sft_ck) if use_rm else (None, None)
-    return ref, enc, sft_ck, rm, rm_ck
-
 def sampler_state(rng):
     """A random.Random's state as plain lists (weights_only-loadable); set_sampler_state undoes it."""
     return [list(x) if isinstance(x, tuple) else x for x in rng.getstate()]  # (version, mt, gauss)
@@ -383,10 +369,21 @@ def check_finite(stage, step, hint, **values):
                              f"the last good checkpoint is kept; try {hint}")
 
 def append_jsonl(path, obj):
-    """One metrics object per line; tensors and numpy scalars become floats."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=float) + "\n")
+    """One metrics object per line; tensors and numpy scalars become floats. A failed write is one line."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(obj, default=float) + "\n")
+    except OSError as e:
+        raise SystemExit(f"error: could not write {path} ({e.strerror or e})") from None
+
+def writable_dir(path):
+    """Whether path is, or can be made as, a directory this process may write in: its nearest existing
+    ancestor is a writable directory (not a file, a read-only disk or another user's folder)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK)
 
 RANGES = {  # shared options' valid ranges (a stage adds its own via configure), checked before anything else
     **dict.fromkeys(("batch_size", "grad_accum", "eval_interval", "eval_iters", "max_new_tokens",
@@ -403,7 +400,7 @@ RANGES = {  # shared options' valid ranges (a stage adds its own via configure),
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "contexts": (lambda v: v >= 2, ">= 2"),
     "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2**31)"),  # numpy takes seed + rank, below 2**32
-    "out_dir": (lambda v: not os.path.isfile(v), "a directory, not a file"),  # not minutes of training first
+    "out_dir": (writable_dir, "a directory this user can write"),  # checked before minutes of training
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16, float16"),
     "device": (lambda v: v in ("auto", "cpu", "mps", "cuda") or v.startswith("cuda:") and v[5:].isdigit(),
                "one of auto, cpu, cuda, cuda:N, mps"),
@@ -447,4 +444,6 @@ def configure(g, argv=None, ranges=None):
     for name, (ok, rule) in [(k, r) for k, r in RANGES.items() if k not in ranges] + list(ranges.items()):
         if name in keys and g[name] is not None and not ok(g[name]):
             raise SystemExit(f"error: --{name}={g[name]!r} is out of range: it must be {rule}")
+    if g.get("min_lr", 0) > g.get("lr", math.inf):  # a floor above the peak: the schedule would climb to it
+        raise SystemExit(f"error: --min_lr={g['min_lr']!r} is out of range: it must be <= --lr={g['lr']!r}")
     return {k: g[k] for k in keys}

@@ -35,7 +35,7 @@ import model as M
 import runtime
 from data import world
 from data.chat import render, render_prompt, sft_example
-from data.readers import DataError, read_messages
+from data.readers import or_exit, read_messages
 from data.tokenizer import get_tokenizer
 from rollout import score
 
@@ -119,10 +119,7 @@ def read_conversations(path):
     stays unseen), or a JSONL file of {"messages": [...]}, whose errors are one line naming file and line."""
     if not path:
         return world.demonstrations()
-    try:
-        convs = read_messages(path)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    convs = or_exit(read_messages, path)
     if len(convs) < 2:
         raise SystemExit(f"error: {path} needs at least 2 conversations (one is held out)")
     return convs

@@ -2,8 +2,7 @@
 Readers for the JSONL files people already have (see DESIGN.md, "Data formats").
 
 Every problem raises DataError("path:line: what is wrong"), so a script can stop with one clear line:
-
-    except DataError as e: sys.exit(f"error: {e}")
+or_exit(read_prompts, path) returns the rows or exits with "error: path:line: what is wrong".
 """
 
 import json
@@ -15,6 +14,14 @@ from data.chat import check_messages
 
 class DataError(Exception):
     pass
+
+
+def or_exit(read, *args):
+    """read(*args), with a DataError turned into the scripts' one-line exit."""
+    try:
+        return read(*args)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _rows(path):

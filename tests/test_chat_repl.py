@@ -135,6 +135,28 @@ def test_a_message_too_long_to_send_keeps_the_whole_history(capsys):
     assert history[-1]["role"] == "assistant"
 
 
+def test_ctrl_c_after_old_exchanges_were_dropped_keeps_them(monkeypatch, capsys):
+    """A full context drops the oldest exchanges before sampling; a Ctrl-C while it samples then left the
+    conversation without them, though the message it was making room for was never answered."""
+    import chat
+    enc = get_tokenizer("world")
+    torch.manual_seed(0)
+    model = M.GPT(M.GPTConfig(block_size=40, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32)).eval()
+    history = [{"role": "system", "content": "Be kind."}]
+    for animal in ("owl", "cat", "fox"):
+        history += [{"role": "user", "content": f"Describe the {animal}."},
+                    {"role": "assistant", "content": f"The {animal} is calm."}]
+    history.append({"role": "user", "content": "Describe the dog."})
+    kept = list(history)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(chat, "respond", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        chat.reply(model, enc, history, 1, None, torch.no_grad(), 8, 0.0)
+    assert "dropped the oldest" in capsys.readouterr().out and history == kept
+
+
 def chat_main(monkeypatch, *args):
     """chat.main() in this process (cheaper than a new python): its SystemExit."""
     import chat as chat_py

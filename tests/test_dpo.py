@@ -373,6 +373,15 @@ def test_a_reward_model_from_data_is_not_rebuilt_over(tmp_path, refusal, monkeyp
     assert os.listdir(tmp_path) == ["reward.pt"]
 
 
+def test_a_bad_data_file_is_one_line_before_a_missing_sft_model_is_built(tmp_path, refusal, monkeypatch):
+    """--data is read first: a bad line once stopped dpo.py only after pretrain.py and sft.py had run."""
+    built = []
+    monkeypatch.setattr(runtime, "ensure_checkpoint", lambda *a: built.append(a))
+    write(tmp_path / "prefs.jsonl", [{"prompt": "Hi.", "chosen": "a"}])
+    got = refusal("dpo", f"--out_dir={tmp_path}", f"--data={tmp_path / 'prefs.jsonl'}")
+    assert got.startswith(f"error: {tmp_path / 'prefs.jsonl'}:1: ") and "\n" not in got and built == [], got
+
+
 def test_online_rounds_need_a_prompt_per_process(tmp_path, refusal, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: a process with no prompt has nothing to rank
     msg = refusal("dpo", f"--out_dir={tmp_path}", "--online_rounds=1", "--online_prompts=1")

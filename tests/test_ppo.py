@@ -36,6 +36,10 @@ def test_gae_hand_worked_example_with_masks():
     #   t=0 delta = 0 + 0.9*1 - 1 = -0.1 -> A = -0.1 + 0.45
     torch.testing.assert_close(adv, torch.tensor([[0.0, 0.71, -0.2, -2.0], [0.35, 1.0, 0.0, 0.0]]))
     torch.testing.assert_close(ret, torch.tensor([[0.0, 1.71, 1.8, 1.0], [1.35, 2.0, 0.0, 0.0]]))
+    # a NaN or inf in the padding (values, rewards) leaves every advantage and return as it was: 0 there
+    values[1, 2:], rewards[1, 3] = float("nan"), float("inf")
+    adv2, ret2 = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    torch.testing.assert_close((adv2, ret2), (adv, ret))
 
 
 def test_token_rewards_pay_minus_beta_kl_on_every_token_and_the_score_on_the_last():

@@ -715,12 +715,12 @@ def test_a_resumed_log_keeps_its_rows_up_to_the_checkpoint_past_a_damaged_byte(t
     assert not path.exists()
 
 
-@pytest.mark.parametrize("script", ["pretrain", "grpo", "evaluate"])
-def test_an_out_dir_that_is_a_file_is_one_line_before_anything_runs(tmp_path, refusal, script):
+@pytest.mark.parametrize("script, below", [("pretrain", ""), ("grpo", ""), ("evaluate", ""), ("sft", "/a/b")])
+def test_an_out_dir_that_is_a_file_is_one_line_before_anything_runs(tmp_path, refusal, script, below):
     """grpo.py built SFT (pretraining it first) into a path it could not write, and stopped with a traceback
-    at its first log line, minutes later."""
+    at its first log line, minutes later; a folder below a file failed as late."""
     f = tmp_path / "out"
     f.write_text("notes")
-    msg = refusal(script, f"--out_dir={f}")
-    assert msg == f"error: --out_dir='{f}' is out of range: it must be a directory, not a file", msg
+    msg = refusal(script, f"--out_dir={f}{below}")
+    assert msg == f"error: --out_dir='{f}{below}' is out of range: it must be a directory this user can write"
     assert f.read_text() == "notes" and os.listdir(tmp_path) == ["out"]

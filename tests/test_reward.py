@@ -482,6 +482,15 @@ def test_a_bad_comparisons_file_is_one_line_before_a_missing_sft_model_is_built(
     assert os.listdir(out) == []  # no stage was built
 
 
+def test_too_few_prompts_is_one_line_before_the_comparisons_are_rewritten(tiny_sft, refusal):
+    """--n_prompts=1 holds its one prompt out: the stop came after sampling had replaced comparisons.jsonl,
+    which dpo.py reads, and it blamed that file instead of the option."""
+    (tiny_sft / "comparisons.jsonl").write_text("an earlier run's comparisons\n")
+    got = refusal("reward", f"--out_dir={tiny_sft}", "--n_prompts=1")
+    assert got == "error: --n_prompts=1 leaves none to train on with --val_fraction=0.1", got
+    assert (tiny_sft / "comparisons.jsonl").read_text() == "an earlier run's comparisons\n"
+
+
 def test_best_of_n_with_a_reward_model_of_another_tokenizer_is_one_line(tiny_sft, refusal):
     """--train=False --bon reads reward.pt as it is: one made for another tokenizer would rank the SFT model's
     answers by ids that mean other text."""
