@@ -135,6 +135,15 @@ def test_a_message_too_long_to_send_keeps_the_whole_history(capsys):
     assert history[-1]["role"] == "assistant"
 
 
+def test_a_read_only_out_dir_still_chats(tmp_path, monkeypatch, capsys):
+    """chat.py only reads out_dir: the stages' rule that it be writable must not refuse checkpoints on a
+    read-only disk."""
+    save_tiny(tmp_path / "sft.pt", "sft")
+    monkeypatch.setattr(os, "access", lambda path, mode, **k: False)  # a read-only disk (root ignores chmod)
+    chat_main(monkeypatch, f"--out_dir={tmp_path}", "--prompt=Describe the owl.", "--max_new_tokens=4")
+    assert capsys.readouterr().out.strip()
+
+
 def test_ctrl_c_after_old_exchanges_were_dropped_keeps_them(monkeypatch, capsys):
     """A full context drops the oldest exchanges before sampling; a Ctrl-C while it samples then left the
     conversation without them, though the message it was making room for was never answered."""

@@ -344,7 +344,7 @@ def test_a_learning_rate_floor_above_its_peak_is_one_line(tmp_path, refusal, scr
     """--lr below the default min_lr (as the non-finite guard's "try a lower --lr" invites) made the cosine
     schedule climb from lr to min_lr instead of decaying; lr = min_lr, a constant rate, is fine."""
     got = refusal(script, f"--out_dir={tmp_path}", "--lr=1e-6")
-    assert got.startswith("error: --min_lr=") and got.endswith("is out of range: it must be <= --lr=1e-06"), got
+    assert got.startswith("error: --min_lr=") and got.endswith("it must be <= --lr=1e-06"), got
     got = refusal(script, f"--out_dir={tmp_path}", "--min_lr=0.5", "--lr=0.25")
     assert got == "error: --min_lr=0.5 is out of range: it must be <= --lr=0.25", got
     got = refusal(script, f"--out_dir={tmp_path}", "--min_lr=0.25", "--lr=0.25", "--max_iters=-1")
