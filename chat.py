@@ -1,7 +1,7 @@
 """
 Talk to any checkpoint, multi-turn.
 
-    python chat.py                              # the latest stage in out/: ppo, dpo, grpo, rloo, sft, base
+    python chat.py                              # the first found in out/: ppo, dpo, grpo, rloo, sft, base
     python chat.py --ckpt=out/sft.pt --temperature=0.7 --top_p=0.9
     python chat.py --prompt="Describe the owl."  # answer once and exit (for scripts)
 
@@ -21,7 +21,7 @@ from rollout import respond
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
 out_dir = "out"            # where to look for a checkpoint when --ckpt is not given
-ckpt = ""                  # a base, sft, ppo, grpo/rloo or dpo checkpoint ("" = the latest stage in out_dir)
+ckpt = ""                  # a base, sft, ppo, grpo, rloo or dpo checkpoint ("": the furthest stage found)
 prompt = ""                # answer this one message and exit instead of starting the REPL
 system = ""                # optional system message that opens every conversation
 temperature = 0.8          # 0 = greedy
@@ -36,7 +36,7 @@ show_tokens = False        # print the exact prompt the model sees before each r
 
 
 def latest_checkpoint(out_dir):
-    """The latest stage's checkpoint in out_dir: a stage-3 one (ppo.pt, dpo.pt, grpo.pt, rloo.pt, in that
+    """The furthest stage's checkpoint in out_dir: a stage-3 one (ppo.pt, dpo.pt, grpo.pt, rloo.pt, in that
     order), else sft.pt, else base.pt."""
     names = ("ppo.pt", "dpo.pt", "grpo.pt", "rloo.pt", "sft.pt", "base.pt")  # grpo.py writes <baseline>.pt
     found = [p for p in (os.path.join(out_dir, f) for f in names) if os.path.isfile(p)]
@@ -89,7 +89,7 @@ def reply(model, enc, history, n_keep, generator, ctx, max_new_tokens, temperatu
 def main():
     # ---- 1. options (all checked before anything is read), device, precision
     runtime.configure(globals(), ranges={
-        "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+        "temperature": (lambda v: v == 0 or v >= 1e-3, "0 (greedy) or >= 0.001 (logits / less overflow)"),
         "out_dir": (lambda v: not os.path.isfile(v), "a directory, not a file"),  # read: may be read-only
         "top_k": (lambda v: type(v) is int and v >= 1, "an int >= 1 (None = off)"),
         "top_p": (lambda v: type(v) in (int, float) and 0 < v <= 1, "in (0, 1] (None = off)")})

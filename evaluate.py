@@ -159,8 +159,9 @@ def run_sweep(rt, eval_prompts, rm_path):
             results.append({"stage": method, "beta": b, "gold": r["gold"], "kl": r["kl"],
                             "setup": sampling_setup()})
             print(f"  gold {r['gold']:.3f}, KL {r['kl']:.2f}", flush=True)
-    with open(os.path.join(root, "results.json"), "w") as f:
+    with open(os.path.join(root, "results.json.tmp"), "w") as f:  # then renamed: a kill leaves no half file
         json.dump(results, f, indent=1)
+    os.replace(os.path.join(root, "results.json.tmp"), os.path.join(root, "results.json"))
 
 
 def evaluate(rt, paths, prompts, rm_path, watch=None):
