@@ -89,7 +89,7 @@ def reply(model, enc, history, n_keep, generator, ctx, max_new_tokens, temperatu
 def main():
     # ---- 1. options (all checked before anything is read), device, precision
     runtime.configure(globals(), ranges={
-        "temperature": (lambda v: v == 0 or v >= 1e-3, "0 (greedy) or >= 0.001 (logits / less overflow)"),
+        "temperature": (lambda v: v == 0 or v >= 1e-3, "0 (greedy) or >= 0.001"),
         "out_dir": (lambda v: not os.path.isfile(v), "a directory, not a file"),  # read: may be read-only
         "top_k": (lambda v: type(v) is int and v >= 1, "an int >= 1 (None = off)"),
         "top_p": (lambda v: type(v) in (int, float) and 0 < v <= 1, "in (0, 1] (None = off)")})

@@ -179,7 +179,7 @@ def chat_main(monkeypatch, *args):
 def test_bad_options_are_one_line(tmp_path, refusal):
     save_tiny(tmp_path / "sft.pt", "sft")
     assert refusal("chat", f"--out_dir={tmp_path}", "--temperature=-1", "--prompt=Hi") == (
-        "error: --temperature=-1.0 is out of range: it must be >= 0 (0 = greedy)")
+        "error: --temperature=-1.0 is out of range: it must be 0 (greedy) or >= 0.001")
     for bad in ["--top_p=1.5", "--top_p=0", "--top_k=0", "--top_k=2.5", "--max_new_tokens=0", "--dtype=fp8"]:
         msg = refusal("chat", f"--out_dir={tmp_path}", "--prompt=Hi", bad)
         assert msg.startswith(f"error: {bad.split('=')[0]}=") and "\n" not in msg, (bad, msg)
