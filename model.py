@@ -152,12 +152,13 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, attention_mask=None, ignore_index=-1, return_values=False,
-                detach_values=False):
+                detach_values=False, with_logits=True):
         """-> (logits (B, T, V), loss or None), plus values (B, T) fp32 from the scalar head if return_values
         (read from detached hidden states if detach_values, so the value loss cannot move the trunk).
+        with_logits=False skips the unembedding (logits None): a reward model reads only its scalar head.
         Going through forward (not hidden/scalar) is what lets DDP all-reduce the gradients."""
         h = self.hidden(idx, attention_mask)
-        logits = self.lm_head(h)
+        logits = self.lm_head(h) if with_logits else None
         loss = None
         if targets is not None:
             # mean over the targets that count; sum/clamp gives 0.0 (still in the graph) when none count

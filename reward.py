@@ -5,8 +5,8 @@ InstructGPT step 2 (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155): "a pr
 outputs are sampled; a labeler ranks the outputs from best to worst; this data is used to train our reward
 model". The SFT model writes K answers to every train prompt; one of the world's simulated labelers ranks them
 (data/world.py: Plackett-Luce over the hidden human's utility, about as noisy as InstructGPT's labelers). The
-reward model r_theta(x, y) is the SFT network with a scalar head beside its (unused) unembedding, read at
-the answer's last token. A ranking gives K(K-1)/2 pairs, winner y_w above loser y_l, all in one batch (eq. 1):
+reward model r_theta(x, y) is the SFT network with a scalar head in place of its unembedding, read at the
+answer's last token. A ranking gives K(K-1)/2 pairs, winner y_w above loser y_l, all in one batch (eq. 1):
 
     loss(theta) = -1 / C(K, 2) * E_{(x, y_w, y_l) ~ D} [ log sigmoid(r_theta(x, y_w) - r_theta(x, y_l)) ]
 

@@ -121,7 +121,7 @@ def rm_score(rm, ids, attn_mask, gain=1.0, bias=0.0):
     answers).
     Goes through rm's forward, so DDP sees the backward pass when the reward model trains."""
     last = attn_mask.sum(1) - 1                                   # (B,) index of each row's last real token
-    r = rm(ids, attention_mask=attn_mask, return_values=True)[2]  # (B, T) scalar head at every position
+    r = rm(ids, attention_mask=attn_mask, return_values=True, with_logits=False)[2]  # (B, T): every position
     return gain * r[torch.arange(ids.size(0), device=ids.device), last] + bias
 
 

@@ -206,6 +206,20 @@ def test_weight_tying_survives_a_step():
     assert torch.equal(m.transformer.wte.weight, m.lm_head.weight)
 
 
+def test_a_reward_model_without_the_unembedding_scores_and_learns_the_same():
+    """with_logits=False skips only the unembedding: the scalar head's values and their gradients are those of
+    the full forward, the logits are not computed at all."""
+    m = tiny(scalar_head=True).train()
+    x, mask = torch.randint(0, 97, (3, 12)), torch.ones(3, 12, dtype=torch.long)
+    grads = []
+    for with_logits in (True, False):
+        logits, _, v = m(x, attention_mask=mask, return_values=True, with_logits=with_logits)
+        assert (logits is None) == (not with_logits)
+        v[:, -1].sum().backward()
+        grads.append((v.detach(), [p.grad.clone() for p in m.parameters()]))
+        m.zero_grad()
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
+
 def write_safetensors(path, sd):
     header, blobs, offset = {}, [], 0
     for k, v in sd.items():
