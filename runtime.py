@@ -156,7 +156,7 @@ def load_checkpoint(path, kinds=None, map_location="cpu", need=()):
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        why = (str(e).strip().splitlines() or [""])[0][:200]
+        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # not torch's "re-run unsafely"
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict):
         raise SystemExit(f"error: {path} is not a checkpoint of this project (a {type(ckpt).__name__})")

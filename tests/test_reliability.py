@@ -147,6 +147,7 @@ def test_damaged_checkpoints_are_one_line_and_run_no_code(tmp_path, refusal):
         message = refusal("chat", f"--ckpt={path}", "--prompt=Describe the owl.", "--max_new_tokens=4")
         assert message.startswith("error: ") and "\n" not in message, (name, message)
         assert str(path) in message, name  # the line names the file
+        assert "weights_only" not in message, (name, message)  # not torch's advice to load it unsafely
     assert not (tmp_path / "ck" / "PWNED").exists()
 
 
