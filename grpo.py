@@ -20,11 +20,11 @@ RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740, 
     python grpo.py --prompts=my.jsonl      # RL on your own prompts ({"prompt": ...} or {"messages": [...]})
     torchrun --nproc_per_node=2 grpo.py    # each rank samples its own groups, gradients are averaged
 
-Departures: the reward is the normalised reward-model score less a missing-end penalty, as in ppo.py; RLOO's
-loss uses the same per-token average and clipping as GRPO (with one update per batch, ppo_epochs = 1 and
-minibatch_size = group_size x group_prompts, the ratio is 1 and it is exactly the REINFORCE gradient, averaged
-over each answer's tokens rather than summed). Both take ppo_epochs x (batch / minibatch_size) clipped steps
-per batch, Algorithm 1's mu; DeepSeekMath's runs took a single step per batch, where the clip never acts.
+Each batch gets a single update, as in DeepSeekMath's runs ("a single update following each exploration
+stage"): the ratio is then 1 and the clip never acts. --ppo_epochs and --minibatch_size take several clipped
+steps on the same samples instead (Algorithm 1's mu). Departures: the reward is the normalised reward-model
+score less a missing-end penalty, as in ppo.py; RLOO's loss is GRPO's, so its REINFORCE gradient is averaged
+over each answer's tokens rather than summed.
 """
 import os
 import random
@@ -54,12 +54,12 @@ max_iters = 100            # iterations (one batch of groups each): more answers
                            # of 128, and RLOO's gold still rises at the end (docs/experiments.md)
 group_size = 8             # G answers per prompt: the baseline is their mean, so G >= 2
 group_prompts = 16         # prompts per batch (per process): group_size x group_prompts answers per iteration
-minibatch_size = 64        # answers per gradient step (whole groups stay together only for the advantage)
-ppo_epochs = 2             # passes over each batch; 1, with minibatch_size = the whole batch, is one update
-                           # per batch (the ratio is then 1)
-lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 the group advantage
-                           # (one unit of std per answer, every token alike) pushed the policy far from
-                           # SFT within a few dozen batches
+minibatch_size = 0         # answers per gradient step, 0 = the whole batch (groups matter only for the
+                           # advantage, so a minibatch may split them)
+ppo_epochs = 1             # passes over each batch: one pass over the whole batch is one update per batch
+lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 (with several updates per
+                           # batch) the group advantage, one unit of std per answer and every token alike,
+                           # pushed the policy far from SFT within a few dozen batches
 beta = 0.3                 # KL weight: in the loss (GRPO) or in the sequence reward (RLOO); with the k3 term
                            # in the loss, a small weight barely held the KL back (docs/experiments.md)
 max_new_tokens = 32        # longest answer, as in ppo.py
@@ -118,7 +118,7 @@ def main():
         "reward": (lambda v: v in ("rm", "gold"), "'rm' or 'gold'"),
         "group_size": (lambda v: v >= 2, ">= 2 (the baseline is the rest of the group)"),
         "group_prompts": (lambda v: v >= 1, ">= 1"),
-        "minibatch_size": (lambda v: 1 <= v <= group_size * group_prompts, "between 1 and G x group_prompts"),
+        "minibatch_size": (lambda v: 0 <= v <= group_size * group_prompts, "0 (all) or <= G x group_prompts"),
         "adv_eps": (lambda v: v > 0, "> 0"), "save_interval": (lambda v: v >= 1, ">= 1")})
     if reward == "gold" and prompts:
         raise SystemExit("error: --reward=gold judges the world's language only; drop it with --prompts")
@@ -191,8 +191,8 @@ def main():
         losses = []
         for epoch in range(ppo_epochs):
             order = torch.randperm(len(convs))
-            for i in range(0, len(convs), minibatch_size):
-                mb = order[i:i + minibatch_size]
+            for i in range(0, len(convs), minibatch_size or len(convs)):
+                mb = order[i:i + (minibatch_size or len(convs))]
                 with rt.ctx:
                     logp = M.sequence_logprobs(policy, seq[mb], attn[mb], temperature)
                 loss = grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], action[mb], cliprange, loss_beta)

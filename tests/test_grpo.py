@@ -239,6 +239,19 @@ def spy_on_main(monkeypatch):
     return calls
 
 
+def test_by_default_each_batch_gets_one_update_on_all_its_answers(tmp_path, monkeypatch):
+    """DeepSeekMath's setting: a single update per batch, so one grpo_loss call per iteration on every answer,
+    made where the policy is still the one that sampled them (ratio 1: the clip never acts)."""
+    make_stage_checkpoints(tmp_path)
+    calls = spy_on_main(monkeypatch)
+    run_here(monkeypatch, grpo, f"--out_dir={tmp_path}", "--group_size=3", "--group_prompts=2",
+             "--max_new_tokens=8", "--eval_samples=1", "--n_eval=1", "--device=cpu", "--max_iters=2")
+    assert [args[0].size(0) for args, _ in calls["grpo_loss"]] == [6, 6]
+    for (logp, old_logp, _, _, action, *_), _ in calls["grpo_loss"]:
+        ratio = torch.where(action > 0, logp.detach() - old_logp, 0.0).exp()
+        torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+
+
 def test_main_takes_the_missing_end_penalty_off_the_unended_answers_only(tmp_path, monkeypatch):
     """The score GRPO's group advantage sees is gold - no_end_penalty * (1 - ended): 5 off an answer that
     never ended its turn, nothing off one that did (the hidden human is the reward, so the scores can be
