@@ -188,11 +188,11 @@ def main():
         watch.lap("scoring")
 
         # ---- 4. clipped policy-gradient steps over the batch
-        losses = []
+        losses, step = [], minibatch_size or len(convs)  # 0: the whole batch in one step
         for epoch in range(ppo_epochs):
             order = torch.randperm(len(convs))
-            for i in range(0, len(convs), minibatch_size or len(convs)):
-                mb = order[i:i + (minibatch_size or len(convs))]
+            for i in range(0, len(convs), step):
+                mb = order[i:i + step]
                 with rt.ctx:
                     logp = M.sequence_logprobs(policy, seq[mb], attn[mb], temperature)
                 loss = grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], action[mb], cliprange, loss_beta)
