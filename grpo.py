@@ -36,7 +36,7 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from rollout import compare_to_sft, load_rl_inputs, prompts_fit, respond, reward_scores, training_prompts
+from rollout import compare_to_sft, prompts_fit, respond, reward_scores, training_prompts
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -51,7 +51,7 @@ device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
 compile = False            # torch.compile the policy (CUDA)
 max_iters = 100            # iterations (one batch of groups each): more answers than ppo.py's 40 batches
-                           # of 128, and RLOO's gold still rises at the end (docs/experiments.md)
+                           # of 128: RLOO's gold still rose at the end (docs/experiments.md)
 group_size = 8             # G answers per prompt: the baseline is their mean, so G >= 2
 group_prompts = 16         # prompts per batch (per process): group_size x group_prompts answers per iteration
 minibatch_size = 0         # answers per gradient step, 0 = the whole batch (groups matter only for the
@@ -131,7 +131,7 @@ def main():
     rt = runtime.setup(device, dtype, seed)
     hint = "a lower --lr or a larger --beta"
     # the frozen SFT reference and reward model, each built by its stage first if missing
-    ref, enc, sft_ck, rm, rm_ck = load_rl_inputs(out_dir, reward == "rm", rt)
+    ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
     prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
     policy = runtime.model_from_checkpoint(sft_ck, "sft.pt", dropout=0.0).to(rt.device)  # starts as SFT
     optimizer = runtime.configure_optimizer(policy, 0.0, lr, (0.9, 0.95), rt.device_type)

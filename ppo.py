@@ -44,7 +44,7 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from rollout import compare_to_sft, load_rl_inputs, prompts_fit, respond, reward_scores, training_prompts
+from rollout import compare_to_sft, prompts_fit, respond, reward_scores, training_prompts
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -57,7 +57,7 @@ device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
 compile = False            # torch.compile the policy (CUDA)
 max_iters = 40             # PPO iterations (one rollout batch each): the hidden human's score on the
-                           # rollouts stops rising early; further ones move the KL, not gold
+                           # rollouts stops rising early; further ones spend KL and can lose gold
 batch_size = 128           # prompts (= episodes) per rollout batch, per process
 minibatch_size = 64        # episodes per gradient step: with much smaller minibatches the steps were too
                            # noisy to buy more reward with the KL they spent
@@ -234,7 +234,7 @@ def main():
     rt = runtime.setup(device, dtype, seed)
     hint = "a lower --lr or --temperature closer to 1"
     # the frozen SFT reference and reward model, each built by its stage first if missing
-    ref, enc, sft_ck, rm, rm_ck = load_rl_inputs(out_dir, reward == "rm", rt)
+    ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
     prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
     # the policy starts as SFT, with a fresh scalar head on its trunk as the value function (a departure)
     policy = runtime.model_from_checkpoint(sft_ck, "sft.pt", dropout=0.0, scalar_head=True).to(rt.device)

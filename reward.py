@@ -320,9 +320,9 @@ def best_of_n_on_held_out(policy, rm, enc, n, gain, bias, lm_weight, max_new_tok
 def main():
     config = runtime.configure(globals(), ranges={
         "loss": (lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}"),
-        "K": (lambda v: v >= 2, ">= 2: a labeler ranks several answers")})
-    if not train and bon <= 0:
-        sys.exit("error: nothing to do with --train=False and --bon=0 (add --bon=16 to use out/reward.pt)")
+        "K": (lambda v: v >= 2, ">= 2: a labeler ranks several answers"),
+        "bon": (lambda v: train or v > 0, "> 0 with --train=False (nothing else to do; e.g. --bon=16)"),
+        "out_dir": (lambda v: runtime.writable_dir(v) or not train and os.path.isdir(v), "writable")})
     sft_path, cmp_path, ck_path, log_path = (os.path.join(out_dir, f) for f in
                                              ("sft.pt", "comparisons.jsonl", "reward.pt", "reward.jsonl"))
     # a file is read, and the prompts counted, first: one line before SFT is built or comparisons rewritten

@@ -2,35 +2,18 @@
 Chat replies as RLHF uses them: sample them with the KV cache, take their log-probs, score them with a reward
 model, pick the best of N, and compare a tuned policy with SFT under the world's hidden human.
 
-Every stage after SFT samples or scores replies the same way, so these live once, here, with the RL stages'
-frozen inputs (load_rl_inputs). A reply is the dict that respond() returns: {"text", "ended", "ids",
-"logprob"}; "ended" means it closed its turn with <|end|>.
+Every stage after SFT samples or scores replies the same way, so these live once, here. A reply is the dict
+that respond() returns: {"text", "ended", "ids", "logprob"}; "ended" means it closed its turn with <|end|>.
 """
 import os
 
 import torch
 
-import runtime
 from data import world
 from data.chat import render_prompt, render_response, scored_ids
 from data.readers import or_exit, read_prompts, row_lines
 from data.tokenizer import END, EOT, SPECIALS, special_id
 from model import generate, pad_rows, sequence_logprobs
-
-
-def load_rl_inputs(out_dir, use_rm, rt):
-    """An RL stage's frozen inputs, each built by its own stage first when missing (rank 0 builds, the others
-    wait): (SFT reference, tokenizer, SFT checkpoint, reward model if use_rm else None, its checkpoint)."""
-    sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
-    if rt.master:
-        for path, script in [(sft_path, "sft.py")] + [(rm_path, "reward.py")] * use_rm:
-            runtime.ensure_checkpoint(path, script, out_dir)
-    if rt.ddp:
-        torch.distributed.barrier()
-    ref, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
-    ref.to(rt.device).eval().requires_grad_(False)
-    rm, rm_ck = runtime.load_reward_model(rm_path, rt.device, sft_ck) if use_rm else (None, None)
-    return ref, enc, sft_ck, rm, rm_ck
 
 
 def training_prompts(path):

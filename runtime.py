@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from data.gpt2 import read_gpt2
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 
@@ -225,11 +224,6 @@ def load_reward_model(path, device, sft_ck=None):
     rm = model_from_checkpoint(ck, path, dropout=0.0, scalar_head=True)
     return rm.to(device).eval().requires_grad_(False), ck
 
-def load_gpt2(path, **overrides):
-    """GPT from GPT-2 weights on disk (data/gpt2.py reads them), overrides changing GPTConfig; or one line."""
-    sd, args = read_gpt2(path)
-    return model_from_checkpoint({"model": sd, "model_args": args}, path, **overrides)
-
 def rng_state():
     """Python, numpy and torch RNG states as plain lists and tensors (weights_only-loadable)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
@@ -269,6 +263,20 @@ def restore(ckpt, model, optimizer, scaler=None):
     if int(os.environ.get("RANK", 0)):  # only rank 0's were saved: shift them, or all drop the same units
         torch.manual_seed(int(torch.randint(2 ** 62, ())) + int(os.environ["RANK"]))
     return ckpt["step"]
+
+def load_rl_inputs(out_dir, use_rm, rt):
+    """An RL stage's frozen inputs, each built by its own stage first when missing (rank 0 builds, the others
+    wait): (SFT reference, tokenizer, SFT checkpoint, reward model if use_rm else None, its checkpoint)."""
+    sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
+    if rt.master:
+        for path, script in [(sft_path, "sft.py")] + [(rm_path, "reward.py")] * use_rm:
+            ensure_checkpoint(path, script, out_dir)
+    if rt.ddp:
+        torch.distributed.barrier()
+    ref, enc, sft_ck = load_model(sft_path, "sft", dropout=0.0)
+    ref.to(rt.device).eval().requires_grad_(False)
+    rm, rm_ck = load_reward_model(rm_path, rt.device, sft_ck) if use_rm else (None, None)
+    return ref, enc, sft_ck, rm, rm_ck
 
 def sampler_state(rng):
     """A random.Random's state as plain lists (weights_only-loadable); set_sampler_state undoes it."""
@@ -378,10 +386,9 @@ def append_jsonl(path, obj):
         raise SystemExit(f"error: could not write {path} ({e.strerror or e})") from None
 
 def writable_dir(path):
-    """Whether path is, or can be made as, a directory this process may write in: its nearest existing
-    ancestor is a writable directory (not a file, a read-only disk or another user's folder)."""
+    """Whether path is, or can be made as, a directory this process may write in (its nearest ancestor)."""
     path = os.path.abspath(path)
-    while not os.path.exists(path):
+    while not os.path.lexists(path):  # a dangling link counts as there: makedirs could not replace it
         path = os.path.dirname(path)
     return os.path.isdir(path) and os.access(path, os.W_OK)
 

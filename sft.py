@@ -35,6 +35,7 @@ import model as M
 import runtime
 from data import world
 from data.chat import render, render_prompt, sft_example
+from data.gpt2 import read_gpt2
 from data.readers import or_exit, read_messages
 from data.tokenizer import get_tokenizer
 from rollout import score
@@ -125,6 +126,12 @@ def read_conversations(path):
     return convs
 
 
+def load_gpt2(path, **overrides):
+    """GPT from GPT-2 weights on disk (data/gpt2.py reads them), overrides changing GPTConfig; or one line."""
+    sd, args = read_gpt2(path)
+    return runtime.model_from_checkpoint({"model": sd, "model_args": args}, path, **overrides)
+
+
 def load_base(init, base_path, dropout):
     """The model SFT starts from and is compared with: (model, model_args, tokenizer name), from base_path or,
     with init, from GPT-2 weights."""
@@ -132,7 +139,7 @@ def load_base(init, base_path, dropout):
         ckpt = runtime.load_checkpoint(base_path, "base")
         model = runtime.model_from_checkpoint(ckpt, base_path, dropout=dropout)
         return model, ckpt["model_args"], ckpt.get("tokenizer", "world")
-    gpt2 = runtime.load_gpt2(init, dropout=dropout)
+    gpt2 = load_gpt2(init, dropout=dropout)
     # GPT-2 knows 50257 tokens, <|endoftext|> the last; our chat markers (<|user|> ...) take the rows after
     # it: new rows of the tied embedding, or rows of a table padded past them (nanoGPT's has 50304), started
     # at the mean embedding so their first logits are ordinary rather than random

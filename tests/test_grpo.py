@@ -281,7 +281,7 @@ def test_rloo_in_main_pays_minus_beta_kl_in_the_reward_and_keeps_it_out_of_the_l
     make_stage_checkpoints(tmp_path)
     calls = spy_on_main(monkeypatch)
     monkeypatch.setattr(grpo, "reward_scores", lambda rm, enc, convs, *a, **k: torch.zeros(len(convs)))
-    real_inputs = grpo.load_rl_inputs
+    real_inputs = runtime.load_rl_inputs
 
     def moved_reference(*args):
         ref, *rest = real_inputs(*args)
@@ -291,7 +291,7 @@ def test_rloo_in_main_pays_minus_beta_kl_in_the_reward_and_keeps_it_out_of_the_l
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
         calls["ref"] = ref
         return (ref, *rest)
-    monkeypatch.setattr(grpo, "load_rl_inputs", moved_reference)
+    monkeypatch.setattr(runtime, "load_rl_inputs", moved_reference)
     run_grpo_here(monkeypatch, tmp_path, "--baseline=rloo", "--beta=0.5", "--no_end_penalty=0.0")
     _, (_, (seq, attn, gen, sampled)) = calls["respond"][0]
     with torch.no_grad():

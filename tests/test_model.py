@@ -17,7 +17,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
-import runtime
+import runtime  # noqa: E402
+import sft  # noqa: E402
 from data.gpt2 import CONV1D  # noqa: E402
 
 TINY = dict(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
@@ -263,11 +264,11 @@ def test_gpt2_layout_round_trip(tmp_path):
     write_safetensors(tmp_path / "st" / "model.safetensors",
                       {k.removeprefix("transformer."): v for k, v in sd.items()})
     for path, heads in [(tmp_path / "bin", {}), (tmp_path / "st" / "model.safetensors", {"n_head": 2})]:
-        m2 = runtime.load_gpt2(str(path), **heads).eval()
+        m2 = sft.load_gpt2(str(path), **heads).eval()
         assert m2.config.n_layer == 2 and m2.config.block_size == 48 and m2.config.vocab_size == 97
         torch.testing.assert_close(m2(x)[0], ref, atol=1e-6, rtol=1e-6)
     with pytest.raises(SystemExit, match="not found"):
-        runtime.load_gpt2(str(tmp_path / "nope"))
+        sft.load_gpt2(str(tmp_path / "nope"))
 
 
 def test_checkpoint_survives_kill_mid_write(tmp_path):

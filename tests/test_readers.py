@@ -338,10 +338,10 @@ def test_gpt2_bin_truncated_or_not_a_state_dict(tmp_path):
 def test_gpt2_weights_that_do_not_make_a_gpt_are_one_line_naming_them(tmp_path, config, why):
     """read_gpt2 accepts TINY_GPT2 (it has wte, wpe and h.0), but it lacks most of a layer's tensors:
     building the network from it (sft.py --init=...) must be one line naming the path, not a traceback."""
-    import runtime
+    import sft
     (tmp_path / "model.safetensors").write_bytes(GOOD_ST)
     (tmp_path / "config.json").write_text(config)
     with pytest.raises(SystemExit) as e:
-        runtime.load_gpt2(str(tmp_path), dropout=0.0)
+        sft.load_gpt2(str(tmp_path), dropout=0.0)
     msg = str(e.value)
     assert re.match(rf"error: {re.escape(str(tmp_path))}: .*{why}", msg) and "\n" not in msg, msg

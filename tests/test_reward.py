@@ -370,7 +370,7 @@ def test_preference_file_and_bad_input(tiny_sft, tmp_path):
     ("--K=1", "error: --K=1 is out of range: it must be >= 2"),
     ("--contexts=1", "error: --contexts=1 is out of range: it must be >= 2"),
     ("--labeler_tau=0", "error: --labeler_tau=0.0 is out of range: it must be > 0"),
-    ("--train=False", "error: nothing to do with --train=False and --bon=0")])
+    ("--train=False", "error: --bon=0 is out of range: it must be > 0 with --train=False")])
 def test_a_bad_option_is_one_line_before_anything_is_touched(tmp_path, refusal, flag, message):
     (tmp_path / "reward.jsonl").write_text("old log\n")
     got = refusal("reward", f"--out_dir={tmp_path}", flag)  # the checks come before any model is loaded
@@ -489,6 +489,15 @@ def test_too_few_prompts_is_one_line_before_the_comparisons_are_rewritten(tiny_s
     got = refusal("reward", f"--out_dir={tiny_sft}", "--n_prompts=1")
     assert got == "error: --n_prompts=1 leaves none to train on with --val_fraction=0.1", got
     assert (tiny_sft / "comparisons.jsonl").read_text() == "an earlier run's comparisons\n"
+
+
+def test_best_of_n_alone_reads_a_read_only_out_dir(tiny_sft, refusal, monkeypatch):
+    """--train=False --bon=N writes nothing: out_dir must exist but need not be writable (training must)."""
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # a read-only disk (root ignores chmod)
+    got = refusal("reward", f"--out_dir={tiny_sft}")
+    assert got == f"error: --out_dir='{tiny_sft}' is out of range: it must be writable", got
+    got = refusal("reward", f"--out_dir={tiny_sft}", "--train=False", "--bon=2")
+    assert got == f"error: checkpoint {tiny_sft / 'reward.pt'} not found", got  # past the options
 
 
 def test_best_of_n_with_a_reward_model_of_another_tokenizer_is_one_line(tiny_sft, refusal):

@@ -397,7 +397,7 @@ def test_gpt2_weights_give_the_chat_markers_rows_at_the_mean_embedding(monkeypat
     monkeypatch.setattr(sft, "get_tokenizer", lambda name: enc)
     torch.manual_seed(0)
     gpt2 = M.GPT(M.GPTConfig(block_size=16, vocab_size=rows, n_layer=1, n_head=2, n_embd=8))
-    monkeypatch.setattr(runtime, "load_gpt2", lambda path, **kw: gpt2)
+    monkeypatch.setattr(sft, "load_gpt2", lambda path, **kw: gpt2)
     if rows < 257:
         with pytest.raises(SystemExit, match="^error: gpt2dir: an embedding of 100 tokens, fewer than GPT-2"):
             sft.load_base("gpt2dir", None, 0.0)
