@@ -726,3 +726,13 @@ def test_an_out_dir_that_is_a_file_is_one_line_before_anything_runs(tmp_path, re
     msg = refusal(script, f"--out_dir={f}{below}")
     assert msg == f"error: --out_dir='{f}{below}' is out of range: it must be a directory this user can write"
     assert f.read_text() == "notes" and os.listdir(tmp_path) == ["out"]
+
+
+def test_writable_dir_walks_up_to_what_exists(tmp_path):
+    """A new folder is fine where its nearest existing ancestor is a writable folder; a file, or a link to
+    nothing (makedirs cannot replace it: it failed after a training step), is not."""
+    (tmp_path / "f").write_text("x")
+    os.symlink(tmp_path / "missing", tmp_path / "dangling")
+    assert runtime.writable_dir(str(tmp_path / "new" / "deeper")) and runtime.writable_dir(str(tmp_path))
+    assert not runtime.writable_dir(str(tmp_path / "f" / "sub"))
+    assert not runtime.writable_dir(str(tmp_path / "dangling"))
