@@ -2,7 +2,7 @@
 Readers for the JSONL files people already have (see DESIGN.md, "Data formats").
 
 Every problem raises DataError("path:line: what is wrong"), so a script can stop with one clear line:
-or_exit(read_prompts, path) returns the rows or exits with "error: path:line: what is wrong".
+or_exit(read_prompts, path) returns the rows, or exits with "error: path:line: what is wrong".
 """
 
 import json
