@@ -321,12 +321,9 @@ def main():
         raise SystemExit(f"error: the online rounds need a reward model trained on {data}: `python reward.py "
                          f"--data={data} --out_dir={out_dir}` writes {rm_path} (or --online_rounds=0)")
     rt = runtime.setup(device, dtype, seed)
-    if rt.master:
-        runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)
-        for path in ([] if data else [data_path] + [rm_path] * (online_rounds > 0)):
-            runtime.ensure_checkpoint(path, "reward.py", out_dir)  # reward.py writes both files
-    if rt.ddp:
-        torch.distributed.barrier()
+    runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)  # rank 0 builds what is missing, the others wait
+    for path in ([] if data else [data_path] + [rm_path] * (online_rounds > 0)):
+        runtime.ensure_checkpoint(path, "reward.py", out_dir)  # reward.py writes both files
     responses, pairs = loaded or or_exit(load_pairs, data_path)
 
     # ---- 2. policy and reference: both start as the SFT model; the reference never changes

@@ -331,9 +331,7 @@ def main():
     if pool and max(1, round(val_fraction * len(pool))) >= len(pool):
         sys.exit(f"error: --n_prompts={n_prompts} leaves none to train on with --val_fraction={val_fraction}")
     rt = runtime.setup(device, dtype, seed)
-    runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)  # builds sft.pt if missing (rank 0 only)
-    if rt.ddp:
-        torch.distributed.barrier()
+    runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)  # rank 0 builds it if missing, the others wait
     policy, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
     policy.to(rt.device).eval().requires_grad_(False)
     eot, block = enc.eot_token, sft_ck["model_args"]["block_size"]

@@ -268,11 +268,8 @@ def load_rl_inputs(out_dir, use_rm, rt):
     """An RL stage's frozen inputs, each built by its own stage first when missing (rank 0 builds, the others
     wait): (SFT reference, tokenizer, SFT checkpoint, reward model if use_rm else None, its checkpoint)."""
     sft_path, rm_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "reward.pt")
-    if rt.master:
-        for path, script in [(sft_path, "sft.py")] + [(rm_path, "reward.py")] * use_rm:
-            ensure_checkpoint(path, script, out_dir)
-    if rt.ddp:
-        torch.distributed.barrier()
+    for path, script in [(sft_path, "sft.py")] + [(rm_path, "reward.py")] * use_rm:
+        ensure_checkpoint(path, script, out_dir)
     ref, enc, sft_ck = load_model(sft_path, "sft", dropout=0.0)
     ref.to(rt.device).eval().requires_grad_(False)
     rm, rm_ck = load_reward_model(rm_path, rt.device, sft_ck) if use_rm else (None, None)
@@ -324,15 +321,17 @@ def start_log(path, resumed_step=None):
 
 def ensure_checkpoint(path, script, out_dir):
     """A stage's input is missing: say which command makes it, then run that stage with its defaults, in this
-    process's directory (so out_dir is the same folder to both): `python ppo.py` works on a fresh clone."""
-    if os.path.isfile(path) or int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 builds it
-        return
-    flag = [f"--out_dir={out_dir}"] if out_dir != "out" else []
-    print(f"{path} not found: running `{' '.join(['python', script] + flag)}` to make it")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)] + flag
-    if subprocess.run(cmd, env=env).returncode != 0 or not os.path.isfile(path):
-        raise SystemExit(f"error: `python {script}` did not produce {path}")
+    process's directory (so out_dir is the same folder to both): `python ppo.py` works on a fresh clone.
+    Under torchrun every rank calls it: rank 0 builds, the others wait for it at a barrier."""
+    if not os.path.isfile(path) and int(os.environ.get("RANK", 0)) == 0:
+        flag = [f"--out_dir={out_dir}"] if out_dir != "out" else []
+        print(f"{path} not found: running `{' '.join(['python', script] + flag)}` to make it")
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)] + flag
+        if subprocess.run(cmd, env=env).returncode != 0 or not os.path.isfile(path):
+            raise SystemExit(f"error: `python {script}` did not produce {path}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 # -----------------------------------------------------------------------------
 # Where a stage's time goes

@@ -181,10 +181,7 @@ def main():
         model, enc, ckpt = runtime.load_model(ck_path, "sft", dropout=dropout)
     start_from = init or (ckpt.get("config", {}).get("init", "") if resume else "")  # a resumed run's own
     if not start_from and (not resume or compare):  # base.pt is needed to start from, or to compare with
-        if rt.master:
-            runtime.ensure_checkpoint(base_path, "pretrain.py", out_dir)
-        if rt.ddp:
-            torch.distributed.barrier()
+        runtime.ensure_checkpoint(base_path, "pretrain.py", out_dir)  # rank 0 builds it, the others wait
 
     # ---- 3. model (the base model, or the run to resume), optimizer
     if resume:
