@@ -124,19 +124,6 @@ def held_out_loss(model, stream, block_size, batch_size, eval_iters, seed, rank,
     return sum(losses) / len(losses)
 
 
-def check_resume(path, ckpt, model_args, tokenizer):
-    """--resume continues the checkpoint's own network: a checkpoint of another shape, vocabulary or tokenizer
-    than the options ask for is one line naming the file."""
-    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-    diff = [f"{k} {ckpt['model_args'].get(k)} vs {model_args[k]}" for k in keys
-            if ckpt["model_args"].get(k) != model_args[k]]
-    if ckpt.get("tokenizer", "world") != tokenizer:
-        diff.append(f"tokenizer {ckpt.get('tokenizer', 'world')} vs {tokenizer}")
-    if diff:
-        raise SystemExit(f"error: {path} is another network than the options ask for ({', '.join(diff)}); "
-                         "resume with the options it was trained with, or start afresh without --resume")
-
-
 def show_samples(model, enc, n_samples, generator):
     """Free text, and held-out eval instructions as plain text, graded by the world's hidden human: the base
     model continues the document rather than answering."""
@@ -198,7 +185,9 @@ def main():
     start = 0
     ckpt = runtime.load_checkpoint(ck_path, "base") if resume else None
     if ckpt:
-        check_resume(ck_path, ckpt, model_args, tokenizer)
+        runtime.same_network(ck_path, ckpt, {"model_args": model_args, "tokenizer": tokenizer},
+                             "the options ask for", "; resume with the options it was trained with, or start "
+                             "afresh without --resume")  # --resume continues the checkpoint's own network
         model_args = {**ckpt["model_args"], "dropout": dropout}  # the network resumes, the options are new
         model = runtime.model_from_checkpoint(ckpt, ck_path, dropout=dropout).to(rt.device)
     else:

@@ -201,14 +201,14 @@ def load_model(path, kinds, **overrides):
                          f"is smaller than its tokenizer's ({enc.n_vocab} tokens)")
     return model_from_checkpoint(ckpt, path, **overrides), enc, ckpt
 
-def same_network(path, ckpt, ref):
-    """One line if ckpt (read from path) is not the network of the checkpoint ref: a stage that continues
-    from, or compares with, another stage's checkpoint needs the same shape, vocabulary and tokenizer."""
+def same_network(path, ckpt, ref, what="the SFT model", hint=""):
+    """One line if ckpt (read from path) is not the network of the checkpoint ref (what names it): a stage
+    that continues from, or compares with, another checkpoint needs the same shape, vocabulary and tokenizer."""
     a, b = ({**c["model_args"], "tokenizer": c.get("tokenizer", "world")} for c in (ckpt, ref))
     keys = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "tokenizer")
     diff = [f"{k} {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
     if diff:
-        raise SystemExit(f"error: {path} is another network than the SFT model ({', '.join(diff)})")
+        raise SystemExit(f"error: {path} is another network than {what} ({', '.join(diff)}){hint}")
 
 def load_reward_model(path, device, sft_ck=None):
     """(reward model, checkpoint), frozen, in eval mode. One line for a file with no reward head, one saved
