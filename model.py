@@ -157,6 +157,8 @@ class GPT(nn.Module):
         (read from detached hidden states if detach_values, so the value loss cannot move the trunk).
         with_logits=False skips the unembedding (logits None): a reward model reads only its scalar head.
         Going through forward (not hidden/scalar) is what lets DDP all-reduce the gradients."""
+        if targets is not None and not with_logits:
+            raise ValueError("forward: a loss over targets needs the logits (with_logits=True)")
         h = self.hidden(idx, attention_mask)
         logits = self.lm_head(h) if with_logits else None
         loss = None

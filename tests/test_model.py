@@ -401,6 +401,8 @@ def test_scalar_head_and_ignored_loss():
     loss.backward()
     _, loss = m(x[:, :-1], x[:, 1:])
     assert abs(loss.item() - np.log(97)) < 0.1  # fresh model: near uniform
+    with pytest.raises(ValueError, match="needs the logits"):  # not an AttributeError from inside the loss
+        m(x[:, :-1], x[:, 1:], with_logits=False)
 
 
 def test_get_lr():
