@@ -60,7 +60,8 @@ device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs and losses are always fp32
 compile = False
 loss = "sigmoid"           # "sigmoid" (DPO, the paper) or "ipo" (a departure)
-beta = 0.5                 # KL strength: the paper's value for summarization (0.1 elsewhere, App. B)
+beta = 0.5                 # KL strength: the paper's TL;DR value (0.1 for its dialogue task, App. B); here
+                           # 0.1 at this lr drifted from SFT and lost fluency (docs/experiments.md)
 label_smoothing = 0.0      # conservative DPO: the probability that a label is flipped (sigmoid loss only)
 rpo_alpha = 0.0            # weight of the chosen answers' per-token NLL (RPO, a departure); 0 = pure DPO
 batch_size = 32            # preference pairs per micro-batch (per process); each pair is two sequences
@@ -126,16 +127,6 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, loss_type, beta, label_smooth
     else:
         raise ValueError(f"unknown loss {loss_type!r}: expected 'sigmoid' or 'ipo'")
     return (pref + rpo_alpha * nll_term(pi_c, n_c).mean() if rpo_alpha else pref), pref
-
-
-def encode(enc, prompt, text, ended, block_size):
-    """(ids, mask) of prompt + answer, mask 1 on the answer's tokens. An answer that ended its turn keeps its
-    <|end|>; one that was cut off never said it, so scoring an <|end|> would credit it with stopping. Too
-    long: keep the first block_size tokens (the answer loses its tail)."""
-    ids, mask = render_response(enc, prompt, text)
-    if not ended:
-        ids, mask = ids[:-1], mask[:-1]
-    return ids[:block_size], mask[:block_size]
 
 
 def held_out(prompt, fraction):
@@ -284,12 +275,10 @@ def online_round(policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, n_promp
     mine = [prompts[(rnd * n_prompts + i) % len(prompts)] for i in range(rt.rank, n_prompts, rt.world_size)]
     convs = [p for p in mine for _ in range(k)]
     g = torch.Generator(device=rt.device).manual_seed(seed + 1000 * (rnd + 1) + rt.rank)
-    policy.eval()
-    replies = [r for s in range(0, len(convs), 256)
+    replies = [r for s in range(0, len(convs), 256)  # (generate samples in eval mode and restores the mode)
                for r in respond(policy, enc, convs[s:s + 256], max_new_tokens, 1.0, generator=g)]
-    policy.train()
     lap("sampling")
-    new_rows, new_masks = map(list, zip(*(encode(enc, c, r["text"], r["ended"], block_size)
+    new_rows, new_masks = map(list, zip(*(render_response(enc, c, r["text"], r["ended"], block_size)
                                           for c, r in zip(convs, replies))))
     new_ref = answer_logps(ref, new_rows, new_masks, enc.eot_token, rt)
     scores = reward_scores(rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
@@ -333,14 +322,11 @@ def main():
     pad_id, block_size = enc.eot_token, sft_ck["model_args"]["block_size"]
     rm, rm_ck = runtime.load_reward_model(rm_path, rt.device, sft_ck) if online_rounds else (None, None)
 
-    # ---- 3. each distinct answer tokenised (encode) and scored by the reference once; pairs split by prompt
-    rows, masks = map(list, zip(*(encode(enc, p, text, ended, block_size) for p, text, ended in responses)))
-    fills = [len(r) == block_size and not any(m) for r, m in zip(rows, masks)]  # prompt fills the block
-    kept = [p for p in pairs if not fills[p[1]] and not fills[p[2]]]
-    if rt.master and len(kept) < len(pairs):
-        print(f"dropped {len(pairs) - len(kept)} pairs whose prompt fills the {block_size}-token block")
-    split = torch.tensor([held_out(p, eval_fraction) for p, _, _ in kept], dtype=torch.bool)
-    both = torch.tensor([(c, r) for _, c, r in kept], dtype=torch.long).view(-1, 2)  # (chosen, rejected)
+    # ---- 3. each distinct answer tokenised and scored by the reference once; pairs split by prompt
+    rows, masks = map(list, zip(*(render_response(enc, p, text, ended, block_size)  # too long: keeps its end
+                                  for p, text, ended in responses)))
+    split = torch.tensor([held_out(p, eval_fraction) for p, _, _ in pairs], dtype=torch.bool)
+    both = torch.tensor([(c, r) for _, c, r in pairs], dtype=torch.long).view(-1, 2)  # (chosen, rejected)
     val_pairs, train_pairs = both[split], both[~split]
     if len(train_pairs) == 0:
         raise SystemExit(f"error: {data_path} has no usable training pairs")
@@ -400,7 +386,7 @@ def main():
 
     # ---- 6. (departure) online DPO: rounds of fresh answers from the policy, ranked by the reward model
     if online_rounds > start_round:
-        prompts = list({json.dumps(p, sort_keys=True): p for (p, *_), v in zip(kept, ~split) if v}.values())
+        prompts = list({json.dumps(p, sort_keys=True): p for (p, *_), v in zip(pairs, ~split) if v}.values())
         for rnd in range(start_round, online_rounds):
             answers, round_pairs, mean_score = online_round(
                 raw_policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, online_prompts, online_k,
@@ -436,9 +422,8 @@ def main():
     if rt.master and sft_ck.get("tokenizer", "world") == "world":
         evals = world.prompts("eval")[:n_eval or None] * eval_samples
         print(f"\nheld-out prompts ({len(evals) // eval_samples} x {eval_samples} samples, temperature 1):")
-        with torch.no_grad():
-            compare_to_sft("dpo", raw_policy.eval(), ref, enc, evals, max_new_tokens,
-                           torch.Generator(device=rt.device).manual_seed(seed), lap=watch.lap)
+        compare_to_sft("dpo", raw_policy.eval(), ref, enc, evals, max_new_tokens,
+                       torch.Generator(device=rt.device).manual_seed(seed), lap=watch.lap)
     watch.report("dpo")
     runtime.cleanup()
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from data.chat import scored_ids
+from data.chat import render_response
 from data.readers import DataError, read_comparisons, read_preferences, write_jsonl
 from rollout import best_of_n, reply_logprobs, respond, rm_score, score_rows
 
@@ -351,8 +351,8 @@ def main():
         if not train_idx:  # e.g. a file of one pair: all of it is held out
             sys.exit(f"error: {data or cmp_path}: nothing left to train on after holding out {len(val_idx)}")
         # every comparison's answers as token rows in ranked order, best first: the loss wants that order
-        rows = [[scored_ids(enc, c["prompt"], c["responses"][k], c["ended"][k], block) for k in c["ranking"]]
-                for c in comps]
+        rows = [[render_response(enc, c["prompt"], c["responses"][k], c["ended"][k], block)[0]
+                 for k in c["ranking"]] for c in comps]
         lp = torch.zeros(len(comps), Kc)  # --lm_feature: log p_SFT of all answers (N, K), once: SFT is frozen
         if lm_feature:  # as every stage computes it: rollout.reply_logprobs on the reply's text
             lp = reply_logprobs(policy, enc, [c["prompt"] for c in comps for _ in c["ranking"]],

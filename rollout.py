@@ -10,7 +10,7 @@ import os
 import torch
 
 from data import world
-from data.chat import render_prompt, render_response, scored_ids
+from data.chat import render_prompt, render_response
 from data.readers import or_exit, read_prompts, row_lines
 from data.tokenizer import END, EOT, SPECIALS, special_id
 from model import generate, pad_rows, sequence_logprobs
@@ -82,16 +82,12 @@ def response_logps(model, rows, masks, pad_id, device):
 def reply_logprobs(model, enc, conversations, replies, batch_size=128):
     """log p(reply | conversation) under model at temperature 1, summed over the reply's tokens (and its
     <|end|> if it ended its turn): (N,) fp32 on the CPU, no gradients. Computed on the reply's text as the
-    reward model reads it (scored_ids: re-encoded, the same tokens however they were sampled), so the
+    reward model reads it (render_response: re-encoded, the same tokens however they were sampled), so the
     --lm_feature term of a reward model means the same thing when it is trained, in best-of-N, in PPO and in
     evaluation."""
     device = next(model.parameters()).device
-    rows, masks = [], []
-    for c, r in zip(conversations, replies):
-        ids, mask = render_response(enc, c, r["text"])
-        ids, mask = (ids, mask) if r["ended"] else (ids[:-1], mask[:-1])  # a reply cut off never said <|end|>
-        rows.append(ids[-model.config.block_size:])
-        masks.append(mask[-model.config.block_size:])
+    rows, masks = zip(*(render_response(enc, c, r["text"], r["ended"], model.config.block_size)
+                        for c, r in zip(conversations, replies)))
     with torch.no_grad():
         return torch.cat([response_logps(model, rows[s:s + batch_size], masks[s:s + batch_size],
                                          special_id(enc, EOT), device).float().cpu()
@@ -128,7 +124,7 @@ def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_siz
     A reward model trained with reward.py's --lm_feature has r = head + lm_weight * log p_SFT(reply |
     conversation), the second term computed here with the SFT model, one way for every caller
     (reply_logprobs)."""
-    rows = [scored_ids(enc, c, r["text"], r["ended"], rm.config.block_size)
+    rows = [render_response(enc, c, r["text"], r["ended"], rm.config.block_size)[0]
             for c, r in zip(conversations, replies)]
     scores = score_rows(rm, rows, special_id(enc, EOT), gain, bias, batch_size)
     if lm_weight:
@@ -164,7 +160,8 @@ def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tok
 @torch.no_grad()
 def sample_kl(logprobs, ref, seq, attn_mask, gen_mask, temperature=1.0):
     """Monte-Carlo KL(policy || ref) per sequence, (B,) fp32: the sum over sampled response tokens of
-    log pi(y_t) - log ref(y_t) (the k1 estimator; unbiased because the tokens were sampled from policy).
+    log pi(y_t) - log ref(y_t) (the k1 estimator, http://joschu.net/blog/kl-approx.html; unbiased because the
+    tokens were sampled from policy).
     logprobs (B, L) are the policy's own, recorded by generate while it sampled seq: only ref runs here. At
     temperature 0 (greedy) generate records temperature-1 log-probs (model.sample), and so are ref's; greedy
     tokens are not draws from pi, so there the sum is only a distance along the greedy answer, not a KL."""

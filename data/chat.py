@@ -48,12 +48,16 @@ def render_prompt(enc, messages) -> list[int]:
     return render(enc, messages)[0] + [special_id(enc, ASSISTANT)]
 
 
-def render_response(enc, messages, response) -> tuple[list[int], list[int]]:
+def render_response(enc, messages, response, ended=True, block_size=None) -> tuple[list[int], list[int]]:
     """(prompt + response + <|end|>) ids and a mask that is 1 on the response and its <|end|> only: what
-    reward models score and what DPO/PPO take log-probs of."""
+    reward models score and what DPO takes log-probs of. A response that never ended its turn gets no <|end|>:
+    scoring one would credit it with stopping (a reward model then reads it at its last token, and must learn
+    that running on is bad). Rows longer than block_size keep their end: the whole response, where a reward
+    model reads its score, after the end of the prompt."""
     prompt = render_prompt(enc, messages)
-    reply = enc.encode_ordinary(response) + [special_id(enc, END)]
-    return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+    reply = enc.encode_ordinary(response) + ([special_id(enc, END)] if ended else [])
+    ids, mask = prompt + reply, [0] * len(prompt) + [1] * len(reply)
+    return (ids[-block_size:], mask[-block_size:]) if block_size else (ids, mask)
 
 
 def sft_example(enc, messages, block_size=None) -> tuple[list[int], list[int]]:
@@ -63,12 +67,3 @@ def sft_example(enc, messages, block_size=None) -> tuple[list[int], list[int]]:
     # predict token t+1, only where it is learned
     targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
     return ids[:-1][:block_size], targets[:block_size]
-
-
-def scored_ids(enc, messages, text, ended=True, block_size=None):
-    """Ids a reward model reads: prompt + reply + <|end|>, without <|end|> if the reply never ended its turn
-    (its score is then read at its last token, and the model must learn that running on is bad). Rows longer
-    than block_size keep their end, where the score is read."""
-    ids, _ = render_response(enc, messages, text)
-    ids = ids if ended else ids[:-1]
-    return ids[-block_size:] if block_size else ids

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from data.chat import render, render_prompt
+from data.chat import render, render_prompt, render_response
 from data.tokenizer import ASSISTANT, END, SPECIALS, USER, make_encoding, special_id, train_bpe
 
 # A vocabulary with no merges at all: every byte is its own token (id = byte value), so the expected ids
@@ -95,3 +95,17 @@ def test_a_role_marker_sampled_mid_reply_ends_it_not_ended_and_stays_out_of_its_
     (reply,) = rollout.respond(None, enc, [[{"role": "user", "content": "Describe the fox."}]])
     assert reply["text"] == "The fox is calm." and not reply["ended"] and reply["ids"][-1] == marker
     assert reply["logprob"] == -0.5 * len(words)  # the text's tokens: a stop other than <|end|> is not
+
+
+def test_render_response_drops_the_end_of_an_unfinished_answer_and_keeps_the_end_of_a_long_row():
+    """What reward models score and DPO takes log-probs of: an answer cut off never said <|end|> (scoring one
+    would credit it with stopping); a row longer than block_size keeps its end, the whole answer."""
+    prompt = [{"role": "user", "content": "Hi"}]
+    ids, mask = render_response(BYTES, prompt, "Yo!")
+    assert ids == render_prompt(BYTES, prompt) + [ord("Y"), ord("o"), ord("!"), 260]  # 260: <|end|>
+    assert mask == [0] * (len(ids) - 4) + [1] * 4
+    cut, cut_mask = render_response(BYTES, prompt, "Yo!", ended=False)
+    assert cut == ids[:-1] and cut_mask == mask[:-1]  # the user turn's <|end|> stays, the answer's goes
+    short, short_mask = render_response(BYTES, prompt, "Yo!", True, block_size=5)
+    assert short == [259] + ids[-4:] and short_mask == [0, 1, 1, 1, 1]  # <|assistant|>, then the whole answer
+    assert render_response(BYTES, prompt, "Yo!", True, block_size=len(ids)) == (ids, mask)

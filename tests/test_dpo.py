@@ -4,6 +4,7 @@ non-finite guard, the option checks, the pairs a ranking gives, and a tiny end-t
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -18,8 +19,9 @@ sys.path.insert(0, ROOT)
 import dpo  # noqa: E402  (importing must not start the stage)
 import model as M  # noqa: E402
 import runtime  # noqa: E402
+from data.chat import render_response  # noqa: E402
 from data.readers import DataError  # noqa: E402
-from data.tokenizer import END, get_tokenizer, special_id  # noqa: E402
+from data.tokenizer import get_tokenizer  # noqa: E402
 from test_reliability import time_split  # noqa: E402
 from conftest import run_here  # noqa: E402
 
@@ -171,9 +173,9 @@ def test_empty_chosen_answer_gives_finite_loss_and_gradients():
     chosen answer of a pair its NLL term was 0/0 = NaN, and every weight became NaN after one step."""
     enc = get_tokenizer("world")
     prompt = [{"role": "user", "content": "Describe the fox."}]
-    empty, empty_mask = dpo.encode(enc, prompt, "", False, 64)
+    empty, empty_mask = render_response(enc, prompt, "", False, 64)
     assert sum(empty_mask) == 0  # a legitimate answer with no tokens
-    full, full_mask = dpo.encode(enc, prompt, "The fox is red.", True, 64)
+    full, full_mask = render_response(enc, prompt, "The fox is red.", True, 64)
     rows, masks = [empty, full], [empty_mask, full_mask]  # pair (0, 1): the empty answer is the chosen one
     args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16)
     torch.manual_seed(0)
@@ -203,18 +205,6 @@ def test_nonfinite_loss_stops_the_stage():
     with pytest.raises(SystemExit, match="dpo step 7: loss is nan"):
         dpo.train_step(policy, opt, rt, [torch.tensor([[0, 1]])], answers, 0, 1e-3, 1.0, 7, hp)
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))  # the step was skipped
-
-
-def test_encode_drops_end_of_an_unfinished_answer():
-    enc = get_tokenizer("world")
-    prompt = [{"role": "user", "content": "Describe the fox."}]
-    ids, mask = dpo.encode(enc, prompt, "The fox is red.", True, 256)
-    cut, cut_mask = dpo.encode(enc, prompt, "The fox is red.", False, 256)
-    assert ids[-1] == special_id(enc, END) and mask[-1] == 1
-    assert cut == ids[:-1] and cut_mask == mask[:-1]  # the user turn's <|end|> stays, the answer's goes
-    assert sum(cut_mask) == len(enc.encode_ordinary("The fox is red."))
-    short, short_mask = dpo.encode(enc, prompt, "The fox is red.", True, 5)
-    assert short == ids[:5] and len(short_mask) == 5
 
 
 def write(path, rows):
@@ -279,7 +269,8 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     r = run("--max_iters=3")  # offline DPO, the default: no reward model needed, none built
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (tmp_path / "reward.pt").exists()
-    assert "dropped 3 pairs whose prompt fills the 64-token block" in r.stdout
+    # the long prompt's three pairs are kept, scored on their last 64 tokens (the whole answers)
+    assert sum(map(int, re.search(r"(\d+) training pairs, (\d+) held out", r.stdout).groups())) == 9 * 3
     assert "dpo wins" in r.stdout and "KL(dpo || sft)" in r.stdout
     assert {"scoring", "training", "held-out & checkpoints", "sampling"} <= set(time_split(r.stdout, "dpo"))
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]

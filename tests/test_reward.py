@@ -84,9 +84,9 @@ def test_normalisation_gives_mean_0_std_1():
 def test_score_is_read_at_the_end_of_turn():
     rm = trained_looking_rm()
     end = special_id(BYTES, END)
-    a = reward.scored_ids(BYTES, PROMPT, "Hello there!", True, 64)
-    b = reward.scored_ids(BYTES, PROMPT, "Yo", True, 64)
-    cut = reward.scored_ids(BYTES, PROMPT, "Yo", False, 64)  # never ended its turn: no <|end|>, read at "o"
+    a = render_response(BYTES, PROMPT, "Hello there!", True, 64)[0]
+    b = render_response(BYTES, PROMPT, "Yo", True, 64)[0]
+    cut = render_response(BYTES, PROMPT, "Yo", False, 64)[0]  # never ended its turn: no <|end|>, read at "o"
     assert a[-1] == end and b[-1] == end and cut == b[:-1]
     ids, attn = M.pad_rows([a, b, cut], 0)  # right padding
     s = rm_score(rm, ids, attn)
@@ -117,7 +117,7 @@ def test_fresh_head_from_sft_starts_at_ln2():
                                        dropout=0.0)
     for k in sft.state_dict():  # the trunk is SFT's
         assert torch.equal(rm.state_dict()[k], sft.state_dict()[k])
-    rows = [reward.scored_ids(BYTES, PROMPT, t, e, 64)
+    rows = [render_response(BYTES, PROMPT, t, e, 64)[0]
             for t, e in (("a", True), ("bb", True), ("ccc", False), ("d", True))]
     ids, attn = M.pad_rows(rows, 0)
     r = rm_score(rm, ids, attn).view(1, 4)
