@@ -52,7 +52,7 @@ dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses a
 compile = False            # torch.compile the policy (CUDA)
 max_iters = 100            # iterations (one batch of groups each): more answers than ppo.py's 40 batches
                            # of 128: RLOO's gold still rose at the end (docs/experiments.md)
-group_size = 8             # G answers per prompt: the baseline is their mean, so G >= 2
+group_size = 8             # G answers per prompt: the baseline is their mean, so G >= 2 (DeepSeekMath: 64)
 group_prompts = 16         # prompts per batch (per process): group_size x group_prompts answers per iteration
 minibatch_size = 0         # answers per gradient step, 0 = the whole batch (groups matter only for the
                            # advantage, so a minibatch may split them)
@@ -60,8 +60,8 @@ ppo_epochs = 1             # passes over each batch: one pass over the whole bat
 lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 (with several updates per
                            # batch) the group advantage, one unit of std per answer and every token alike,
                            # pushed the policy far from SFT within a few dozen batches
-beta = 0.3                 # KL weight: in the loss (GRPO) or in the sequence reward (RLOO); with the k3 term
-                           # in the loss, a small weight barely held the KL back (docs/experiments.md)
+beta = 0.3                 # KL weight: in the loss (GRPO) or in the sequence reward (RLOO). DeepSeekMath's
+                           # 0.04, with the k3 term in the loss, holds the KL back less (docs/experiments.md)
 max_new_tokens = 32        # longest answer, as in ppo.py
 temperature = 1.0          # pure sampling, so the sampled tokens give unbiased KL estimates
 no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn, as in ppo.py
@@ -98,8 +98,9 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
     averaged over each answer's tokens (1/|o_i|), then over the answers. logp, old_logp, ref_logp,
     mask (B, T); adv (B,), one advantage per answer. rho_t = pi / pi_old; the KL term is the k3
     estimator of KL(pi || ref) (eq. 4), in the loss rather than in the reward. Its value estimates
-    KL(pi || ref), but on tokens from pi its gradient is E_pi[(1 - ref/pi) grad log pi] = grad KL(ref || pi),
-    the other direction (Tang & Munos 2025, arXiv 2506.09477). beta = 0 leaves the clipped policy-gradient
+    KL(pi || ref), but on tokens from pi its gradient is E_pi[(1 - ref/pi) grad log pi]: at each state pi
+    visits, grad KL(ref || pi), the other direction, and blind to which states pi visits (Tang & Munos 2025,
+    arXiv 2506.09477). beta = 0 leaves the clipped policy-gradient
     loss alone (RLOO)."""
     adv = adv[:, None]
     ratio = torch.exp(torch.where(mask > 0, logp - old_logp, 0.0))  # exactly 1 off the answer

@@ -156,7 +156,7 @@ class GPT(nn.Module):
         """-> (logits (B, T, V), loss or None), plus values (B, T) fp32 from the scalar head if return_values
         (read from detached hidden states if detach_values, so the value loss cannot move the trunk).
         with_logits=False skips the unembedding (logits None): a reward model reads only its scalar head.
-        Going through forward (not hidden/scalar) is what lets DDP all-reduce the gradients."""
+        Going through forward (not hidden() and a head directly) is what lets DDP all-reduce the gradients."""
         if targets is not None and not with_logits:
             raise ValueError("forward: a loss over targets needs the logits (with_logits=True)")
         h = self.hidden(idx, attention_mask)
@@ -205,10 +205,11 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         tok = logits.argmax(-1)
     else:
         kept = logp
-        if top_k is not None:
+        if top_k is not None:  # top-k: Fan et al. 2018, arXiv 1805.04833
             kth = torch.topk(kept, min(top_k, kept.size(-1))).values[:, -1:]
             kept = kept.masked_fill(kept < kth, float("-inf"))
-        if top_p is not None:  # nucleus: keep the smallest set of top tokens whose mass reaches top_p
+        if top_p is not None:  # nucleus, Holtzman et al. 2019, arXiv 1904.09751: the fewest top tokens
+            # whose probability mass reaches top_p
             sorted_l, order = torch.sort(kept, descending=True)
             probs = F.softmax(sorted_l, dim=-1)
             drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p

@@ -67,7 +67,7 @@ lr = 1.5e-4                # the policy's learning rate: about the largest whose
                            # (docs/experiments.md)
 max_new_tokens = 32        # longest answer; answers that never end their turn are penalised (the "EOS trick")
 temperature = 1.0          # pure sampling (no top-k/top-p): the sampled tokens give an unbiased KL estimate
-beta = 0.05                # KL coefficient (initial value when target_kl is set)
+beta = 0.05                # KL coefficient (initial value when target_kl is set); InstructGPT: 0.02
 target_kl = 0.0            # > 0: adapt beta toward this KL (nats per answer); 0: fixed beta
 kl_horizon = 10000         # the controller's horizon (episodes), as in Ziegler et al.
 kl_estimator = "k1"        # per-token KL penalty: "k1" = logp - logp_ref, "k3" = (ratio - 1) - log ratio
@@ -115,9 +115,10 @@ def kl_k1(logp, logp_ref):
 def kl_k3(logp, logp_ref):
     """k3 = (r - 1) - log r with r = ref(y) / pi(y) on a token y ~ pi: unbiased for KL(pi || ref) and never
     negative (log r <= r - 1), with lower variance when pi is close to ref. Schulman, "Approximating KL
-    divergence" (2020), http://joschu.net/blog/kl-approx.html. Its value, not its gradient: as a reward,
-    E_pi[k3 grad log pi] = grad KL(pi || ref) - grad KL(ref || pi), not grad KL(pi || ref) as k1 gives (Tang
-    & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL", arXiv 2506.09477)."""
+    divergence" (2020), http://joschu.net/blog/kl-approx.html. Its value, not its gradient: as the reward of
+    one token, E_pi[k3 grad log pi] = grad KL(pi || ref) - grad KL(ref || pi), not grad KL(pi || ref) as k1
+    gives (over an answer, the same at each state pi visits; Tang & Munos 2025, "On a few pitfalls in KL
+    divergence gradient estimation for RL", arXiv 2506.09477)."""
     log_r = logp_ref - logp
     # expm1, not exp - 1: near pi = ref, exp(log r) - 1 in fp32 cancels to a few digits, even below zero
     return torch.expm1(log_r) - log_r

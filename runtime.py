@@ -105,7 +105,8 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     return norm.nan_to_num(0.0, 0.0, 0.0) if scaler.is_enabled() else norm  # 0 if skipped, with no GPU sync
 
 def get_lr(it, warmup, max_iters, lr, min_lr):
-    """Linear warmup, then cosine decay from lr to min_lr at max_iters."""
+    """Linear warmup, then cosine decay from lr to min_lr at max_iters (SGDR's cosine without restarts,
+    Loshchilov & Hutter 2016, arXiv 1608.03983)."""
     if it < warmup:
         return lr * (it + 1) / (warmup + 1)
     ratio = min(1.0, (it - warmup) / max(1, max_iters - warmup))  # from max_iters on: min_lr
@@ -202,8 +203,8 @@ def load_model(path, kinds, **overrides):
     return model_from_checkpoint(ckpt, path, **overrides), enc, ckpt
 
 def same_network(path, ckpt, ref, what="the SFT model", hint=""):
-    """One line if ckpt (read from path) is not the network of the checkpoint ref (what names it): a stage
-    that continues from, or compares with, another checkpoint needs the same shape, vocabulary and tokenizer."""
+    """One line if ckpt (read from path) is not the network of the checkpoint ref (`what` names ref): a stage
+    that continues from, or compares with, another checkpoint needs the same shape, vocabulary, tokenizer."""
     a, b = ({**c["model_args"], "tokenizer": c.get("tokenizer", "world")} for c in (ckpt, ref))
     keys = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "tokenizer")
     diff = [f"{k} {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
@@ -351,16 +352,16 @@ class Stopwatch:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
         self.last = now
 
-    def summary(self, stage, last="other"):
-        """One line: the seconds since the start, by phase (the time since the last lap counts as last)."""
+    def report(self, stage, last="other"):
+        """The stage's closing line, printed by the first process and returned: the seconds since the start,
+        by phase (the time since the last lap counts as last)."""
         self.lap(last)
         total = max(self.last - self.start, 1e-9)
         parts = ", ".join(f"{p} {s:.1f} s ({s / total:.0%})" for p, s in self.seconds.items())
-        return f"{stage} time {total:.1f} s: {parts}"
-
-    def report(self, stage, last="other"):  # the summary, printed by the first process only
+        line = f"{stage} time {total:.1f} s: {parts}"
         if self.master:
-            print("\n" + self.summary(stage, last))
+            print("\n" + line)
+        return line
 
 # -----------------------------------------------------------------------------
 # Logs and --name=value overrides (nanoGPT's configurator, with type checks)

@@ -1,6 +1,6 @@
 """
 GPT-2 weights in the Hugging Face layout (a directory with model.safetensors or pytorch_model.bin, and
-optionally config.json), read into this project's GPT layout: runtime.load_gpt2() builds the network from
+optionally config.json), read into this project's GPT layout: sft.load_gpt2() builds the network from
 them.
 
 Nothing is downloaded: point --init at files you already have. The safetensors format is simple enough to

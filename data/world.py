@@ -604,7 +604,9 @@ LABELER_TAU = 0.128  # = calibrate_tau() rounded; a test checks the calibration 
 
 
 def rank(messages, responses, rng, ended=None, tau=LABELER_TAU):
-    """A labeler's ranking (indices, best first). Gumbel-max sampling is exactly Plackett-Luce."""
+    """A labeler's ranking (indices, best first). Sorting gold / tau plus Gumbel noise draws exactly from
+    Plackett-Luce over exp(gold / tau) (Yellott 1977; the Gumbel-top-k trick, Kool et al. 2019, arXiv
+    1903.06059)."""
     ended = ended or [True] * len(responses)
     keys = [gold(messages, r, e) / tau - math.log(-math.log(rng.random() or 1e-12))
             for r, e in zip(responses, ended)]
@@ -616,7 +618,8 @@ def win_rate(golds_a, golds_b, groups=None):
     half-width: (rate, half_width). groups: one key per pair, the prompt it answers. Answers to the same
     prompt are not independent (an easy prompt is won by every sample), so the variance is the clustered
     one, G/(G-1) * sum_g (sum of g's outcomes - n_g * rate)^2 / n^2 over the G prompts; with every pair its
-    own group (groups=None) it is the usual s^2 / n. One prompt (or one pair) shows no spread: 0."""
+    own group (groups=None) it is the usual s^2 / n (Cameron & Miller 2015, "A practitioner's guide to
+    cluster-robust inference"). One prompt (or one pair) shows no spread: 0."""
     outcomes = [1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5 for a, b in zip(golds_a, golds_b)]
     n = len(outcomes)
     p = sum(outcomes) / n

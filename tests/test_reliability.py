@@ -352,7 +352,7 @@ def test_a_stopwatch_adds_each_lap_to_its_phase_and_the_rest_to_the_last():
     watch.lap("sampling")  # 1 s
     watch.lap("training")  # 2 s
     watch.lap("sampling")  # 3 s more: a phase's laps add up
-    line = watch.summary("ppo")  # the 4 s since the last lap are "other"
+    line = watch.report("ppo")  # the 4 s since the last lap are "other"
     assert watch.seconds == {"sampling": 4.0, "training": 2.0, "other": 4.0}
     assert line == "ppo time 10.0 s: sampling 4.0 s (40%), training 2.0 s (20%), other 4.0 s (40%)"
     assert time_split(line, "ppo") == {"sampling": 4.0, "training": 2.0, "other": 4.0}
@@ -364,7 +364,7 @@ def test_a_stopwatch_on_cuda_waits_for_the_queued_kernels_at_every_lap(monkeypat
     watch = runtime.Stopwatch("cuda", clock=iter([0.0, 1.0, 2.0, 3.0]).__next__)
     watch.lap("sampling")
     watch.lap("training")
-    assert len(syncs) == 2 and watch.summary("ppo").startswith("ppo time 3.0 s") and len(syncs) == 3
+    assert len(syncs) == 2 and watch.report("ppo").startswith("ppo time 3.0 s") and len(syncs) == 3
     assert runtime.Stopwatch("cpu").lap("x") is None and len(syncs) == 3  # no CUDA call on a CPU
 
 
