@@ -134,7 +134,7 @@ def main():
     # the frozen SFT reference and reward model, each built by its stage first if missing
     ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
     prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
-    policy = runtime.model_from_checkpoint(sft_ck, "sft.pt", dropout=0.0).to(rt.device)  # starts as SFT
+    policy = runtime.model_from_checkpoint(sft_ck, os.path.join(out_dir, "sft.pt"), dropout=0.0).to(rt.device)
     optimizer = runtime.configure_optimizer(policy, 0.0, lr, (0.9, 0.95), rt.device_type)
     rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
     start = 0

@@ -135,8 +135,8 @@ class GPT(nn.Module):
         kv_cache: a dict per layer, {"size": (B', L)} before the first call: room for B' >= B rows (idx's
         are the first B) and L tokens; the call's keys/values go to columns Tk - T .. Tk-1."""
         B, T = idx.size()
-        if kv_cache is not None and attention_mask is None:
-            attention_mask = torch.ones_like(idx)
+        if kv_cache is not None and attention_mask is None:  # the mask says where the cached keys are
+            raise ValueError("hidden: a kv_cache needs the attention_mask over the cached and new tokens")
         Tk = T if attention_mask is None else attention_mask.size(1)
         if Tk > self.config.block_size:
             raise ValueError(f"sequence of {Tk} tokens is longer than block_size {self.config.block_size}")

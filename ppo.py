@@ -238,7 +238,8 @@ def main():
     ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
     prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
     # the policy starts as SFT, with a fresh scalar head on its trunk as the value function (a departure)
-    policy = runtime.model_from_checkpoint(sft_ck, "sft.pt", dropout=0.0, scalar_head=True).to(rt.device)
+    policy = runtime.model_from_checkpoint(sft_ck, os.path.join(out_dir, "sft.pt"), dropout=0.0,
+                                           scalar_head=True).to(rt.device)
     gain, bias, lm_weight = 1.0, 0.0, 0.0
     if rm is not None:
         gain, bias, lm_weight = rm_ck["gain"], rm_ck["bias"], rm_ck.get("lm_weight", 0.0)

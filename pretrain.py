@@ -204,7 +204,7 @@ def main():
         runtime.start_log(log_path, start if resume else None)
     tokens_per_step = batch_size * block_size * grad_accum * rt.world_size
     if rt.master:
-        print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, "
+        print(f"{raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
               f"{len(streams['train']):,} training tokens, {tokens_per_step:,} tokens per step, "
               f"device {rt.device}, dtype {rt.dtype}")
     t0, watch = time.time(), runtime.Stopwatch(rt.device_type, rt.master)  # watch: where the time goes

@@ -218,7 +218,7 @@ def main():
     if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
         runtime.start_log(log_path, start if resume else None)
     if rt.master:
-        print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} "
+        print(f"{raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, {len(train_rows)} "
               f"training conversations ({n_tok:,} assistant tokens), {len(val_rows)} held out, "
               f"{batch_size * grad_accum * rt.world_size} conversations per step, device {rt.device}, "
               f"dtype {rt.dtype}")

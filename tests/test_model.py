@@ -44,6 +44,9 @@ def test_kv_cache_logprobs_match_full_forward():
         full = M.sequence_logprobs(m, seq, attn)  # (B, L-1): index t scores seq[:, t+1]
     sel = gen[:, 1:].bool()
     torch.testing.assert_close(full[sel], lp[:, 1:][sel], atol=1e-5, rtol=0)
+    cache = [{"size": (4, 8)} for _ in m.transformer.h]
+    with pytest.raises(ValueError, match="needs the attention_mask"):  # it alone says where the cached keys are
+        m.hidden(seq[:, :2], kv_cache=cache)
 
 
 def test_greedy_cache_equals_no_cache():
