@@ -420,9 +420,13 @@ def configure(g, argv=None, ranges=None):
     keys = [k for k, v in g.items()
             if not k.startswith("_") and (v is None or type(v) in (int, float, bool, str, tuple, list))]
     for arg in sys.argv[1:] if argv is None else argv:
+        if arg in ("--help", "-h"):  # what each option means is in the config block at the top of the script
+            print("options (--name=value), with their defaults:", *(f"  --{k}={g[k]!r}" for k in keys),
+                  sep="\n")
+            raise SystemExit(0)
         if arg.startswith("--") and arg[2:] in keys and isinstance(g[arg[2:]], bool):
             arg += "=True"  # a bare --flag switches a bool option on: --sweep means --sweep=True
-        if not arg.startswith("--") or "=" not in arg:  # --help too: the line lists every option
+        if not arg.startswith("--") or "=" not in arg:  # the line lists every option
             raise SystemExit(f"error: {arg!r} is not --name=value; valid options: {', '.join(keys)}")
         name, raw = arg[2:].split("=", 1)
         if name not in keys:

@@ -326,7 +326,7 @@ def test_checkpoint_kind_prefixes_and_rng(tmp_path):
     assert torch.equal(m2(x)[0], m(x)[0])
 
 
-def test_configure_overrides():
+def test_configure_overrides(capsys):
     def g():
         return dict(max_iters=10, lr=3e-4, compile=False, device="auto", betas=(0.9, 0.95), init=None,
                     _private=1, np=np, f=len)
@@ -344,9 +344,16 @@ def test_configure_overrides():
             runtime.configure(g(), [bad])
     with pytest.raises(SystemExit, match="--name=value"):
         runtime.configure(g(), ["max_iters=5"])
-    listed = "valid options: max_iters, lr, compile, device, betas, init$"  # what --help asks for
-    with pytest.raises(SystemExit, match=r"^error: '--help' is not --name=value; " + listed):
-        runtime.configure(g(), ["--help"])
+    listed = "valid options: max_iters, lr, compile, device, betas, init$"
+    with pytest.raises(SystemExit, match=r"^error: '--verbose' is not --name=value; " + listed):
+        runtime.configure(g(), ["--verbose"])
+    for ask in ("--help", "-h"):  # every option with its default, on stdout, and a clean exit
+        with pytest.raises(SystemExit) as e:
+            runtime.configure(g(), [ask, "--max_iters=oops"])
+        assert e.value.code == 0
+        shown = capsys.readouterr().out.splitlines()
+        assert shown[1:] == ["  --max_iters=10", "  --lr=0.0003", "  --compile=False", "  --device='auto'",
+                             "  --betas=(0.9, 0.95)", "  --init=None"]
     assert runtime.configure(g(), ["--compile"])["compile"] is True  # a bare flag sets a bool option
     for word, value in [("true", True), ("FALSE", False)]:  # as a shell user writes it: any case
         assert runtime.configure(g(), [f"--compile={word}"])["compile"] is value
