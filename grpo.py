@@ -100,8 +100,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
     estimator of KL(pi || ref) (eq. 4), in the loss rather than in the reward. Its value estimates
     KL(pi || ref), but on tokens from pi its gradient is E_pi[(1 - ref/pi) grad log pi]: at each state pi
     visits, grad KL(ref || pi), the other direction, and blind to which states pi visits (Tang & Munos 2025,
-    arXiv 2506.09477). beta = 0 leaves the clipped policy-gradient
-    loss alone (RLOO)."""
+    arXiv 2506.09477). beta = 0 leaves the clipped policy-gradient loss alone (RLOO)."""
     adv = adv[:, None]
     ratio = torch.exp(torch.where(mask > 0, logp - old_logp, 0.0))  # exactly 1 off the answer
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - cliprange, 1 + cliprange) * adv)
