@@ -49,7 +49,7 @@ import runtime
 from data import world
 from data.chat import render_response
 from data.readers import or_exit, read_comparisons, read_preferences
-from rollout import compare_to_sft, respond, response_logps, reward_scores
+from rollout import by_length, compare_to_sft, respond, response_logps, reward_scores
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -190,12 +190,10 @@ def epoch_batches(pair_len, batch_size, seed, epoch):
 
 @torch.no_grad()
 def answer_logps(model, rows, masks, pad_id, rt, desc=None):
-    """Summed answer log-probs without gradients, (N,) fp32, batched by length for little padding; desc labels
+    """Summed answer log-probs without gradients, (N,) fp32, batched by length (by_length); desc labels
     a progress bar. The frozen reference scores each answer ONCE: at every step, it would double the cost."""
     out = torch.zeros(len(rows), device=rt.device)
-    by_len = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for s in tqdm(range(0, len(rows), 64), desc=desc, disable=not (rt.master and desc), leave=False):
-        idx = by_len[s:s + 64]
+    for idx in tqdm(by_length(rows, 64), desc=desc, disable=not (rt.master and desc), leave=False):
         with rt.ctx:
             lp = response_logps(model, [rows[i] for i in idx], [masks[i] for i in idx], pad_id, rt.device)
         out[idx] = lp.float()

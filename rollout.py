@@ -68,6 +68,12 @@ def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k
 # -----------------------------------------------------------------------------
 # Log-probs and reward-model scores of replies
 
+def by_length(rows, batch_size):
+    """Batches of indices into rows, shortest rows first: each batch is padded to about its own length."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def response_logps(model, rows, masks, pad_id, device):
     """Summed log-prob of each row's response tokens, sum_t mask_t log pi(x_t | x_<t): (B,) fp32, with
     gradients (DPO trains through it). Rows are right-padded; padding sits after every real token, so causal
@@ -88,10 +94,12 @@ def reply_logprobs(model, enc, conversations, replies, batch_size=128):
     device = next(model.parameters()).device
     rows, masks = zip(*(render_response(enc, c, r["text"], r["ended"], model.config.block_size)
                         for c, r in zip(conversations, replies)))
-    with torch.no_grad():
-        return torch.cat([response_logps(model, rows[s:s + batch_size], masks[s:s + batch_size],
-                                         special_id(enc, EOT), device).float().cpu()
-                          for s in range(0, len(rows), batch_size)])
+    out = torch.empty(len(rows))
+    for idx in by_length(rows, batch_size):
+        with torch.no_grad():
+            out[idx] = response_logps(model, [rows[i] for i in idx], [masks[i] for i in idx],
+                                      special_id(enc, EOT), device).float().cpu()
+    return out
 
 
 def rm_score(rm, ids, attn_mask, gain=1.0, bias=0.0):
@@ -105,13 +113,11 @@ def rm_score(rm, ids, attn_mask, gain=1.0, bias=0.0):
 
 
 def score_rows(rm, rows, pad_id, gain=1.0, bias=0.0, batch_size=128):
-    """rm_score over token rows in batches: (N,) fp32 on the CPU, no gradients. Rows go through shortest
-    first, so each batch is padded to a length close to its own rows'; the result is in the rows' order."""
+    """rm_score over token rows in batches (by_length): (N,) fp32 on the CPU, in the rows' order, no
+    gradients."""
     device = next(rm.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.empty(len(rows))
-    for s in range(0, len(rows), batch_size):
-        idx = order[s:s + batch_size]
+    for idx in by_length(rows, batch_size):
         ids, attn = pad_rows([rows[i] for i in idx], pad_id)
         with torch.no_grad():
             out[idx] = rm_score(rm, ids.to(device), attn.to(device), gain, bias).float().cpu()

@@ -17,7 +17,7 @@ import runtime
 import reward  # importing the stage must not collect or train anything
 from data import world
 from data.chat import render_prompt, render_response
-from rollout import best_of_n, reply_logprobs, respond, reward_scores, rm_score, score_rows
+from rollout import best_of_n, by_length, reply_logprobs, respond, reward_scores, rm_score, score_rows
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
 from test_reliability import time_split  # noqa: E402
@@ -214,6 +214,12 @@ def test_best_of_n_keeps_the_highest_score():
     assert len(picks) == 2
     for p in picks:
         assert len(p["candidates"]) == 5 and p["score"] == max(c["score"] for c in p["candidates"])
+
+
+def test_by_length_batches_every_row_once_shortest_first():
+    rows = [[1, 2, 3], [1], [1, 2], [4, 5, 6, 7], [9]]
+    assert by_length(rows, 2) == [[1, 4], [2, 0], [3]]  # ties keep their order; the last batch is short
+    assert by_length(rows, 10) == [[1, 4, 2, 0, 3]] and by_length([], 3) == []
 
 
 def test_reply_logprobs_by_hand():
