@@ -274,13 +274,8 @@ def test_main_takes_the_missing_end_penalty_off_the_unended_answers_only(tmp_pat
     torch.testing.assert_close(scores, golds - 5.0 * (1 - ended))
 
 
-def test_rloo_in_main_pays_minus_beta_kl_in_the_reward_and_keeps_it_out_of_the_loss(tmp_path, monkeypatch):
-    """RLOO, scores stubbed to 0 and no end penalty: each answer's reward is R_i = -beta * KL_i (k1 summed
-    over its sampled tokens, the reference moved away from the policy so KL_i != 0), the advantage handed to
-    the loss is R_i - (sum of the group's other two R_j) / 2, and the loss gets beta = 0 (KL counted once)."""
-    make_stage_checkpoints(tmp_path)
-    calls = spy_on_main(monkeypatch)
-    monkeypatch.setattr(grpo, "reward_scores", lambda rm, enc, convs, *a, **k: torch.zeros(len(convs)))
+def move_the_reference(monkeypatch, calls):
+    """main()'s frozen reference moved away from the policy (so there is a KL to count), kept in calls["ref"]."""
     real_inputs = runtime.load_rl_inputs
 
     def moved_reference(*args):
@@ -292,6 +287,37 @@ def test_rloo_in_main_pays_minus_beta_kl_in_the_reward_and_keeps_it_out_of_the_l
         calls["ref"] = ref
         return (ref, *rest)
     monkeypatch.setattr(runtime, "load_rl_inputs", moved_reference)
+
+
+def test_grpo_in_main_keeps_the_kl_out_of_the_reward_and_puts_beta_and_the_reference_in_the_loss(
+        tmp_path, monkeypatch):
+    """GRPO, scores stubbed to 0, the reference moved: the group advantages see the scores alone (all 0), and
+    grpo_loss gets --beta and the reference's log-probs of the sampled answers (its k3 term, eq. 4)."""
+    make_stage_checkpoints(tmp_path)
+    calls = spy_on_main(monkeypatch)
+    monkeypatch.setattr(grpo, "reward_scores", lambda rm, enc, convs, *a, **k: torch.zeros(len(convs)))
+    move_the_reference(monkeypatch, calls)
+    run_grpo_here(monkeypatch, tmp_path, "--beta=0.5", "--no_end_penalty=0.0")
+    _, (_, (seq, attn, gen, _)) = calls["respond"][0]
+    (scores, _, _), _ = calls["group_advantages"][0]
+    assert not scores.any() and "rloo_advantages" not in calls
+    (args, loss), = calls["grpo_loss"]
+    with torch.no_grad():
+        ref_logp = M.sequence_logprobs(calls["ref"], seq, attn, 1.0)
+    assert args[6] == 0.5 and loss > 0.01  # all advantages 0: the loss is the k3 KL term alone, and not 0
+    assert torch.equal(args[4].sum(1).sort().values, gen[:, 1:].float().sum(1).sort().values)
+    torch.testing.assert_close((args[2] * args[4]).sum(1).sort().values,  # on the answer tokens
+                               (ref_logp * gen[:, 1:]).sum(1).sort().values)
+
+
+def test_rloo_in_main_pays_minus_beta_kl_in_the_reward_and_keeps_it_out_of_the_loss(tmp_path, monkeypatch):
+    """RLOO, scores stubbed to 0 and no end penalty: each answer's reward is R_i = -beta * KL_i (k1 summed
+    over its sampled tokens, the reference moved away from the policy so KL_i != 0), the advantage handed to
+    the loss is R_i - (sum of the group's other two R_j) / 2, and the loss gets beta = 0 (KL counted once)."""
+    make_stage_checkpoints(tmp_path)
+    calls = spy_on_main(monkeypatch)
+    monkeypatch.setattr(grpo, "reward_scores", lambda rm, enc, convs, *a, **k: torch.zeros(len(convs)))
+    move_the_reference(monkeypatch, calls)
     run_grpo_here(monkeypatch, tmp_path, "--baseline=rloo", "--beta=0.5", "--no_end_penalty=0.0")
     _, (_, (seq, attn, gen, sampled)) = calls["respond"][0]
     with torch.no_grad():

@@ -208,6 +208,11 @@ def test_weight_tying_survives_a_step():
     loss.backward()
     opt.step()
     assert torch.equal(m.transformer.wte.weight, m.lm_head.weight)
+    # where tying can break: a model rebuilt from a checkpoint shares the one matrix again, with the trained
+    # values, not the fresh initialisation's
+    loaded = runtime.model_from_checkpoint({"model": m.state_dict(), "model_args": vars(m.config)})
+    assert loaded.transformer.wte.weight is loaded.lm_head.weight
+    assert torch.equal(loaded.lm_head.weight, m.lm_head.weight)
 
 
 def test_a_reward_model_without_the_unembedding_scores_and_learns_the_same():

@@ -209,7 +209,7 @@ def test_padding_and_after_end_positions_do_not_change_losses():
     mask = torch.tensor([[0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0, 0]]).float()
     args = [torch.randn(shape) for _ in range(6)]  # logp, old_logp, adv, values, old_values, returns
 
-    def losses(logp, old_logp, adv, values, old_values, returns):
+    def losses(logp, old_logp, adv, values, old_values, returns, mask=mask):
         pg, st = ppo.ppo_clip_loss(logp, old_logp, adv, mask, 0.2)
         vf = ppo.clipped_value_loss(values, old_values, returns, mask, 0.2)
         return [pg.item(), vf.item()] + [st[k] for k in sorted(st)]  # flat: approx compares numbers
@@ -218,6 +218,9 @@ def test_padding_and_after_end_positions_do_not_change_losses():
     for g in garbage:
         g[mask == 0] = torch.randn(int((mask == 0).sum())) * 100
     assert losses(*args) == pytest.approx(losses(*garbage))
+    # nor does how much padding there is: every statistic is a mean over the answer tokens alone
+    wider = [torch.cat([a, torch.randn(3, 4) * 100], 1) for a in args]
+    assert losses(*args) == pytest.approx(losses(*wider, mask=torch.cat([mask, torch.zeros(3, 4)], 1)))
 
 
 def test_one_minibatch_step_under_fp16_autocast_with_a_grad_scaler():
@@ -422,8 +425,10 @@ def test_main_trains_on_the_answer_tokens_only_and_takes_off_the_missing_end_pen
     seen = {"masks": []}
     real_respond, real_token_rewards, real_clip_loss = ppo.respond, ppo.token_rewards, ppo.ppo_clip_loss
 
-    def respond_and_keep(*args, **kwargs):
-        seen["prompts"], (seen["replies"], seen["batch"]) = args[2], real_respond(*args, **kwargs)
+    def respond_and_keep(*args, **kwargs):  # the tiny random policy never ends: say every other answer did
+        replies, seen["batch"] = real_respond(*args, **kwargs)
+        seen["prompts"] = args[2]
+        seen["replies"] = [{**r, "ended": r["ended"] or i % 2 == 0} for i, r in enumerate(replies)]
         return seen["replies"], seen["batch"]
 
     def token_rewards_and_keep(scores, kl, action, kl_coef):
@@ -444,6 +449,7 @@ def test_main_trains_on_the_answer_tokens_only_and_takes_off_the_missing_end_pen
     assert torch.equal(seen["action"], gen[:, 1:].float()) and not (seen["action"] * (1 - gen[:, 1:])).any()
     assert sum(m.sum() for m in seen["masks"]) == gen[:, 1:].sum()  # every answer token, once per epoch
     ended = torch.tensor([float(r["ended"]) for r in seen["replies"]])
+    assert 0 < ended.sum() < 4  # answers that ended and answers that did not
     golds = torch.tensor([world.gold(p, r["text"], r["ended"])
                           for p, r in zip(seen["prompts"], seen["replies"])])
     torch.testing.assert_close(seen["scores"], golds - 5.0 * (1 - ended))
@@ -576,18 +582,22 @@ def spy_on_token_rewards(monkeypatch):
 
 def test_main_logs_the_kl_in_nats_per_answer(tmp_path, monkeypatch):
     """The logged kl (and the controller's input) is the k1 KL summed over each answer's tokens, averaged
-    over answers: sum_t k1_t action_t / B, not the per-token mean (smaller by the mean answer length). Checked
-    on iteration 2, after the policy has moved from the reference (a large lr), against the k1 values that
-    main() hands token_rewards."""
+    over answers: sum_t k1_t action_t / B, not the per-token mean (smaller by the mean answer length), and k1
+    whatever estimator the reward's penalty uses (here k3, which token_rewards must receive). Checked on
+    iteration 2, after the policy has moved from the reference (a large lr)."""
     make_stage_checkpoints(tmp_path)
-    seen = spy_on_token_rewards(monkeypatch)
+    seen, logps, real_penalty = spy_on_token_rewards(monkeypatch), [], ppo.kl_penalty
+    monkeypatch.setattr(ppo, "kl_penalty", lambda a, b, est: logps.append((a, b)) or real_penalty(a, b, est))
     run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
                   "--max_iters=2", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1",
-                  "--ppo_epochs=2", "--lr=1e-2", "--kl_estimator=k1", "--device=cpu")
+                  "--ppo_epochs=2", "--lr=1e-2", "--kl_estimator=k3", "--device=cpu")
     rows = [json.loads(line) for line in open(tmp_path / "ppo.jsonl")]
     kl, action = seen[1]
-    per_answer = ((kl * action).sum(1).mean()).item()
+    k1 = ppo.kl_k1(*logps[1])
+    torch.testing.assert_close(kl, ppo.kl_k3(*logps[1]))  # the penalty is the estimator asked for
+    per_answer = ((k1 * action).sum(1).mean()).item()
     assert abs(per_answer) > 1e-2 and action.sum(1).mean() > 1.5  # the two readings differ here
+    assert abs(per_answer - (kl * action).sum(1).mean().item()) > 1e-3  # and k1 differs from k3 here
     assert rows[1]["kl"] == pytest.approx(per_answer, rel=1e-5)
     assert rows[1]["length"] == pytest.approx(action.sum(1).mean().item())
 
