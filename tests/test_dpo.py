@@ -472,6 +472,21 @@ def test_held_out_takes_about_fraction_of_the_prompts_by_their_hash():
     assert not any(dpo.held_out(p, 0.0) for p in prompts)
 
 
+def test_main_hands_the_loss_options_to_every_preference_loss(tmp_path, monkeypatch):
+    """--loss, --beta, --label_smoothing and --rpo_alpha reach preference_loss in main()'s training steps and
+    held-out evaluations alike (each loss is unit-tested; this checks the wiring)."""
+    save_online_inputs(tmp_path, lm_weight=0.05)
+    seen, real = [], dpo.preference_loss
+    monkeypatch.setattr(dpo, "preference_loss", lambda *a, **hp: seen.append(hp) or real(*a, **hp))
+    for loss, beta, smoothing, alpha in [("ipo", 0.3, 0.0, 0.0), ("sigmoid", 0.5, 0.2, 0.5)]:
+        seen.clear()
+        run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=2", "--batch_size=2", "--eval_interval=1",
+                 "--max_new_tokens=8", "--n_eval=1", "--device=cpu", f"--loss={loss}", f"--beta={beta}",
+                 f"--label_smoothing={smoothing}", f"--rpo_alpha={alpha}")
+        want = dict(loss_type=loss, beta=beta, label_smoothing=smoothing, rpo_alpha=alpha)
+        assert len(seen) >= 3 and all(hp == want for hp in seen), (seen, want)  # 2 steps and held-out checks
+
+
 def test_the_online_learning_rate_falls_linearly_step_by_step_over_the_rounds(tmp_path, monkeypatch):
     """Online steps use online_lr * (1 - 0.75 * (round + k / per_round) / online_rounds), k the step within
     the round: with 2 rounds of per_round = 4 prompts x 1 pair / 2 pairs a step = 2 steps and online_lr 2e-4,
