@@ -110,8 +110,9 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     assert torch.load(tmp_path / "b" / "base.pt", weights_only=True)["step"] == 3
     resumed = run(["--resume=True"], tmp_path / "b")
     assert [r["iter"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(full, resumed):  # same batches, same weights, same optimizer state: same losses
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
+    for a, b in zip(full, resumed):  # same batches, same weights, same optimizer state: same losses, to a
+        # few fp32 roundings of a loss near ln(vocab) (the BLAS may sum in another order in another process)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
     assert full[-1]["val_loss"] == pytest.approx(resumed[-1]["val_loss"], abs=1e-6)
     # --stop_at at or before the checkpoint's step: nothing to train (it ran on to max_iters and overwrote it)
     ck = (tmp_path / "b" / "base.pt").read_bytes()

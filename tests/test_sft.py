@@ -167,8 +167,9 @@ def test_resume_continues_with_the_same_losses(base_dir, tmp_path):
     assert run(tmp_path / "b", "--resume=True").returncode == 0
     resumed = [json.loads(line) for line in open(tmp_path / "b" / "sft.jsonl")]
     assert [r["iter"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(full, resumed):  # same batches, same weights, same optimizer state: same losses
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
+    for a, b in zip(full, resumed):  # same batches, same weights, same optimizer state: same losses, to a
+        # few fp32 roundings of a loss near ln(vocab) (the BLAS may sum in another order in another process)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
     ck = torch.load(tmp_path / "b" / "sft.pt", weights_only=True)
     assert ck["kind"] == "sft" and ck["step"] == 6 and ck["tokenizer"] == "world"
     # a new --dropout on resume
