@@ -226,9 +226,9 @@ def load_reward_model(path, device, sft_ck=None):
     return rm.to(device).eval().requires_grad_(False), ck
 
 def rng_state():
-    """Python, numpy and torch RNG states as plain lists and tensors (weights_only-loadable)."""
+    """Python, numpy and torch RNG states as plain tuples, lists and tensors (weights_only-loadable)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    d = {"python": sampler_state(random), "torch": torch.get_rng_state(),
+    d = {"python": random.getstate(), "torch": torch.get_rng_state(),
          "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     return {**d, "cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else d
 
@@ -276,17 +276,13 @@ def load_rl_inputs(out_dir, use_rm, rt):
     rm, rm_ck = load_reward_model(rm_path, rt.device, sft_ck) if use_rm else (None, None)
     return ref, enc, sft_ck, rm, rm_ck
 
-def sampler_state(rng):
-    """A random.Random's state as plain lists (weights_only-loadable); set_sampler_state undoes it."""
-    return [list(x) if isinstance(x, tuple) else x for x in rng.getstate()]  # (version, mt, gauss)
-
-def set_sampler_state(rng, state):
+def set_sampler_state(rng, state):  # random.getstate() loads under weights_only; older files hold lists
     rng.setstate((state[0], tuple(state[1]), state[2]))
 
 def rank_rng_states(rng, rt):
     """Each rank's prompt sampler and reply generator, [rank 0's, ...]; rng_state() holds rank 0's only. With
     them a resumed torchrun run draws what an uninterrupted one would. A collective: every rank calls it."""
-    mine = {"prompts": sampler_state(rng), "torch": torch.get_rng_state(),
+    mine = {"prompts": rng.getstate(), "torch": torch.get_rng_state(),
             **({"cuda": torch.cuda.get_rng_state(rt.device)} if rt.device_type == "cuda" else {})}
     states = [mine] * rt.world_size  # one process: its own; under torchrun every slot is filled by the gather
     if rt.ddp:

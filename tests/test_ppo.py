@@ -7,6 +7,7 @@ import random
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -249,13 +250,16 @@ def test_one_minibatch_step_under_fp16_autocast_with_a_grad_scaler():
 
 
 def test_prompt_sampler_state_survives_a_weights_only_checkpoint(tmp_path):
-    rng = random.Random(7)
+    rng, rt = random.Random(7), SimpleNamespace(rank=0, world_size=1, ddp=False, device_type="cpu")
     rng.random()
-    torch.save({"s": runtime.sampler_state(rng)}, tmp_path / "s.pt")
+    torch.save({"rank_rng": runtime.rank_rng_states(rng, rt)}, tmp_path / "s.pt")
     expected = [rng.random() for _ in range(5)]
     fresh = random.Random(0)
-    runtime.set_sampler_state(fresh, torch.load(tmp_path / "s.pt", weights_only=True)["s"])
+    runtime.set_rank_rng_states(fresh, torch.load(tmp_path / "s.pt", weights_only=True)["rank_rng"], rt)
     assert [fresh.random() for _ in range(5)] == expected
+    state = random.Random(9).getstate()
+    runtime.set_sampler_state(fresh, [state[0], list(state[1]), state[2]])  # as files written before held it
+    assert fresh.getstate() == state
 
 
 def make_stage_checkpoints(out):
