@@ -468,3 +468,33 @@ def test_sample_kl_scores_the_reference_at_the_sampling_temperature():
 def test_bench_checks_the_elements_of_its_tuple_options_before_it_runs(refusal, bad):
     message = refusal("bench", bad)
     assert message.startswith(f"error: {bad.split('=')[0]}=") and "out of range" in message, message
+
+
+def test_weight_decay_reaches_matrices_only():
+    """AdamW's decoupled decay (p -= lr * wd * p) on matrices and embeddings, never on biases or LayerNorm
+    gains: with zero gradients Adam's update is 0, so one step at lr 1, wd 0.1 leaves the decayed weights at
+    0.9 times themselves and the others exactly as they were."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    before = [p.detach().clone() for p in m.parameters()]  # linear weight, bias, LN weight, LN bias
+    opt = runtime.configure_optimizer(m, 0.1, 1.0, (0.9, 0.95), "cpu")
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    after = list(m.parameters())
+    torch.testing.assert_close(after[0], 0.9 * before[0])
+    assert all(torch.equal(a, b) for a, b in zip(after[1:], before[1:]))
+
+
+def test_optimizer_step_clips_the_global_norm():
+    """Gradient (3, 4) has norm 5: clipped to 1 it is (0.6, 0.8), and plain SGD at lr 1 moves the weight from 0
+    by minus that; the step returns the norm before clipping. grad_clip 0 is off: the full (3, 4)."""
+    for clip, moved in ((1.0, [0.6, 0.8]), (0.0, [3.0, 4.0])):
+        m = torch.nn.Linear(2, 1, bias=False)
+        torch.nn.init.zeros_(m.weight)
+        m.weight.grad = torch.tensor([[3.0, 4.0]])
+        opt, scaler = torch.optim.SGD(m.parameters(), lr=1.0), torch.amp.GradScaler("cpu", enabled=False)
+        norm = runtime.optimizer_step(m, opt, scaler, clip)
+        assert norm.item() == pytest.approx(5.0)
+        torch.testing.assert_close(m.weight.detach(), -torch.tensor([moved]))
+        assert m.weight.grad is None  # and the gradients are zeroed

@@ -4,10 +4,12 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from data.chat import render_prompt, render_response
 from rollout import best_of_n, by_length, reply_logprobs, respond, reward_scores, rm_score, score_rows
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
+from conftest import run_here
 from test_reliability import time_split  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,6 +154,8 @@ def test_pairwise_accuracy_and_calibration():
     assert rows == [(0.9, 1.0, 2, pytest.approx(1 / (1 + math.exp(-3))), 0.5)]
     # identical answers score alike: predicted 1/2, and half right (not wrong)
     assert reward.calibration(torch.tensor([[1.0, 1.0]])) == [(0.5, 0.6, 1, 0.5, 0.5)]
+    # a confident pair: sigmoid(40) is 1.0 in fp32, the last bin's upper edge, and still counted
+    assert reward.calibration(torch.tensor([[0.0, -40.0]])) == [(0.9, 1.0, 1, 1.0, 1.0)]
 
 
 def test_accuracy_by_part_files_each_pair_under_its_largest_weighted_difference():
@@ -166,6 +171,9 @@ def test_accuracy_by_part_files_each_pair_under_its_largest_weighted_difference(
     r = torch.tensor([[1.0, 2.0, 0.0]])
     got = reward.accuracy_by_part(r, golds, parts)
     assert got == {"helpful": (0.0, 2), "harmless": (1.0, 1)}
+    # r ties ideal and off-topic: that helpful pair counts half, off-topic vs rude stays wrong -> 1/4
+    got = reward.accuracy_by_part(torch.tensor([[1.0, 1.0, 0.0]]), golds, parts)
+    assert got == {"helpful": (0.25, 2), "harmless": (1.0, 1)}
 
 
 
@@ -203,6 +211,55 @@ def test_yardsticks_are_in_ranked_order_and_the_second_labeler_scores_best_highe
     first = torch.tensor([[3.0, 2.0, 1.0]])  # the first labeler's ranked order, best first
     assert reward.pairwise_accuracy(second[1:], first) == 1.0  # agrees on all 3 pairs
     assert reward.pairwise_accuracy(second[:1], first) == pytest.approx(1 / 3)  # only on (0, 1) of [0, 1, 2]
+
+def test_the_second_labeler_draws_its_own_noise():
+    """The ceiling "two labelers agree" needs two independent labelers: over 50 rankings of three answers of
+    gold 1, 0.75 and 0.5 at tau 0.25 they disagree on some pairs. A second labeler drawing the first's
+    random stream would copy its rankings and agree on every pair."""
+    prompt = [{"role": "user", "content": "Describe the fox."}]
+    responses = ["The fox is happy. The fox runs in the forest.", "The fox is happy.", "The owl is happy."]
+    comps = [{"prompt": prompt, "responses": responses, "ended": [True] * 3,
+              "ranking": world.rank(prompt, responses, random.Random(f"labeler-0-{i}"), tau=0.25)}
+             for i in range(50)]  # as collect_comparisons draws the first labeler
+    _, _, second = reward.yardsticks(comps, range(50), seed=0, tau=0.25)
+    first = torch.arange(3, 0, -1.0).expand(50, 3)
+    assert 0.5 < reward.pairwise_accuracy(second, first) < 0.95
+
+
+def test_get_batch_gives_each_rank_its_own_prompts():
+    """Under torchrun step s of rank r takes slot s * world_size + r of the epoch's permutation: over one epoch
+    of 8 prompts, 2 ranks x 2 steps x 2 prompts see every prompt exactly once (no rank repeats another's)."""
+    rows = [[[i + 1], [i + 2]] for i in range(8)]
+    lp = torch.arange(16.0).view(8, 2)
+    seen = []
+    for rank in (0, 1):
+        rt = SimpleNamespace(world_size=2, rank=rank, device="cpu")
+        for step in (0, 1):
+            _, _, lp_b = reward.get_batch(step, list(range(8)), rows, lp, 2, 2, 1337, rt, 0)
+            seen += (lp_b[:, 0] / 2).long().tolist()
+    assert sorted(seen) == list(range(8))
+
+
+def test_main_normalises_what_it_saves_and_scores_labelers_best_highest(tiny_sft, monkeypatch):
+    """main()'s wiring, which the unit tests above cannot see: under --lm_feature the normalisation is fitted
+    to head + w * log p_SFT with the learned w it saves (not to the head alone), and the report and the
+    training accuracy read the labeler's ranking as scores, best highest."""
+    seen, real = {}, (reward.rewards, reward.normalisation, reward.report)
+
+    def rewards(*a):
+        seen["rewards"] = (a[3], real[0](*a))
+        return seen["rewards"][1]
+
+    monkeypatch.setattr(reward, "rewards", rewards)
+    monkeypatch.setattr(reward, "normalisation", lambda r: seen.update(normalised=r) or real[1](r))
+    monkeypatch.setattr(reward, "report", lambda *a: seen.update(first=a[8]) or real[2](*a))
+    run_here(monkeypatch, reward, f"--out_dir={tiny_sft}", "--max_new_tokens=4", "--batch_size=4",
+             "--max_iters=3", "--eval_interval=2", "--n_prompts=40", "--K=3", "--lm_feature=True",
+             "--device=cpu")
+    w, r = seen["rewards"]
+    assert seen["normalised"] is r and w == torch.load(tiny_sft / "reward.pt")["lm_weight"] != 0.0
+    assert seen["first"].size(1) == 3 and (seen["first"][:, :-1] > seen["first"][:, 1:]).all()
+
 
 def test_best_of_n_keeps_the_highest_score():
     rm = trained_looking_rm()
@@ -392,6 +449,10 @@ def test_noise_free_labelers_rank_by_gold(tiny_sft):
              for c in map(json.loads, open(tiny_sft / "comparisons.jsonl"))]
     assert sum(max(g) - min(g) > 1e-9 for g in golds) >= 1  # not every ranking a tie: the check bites
     assert all(a >= b - 1e-9 for g in golds for a, b in zip(g, g[1:]))
+    # the report reads the labeler's ranking as scores, best highest: against gold and a second noise-free
+    # labeler it then agrees on every held-out pair (scores in the wrong direction would agree on none)
+    metrics = torch.load(tiny_sft / "reward.pt", weights_only=True)["metrics"]
+    assert metrics["labeler_acc_gold"] == 1.0 and metrics["ceiling_labelers"] == 1.0
 
 
 @pytest.mark.parametrize("flags", [[], ["--lm_feature=True"]])

@@ -257,3 +257,13 @@ def test_a_list_with_more_items_than_asked_is_only_half_helpful():
     assert w.gold_components(lst, "Cat, dog, fox and owl.")["helpful"] == 0.5
     assert w.gold_components(lst, "Cat, dog, fox, owl and cat.")["helpful"] == 0.0
     assert w.gold(lst, "Cat, dog, fox and owl.") == pytest.approx(1 - 0.5 * w.WEIGHTS["helpful"])
+
+
+def test_labelers_prefer_an_answer_that_ends_its_turn():
+    """The same ideal answer twice, one cut off (gold 0.8 against 1.0): a labeler with almost no noise ranks the
+    ended one first on every stream; one that ignored `ended` would toss a coin."""
+    prompt = [{"role": "user", "content": "Describe the fox."}]
+    ideal = "The fox is happy. The fox runs in the forest."
+    assert w.gold(prompt, ideal, False) < w.gold(prompt, ideal, True)
+    assert all(w.rank(prompt, [ideal, ideal], random.Random(s), ended=[False, True], tau=1e-6) == [1, 0]
+               for s in range(20))
