@@ -500,3 +500,23 @@ def test_the_online_learning_rate_falls_linearly_step_by_step_over_the_rounds(tm
     online = [(x["iter"], x["round"], x["lr"]) for x in logs if "round" in x]
     assert [x[:2] for x in online] == [(2, 1), (3, 1), (4, 2), (5, 2)]
     assert [x[2] for x in online] == pytest.approx([2e-4, 1.625e-4, 1.25e-4, 0.875e-4], rel=1e-9)
+
+
+def test_an_online_round_scores_its_new_answers_under_the_reference_not_the_policy():
+    """The round's new answers get their reference log-probs once, from the frozen SFT model: DPO's anchor.
+    With a policy that has moved away from the reference, the returned log-probs are the reference's; the
+    policy's would make h = 0 at the start of every new pair and drop the pull toward SFT."""
+    enc = get_tokenizer("world")
+    args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    torch.manual_seed(0)
+    ref, policy = M.GPT(M.GPTConfig(**args)).eval(), M.GPT(M.GPTConfig(**args)).eval()
+    rm = M.GPT(M.GPTConfig(**args, scalar_head=True)).eval()
+    rt = SimpleNamespace(rank=0, world_size=1, device="cpu", ctx=nullcontext(), master=True)
+    prompts = [[{"role": "user", "content": f"Describe the {a}."}] for a in ("fox", "cat")]
+    old = ([[1, 2, 3]], [[0, 1, 1]], torch.tensor([-1.5]))  # one earlier answer, kept in front
+    (rows, masks, ref_logps), _, _ = dpo.online_round(
+        policy, ref, rm, {"gain": 1.0, "bias": 0.0}, enc, prompts, 0, old, rt, 2, 3, 1, 8, 1.0, 64, 0)
+    assert len(rows) == 1 + 2 * 3 and ref_logps[0] == -1.5
+    new = (rows[1:], masks[1:], enc.eot_token, rt)
+    torch.testing.assert_close(ref_logps[1:], dpo.answer_logps(ref, *new))
+    assert not torch.allclose(ref_logps[1:], dpo.answer_logps(policy, *new))

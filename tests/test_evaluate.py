@@ -16,6 +16,8 @@ import runtime
 from data import world  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 from test_reliability import time_split  # noqa: E402
+from test_dpo import save_online_inputs  # noqa: E402
+from conftest import run_here  # noqa: E402
 
 
 def test_report_numbers_add_up(tmp_path):
@@ -350,3 +352,18 @@ def test_the_end_of_stage_check_clusters_its_interval_by_prompt(monkeypatch, cap
     assert len(calls) == 12 and got["win_rate"] == 0.5
     assert got["win_ci"] == pytest.approx(1.96 * 0.5)
     assert "policy wins 50.0% +- 98.0% against SFT" in capsys.readouterr().out
+
+
+def test_a_reward_model_with_the_likelihood_term_scores_with_it(tmp_path, monkeypatch):
+    """A reward model trained with --lm_feature is head + w * log p_SFT: the RM-score column and best-of-n's
+    pick both hand its saved w to the scorer (without it they would rank by the head alone)."""
+    import evaluate
+    save_online_inputs(tmp_path, lm_weight=0.05)
+    seen, real = [], (evaluate.reward_scores, evaluate.best_of_n)
+    monkeypatch.setattr(evaluate, "reward_scores", lambda *a, **k: seen.append(("rm", k)) or real[0](*a, **k))
+    monkeypatch.setattr(evaluate, "best_of_n", lambda *a, **k: seen.append(("bon", k)) or real[1](*a, **k))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Describe the cat."}) + "\n")
+    run_here(monkeypatch, evaluate, f"--out_dir={tmp_path}", f"--prompts={prompts}", "--samples=2", "--bon=2",
+             "--max_new_tokens=6", "--device=cpu")
+    assert {s for s, _ in seen} == {"rm", "bon"} and all(k["lm_weight"] == 0.05 for _, k in seen), seen
