@@ -409,3 +409,29 @@ def test_gpt2_weights_give_the_chat_markers_rows_at_the_mean_embedding(monkeypat
     torch.testing.assert_close(wte[:257], old[:257])  # GPT-2's own rows are kept
     torch.testing.assert_close(wte[257:261], old[:257].mean(0).expand(4, -1))  # the markers: the mean
     torch.testing.assert_close(wte[261:], old[261:])  # the padding past them is left as it was
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN) and shutil.which("torchrun") is None,
+                    reason="torchrun not installed")
+def test_two_processes_on_the_same_batches_log_the_one_process_loss(base_dir, tmp_path):
+    """Each process divides its summed loss by the step's assistant tokens over all processes / world_size,
+    so that DDP's average of the gradients is the gradient of the mean over every token. Two processes given
+    the same batches (train_batch told rank 0 in both) must then log the loss of one process alone; dividing
+    by the total count alone would log half of it and halve every gradient."""
+    for d in ("one", "two"):
+        os.makedirs(tmp_path / d)
+        os.link(base_dir / "base.pt", tmp_path / d / "base.pt")
+    flags = ["--device=cpu", "--max_iters=2", "--dropout=0.0"]  # dropout draws differ by rank
+    assert run(tmp_path / "one", *flags).returncode == 0
+    same = tmp_path / "same_batches.py"
+    same.write_text(f"import sys; sys.path.insert(0, {ROOT!r}); import sft\n"
+                    "real = sft.train_batch\n"
+                    "sft.train_batch = lambda rows, b, seed, it, m, rank, eot: real(rows, b, seed, it, m, 0, eot)\n"
+                    "sft.main()\n")
+    launcher = [TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run([*launcher, str(same), f"--out_dir={tmp_path / 'two'}", *TINY, *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = ([json.loads(line) for line in open(tmp_path / d / "sft.jsonl")] for d in ("one", "two"))
+    assert two[0]["targets"] == 2 * one[0]["targets"]  # the count is over both processes
+    for a, b in zip(one, two):  # step 2 too: the averaged gradient was the one process's
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
