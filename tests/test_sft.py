@@ -426,10 +426,12 @@ def test_two_processes_on_the_same_batches_log_the_one_process_loss(base_dir, tm
     same = tmp_path / "same_batches.py"
     same.write_text(f"import sys; sys.path.insert(0, {ROOT!r}); import sft\n"
                     "real = sft.train_batch\n"
-                    "sft.train_batch = lambda rows, b, seed, it, m, rank, eot: real(rows, b, seed, it, m, 0, eot)\n"
+                    "sft.train_batch = lambda rows, b, seed, it, m, rank, eot: "
+                    "real(rows, b, seed, it, m, 0, eot)\n"
                     "sft.main()\n")
     launcher = [TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2"]
-    r = subprocess.run([*launcher, str(same), f"--out_dir={tmp_path / 'two'}", *TINY, *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*launcher, str(same), f"--out_dir={tmp_path / 'two'}", *TINY, *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     one, two = ([json.loads(line) for line in open(tmp_path / d / "sft.jsonl")] for d in ("one", "two"))
     assert two[0]["targets"] == 2 * one[0]["targets"]  # the count is over both processes
