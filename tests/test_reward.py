@@ -449,10 +449,6 @@ def test_noise_free_labelers_rank_by_gold(tiny_sft):
              for c in map(json.loads, open(tiny_sft / "comparisons.jsonl"))]
     assert sum(max(g) - min(g) > 1e-9 for g in golds) >= 1  # not every ranking a tie: the check bites
     assert all(a >= b - 1e-9 for g in golds for a, b in zip(g, g[1:]))
-    # the report reads the labeler's ranking as scores, best highest: against gold and a second noise-free
-    # labeler it then agrees on every held-out pair (scores in the wrong direction would agree on none)
-    metrics = torch.load(tiny_sft / "reward.pt", weights_only=True)["metrics"]
-    assert metrics["labeler_acc_gold"] == 1.0 and metrics["ceiling_labelers"] == 1.0
 
 
 @pytest.mark.parametrize("flags", [[], ["--lm_feature=True"]])
