@@ -281,3 +281,12 @@ def test_a_checkpoint_whose_config_is_not_a_dict_still_chats(tmp_path, monkeypat
     monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
     chat_py.main()
     assert f"chatting with {tmp_path / 'grpo.pt'} (grpo, step 7)" in capsys.readouterr().out
+
+
+def test_reset_keeps_the_system_message(tmp_path):
+    """/reset starts the conversation over from --system, not from nothing."""
+    save_tiny(tmp_path / "sft.pt", "sft")
+    r = chat(f"--out_dir={tmp_path}", "--show_tokens=True", "--system=Be kind.",
+             stdin="Describe the owl.\n/reset\nDescribe the owl.\n/quit\n")
+    first, second = shown_prompts(r.stdout)
+    assert first.startswith("<|endoftext|><|system|>Be kind.<|end|><|user|>") and second == first

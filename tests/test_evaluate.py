@@ -367,3 +367,18 @@ def test_a_reward_model_with_the_likelihood_term_scores_with_it(tmp_path, monkey
     run_here(monkeypatch, evaluate, f"--out_dir={tmp_path}", f"--prompts={prompts}", "--samples=2", "--bon=2",
              "--max_new_tokens=6", "--device=cpu")
     assert {s for s, _ in seen} == {"rm", "bon"} and all(k["lm_weight"] == 0.05 for _, k in seen), seen
+
+
+def test_one_sweep_row_measured_otherwise_keeps_the_reports_rows_off_the_frontier(tmp_path, monkeypatch):
+    """The report's own rows join a method's frontier only when every sweep row was measured as they were; one
+    sweep row at another temperature is enough to keep them off."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    (tmp_path / "sweep").mkdir()
+    other = evaluate.sampling_setup()[:2] + [0.7] + evaluate.sampling_setup()[3:]
+    sweep = [{"stage": "ppo", "beta": 0.1, "gold": 0.8, "kl": 1.0, "setup": evaluate.sampling_setup()},
+             {"stage": "ppo", "beta": 0.2, "gold": 0.85, "kl": 0.5, "setup": other}]
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(sweep))
+    lines = evaluate.draw_figures({"sft": {"gold": 0.7, "kl": 0.0}, "ppo": {"gold": 0.5, "kl": 2.0}},
+                                  str(tmp_path / "figures"))
+    assert not any(line.startswith("- ppo default") for line in lines)

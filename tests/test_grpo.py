@@ -331,3 +331,14 @@ def test_rloo_in_main_pays_minus_beta_kl_in_the_reward_and_keeps_it_out_of_the_l
     (args, _), = calls["grpo_loss"]  # one minibatch of all 6 answers, in a shuffled order
     torch.testing.assert_close(args[3].sort().values, want.sort().values)
     assert args[6] == 0.0  # beta of the loss: the KL is in the reward only
+
+
+def test_flat_groups_counts_groups_of_consecutive_answers(tmp_path, monkeypatch):
+    """A group is a prompt's G consecutive answers: scores (1, 1, 1 | 0, 1, 2) with G = 3 are one flat group of
+    two (no signal from it); the same scores cut the other way, (1, 1 | 1, 0 | 1, 2), would say a third."""
+    make_stage_checkpoints(tmp_path)
+    monkeypatch.setattr(grpo, "reward_scores",
+                        lambda rm, enc, convs, *a, **k: torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 2.0]))
+    run_grpo_here(monkeypatch, tmp_path, "--no_end_penalty=0.0")
+    row, = [json.loads(line) for line in open(tmp_path / "grpo.jsonl")]
+    assert row["flat_groups"] == 0.5

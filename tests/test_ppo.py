@@ -619,3 +619,15 @@ def test_main_scores_the_reference_at_the_sampling_temperature(tmp_path, monkeyp
     assert action.sum() > 0
     assert (kl * action).abs().max() < 1e-5
     assert abs(json.loads(open(tmp_path / "ppo.jsonl").readline())["kl"]) < 1e-5
+
+
+def test_main_hands_cliprange_value_to_the_value_loss(tmp_path, monkeypatch):
+    """--cliprange_value reaches the value loss and --cliprange does not (the two share a default of 0.2,
+    so a mix-up would go unseen at the defaults)."""
+    make_stage_checkpoints(tmp_path)
+    seen, real = [], ppo.clipped_value_loss
+    monkeypatch.setattr(ppo, "clipped_value_loss", lambda *a: seen.append(a[-1]) or real(*a))
+    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2", "--max_iters=1",
+                  "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--device=cpu",
+                  "--cliprange=0.1", "--cliprange_value=0.7")
+    assert seen and set(seen) == {0.7}

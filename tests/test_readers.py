@@ -345,3 +345,11 @@ def test_gpt2_weights_that_do_not_make_a_gpt_are_one_line_naming_them(tmp_path, 
         sft.load_gpt2(str(tmp_path), dropout=0.0)
     msg = str(e.value)
     assert re.match(rf"error: {re.escape(str(tmp_path))}: .*{why}", msg) and "\n" not in msg, msg
+
+
+def test_hh_text_before_the_first_turn_is_refused(tmp_path):
+    p = tmp_path / "hh.jsonl"
+    p.write_text(json.dumps({"chosen": "Preamble\n\nHuman: a\n\nAssistant: b",
+                             "rejected": "Preamble\n\nHuman: a\n\nAssistant: c"}) + "\n")
+    with pytest.raises(DataError, match="is not an HH transcript"):
+        read_preferences(str(p))

@@ -573,3 +573,19 @@ def test_best_of_n_with_a_reward_model_of_another_tokenizer_is_one_line(tiny_sft
     got = refusal("reward", f"--out_dir={tiny_sft}", "--train=False", "--bon=2")
     path = tiny_sft / "reward.pt"
     assert got == f"error: {path} is another network than the SFT model (tokenizer gpt2 vs world)", got
+
+
+def test_best_of_n_judges_each_prompt_by_its_own_answers_scores():
+    """Two prompts, four answers each: every candidate's score is the reward model's on its own prompt, and
+    each pick is the best of its own four (not of the first prompt's scores)."""
+    rm = trained_looking_rm()
+    torch.manual_seed(4)
+    sft = M.GPT(M.GPTConfig(**TINY)).eval()
+    prompts = [PROMPT, [{"role": "user", "content": "Bye now"}]]
+    picks = best_of_n(sft, rm, BYTES, prompts, 4, gain=2.0, bias=1.0, max_new_tokens=5,
+                      generator=torch.Generator().manual_seed(0))
+    for p, pick in zip(prompts, picks):
+        cands = pick["candidates"]
+        want = reward_scores(rm, BYTES, [p] * 4, cands, gain=2.0, bias=1.0)
+        torch.testing.assert_close(torch.tensor([c["score"] for c in cands]), want, atol=1e-5, rtol=0)
+        assert pick["score"] == max(c["score"] for c in cands)
