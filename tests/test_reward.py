@@ -315,9 +315,10 @@ def test_sampled_logprob_and_best_of_n_with_the_likelihood_term():
     replies = respond(sft, BYTES, [PROMPT] * 6, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
     assert {r["ended"] for r in replies} == {True, False}  # both kinds of reply are checked
     prompt = render_prompt(BYTES, PROMPT)
-    for r in replies:  # logprob: the reply's own sampled tokens (and its <|end|>), from a full forward pass
-        logp = torch.log_softmax(sft(torch.tensor([prompt + r["ids"]]))[0][0], -1)
-        counted = len(r["ids"]) - (r["ids"][-1] == special_id(BYTES, "<|endoftext|>")) if r["ids"] else 0
+    other_stops = {special_id(BYTES, s) for s in SPECIALS} - {special_id(BYTES, END)}
+    for r in replies:  # logprob: the reply's own sampled tokens and its <|end|>, not another stop (a role
+        logp = torch.log_softmax(sft(torch.tensor([prompt + r["ids"]]))[0][0], -1)  # marker), full forward
+        counted = len(r["ids"]) - (bool(r["ids"]) and r["ids"][-1] in other_stops)
         want = sum(logp[len(prompt) + k - 1, r["ids"][k]].item() for k in range(counted))
         assert r["logprob"] == pytest.approx(want, abs=1e-4)
     # best-of-n adds gain * lm_weight * log p_SFT(reply text) to the head's score: the likelihood term is
