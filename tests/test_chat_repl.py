@@ -2,12 +2,14 @@
 are dropped when the context is full, temperature 0 is greedy, and a bad option or a checkpoint that is not a
 language model is refused in one line."""
 import ast
+import contextlib
 import importlib
 import io
 import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -290,3 +292,19 @@ def test_reset_keeps_the_system_message(tmp_path):
              stdin="Describe the owl.\n/reset\nDescribe the owl.\n/quit\n")
     first, second = shown_prompts(r.stdout)
     assert first.startswith("<|endoftext|><|system|>Be kind.<|end|><|user|>") and second == first
+
+
+def test_reply_hands_temperature_top_k_and_top_p_to_the_sampler(monkeypatch):
+    import chat as repl  # (chat() above runs the script)
+    seen = {}
+
+    def fake_respond(model, enc, convs, max_new_tokens, temperature, top_k=None, top_p=None, generator=None):
+        seen.update(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        return [{"text": "Hi.", "ended": True}]
+
+    monkeypatch.setattr(repl, "respond", fake_respond)
+    enc = get_tokenizer("world")
+    history = [{"role": "user", "content": "Hello"}]
+    model = SimpleNamespace(config=SimpleNamespace(block_size=128))
+    out = repl.reply(model, enc, history, 0, None, contextlib.nullcontext(), 7, 0.7, top_k=5, top_p=0.9)
+    assert out == "Hi." and seen == {"max_new_tokens": 7, "temperature": 0.7, "top_k": 5, "top_p": 0.9}

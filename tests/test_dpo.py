@@ -520,3 +520,24 @@ def test_an_online_round_scores_its_new_answers_under_the_reference_not_the_poli
     new = (rows[1:], masks[1:], enc.eot_token, rt)
     torch.testing.assert_close(ref_logps[1:], dpo.answer_logps(ref, *new))
     assert not torch.allclose(ref_logps[1:], dpo.answer_logps(policy, *new))
+
+
+def test_main_trains_on_the_pairs_not_held_out_and_evaluates_on_the_held_out_ones(tmp_path, monkeypatch, capsys):
+    save_online_inputs(tmp_path)  # four prompts, one pair each
+    prompts = [[{"role": "user", "content": f"Describe the {a}."}] for a in ("fox", "cat", "dog", "owl")]
+    held = [dpo.held_out(p, 0.25) for p in prompts]
+    assert sum(held) == 1  # "dog": 1 held out, 3 to train on
+    seen = {"train": [], "val": []}
+    real_eval, real_step = dpo.evaluate_pairs, dpo.train_step
+    monkeypatch.setattr(dpo, "evaluate_pairs",
+                        lambda policy, val_pairs, *a, **k: seen["val"].append(val_pairs.tolist())
+                        or real_eval(policy, val_pairs, *a, **k))
+    monkeypatch.setattr(dpo, "train_step",
+                        lambda policy, opt, rt, micro, *a, **k: seen["train"].extend(
+                            p for mb in micro for p in mb.tolist()) or real_step(policy, opt, rt, micro, *a, **k))
+    run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=2", "--batch_size=2", "--eval_interval=1",
+             "--max_new_tokens=8", "--n_eval=1", "--device=cpu", "--eval_fraction=0.25")
+    assert re.search(r"\b3 training pairs, 1 held out", capsys.readouterr().out)
+    dog = [2 * 2, 2 * 2 + 1]  # responses are two per prompt in file order: (chosen, rejected) of "dog"
+    assert seen["val"] and all(v == [dog] for v in seen["val"])
+    assert seen["train"] and dog not in seen["train"]

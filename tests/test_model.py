@@ -532,3 +532,30 @@ def test_same_network_names_a_block_size_difference():
     with pytest.raises(SystemExit, match=r"\(block_size 64 vs 32\)"):
         runtime.same_network("x.pt", {"model_args": {**args, "block_size": 64}},
                              {"model_args": {**args, "block_size": 32}})
+
+
+def test_get_num_params_leaves_out_only_the_position_table():
+    cfg = M.GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=8)
+    m = M.GPT(cfg)
+    total = sum(p.numel() for p in m.parameters())  # the tied wte/lm_head matrix counted once
+    assert m.get_num_params(non_embedding=False) == total
+    assert m.get_num_params() == total - 16 * 8
+
+
+def test_dropout_acts_only_in_training_mode():
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, dropout=0.5)).eval()
+    x = torch.randint(50, (2, 10))
+    attn = torch.ones(2, 10, dtype=torch.long)
+    attn[1, :3] = 0  # a padded row takes the masked attention path
+    for kw in ({}, {"attention_mask": attn}):
+        torch.manual_seed(1)
+        a = m(x, **kw)[0]
+        torch.manual_seed(2)
+        b = m(x, **kw)[0]
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)[0]
+    torch.manual_seed(2)
+    assert not torch.allclose(a, m(x)[0])

@@ -1,6 +1,7 @@
 """pretrain.py: the next-token loss and the batches by hand; end to end on a tiny config, resume is exact and
 torchrun DDP (gloo, 2 processes) runs; bad options, a checkpoint of another network and a non-finite loss are
 one line each and leave out_dir as it was."""
+import contextlib
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import runtime  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
+import pretrain  # noqa: E402
 from pretrain import get_batch, next_token_loss  # noqa: E402  (importing pretrain.py runs nothing)
 from conftest import capture_grads, run_here  # noqa: E402
 
@@ -292,3 +294,18 @@ def test_a_short_context_shows_only_the_instructions_that_fit(tmp_path):
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     shown = re.search(r"does not answer \d+% of (\d+)", r.stdout)
     assert shown and 1 <= int(shown.group(1)) <= 4, r.stdout[-2000:]
+
+
+def test_held_out_loss_is_the_mean_over_its_eval_iters_fixed_val_batches():
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).train()
+    stream = torch.randint(50, (400,))
+    want = []
+    for k in range(3):  # the same batches every call: step -1, micro-step k, the val split
+        x, y = pretrain.get_batch(stream, 8, 4, 1337, -1, k, 0, val=True)
+        with torch.no_grad():
+            want.append(pretrain.next_token_loss(m.eval()(x)[0], y).item())
+    assert max(want) - min(want) > 1e-4  # the three batches differ
+    got = pretrain.held_out_loss(m.train(), stream, 8, 4, 3, 1337, 0, "cpu", contextlib.nullcontext())
+    assert got == pytest.approx(sum(want) / 3, abs=1e-6)
+    assert m.training  # back in training mode

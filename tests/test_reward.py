@@ -590,3 +590,42 @@ def test_best_of_n_judges_each_prompt_by_its_own_answers_scores():
         want = reward_scores(rm, BYTES, [p] * 4, cands, gain=2.0, bias=1.0)
         torch.testing.assert_close(torch.tensor([c["score"] for c in cands]), want, atol=1e-5, rtol=0)
         assert pick["score"] == max(c["score"] for c in cands)
+
+
+def test_collect_comparisons_hands_the_ended_flags_to_the_labeler(monkeypatch):
+    prompts = world.prompts("eval")[:8]
+
+    def fake_respond(policy, enc, convs, max_new_tokens, temperature, generator=None):
+        # each prompt's two answers: the same ideal text, the first cut off, the second ended
+        return [{"text": world.ideal(c), "ended": j % 2 == 1} for j, c in enumerate(convs)]
+
+    monkeypatch.setattr(reward, "respond", fake_respond)
+    rt = SimpleNamespace(rank=0, world_size=1, ddp=False, master=True)
+    comps = reward.collect_comparisons(None, None, prompts, rt, None, K=2, max_new_tokens=8, temperature=1.0,
+                                       tau=0.01, seed=0, gen_batch=4)
+    assert [c["prompt"] for c in comps] == prompts
+    for c in comps:
+        assert c["ended"] == [False, True]
+        assert c["ranking"] == [1, 0]  # a nearly noise-free labeler prefers the answer that ended its turn
+
+
+def test_best_of_n_on_held_out_averages_sft_gold_over_every_candidate(monkeypatch):
+    evals = world.prompts("eval")
+    bad = "You are dumb."
+
+    def fake_best_of_n(policy, rm, enc, prompts, n, *a, **k):
+        # each prompt: the ideal answer and an insult; the reward model picks the insult
+        return [{"text": bad, "ended": True, "score": 1.0,
+                 "candidates": [{"text": world.ideal(p), "ended": True}, {"text": bad, "ended": True}]}
+                for p in prompts]
+
+    monkeypatch.setattr(reward, "best_of_n", fake_best_of_n)
+    monkeypatch.setattr(reward, "respond", lambda policy, enc, prompts, *a, **k:
+                        [{"text": world.ideal(p), "ended": True} for p in prompts])
+    rt = SimpleNamespace(ctx=contextlib.nullcontext())
+    res = reward.best_of_n_on_held_out(None, None, None, 2, 1.0, 0.0, 0.0, 8, 1.0, 64, rt, None)
+    bad_gold = sum(world.gold(p, bad) for p in evals) / len(evals)
+    assert res["sft_gold"] == pytest.approx((1.0 + bad_gold) / 2)  # both candidates of every prompt
+    assert res["bon_gold"] == pytest.approx(bad_gold)
+    assert res["oracle_gold"] == pytest.approx(1.0)
+    assert res["oracle_win_rate"] == pytest.approx(0.5) and res["bon_win_rate"] == pytest.approx(0.0)

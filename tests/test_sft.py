@@ -19,6 +19,7 @@ sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import runtime  # noqa: E402
 from data.chat import render, sft_example  # noqa: E402
+import sft  # noqa: E402
 from sft import sft_batch, sft_loss  # noqa: E402  (importing sft.py runs nothing)
 from conftest import capture_grads, run_here  # noqa: E402
 from data.tokenizer import ASSISTANT, END, EOT, USER, get_tokenizer, special_id  # noqa: E402
@@ -437,3 +438,13 @@ def test_two_processes_on_the_same_batches_log_the_one_process_loss(base_dir, tm
     assert two[0]["targets"] == 2 * one[0]["targets"]  # the count is over both processes
     for a, b in zip(one, two):  # step 2 too: the averaged gradient was the one process's
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+
+
+def test_train_batch_draws_every_conversation_with_replacement():
+    rows = [([i + 1, i + 1], [i + 1, -1]) for i in range(3)]
+    seen = set()
+    for it in range(4):
+        ids, _, _ = sft.train_batch(rows, 16, 0, it, 0, 0, pad_id=0)
+        assert ids.shape == (16, 2)  # more than len(rows): drawn with replacement
+        seen |= set(ids[:, 0].tolist())
+    assert seen == {1, 2, 3}  # the last conversation is drawn too
