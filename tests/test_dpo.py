@@ -541,3 +541,12 @@ def test_main_trains_on_the_pairs_not_held_out_and_evaluates_on_the_held_out_one
     dog = [2 * 2, 2 * 2 + 1]  # responses are two per prompt in file order: (chosen, rejected) of "dog"
     assert seen["val"] and all(v == [dog] for v in seen["val"])
     assert seen["train"] and dog not in seen["train"]
+
+
+def test_two_equal_texts_that_differ_in_ending_their_turn_still_make_a_pair(tmp_path):
+    """The same text ended and cut off render differently (one closes with <|end|>): a real preference."""
+    row = {"prompt": [{"role": "user", "content": "Hi"}], "responses": ["Hello.", "Hello."],
+           "ended": [True, False], "ranking": [0, 1]}
+    (tmp_path / "c.jsonl").write_text(json.dumps(row) + "\n")
+    responses, pairs = dpo.load_pairs(str(tmp_path / "c.jsonl"))
+    assert pairs == [(row["prompt"], 0, 1)]

@@ -267,3 +267,16 @@ def test_labelers_prefer_an_answer_that_ends_its_turn():
     assert w.gold(prompt, ideal, False) < w.gold(prompt, ideal, True)
     assert all(w.rank(prompt, [ideal, ideal], random.Random(s), ended=[False, True], tau=1e-6) == [1, 0]
                for s in range(20))
+
+
+def test_earlier_assistant_turns_of_demonstrations_are_demonstrated_too():
+    """A multi-turn demonstration keeps the prompt's user turns and rewrites its earlier assistant turns as
+    demonstrations too (SFT learns from every assistant turn it sees)."""
+    demos, train = w.demonstrations(), w.prompts("train")
+    changed = 0
+    for i, p in enumerate(train):
+        for d in demos[2 * i:2 * i + 2]:
+            assert [m["role"] for m in d[:-1]] == [m["role"] for m in p]
+            assert all(a == b for a, b in zip(d, p) if a["role"] != "assistant")
+            changed += any(a["content"] != b["content"] for a, b in zip(d, p) if a["role"] == "assistant")
+    assert changed > 0
