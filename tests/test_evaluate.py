@@ -382,3 +382,65 @@ def test_one_sweep_row_measured_otherwise_keeps_the_reports_rows_off_the_frontie
     lines = evaluate.draw_figures({"sft": {"gold": 0.7, "kl": 0.0}, "ppo": {"gold": 0.5, "kl": 2.0}},
                                   str(tmp_path / "figures"))
     assert not any(line.startswith("- ppo default") for line in lines)
+
+
+def made_up_results(names, rm=True):
+    """Results as evaluate() returns them, with numbers chosen so that every cell of the report differs."""
+    prompt = [{"role": "user", "content": "Describe the cat."}]
+    out = {}
+    for i, n in enumerate(names):
+        r = {"gold": 0.5 + i / 8, "win_vs_sft": 0.5 - i / 4, "win_ci": 0.125 + i / 32, "kl": 0.25 + i,
+             "fluency": 0.75 - i / 16, "ended": 0.875 - i / 4, "n": 2,
+             "missing": {k: (j + 1) / 64 + i / 8 for j, k in enumerate(world.WEIGHTS)},
+             "samples": [{"prompt": prompt, "text": f"answer {n} {j}", "ended": j == 0, "gold": 0.25 * j}
+                         for j in range(2)]}
+        if rm:
+            r["rm_score"] = -0.25 + i
+        out[n] = r
+    return out
+
+
+def test_the_report_rows_show_each_models_own_numbers_in_their_columns(tmp_path, monkeypatch):
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    monkeypatch.setattr(evaluate, "bon", 4)
+    results = made_up_results(["sft", "bon", "ppo"])
+    del results["ppo"]["rm_score"]  # a row the reward model did not score: "-"
+    evals = [results["sft"]["samples"][0]["prompt"]] * 2
+    lines = evaluate.write_report(results, ["sft", "bon", "ppo"], evals, str(tmp_path / "figures"))
+    assert lines == (tmp_path / "report.md").read_text().splitlines()
+    # gold .3f | win ± interval, % | KL .2f (best-of-N's an upper bound) | RM score +.2f | fluency | ends turn
+    assert "| sft | 0.500 | 50.0% ± 12.5% | 0.25 | -0.25 | 75.0% | 87.5% |" in lines
+    assert "| best-of-4 | 0.625 | 25.0% ± 15.6% | ≤ 1.25 | +0.75 | 68.8% | 62.5% |" in lines
+    assert "| ppo | 0.750 | 0.0% ± 18.8% | 2.25 | - | 62.5% | 37.5% |" in lines
+    # where the gold is lost: one column per component, in WEIGHTS' order
+    head = "| model | " + " | ".join(world.WEIGHTS) + " |"
+    assert head == "| model | helpful | harmless | ended | fluent | concise |" and head in lines
+    assert "| sft | 0.016 | 0.031 | 0.047 | 0.062 | 0.078 |" in lines  # (j + 1) / 64
+    assert "| ppo | 0.266 | 0.281 | 0.297 | 0.312 | 0.328 |" in lines  # (j + 1) / 64 + 2 / 8
+    # the sample conversations: each row's answer to the prompt, and whether it ended its turn
+    assert "- best-of-4 (gold 0.00): `answer bon 0`" in lines
+    assert "- ppo (gold 0.25): `answer ppo 1` *(never ended its turn)*" in lines
+
+
+def test_json_out_prints_every_number_but_the_samples_and_the_printed_table_is_the_reports(tmp_path,
+                                                                                         monkeypatch, capsys):
+    import evaluate
+    save_row(tmp_path / "sft.pt")
+    save_row(tmp_path / "ppo.pt", kind="ppo")
+    save_row(tmp_path / "base.pt", kind="base")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Describe the cat."}) + "\n")
+    results = made_up_results(["sft", "base", "ppo"])  # evaluate() answers with SFT, the reference, first
+    seen = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda rt, paths, *a, **k: seen.append(list(paths)) or results)
+    run_here(monkeypatch, evaluate, f"--out_dir={tmp_path}", f"--prompts={prompts}", "--max_new_tokens=8",
+             "--device=cpu", "--json_out=True")
+    out = capsys.readouterr().out
+    assert seen == [["base", "sft", "ppo"]]
+    table = (tmp_path / "report.md").read_text().split("\n\n")[2].splitlines()  # header, rule, one per row
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| base", "| sft", "| ppo"]  # the stages' order
+    assert "\n".join(table) in out  # the table printed is the report's, every row of it
+    shown = json.loads(out[out.index("\n{") + 1:])
+    assert shown == {n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()}
+    assert "rm_score" in shown["ppo"] and "missing" in shown["sft"]

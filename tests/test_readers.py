@@ -353,3 +353,28 @@ def test_hh_text_before_the_first_turn_is_refused(tmp_path):
                              "rejected": "Preamble\n\nHuman: a\n\nAssistant: c"}) + "\n")
     with pytest.raises(DataError, match="is not an HH transcript"):
         read_preferences(str(p))
+
+
+def test_hh_transcript_may_start_without_the_blank_lines(tmp_path):
+    """"Human: ..." at the very start of the text is the first turn, as "\\n\\nHuman: ..." is."""
+    p = write(tmp_path, {"chosen": "Human: Hi.\n\nAssistant: Hello.",
+                         "rejected": "Human: Hi.\n\nAssistant: Go."})
+    assert read_preferences(p) == [{"prompt": [U("Hi.")], "chosen": "Hello.", "rejected": "Go."}]
+
+
+def test_a_shared_history_that_ends_with_the_assistant_is_refused(tmp_path):
+    """Two answers after an assistant turn answer no user: render_prompt could not even place them."""
+    history = [U("hi"), A("hello")]
+    p = write(tmp_path, {"chosen": history + [A("4")], "rejected": history + [A("5")]})
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: the shared history must end with a user"):
+        read_preferences(p)
+    hh = "\n\nHuman: a\n\nAssistant: b"
+    p = write(tmp_path, {"chosen": hh + "\n\nAssistant: c", "rejected": hh + "\n\nAssistant: d"})
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: the shared history must end with a user"):
+        read_preferences(p)
+
+
+def test_a_conversation_ending_with_the_user_still_has_its_assistant_turns_to_learn(tmp_path):
+    """SFT learns every assistant turn (data.chat.render's mask): a trailing user turn takes none away."""
+    p = write(tmp_path, {"messages": [U("hi"), A("hello"), U("bye")]})
+    assert read_messages(p) == [[U("hi"), A("hello"), U("bye")]]

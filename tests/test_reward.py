@@ -240,6 +240,23 @@ def test_get_batch_gives_each_rank_its_own_prompts():
     assert sorted(seen) == list(range(8))
 
 
+def test_get_batch_pads_on_the_right_so_the_score_is_read_at_each_answers_end():
+    """rm_score reads the head at index (real tokens - 1): the training batch must put each row's tokens
+    first. Each row scored in the batch is the head at its own <|end|>, as scored alone."""
+    rm = trained_looking_rm()
+    answers = [("Hello there!", "Yo"), ("A much longer answer", "B")]
+    rows = [[render_response(BYTES, PROMPT, t, True, 64)[0] for t in pair] for pair in answers]
+    rt = SimpleNamespace(world_size=1, rank=0, device="cpu")
+    ids, attn, _ = reward.get_batch(0, [0, 1], rows, torch.zeros(2, 2), 2, 1, 0, rt, 0)
+    n = attn.sum(1).tolist()
+    assert all(attn[i, :k].all() for i, k in enumerate(n))  # the real tokens come first, the padding after
+    flat = [ids[i, :k].tolist() for i, k in enumerate(n)]
+    assert sorted(flat) == sorted(r for rs in rows for r in rs)  # every answer, whole
+    with torch.no_grad():
+        alone = [rm(torch.tensor([r]), return_values=True)[2][0, -1].item() for r in flat]
+    torch.testing.assert_close(rm_score(rm, ids, attn), torch.tensor(alone), atol=1e-5, rtol=0)
+
+
 def test_main_normalises_what_it_saves_and_scores_labelers_best_highest(tiny_sft, monkeypatch):
     """main()'s wiring, which the unit tests above cannot see: under --lm_feature the normalisation is fitted
     to head + w * log p_SFT with the learned w it saves (not to the head alone), and the report and the

@@ -41,6 +41,13 @@ def test_hand_worked_merges():
     assert ranks[b"ab"] == 256 and ranks[b" ab"] == 257 and len(ranks) == 258
 
 
+def test_ties_go_to_the_smallest_pair():
+    # chunks "ab" and " cd": (a,b), (" ",c), (c,d) each once. The smallest bytes win the tie: " c" (a space,
+    # 32, sorts before "a" and "c"); then " c"+"d" and a+b tie once each, and b" c" < b"a": " cd", then "ab".
+    ranks = train_bpe("ab cd", 256 + len(SPECIALS) + 3)
+    assert [t for t, r in sorted(ranks.items(), key=lambda kv: kv[1])][256:] == [b" c", b" cd", b"ab"]
+
+
 def test_vocab_size_and_ranks_are_dense():
     assert len(RANKS) == 400 - len(SPECIALS)
     assert sorted(RANKS.values()) == list(range(len(RANKS)))
