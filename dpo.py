@@ -55,24 +55,24 @@ from rollout import by_length, compare_to_sft, respond, response_logps, reward_s
 # config (every name can be overridden with --name=value)
 out_dir = "out"            # reads sft.pt and comparisons.jsonl here, writes dpo.pt and dpo.jsonl
 data = ""                  # "" = out_dir/comparisons.jsonl (reward.py); or a TRL / Anthropic HH JSONL
-seed = 1337
+seed = 1337                # the pairs' order and the online rounds' samples
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs and losses are always fp32
-compile = False
+compile = False            # torch.compile the policy (CUDA)
 loss = "sigmoid"           # "sigmoid" (DPO, the paper) or "ipo" (a departure)
 beta = 0.5                 # KL strength: the paper's TL;DR value (0.1 for its dialogue task, App. B); here
                            # 0.1 at this lr drifted from SFT and lost fluency (docs/experiments.md)
 label_smoothing = 0.0      # conservative DPO: the probability that a label is flipped (sigmoid loss only)
 rpo_alpha = 0.0            # weight of the chosen answers' per-token NLL (RPO, a departure); 0 = pure DPO
 batch_size = 32            # preference pairs per micro-batch (per process); each pair is two sequences
-grad_accum = 1
+grad_accum = 1             # micro-batches per optimizer step
 epochs = 0.5               # passes over the pairs (if max_iters = 0): each answer is in K - 1 of them
 max_iters = 0              # optimizer steps; 0 = as many as `epochs` takes
 lr, min_lr = 1e-4, 1e-5    # peak learning rate, cosine-decayed to min_lr; higher ones (or a smaller beta)
                            # let pure DPO drift onto text neither answer contained and lose fluency
-warmup_iters = 10
+warmup_iters = 10          # linear warmup while Adam's moment estimates are still noisy
 weight_decay = 0.0         # the pull toward SFT is the KL term's job, not weight decay's
-grad_clip = 1.0
+grad_clip = 1.0            # clip the global gradient norm (0 = off)
 eval_fraction = 0.1        # share of prompts whose pairs are held out (chosen by a hash of the prompt)
 eval_interval = 50         # held-out pairs evaluated and checkpoint written every this many steps
 max_new_tokens = 48        # answer length in the final SFT-vs-DPO comparison (and in the online rounds)
@@ -191,7 +191,8 @@ def epoch_batches(pair_len, batch_size, seed, epoch):
 @torch.no_grad()
 def answer_logps(model, rows, masks, pad_id, rt, desc=None):
     """Summed answer log-probs without gradients, (N,) fp32, batched by length (by_length); desc labels
-    a progress bar. The frozen reference scores each answer ONCE: at every step, it would double the cost."""
+    a progress bar. The frozen reference scores each answer ONCE, up front: at every step it would add a
+    forward pass to each step's forward and backward."""
     out = torch.zeros(len(rows), device=rt.device)
     for idx in tqdm(by_length(rows, 64), desc=desc, disable=not (rt.master and desc), leave=False):
         with rt.ctx:
@@ -307,6 +308,8 @@ def main():
     if data and online_rounds and not os.path.isfile(rm_path):
         raise SystemExit(f"error: the online rounds need a reward model trained on {data}: `python reward.py "
                          f"--data={data} --out_dir={out_dir}` writes {rm_path} (or --online_rounds=0)")
+    # read before the inputs: a missing or broken checkpoint must not first build SFT and the comparisons
+    ck = runtime.load_checkpoint(ck_path, "dpo", need=("optimizer", "scaler", "rng")) if resume else None
     rt = runtime.setup(device, dtype, seed)
     runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)  # rank 0 builds what is missing, the others wait
     for path in ([] if data else [data_path] + [rm_path] * (online_rounds > 0)):
@@ -314,11 +317,10 @@ def main():
     responses, pairs = loaded or or_exit(load_pairs, data_path)
 
     # ---- 2. policy and reference: both start as the SFT model; the reference never changes
-    ref, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
-    ref.to(rt.device).eval().requires_grad_(False)
+    # (and, for the online rounds, the frozen reward model), as ppo.py and grpo.py load them
+    ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, online_rounds > 0, rt)
     policy = runtime.model_from_checkpoint(sft_ck, sft_path, dropout=0.0).to(rt.device)
     pad_id, block_size = enc.eot_token, sft_ck["model_args"]["block_size"]
-    rm, rm_ck = runtime.load_reward_model(rm_path, rt.device, sft_ck) if online_rounds else (None, None)
 
     # ---- 3. each distinct answer tokenised and scored by the reference once; pairs split by prompt
     rows, masks = map(list, zip(*(render_response(enc, p, text, ended, block_size)  # too long: keeps its end
@@ -343,10 +345,10 @@ def main():
     optimizer = runtime.configure_optimizer(policy, weight_decay, lr, (0.9, 0.95), rt.device_type)
     start = start_round = 0
     if resume:
-        ck = runtime.load_checkpoint(ck_path, "dpo")
         runtime.same_network(ck_path, ck, sft_ck)
         start, start_round = runtime.restore(ck, policy, optimizer, rt.scaler), ck.get("round", 0)
-        print(f"resuming from {ck_path} at step {start}, online round {start_round}")
+        if rt.master:
+            print(f"resuming from {ck_path} at step {start}, online round {start_round}")
     raw_policy, policy = policy, runtime.wrap(policy, rt, compile)
 
     # ---- 5. offline DPO: minimise the loss over the comparisons' pairs

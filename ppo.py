@@ -21,7 +21,7 @@ score climbs). One iteration, as in the RLHF references:
     python ppo.py --reward=gold            # "PPO-GT": optimise the hidden human's utility itself (a ceiling)
     python ppo.py --target_kl=3            # adaptive beta (Ziegler et al.'s controller), 3 nats per answer
     python ppo.py --resume=True            # continue from out/ppo.pt exactly where it was saved
-    python ppo.py --prompts=my.jsonl       # RL on your own prompts, e.g. with
+    python ppo.py --prompts=my.jsonl       # RL on your own prompts, against a reward model from
                                            # `python reward.py --data=prefs.jsonl`
     torchrun --nproc_per_node=2 ppo.py     # each rank samples its own rollouts, gradients are averaged
 
@@ -70,8 +70,9 @@ temperature = 1.0          # pure sampling (no top-k/top-p): the sampled tokens 
 beta = 0.05                # KL coefficient (initial value when target_kl is set); InstructGPT: 0.02
 target_kl = 0.0            # > 0: adapt beta toward this KL (nats per answer); 0: fixed beta
 kl_horizon = 10000         # the controller's horizon (episodes), as in Ziegler et al.
-kl_estimator = "k1"        # per-token KL penalty: "k1" = logp - logp_ref, "k3" = (ratio - 1) - log ratio
-                           # (k3 estimates the KL's value; as a reward its gradient is not the KL's: kl_k3)
+kl_estimator = "k1"        # per-token KL penalty: "k1" = logp - logp_ref, "k3" = (r - 1) - log r with
+                           # r = pi_SFT / pi (k3 estimates the KL's value; as a reward its gradient is not
+                           # the KL's: kl_k3)
 no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn
 gamma, lam = 1.0, 0.95     # GAE discount and bias-variance trade-off, Ziegler et al.'s values (and PPO's
                            # lam): lam < 1 leans on the value head's estimates, lam = 1 is the plain return
@@ -240,9 +241,6 @@ def main():
     # the policy starts as SFT, with a fresh scalar head on its trunk as the value function (a departure)
     policy = runtime.model_from_checkpoint(sft_ck, os.path.join(out_dir, "sft.pt"), dropout=0.0,
                                            scalar_head=True).to(rt.device)
-    gain, bias, lm_weight = 1.0, 0.0, 0.0
-    if rm is not None:
-        gain, bias, lm_weight = rm_ck["gain"], rm_ck["bias"], rm_ck.get("lm_weight", 0.0)
     head = list(policy.scalar_head.parameters())
     trunk = [p for n, p in policy.named_parameters() if not n.startswith("scalar_head.")]
     optimizer = torch.optim.AdamW([{"params": trunk, "lr": lr}, {"params": head, "lr": vf_lr}],
@@ -288,7 +286,8 @@ def main():
         if reward == "gold":
             scores = golds
         else:
-            scores = reward_scores(rm, enc, batch_prompts, replies, gain, bias, lm_weight=lm_weight, sft=ref)
+            scores = reward_scores(rm, enc, batch_prompts, replies, rm_ck["gain"], rm_ck["bias"],
+                                   lm_weight=rm_ck.get("lm_weight", 0.0), sft=ref)
         scores = scores.to(rt.device) - no_end_penalty * (1 - ended)
         kl = kl_penalty(old_logp, ref_logp, kl_estimator)  # (B, L-1)
         rewards = token_rewards(scores, kl, action, kl_coef)

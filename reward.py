@@ -25,7 +25,8 @@ Departures (options; the defaults are InstructGPT's):
                           SFT, trained on demonstrations, knows whether an answer is on topic, which a head
                           learns slowly from rankings (rollout.reply_logprobs computes it).
 
-comparisons.jsonl, one line per prompt: the ranking, and the TRL chosen/rejected view that dpo.py reads
+comparisons.jsonl, one line per prompt: the ranking (dpo.py takes all its K(K-1)/2 pairs), and a TRL
+chosen/rejected view, best against worst, for tools that read pairs
     {"prompt": messages, "responses": [K strings], "ended": [K bools], "ranking": [indices, best first],
      "chosen": best response, "rejected": worst response}
 """
@@ -367,7 +368,8 @@ def main():
         raw_rm = runtime.model_from_checkpoint(sft_ck, scalar_head=True, dropout=dropout).to(rt.device)
         optimizer = runtime.configure_optimizer(raw_rm, weight_decay, lr, (beta1, beta2), rt.device_type)
         lm_w = torch.zeros((), device=rt.device, requires_grad=lm_feature)  # the weight w of log p_SFT
-        if lm_feature:  # one scalar with a 100x step: it must travel ~0.05 in a few hundred steps of lr 3e-4
+        if lm_feature:  # one scalar with a 100x step: unscaled, Adam would move it about lr a step, too
+            # little to reach its learned size (docs/experiments.md) in a few hundred steps of lr 3e-4
             optimizer.add_param_group({"params": [lm_w], "weight_decay": 0.0, "lr_scale": 100.0})
         start, loss_fn = 0, LOSSES[loss]
         if resume:

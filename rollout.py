@@ -103,9 +103,9 @@ def reply_logprobs(model, enc, conversations, replies, batch_size=128):
 
 
 def rm_score(rm, ids, attn_mask, gain=1.0, bias=0.0):
-    """Reward model score per sequence, (B,) fp32: the scalar head read at the last real token (the <|end|>
-    that closes the answer), for right-padded rows, then normalised as gain * r + bias (mean 0, std 1 on SFT
-    answers).
+    """Reward model score per sequence, (B,) fp32: the scalar head read at the last real token (the
+    answer's <|end|> if it ended its turn, else its last token), for right-padded rows, then normalised as
+    gain * r + bias (mean 0, std 1 on SFT answers).
     Goes through rm's forward, so DDP sees the backward pass when the reward model trains."""
     last = attn_mask.sum(1) - 1                                   # (B,) index of each row's last real token
     r = rm(ids, attention_mask=attn_mask, return_values=True, with_logits=False)[2]  # (B, T): every position
@@ -178,9 +178,9 @@ def sample_kl(logprobs, ref, seq, attn_mask, gen_mask, temperature=1.0):
 def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64, generator=None, ref=None,
           lap=lambda phase: None, **sampling):
     """Sample one reply per prompt and grade it with the world's hidden human (data.world.gold; 1.0 = ideal).
-    Returns means over prompts {"gold", "ended", "fluency", "n"} and "samples" [{"prompt", "text", "ended",
-    "gold", "fluency"}]; with a reference model also "kl": KL(model || ref) per answer, estimated on the same
-    samples. lap: a runtime.Stopwatch's, to split the time into sampling, scoring and the hidden human."""
+    Returns means over prompts {"gold", "ended", "fluency", "kl"} ("kl": KL(model || ref) per answer,
+    estimated on the same samples; 0 without ref), "n" (the number of samples) and "samples" [{"prompt",
+    "text", "ended", "kl", "gold", "fluency"}]. lap: a runtime.Stopwatch's, to split the time into sampling, scoring and the hidden human."""
     samples = []
     for i in range(0, len(prompts), batch_size):  # chunks bound the memory of a batched KV cache
         chunk = prompts[i:i + batch_size]

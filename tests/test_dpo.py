@@ -364,6 +364,20 @@ def test_a_reward_model_from_data_is_not_rebuilt_over(tmp_path, refusal, monkeyp
     assert os.listdir(tmp_path) == ["reward.pt"]
 
 
+def test_resume_without_a_checkpoint_is_one_line_before_any_stage_is_built(tmp_path, refusal, monkeypatch):
+    """--resume=True in a folder with no dpo.pt must not first pretrain, SFT and collect comparisons there
+    for minutes: the missing checkpoint is refused before the inputs are looked for."""
+    built = []
+    monkeypatch.setattr(runtime, "ensure_checkpoint", lambda *a: built.append(a))
+    msg = refusal("dpo", f"--out_dir={tmp_path}", "--resume=True")
+    assert msg == f"error: checkpoint {tmp_path / 'dpo.pt'} not found" and built == []
+    runtime.save_checkpoint(str(tmp_path / "dpo.pt"), {"kind": "dpo", "step": 3, "model": {}, "model_args": {}})
+    msg = refusal("dpo", f"--out_dir={tmp_path}", "--resume=True")  # a final checkpoint without its optimizer
+    assert msg.endswith("has no optimizer, scaler, rng: not a complete checkpoint; start afresh without "
+                        "--resume") and built == []
+    assert os.listdir(tmp_path) == ["dpo.pt"]
+
+
 def test_a_bad_data_file_is_one_line_before_a_missing_sft_model_is_built(tmp_path, refusal, monkeypatch):
     """--data is read first: a bad line once stopped dpo.py only after pretrain.py and sft.py had run."""
     built = []
