@@ -309,7 +309,7 @@ def main():
         raise SystemExit(f"error: the online rounds need a reward model trained on {data}: `python reward.py "
                          f"--data={data} --out_dir={out_dir}` writes {rm_path} (or --online_rounds=0)")
     # read before the inputs: a missing or broken checkpoint must not first build SFT and the comparisons
-    ck = runtime.load_checkpoint(ck_path, "dpo", need=("optimizer", "scaler", "rng")) if resume else None
+    ck = runtime.load_checkpoint(ck_path, "dpo", need=runtime.RESUME) if resume else None
     rt = runtime.setup(device, dtype, seed)
     runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)  # rank 0 builds what is missing, the others wait
     for path in ([] if data else [data_path] + [rm_path] * (online_rounds > 0)):

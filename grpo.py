@@ -126,7 +126,7 @@ def main():
     world_prompts = not prompts
     ck_path, log_path = os.path.join(out_dir, f"{baseline}.pt"), os.path.join(out_dir, f"{baseline}.jsonl")
     # read before the inputs: a missing or broken checkpoint must not first build base, SFT and reward model
-    ck = runtime.load_checkpoint(ck_path, "grpo", need=("optimizer", "scaler", "rng", "rank_rng")) \
+    ck = runtime.load_checkpoint(ck_path, "grpo", need=runtime.RESUME + ("rank_rng",)) \
         if resume else None
     rt = runtime.setup(device, dtype, seed)
     hint = "a lower --lr or a larger --beta"

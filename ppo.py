@@ -231,7 +231,7 @@ def main():
     world_prompts = not prompts  # the hidden human judges the world's prompts only
     ck_path, log_path = os.path.join(out_dir, "ppo.pt"), os.path.join(out_dir, "ppo.jsonl")
     # read before the inputs: a missing or broken checkpoint must not first build base, SFT and reward model
-    ck = runtime.load_checkpoint(ck_path, "ppo", need=("optimizer", "scaler", "rng", "rank_rng", "kl_coef")) \
+    ck = runtime.load_checkpoint(ck_path, "ppo", need=runtime.RESUME + ("rank_rng", "kl_coef")) \
         if resume else None
     rt = runtime.setup(device, dtype, seed)
     hint = "a lower --lr or --temperature closer to 1"

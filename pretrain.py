@@ -183,7 +183,7 @@ def main():
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout,
                       vocab_size=enc.n_vocab)
     start = 0
-    ckpt = runtime.load_checkpoint(ck_path, "base") if resume else None
+    ckpt = runtime.load_checkpoint(ck_path, "base", need=runtime.RESUME) if resume else None
     if ckpt:
         runtime.same_network(ck_path, ckpt, {"model_args": model_args, "tokenizer": tokenizer},
                              "the options ask for", "; resume with the options it was trained with, or start "

@@ -373,7 +373,7 @@ def main():
             optimizer.add_param_group({"params": [lm_w], "weight_decay": 0.0, "lr_scale": 100.0})
         start, loss_fn = 0, LOSSES[loss]
         if resume:
-            ck = runtime.load_checkpoint(ck_path, "reward")
+            ck = runtime.load_checkpoint(ck_path, "reward", need=runtime.RESUME)
             runtime.same_network(ck_path, ck, sft_ck)  # another network: one line, no traceback
             start = runtime.restore(ck, raw_rm, optimizer, rt.scaler)
             lm_w.data.fill_(ck.get("lm_weight", 0.0))

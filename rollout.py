@@ -180,7 +180,8 @@ def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64
     """Sample one reply per prompt and grade it with the world's hidden human (data.world.gold; 1.0 = ideal).
     Returns means over prompts {"gold", "ended", "fluency", "kl"} ("kl": KL(model || ref) per answer,
     estimated on the same samples; 0 without ref), "n" (the number of samples) and "samples" [{"prompt",
-    "text", "ended", "kl", "gold", "fluency"}]. lap: a runtime.Stopwatch's, to split the time into sampling, scoring and the hidden human."""
+    "text", "ended", "kl", "gold", "fluency"}]. lap: a runtime.Stopwatch's, to split the time into sampling,
+    scoring and the hidden human."""
     samples = []
     for i in range(0, len(prompts), batch_size):  # chunks bound the memory of a batched KV cache
         chunk = prompts[i:i + batch_size]

@@ -193,9 +193,9 @@ def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
         raise SystemExit(f"error: {path} holds NaN or inf weights: not a usable model")
     return model
 
-def load_model(path, kinds, **overrides):
+def load_model(path, kinds, need=(), **overrides):
     """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (dropout=0.0)."""
-    ckpt = load_checkpoint(path, kinds)
+    ckpt = load_checkpoint(path, kinds, need=need)
     enc = get_tokenizer(ckpt.get("tokenizer", "world"))
     if enc.n_vocab > ckpt["model_args"].get("vocab_size", 0):
         raise SystemExit(f"error: {path}: its vocabulary ({ckpt['model_args'].get('vocab_size')}) "
@@ -241,6 +241,8 @@ def set_rng_state(d):
     torch.set_rng_state(d["torch"])
     if "cuda" in d and torch.cuda.is_available():  # saved on a machine with more GPUs: the first ones
         torch.cuda.set_rng_state_all(d["cuda"][:torch.cuda.device_count()])
+
+RESUME = ("step", "optimizer", "scaler", "rng")  # what restore() reads: load_checkpoint(..., need=RESUME)
 
 def training_state(model, optimizer, scaler):
     """The part of a checkpoint that --resume needs besides config and step (restore() reads it back)."""

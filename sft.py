@@ -178,7 +178,7 @@ def main():
     # reported before any model is built
     convs = read_conversations(data)
     if resume:
-        model, enc, ckpt = runtime.load_model(ck_path, "sft", dropout=dropout)
+        model, enc, ckpt = runtime.load_model(ck_path, "sft", runtime.RESUME, dropout=dropout)
     start_from = init or (ckpt.get("config", {}).get("init", "") if resume else "")  # a resumed run's own
     if not start_from and (not resume or compare):  # base.pt is needed to start from, or to compare with
         runtime.ensure_checkpoint(base_path, "pretrain.py", out_dir)  # rank 0 builds it, the others wait

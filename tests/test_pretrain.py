@@ -154,11 +154,12 @@ def files_of(d):
 
 
 def save_tiny_base(path, **model_args):
-    """A base checkpoint of TINY's network (weights only), its model_args changed by model_args."""
+    """A base checkpoint of TINY's network with what --resume reads, its model_args changed by model_args."""
     torch.manual_seed(0)
     n_vocab = get_tokenizer("world").n_vocab
     m = M.GPT(M.GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=n_vocab))
-    runtime.save_checkpoint(str(path), {"model": m.state_dict(), "kind": "base", "step": 3,
+    state = runtime.training_state(m, torch.optim.AdamW(m.parameters()), torch.amp.GradScaler("cpu", enabled=False))
+    runtime.save_checkpoint(str(path), {**state, "kind": "base", "step": 3,
                                         "tokenizer": "world", "model_args": {**vars(m.config), **model_args}})
 
 

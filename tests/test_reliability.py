@@ -117,6 +117,21 @@ def test_bench_with_a_bad_option_as_a_user_meets_it():
     assert one_line_error(r) and r.stderr.startswith("error: --device='tpu' is out of range"), r.stderr
 
 
+@pytest.mark.parametrize("script", ["pretrain", "sft", "dpo", "ppo", "grpo"])
+def test_resume_from_a_checkpoint_without_its_optimizer_is_one_line(out_dir, refusal, script):
+    """A checkpoint that holds a model but not what --resume needs (an optimizer, the loss scale, the RNG
+    streams) once stopped with a KeyError traceback in restore(): it is refused in one line, before anything
+    else is read or built, and nothing is touched."""
+    name = {"pretrain": "base", "grpo": "grpo"}.get(script, script)
+    if script == "grpo":
+        save_tiny(out_dir / "grpo.pt", "grpo")
+    before = snapshot(out_dir)
+    message = refusal(script, f"--out_dir={out_dir}", "--resume=True")
+    assert message.startswith(f"error: {out_dir / f'{name}.pt'} has no optimizer, scaler, rng"), message
+    assert message.endswith("not a complete checkpoint; start afresh without --resume"), message
+    assert snapshot(out_dir) == before
+
+
 def damaged_checkpoints(d):
     """(name, path) of checkpoints that must be refused in one line."""
     d.mkdir(exist_ok=True)

@@ -547,6 +547,12 @@ def test_resume_from_another_network_is_one_line(tiny_sft, refusal):
     got = refusal("reward", f"--out_dir={tiny_sft}", "--resume=True", "--max_iters=4")
     path = tiny_sft / "reward.pt"
     assert got == f"error: {path} is another network than the SFT model (n_embd 16 vs 32)", got
+    sft = torch.load(tiny_sft / "sft.pt", weights_only=True)  # the same network, without what resume reads
+    runtime.save_checkpoint(str(path), {"model": sft["model"], "model_args": {**sft_args, "scalar_head": True},
+                                        "kind": "reward", "step": 2, "normalised": False})
+    got = refusal("reward", f"--out_dir={tiny_sft}", "--resume=True", "--max_iters=4")
+    assert got == (f"error: {path} has no optimizer, scaler, rng: not a complete checkpoint; start afresh "
+                   "without --resume"), got
 
 
 @pytest.mark.parametrize("flags", [["--data=BAD"], ["--collect=False"], ["--resume=True"]])

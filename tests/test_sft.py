@@ -234,9 +234,10 @@ def files_of(d):
 
 
 def save_tiny_sft(path, **model_args):
-    """An SFT checkpoint (weights only: what these tests read of it fails before the optimizer state)."""
+    """An SFT checkpoint with what --resume reads (these tests' checks come before its optimizer is used)."""
     m = tiny(block_size=64)
-    runtime.save_checkpoint(str(path), {"model": m.state_dict(), "kind": "sft", "step": 3,
+    state = runtime.training_state(m, torch.optim.AdamW(m.parameters()), torch.amp.GradScaler("cpu", enabled=False))
+    runtime.save_checkpoint(str(path), {**state, "kind": "sft", "step": 3,
                                         "tokenizer": "world", "model_args": {**vars(m.config), **model_args}})
 
 
