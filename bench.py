@@ -33,24 +33,26 @@ from model import GPT, GPTConfig, generate, token_logprobs
 from runtime import configure, configure_optimizer, matmul_flops, setup
 
 # -----------------------------------------------------------------------------
+# config (every name can be overridden with --name=value)
 device = "auto"                        # auto: cuda > mps > cpu
 threads = 0                            # torch.set_num_threads when > 0 (0: torch's default, one per core):
                                        # on a machine shared with other jobs, threads wait on each other
 dtypes = ("float32", "bfloat16")       # training precisions to measure (low precision via autocast)
 batch_size = 16                        # training batch, sequences of block_size tokens
-block_size = 256
+block_size = 256                       # training sequence length, the stages' context
 n_layer, n_head, n_embd = GPTConfig.n_layer, GPTConfig.n_head, GPTConfig.n_embd  # the stages' model dims
 vocab_size = 0                         # 0: the world tokenizer's, as the stages train with
 compile = False                        # torch.compile the training step, and the blocks when sampling
 train_iters = 10                       # timed training steps per precision (after warmup_iters untimed)
-warmup_iters = 2
+warmup_iters = 2                       # untimed steps first: allocation, kernel set-up, compilation
 gen_batches = (128, 64, 256)           # sampling batch sizes: ppo.py's rollout batch first, reward.py's 256
-gen_prompt_lens = (7, 36)              # shortest, longest prompt, lengths drawn uniformly: world chat prompts
+gen_prompt_lens = (7, 36)              # shortest, longest prompt, lengths drawn uniformly: the world's
+                                       # held-out chat prompts' range (its training prompts reach 38)
 gen_new_tokens = 32                    # tokens sampled per prompt (no stop token: every row runs them all)
 gen_repeats = 5                        # timed (new, plain) turns per batch size, after one untimed turn
 gen_dtype = "float32"                  # precision for the sampling benchmark
 matmul_size = 2048                     # side of the square matmul that measures the peak
-seed = 1337
+seed = 1337                            # the same weights and prompts on every run
 # -----------------------------------------------------------------------------
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

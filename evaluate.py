@@ -34,28 +34,29 @@ from data.tokenizer import get_tokenizer
 from rollout import best_of_n, prompts_fit, reward_scores, score, win_rate_against
 
 # -----------------------------------------------------------------------------
-out_dir = "out"
+# config (every name can be overridden with --name=value)
+out_dir = "out"            # the stages' checkpoints; report.md and figures/ are written here
 ckpt = ""                  # comma-separated checkpoints (path or name=path; "bon" = best-of-N); the row
                            # named sft (else out_dir/sft.pt) is the reference; "" = every stage
 prompts = ""               # "" = the world's held-out prompts; or a JSONL file of
                            # {"prompt": ...} / {"messages": ...}
 seed = 1234                # sampling seed: every model answers the same prompts with the same random stream
                            # (SFT, the reference of the win rate, with the next seed's)
-device = "auto"
-dtype = "auto"
+device = "auto"            # auto: cuda > mps > cpu
+dtype = "auto"             # auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
 samples = 8                # answers per prompt and model: a few samples per prompt let two runs of the
                            # same model read very differently; the win rate's interval is clustered by
                            # prompt, so more samples narrow it only as far as one prompt's answers differ
-max_new_tokens = 48
-temperature = 1.0
+max_new_tokens = 48        # longest answer; one cut off here never ended its turn
+temperature = 1.0          # each policy as it is: the distribution its KL is measured on
 bon = 16                   # best-of-N baseline from SFT with the reward model (0 = skip)
 json_out = False           # print the numbers as JSON too
 sweep = False              # train the methods below over their betas first (writes out_dir/sweep/)
 sweep_methods = ("ppo", "dpo", "grpo", "rloo")  # which methods the sweep trains
 # betas besides each default (ppo 0.05, dpo 0.5, grpo and rloo 0.3), toward the KL range the other methods
 # reach; the default run is each frontier's last point, so it is not trained twice
-ppo_betas = (0.1, 0.2)
-dpo_betas = (0.1, 0.2)
+ppo_betas = (0.1, 0.2)     # PPO: the KL coefficient in the per-token reward
+dpo_betas = (0.1, 0.2)     # DPO: the strength of the implicit KL constraint
 grpo_betas = (0.6,)        # GRPO: the KL weight in the loss
 rloo_betas = (0.1,)        # RLOO: the KL weight in the sequence reward
 hack_iters = 120           # length of the beta = 0 PPO run that shows reward over-optimisation (0 = skip)
@@ -418,6 +419,10 @@ def main():
     if "bon" in listed and not sweep and not os.path.isfile(rm_path):  # (the sweep builds one)
         raise SystemExit(f"error: --ckpt: the best-of-N row needs a reward model; {rm_path} not found")
     ref_path = listed.get("sft") or os.path.join(out_dir, "sft.pt")  # every row's reference: --ckpt's sft row
+    if not os.path.isfile(ref_path):  # it is about to be built (minutes): read the files named first
+        named = [(p, ("base", "sft", "ppo", "grpo", "dpo")) for p in listed.values() if p]
+        for path, kinds in named + [(reward, "reward")] * bool(reward):  # damaged or wrong kind: one line
+            runtime.load_checkpoint(path, kinds)  # (check_rows reads them again, against the SFT model)
     runtime.ensure_checkpoint(ref_path, "sft.py", out_dir)
     ref_ck = runtime.load_checkpoint(ref_path, "sft")
     enc = get_tokenizer(ref_ck.get("tokenizer", "world"))
@@ -433,9 +438,9 @@ def main():
     results = evaluate(rt, paths, eval_prompts, rm_path, watch)
     order = [n for n in paths if n in results] + [n for n in results if n not in paths]
     # ---- 4. the report and its figures
-    lines = write_report(results, order, eval_prompts, os.path.join(out_dir, "figures"))
-    print("\n".join(lines[:6 + len(order)]))
     fig_dir = os.path.join(out_dir, "figures")  # empty without a sweep or the stages' logs
+    lines = write_report(results, order, eval_prompts, fig_dir)
+    print("\n".join(lines[:6 + len(order)]))
     print(f"\nwrote {os.path.join(out_dir, 'report.md')} and {len(os.listdir(fig_dir))} figures in {fig_dir}")
     watch.report("evaluate", last="report & figures")
     if json_out:

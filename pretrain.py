@@ -42,16 +42,16 @@ seed = 1337                # same seed, same run (on CPU)
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
 compile = False            # torch.compile the model (CUDA)
-n_layer, n_head, n_embd = 4, 4, 128
+n_layer, n_head, n_embd = 4, 4, 128  # depth, attention heads, width: small enough to train on a laptop CPU
 block_size = 256           # context length; also the length of each training sequence
 dropout = 0.0              # the corpus is tiny but the model is too: no dropout needed
 batch_size = 16            # sequences per micro-batch (per process)
 grad_accum = 1             # micro-batches per optimizer step
 max_iters = 500            # optimizer steps
 lr, min_lr = 3e-3, 3e-4    # peak learning rate, cosine-decayed to min_lr
-warmup_iters = 50
-weight_decay = 0.1
-beta1, beta2 = 0.9, 0.95
+warmup_iters = 50          # linear warmup while Adam's moment estimates are still noisy
+weight_decay = 0.1         # AdamW, on matrices only (runtime.configure_optimizer)
+beta1, beta2 = 0.9, 0.95   # nanoGPT's Adam betas
 grad_clip = 1.0            # clip the global gradient norm (0 = off)
 eval_interval = 100        # held-out loss and checkpoint every this many steps
 eval_iters = 10            # batches per held-out loss estimate
@@ -80,6 +80,8 @@ def read_documents(path):
             docs = [d.strip() for d in re.split(r"\n[ \t\r]*\n", f.read()) if d.strip()]  # blank: spaces too
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: {path} is not UTF-8 ({e.reason} at byte {e.start})")
+    except OSError as e:  # unreadable (permissions, I/O): one line, as data/readers.py says it
+        raise SystemExit(f"error: {path}: cannot read ({e.strerror or e})") from None
     if len(docs) < 2:
         raise SystemExit(f"error: {path} needs at least 2 documents separated by a blank line")
     return docs
@@ -200,10 +202,9 @@ def main():
     model = runtime.wrap(model, rt, compile)
 
     # ---- 4. training: minimise the next-token loss; held-out loss and checkpoint every eval_interval steps
+    tokens_per_step = batch_size * block_size * grad_accum * rt.world_size
     if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
         runtime.start_log(log_path, start if resume else None)
-    tokens_per_step = batch_size * block_size * grad_accum * rt.world_size
-    if rt.master:
         print(f"{raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
               f"{len(streams['train']):,} training tokens, {tokens_per_step:,} tokens per step, "
               f"device {rt.device}, dtype {rt.dtype}")

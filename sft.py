@@ -57,9 +57,9 @@ max_iters = 450            # optimizer steps: 450 x 32 draws, a little over one 
                            # 12,276 training demonstrations
 lr, min_lr = 3e-3, 3e-4    # peak learning rate, cosine-decayed to min_lr (a lower peak is still unfluent
                            # after max_iters)
-warmup_iters = 20
-weight_decay = 0.1
-beta1, beta2 = 0.9, 0.95
+warmup_iters = 20          # linear warmup while Adam's moment estimates are still noisy
+weight_decay = 0.1         # AdamW, on matrices only (runtime.configure_optimizer)
+beta1, beta2 = 0.9, 0.95   # nanoGPT's Adam betas
 grad_clip = 1.0            # clip the global gradient norm (0 = off)
 eval_interval = 50         # held-out loss and checkpoint every this many steps
 eval_iters = 20            # at most this many batches of held-out conversations per loss estimate
@@ -217,7 +217,6 @@ def main():
     # ---- 5. training: minimise L_SFT, a held-out loss and a checkpoint every eval_interval steps
     if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
         runtime.start_log(log_path, start if resume else None)
-    if rt.master:
         print(f"{raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, {len(train_rows)} "
               f"training conversations ({n_tok:,} assistant tokens), {len(val_rows)} held out, "
               f"{batch_size * grad_accum * rt.world_size} conversations per step, device {rt.device}, "

@@ -518,15 +518,15 @@ def demonstrations(seed=0, per_prompt=2):
 
 # ----------------------------------------------------------------------------------------------
 # 7. Pretraining corpus: stories, descriptions, dialogues, and lists of instructions (so that a
-# base model given an instruction continues with more instructions, like GPT-3 in the seeds).
+# base model given an instruction continues with more instructions, like GPT-3 in the InstructGPT paper).
 def _instruction(rng):
     return rng.choice(_questions())[0]
 
 
 def _statement(rng, topic=None):
     # Documents about a topic stay on it 90% of the time. That repetition is what teaches a small model, in a
-    # few hundred steps, to look back and copy a document's subject (an induction head); with 30% stray
-    # sentences and more instruction lists the 4-layer base model had not learned it at all by step 500.
+    # few hundred steps, to look back and copy a document's subject (an induction head); a corpus that
+    # strayed more often did not teach it (docs/experiments.md).
     if topic is None or rng.random() < 0.1:
         t = rng.choice(STATEMENTS)
         s = re.sub(r"\{(\w)\}", lambda m: rng.choice(_SLOTS[m[1]].split("|")), t)

@@ -288,6 +288,26 @@ def test_a_best_of_n_row_with_no_reward_model_builds_nothing_first(tmp_path, ref
     assert built == [] and not os.listdir(tmp_path)
 
 
+def test_a_damaged_row_or_reward_file_is_one_line_before_a_missing_sft_model_is_built(tmp_path, refusal,
+                                                                                      monkeypatch):
+    """The rows and --reward are read against the SFT model (check_rows) once it exists; when it has still
+    to be built (minutes), a damaged file or one of the wrong kind is refused first, in one line."""
+    built = []
+    monkeypatch.setattr(runtime, "ensure_checkpoint", lambda *a: built.append(a))
+    out, files = tmp_path / "out", tmp_path / "files"
+    out.mkdir(), files.mkdir()
+    (files / "damaged.pt").write_bytes(b"not a checkpoint")
+    save_row(files / "ppo.pt", kind="ppo")
+    save_row(files / "rm.pt", kind="reward")
+    msg = refusal("evaluate", f"--out_dir={out}", f"--ckpt=ppo={files / 'ppo.pt'},x={files / 'damaged.pt'}")
+    assert msg.startswith(f"error: {files / 'damaged.pt'} is not a readable checkpoint"), msg
+    msg = refusal("evaluate", f"--out_dir={out}", f"--ckpt={files / 'rm.pt'}")  # a reward model as a row
+    assert msg.startswith(f"error: {files / 'rm.pt'} is a 'reward' checkpoint; expected one of base"), msg
+    msg = refusal("evaluate", f"--out_dir={out}", f"--reward={files / 'ppo.pt'}")
+    assert msg == f"error: {files / 'ppo.pt'} is a 'ppo' checkpoint; expected one of reward", msg
+    assert built == [] and not os.listdir(out)
+
+
 def test_the_sweep_runs_the_scripts_beside_it_from_any_directory(tmp_path, monkeypatch):
     """The sweep's training runs are the scripts in evaluate.py's own folder, as a missing stage's are
     (runtime.ensure_checkpoint): they were named relative to the working directory, so `python

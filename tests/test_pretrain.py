@@ -131,6 +131,21 @@ def test_a_text_files_documents_split_at_blank_lines_even_with_spaces_and_a_bom(
     assert read_documents(str(path)) == ["The owl is calm.", "The fox sleeps.", "The cat runs."]
 
 
+def test_a_text_file_that_cannot_be_read_or_is_not_utf8_is_one_line(tmp_path, monkeypatch):
+    from pretrain import read_documents
+    path = tmp_path / "docs.txt"
+    path.write_bytes(b"The owl is calm.\n\nThe fox \xff sleeps.")
+    with pytest.raises(SystemExit, match=r"docs\.txt is not UTF-8 \(invalid start byte at byte 26\)$"):
+        read_documents(str(path))
+    path.write_text("The owl is calm.\n\nThe fox sleeps.")
+
+    def refused(*a, **k):  # what open() raises on a file this user may not read (root reads any file)
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr("builtins.open", refused)
+    with pytest.raises(SystemExit, match=r"docs\.txt: cannot read \(Permission denied\)$"):
+        read_documents(str(path))
+
+
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
