@@ -6,6 +6,7 @@ import os
 import sys
 import types
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -93,3 +94,64 @@ def test_each_sampling_row_comes_as_soon_as_its_batch_size_is_timed(monkeypatch)
     rows = bench.sampling_table(types.SimpleNamespace(config=M.GPTConfig(vocab_size=50)), None)
     assert next(iter(rows))[0] == 2
     assert set(timed) == {2}, timed
+
+
+def test_training_flops_are_nanogpts_estimate_by_hand(monkeypatch):
+    """A step of B x T tokens timed at 2 s: tokens/s = B * T / 2, and FLOP/s =
+    (6 N + 12 * n_layer * n_embd * T) per token (2N forward, 4N backward, the attention's q.k and sum of v)
+    times the tokens, over 2 s."""
+    monkeypatch.setattr(bench, "env", types.SimpleNamespace(device="cpu", device_type="cpu"), raising=False)
+    for name, value in dict(n_layer=2, n_head=2, n_embd=16, vocab_size=40, block_size=8, batch_size=3,
+                            compile=False).items():
+        monkeypatch.setattr(bench, name, value)
+    monkeypatch.setattr(bench, "timed", lambda fn, iters, warmup: 2.0)
+    n = M.GPT(M.GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=40, block_size=8)).get_num_params()
+    tps, flops = bench.train_speed("float32")
+    assert tps == 3 * 8 / 2.0
+    assert flops == pytest.approx((6 * n + 12 * 2 * 16 * 8) * 3 * 8 / 2.0)
+
+
+def test_sampling_speed_counts_generated_tokens_over_the_call(monkeypatch):
+    """tokens/s is the generated tokens (not the prompts') over the call's time; FLOP/s is forward_flops of
+    the result over the same time."""
+    monkeypatch.setattr(bench, "env", types.SimpleNamespace(device="cpu", device_type="cpu"), raising=False)
+    ticks = iter([1.0, 3.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    attn = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    gen = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]])
+    m = M.GPT(M.GPTConfig(block_size=8, vocab_size=40, n_layer=1, n_head=2, n_embd=16))
+    tps, flops = bench.sampling_speed(lambda *a, **k: (attn, attn, gen), m, [[1]])
+    assert tps == 3 / 2.0
+    expect = forward_flops(m.get_num_params(), m.lm_head.weight.numel(), 1, 16, attn, gen)
+    assert flops == pytest.approx(expect / 2.0)
+
+
+def test_the_sampling_row_shows_medians_and_the_median_of_the_per_turn_ratios(monkeypatch):
+    """Three turns, generate at 10, 30, 20 tok/s and plain at 5, 20, 40: per-turn ratios 2, 1.5, 0.5, median
+    1.5 (the ratio of the medians, 20 / 20, would hide a busy turn's pairing); FLOP/s 100, 400, 300 have
+    median 300, and a peak of 600 makes it half of peak."""
+    speeds = iter([(0.0, 0.0), (0.0, 0.0),  # the untimed warm-up turn
+                   (10.0, 100.0), (5.0, 0.0), (30.0, 400.0), (20.0, 0.0), (20.0, 300.0), (40.0, 0.0)])
+    monkeypatch.setattr(bench, "sampling_speed", lambda fn, model, prompts: next(speeds))
+    monkeypatch.setattr(bench, "gen_batches", (2,))
+    monkeypatch.setattr(bench, "gen_repeats", 3)
+    (row,) = bench.sampling_table(types.SimpleNamespace(config=M.GPTConfig(vocab_size=50)), 600.0)
+    assert row == (2, 20.0, 20.0, 1.5, 300.0, 0.5)
+
+
+def test_a_low_precision_under_half_of_fp32s_speed_is_emulated_and_over_half_is_not(monkeypatch, capsys):
+    """The rule runtime.setup warns by: bf16 at 50 of fp32's 80 GFLOP/s has units (its fraction is shown),
+    fp16 at 30 is emulated (no peak, no fraction, and one line saying so)."""
+    import runtime
+    from conftest import run_here
+    speeds = {torch.float32: 80e9, torch.bfloat16: 50e9, torch.float16: 30e9}
+    for mod in (bench, runtime):
+        monkeypatch.setattr(mod, "matmul_flops", lambda ptdtype, *a, **k: speeds[ptdtype])
+    args = [a for a in TINY if not a.startswith("--dtypes")]
+    run_here(monkeypatch, bench, *args, "--dtypes=('bfloat16','float16')", "--device=cpu")
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["bfloat16"],
+                                                                                               ["float16"])}
+    assert rows["bfloat16"][3] == "50.0" and rows["bfloat16"][4].endswith("%"), out
+    assert rows["float16"][3:5] == ["n/a", "n/a"], out
+    assert "float16: this CPU has no float16 matmul units" in out and "bfloat16: this CPU" not in out

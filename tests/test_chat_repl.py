@@ -308,3 +308,57 @@ def test_reply_hands_temperature_top_k_and_top_p_to_the_sampler(monkeypatch):
     model = SimpleNamespace(config=SimpleNamespace(block_size=128))
     out = repl.reply(model, enc, history, 0, None, contextlib.nullcontext(), 7, 0.7, top_k=5, top_p=0.9)
     assert out == "Hi." and seen == {"max_new_tokens": 7, "temperature": 0.7, "top_k": 5, "top_p": 0.9}
+
+
+def test_the_latest_checkpoint_goes_ppo_dpo_grpo_rloo_sft_base():
+    """With every stage's checkpoint in out_dir the furthest stage wins, in the documented order; each one
+    taken away hands the choice to the next."""
+    import tempfile
+    from chat import latest_checkpoint
+    order = ["ppo.pt", "dpo.pt", "grpo.pt", "rloo.pt", "sft.pt", "base.pt"]
+    with tempfile.TemporaryDirectory() as d:
+        for name in order:
+            open(os.path.join(d, name), "wb").close()
+        for name in order:
+            assert latest_checkpoint(d) == os.path.join(d, name)
+            os.remove(os.path.join(d, name))
+        with pytest.raises(SystemExit, match="no checkpoint in"):
+            latest_checkpoint(d)
+
+
+def test_a_temperature_between_0_and_a_thousandth_is_refused(tmp_path, refusal):
+    save_tiny(tmp_path / "sft.pt", "sft")
+    assert refusal("chat", f"--out_dir={tmp_path}", "--temperature=0.0005", "--prompt=Hi") == (
+        "error: --temperature=0.0005 is out of range: it must be 0 (greedy) or >= 0.001")
+
+
+def test_a_message_that_exactly_fills_the_context_is_not_sent(capsys):
+    """The system message and the new one taking all block_size tokens leave no room for a reply token:
+    refused like a longer one, the history kept (generate would refuse a prompt of block_size tokens)."""
+    from chat import reply
+    enc = get_tokenizer("world")
+    history = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Describe the owl."},
+               {"role": "assistant", "content": "The owl is calm."}]
+    kept = list(history)
+    history.append({"role": "user", "content": "Describe the fox and the cat."})
+    n = len(render_prompt(enc, [history[0], history[-1]]))
+    torch.manual_seed(0)
+    model = M.GPT(M.GPTConfig(block_size=n, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32)).eval()
+    assert reply(model, enc, history, 1, None, torch.no_grad(), 1, 0.0) is None
+    assert history == kept and "not sent" in capsys.readouterr().out
+    model.config.block_size = n + 1  # one token of room: sent, the older exchange dropped to make it
+    history.append({"role": "user", "content": "Describe the fox and the cat."})
+    assert reply(model, enc, history, 1, None, torch.no_grad(), 1, 0.0) is not None
+
+
+def test_a_blank_line_is_not_sent(tmp_path, monkeypatch, capsys):
+    """Empty or all-space lines are skipped: only the real message reaches the model."""
+    import chat as chat_py
+    save_tiny(tmp_path / "sft.pt", "sft")
+    importlib.reload(chat_py)
+    monkeypatch.setattr(sys, "argv", ["chat.py", f"--out_dir={tmp_path}", "--max_new_tokens=4",
+                                      "--show_tokens=True"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n   \nDescribe the owl.\n\n/quit\n"))
+    chat_py.main()
+    owl = "<|endoftext|><|user|>Describe the owl.<|end|><|assistant|>"
+    assert shown_prompts(capsys.readouterr().out) == [owl]

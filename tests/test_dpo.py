@@ -536,6 +536,24 @@ def test_an_online_round_scores_its_new_answers_under_the_reference_not_the_poli
     assert not torch.allclose(ref_logps[1:], dpo.answer_logps(policy, *new))
 
 
+def test_an_online_rounds_pairs_index_its_new_answers_after_the_earlier_ones(monkeypatch):
+    """One earlier answer, then 2 prompts x 3 new answers (indices 1-3 and 4-6) scored 0, 2, 1 and 5, 3, 4:
+    the pairs are best against worst within each prompt's answers, (2, 1) and (4, 5), as indices into the
+    extended answers, not into the round's own."""
+    enc = get_tokenizer("world")
+    args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    torch.manual_seed(0)
+    ref, policy = M.GPT(M.GPTConfig(**args)).eval(), M.GPT(M.GPTConfig(**args)).eval()
+    monkeypatch.setattr(dpo, "reward_scores", lambda *a, **k: torch.tensor([0.0, 2.0, 1.0, 5.0, 3.0, 4.0]))
+    rt = SimpleNamespace(rank=0, world_size=1, device="cpu", ctx=nullcontext(), master=True)
+    prompts = [[{"role": "user", "content": f"Describe the {a}."}] for a in ("fox", "cat")]
+    old = ([[1, 2, 3]], [[0, 1, 1]], torch.tensor([-1.5]))
+    (rows, _, _), pairs, mean = dpo.online_round(
+        policy, ref, None, {"gain": 1.0, "bias": 0.0}, enc, prompts, 0, old, rt, 2, 3, 1, 8, 0.0, 64, 0)
+    assert len(rows) == 7 and mean == pytest.approx(2.5)
+    assert pairs.tolist() == [[2, 1], [4, 5]]
+
+
 def test_main_trains_on_the_pairs_not_held_out_and_evaluates_on_the_held_out_ones(tmp_path, monkeypatch, capsys):
     save_online_inputs(tmp_path)  # four prompts, one pair each
     prompts = [[{"role": "user", "content": f"Describe the {a}."}] for a in ("fox", "cat", "dog", "owl")]

@@ -464,3 +464,52 @@ def test_json_out_prints_every_number_but_the_samples_and_the_printed_table_is_t
     shown = json.loads(out[out.index("\n{") + 1:])
     assert shown == {n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()}
     assert "rm_score" in shown["ppo"] and "missing" in shown["sft"]
+
+
+def tiny_chat_net(seed):
+    torch.manual_seed(seed)
+    return M.GPT(M.GPTConfig(block_size=64, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2,
+                             n_embd=16)).eval()
+
+
+def test_the_end_of_stage_check_reports_the_policy_against_sft_not_the_other_way(monkeypatch, capsys):
+    """SFT is judged first (gold 0.25 on each of its answers), the policy second (0.75 on each): the policy
+    wins every prompt, its gold and SFT's land in their own keys, and its KL to SFT is measured (a policy
+    other than SFT: not 0; SFT against itself: 0 up to the cache's rounding)."""
+    import rollout
+    calls = []
+
+    def gold(p, text, ended):
+        calls.append(p)
+        return 0.25 if len(calls) <= 4 else 0.75
+    monkeypatch.setattr(world, "gold", gold)
+    prompts = [[{"role": "user", "content": f"Describe the {x}."}] for x in ("cat", "dog")] * 2
+    enc = get_tokenizer("world")
+    got = rollout.compare_to_sft("policy", tiny_chat_net(1), tiny_chat_net(0), enc, prompts, 8,
+                                 generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 8 and got["win_rate"] == 1.0
+    assert got["gold"] == 0.75 and got["sft_gold"] == 0.25
+    assert abs(got["kl"]) > 1e-3
+    assert "policy wins 100.0% +-" in capsys.readouterr().out
+    calls.clear()
+    same = tiny_chat_net(0)
+    assert abs(rollout.compare_to_sft("policy", same, same, enc, prompts, 8)["kl"]) < 1e-5
+
+
+def test_score_judges_each_answer_with_its_own_ending_and_at_its_temperature(monkeypatch):
+    """The hidden human is told whether each answer ended its turn; the KL to a reference that is the model
+    itself is 0 at any temperature (both read softmax(z / T)); temperature 0 is greedy (the seed cannot
+    matter)."""
+    import rollout
+    monkeypatch.setattr(world, "gold", lambda p, text, ended: float(ended))
+    net, enc = tiny_chat_net(0), get_tokenizer("world")
+    prompts = world.prompts("eval")[:4]
+    g = torch.Generator().manual_seed(0)
+    res = rollout.score(net, enc, prompts, 6, temperature=0.5, ref=net, generator=g)
+    assert res["n"] == 4 and not all(s["ended"] for s in res["samples"])  # a random net seldom ends
+    assert all(s["gold"] == float(s["ended"]) for s in res["samples"])
+    assert all(abs(s["kl"]) < 1e-4 for s in res["samples"]), [s["kl"] for s in res["samples"]]
+    texts = [[s["text"] for s in rollout.score(net, enc, prompts, 6, temperature=0,
+                                               generator=torch.Generator().manual_seed(seed))["samples"]]
+             for seed in (1, 2)]
+    assert texts[0] == texts[1]

@@ -342,3 +342,16 @@ def test_flat_groups_counts_groups_of_consecutive_answers(tmp_path, monkeypatch)
     run_grpo_here(monkeypatch, tmp_path, "--no_end_penalty=0.0")
     row, = [json.loads(line) for line in open(tmp_path / "grpo.jsonl")]
     assert row["flat_groups"] == 0.5
+
+
+def test_main_scores_the_reference_at_the_sampling_temperature(tmp_path, monkeypatch):
+    """At --temperature=0.7 the policy starts as the reference, so at the first update pi_old (recorded while
+    sampling, softmax(z / 0.7)) and the reference agree on every answer token only if the reference is read at
+    0.7 too: read at temperature 1 it would differ by log softmax(z / 0.7) - log softmax(z)."""
+    make_stage_checkpoints(tmp_path)
+    calls = spy_on_main(monkeypatch)
+    run_grpo_here(monkeypatch, tmp_path, "--temperature=0.7")
+    (args, _), = calls["grpo_loss"]
+    old_logp, ref_logp, action = args[1], args[2], args[4]
+    assert action.sum() > 0
+    assert ((old_logp - ref_logp) * action).abs().max() < 1e-5

@@ -589,3 +589,55 @@ def test_dropout_acts_only_in_training_mode():
     a = m(x)[0]
     torch.manual_seed(2)
     assert not torch.allclose(a, m(x)[0])
+
+
+def test_a_finished_row_still_in_the_batch_gets_padding_and_stays_finished():
+    """A row that stops while fewer than a quarter of the rows have stopped stays in the batch: every later
+    column of it is pad_id with masks 0, however many of its later draws are not stop tokens."""
+    m = tiny()
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12], [13], [14, 15, 16], [17, 18]]
+    P, pad = 4, 96
+    for seed in range(4):
+        seq, attn, gen = M.generate(m, prompts, 12, stop_ids=tuple(range(0, 96, 9)), pad_id=pad,
+                                    generator=torch.Generator().manual_seed(seed))
+        for i in range(len(prompts)):
+            toks = seq[i, P:].tolist()
+            hit = next((j for j, t in enumerate(toks) if t % 9 == 0 and t < 96), None)
+            n = len(toks) if hit is None else hit + 1  # the stop token is the row's last generated one
+            assert gen[i, P:P + n].all() and attn[i, P:P + n].all(), (seed, i)
+            assert gen[i, P + n:].sum() == 0 and attn[i, P + n:].sum() == 0, (seed, i)
+            assert (seq[i, P + n:] == pad).all(), (seed, i, toks)
+    assert (gen[:, P:].sum(1) < seq.size(1) - P).any()  # some row did stop before the end
+
+
+def test_generate_gives_back_the_mode_it_found():
+    """generate samples in eval mode (no dropout) and leaves a training model in training mode."""
+    for train in (True, False):
+        m = tiny(dropout=0.1).train(train)
+        M.generate(m, PROMPTS, 3, generator=torch.Generator().manual_seed(0))
+        assert m.training is train and all(x.training is train for x in m.modules())
+
+
+def test_greedy_without_the_cache_equals_the_cache_past_a_prefill_chunk():
+    """Prompts longer than prefill's chunk of 16: without a cache the prompt goes through in one pass, so
+    every step sees the whole prompt, as the cached path does."""
+    m = tiny()
+    assert max(map(len, LONG_PROMPTS)) > 16
+    a = M.generate(m, LONG_PROMPTS, 6, temperature=0, return_logprobs=True)
+    b = M.generate(m, LONG_PROMPTS, 6, temperature=0, use_cache=False, return_logprobs=True)
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[3], b[3], atol=1e-5, rtol=0)
+
+
+def test_init_scales_the_residual_projections_by_depth_and_zeroes_the_biases():
+    """GPT-2's init: N(0, 0.02) for every matrix, but 0.02 / sqrt(2 * n_layer) for the two projections that
+    write into the residual stream (attention's and the MLP's c_proj), and zero biases."""
+    torch.manual_seed(0)
+    m = M.GPT(M.GPTConfig(block_size=16, vocab_size=512, n_layer=8, n_head=4, n_embd=128))
+    for name, p in m.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert abs(p.std().item() / (0.02 / 4) - 1) < 0.05, name  # sqrt(2 * 8) = 4
+        elif p.dim() == 2:
+            assert abs(p.std().item() / 0.02 - 1) < 0.05, name
+        elif name.endswith(".bias"):
+            assert (p == 0).all(), name

@@ -325,3 +325,16 @@ def test_held_out_loss_is_the_mean_over_its_eval_iters_fixed_val_batches():
     got = pretrain.held_out_loss(m.train(), stream, 8, 4, 3, 1337, 0, "cpu", contextlib.nullcontext())
     assert got == pytest.approx(sum(want) / 3, abs=1e-6)
     assert m.training  # back in training mode
+
+
+def test_the_last_five_percent_of_the_documents_are_held_out():
+    """40 documents: the last 2 (5%) make the held-out stream and the other 38 the training stream, each
+    document opened by <|endoftext|>; 19 documents still hold one out."""
+    enc = get_tokenizer("world")
+    docs = [f"The owl number {i} sleeps." for i in range(40)]
+    streams = pretrain.token_streams(docs, enc)
+    for split, part in (("train", docs[:38]), ("val", docs[38:])):
+        ids = streams[split].tolist()
+        assert ids.count(enc.eot_token) == len(part), split
+        assert enc.decode([t for t in ids if t != enc.eot_token]) == "".join(part), split
+    assert pretrain.token_streams(docs[:19], enc)["val"].tolist().count(enc.eot_token) == 1

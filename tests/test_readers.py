@@ -378,3 +378,34 @@ def test_a_conversation_ending_with_the_user_still_has_its_assistant_turns_to_le
     """SFT learns every assistant turn (data.chat.render's mask): a trailing user turn takes none away."""
     p = write(tmp_path, {"messages": [U("hi"), A("hello"), U("bye")]})
     assert read_messages(p) == [[U("hi"), A("hello"), U("bye")]]
+
+
+def test_gpt2_conv1d_matrices_come_back_transposed_and_the_mask_buffers_are_dropped(tmp_path):
+    """The Hugging Face layout by hand: every Conv1D matrix of a block (attention's c_attn and c_proj, the
+    MLP's c_fc and c_proj) stored (in, out), plus the attn.bias / attn.masked_bias buffers and no config.json.
+    The reader gives back exactly our state dict (less the tied lm_head) and guesses n_embd // 64 heads."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    sd = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=2, n_head=2, n_embd=128)).state_dict()
+    hf = {}
+    for k, v in sd.items():
+        if k != "lm_head.weight":
+            name = k.removeprefix("transformer.")
+            conv1d = name.endswith(".weight") and name.split(".")[-2] in ("c_attn", "c_proj", "c_fc")
+            hf[name] = v.t().contiguous() if conv1d else v
+    for i in range(2):
+        hf[f"h.{i}.attn.bias"] = torch.tril(torch.ones(8, 8)).view(1, 1, 8, 8)
+        hf[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(hf, tmp_path / "pytorch_model.bin")
+    ours, args = read_gpt2(str(tmp_path))
+    assert set(ours) == set(sd) - {"lm_head.weight"}
+    assert all(torch.equal(ours[k], sd[k]) for k in ours)
+    assert args == dict(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=128, bias=True)
+
+
+def test_a_gpt2_directory_with_both_files_reads_the_safetensors(tmp_path):
+    """model.safetensors is read before pytorch_model.bin (a pickle): here the .bin is not even readable."""
+    (tmp_path / "model.safetensors").write_bytes(GOOD_ST)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
+    ours, _ = read_gpt2(str(tmp_path))
+    assert torch.equal(ours["transformer.wte.weight"], TINY_GPT2["wte.weight"])

@@ -290,6 +290,21 @@ def test_best_of_n_keeps_the_highest_score():
         assert len(p["candidates"]) == 5 and p["score"] == max(c["score"] for c in p["candidates"])
 
 
+def test_best_of_n_samples_at_its_temperature():
+    """At temperature 0 every candidate is the one greedy answer (and the seed cannot matter); at the default
+    temperature 1 the candidates differ."""
+    rm = trained_looking_rm()
+    torch.manual_seed(1)
+    policy = M.GPT(M.GPTConfig(**TINY)).eval()
+    for seed in (0, 1):
+        pick, = best_of_n(policy, rm, BYTES, [PROMPT], 4, max_new_tokens=6, temperature=0,
+                          generator=torch.Generator().manual_seed(seed))
+        assert len({c["text"] for c in pick["candidates"]}) == 1
+    g = torch.Generator().manual_seed(0)
+    pick, = best_of_n(policy, rm, BYTES, [PROMPT], 4, max_new_tokens=6, generator=g)
+    assert len({c["text"] for c in pick["candidates"]}) > 1
+
+
 def test_by_length_batches_every_row_once_shortest_first():
     rows = [[1, 2, 3], [1], [1, 2], [4, 5, 6, 7], [9]]
     assert by_length(rows, 2) == [[1, 4], [2, 0], [3]]  # ties keep their order; the last batch is short

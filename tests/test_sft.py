@@ -449,3 +449,22 @@ def test_train_batch_draws_every_conversation_with_replacement():
         assert ids.shape == (16, 2)  # more than len(rows): drawn with replacement
         seen |= set(ids[:, 0].tolist())
     assert seen == {1, 2, 3}  # the last conversation is drawn too
+
+
+def test_held_out_prompts_are_the_held_out_conversations_that_end_with_a_user_turn_and_its_reply():
+    """The before/after comparison asks the held-out conversations again, less their last reply: only those
+    whose last reply answers a user turn (one after a system message or another reply has no question)."""
+    u, a = {"role": "user", "content": "Describe the owl."}, {"role": "assistant", "content": "It is calm."}
+    s = {"role": "system", "content": "Be kind."}
+    convs = [[u, a], [u, a, u, a], [s, a], [u, a, a], [s, u, a]]
+    assert sft.held_out_prompts(convs, 4, True) == [[u, a, u], [s, u]]
+    assert sft.held_out_prompts(convs, 4, False) == sft.world.prompts("eval")
+
+
+def test_the_last_five_percent_of_the_conversations_are_held_out(base_dir, tmp_path, monkeypatch, capsys):
+    os.link(base_dir / "base.pt", tmp_path / "base.pt")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS * 20))  # 40 conversations
+    run_here(monkeypatch, sft, f"--out_dir={tmp_path}", f"--data={data}", "--max_iters=1", "--compare=False",
+             "--eval_iters=1", "--batch_size=2", "--device=cpu")
+    assert re.search(r"\b38 training conversations \(.*\), 2 held out", capsys.readouterr().out)
