@@ -280,7 +280,8 @@ def report(r, gain, bias, term, loss_fn, comps, val_idx, train_idx, first, gold,
     print("  calibration: predicted P(labeler agrees) -> observed")
     for lo, hi, n, p, seen in m["calibration"]:
         print(f"    [{lo:.1f}, {hi:.1f}]  {n:4d} pairs  predicted {p:.2f}  observed {seen:.2f}")
-    print(f"  normalised as {gain:.3f} * {term} + {bias:.3f} (mean 0, std 1 on {r.numel()} ranked answers)")
+    print(f"  normalised as {gain:.3f} * {term} {'-' if bias < 0 else '+'} {abs(bias):.3f} "
+          f"(mean 0, std 1 on {r.numel()} ranked answers)")
     for i in val_idx[:3]:
         print(f"  {comps[i]['prompt'][-1]['content']}")
         for place, k in enumerate(comps[i]["ranking"]):
