@@ -582,3 +582,42 @@ def test_two_equal_texts_that_differ_in_ending_their_turn_still_make_a_pair(tmp_
     (tmp_path / "c.jsonl").write_text(json.dumps(row) + "\n")
     responses, pairs = dpo.load_pairs(str(tmp_path / "c.jsonl"))
     assert pairs == [(row["prompt"], 0, 1)]
+
+
+def test_epoch_batches_cut_length_sorted_windows_into_batches_and_shuffle_them():
+    """30 pairs in batches of 4 fit one window (50 batches): sorted by length, then cut, so no two batches
+    interleave in length (each is a run of the sorted lengths); every pair once, seven full batches and one
+    of 2. The batches come in a shuffled order, not shortest first, and each epoch draws its own."""
+    g = torch.Generator().manual_seed(0)
+    pair_len = torch.randint(1, 1000, (30,), generator=g).tolist()
+    orders = set()
+    for seed, epoch in ((1, 0), (1, 1), (2, 0), (3, 0)):
+        batches = dpo.epoch_batches(pair_len, 4, seed, epoch)
+        assert batches == dpo.epoch_batches(pair_len, 4, seed, epoch)  # (seed, epoch) decides it
+        assert sorted(i for b in batches for i in b) == list(range(30))
+        assert sorted(map(len, batches)) == [2] + [4] * 7
+        spans = [(min(pair_len[i] for i in b), max(pair_len[i] for i in b)) for b in batches]
+        by_length = sorted(spans)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(by_length, by_length[1:])), spans
+        assert spans != by_length  # in a shuffled order, not shortest first
+        orders.add(tuple(map(tuple, batches)))
+    assert len(orders) == 4
+
+
+def test_pair_stats_by_hand():
+    """beta 0.5; chosen log-probs (1, 2) against reference (0, 0): implicit rewards 0.5 and 1; rejected (0, 0)
+    against (0, 1): 0 and -0.5. Margin = mean of chosen - rejected = (0.5 + 1.5) / 2 = 1, both pairs won."""
+    s = dpo.pair_stats(torch.tensor(0.3), t(1.0, 2.0), t(0.0, 0.0), t(0.0, 0.0), t(0.0, 1.0), beta=0.5)
+    assert s == {"loss": pytest.approx(0.3), "rewards/chosen": 0.75, "rewards/rejected": -0.25,
+                 "accuracy": 1.0, "margin": 1.0, "logps/chosen": 1.5, "logps/rejected": 0.0}
+
+
+def test_the_offline_steps_warm_the_learning_rate_up_then_decay_it(tmp_path, monkeypatch):
+    """--warmup_iters=2 of 4 steps at lr 1e-4, min_lr 1e-5: 1e-4 x 1/3 and 2/3, then the cosine from 1e-4
+    (step 3) to halfway down, 1e-5 + 0.5 x 9e-5 = 5.5e-5 (step 4)."""
+    save_online_inputs(tmp_path)
+    run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=4", "--batch_size=2", "--warmup_iters=2",
+             "--lr=1e-4", "--min_lr=1e-5", "--eval_interval=10", "--max_new_tokens=8", "--n_eval=1",
+             "--device=cpu")
+    logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
+    assert [x["lr"] for x in logs] == pytest.approx([1e-4 / 3, 2e-4 / 3, 1e-4, 5.5e-5], rel=1e-9)

@@ -513,3 +513,124 @@ def test_score_judges_each_answer_with_its_own_ending_and_at_its_temperature(mon
                                                generator=torch.Generator().manual_seed(seed))["samples"]]
              for seed in (1, 2)]
     assert texts[0] == texts[1]
+
+
+def test_the_sweep_runs_each_method_at_each_beta_then_a_long_beta_0_ppo_run(tmp_path, monkeypatch):
+    """run_sweep: one run per (method, beta), each in a folder of its own holding copies of sft.pt, reward.pt
+    and comparisons.jsonl, each evaluated into results.json; then, with --hack_iters, PPO at beta 0 for that
+    many iterations in ppo_beta0_long (where draw_figures reads its log), which is no frontier point."""
+    import types
+    import evaluate
+    out = tmp_path / "out"
+    out.mkdir()
+    inputs = ("sft.pt", "reward.pt", "comparisons.jsonl")
+    for f in inputs:
+        (out / f).write_text(f"the {f} of this run")
+    for name, value in (("out_dir", str(out)), ("sweep_methods", ("ppo", "dpo")), ("ppo_betas", (0.1, 0.2)),
+                        ("dpo_betas", (0.5,)), ("hack_iters", 7)):
+        monkeypatch.setattr(evaluate, name, value)
+    runs, evaluated = [], []
+    monkeypatch.setattr(evaluate.subprocess, "run",
+                        lambda cmd, **kw: runs.append(cmd) or types.SimpleNamespace(returncode=0))
+    monkeypatch.setattr(evaluate, "evaluate", lambda rt, paths, *a: evaluated.append(paths)
+                        or {m: {"gold": 0.5, "kl": 1.0} for m in paths})
+    evaluate.run_sweep(None, [], str(out / "reward.pt"))
+    sweep = out / "sweep"
+    dirs = {"ppo_beta0.1": "--beta=0.1", "ppo_beta0.2": "--beta=0.2", "dpo_beta0.5": "--beta=0.5",
+            "ppo_beta0_long": "--beta=0.0"}
+    assert [c[2:4] for c in runs] == [[f"--out_dir={sweep / d}", b] for d, b in dirs.items()]
+    assert runs[-1][1].endswith("ppo.py")
+    assert runs[-1][4:] == ["--max_iters=7", "--n_eval=16", "--eval_samples=1"]
+    assert all((sweep / d / f).read_text() == f"the {f} of this run" for d in dirs for f in inputs)
+    assert evaluated == [{m: str(sweep / d / f"{m}.pt")} for m, d in
+                         (("ppo", "ppo_beta0.1"), ("ppo", "ppo_beta0.2"), ("dpo", "dpo_beta0.5"))]
+    rows = json.loads((sweep / "results.json").read_text())
+    assert [(r["stage"], r["beta"]) for r in rows] == [("ppo", 0.1), ("ppo", 0.2), ("dpo", 0.5)]
+
+
+def circles(svg):
+    """The (x, y) of every point an SVG chart draws."""
+    import re
+    return [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([-\d.]+)" cy="([-\d.]+)"', svg)]
+
+
+def test_svg_plot_maps_the_data_onto_the_axes_with_a_margin_above_and_below(tmp_path):
+    """The chart's axes run from x = 60 to 390 and from y = 295 (the x axis) up to 30. x spans the data
+    exactly: (0, 0), (2, 1), (4, 2) sit at x 60, 225 and 390. y is padded by 5% of its range either way,
+    -0.1 to 2.1, so y = 0 is drawn 0.1 / 2.2 of the height (265) above the axis, at 283.0; y = 1 at 162.5,
+    y = 2 at 42.0."""
+    import evaluate
+    evaluate.svg_plot(str(tmp_path / "a.svg"), "t", "x", "y", [("s", [0, 2, 4], [0, 1, 2], "red", True)])
+    got = circles((tmp_path / "a.svg").read_text())
+    want = [(60, 295 - 265 * 0.1 / 2.2), (225, 162.5), (390, 295 - 265 * 2.1 / 2.2)]
+    assert got == [(pytest.approx(x, abs=0.06), pytest.approx(y, abs=0.06)) for x, y in want]
+
+
+def test_svg_plot_draws_a_single_point_and_marks_the_points_of_short_lines_only(tmp_path):
+    """One point (the SFT row at KL 0) has no range to scale by: it is drawn at the left axis, inside the
+    chart. A line of up to 12 points marks each; a longer line (a training curve) is the line alone."""
+    import evaluate
+    evaluate.svg_plot(str(tmp_path / "one.svg"), "t", "x", "y", [("SFT", [0.0], [0.7], "black", False)])
+    (x, y), = circles((tmp_path / "one.svg").read_text())
+    assert x == 60 and 30 <= y <= 295
+    for n, marked in ((12, 12), (13, 0)):
+        line = [("c", list(range(n)), [1.0] * n, "red", True)]
+        evaluate.svg_plot(str(tmp_path / "c.svg"), "t", "x", "y", line)
+        svg = (tmp_path / "c.svg").read_text()
+        assert len(circles(svg)) == marked and svg.count("<polyline") == 1
+
+
+def test_the_rows_are_each_stage_present_in_pipeline_order_with_best_of_n_after_sft(tmp_path, monkeypatch):
+    """Without --ckpt: every stage whose checkpoint is in out_dir, in the order base, sft, ppo, grpo, rloo,
+    dpo (not the order they were written), and the best-of-N row right after SFT, but only with --bon > 0
+    and a reward model to pick with."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    monkeypatch.setattr(evaluate, "bon", 16)
+    for n in ("dpo", "rloo", "sft", "base", "ppo"):  # no grpo.pt
+        (tmp_path / f"{n}.pt").write_bytes(b"")
+    rm = str(tmp_path / "reward.pt")
+    assert list(evaluate.checkpoints_to_compare(rm)) == ["base", "sft", "ppo", "rloo", "dpo"]  # no reward.pt
+    (tmp_path / "reward.pt").write_bytes(b"")
+    paths = evaluate.checkpoints_to_compare(rm)
+    assert list(paths) == ["base", "sft", "bon", "ppo", "rloo", "dpo"]
+    assert paths["bon"] is None and paths["rloo"] == str(tmp_path / "rloo.pt")
+    monkeypatch.setattr(evaluate, "bon", 0)
+    assert "bon" not in evaluate.checkpoints_to_compare(rm)
+
+
+def test_a_stages_training_curve_shows_its_held_out_column_where_it_was_measured(tmp_path, monkeypatch):
+    """dpo.jsonl's training loss at every step and its held-out "val/loss" where one was logged (2 of 3)."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    rows = [{"iter": 1, "loss": 0.7, "val/loss": None}, {"iter": 2, "loss": 0.6, "val/loss": 0.65},
+            {"iter": 3, "loss": 0.5, "val/loss": 0.55}]
+    (tmp_path / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = evaluate.draw_figures({}, str(tmp_path / "figures"))
+    svg = (tmp_path / "figures" / "dpo.svg").read_text()
+    assert "![dpo](figures/dpo.svg)" in lines
+    assert ">loss</text>" in svg and ">val/loss</text>" in svg and len(circles(svg)) == 3 + 2
+
+
+def test_the_frontier_joins_points_by_kl_and_puts_best_of_n_at_its_kl_and_gold(tmp_path, monkeypatch):
+    """A sweep's points come in beta order, not KL order: the frontier's line joins them by KL, left to right.
+    The best-of-N point, KL 1.5 and gold 0.85, lies between PPO's (1.0, 0.8) and (2.0, 0.9) on both axes."""
+    import re
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    (tmp_path / "sweep").mkdir()
+    sweep = [{"stage": "ppo", "beta": b, "gold": g, "kl": kl, "setup": evaluate.sampling_setup()}
+             for b, g, kl in ((0.05, 0.9, 2.0), (0.2, 0.7, 0.5), (0.1, 0.8, 1.0))]
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(sweep))
+    results = {"sft": {"gold": 0.6, "kl": 0.0}, "bon": {"gold": 0.85, "kl": 1.5}}
+    evaluate.draw_figures(results, str(tmp_path / "figures"))
+    svg = (tmp_path / "figures" / "frontier.svg").read_text()
+    points, = re.findall(r'<polyline points="([^"]+)"', svg)
+    xs = [float(p.split(",")[0]) for p in points.split()]
+    assert len(xs) == 3 and xs == sorted(xs)
+
+    def dots(color):
+        return sorted(circles("".join(re.findall(f'<circle [^>]*fill="{color}"/>', svg))))
+    (bx, by), = dots("gray")
+    ppo = dots("#1f77b4")  # by KL; a higher gold is drawn higher up, at a smaller y
+    assert ppo[1][0] < bx < ppo[2][0] and ppo[2][1] < by < ppo[1][1]

@@ -355,3 +355,43 @@ def test_main_scores_the_reference_at_the_sampling_temperature(tmp_path, monkeyp
     old_logp, ref_logp, action = args[1], args[2], args[4]
     assert action.sum() > 0
     assert ((old_logp - ref_logp) * action).abs().max() < 1e-5
+
+
+def test_main_samples_each_prompts_group_as_consecutive_answers_and_passes_adv_eps(tmp_path, monkeypatch):
+    """group_advantages reads a group as G consecutive answers, so main() must sample each chosen prompt G
+    times in a row: (p1, p1, p1, p2, p2, p2), not (p1, p2, p1, p2, p1, p2); and --adv_eps reaches it."""
+    make_stage_checkpoints(tmp_path)
+    calls = spy_on_main(monkeypatch)
+    run_grpo_here(monkeypatch, tmp_path, "--adv_eps=0.25")
+    (_, _, convs, *_), _ = calls["respond"][0]
+    assert len(convs) == 6 and convs[0] != convs[3]  # two different prompts: the check bites
+    assert convs == [convs[0]] * 3 + [convs[3]] * 3
+    (_, group_size, eps), _ = calls["group_advantages"][0]
+    assert (group_size, eps) == (3, 0.25)
+
+
+def test_the_end_of_run_check_asks_each_held_out_prompt_eval_samples_times(tmp_path, monkeypatch):
+    """The final comparison with SFT asks the first --n_eval held-out prompts, --eval_samples times each."""
+    make_stage_checkpoints(tmp_path)
+    seen = []
+    monkeypatch.setattr(grpo, "compare_to_sft",
+                        lambda name, policy, ref, enc, evals, *a, **k: seen.append(evals))
+    run_here(monkeypatch, grpo, f"--out_dir={tmp_path}", "--group_size=2", "--group_prompts=1",
+             "--max_new_tokens=8", "--n_eval=3", "--eval_samples=2", "--device=cpu", "--max_iters=1")
+    assert seen == [world.prompts("eval")[:3] * 2]
+
+
+def test_main_logs_the_kl_in_nats_per_answer(tmp_path, monkeypatch):
+    """The logged kl is the k1 KL summed over each answer's tokens and averaged over the answers (as ppo.py
+    logs it), not a per-token mean: RLOO with scores stubbed to 0 and no end penalty pays R_i = -beta KL_i,
+    so with beta 0.5 the log must read mean_i KL_i = -mean_i R_i / 0.5 (answers of several tokens here)."""
+    make_stage_checkpoints(tmp_path)
+    calls = spy_on_main(monkeypatch)
+    monkeypatch.setattr(grpo, "reward_scores", lambda rm, enc, convs, *a, **k: torch.zeros(len(convs)))
+    move_the_reference(monkeypatch, calls)
+    run_grpo_here(monkeypatch, tmp_path, "--baseline=rloo", "--beta=0.5", "--no_end_penalty=0.0")
+    (rewards, _), _ = calls["rloo_advantages"][0]
+    _, (_, (_, _, gen, _)) = calls["respond"][0]
+    assert gen[:, 1:].sum(1).min() > 1 and rewards.abs().max() > 0.01  # per answer and per token differ
+    row, = [json.loads(line) for line in open(tmp_path / "rloo.jsonl")]
+    assert row["kl"] == pytest.approx((-rewards / 0.5).mean().item(), rel=1e-5)

@@ -631,3 +631,52 @@ def test_main_hands_cliprange_value_to_the_value_loss(tmp_path, monkeypatch):
                   "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--device=cpu",
                   "--cliprange=0.1", "--cliprange_value=0.7")
     assert seen and set(seen) == {0.7}
+
+
+def test_main_moves_beta_from_its_last_value_by_the_batchs_episodes_over_the_horizon(tmp_path, monkeypatch):
+    """--target_kl: each iteration the controller gets the beta it returned last (the first time --beta), the
+    logged per-answer KL, the target, and K_beta's numerator: the episodes of the whole rollout batch (4 here,
+    not a minibatch's 2) over --kl_horizon. Starting at the reference the KL is about 0, far under 0.5: each
+    update takes the full 20% x 4/8 off, and the log shows the beta after it."""
+    make_stage_checkpoints(tmp_path)
+    calls, real = [], ppo.adaptive_kl_coef
+    monkeypatch.setattr(ppo, "adaptive_kl_coef", lambda *a: calls.append(a) or real(*a))
+    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+                  "--max_iters=3", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--device=cpu",
+                  "--beta=0.1", "--target_kl=0.5", "--kl_horizon=8")
+    rows = [json.loads(line) for line in open(tmp_path / "ppo.jsonl")]
+    assert [c[2:] for c in calls] == [(0.5, 4, 8)] * 3
+    assert [c[1] for c in calls] == pytest.approx([row["kl"] for row in rows])
+    assert [c[0] for c in calls] == pytest.approx([0.1] + [row["beta"] for row in rows[:-1]])
+    assert rows[0]["beta"] == pytest.approx(0.1 * (1 - 0.2 * 4 / 8))
+
+
+def test_main_gives_the_value_head_its_own_learning_rate(tmp_path, monkeypatch):
+    """Two Adam groups: the trunk at --lr and the fresh value head (its weight and bias only) at --vf_lr."""
+    make_stage_checkpoints(tmp_path)
+    seen, step = [], runtime.optimizer_step
+
+    def keep_groups(model, optimizer, scaler, grad_clip):
+        seen.append([(g["lr"], {id(p) for p in g["params"]}) for g in optimizer.param_groups])
+        heads.append({id(p) for p in model.scalar_head.parameters()})
+        return step(model, optimizer, scaler, grad_clip)
+    heads = []
+    monkeypatch.setattr(runtime, "optimizer_step", keep_groups)
+    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+                  "--max_iters=1", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--device=cpu",
+                  "--lr=1e-4", "--vf_lr=3e-3")
+    assert seen
+    for groups, head in zip(seen, heads):
+        (trunk_lr, trunk), (head_lr, head_params) = groups
+        assert (trunk_lr, head_lr) == (1e-4, 3e-3) and head_params == head and not trunk & head
+
+
+def test_the_end_of_run_check_asks_each_held_out_prompt_eval_samples_times(tmp_path, monkeypatch):
+    """The final comparison with SFT asks the first --n_eval held-out prompts, --eval_samples times each."""
+    make_stage_checkpoints(tmp_path)
+    seen = []
+    monkeypatch.setattr(ppo, "compare_to_sft",
+                        lambda name, policy, ref, enc, evals, *a, **k: seen.append(evals))
+    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=2", "--minibatch_size=2",
+                  "--max_iters=1", "--max_new_tokens=8", "--n_eval=3", "--eval_samples=2", "--device=cpu")
+    assert seen == [world.prompts("eval")[:3] * 2]

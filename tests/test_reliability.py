@@ -751,3 +751,36 @@ def test_writable_dir_walks_up_to_what_exists(tmp_path):
     assert runtime.writable_dir(str(tmp_path / "new" / "deeper")) and runtime.writable_dir(str(tmp_path))
     assert not runtime.writable_dir(str(tmp_path / "f" / "sub"))
     assert not runtime.writable_dir(str(tmp_path / "dangling"))
+
+
+def test_setup_seeds_python_numpy_and_torch_with_seed_plus_rank(monkeypatch):
+    """Under torchrun every rank must draw its own data and samples: setup seeds python's, numpy's and
+    torch's global generators with seed + RANK. Rank 1 of 2 (the process group stubbed), seed 5: 6."""
+    import numpy as np
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: None)
+    rt = runtime.setup("cpu", "float32", 5)
+    assert (rt.rank, rt.world_size, rt.ddp, rt.master) == (1, 2, True, False)
+    assert torch.initial_seed() == 6
+    assert random.random() == random.Random(6).random()
+    assert np.random.random() == np.random.RandomState(6).random_sample()
+
+
+def test_append_jsonl_writes_a_bare_file_name_here_and_tensors_as_floats(tmp_path, monkeypatch):
+    """A log path with no folder is a file in the working directory; a tensor or numpy scalar is a number."""
+    import numpy as np
+    monkeypatch.chdir(tmp_path)
+    runtime.append_jsonl("log.jsonl", {"iter": 1, "loss": torch.tensor(0.5), "acc": np.float32(0.25)})
+    runtime.append_jsonl("log.jsonl", {"iter": 2})
+    assert [json.loads(line) for line in open("log.jsonl")] == [{"iter": 1, "loss": 0.5, "acc": 0.25},
+                                                                 {"iter": 2}]
+
+
+def test_a_stopwatch_on_another_rank_returns_its_line_but_prints_nothing(capsys):
+    """Under torchrun only the first process prints the closing line; the others still return it."""
+    ticks = iter([0.0, 1.0, 3.0])
+    watch = runtime.Stopwatch(master=False, clock=lambda: next(ticks))
+    watch.lap("sampling")
+    assert watch.report("ppo") == "ppo time 3.0 s: sampling 1.0 s (33%), other 2.0 s (67%)"
+    assert capsys.readouterr().out == ""

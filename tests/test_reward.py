@@ -667,3 +667,99 @@ def test_best_of_n_on_held_out_averages_sft_gold_over_every_candidate(monkeypatc
     assert res["bon_gold"] == pytest.approx(bad_gold)
     assert res["oracle_gold"] == pytest.approx(1.0)
     assert res["oracle_win_rate"] == pytest.approx(0.5) and res["bon_win_rate"] == pytest.approx(0.0)
+
+
+def test_each_comparisons_labeler_draws_its_own_stream_however_the_prompts_are_batched(monkeypatch):
+    """Comparison i is ranked with the labeler stream "labeler-{seed}-{i}", whatever gen_batch cuts the
+    prompts into (and under torchrun, whichever rank samples it): with four answers that a noisy labeler
+    (tau 10) ranks almost at random, the rankings are the same at gen_batch 4, 8 and 24 (1, 2 and 6 prompts
+    a call) and equal world.rank with each comparison's own stream. A stream keyed by the prompt's place in
+    its batch would give every batch the same draws."""
+    prompts = world.prompts("eval")[:6]
+    answers = ["The fox is happy. The fox runs in the forest.", "The fox is happy.", "The owl is happy.",
+               "You are dumb."]
+    monkeypatch.setattr(reward, "respond", lambda policy, enc, convs, *a, **k:
+                        [{"text": answers[j % 4], "ended": True} for j in range(len(convs))])
+    rt = SimpleNamespace(rank=0, world_size=1, ddp=False, master=True)
+    want = [world.rank(p, answers, random.Random(f"labeler-7-{i}"), [True] * 4, tau=10.0)
+            for i, p in enumerate(prompts)]
+    assert len({tuple(r) for r in want}) > 1  # the streams differ: the check bites
+    for gen_batch in (4, 8, 24):
+        comps = reward.collect_comparisons(None, None, prompts, rt, None, K=4, max_new_tokens=8,
+                                           temperature=1.0, tau=10.0, seed=7, gen_batch=gen_batch)
+        assert [c["ranking"] for c in comps] == want, gen_batch
+
+
+def test_a_pair_on_a_bins_edge_is_counted_once_in_the_bin_it_opens():
+    """The calibration bins are [lo, hi), the last one [0.9, 1.0] closed: a pair predicted sigmoid(ln 4) = 0.8
+    (exactly, in fp32) belongs to [0.8, 0.9) alone, not to [0.7, 0.8] as well."""
+    assert torch.sigmoid(torch.tensor(math.log(4))).item() == pytest.approx(0.8, abs=1e-7)
+    rows = reward.calibration(torch.tensor([[0.0, -math.log(4)]]))
+    assert rows == [(0.8, 0.9, 1, pytest.approx(0.8), 1.0)]
+
+
+def test_the_report_measures_calibration_and_the_labelers_gold_accuracy_on_the_held_out_rankings(capsys):
+    """report() on three rankings of two answers, the first two held out, the labeler's choice first. Held
+    out, the rewards (1, 0) predict sigmoid(1) = 0.73 twice, both pairs as the labeler ranked them; the
+    training ranking's (3, 0) is not a held-out pair and stays out of the calibration table. Gold (0.5, 0.5)
+    ties, so only the second held-out pair, gold (0.4, 0.9), says how often a labeler agrees with gold:
+    never (a tie counted half would say 1/4). The second labeler, (1, 2) and (2, 1), agrees on one pair of
+    two. The examples are shown by the question each prompt ends with."""
+    r = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    gold = torch.tensor([[0.5, 0.5], [0.4, 0.9], [1.0, 0.2]])
+    parts = [[{k: (g if k == "helpful" else 0.0) for k in world.WEIGHTS} for g in row]
+             for row in gold.tolist()]
+    opening = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
+    comps = [{"prompt": opening + [{"role": "user", "content": f"Question {i}"}], "responses": ["a", "b"],
+              "ended": [True, True], "ranking": [0, 1]} for i in range(3)]
+    first = torch.arange(2, 0, -1.0).expand(2, 2)
+    second = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    m = reward.report(r, 1.0, 0.0, "r", reward.bradley_terry_loss, comps, [0, 1], [2], first, gold, parts,
+                      second)
+    assert m["calibration"] == [(0.7, 0.8, 2, pytest.approx(1 / (1 + math.exp(-1))), 1.0)]
+    assert m["val_acc"] == 1.0 and m["val_acc_gold"] == 0.0
+    assert m["labeler_acc_gold"] == 0.0 and m["ceiling_labelers"] == 0.5
+    assert m["acc_gold_by_part"] == {"helpful": (0.0, 1)}
+    assert m["acc_gold_by_part_train"] == {"helpful": (1.0, 1)}
+    out = capsys.readouterr().out  # the held-out examples are shown by their last turn, the question
+    assert "Question 0" in out and "Question 1" in out and "Hello." not in out
+
+
+def test_best_of_n_on_held_out_samples_at_its_temperature_and_scores_with_the_likelihood(monkeypatch):
+    """The best-of-n picks and the single SFT samples they are judged against are both drawn at the stage's
+    --temperature and max_new_tokens, in calls of at most gen_batch prompts; the picks are scored with the
+    reward model's gain, bias and lm_weight."""
+    evals, seen = world.prompts("eval"), {"respond": []}
+
+    def fake_best_of_n(policy, rm, enc, prompts, n, gain, bias, max_new_tokens, temperature, **k):
+        seen["bon"] = (len(prompts), n, gain, bias, max_new_tokens, temperature, k["lm_weight"])
+        return [{"text": "x", "ended": True, "score": 0.0, "candidates": [{"text": "x", "ended": True}] * n}
+                for _ in prompts]
+
+    def fake_respond(policy, enc, prompts, max_new_tokens, temperature, generator=None):
+        seen["respond"].append((len(prompts), max_new_tokens, temperature))
+        return [{"text": "x", "ended": True} for _ in prompts]
+
+    monkeypatch.setattr(reward, "best_of_n", fake_best_of_n)
+    monkeypatch.setattr(reward, "respond", fake_respond)
+    rt = SimpleNamespace(ctx=contextlib.nullcontext())
+    reward.best_of_n_on_held_out(None, None, None, 3, 2.0, -1.0, 0.25, 8, 0.7, 16, rt, None)
+    assert seen["bon"] == (len(evals), 3, 2.0, -1.0, 8, 0.7, 0.25)
+    assert sum(n for n, _, _ in seen["respond"]) == len(evals) > 16
+    assert all(n <= 16 and (m, t) == (8, 0.7) for n, m, t in seen["respond"])
+
+
+def test_main_saves_the_gain_and_bias_that_put_its_ranked_answers_at_mean_0_std_1(tiny_sft, monkeypatch):
+    """The final checkpoint holds the normalisation fitted on every ranked answer's reward r: gain * r + bias
+    has mean 0 and std 1 over them (gain and bias swapped would not), marked normalised, with K and the
+    head-alone lm_weight 0."""
+    seen, real = {}, reward.normalisation
+    monkeypatch.setattr(reward, "normalisation", lambda r: seen.update(r=r) or real(r))
+    run_here(monkeypatch, reward, f"--out_dir={tiny_sft}", "--max_new_tokens=4", "--batch_size=4",
+             "--max_iters=2", "--eval_interval=2", "--n_prompts=40", "--K=3", "--device=cpu")
+    ck = torch.load(tiny_sft / "reward.pt", weights_only=True)
+    r = seen["r"]
+    assert r.std() > 1e-6 and abs(ck["gain"] - 1.0) > 1e-3  # a trained head: a real scale to fit
+    z = ck["gain"] * r + ck["bias"]
+    assert z.mean().item() == pytest.approx(0.0, abs=1e-4) and z.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert ck["normalised"] is True and ck["K"] == 3 and ck["lm_weight"] == 0.0
