@@ -303,8 +303,7 @@ def write_report(results, order, evals, fig_dir):
              "is against an SFT answer to the same prompt, ties counting half, with a 95% interval "
              "clustered by prompt.", "",
              "| model | gold (of ideal) | win rate vs SFT | KL(pi ‖ SFT) nats | RM score | fluency "
-             "| ends turn |",
-             "|---|---|---|---|---|---|---|"]
+             "| ends turn |", "|---|---|---|---|---|---|---|"]
     for n in order:
         r = results[n]
         rm_s = f"{r['rm_score']:+.2f}" if "rm_score" in r else "-"
@@ -419,10 +418,9 @@ def main():
     if "bon" in listed and not sweep and not os.path.isfile(rm_path):  # (the sweep builds one)
         raise SystemExit(f"error: --ckpt: the best-of-N row needs a reward model; {rm_path} not found")
     ref_path = listed.get("sft") or os.path.join(out_dir, "sft.pt")  # every row's reference: --ckpt's sft row
-    if not os.path.isfile(ref_path):  # it is about to be built (minutes): read the files named first
-        named = [(p, ("base", "sft", "ppo", "grpo", "dpo")) for p in listed.values() if p]
-        for path, kinds in named + [(reward, "reward")] * bool(reward):  # damaged or wrong kind: one line
-            runtime.load_checkpoint(path, kinds)  # (check_rows reads them again, against the SFT model)
+    if not os.path.isfile(ref_path):  # to be built (minutes): a damaged file named is one line first
+        for f in [p for p in listed.values() if p] + [reward] * bool(reward):
+            runtime.load_checkpoint(f, "reward" if f == reward else ("base", "sft", "ppo", "grpo", "dpo"))
     runtime.ensure_checkpoint(ref_path, "sft.py", out_dir)
     ref_ck = runtime.load_checkpoint(ref_path, "sft")
     enc = get_tokenizer(ref_ck.get("tokenizer", "world"))
