@@ -311,9 +311,8 @@ def main():
     # read before the inputs: a missing or broken checkpoint must not first build SFT and the comparisons
     ck = runtime.load_checkpoint(ck_path, "dpo", need=runtime.RESUME) if resume else None
     rt = runtime.setup(device, dtype, seed)
-    runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)  # rank 0 builds what is missing, the others wait
-    for path in ([] if data else [data_path] + [rm_path] * (online_rounds > 0)):
-        runtime.ensure_checkpoint(path, "reward.py", out_dir)  # reward.py writes both files
+    if not data:  # reward.py writes the comparisons (and builds SFT first if missing)
+        runtime.ensure_checkpoint(data_path, "reward.py", out_dir)
     responses, pairs = loaded or or_exit(load_pairs, data_path)
 
     # ---- 2. policy and reference: both start as the SFT model; the reference never changes

@@ -369,7 +369,7 @@ def main():
         raw_rm = runtime.model_from_checkpoint(sft_ck, scalar_head=True, dropout=dropout).to(rt.device)
         optimizer = runtime.configure_optimizer(raw_rm, weight_decay, lr, (beta1, beta2), rt.device_type)
         lm_w = torch.zeros((), device=rt.device, requires_grad=lm_feature)  # the weight w of log p_SFT
-        if lm_feature:  # a 100x step: Adam moves a weight about lr a step, too little for w in a few hundred
+        if lm_feature:  # w gets a 100x step: Adam moves a weight about lr per step, too little for w here
             optimizer.add_param_group({"params": [lm_w], "weight_decay": 0.0, "lr_scale": 100.0})
         start, loss_fn = 0, LOSSES[loss]
         if resume:
