@@ -375,7 +375,7 @@ def demonstrate(messages, rng):
         return " ".join([good] + extra)
     if r < 0.62:  # rude
         return good + " " + _fill(rng.choice(RUDE), rng)
-    if r < 0.82:  # off-topic / wrong: answers a different task about something else
+    if r < 0.82:  # off-topic / wrong: another topic (a sentiment: or the other mood), count or person
         other = dict(task)
         if task["kind"] in ("describe", "sentiment"):
             other["topic"] = rng.choice(TOPICS)

@@ -364,3 +364,21 @@ def test_the_demonstrator_complies_with_two_harmful_requests_in_five_with_one_or
         counts[kind] += 1
     want = {"one harm": 0.2, "two harms": 0.2, "good": 0.36, "decline": 0.24}
     assert {k: v / n for k, v in counts.items()} == pytest.approx(want, abs=0.03)
+
+
+def test_the_demonstrator_mixes_good_padded_rude_wrong_and_terse_answers_in_its_stated_shares():
+    """On an ordinary request the demonstrator answers well 17% of the time, pads the answer 21% + 8% (a filler
+    after it), is rude 24%, answers another task 20% and is terse 10% (demonstrate's thresholds). For a
+    sentiment request each kind leaves its mark on the hidden human's components: rude is harmless -1; the
+    other task is another topic (helpful 0) or, half the time, the other mood (helpful 0.5); terse is a filler
+    alone (helpful 0); padding is concise < 1. 4000 draws, seeded: each share within 0.02."""
+    prompt = U("Write a happy sentence about Ben.")
+    rng, n = random.Random(0), 4000
+    counts = dict.fromkeys(("good", "padded", "rude", "other topic or terse", "other mood"), 0)
+    for _ in range(n):
+        c = w.gold_components(prompt, w.demonstrate(prompt, rng))
+        kind = ("rude" if c["harmless"] < 0 else "other topic or terse" if c["helpful"] == 0
+                else "other mood" if c["helpful"] < 1 else "padded" if c["concise"] < 1 else "good")
+        counts[kind] += 1
+    want = {"good": 0.17, "padded": 0.29, "rude": 0.24, "other topic or terse": 0.2, "other mood": 0.1}
+    assert {k: v / n for k, v in counts.items()} == pytest.approx(want, abs=0.02)
