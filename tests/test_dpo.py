@@ -371,7 +371,8 @@ def test_resume_without_a_checkpoint_is_one_line_before_any_stage_is_built(tmp_p
     monkeypatch.setattr(runtime, "ensure_checkpoint", lambda *a: built.append(a))
     msg = refusal("dpo", f"--out_dir={tmp_path}", "--resume=True")
     assert msg == f"error: checkpoint {tmp_path / 'dpo.pt'} not found" and built == []
-    runtime.save_checkpoint(str(tmp_path / "dpo.pt"), {"kind": "dpo", "step": 3, "model": {}, "model_args": {}})
+    final = {"kind": "dpo", "step": 3, "model": {}, "model_args": {}}
+    runtime.save_checkpoint(str(tmp_path / "dpo.pt"), final)
     msg = refusal("dpo", f"--out_dir={tmp_path}", "--resume=True")  # a final checkpoint without its optimizer
     assert msg.endswith("has no optimizer, scaler, rng: not a complete checkpoint; start afresh without "
                         "--resume") and built == []
@@ -494,9 +495,9 @@ def test_main_hands_the_loss_options_to_every_preference_loss(tmp_path, monkeypa
     monkeypatch.setattr(dpo, "preference_loss", lambda *a, **hp: seen.append(hp) or real(*a, **hp))
     for loss, beta, smoothing, alpha in [("ipo", 0.3, 0.0, 0.0), ("sigmoid", 0.5, 0.2, 0.5)]:
         seen.clear()
-        run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=2", "--batch_size=2", "--eval_interval=1",
-                 "--max_new_tokens=8", "--n_eval=1", "--device=cpu", f"--loss={loss}", f"--beta={beta}",
-                 f"--label_smoothing={smoothing}", f"--rpo_alpha={alpha}")
+        run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=2", "--batch_size=2",
+                 "--eval_interval=1", "--max_new_tokens=8", "--n_eval=1", "--device=cpu", f"--loss={loss}",
+                 f"--beta={beta}", f"--label_smoothing={smoothing}", f"--rpo_alpha={alpha}")
         want = dict(loss_type=loss, beta=beta, label_smoothing=smoothing, rpo_alpha=alpha)
         assert len(seen) >= 3 and all(hp == want for hp in seen), (seen, want)  # 2 steps and held-out checks
 
@@ -554,7 +555,8 @@ def test_an_online_rounds_pairs_index_its_new_answers_after_the_earlier_ones(mon
     assert pairs.tolist() == [[2, 1], [4, 5]]
 
 
-def test_main_trains_on_the_pairs_not_held_out_and_evaluates_on_the_held_out_ones(tmp_path, monkeypatch, capsys):
+def test_main_trains_on_the_pairs_not_held_out_and_evaluates_on_the_held_out_ones(tmp_path, monkeypatch,
+                                                                                  capsys):
     save_online_inputs(tmp_path)  # four prompts, one pair each
     prompts = [[{"role": "user", "content": f"Describe the {a}."}] for a in ("fox", "cat", "dog", "owl")]
     held = [dpo.held_out(p, 0.25) for p in prompts]
@@ -566,9 +568,10 @@ def test_main_trains_on_the_pairs_not_held_out_and_evaluates_on_the_held_out_one
                         or real_eval(policy, val_pairs, *a, **k))
     monkeypatch.setattr(dpo, "train_step",
                         lambda policy, opt, rt, micro, *a, **k: seen["train"].extend(
-                            p for mb in micro for p in mb.tolist()) or real_step(policy, opt, rt, micro, *a, **k))
-    run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=2", "--batch_size=2", "--eval_interval=1",
-             "--max_new_tokens=8", "--n_eval=1", "--device=cpu", "--eval_fraction=0.25")
+                            p for mb in micro for p in mb.tolist())
+                        or real_step(policy, opt, rt, micro, *a, **k))
+    run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=2", "--batch_size=2",
+             "--eval_interval=1", "--max_new_tokens=8", "--n_eval=1", "--device=cpu", "--eval_fraction=0.25")
     assert re.search(r"\b3 training pairs, 1 held out", capsys.readouterr().out)
     dog = [2 * 2, 2 * 2 + 1]  # responses are two per prompt in file order: (chosen, rejected) of "dog"
     assert seen["val"] and all(v == [dog] for v in seen["val"])

@@ -275,7 +275,7 @@ def test_main_takes_the_missing_end_penalty_off_the_unended_answers_only(tmp_pat
 
 
 def move_the_reference(monkeypatch, calls):
-    """main()'s frozen reference moved away from the policy (so there is a KL to count), kept in calls["ref"]."""
+    """main()'s frozen reference moved away from the policy (a KL to count), kept in calls["ref"]."""
     real_inputs = runtime.load_rl_inputs
 
     def moved_reference(*args):
@@ -334,8 +334,8 @@ def test_rloo_in_main_pays_minus_beta_kl_in_the_reward_and_keeps_it_out_of_the_l
 
 
 def test_flat_groups_counts_groups_of_consecutive_answers(tmp_path, monkeypatch):
-    """A group is a prompt's G consecutive answers: scores (1, 1, 1 | 0, 1, 2) with G = 3 are one flat group of
-    two (no signal from it); the same scores cut the other way, (1, 1 | 1, 0 | 1, 2), would say a third."""
+    """A group is a prompt's G consecutive answers: scores (1, 1, 1 | 0, 1, 2) with G = 3 are one flat group
+    of two (no signal from it); the same scores cut the other way, (1, 1 | 1, 0 | 1, 2), would say a third."""
     make_stage_checkpoints(tmp_path)
     monkeypatch.setattr(grpo, "reward_scores",
                         lambda rm, enc, convs, *a, **k: torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 2.0]))

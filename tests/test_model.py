@@ -45,7 +45,7 @@ def test_kv_cache_logprobs_match_full_forward():
     sel = gen[:, 1:].bool()
     torch.testing.assert_close(full[sel], lp[:, 1:][sel], atol=1e-5, rtol=0)
     cache = [{"size": (4, 8)} for _ in m.transformer.h]
-    with pytest.raises(ValueError, match="needs the attention_mask"):  # it alone says where the cached keys are
+    with pytest.raises(ValueError, match="needs the attention_mask"):  # it alone says where cached keys are
         m.hidden(seq[:, :2], kv_cache=cache)
 
 
@@ -517,8 +517,8 @@ def test_weight_decay_reaches_matrices_only():
 
 
 def test_optimizer_step_clips_the_global_norm():
-    """Gradient (3, 4) has norm 5: clipped to 1 it is (0.6, 0.8), and plain SGD at lr 1 moves the weight from 0
-    by minus that; the step returns the norm before clipping. grad_clip 0 is off: the full (3, 4)."""
+    """Gradient (3, 4) has norm 5: clipped to 1 it is (0.6, 0.8), and plain SGD at lr 1 moves the weight from
+    0 by minus that; the step returns the norm before clipping. grad_clip 0 is off: the full (3, 4)."""
     for clip, moved in ((1.0, [0.6, 0.8]), (0.0, [3.0, 4.0])):
         m = torch.nn.Linear(2, 1, bias=False)
         torch.nn.init.zeros_(m.weight)
@@ -540,8 +540,8 @@ def test_top_p_after_top_k_measures_the_renormalised_mass():
 
 
 def test_temperature_shapes_the_draw_without_filters():
-    """softmax(log p / T) at T = 2 is sqrt(p) / sum sqrt(p): (.5, .3, .2, 0) -> (.4154, .3218, .2628, 0). 20,000
-    draws land within 0.015 of it (about 4 standard errors); drawing from p itself would be 0.085 off."""
+    """softmax(log p / T) at T = 2 is sqrt(p) / sum sqrt(p): (.5, .3, .2, 0) -> (.4154, .3218, .2628, 0).
+    20,000 draws land within 0.015 of it (about 4 standard errors); draws from p would be 0.085 off."""
     probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
     logits = probs.clamp(min=1e-30).log().expand(20000, 4)
     tok, _ = M.sample(logits, temperature=2.0, generator=torch.Generator().manual_seed(0))

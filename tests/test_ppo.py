@@ -627,8 +627,8 @@ def test_main_hands_cliprange_value_to_the_value_loss(tmp_path, monkeypatch):
     make_stage_checkpoints(tmp_path)
     seen, real = [], ppo.clipped_value_loss
     monkeypatch.setattr(ppo, "clipped_value_loss", lambda *a: seen.append(a[-1]) or real(*a))
-    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2", "--max_iters=1",
-                  "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--device=cpu",
+    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+                  "--max_iters=1", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--device=cpu",
                   "--cliprange=0.1", "--cliprange_value=0.7")
     assert seen and set(seen) == {0.7}
 

@@ -173,7 +173,8 @@ def save_tiny_base(path, **model_args):
     torch.manual_seed(0)
     n_vocab = get_tokenizer("world").n_vocab
     m = M.GPT(M.GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=n_vocab))
-    state = runtime.training_state(m, torch.optim.AdamW(m.parameters()), torch.amp.GradScaler("cpu", enabled=False))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = runtime.training_state(m, torch.optim.AdamW(m.parameters()), scaler)
     runtime.save_checkpoint(str(path), {**state, "kind": "base", "step": 3,
                                         "tokenizer": "world", "model_args": {**vars(m.config), **model_args}})
 

@@ -227,8 +227,8 @@ def test_the_second_labeler_draws_its_own_noise():
 
 
 def test_get_batch_gives_each_rank_its_own_prompts():
-    """Under torchrun step s of rank r takes slot s * world_size + r of the epoch's permutation: over one epoch
-    of 8 prompts, 2 ranks x 2 steps x 2 prompts see every prompt exactly once (no rank repeats another's)."""
+    """Under torchrun step s of rank r takes slot s * world_size + r of the epoch's permutation: over one
+    epoch of 8 prompts, 2 ranks x 2 steps x 2 prompts see every prompt once (no rank repeats another's)."""
     rows = [[[i + 1], [i + 2]] for i in range(8)]
     lp = torch.arange(16.0).view(8, 2)
     seen = []
@@ -563,8 +563,9 @@ def test_resume_from_another_network_is_one_line(tiny_sft, refusal):
     path = tiny_sft / "reward.pt"
     assert got == f"error: {path} is another network than the SFT model (n_embd 16 vs 32)", got
     sft = torch.load(tiny_sft / "sft.pt", weights_only=True)  # the same network, without what resume reads
-    runtime.save_checkpoint(str(path), {"model": sft["model"], "model_args": {**sft_args, "scalar_head": True},
-                                        "kind": "reward", "step": 2, "normalised": False})
+    same = {**sft_args, "scalar_head": True}
+    runtime.save_checkpoint(str(path), {"model": sft["model"], "model_args": same, "kind": "reward",
+                                        "step": 2, "normalised": False})
     got = refusal("reward", f"--out_dir={tiny_sft}", "--resume=True", "--max_iters=4")
     assert got == (f"error: {path} has no optimizer, scaler, rng: not a complete checkpoint; start afresh "
                    "without --resume"), got

@@ -236,7 +236,8 @@ def files_of(d):
 def save_tiny_sft(path, **model_args):
     """An SFT checkpoint with what --resume reads (these tests' checks come before its optimizer is used)."""
     m = tiny(block_size=64)
-    state = runtime.training_state(m, torch.optim.AdamW(m.parameters()), torch.amp.GradScaler("cpu", enabled=False))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = runtime.training_state(m, torch.optim.AdamW(m.parameters()), scaler)
     runtime.save_checkpoint(str(path), {**state, "kind": "sft", "step": 3,
                                         "tokenizer": "world", "model_args": {**vars(m.config), **model_args}})
 

@@ -260,8 +260,8 @@ def test_a_list_with_more_items_than_asked_is_only_half_helpful():
 
 
 def test_labelers_prefer_an_answer_that_ends_its_turn():
-    """The same ideal answer twice, one cut off (gold 0.8 against 1.0): a labeler with almost no noise ranks the
-    ended one first on every stream; one that ignored `ended` would toss a coin."""
+    """The same ideal answer twice, one cut off (gold 0.8 against 1.0): a labeler with almost no noise ranks
+    the ended one first on every stream; one that ignored `ended` would toss a coin."""
     prompt = [{"role": "user", "content": "Describe the fox."}]
     ideal = "The fox is happy. The fox runs in the forest."
     assert w.gold(prompt, ideal, False) < w.gold(prompt, ideal, True)
@@ -367,8 +367,8 @@ def test_the_demonstrator_complies_with_two_harmful_requests_in_five_with_one_or
 
 
 def test_the_demonstrator_mixes_good_padded_rude_wrong_and_terse_answers_in_its_stated_shares():
-    """On an ordinary request the demonstrator answers well 17% of the time, pads the answer 21% + 8% (a filler
-    after it), is rude 24%, answers another task 20% and is terse 10% (demonstrate's thresholds). For a
+    """On an ordinary request the demonstrator answers well 17% of the time, pads the answer 21% + 8% (a
+    filler after it), is rude 24%, answers another task 20% and is terse 10% (demonstrate's thresholds). For a
     sentiment request each kind leaves its mark on the hidden human's components: rude is harmless -1; the
     other task is another topic (helpful 0) or, half the time, the other mood (helpful 0.5); terse is a filler
     alone (helpful 0); padding is concise < 1. 4000 draws, seeded: each share within 0.02."""
