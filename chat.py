@@ -117,10 +117,12 @@ def main():
 
     # ---- 3. one message (--prompt), or the REPL: every reply sees the whole conversation so far
     if prompt:
-        out = reply(model, enc, opening + [{"role": "user", "content": prompt}], len(opening), g, rt.ctx,
-                    *sampling, show_tokens)
-        print(out if out is not None else "")
-        raise SystemExit(0 if out is not None else 1)
+        history = opening + [{"role": "user", "content": prompt}]
+        if (n := len(render_prompt(enc, history))) >= block_size:  # a script gets one line and a failure
+            raise SystemExit(f"error: --prompt is {n} tokens with the template; the context holds "
+                             f"{block_size}")
+        print(reply(model, enc, history, len(opening), g, rt.ctx, *sampling, show_tokens))
+        raise SystemExit(0)
     config = ck.get("config") if isinstance(ck.get("config"), dict) else {}  # hand-made: maybe None or a str
     kind = config.get("baseline", "grpo") if ck["kind"] == "grpo" else ck["kind"]  # or rloo
     print(f"chatting with {path} ({kind}, step {ck.get('step', '?')}); /reset clears the conversation, "

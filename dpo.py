@@ -47,9 +47,9 @@ from tqdm import tqdm
 
 import runtime
 from data import world
-from data.chat import render_response
+from data.chat import render_prompt, render_response
 from data.readers import or_exit, read_comparisons, read_preferences
-from rollout import by_length, compare_to_sft, respond, response_logps, reward_scores
+from rollout import by_length, compare_to_sft, prompts_fit, respond, response_logps, reward_scores
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -293,7 +293,7 @@ def main():
     config = runtime.configure(globals(), ranges={
         "loss": (lambda v: v in ("sigmoid", "ipo"), "'sigmoid' or 'ipo'"), "beta": (lambda v: v > 0, "> 0"),
         "online_prompts": (lambda v: v >= int(os.environ.get("WORLD_SIZE", 1)), ">= 1 per process")})
-    if online_pairs > online_k // 2:
+    if online_rounds and online_pairs > online_k // 2:  # (they matter only with online rounds)
         raise SystemExit(f"error: --online_pairs={online_pairs} must be <= online_k / 2 = {online_k // 2}")
     if label_smoothing and loss != "sigmoid":
         raise SystemExit("error: --label_smoothing is conservative DPO's; it needs --loss=sigmoid")
@@ -329,6 +329,19 @@ def main():
     val_pairs, train_pairs = both[split], both[~split]
     if len(train_pairs) == 0:
         raise SystemExit(f"error: {data_path} has no usable training pairs")
+    # what steps 6 and 7 answer, checked now rather than after training: the world's held-out prompts must
+    # fit; the online rounds answer the training prompts that leave room for a reply (--data's may not)
+    evals = world.prompts("eval")[:n_eval or None] if sft_ck.get("tokenizer", "world") == "world" else []
+    prompts_fit("", evals, enc, block_size, max_new_tokens)
+    if online_rounds:
+        prompts = list({json.dumps(p, sort_keys=True): p for (p, *_), v in zip(pairs, ~split) if v}.values())
+        fit = [p for p in prompts if len(render_prompt(enc, p)) + max_new_tokens <= block_size]
+        if not fit:
+            raise SystemExit(f"error: no training prompt of {data_path} leaves room for the online rounds' "
+                             f"--max_new_tokens={max_new_tokens} (block_size {block_size})")
+        if rt.master and len(fit) < len(prompts):
+            print(f"online rounds: {len(prompts) - len(fit)} of {len(prompts)} training prompts leave no "
+                  f"room for --max_new_tokens={max_new_tokens}; they are trained on offline only")
     watch = runtime.Stopwatch(rt.device_type, rt.master)  # where the time goes, phase by phase
     answers = (rows, masks, answer_logps(ref, rows, masks, pad_id, rt, "reference log-probs"))
     watch.lap("scoring")
@@ -385,10 +398,9 @@ def main():
 
     # ---- 6. (departure) online DPO: rounds of fresh answers from the policy, ranked by the reward model
     if online_rounds > start_round:
-        prompts = list({json.dumps(p, sort_keys=True): p for (p, *_), v in zip(pairs, ~split) if v}.values())
         for rnd in range(start_round, online_rounds):
             answers, round_pairs, mean_score = online_round(
-                raw_policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, online_prompts, online_k,
+                raw_policy, ref, rm, rm_ck, enc, fit, rnd, answers, rt, online_prompts, online_k,
                 online_pairs, max_new_tokens, no_end_penalty, block_size, seed, watch.lap)
             runtime.check_finite("dpo", n_iters + rnd * per_round + 1, "--dtype=float32", score=mean_score)
             n_round = torch.tensor(float(len(round_pairs)), device=rt.device)
@@ -418,10 +430,9 @@ def main():
             watch.lap("training")  # the round's steps, its checkpoint and line
 
     # ---- 7. held-out world prompts: DPO against SFT under the hidden human
-    if rt.master and sft_ck.get("tokenizer", "world") == "world":
-        evals = world.prompts("eval")[:n_eval or None] * eval_samples
-        print(f"\nheld-out prompts ({len(evals) // eval_samples} x {eval_samples} samples, temperature 1):")
-        compare_to_sft("dpo", raw_policy.eval(), ref, enc, evals, max_new_tokens,
+    if rt.master and evals:
+        print(f"\nheld-out prompts ({len(evals)} x {eval_samples} samples, temperature 1):")
+        compare_to_sft("dpo", raw_policy.eval(), ref, enc, evals * eval_samples, max_new_tokens,
                        torch.Generator(device=rt.device).manual_seed(seed), lap=watch.lap)
     watch.report("dpo")
     runtime.cleanup()

@@ -38,8 +38,7 @@ from rollout import best_of_n, prompts_fit, reward_scores, score, win_rate_again
 out_dir = "out"            # the stages' checkpoints; report.md and figures/ are written here
 ckpt = ""                  # comma-separated checkpoints (path or name=path; "bon" = best-of-N); the row
                            # named sft (else out_dir/sft.pt) is the reference; "" = every stage
-prompts = ""               # "" = the world's held-out prompts; or a JSONL file of
-                           # {"prompt": ...} / {"messages": ...}
+prompts = ""               # "" = the world's held-out prompts; or a JSONL file of {"prompt"} / {"messages"}
 seed = 1234                # sampling seed: every model answers the same prompts with the same random stream
                            # (SFT, the reference of the win rate, with the next seed's)
 device = "auto"            # auto: cuda > mps > cpu
@@ -70,9 +69,8 @@ def svg_plot(path, title, xlabel, ylabel, series):
     xs = [x for s in series for x in s[1]] or [0, 1]
     ys = [y for s in series for y in s[2]] or [0, 1]
     x0, x1 = min(xs), max(xs) + 1e-9
-    y0, y1 = min(ys), max(ys) + 1e-9
-    pad = 0.05 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
+    pad = 0.05 * (max(ys) + 1e-9 - min(ys))  # a margin above and below the data
+    y0, y1 = min(ys) - pad, max(ys) + 1e-9 + pad
     sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
     sy = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
@@ -407,7 +405,9 @@ def main():
         lambda v: set(v) <= set(methods), "a tuple of " + ", ".join(methods)),
         **dict.fromkeys(("ppo_betas", "grpo_betas", "rloo_betas"), (lambda v: min(v, default=0) >= 0,
                                                                     "betas >= 0")),
-        "dpo_betas": (lambda v: min(v, default=1) > 0, "betas > 0")})  # refused now, not after a sweep's runs
+        "dpo_betas": (lambda v: min(v, default=1) > 0, "betas > 0"),  # refused now, not after a sweep's runs
+        "sweep": (lambda v: not v or hack_iters or any(globals()[f"{m}_betas"] for m in sweep_methods),
+                  "False when no method of --sweep_methods has a beta and --hack_iters=0: nothing to train")})
     rt = runtime.setup(device, dtype, seed)
     # ---- 1. the prompts and the checkpoints to compare (a bad file or path is one line, before any sampling)
     eval_prompts = or_exit(read_prompts, prompts) if prompts else world.prompts("eval")

@@ -221,8 +221,8 @@ def main():
         "kl_estimator": (lambda v: v in ("k1", "k3"), "'k1' or 'k3'"),
         "save_interval": (lambda v: v >= 1, ">= 1"),
         # K_beta = episodes / horizon <= 1: one update moves beta by at most 20 %, so it stays above 0
-        "kl_horizon": (lambda v: v >= batch_size * int(os.environ.get("WORLD_SIZE", 1)),
-                       ">= --batch_size x processes, so each update moves beta by at most 20 %")})
+        "kl_horizon": (lambda v: not target_kl or v >= batch_size * int(os.environ.get("WORLD_SIZE", 1)),
+                       ">= --batch_size x processes with --target_kl, so an update moves beta by <= 20 %")})
     if reward == "gold" and prompts:
         raise SystemExit("error: --reward=gold judges the world's language only; drop it with --prompts")
     if target_kl > 0 and beta == 0:  # the controller multiplies beta: from 0 it would never move

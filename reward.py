@@ -45,7 +45,7 @@ import runtime
 from data import world
 from data.chat import render_response
 from data.readers import DataError, read_comparisons, read_preferences, write_jsonl
-from rollout import best_of_n, reply_logprobs, respond, rm_score, score_rows
+from rollout import best_of_n, prompts_fit, reply_logprobs, respond, rm_score, score_rows
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -117,12 +117,12 @@ def normalisation(r):
 
 
 def pairwise_accuracy(r, target):
-    """Share of pairs r (N, K) orders the way target (N, K) does; target's ties skipped, r's count half."""
+    """Share of pairs r (N, K) orders as target does: target's ties skipped (all: None), r's count 1/2."""
     i, j = torch.triu_indices(r.size(1), r.size(1), 1)
     dr, dt = r[:, i] - r[:, j], target[:, i] - target[:, j]
     agree = (dr * dt.sign() > 0).float() + 0.5 * (dr == 0).float()
     keep = dt.abs() > 1e-9
-    return agree[keep].mean().item() if keep.any() else float("nan")
+    return agree[keep].mean().item() if keep.any() else None
 
 
 def calibration(r, bins=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0)):
@@ -268,11 +268,11 @@ def report(r, gain, bias, term, loss_fn, comps, val_idx, train_idx, first, gold,
     print(f"  held-out loss {m['val_loss']:.3f} (from {zero:.3f} with a zero head)")
     print(f"  agrees with the labelers on {m['val_acc']:.1%} of pairs")
     if gold is not None:
-        m["ceiling_labelers"] = pairwise_accuracy(first, second)  # two labelers: what the data allows
-        m["labeler_acc_gold"] = pairwise_accuracy(first, golds)
+        m["ceiling_labelers"], m["labeler_acc_gold"] = (pairwise_accuracy(first, t) for t in (second, golds))
         print(f"  two labelers agree with each other on {m['ceiling_labelers']:.1%} (the ceiling)")
-        print(f"  agrees with the gold ordering on {m['val_acc_gold']:.1%} of pairs with distinct gold; "
-              f"a single labeler does on {m['labeler_acc_gold']:.1%}")
+        shown = ("n/a" if a is None else f"{a:.1%}" for a in (m["val_acc_gold"], m["labeler_acc_gold"]))
+        print("  agrees with the gold ordering on {} of pairs with distinct gold; a single labeler does "
+              "on {}".format(*shown))  # n/a: every held-out pair ties in gold, nothing to measure
         for key, idx, what in (("acc_gold_by_part", val_idx, "on pairs that differ most in"),
                                ("acc_gold_by_part_train", train_idx, "and on its own training comparisons:")):
             m[key] = accuracy_by_part(r[idx], gold[idx], [parts[i] for i in idx])
@@ -337,6 +337,7 @@ def main():
     policy, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
     policy.to(rt.device).eval().requires_grad_(False)
     eot, block = enc.eot_token, sft_ck["model_args"]["block_size"]
+    prompts_fit("", pool + world.prompts("eval") * (bon > 0), enc, block, max_new_tokens)  # before sampling
     t0, watch = time.time(), runtime.Stopwatch(rt.device_type, rt.master)  # watch: where the time goes
 
     if train:
@@ -381,8 +382,7 @@ def main():
         rm = runtime.wrap(raw_rm, rt, compile)
         steps_per_epoch = math.ceil(len(train_idx) / (batch_size * rt.world_size))
         iters = max_iters or epochs * steps_per_epoch
-        if rt.master:
-            # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
+        if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
             runtime.start_log(log_path, start if resume else None)
             print(f"{len(train_idx)} train / {len(val_idx)} held-out rankings of {Kc} answers; {iters} steps "
                   f"of {batch_size * rt.world_size} prompts, loss {loss}, device {rt.device}")

@@ -102,7 +102,8 @@ def train_batch(rows, batch_size, seed, it, micro, rank, pad_id):
 
 @torch.no_grad()
 def held_out_loss(model, rows, batch_size, eval_iters, pad_id, device, ctx):
-    """Mean loss per assistant token over the held-out conversations (the same ones every time)."""
+    """Mean loss per assistant token over the held-out conversations (the same ones every time); None when
+    none of their assistant tokens fits block_size (logged as null: there is nothing to measure)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, min(len(rows), eval_iters * batch_size), batch_size):
@@ -112,7 +113,7 @@ def held_out_loss(model, rows, batch_size, eval_iters, pad_id, device, ctx):
         n = (y != -1).sum().item()
         total, count = total + loss.item() * n, count + n
     model.train()
-    return total / max(1, count)
+    return total / count if count else None
 
 
 def read_conversations(path):
@@ -247,17 +248,18 @@ def main():
         runtime.check_finite("sft", it + 1, hint, loss=loss, grad_norm=norm)
         watch.lap("training")
         last = it + 1 == end
-        val = None
-        if (it + 1) % eval_interval == 0 or last:
+        due, val = (it + 1) % eval_interval == 0 or last, None
+        if due:
             val = held_out_loss(model, val_rows, batch_size, eval_iters, eot, rt.device, rt.ctx)
-            runtime.check_finite("sft", it + 1, hint, val_loss=val)
+            if val is not None:
+                runtime.check_finite("sft", it + 1, hint, val_loss=val)
             watch.lap("held-out loss")
         if rt.master:
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}" if val is not None else "-")
             runtime.append_jsonl(log_path, {"iter": it + 1, "loss": loss.item(), "val_loss": val,
                                             "lr": optimizer.param_groups[0]["lr"], "targets": n_targets,
                                             "time": time.time() - t0})
-            if val is not None:
+            if due:
                 runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler),
                                                   "config": config, "model_args": model_args, "kind": "sft",
                                                   "step": it + 1, "tokenizer": tokenizer})

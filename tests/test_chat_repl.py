@@ -362,3 +362,12 @@ def test_a_blank_line_is_not_sent(tmp_path, monkeypatch, capsys):
     chat_py.main()
     owl = "<|endoftext|><|user|>Describe the owl.<|end|><|assistant|>"
     assert shown_prompts(capsys.readouterr().out) == [owl]
+
+
+def test_a_prompt_too_long_for_the_context_is_one_error_line(tmp_path, refusal):
+    """--prompt answers once, for scripts: a message that cannot be sent is an error line and a failing exit
+    (the REPL's soft "(... not sent)" said nothing on stderr and printed an empty reply)."""
+    save_tiny(tmp_path / "sft.pt", "sft", block_size=32)
+    n = len(render_prompt(get_tokenizer("world"), [{"role": "user", "content": "word " * 40}]))
+    assert refusal("chat", f"--out_dir={tmp_path}", "--prompt=" + "word " * 40, "--max_new_tokens=4") == (
+        f"error: --prompt is {n} tokens with the template; the context holds 32")

@@ -338,7 +338,8 @@ def test_an_answer_that_never_ends_loses_the_penalty_in_the_ranking():
 @pytest.mark.parametrize("flags, message", [
     (["--loss=hinge"], "--loss='hinge' is out of range"),
     (["--beta=0"], "--beta=0.0 is out of range"),  # dpo.py's own rule: beta divides in IPO, scales in DPO
-    (["--online_k=4", "--online_pairs=3"], "--online_pairs=3 must be <= online_k / 2 = 2"),
+    (["--online_rounds=1", "--online_k=4", "--online_pairs=3"],
+     "--online_pairs=3 must be <= online_k / 2 = 2"),
     (["--loss=ipo", "--label_smoothing=0.1"], "needs --loss=sigmoid"),
     (["--online_rounds=1", "--data=prefs.jsonl"], "need a reward model"),
 ])
@@ -624,3 +625,46 @@ def test_the_offline_steps_warm_the_learning_rate_up_then_decay_it(tmp_path, mon
              "--device=cpu")
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
     assert [x["lr"] for x in logs] == pytest.approx([1e-4 / 3, 2e-4 / 3, 1e-4, 5.5e-5], rel=1e-9)
+
+
+def test_prompts_that_leave_no_room_for_a_reply_are_refused_or_left_out_before_training(tmp_path, refusal,
+                                                                                       monkeypatch, capsys):
+    """What steps 6 and 7 sample is checked before training, not after it: a world held-out prompt with no
+    room for --max_new_tokens in the model's 64 tokens is one line, nothing written; the online rounds leave
+    out a training prompt too long to answer (said in a line) and refuse a file of only such prompts."""
+    save_online_inputs(tmp_path)  # block_size 64
+    enc = get_tokenizer("world")
+    first = len(dpo.render_prompt(enc, dpo.world.prompts("eval")[0]))
+    assert refusal("dpo", f"--out_dir={tmp_path}", "--n_eval=1", f"--max_new_tokens={65 - first}") == (
+        f"error: a world prompt is {first} tokens with the chat template; the model's 64 have no room for "
+        f"--max_new_tokens={65 - first} more")
+    assert not (tmp_path / "dpo.pt").exists() and not (tmp_path / "dpo.jsonl").exists()
+    long = "Describe the fox. " * 12
+    rows = [{"prompt": [{"role": "user", "content": c}], "responses": ["The fox is red.", "No."],
+             "ended": [True, True], "ranking": [0, 1]}
+            for c in ("Describe the cat.", "Describe the dog.", long)]
+    write(tmp_path / "comparisons.jsonl", rows)
+    seen = []
+    monkeypatch.setattr(dpo, "online_round", lambda policy, ref, rm, rm_ck, enc, prompts, *a: seen.append(
+        prompts) or (_ for _ in ()).throw(SystemExit("stopped")))
+    flags = [f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2", "--online_rounds=1", "--n_eval=1",
+             "--online_prompts=2", "--online_k=2", "--online_pairs=1", "--max_new_tokens=8",
+             "--eval_fraction=0.0"]
+    with pytest.raises(SystemExit, match="stopped"):
+        run_here(monkeypatch, dpo, *flags)
+    assert [[p[0]["content"] for p in seen[0]]] == [["Describe the cat.", "Describe the dog."]]
+    assert ("online rounds: 1 of 3 training prompts leave no room for --max_new_tokens=8; they are trained "
+            "on offline only") in capsys.readouterr().out
+    write(tmp_path / "comparisons.jsonl", rows[2:])
+    path = tmp_path / "comparisons.jsonl"
+    assert refusal("dpo", *flags) == (f"error: no training prompt of {path} leaves room for the online "
+                                      "rounds' --max_new_tokens=8 (block_size 64)")
+
+
+def test_the_online_options_are_checked_only_with_online_rounds(tmp_path, refusal):
+    """--online_k=1 leaves no pair per prompt, which matters only when there are online rounds: offline DPO
+    (the default) runs past that rule, here to the next check, which stops it."""
+    assert refusal("dpo", f"--out_dir={tmp_path}", "--online_k=1", "--loss=ipo", "--label_smoothing=0.1") == (
+        "error: --label_smoothing is conservative DPO's; it needs --loss=sigmoid")
+    assert refusal("dpo", f"--out_dir={tmp_path}", "--online_k=1", "--online_rounds=1").startswith(
+        "error: --online_pairs=2 must be <= online_k / 2 = 0")

@@ -278,6 +278,18 @@ def test_a_sweep_beta_out_of_range_is_refused_before_any_run(tmp_path, refusal, 
     assert not os.listdir(tmp_path)
 
 
+
+def test_a_sweep_with_nothing_to_train_is_refused(tmp_path, refusal):
+    """--sweep=True with no beta for any chosen method and no beta = 0 run wrote results.json into a folder
+    it never made (a traceback): it is one line, before anything is read."""
+    for flags in (["--sweep_methods=()"], ["--sweep_methods=('rloo',)", "--rloo_betas=()"]):
+        msg = refusal("evaluate", f"--out_dir={tmp_path}", "--sweep=True", "--hack_iters=0", *flags)
+        assert msg == ("error: --sweep=True is out of range: it must be False when no method of "
+                       "--sweep_methods has a beta and --hack_iters=0: nothing to train"), msg
+    assert refusal("evaluate", f"--out_dir={tmp_path}", "--sweep=True", "--sweep_methods=()", "--bon=-1") == (
+        "error: --bon=-1 is out of range: it must be >= 0")  # one run (hack_iters) is something to train
+    assert os.listdir(tmp_path) == []
+
 def test_a_best_of_n_row_with_no_reward_model_builds_nothing_first(tmp_path, refusal, monkeypatch):
     """--ckpt=bon with no reward model is refused before the missing SFT model is built (a pretrain.py and
     an sft.py run), not after."""

@@ -295,6 +295,18 @@ def test_bad_options_stop_before_anything_is_touched(tmp_path, monkeypatch, bad,
     assert (tmp_path / "ppo.jsonl").read_text() == '{"iter": 1}\n' and not (tmp_path / "ppo.pt").exists()
 
 
+
+def test_the_kl_horizon_is_checked_only_for_the_kl_controller_that_reads_it(tmp_path, refusal):
+    """--kl_horizon below the episodes of one update could flip beta's sign, so with --target_kl it is
+    refused; without the controller it is never read, and must not refuse a batch of 10,001 answers."""
+    assert refusal("ppo", f"--out_dir={tmp_path}", "--target_kl=1", "--kl_horizon=100") == (
+        "error: --kl_horizon=100 is out of range: it must be >= --batch_size x processes with --target_kl, "
+        "so an update moves beta by <= 20 %")
+    for flags in (["--kl_horizon=100"], ["--batch_size=10001"]):  # past every range: the next check stops it
+        assert refusal("ppo", f"--out_dir={tmp_path}", *flags, "--reward=gold", "--prompts=p.jsonl") == (
+            "error: --reward=gold judges the world's language only; drop it with --prompts")
+    assert os.listdir(tmp_path) == []
+
 def run_ppo(out, *args):
     cmd = [sys.executable, "ppo.py", f"--out_dir={out}", "--batch_size=4", "--minibatch_size=2",
            "--max_new_tokens=8", "--eval_samples=1", "--n_eval=4", "--ppo_epochs=2", *args]

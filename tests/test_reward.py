@@ -417,7 +417,10 @@ def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
     assert sum(counted) == distinct > 0
     log = [json.loads(line) for line in open(out / "reward.jsonl")]
     assert [r["iter"] for r in log] == [1, 2, 3] and len({tuple(r) for r in log}) == 1  # same keys every step
-    assert log[1]["val_acc_gold"] is not None and log[0]["val_loss"] is None
+    # held-out metrics at the evaluation step only (a random model's held-out answers may all tie in gold:
+    # val_acc_gold is then null, where it was NaN, which strict JSON readers refuse)
+    assert log[1]["val_loss"] is not None and log[1]["val_acc"] is not None and log[0]["val_loss"] is None
+    assert "NaN" not in open(out / "reward.jsonl").read()
     # reuse the comparisons with the other loss; then best-of-n from the saved model without training
     before = open(out / "comparisons.jsonl").read()
     run(out, "--collect=False", "--loss=plackett_luce")
@@ -546,6 +549,23 @@ def test_a_file_with_nothing_left_to_train_on_is_one_line(tiny_sft, tmp_path, re
         assert got == f"error: {one}: nothing left to train on after holding out 1", got
         assert sorted(os.listdir(tiny_sft)) == ["one.jsonl", "sft.pt"]  # no reward.pt, no log
 
+
+
+def test_prompts_with_no_room_for_a_reply_are_one_line_before_any_sampling(tiny_sft, tmp_path, refusal):
+    """The world prompts reward.py will answer (its training pool; the held-out ones when --bon) must leave
+    max_new_tokens of the model's 128: checked when the model is loaded, not minutes into collecting or after
+    training. The longest world prompt is 38 tokens with the template, the longest held-out one 36."""
+    enc = get_tokenizer("world")
+    longest = max(len(render_prompt(enc, p)) for p in world.prompts("train")[:16])
+    got = refusal("reward", f"--out_dir={tiny_sft}", "--n_prompts=16", f"--max_new_tokens={129 - longest}")
+    assert got.startswith("error: a world prompt is ") and "have no room for --max_new_tokens=" in got, got
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"Describe the {a}.", "chosen": f"The {a} is red.",
+                                         "rejected": "No."}) + "\n" for a in world.ANIMALS))
+    got = refusal("reward", f"--out_dir={tiny_sft}", f"--data={prefs}", "--bon=2", "--max_new_tokens=93")
+    assert got == ("error: a world prompt is 36 tokens with the chat template; the model's 128 have no room "
+                   "for --max_new_tokens=93 more"), got
+    assert sorted(os.listdir(tiny_sft)) == ["prefs.jsonl", "sft.pt"]  # nothing collected, trained or logged
 
 def test_resume_from_another_network_is_one_line(tiny_sft, refusal):
     rows = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
@@ -725,6 +745,23 @@ def test_the_report_measures_calibration_and_the_labelers_gold_accuracy_on_the_h
     out = capsys.readouterr().out  # the held-out examples are shown by their last turn, the question
     assert "Question 0" in out and "Question 1" in out and "Hello." not in out
 
+
+
+def test_with_no_pair_of_distinct_gold_the_report_says_n_a_and_logs_null(capsys):
+    """Answers that gold ties in every held-out ranking (e.g. all cut to one token) leave nothing to measure:
+    the gold accuracies are None (JSON null), printed n/a, never NaN, which no JSON reader takes."""
+    assert reward.pairwise_accuracy(torch.tensor([[1.0, 0.0, 2.0]]), torch.full((1, 3), 0.7)) is None
+    r, gold = torch.tensor([[1.0, 0.0], [0.5, 0.0]]), torch.full((2, 2), 0.4)
+    parts = [[dict.fromkeys(world.WEIGHTS, 0.0)] * 2] * 2
+    comps = [{"prompt": [{"role": "user", "content": "Hi."}], "responses": ["a", "b"], "ended": [True] * 2,
+              "ranking": [0, 1]}] * 2
+    first = torch.tensor([[2.0, 1.0]])
+    m = reward.report(r, 1.0, 0.0, "r", reward.bradley_terry_loss, comps, [0], [1], first, gold, parts,
+                      torch.tensor([[1.0, 2.0]]))
+    assert m["val_acc_gold"] is None and m["labeler_acc_gold"] is None and m["acc_gold_by_part"] == {}
+    assert json.loads(json.dumps(m, allow_nan=False))["val_acc_gold"] is None
+    out = capsys.readouterr().out
+    assert "gold ordering on n/a of pairs with distinct gold; a single labeler does on n/a" in out
 
 def test_best_of_n_on_held_out_samples_at_its_temperature_and_scores_with_the_likelihood(monkeypatch):
     """The best-of-n picks and the single SFT samples they are judged against are both drawn at the stage's

@@ -2,6 +2,7 @@
 sft.py builds its batches), an all-masked batch is harmless, and sft.py resumes exactly, rejects bad options,
 data and checkpoints in one line without touching out_dir, and stops at the first non-finite loss keeping the
 last good checkpoint."""
+import contextlib
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import runtime  # noqa: E402
-from data.chat import render, sft_example  # noqa: E402
+from data.chat import render, render_prompt, sft_example  # noqa: E402
 import sft  # noqa: E402
 from sft import sft_batch, sft_loss  # noqa: E402  (importing sft.py runs nothing)
 from conftest import capture_grads, run_here  # noqa: E402
@@ -469,3 +470,24 @@ def test_the_last_five_percent_of_the_conversations_are_held_out(base_dir, tmp_p
     run_here(monkeypatch, sft, f"--out_dir={tmp_path}", f"--data={data}", "--max_iters=1", "--compare=False",
              "--eval_iters=1", "--batch_size=2", "--device=cpu")
     assert re.search(r"\b38 training conversations \(.*\), 2 held out", capsys.readouterr().out)
+
+
+def test_held_out_conversations_with_no_assistant_token_in_the_context_log_null_not_zero(base_dir, tmp_path,
+                                                                                         monkeypatch):
+    """A held-out conversation whose reply starts past block_size has no token to measure: its loss was
+    logged as 0.0, a perfect score. It is null (None), and the run still saves sft.pt at each evaluation."""
+    cut = sft_example(ENC, CONVS[0], 4)  # 4 tokens: the reply is cut away
+    assert all(t == -1 for t in cut[1]) and sft.held_out_loss(tiny(), [cut], 1, 1, PAD, "cpu",
+                                                               contextlib.nullcontext()) is None
+    os.link(base_dir / "base.pt", tmp_path / "base.pt")
+    block = torch.load(base_dir / "base.pt", weights_only=True)["model_args"]["block_size"]
+    long = [{"role": "user", "content": "Describe the owl. " * block},
+            {"role": "assistant", "content": "Hi."}]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in [*CONVS, long]))  # the last held out
+    assert len(render_prompt(ENC, long[:1])) > block
+    run_here(monkeypatch, sft, f"--out_dir={tmp_path}", f"--data={data}", "--max_iters=2",
+             "--eval_interval=1", "--compare=False", "--batch_size=2", "--device=cpu")
+    rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in rows] == [None, None]
+    assert torch.load(tmp_path / "sft.pt", weights_only=True)["step"] == 2
