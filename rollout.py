@@ -142,10 +142,11 @@ def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_siz
 
 def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tokens=48, temperature=1.0,
               generator=None, batch_size=256, lm_weight=0.0, lap=lambda phase: None, **sampling):
-    """Best-of-n (rejection sampling): sample n replies per conversation from policy, keep the one the reward
-    model scores highest. Returns [{"text", "ended", "ids", "score", "candidates": the n scored replies}].
-    policy is the SFT model (also what an --lm_feature reward model's lm_weight term is computed with).
-    lap: a runtime.Stopwatch's, to split the time into sampling and scoring."""
+    """Best-of-n (rejection sampling, Stiennon et al. 2020, https://arxiv.org/abs/2009.01325): sample n
+    replies per conversation from policy, keep the one the reward model scores highest. Returns [{"text",
+    "ended", "ids", "score", "candidates": the n scored replies}]. policy is the SFT model (also what an
+    --lm_feature reward model's lm_weight term is computed with). lap: a runtime.Stopwatch's, to split the
+    time into sampling and scoring."""
     out = []
     per = max(1, batch_size // n)  # conversations per generate() call: bounds the KV cache's memory
     for i in range(0, len(conversations), per):
