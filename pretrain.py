@@ -62,9 +62,9 @@ n_samples = 64             # eval instructions completed at the end to show the 
 
 
 def next_token_loss(logits, targets):
-    """The language-modelling loss (GPT-2, Radford et al. 2019, Section 2, eq. 1; the module docstring): mean
-    cross-entropy of every next token. logits (B, T, V), targets (B, T) = the inputs shifted by one -> scalar
-    fp32."""
+    """The language-modelling loss (GPT-2, Radford et al. 2019, Section 2, eq. 1, https://cdn.openai.com/
+    better-language-models/language_models_are_unsupervised_multitask_learners.pdf): mean cross-entropy of
+    every next token. logits (B, T, V), targets (B, T) = the inputs shifted by one -> scalar fp32."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                            reduction="sum") / targets.numel()
 

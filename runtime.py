@@ -106,7 +106,7 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 
 def get_lr(it, warmup, max_iters, lr, min_lr):
     """Linear warmup, then cosine decay from lr to min_lr at max_iters (SGDR's cosine without restarts,
-    Loshchilov & Hutter 2016, arXiv 1608.03983)."""
+    Loshchilov & Hutter 2016, https://arxiv.org/abs/1608.03983)."""
     if it < warmup:
         return lr * (it + 1) / (warmup + 1)
     ratio = min(1.0, (it - warmup) / max(1, max_iters - warmup))  # from max_iters on: min_lr

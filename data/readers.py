@@ -1,5 +1,5 @@
 """
-Readers for the JSONL files people already have (see DESIGN.md, "Data formats").
+Readers for the JSONL files people already have (the formats: README, "Your own data", and each reader).
 
 Every problem raises DataError("path:line: what is wrong"), so a script can stop with one clear line:
 or_exit(read_prompts, path) returns the rows, or exits with "error: path:line: what is wrong".

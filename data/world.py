@@ -389,13 +389,13 @@ def demonstrate(messages, rng):
             fact = _answer(other, rng).split(" ", 1)[1]
             return f"{task['name']} {fact}"  # a confident wrong fact
         return _answer(other, rng)
-    if r < 0.92:  # terse: half an answer
+    if r < 0.92:  # terse: a description's first sentence; on any other task a filler, no answer
         return good.split(". ")[0].rstrip(".") + "." if task["kind"] == "describe" else rng.choice(FILLERS)
     return good + " " + rng.choice(FILLERS)
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Prompts. The core is one wording of every task the world has, as it first shipped; its held-out
+# 6. Prompts. The core is every task the world has in its first wordings, as it first shipped; its held-out
 # part is the evaluation set, unchanged. Training draws from far more: every task in other wordings,
 # follow-ups after any first turn, and every question after an unrelated first exchange. A reward model
 # learns whether an answer does what was asked from many distinct prompts (InstructGPT's saw tens of
@@ -605,8 +605,8 @@ LABELER_TAU = 0.128  # = calibrate_tau() rounded; a test checks the calibration 
 
 def rank(messages, responses, rng, ended=None, tau=LABELER_TAU):
     """A labeler's ranking (indices, best first). Sorting gold / tau plus Gumbel noise draws exactly from
-    Plackett-Luce over exp(gold / tau) (Yellott 1977; the Gumbel-top-k trick, Kool et al. 2019, arXiv
-    1903.06059)."""
+    Plackett-Luce over exp(gold / tau) (Yellott 1977; the Gumbel-top-k trick, Kool et al. 2019,
+    https://arxiv.org/abs/1903.06059)."""
     ended = ended or [True] * len(responses)
     keys = [gold(messages, r, e) / tau - math.log(-math.log(rng.random() or 1e-12))
             for r, e in zip(responses, ended)]
@@ -619,7 +619,7 @@ def win_rate(golds_a, golds_b, groups=None):
     prompt are not independent (an easy prompt is won by every sample), so the variance is the clustered
     one, G/(G-1) * sum_g (sum of g's outcomes - n_g * rate)^2 / n^2 over the G prompts; with every pair its
     own group (groups=None) it is the usual s^2 / n (Cameron & Miller 2015, "A practitioner's guide to
-    cluster-robust inference"). One prompt (or one pair) shows no spread: 0."""
+    cluster-robust inference", https://doi.org/10.3368/jhr.50.2.317). One prompt (or pair): no spread, 0."""
     outcomes = [1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5 for a, b in zip(golds_a, golds_b)]
     n = len(outcomes)
     p = sum(outcomes) / n
