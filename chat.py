@@ -86,13 +86,25 @@ def reply(model, enc, history, n_keep, generator, ctx, max_new_tokens, temperatu
     return r["text"].strip() + ("" if r["ended"] else " [cut off]")
 
 
+def is_text(s):
+    """Can s be written as UTF-8? Not if it holds a lone surrogate (undecodable input kept by Python)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def main():
     # ---- 1. options (all checked before anything is read), device, precision
     runtime.configure(globals(), ranges={
         "temperature": (lambda v: v == 0 or v >= 1e-3, "0 (greedy) or >= 0.001"),
         "out_dir": (lambda v: not os.path.isfile(v), "a directory, not a file"),  # read: may be read-only
         "top_k": (lambda v: type(v) is int and v >= 1, "an int >= 1 (None = off)"),
-        "top_p": (lambda v: type(v) in (int, float) and 0 < v <= 1, "in (0, 1] (None = off)")})
+        "top_p": (lambda v: type(v) in (int, float) and 0 < v <= 1, "in (0, 1] (None = off)"),
+        # bytes the terminal's encoding cannot decode reach argv as lone surrogates; the tokenizer would
+        # silently send them as U+FFFD
+        **dict.fromkeys(("prompt", "system"), (is_text, "text (valid UTF-8)"))})
     rt = runtime.setup(device, dtype, seed)
 
     # ---- 2. the model: any language-model checkpoint (a PPO one may carry a value head; chat needs the LM)
@@ -123,13 +135,16 @@ def main():
                              f"{block_size}")
         print(reply(model, enc, history, len(opening), g, rt.ctx, *sampling, show_tokens))
         raise SystemExit(0)
+    if sys.stdin is None:  # closed (`<&-`): input() would raise, not end
+        raise SystemExit("error: standard input is closed, so there is nothing to chat over; --prompt=... "
+                         "answers one message")
     config = ck.get("config") if isinstance(ck.get("config"), dict) else {}  # hand-made: maybe None or a str
     kind = config.get("baseline", "grpo") if ck["kind"] == "grpo" else ck["kind"]  # or rloo
     print(f"chatting with {path} ({kind}, step {ck.get('step', '?')}); /reset clears the conversation, "
           "/quit exits")
     history = list(opening)
     # a byte stdin's encoding (UTF-8) cannot decode would make input() raise and lose the lines read with it:
-    # keep it as a lone surrogate instead, and refuse that line below (stdin is None when closed)
+    # keep it as a lone surrogate instead, and refuse that line below
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
     while True:
@@ -146,9 +161,7 @@ def main():
             continue
         if not line:
             continue
-        try:
-            line.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate: the tokenizer would silently send it as U+FFFD
+        if not is_text(line):  # a lone surrogate: the tokenizer would silently send it as U+FFFD
             print(f"(not valid {sys.stdin.encoding} text: not sent)")
             continue
         history.append({"role": "user", "content": line})

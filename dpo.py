@@ -139,7 +139,8 @@ def load_pairs(path):
     """Preference data as (responses [(prompt, text, ended)], pairs [(prompt, chosen index, rejected index)]).
     A ranking of K answers gives all K(K-1)/2 pairs, the higher-ranked one chosen: each pair is a
     Bradley-Terry observation implied by the Plackett-Luce ranking, as in InstructGPT's reward model."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: as the readers, past a BOM
+    # -sig: past a BOM; lines end at \n only, as the readers split them (a bare \r is JSON whitespace)
+    with open(path, encoding="utf-8-sig", errors="replace", newline="\n") as f:
         first = next((line for line in f if line.strip()), "")
     try:
         ranked = isinstance(obj := json.loads(first), dict) and "ranking" in obj  # 5, null: the reader says

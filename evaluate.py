@@ -329,13 +329,32 @@ def write_report(results, order, evals, fig_dir):
     return lines
 
 
+def read_sweep(path):
+    """The beta sweep's results ([] before any sweep), each row {stage, beta, gold, kl}. A damaged file is one
+    line, and main() reads it before any sampling: it must not cost an evaluation at its very end."""
+    if not os.path.isfile(path):
+        return []
+    redo = "delete it or run `python evaluate.py --sweep=True` again"
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise SystemExit(f"error: {path} is damaged ({e}); {redo}") from None
+    if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and r.get("stage") in ("ppo", "dpo", "grpo", "rloo")
+            and all(type(r.get(k)) in (int, float) and math.isfinite(r[k]) for k in ("beta", "gold", "kl"))
+            for r in rows):
+        raise SystemExit(f"error: {path} is not a list of {{stage, beta, gold, kl}} rows; {redo}")
+    return rows
+
+
 def draw_figures(results, fig_dir):
     """The reward-vs-KL frontier of the beta sweep, over-optimisation along the beta = 0 PPO run, and every
     stage's training curve, as SVG files in fig_dir; returns the report's lines that show them."""
     os.makedirs(fig_dir, exist_ok=True)
     lines = []
     sw_path = os.path.join(out_dir, "sweep", "results.json")
-    sw = json.load(open(sw_path)) if os.path.isfile(sw_path) else []
+    sw = read_sweep(sw_path)
     # this report's rows join the sweep's points only if they are the default runs (no --ckpt), measured alike
     ours = {} if ckpt or any(r.get("setup") != sampling_setup() for r in sw) else results
     if sw:
@@ -410,6 +429,8 @@ def main():
                   "False when no method of --sweep_methods has a beta and --hack_iters=0: nothing to train")})
     rt = runtime.setup(device, dtype, seed)
     # ---- 1. the prompts and the checkpoints to compare (a bad file or path is one line, before any sampling)
+    if not sweep:  # (a sweep writes the file anew)
+        read_sweep(os.path.join(out_dir, "sweep", "results.json"))
     eval_prompts = or_exit(read_prompts, prompts) if prompts else world.prompts("eval")
     rm_path = reward or os.path.join(out_dir, "reward.pt")
     if reward and not os.path.isfile(reward):

@@ -52,6 +52,12 @@ def _rows(path):
             raise DataError(f"{path}:{n}: invalid JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        if "\\u" in line:  # JSON allows an escape of half a UTF-16 pair alone (\ud800): text no file can hold
+            try:
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{path}:{n}: invalid text: a lone surrogate escape (\\ud800-\\udfff) is "
+                                "not a character") from None
         rows.append((n, obj))
     if not rows:
         raise DataError(f"{path}: file is empty (no JSON lines)")

@@ -371,3 +371,24 @@ def test_a_prompt_too_long_for_the_context_is_one_error_line(tmp_path, refusal):
     n = len(render_prompt(get_tokenizer("world"), [{"role": "user", "content": "word " * 40}]))
     assert refusal("chat", f"--out_dir={tmp_path}", "--prompt=" + "word " * 40, "--max_new_tokens=4") == (
         f"error: --prompt is {n} tokens with the template; the context holds 32")
+
+
+def test_undecodable_bytes_in_prompt_or_system_are_one_line(tmp_path, refusal):
+    """Bytes the terminal's encoding cannot decode reach argv as lone surrogates (as on stdin, which the REPL
+    refuses line by line): the tokenizer would have sent them as U+FFFD, silently."""
+    save_tiny(tmp_path / "sft.pt", "sft")
+    for name in ("prompt", "system"):
+        msg = refusal("chat", f"--out_dir={tmp_path}", f"--{name}=caf\udce9")
+        assert msg.startswith(f"error: --{name}='caf\\udce9' is out of range: it must be text"), msg
+    r = subprocess.run([sys.executable.encode(), b"chat.py", f"--out_dir={tmp_path}".encode(),
+                        b"--prompt=caf\xe9"], cwd=ROOT, capture_output=True, timeout=120)  # Latin-1 bytes
+    assert r.returncode == 1 and r.stderr.decode().startswith("error: --prompt="), r.stderr[-1500:]
+
+
+def test_a_closed_stdin_is_one_line_not_a_traceback(tmp_path):
+    save_tiny(tmp_path / "sft.pt", "sft")
+    r = subprocess.run([sys.executable, "chat.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr[-1500:])
+    assert r.stderr.strip() == ("error: standard input is closed, so there is nothing to chat over; "
+                                "--prompt=... answers one message")

@@ -236,6 +236,17 @@ def test_a_byte_order_mark_does_not_hide_the_ranking(tmp_path):
     assert [(responses[c][1], responses[r][1]) for _, c, r in pairs] == [("c", "a"), ("c", "b"), ("a", "b")]
 
 
+def test_a_carriage_return_between_a_rankings_keys_does_not_hide_it(tmp_path):
+    """A bare \\r is JSON whitespace, and the readers split lines at \\n only. load_pairs peeked at the first
+    line in text mode, which also ends a line at \\r: it saw half a row, took the file for TRL pairs and
+    refused it for a missing 'chosen'."""
+    path = tmp_path / "c.jsonl"
+    row = json.dumps({"prompt": [{"role": "user", "content": "Hi."}], "responses": ["a", "b", "c"]})
+    path.write_bytes(row[:-1].encode() + b',\r"ranking": [2, 0, 1]}\n')
+    responses, pairs = dpo.load_pairs(str(path))
+    assert [(responses[c][1], responses[r][1]) for _, c, r in pairs] == [("c", "a"), ("c", "b"), ("a", "b")]
+
+
 def test_trl_pairs_and_bad_lines(tmp_path):
     path = tmp_path / "prefs.jsonl"
     write(path, [{"prompt": "Describe the fox.", "chosen": "The fox is red.", "rejected": "You are dumb."}])

@@ -300,6 +300,27 @@ def test_a_best_of_n_row_with_no_reward_model_builds_nothing_first(tmp_path, ref
     assert built == [] and not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("content, says", [
+    ('[{"stage": "ppo", "beta": 0.1, "gold": 0.5, "kl": 1.0', "is damaged (Expecting"),  # cut short
+    (b"\xff\xfe", "is damaged ("),
+    ('[{"stage": "ppo", "beta": 0.1, "gold": 0.5}]', "is not a list of {stage, beta, gold, kl} rows"),
+    ('[{"stage": "xyz", "beta": 0.1, "gold": 0.5, "kl": 1.0}]', "is not a list of"),
+    ('[{"stage": "dpo", "beta": 0.1, "gold": 0.5, "kl": NaN}]', "is not a list of"),
+    ('{"stage": "dpo"}', "is not a list of")])
+def test_a_damaged_sweep_file_is_one_line_before_anything_is_built_or_sampled(tmp_path, refusal, monkeypatch,
+                                                                            content, says):
+    """The report draws the sweep's frontier at its very end: a damaged results.json was a traceback there,
+    after every model had been sampled, and the report was lost."""
+    built = []
+    monkeypatch.setattr(runtime, "ensure_checkpoint", lambda *a: built.append(a))
+    (tmp_path / "sweep").mkdir()
+    path = tmp_path / "sweep" / "results.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    msg = refusal("evaluate", f"--out_dir={tmp_path}")
+    assert msg.startswith(f"error: {path} {says}") and "\n" not in msg, msg
+    assert msg.endswith("; delete it or run `python evaluate.py --sweep=True` again") and built == []
+
+
 def test_a_damaged_row_or_reward_file_is_one_line_before_a_missing_sft_model_is_built(tmp_path, refusal,
                                                                                       monkeypatch):
     """The rows and --reward are read against the SFT model (check_rows) once it exists; when it has still

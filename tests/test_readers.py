@@ -98,6 +98,20 @@ def test_not_utf8(tmp_path):
         read_messages(p)
 
 
+def test_a_lone_surrogate_escape_is_refused_by_line_and_a_whole_pair_is_text(tmp_path):
+    """JSON lets a file write half a UTF-16 pair alone (\\ud800). No UTF-8 text holds it: the tokenizer
+    swapped it silently and the first print of that prompt crashed, after training had saved."""
+    p = write(tmp_path, GOOD, b'{"messages": [{"role": "user", "content": "a\\ud800b"}, '
+                              b'{"role": "assistant", "content": "x"}]}')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:2: invalid text: a lone surrogate"):
+        read_messages(p)
+    p = write(tmp_path, b'{"prompt": "hi \\uDC00"}')  # the low half, in capitals
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: invalid text"):
+        read_prompts(p)
+    p = write(tmp_path, b'{"prompt": "a fox \\ud83e\\udd8a \\u00e9"}')  # a whole pair is one character
+    assert read_prompts(p) == [[U("a fox \U0001f98a \u00e9")]]
+
+
 def test_a_bad_byte_after_a_byte_order_mark_is_the_byte_named(tmp_path):
     """The line names the bad byte and its column as the user sees the line (the BOM is not text): not the
     byte three places before it, as when the offset into the BOM-stripped text indexed the raw line."""
