@@ -144,7 +144,7 @@ def load_pairs(path):
         first = next((line for line in f if line.strip()), "")
     try:
         ranked = isinstance(obj := json.loads(first), dict) and "ranking" in obj  # 5, null: the reader says
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # (ValueError: bad JSON, or an integer too long to read)
         ranked = False  # let the reader report the bad line
     responses, pairs = [], []
     if ranked:

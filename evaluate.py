@@ -431,6 +431,9 @@ def main():
     # ---- 1. the prompts and the checkpoints to compare (a bad file or path is one line, before any sampling)
     if not sweep:  # (a sweep writes the file anew)
         read_sweep(os.path.join(out_dir, "sweep", "results.json"))
+    if os.path.isdir(os.path.join(out_dir, "report.md")) or os.path.isfile(os.path.join(out_dir, "figures")):
+        raise SystemExit(f"error: {out_dir}/report.md is a directory or {out_dir}/figures a file: the report "
+                         "could not be written; move it away")
     eval_prompts = or_exit(read_prompts, prompts) if prompts else world.prompts("eval")
     rm_path = reward or os.path.join(out_dir, "reward.pt")
     if reward and not os.path.isfile(reward):
@@ -450,7 +453,10 @@ def main():
     check_rows(listed or checkpoints_to_compare(rm_path), ref_path, ref_ck, eval_prompts, enc, rm_path)
     # ---- 2. optionally, PPO, DPO, GRPO and RLOO over a beta sweep first
     if sweep:
-        run_sweep(rt, eval_prompts, rm_path)
+        try:
+            run_sweep(rt, eval_prompts, rm_path)
+        except OSError as e:  # disk full, say: one line, as every stage's writes
+            raise SystemExit(f"error: could not write {e.filename} ({e.strerror or e})") from None
     # ---- 3. every model answers the same prompts; the hidden human judges
     paths = checkpoints_to_compare(rm_path)
     watch = runtime.Stopwatch(rt.device_type)  # where the time goes: sampling, scoring, the hidden human
@@ -458,7 +464,10 @@ def main():
     order = [n for n in paths if n in results] + [n for n in results if n not in paths]
     # ---- 4. the report and its figures
     fig_dir = os.path.join(out_dir, "figures")  # empty without a sweep or the stages' logs
-    lines = write_report(results, order, eval_prompts, fig_dir)
+    try:
+        lines = write_report(results, order, eval_prompts, fig_dir)
+    except OSError as e:
+        raise SystemExit(f"error: could not write {e.filename} ({e.strerror or e})") from None
     print("\n".join(lines[:6 + len(order)]))
     print(f"\nwrote {os.path.join(out_dir, 'report.md')} and {len(os.listdir(fig_dir))} figures in {fig_dir}")
     watch.report("evaluate", last="report & figures")

@@ -21,7 +21,7 @@ def check_messages(messages) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ValueError(f"messages[{i}] must be an object with role and content, got {type(m).__name__}")
-        if m.get("role") not in ROLES:
+        if not isinstance(m.get("role"), str) or m["role"] not in ROLES:  # (a list or object: not hashable)
             raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
         if not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")

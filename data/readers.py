@@ -48,6 +48,8 @@ def _rows(path):
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: invalid JSON: {e.msg} at column {e.colno}") from None
+        except ValueError as e:  # an integer longer than Python reads from text (4,300 digits by default)
+            raise DataError(f"{path}:{n}: invalid JSON: {str(e).split(';')[0]}") from None
         except RecursionError:  # a line of thousands of nested brackets
             raise DataError(f"{path}:{n}: invalid JSON: nested too deeply") from None
         if not isinstance(obj, dict):
@@ -192,17 +194,20 @@ def read_prompts(path) -> list[list[dict]]:
 
 
 def write_jsonl(path, rows) -> None:
-    """One JSON object per line, written to a temp file then renamed, so a crash never leaves half a file."""
+    """One JSON object per line, written to a temp file then renamed, so a crash never leaves half a file. A
+    failed write (disk full, a directory in the way) keeps the old file and stops with one line."""
     path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # open(), not mkstemp: the umask's mode, not 0600
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if os.path.isfile(tmp):
             os.remove(tmp)
-        raise
+        if not isinstance(e, OSError):
+            raise
+        why = e.strerror or e
+        raise SystemExit(f"error: could not write {path} ({why}); the old file is unchanged") from None

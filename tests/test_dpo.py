@@ -408,7 +408,8 @@ def test_online_rounds_need_a_prompt_per_process(tmp_path, refusal, monkeypatch)
 
 
 @pytest.mark.parametrize("first", ["5", "null", "true", '"Describe the fox."', '["ranking"]',
-                                   pytest.param("[" * 100_000, id="nested-too-deep")])
+                                   pytest.param("[" * 100_000, id="nested-too-deep"),
+                                   pytest.param('{"n": ' + "1" * 5000 + "}", id="integer-too-long")])
 def test_a_first_line_that_is_not_an_object_is_one_line(tmp_path, first):
     # load_pairs peeks at the first line for "ranking"; a number or null there was a TypeError traceback
     path = tmp_path / "prefs.jsonl"

@@ -321,6 +321,17 @@ def test_a_damaged_sweep_file_is_one_line_before_anything_is_built_or_sampled(tm
     assert msg.endswith("; delete it or run `python evaluate.py --sweep=True` again") and built == []
 
 
+@pytest.mark.parametrize("obstacle", ["report.md", "figures"])
+def test_something_in_the_reports_way_is_one_line_before_anything_is_built_or_sampled(tmp_path, refusal,
+                                                                                      monkeypatch, obstacle):
+    built = []
+    monkeypatch.setattr(runtime, "ensure_checkpoint", lambda *a: built.append(a))
+    (tmp_path / obstacle).mkdir() if obstacle == "report.md" else (tmp_path / obstacle).write_text("")
+    msg = refusal("evaluate", f"--out_dir={tmp_path}")
+    assert msg == (f"error: {tmp_path}/report.md is a directory or {tmp_path}/figures a file: the report "
+                   "could not be written; move it away") and built == []
+
+
 def test_a_damaged_row_or_reward_file_is_one_line_before_a_missing_sft_model_is_built(tmp_path, refusal,
                                                                                       monkeypatch):
     """The rows and --reward are read against the SFT model (check_rows) once it exists; when it has still

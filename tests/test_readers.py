@@ -112,6 +112,22 @@ def test_a_lone_surrogate_escape_is_refused_by_line_and_a_whole_pair_is_text(tmp
     assert read_prompts(p) == [[U("a fox \U0001f98a \u00e9")]]
 
 
+def test_an_integer_too_long_to_read_and_a_role_that_is_not_a_string_are_refused_by_line(tmp_path):
+    """Python reads at most 4,300 digits of an integer from text and raises a ValueError that is not a
+    JSONDecodeError; a role given as a list or an object cannot even be looked up. Both were tracebacks."""
+    p = write(tmp_path, GOOD, b'{"id": ' + b"1" * 5000 + b', "messages": []}')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:2: invalid JSON: Exceeds the limit"):
+        read_messages(p)
+    for role in (["user"], {"a": 1}):
+        p = write(tmp_path, GOOD, {"messages": [{"role": role, "content": "hi"}, A("yo")]})
+        role_must = r"'messages': messages\[0\]\.role must be"
+        with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:2: {role_must}"):
+            read_messages(p)
+        p = write(tmp_path, {"prompt": [{"role": role, "content": "hi"}]})
+        with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: "):
+            read_prompts(p)
+
+
 def test_a_bad_byte_after_a_byte_order_mark_is_the_byte_named(tmp_path):
     """The line names the bad byte and its column as the user sees the line (the BOM is not text): not the
     byte three places before it, as when the offset into the BOM-stripped text indexed the raw line."""
@@ -244,6 +260,16 @@ def test_write_jsonl_gives_its_file_the_mode_open_would(tmp_path):
         os.umask(old)
     mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
     assert mode("a.jsonl") == mode("b.jsonl") == 0o644
+
+
+def test_write_jsonl_with_a_directory_in_the_way_is_one_line_and_leaves_no_temp_file(tmp_path):
+    """reward.py writes its comparisons after minutes of sampling: a failed write was a traceback there."""
+    (tmp_path / "out.jsonl").mkdir()
+    with pytest.raises(SystemExit) as e:
+        write_jsonl(tmp_path / "out.jsonl", [{"n": 1}])
+    path = tmp_path / "out.jsonl"
+    assert str(e.value) == f"error: could not write {path} (Is a directory); the old file is unchanged"
+    assert os.listdir(tmp_path) == ["out.jsonl"] and (tmp_path / "out.jsonl").is_dir()
 
 
 def test_write_jsonl_that_fails_keeps_the_old_file(tmp_path):
