@@ -382,13 +382,13 @@ def draw_figures(results, fig_dir):
         kls = [0.5, 1.0, 1.5, 2.0, 3.0]  # gold at equal KL: which method buys more gold per nat
         lo, hi = max(min(pts)[0] for pts in frontier.values()), min(max(pts)[0] for pts in frontier.values())
         if lo <= hi:  # the KL every method's runs cover: the one place all of them can be compared
-            kls = sorted(set(kls + [round((lo + hi) / 2, 2)]))
+            kls = sorted(set(kls + [(lo + hi) / 2]))  # unrounded: a one-point frontier is that point only
         lines += ["Gold at equal KL (read off each frontier; blank outside the KL its runs cover):", "",
                   "| KL (nats) | " + " | ".join(s.upper() for s in frontier) + " |",
                   "|---|" + "---|" * len(frontier)]
         for kl in kls:
             cells = [gold_at_kl(frontier[s], kl) for s in frontier]
-            lines.append(f"| {kl:g} | " + " | ".join("" if g is None else f"{g:.3f}" for g in cells) + " |")
+            lines.append(f"| {kl:.3g} | " + " | ".join("" if g is None else f"{g:.3f}" for g in cells) + " |")
         lines.append("")
     else:
         lines += ["(No beta sweep yet: `python evaluate.py --sweep=True` draws the reward-vs-KL frontier.)",

@@ -415,6 +415,8 @@ RANGES = {  # shared options' valid ranges (a stage adds its own via configure),
 def configure(g, argv=None, ranges=None):
     """Apply --name=value overrides to the config globals g, then check every option's range (RANGES, then the
     stage's own {name: (ok(value), rule)}); returns {name: value}. A bad name, type or value is one line."""
+    if hasattr(sys.stdout, "reconfigure"):  # a file name of bytes the locale cannot decode holds lone
+        sys.stdout.reconfigure(errors="backslashreplace")  # surrogates: printed escaped, not a crash at the end
     keys = [k for k, v in g.items()
             if not k.startswith("_") and (v is None or type(v) in (int, float, bool, str, tuple, list))]
     for arg in sys.argv[1:] if argv is None else argv:

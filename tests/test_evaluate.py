@@ -172,6 +172,18 @@ def test_the_equal_kl_table_has_the_kl_every_method_covers(tmp_path, monkeypatch
     assert "| 1.2 | 0.850 | 0.760 |" in lines and "| 1.5 |  | 0.790 |" in lines
 
 
+def test_a_method_with_one_point_has_its_gold_in_the_row_every_method_covers(tmp_path, monkeypatch):
+    """The KL every method covers was rounded to 0.01 before the lookup: a one-point frontier (a method with
+    one sweep beta and no default run evaluated) lies only at its own KL, so its cell in that row was blank."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    (tmp_path / "sweep").mkdir()
+    sweep = [{"stage": "dpo", "beta": 0.5, "gold": 0.25, "kl": 0.00157, "setup": "another"}]
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(sweep))
+    lines = evaluate.draw_figures({"sft": {"gold": 0.6, "kl": 0.0}}, str(tmp_path / "figures"))
+    assert "| 0.00157 | 0.250 |" in lines, lines
+
+
 @pytest.mark.parametrize("options,says", [
     (["--ckpt=a/ppo.pt,b/ppo.pt"], "two rows are named ppo"),
     (["--ckpt=bon", "--bon=0"], "needs --bon >= 1"),

@@ -116,6 +116,15 @@ def test_bench_with_a_bad_option_as_a_user_meets_it():
     assert one_line_error(r) and r.stderr.startswith("error: --device='tpu' is out of range"), r.stderr
 
 
+def test_an_undecodable_file_name_is_printed_escaped_under_a_strict_utf8_locale():
+    """argv's bytes that the locale cannot decode become lone surrogates; under a UTF-8 locale whose stdout is
+    strict, the first print of such a path (ppo.py's prompt file, evaluate.py's closing line) was a crash."""
+    code = "import runtime; runtime.configure({}, argv=[]); print('prompts from p\\udcff.jsonl')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert r.returncode == 0 and r.stdout == b"prompts from p\\udcff.jsonl\n", r.stderr[-1500:]
+
+
 @pytest.mark.parametrize("script", ["pretrain", "sft", "dpo", "ppo", "grpo"])
 def test_resume_from_a_checkpoint_without_its_optimizer_is_one_line(out_dir, refusal, script):
     """A checkpoint that holds a model but not what --resume needs (an optimizer, the loss scale, the RNG
