@@ -260,11 +260,14 @@ def check_rows(paths, ref_path, ref_ck, prompts, enc, rm_path=""):
     rows = [(p, ("base", "sft", "ppo", "grpo", "dpo")) for p in paths.values() if p not in (None, ref_path)]
     rows += [(rm_path, "reward")] if os.path.isfile(rm_path) else []  # it scores every row's answers
     for path, kinds in [(ref_path, "sft")] + rows:
-        ck = ref_ck if path == ref_path else runtime.load_checkpoint(path, kinds)
-        runtime.model_from_checkpoint(ck, path)  # its model_args build a network its weights fit, finite
+        if kinds == "reward":  # a head, normalised, finite numbers: refused now, not after a sweep's runs
+            ck = runtime.load_reward_model(path, "cpu")[1]
+        else:
+            ck = ref_ck if path == ref_path else runtime.load_checkpoint(path, kinds)
+            runtime.model_from_checkpoint(ck, path)  # its model_args build a network its weights fit, finite
         if ck.get("tokenizer", "world") != ref_ck.get("tokenizer", "world"):
             raise SystemExit(f"error: {path} uses another tokenizer than the SFT model it is compared with")
-        if enc.n_vocab > ck["model_args"].get("vocab_size", 0):
+        if not type(v := ck["model_args"].get("vocab_size")) is int or enc.n_vocab > v:
             raise SystemExit(f"error: {path}: its vocabulary ({ck['model_args'].get('vocab_size')}) "
                              f"is smaller than its tokenizer's ({enc.n_vocab} tokens)")
         block = ck["model_args"].get("block_size", 0)
@@ -451,15 +454,16 @@ def main():
     if prompts:  # a prompt with no room for its answer: one line now, not a crash after minutes of sampling
         prompts_fit(prompts, eval_prompts, enc, ref_ck["model_args"]["block_size"], max_new_tokens)
     check_rows(listed or checkpoints_to_compare(rm_path), ref_path, ref_ck, eval_prompts, enc, rm_path)
+    watch = runtime.Stopwatch(rt.device_type)  # where the time goes: sampling, scoring, the hidden human
     # ---- 2. optionally, PPO, DPO, GRPO and RLOO over a beta sweep first
     if sweep:
         try:
             run_sweep(rt, eval_prompts, rm_path)
         except OSError as e:  # disk full, say: one line, as every stage's writes
             raise SystemExit(f"error: could not write {e.filename} ({e.strerror or e})") from None
+        watch.lap("beta sweep (training and evaluating its runs)")
     # ---- 3. every model answers the same prompts; the hidden human judges
     paths = checkpoints_to_compare(rm_path)
-    watch = runtime.Stopwatch(rt.device_type)  # where the time goes: sampling, scoring, the hidden human
     results = evaluate(rt, paths, eval_prompts, rm_path, watch)
     order = [n for n in paths if n in results] + [n for n in results if n not in paths]
     # ---- 4. the report and its figures

@@ -263,7 +263,9 @@ def report(r, gain, bias, term, loss_fn, comps, val_idx, train_idx, first, gold,
     gold accuracy by component (low on training comparisons too: underfit; high there only: memorised)."""
     K, n_val, golds = r.size(1), len(val_idx), gold[val_idx] if gold is not None else None
     m = {**held_out_metrics(r[val_idx], loss_fn, first, golds), "calibration": calibration(r[val_idx])}
-    print(f"\nreward model on {n_val} held-out prompts ({n_val * K * (K - 1) // 2} pairs):")
+    n_prompts = len({repr(comps[i]["prompt"]) for i in val_idx})  # a file may rank a prompt's answers twice
+    print(f"\nreward model on {n_val} held-out rankings of {n_prompts} prompts ({n_val * K * (K - 1) // 2} "
+          "pairs):")
     zero = loss_fn(torch.zeros(1, K)).item()  # ln 2 for Bradley-Terry, ln(K!)/(K-1) for Plackett-Luce
     print(f"  held-out loss {m['val_loss']:.3f} (from {zero:.3f} with a zero head)")
     print(f"  agrees with the labelers on {m['val_acc']:.1%} of pairs")
@@ -385,7 +387,7 @@ def main():
         if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
             runtime.start_log(log_path, start if resume else None)
             print(f"{len(train_idx)} train / {len(val_idx)} held-out rankings of {Kc} answers; {iters} steps "
-                  f"of {batch_size * rt.world_size} prompts, loss {loss}, device {rt.device}")
+                  f"of {batch_size * rt.world_size} rankings, loss {loss}, device {rt.device}")
         bar = tqdm(range(start, min(iters, stop_at or iters)), initial=start, total=iters,  # stop_at: killed
                    disable=not rt.master, desc="reward")
         for it in bar:

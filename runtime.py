@@ -169,6 +169,12 @@ def load_checkpoint(path, kinds=None, map_location="cpu", need=()):
     if missing:
         raise SystemExit(f"error: {path} has no {', '.join(missing)}: not a complete checkpoint"
                          + "; start afresh without --resume" * bool(need))
+    looks = {"step": lambda v: type(v) is int and v >= 0, "rng": lambda v: isinstance(v, dict) and {
+        "python", "numpy", "torch"} <= v.keys(), "optimizer": lambda v: isinstance(v, dict) and {
+        "state", "param_groups"} <= v.keys(), "scaler": lambda v: isinstance(v, dict)}
+    damaged = [k for k in need if k in looks and not looks[k](ckpt[k])]  # restore() would fail on them
+    if damaged:
+        raise SystemExit(f"error: {path}: damaged {', '.join(damaged)}; start afresh without --resume")
     return ckpt
 
 def load_weights(model, sd):
@@ -197,7 +203,7 @@ def load_model(path, kinds, need=(), **overrides):
     """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (dropout=0.0)."""
     ckpt = load_checkpoint(path, kinds, need=need)
     enc = get_tokenizer(ckpt.get("tokenizer", "world"))
-    if enc.n_vocab > ckpt["model_args"].get("vocab_size", 0):
+    if not type(v := ckpt["model_args"].get("vocab_size")) is int or enc.n_vocab > v:
         raise SystemExit(f"error: {path}: its vocabulary ({ckpt['model_args'].get('vocab_size')}) "
                          f"is smaller than its tokenizer's ({enc.n_vocab} tokens)")
     return model_from_checkpoint(ckpt, path, **overrides), enc, ckpt
@@ -222,6 +228,10 @@ def load_reward_model(path, device, sft_ck=None):
     if ck.get("normalised") is False:
         raise SystemExit(f"error: {path} was saved before training finished (not normalised); finish it with "
                          "`python reward.py --resume=True`")
+    numbers = [ck.get(k, 0.0) for k in ("gain", "bias", "lm_weight")]  # every score: gain * r + bias (+ ...)
+    if not all(type(x) in (int, float) and math.isfinite(x) for x in numbers) or numbers[0] <= 0:
+        raise SystemExit(f"error: {path}: its gain, bias and lm_weight ({', '.join(map(repr, numbers))}) "
+                         "are not finite numbers with gain > 0: not a usable reward model")
     rm = model_from_checkpoint(ck, path, dropout=0.0, scalar_head=True)
     return rm.to(device).eval().requires_grad_(False), ck
 
@@ -256,13 +266,17 @@ def restore(ckpt, model, optimizer, scaler=None):
     options = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # this run's
     try:  # options that change the optimizer's parameter groups (reward.py --lm_feature) cannot resume it
         optimizer.load_state_dict(ckpt["optimizer"])
-    except ValueError as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: --resume: the checkpoint's optimizer does not fit these options ({e})")
     for group, opts in zip(optimizer.param_groups, options):  # Adam's moments resume; lr, betas, weight
         group.update(opts)  # decay and the rest are what this run was asked for, not what the saved one was
     if scaler is not None and ckpt["scaler"]:  # {} from a run without fp16: a new fp16 scaler starts afresh
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    try:
+        set_rng_state(ckpt["rng"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as e:
+        raise SystemExit(f"error: --resume: the checkpoint's RNG state is damaged ({type(e).__name__}); "
+                         "start afresh without --resume") from None
     if int(os.environ.get("RANK", 0)):  # only rank 0's were saved: shift them, or all drop the same units
         torch.manual_seed(int(torch.randint(2 ** 62, ())) + int(os.environ["RANK"]))
     return ckpt["step"]
@@ -415,8 +429,9 @@ RANGES = {  # shared options' valid ranges (a stage adds its own via configure),
 def configure(g, argv=None, ranges=None):
     """Apply --name=value overrides to the config globals g, then check every option's range (RANGES, then the
     stage's own {name: (ok(value), rule)}); returns {name: value}. A bad name, type or value is one line."""
-    if hasattr(sys.stdout, "reconfigure"):  # a file name of bytes the locale cannot decode holds lone
-        sys.stdout.reconfigure(errors="backslashreplace")  # surrogates: printed escaped, not a crash at the end
+    # a file name of bytes the locale cannot decode holds lone surrogates: printed escaped, not a crash
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     keys = [k for k, v in g.items()
             if not k.startswith("_") and (v is None or type(v) in (int, float, bool, str, tuple, list))]
     for arg in sys.argv[1:] if argv is None else argv:

@@ -174,7 +174,7 @@ def test_the_equal_kl_table_has_the_kl_every_method_covers(tmp_path, monkeypatch
 
 def test_a_method_with_one_point_has_its_gold_in_the_row_every_method_covers(tmp_path, monkeypatch):
     """The KL every method covers was rounded to 0.01 before the lookup: a one-point frontier (a method with
-    one sweep beta and no default run evaluated) lies only at its own KL, so its cell in that row was blank."""
+    one sweep beta and no default run evaluated) lies only at its own KL: its cell in that row was blank."""
     import evaluate
     monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
     (tmp_path / "sweep").mkdir()
@@ -279,6 +279,24 @@ def test_a_reward_model_that_cannot_score_the_rows_is_one_line_before_sampling(t
     msg = refusal("evaluate", f"--out_dir={tmp_path}", f"--reward={tmp_path / 'rm.pt'}", "--bon=0",
                   "--max_new_tokens=8")
     assert msg.startswith(f"error: {tmp_path / 'rm.pt'}") and says in msg, msg
+
+
+@pytest.mark.parametrize("change, says", [({"normalised": False}, "was saved before training finished"),
+                                          ({"gain": float("nan")}, "its gain, bias and lm_weight (nan,")])
+def test_an_unusable_reward_model_is_refused_before_a_sweep_trains_anything(tmp_path, refusal, monkeypatch,
+                                                                             change, says):
+    """--reward was checked for its kind and shape only; the rest of load_reward_model's checks came when the
+    rows were scored, which with --sweep=True is after every method has been trained at every beta."""
+    built = []
+    monkeypatch.setattr(runtime, "ensure_checkpoint", lambda *a: built.append(a))
+    save_row(tmp_path / "sft.pt")
+    save_row(tmp_path / "rm.pt", kind="reward")
+    ck = torch.load(tmp_path / "rm.pt", weights_only=True)
+    torch.save({**ck, **change}, tmp_path / "rm.pt")
+    msg = refusal("evaluate", f"--out_dir={tmp_path}", f"--reward={tmp_path / 'rm.pt'}", "--sweep=True",
+                  "--max_new_tokens=8")
+    assert msg.startswith(f"error: {tmp_path / 'rm.pt'}") and says in msg, msg
+    assert sorted(os.listdir(tmp_path)) == ["rm.pt", "sft.pt"]
 
 
 @pytest.mark.parametrize("flag, shown", [("--dpo_betas=(0.1,0.0)", "(0.1, 0.0)"),
@@ -690,3 +708,24 @@ def test_the_frontier_joins_points_by_kl_and_puts_best_of_n_at_its_kl_and_gold(t
     (bx, by), = dots("gray")
     ppo = dots("#1f77b4")  # by KL; a higher gold is drawn higher up, at a smaller y
     assert ppo[1][0] < bx < ppo[2][0] and ppo[2][1] < by < ppo[1][1]
+
+
+def test_the_closing_time_line_counts_the_sweep(tmp_path, monkeypatch, capsys):
+    """With --sweep=True nearly all the wall time is the sweep's runs: the stopwatch started after them, so
+    the line that says where the time goes left them out."""
+    import importlib
+    import time
+    import evaluate
+    save_row(tmp_path / "sft.pt")
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", f"--out_dir={tmp_path}", "--sweep=True", "--bon=0",
+                                      "--max_new_tokens=8"])
+    monkeypatch.setattr(evaluate, "run_sweep", lambda *a: time.sleep(0.3))
+    monkeypatch.setattr(evaluate, "evaluate", lambda rt, paths, *a: {"sft": {"gold": 0.5, "kl": 0.0}})
+    monkeypatch.setattr(evaluate, "write_report", lambda *a: (os.makedirs(a[-1]), ["a report line"])[1])
+    try:
+        evaluate.main()
+    finally:
+        importlib.reload(evaluate)  # main() set its options on the module: the defaults again for other tests
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    sweep_s = float(line.split("beta sweep (training and evaluating its runs) ")[1].split(" s")[0])
+    assert line.startswith("evaluate time ") and sweep_s >= 0.3, line

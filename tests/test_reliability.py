@@ -140,6 +140,38 @@ def test_resume_from_a_checkpoint_without_its_optimizer_is_one_line(out_dir, ref
     assert snapshot(out_dir) == before
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("step", "x", "damaged step"), ("step", 2.5, "damaged step"), ("step", -1, "damaged step"),
+    ("optimizer", {}, "damaged optimizer"), ("rng", {}, "damaged rng"), ("scaler", None, "damaged scaler"),
+    ("optimizer", {"state": {}, "param_groups": [{}, {}]}, "the checkpoint's optimizer does not fit"),
+    ("rng", {"python": 1, "numpy": 2, "torch": 3}, "the checkpoint's RNG state is damaged")])
+def test_resume_from_a_checkpoint_whose_resume_fields_are_damaged_is_one_line(out_dir, refusal, field, value,
+                                                                               says):
+    """Present but of the wrong type or shape (a hand-edited or foreign checkpoint): each was a traceback,
+    and a step that was not a number emptied the stage's log first."""
+    m = M.GPT(M.GPTConfig(block_size=64, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32))
+    opt = runtime.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    state = runtime.training_state(m, opt, torch.amp.GradScaler("cpu", enabled=False))
+    save_tiny(out_dir / "sft.pt", "sft", **{**state, "config": {}, field: value})
+    before = snapshot(out_dir)
+    message = refusal("sft", f"--out_dir={out_dir}", "--resume=True")
+    assert message.startswith("error: ") and says in message and "\n" not in message, message
+    assert snapshot(out_dir) == before
+
+
+def test_a_reward_model_whose_normalisation_is_not_a_finite_number_is_one_line(out_dir, refusal):
+    """gain, bias and lm_weight multiply every score: a NaN made PPO stop at its first step blaming --lr
+    (after it had replaced the previous run's log), a string was a traceback."""
+    for field, value in [("gain", float("nan")), ("lm_weight", float("inf")), ("gain", "abc"), ("bias", None),
+                         ("gain", 0.0)]:
+        save_tiny(out_dir / "reward.pt", "reward", normalised=True, **{field: value})
+        before = snapshot(out_dir)
+        message = refusal("ppo", f"--out_dir={out_dir}", "--max_iters=1")
+        assert message.startswith(f"error: {out_dir / 'reward.pt'}: its gain, bias and lm_weight ("), message
+        assert message.endswith("are not finite numbers with gain > 0: not a usable reward model"), message
+        assert snapshot(out_dir) == before
+
+
 def damaged_checkpoints(d):
     """(name, path) of checkpoints that must be refused in one line."""
     d.mkdir(exist_ok=True)
@@ -154,6 +186,8 @@ def damaged_checkpoints(d):
                 "model": {**good["model"], "transformer.wte.weight": torch.zeros(100, 32)}},
                d / "other_vocab.pt")
     torch.save(torch.zeros(3), d / "a_tensor.pt")
+    text_vocab = {**good["model_args"], "vocab_size": str(N_VOCAB)}  # a number as text: not comparable
+    torch.save({**good, "model_args": text_vocab}, d / "vocab_text.pt")
 
     class Exploit:  # a pickle that would run code when loaded without weights_only
         def __reduce__(self):
@@ -161,7 +195,7 @@ def damaged_checkpoints(d):
     with open(d / "exploit.pt", "wb") as f:
         pickle.dump({"kind": "sft", "model": Exploit()}, f)
     names = ["empty", "random", "truncated", "wrong_kind", "no_model_args", "other_shape", "other_vocab",
-             "a_tensor", "exploit"]
+             "a_tensor", "vocab_text", "exploit"]
     return [(n, d / f"{n}.pt") for n in names]
 
 

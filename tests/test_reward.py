@@ -744,6 +744,11 @@ def test_the_report_measures_calibration_and_the_labelers_gold_accuracy_on_the_h
     assert m["acc_gold_by_part_train"] == {"helpful": (1.0, 1)}
     out = capsys.readouterr().out  # the held-out examples are shown by their last turn, the question
     assert "Question 0" in out and "Question 1" in out and "Hello." not in out
+    assert "reward model on 2 held-out rankings of 2 prompts (2 pairs):" in out
+    for c in comps:  # a preference file may rank answers to one prompt several times: it counts once
+        c["prompt"] = opening
+    reward.report(r, 1.0, 0.0, "r", reward.bradley_terry_loss, comps, [0, 1], [2], first, gold, parts, second)
+    assert "reward model on 2 held-out rankings of 1 prompts (2 pairs):" in capsys.readouterr().out
 
 
 
