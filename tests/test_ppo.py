@@ -372,9 +372,9 @@ def test_resume_without_a_checkpoint_is_one_line_before_any_stage_is_built(tmp_p
 
 
 def test_a_non_finite_reward_stops_the_run_in_one_line(tmp_path, monkeypatch):
-    make_stage_checkpoints(tmp_path)
-    ck = torch.load(tmp_path / "reward.pt", weights_only=True)
-    runtime.save_checkpoint(str(tmp_path / "reward.pt"), {**ck, "gain": float("nan")})  # every score is NaN
+    make_stage_checkpoints(tmp_path)  # (a reward.pt whose gain is NaN is refused when it is loaded)
+    monkeypatch.setattr(ppo, "reward_scores", lambda rm, enc, prompts, *a, **k: torch.full((len(prompts),),
+                                                                                        float("nan")))
     with pytest.raises(SystemExit, match=r"^error: ppo step 1: score is nan \(not finite\); stopped"):
         run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
                       "--max_new_tokens=8", "--max_iters=2")
