@@ -255,7 +255,8 @@ def save_reward(path, rm, optimizer, rt, sft_ck, config, step, K, loss, lm_weigh
         **runtime.training_state(rm, optimizer, rt.scaler), "config": config, "kind": "reward", "step": step,
         "model_args": {**sft_ck["model_args"], "scalar_head": True, "dropout": 0.0},
         "tokenizer": sft_ck.get("tokenizer", "world"), "K": K, "loss": loss, "gain": gain, "bias": bias,
-        "normalised": norm is not None, "lm_weight": lm_weight, "metrics": metrics or {}})
+        "normalised": norm is not None, "lm_weight": lm_weight, "metrics": metrics or {},
+        "sft_fingerprint": runtime.fingerprint(sft_ck["model"])})  # which SFT model it judges
 
 
 def report(r, gain, bias, term, loss_fn, comps, val_idx, train_idx, first, gold, parts, second):
@@ -377,7 +378,7 @@ def main():
         start, loss_fn = 0, LOSSES[loss]
         if resume:
             ck = runtime.load_checkpoint(ck_path, "reward", need=runtime.RESUME)
-            runtime.same_network(ck_path, ck, sft_ck)  # another network: one line, no traceback
+            runtime.trained_from(ck_path, ck, sft_ck)  # another network or SFT model: one line
             start = runtime.restore(ck, raw_rm, optimizer, rt.scaler)
             lm_w.data.fill_(ck.get("lm_weight", 0.0))
             print(f"resuming from {ck_path} at step {start}")

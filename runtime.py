@@ -3,6 +3,7 @@ What every stage needs around the network, nanoGPT style: device, precision (aut
 the one optimizer step and learning-rate schedule; checkpoints (atomic, weights_only, never non-finite) and
 RNG state; a stopwatch; `--name=value` config; JSONL logs; building a missing stage; the non-finite guard."""
 import ast
+import hashlib
 import json
 import math
 import os
@@ -217,14 +218,30 @@ def same_network(path, ckpt, ref, what="the SFT model", hint=""):
     if diff:
         raise SystemExit(f"error: {path} is another network than {what} ({', '.join(diff)}){hint}")
 
+def fingerprint(state_dict):
+    """A short hash of a model's weights, stored in the reward model: which SFT model it was trained from."""
+    h = hashlib.sha256()
+    for k, v in sorted(clean_state_dict(state_dict).items()):
+        h.update(k.encode() + v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+def trained_from(path, ck, sft_ck):
+    """One line if the reward checkpoint ck was trained from other weights than sft_ck's, e.g. sft.py was run
+    again since: its scores, normalised on the old model's answers, would judge the new one's. (A checkpoint
+    from before the fingerprint was kept cannot say, and passes.)"""
+    same_network(path, ck, sft_ck)
+    if ck.get("sft_fingerprint") not in (None, fingerprint(sft_ck["model"])):
+        raise SystemExit(f"error: {path} was trained from another SFT model (the same network, other "
+                         "weights: was sft.py run again?); train it anew with `python reward.py`")
+
 def load_reward_model(path, device, sft_ck=None):
     """(reward model, checkpoint), frozen, in eval mode. One line for a file with no reward head, one saved
-    mid-training (unnormalised), or one of another network than sft_ck's (it scores that model's tokens)."""
+    mid-training (unnormalised), or one trained from another network or weights than sft_ck's."""
     ck = load_checkpoint(path, "reward")
     if not any("scalar_head." in k for k in ck["model"]):  # load_weights lets a base model's head be new
         raise SystemExit(f"error: {path} has no reward head (scalar_head): not a reward model")
     if sft_ck is not None:
-        same_network(path, ck, sft_ck)
+        trained_from(path, ck, sft_ck)
     if ck.get("normalised") is False:
         raise SystemExit(f"error: {path} was saved before training finished (not normalised); finish it with "
                          "`python reward.py --resume=True`")

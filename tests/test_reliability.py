@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import runtime  # noqa: E402
+from data import world  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 N_VOCAB = get_tokenizer("world").n_vocab
@@ -243,6 +244,43 @@ def test_a_reward_model_that_cannot_score_the_sft_models_answers_is_one_line(tmp
         message = refusal(stage, f"--out_dir={d}", "--max_iters=1", *["--online_rounds=1"] * (stage == "dpo"))
         assert message.startswith(f"error: {d / 'reward.pt'} {why}") and "\n" not in message, message
         assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "dpo", "reward"])
+def test_a_reward_model_of_an_earlier_sft_model_of_the_same_network_is_one_line(tmp_path, refusal, stage):
+    """sft.py run again (another seed, more steps) leaves reward.pt from the old weights: same shape, so it
+    loaded, and scored the new model's answers with the old one's normalisation. The fingerprint of the SFT
+    weights it stores says so; a reward.pt from before the fingerprint, or of this very SFT model, passes."""
+    d = tmp_path / "out"
+    d.mkdir()
+    sft = save_tiny(d / "sft.pt", "sft")
+    rankings = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}], "ranking": [0, 1],
+                 "responses": [f"The {a} is kind.", "No."], "ended": [True, True]} for a in world.ANIMALS]
+    (d / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
+    m = M.GPT(M.GPTConfig(**{**sft["model_args"], "scalar_head": True}))
+    opt = runtime.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    state = runtime.training_state(m, opt, torch.amp.GradScaler("cpu", enabled=False))
+    torch.manual_seed(1)
+    other = M.GPT(M.GPTConfig(**sft["model_args"])).state_dict()  # the same network, other weights
+    save_tiny(d / "reward.pt", "reward", normalised=True, sft_fingerprint=runtime.fingerprint(other), **state)
+    before = snapshot(d)
+    args = ["--resume=True"] if stage == "reward" else ["--online_rounds=1"] * (stage == "dpo")
+    message = refusal(stage, f"--out_dir={d}", "--max_iters=1", *args)
+    assert message == (f"error: {d / 'reward.pt'} was trained from another SFT model (the same network, "
+                       "other weights: was sft.py run again?); train it anew with `python reward.py`")
+    assert snapshot(d) == before
+    rm_ck = torch.load(d / "reward.pt", weights_only=True)
+    for fp in (runtime.fingerprint(sft["model"]), None):
+        runtime.trained_from("reward.pt", {**rm_ck, "sft_fingerprint": fp}, sft)  # passes
+
+
+def test_the_fingerprint_reads_the_weights_not_their_names_prefixes(tmp_path):
+    sd = M.GPT(M.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=8)).state_dict()
+    fp = runtime.fingerprint(sd)
+    assert runtime.fingerprint({f"_orig_mod.module.{k}": v for k, v in sd.items()}) == fp  # compiled, DDP
+    sd["lm_head.weight"] = sd["lm_head.weight"].clone()
+    sd["lm_head.weight"][0, 0] = torch.nextafter(sd["lm_head.weight"][0, 0], torch.tensor(1.0))  # one ulp
+    assert runtime.fingerprint(sd) != fp
 
 
 def test_no_checkpoint_with_a_nan_is_ever_written(tmp_path):

@@ -450,6 +450,8 @@ def test_preference_file_and_bad_input(tiny_sft, tmp_path):
     run(out, f"--data={good}")
     ck = torch.load(out / "reward.pt", weights_only=True)
     assert ck["K"] == 2 and not (out / "comparisons.jsonl").exists()  # nothing collected
+    sft = torch.load(out / "sft.pt", weights_only=True)  # which SFT model it judges: the one it came from
+    assert ck["sft_fingerprint"] == runtime.fingerprint(sft["model"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Hi", "chosen": "a"}\n')
     r = run(out, f"--data={bad}", ok=False)
