@@ -139,7 +139,7 @@ def save_checkpoint(path, ckpt):
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
     except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):  # (a directory of that name, left by hand, is in the way: the error says so)
             os.remove(tmp)
         err = e if isinstance(e, OSError) else e.__context__  # torch.save raises RuntimeError on an OSError
         if not isinstance(err, OSError):
@@ -172,7 +172,9 @@ def load_checkpoint(path, kinds=None, map_location="cpu", need=()):
                          + "; start afresh without --resume" * bool(need))
     looks = {"step": lambda v: type(v) is int and v >= 0, "rng": lambda v: isinstance(v, dict) and {
         "python", "numpy", "torch"} <= v.keys(), "optimizer": lambda v: isinstance(v, dict) and {
-        "state", "param_groups"} <= v.keys(), "scaler": lambda v: isinstance(v, dict)}
+        "state", "param_groups"} <= v.keys(), "scaler": lambda v: isinstance(v, dict),
+        "rank_rng": lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v),
+        "kl_coef": lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0}
     damaged = [k for k in need if k in looks and not looks[k](ckpt[k])]  # restore() would fail on them
     if damaged:
         raise SystemExit(f"error: {path}: damaged {', '.join(damaged)}; start afresh without --resume")
@@ -324,44 +326,54 @@ def rank_rng_states(rng, rt):
 
 def set_rank_rng_states(rng, states, rt):
     if rt.rank < len(states):  # resumed on more processes than it was saved from: the new ranks start fresh
-        s = states[rt.rank]
-        set_sampler_state(rng, s["prompts"])
-        torch.set_rng_state(s["torch"])
-        if "cuda" in s and rt.device_type == "cuda":
-            torch.cuda.set_rng_state(s["cuda"], rt.device)
+        try:
+            s = states[rt.rank]
+            set_sampler_state(rng, s["prompts"])
+            torch.set_rng_state(s["torch"])
+            if "cuda" in s and rt.device_type == "cuda":
+                torch.cuda.set_rng_state(s["cuda"], rt.device)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as e:
+            raise SystemExit(f"error: --resume: the checkpoint's rank_rng is damaged ({type(e).__name__}); "
+                             "start afresh without --resume") from None
 
 def start_log(path, resumed_step=None):
     """Called once a run is known to start (so a run that fails its checks loses no log): a fresh run starts
     a fresh log; a resumed one drops the rows a killed run logged after its last checkpoint (and a line cut by
-    the kill), so its rows follow on as an uninterrupted run's would."""
-    if os.path.exists(path) and resumed_step is None:
-        os.remove(path)
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path, errors="replace") as f:  # a damaged byte costs its line, not the run
-        for line in f:
-            try:
-                if json.loads(line)["iter"] <= resumed_step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass
-    with open(path, "w") as f:
-        f.writelines(keep)
+    the kill), so its rows follow on as an uninterrupted run's would. A failed write is one line."""
+    try:
+        if os.path.exists(path) and resumed_step is None:
+            os.remove(path)
+        if not os.path.exists(path):
+            return
+        keep = []
+        with open(path, errors="replace") as f:  # a damaged byte costs its line, not the run
+            for line in f:
+                try:
+                    if json.loads(line)["iter"] <= resumed_step:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError, RecursionError):
+                    pass
+        with open(path, "w") as f:
+            f.writelines(keep)
+    except OSError as e:  # a directory in the way, a read-only file
+        raise SystemExit(f"error: could not write {path} ({e.strerror or e})") from None
 
 def ensure_checkpoint(path, script, out_dir):
     """A stage's input is missing: say which command makes it, then run that stage with its defaults, in this
     process's directory (so out_dir is the same folder to both): `python ppo.py` works on a fresh clone.
     Under torchrun every rank calls it: rank 0 builds, the others wait for it at a barrier."""
+    failed = None
     if not os.path.isfile(path) and int(os.environ.get("RANK", 0)) == 0:
         flag = [f"--out_dir={out_dir}"] if out_dir != "out" else []
         print(f"{path} not found: running `{' '.join(['python', script] + flag)}` to make it")
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)] + flag
         if subprocess.run(cmd, env=env).returncode != 0 or not os.path.isfile(path):
-            raise SystemExit(f"error: `python {script}` did not produce {path}")
+            failed = f"error: `python {script}` did not produce {path}"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # rank 0 comes too when the build failed: else the others' wait breaks
+    if failed or not os.path.isfile(path):  # (the other ranks exit quietly: rank 0 has said why)
+        raise SystemExit(failed or 1)
 
 # -----------------------------------------------------------------------------
 # Where a stage's time goes

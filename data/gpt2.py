@@ -33,7 +33,7 @@ def read_safetensors(path):
         raw = f.read(n) if n <= os.fstat(f.fileno()).st_size - 8 else b""
         try:
             header = json.loads(raw) if len(raw) == n else None
-        except ValueError:  # not UTF-8 or not JSON: json's own errors both derive from ValueError
+        except (ValueError, RecursionError):  # not UTF-8 or not JSON (ValueErrors both), or nested too deep
             header = None
         if not isinstance(header, dict):
             raise SystemExit(f"error: {path}: not a safetensors file (no JSON header of the {n} bytes "
@@ -45,7 +45,8 @@ def read_safetensors(path):
             continue
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if not isinstance(dtype, str) or not all(type(x) is int and x >= 0 for x in [*shape, start, end]):
+            numbers = [*shape, start, end]  # (an empty tensor's other dimensions could be any size: bounded)
+            if not isinstance(dtype, str) or not all(type(x) is int and 0 <= x < 2 ** 40 for x in numbers):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise SystemExit(f"error: {path}: tensor {name}'s header entry is damaged "
@@ -102,11 +103,18 @@ def read_gpt2(path):
         k = k.removeprefix("transformer.")
         if k.split(".")[-2:] in (["attn", "bias"], ["attn", "masked_bias"]) or k.startswith("lm_head."):
             continue  # causal-mask buffers; lm_head is tied to wte
-        ours["transformer." + k] = v.t() if k.endswith(CONV1D) else v  # Conv1D (in, out) -> Linear (out, in)
+        # Conv1D (in, out) -> Linear (out, in); a tensor of another rank is left for the shape check to refuse
+        ours["transformer." + k] = v.t() if k.endswith(CONV1D) and v.dim() == 2 else v
     layers = {k.split(".")[2] for k in ours if k.startswith("transformer.h.")}
     matrices = all(ours.get(f"transformer.{k}.weight", torch.empty(0)).dim() == 2 for k in ("wte", "wpe"))
     if not matrices or not layers or not all(i.isdecimal() for i in layers):
         raise SystemExit(f"error: {path}: not GPT-2 weights (it needs wte.weight, wpe.weight and h.0, ...)")
+    # the largest index sets n_layer: a stray h.3000000 would build three million blocks before any check
+    if sorted(map(int, layers)) != list(range(len(layers))):
+        raise SystemExit(f"error: {path}: its layers are not h.0 to h.{len(layers) - 1}, one each")
+    if min(ours["transformer.wte.weight"].shape) < 1 or ours["transformer.wpe.weight"].shape[0] < 2:
+        raise SystemExit(f"error: {path}: wte.weight {tuple(ours['transformer.wte.weight'].shape)} and "
+                         f"wpe.weight {tuple(ours['transformer.wpe.weight'].shape)} leave no model to build")
     cfg_file = os.path.join(folder, "config.json")
     n_embd = ours["transformer.wte.weight"].size(1)
     n_head = n_embd // 64
@@ -115,11 +123,11 @@ def read_gpt2(path):
             n_head = json.load(open(cfg_file, encoding="utf-8"))["n_head"]
             if type(n_head) is not int or n_head < 1:
                 raise ValueError
-        except (ValueError, KeyError, TypeError):  # not UTF-8, not JSON, not an object, or no good n_head
+        except (ValueError, KeyError, TypeError, RecursionError):  # not UTF-8 or JSON, no good n_head
             raise SystemExit(f"error: {cfg_file}: not a GPT-2 config "
                              "(a JSON object with n_head >= 1)") from None
     args = dict(vocab_size=ours["transformer.wte.weight"].size(0),
                 block_size=ours["transformer.wpe.weight"].size(0),
-                n_layer=1 + max(map(int, layers)),
+                n_layer=len(layers),
                 n_head=n_head, n_embd=n_embd, bias="transformer.h.0.attn.c_attn.bias" in ours)
     return ours, args

@@ -146,9 +146,13 @@ def get_tokenizer(name: str = "world") -> tiktoken.Encoding:
         return make_encoding(ranks, "world")
     if name == "gpt2":
         # tiktoken would download gpt2's two files on first use: we only let it read them from its cache,
-        # where each is named by the sha1 of its URL
-        cache = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-                 or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+        # where each is named by the sha1 of its URL, found as tiktoken finds it (a variable set to "" is no
+        # cache at all, so tiktoken would download)
+        env = next((v for v in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR") if v in os.environ), None)
+        cache = os.environ[env] if env else os.path.join(tempfile.gettempdir(), "data-gym-cache")
+        if not cache:
+            raise SystemExit(f"error: {env} is set but empty, which makes tiktoken download the gpt2 "
+                             "tokenizer; set it to a directory holding tiktoken's cached gpt2 files")
         paths = [os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()) for url in GPT2_URLS]
         if not all(os.path.isfile(p) for p in paths):
             raise SystemExit(f"error: the gpt2 tokenizer's files are not in {cache}; set TIKTOKEN_CACHE_DIR "

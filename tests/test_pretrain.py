@@ -160,6 +160,21 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert ck["kind"] == "base" and ck["step"] == 6
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(TORCHRUN),
+                    reason="torchrun not installed")
+def test_under_torchrun_an_input_that_cannot_be_built_is_rank_0s_one_line(tmp_path):
+    """`torchrun sft.py` with no base.pt: rank 0 runs pretrain.py while the others wait at a barrier. When the
+    build failed, rank 0 raised before the barrier and rank 1's wait broke with a gloo traceback."""
+    (tmp_path / "pretrain.jsonl").mkdir()  # pretrain.py, run to make base.pt, cannot write its log
+    launcher = (TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2")
+    r = subprocess.run([*launcher, "sft.py", "--device=cpu", f"--out_dir={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and f"error: could not write {tmp_path / 'pretrain.jsonl'}" in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[-1] == f"error: `python pretrain.py` did not produce {tmp_path / 'base.pt'}", r.stderr
+    assert "[rank1]" not in r.stderr and "Connection closed" not in r.stderr, r.stderr[-3000:]
+
+
 # ---- failures: one line, out_dir as it was
 
 def files_of(d):

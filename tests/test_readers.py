@@ -353,6 +353,45 @@ def test_gpt2_damaged_weights_are_one_line_naming_the_file(tmp_path, name, conte
     assert re.match(rf"error: {re.escape(str(path))}: {what}", msg) and "\n" not in msg, msg
 
 
+def deep_header():
+    h = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    return struct.pack("<Q", len(h)) + h
+
+
+@pytest.mark.parametrize("name, content, what", [
+    (ST, deep_header(), "not a safetensors file .no JSON header"),  # a RecursionError traceback
+    (ST, damaged_header(shape=[0, 10 ** 30], data_offsets=[0, 0]), "tensor wte.weight's header entry is"),
+    (ST, safetensors_bytes({**TINY_GPT2, "h.3000000.ln_1.weight": torch.ones(4)}),
+     r"its layers are not h.0 to h.1, one each"),  # it built three million blocks first: a hang
+    (ST, safetensors_bytes({**TINY_GPT2, "h.2.ln_1.weight": torch.ones(4)}), "its layers are not h.0 to h.1"),
+    (ST, safetensors_bytes({**TINY_GPT2, "wte.weight": torch.zeros(5, 0), "wpe.weight": torch.zeros(3, 0)}),
+     r"wte.weight \(5, 0\) and wpe.weight \(3, 0\) leave no model"),  # trained, then a traceback
+])
+def test_gpt2_weights_a_model_cannot_be_built_from_are_one_line_and_quick(tmp_path, name, content, what):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        read_gpt2(str(tmp_path))
+    msg = str(e.value)
+    assert re.match(rf"error: {re.escape(str(tmp_path / name))}: {what}", msg) and "\n" not in msg, msg
+
+
+def test_a_conv1d_weight_of_another_rank_is_one_line_when_the_network_is_built(tmp_path):
+    """Transposed as a Conv1D matrix before any shape check: a 3-D one was a traceback in read_gpt2."""
+    import sft
+    three_d = {**TINY_GPT2, "h.0.attn.c_attn.weight": torch.zeros(4, 12, 1)}
+    (tmp_path / ST).write_bytes(safetensors_bytes(three_d))
+    with pytest.raises(SystemExit) as e:
+        sft.load_gpt2(str(tmp_path), dropout=0.0)
+    assert str(e.value).startswith(f"error: {tmp_path}: the weights do not fit its model_args"), str(e.value)
+
+
+def test_gpt2_config_nested_too_deeply_is_one_line(tmp_path):
+    (tmp_path / ST).write_bytes(GOOD_ST)
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(tmp_path / 'config.json'))}: not a GPT-2"):
+        read_gpt2(str(tmp_path))
+
+
 def test_gpt2_bin_truncated_or_not_a_state_dict(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save(TINY_GPT2, path)

@@ -160,6 +160,49 @@ def test_resume_from_a_checkpoint_whose_resume_fields_are_damaged_is_one_line(ou
     assert snapshot(out_dir) == before
 
 
+@pytest.mark.parametrize("changes, says", [
+    ({"rank_rng": [1, 2]}, "damaged rank_rng"), ({"kl_coef": float("nan")}, "damaged kl_coef"),
+    ({"rank_rng": [{"prompts": [1, 2]}]}, "the checkpoint's rank_rng is damaged (TypeError)")])
+def test_resume_with_damaged_per_rank_samplers_or_kl_coefficient_is_one_line(out_dir, refusal, changes, says):
+    """ppo.py (and grpo.py) also resume each rank's prompt sampler and, with --target_kl, the adapted beta."""
+    m = M.GPT(M.GPTConfig(block_size=64, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32,
+                          scalar_head=True))
+    head = list(m.scalar_head.parameters())  # ppo.py's two groups: the trunk, the value head
+    opt = torch.optim.AdamW([{"params": [p for p in m.parameters() if all(p is not h for h in head)]},
+                             {"params": head}])
+    state = runtime.training_state(m, opt, torch.amp.GradScaler("cpu", enabled=False))
+    good = {"prompts": random.Random(0).getstate(), "torch": torch.get_rng_state()}
+    save_tiny(out_dir / "ppo.pt", "ppo", **{**state, "config": {}, "rank_rng": [good], "kl_coef": 0.05,
+                                            **changes})
+    before = snapshot(out_dir)
+    message = refusal("ppo", f"--out_dir={out_dir}", "--resume=True", "--max_iters=3", "--max_new_tokens=8")
+    assert message.startswith("error: ") and says in message and "\n" not in message, message
+    assert snapshot(out_dir) == before
+
+
+def test_a_resumed_log_drops_a_line_nested_too_deeply_as_any_damaged_line(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"iter": 1}\n' + "[" * 100_000 + "]" * 100_000 + '\n{"iter": 2}\n{"iter": 4}\n')
+    runtime.start_log(str(path), 3)  # a RecursionError traceback, where a damaged line costs only itself
+    assert path.read_text() == '{"iter": 1}\n{"iter": 2}\n'
+
+
+def test_a_log_or_temporary_file_path_with_a_directory_in_it_is_one_line(tmp_path):
+    """A directory where the stage's log goes (fresh or resumed), or where save_checkpoint writes its
+    temporary file: tracebacks, the second from the cleanup of the failed write hiding the first."""
+    (tmp_path / "sft.jsonl").mkdir()
+    for resumed in (None, 3):
+        with pytest.raises(SystemExit, match=r"^error: could not write .*sft\.jsonl \(Is a directory\)$"):
+            runtime.start_log(str(tmp_path / "sft.jsonl"), resumed)
+    path = str(tmp_path / "sft.pt")
+    ck = save_tiny(path)
+    (tmp_path / "sft.pt.tmp").mkdir()
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: could not write .*sft\.pt \(Is a directory\); the old"):
+        runtime.save_checkpoint(path, {**ck, "step": 2})
+    assert snapshot(tmp_path) == before and (tmp_path / "sft.pt.tmp").is_dir()
+
+
 def test_a_reward_model_whose_normalisation_is_not_a_finite_number_is_one_line(out_dir, refusal):
     """gain, bias and lm_weight multiply every score: a NaN made PPO stop at its first step blaming --lr
     (after it had replaced the previous run's log), a string was a traceback."""

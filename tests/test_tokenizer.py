@@ -176,6 +176,22 @@ def test_gpt2_files_missing_from_the_cache_are_one_line_and_nothing_is_downloade
         tok.get_tokenizer("gpt2")
 
 
+def test_a_cache_variable_set_but_empty_is_one_line_and_nothing_is_downloaded(monkeypatch, tmp_path):
+    """tiktoken reads TIKTOKEN_CACHE_DIR="" as "no cache": it downloads. The check used to skip an empty
+    variable for the next one, find good files there, and let tiktoken fetch them anyway."""
+    def download(name):
+        raise AssertionError("tiktoken was asked for gpt2 with no cache to read: it would download")
+    monkeypatch.setattr(tiktoken, "get_encoding", download)
+    for url in tok.GPT2_URLS:  # good-looking files where the next variable points: not to be used
+        (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(b"x")
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path))
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+        monkeypatch.setenv(var, "")
+        with pytest.raises(SystemExit, match=f"^error: {var} is set but empty, which makes tiktoken"):
+            tok.get_tokenizer("gpt2")
+
+
 def test_a_damaged_gpt2_file_in_the_cache_is_one_line_and_nothing_is_downloaded(monkeypatch, tmp_path):
     """tiktoken deletes a cached file whose sha256 is wrong and downloads it again: refused before that."""
     def download(name):
