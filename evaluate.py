@@ -335,12 +335,9 @@ def write_report(results, order, evals, fig_dir):
 def read_sweep(path):
     """The beta sweep's results ([] before any sweep), each row {stage, beta, gold, kl}. A damaged file is one
     line, and main() reads it before any sampling: it must not cost an evaluation at its very end."""
-    if not os.path.isfile(path):
-        return []
     redo = "delete it or run `python evaluate.py --sweep=True` again"
     try:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
+        rows = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else []
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
         raise SystemExit(f"error: {path} is damaged ({e}); {redo}") from None
     if not isinstance(rows, list) or not all(
