@@ -267,9 +267,7 @@ def check_rows(paths, ref_path, ref_ck, prompts, enc, rm_path=""):
             runtime.model_from_checkpoint(ck, path)  # its model_args build a network its weights fit, finite
         if ck.get("tokenizer", "world") != ref_ck.get("tokenizer", "world"):
             raise SystemExit(f"error: {path} uses another tokenizer than the SFT model it is compared with")
-        if not type(v := ck["model_args"].get("vocab_size")) is int or enc.n_vocab > v:
-            raise SystemExit(f"error: {path}: its vocabulary ({ck['model_args'].get('vocab_size')}) "
-                             f"is smaller than its tokenizer's ({enc.n_vocab} tokens)")
+        runtime.check_vocab(path, ck, enc)
         block = ck["model_args"].get("block_size", 0)
         if longest + max_new_tokens > block:
             raise SystemExit(f"error: {path}: its block_size {block} has no room for the longest prompt "
@@ -454,10 +452,7 @@ def main():
     watch = runtime.Stopwatch(rt.device_type)  # where the time goes: sampling, scoring, the hidden human
     # ---- 2. optionally, PPO, DPO, GRPO and RLOO over a beta sweep first
     if sweep:
-        try:
-            run_sweep(rt, eval_prompts, rm_path)
-        except OSError as e:  # disk full, say: one line, as every stage's writes
-            raise SystemExit(f"error: could not write {e.filename} ({e.strerror or e})") from None
+        run_sweep(rt, eval_prompts, rm_path)
         watch.lap("beta sweep (training and evaluating its runs)")
     # ---- 3. every model answers the same prompts; the hidden human judges
     paths = checkpoints_to_compare(rm_path)
@@ -465,10 +460,7 @@ def main():
     order = [n for n in paths if n in results] + [n for n in results if n not in paths]
     # ---- 4. the report and its figures
     fig_dir = os.path.join(out_dir, "figures")  # empty without a sweep or the stages' logs
-    try:
-        lines = write_report(results, order, eval_prompts, fig_dir)
-    except OSError as e:
-        raise SystemExit(f"error: could not write {e.filename} ({e.strerror or e})") from None
+    lines = write_report(results, order, eval_prompts, fig_dir)
     print("\n".join(lines[:6 + len(order)]))
     print(f"\nwrote {os.path.join(out_dir, 'report.md')} and {len(os.listdir(fig_dir))} figures in {fig_dir}")
     watch.report("evaluate", last="report & figures")
@@ -478,4 +470,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:  # the sweep's or the report's files could not be written (disk full, say): one line
+        raise SystemExit(f"error: {e.filename}: {e.strerror or e}") from None

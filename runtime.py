@@ -206,10 +206,14 @@ def load_model(path, kinds, need=(), **overrides):
     """(model, tokenizer, checkpoint) from a stage checkpoint; overrides change GPTConfig (dropout=0.0)."""
     ckpt = load_checkpoint(path, kinds, need=need)
     enc = get_tokenizer(ckpt.get("tokenizer", "world"))
-    if not type(v := ckpt["model_args"].get("vocab_size")) is int or enc.n_vocab > v:
-        raise SystemExit(f"error: {path}: its vocabulary ({ckpt['model_args'].get('vocab_size')}) "
-                         f"is smaller than its tokenizer's ({enc.n_vocab} tokens)")
+    check_vocab(path, ckpt, enc)
     return model_from_checkpoint(ckpt, path, **overrides), enc, ckpt
+
+def check_vocab(path, ckpt, enc):
+    """One line if the checkpoint's embedding has fewer rows than enc has tokens (an IndexError later)."""
+    if not type(v := ckpt["model_args"].get("vocab_size")) is int or enc.n_vocab > v:
+        raise SystemExit(f"error: {path}: its vocabulary ({v}) is smaller than its tokenizer's "
+                         f"({enc.n_vocab} tokens)")
 
 def same_network(path, ckpt, ref, what="the SFT model", hint=""):
     """One line if ckpt (read from path) is not the network of the checkpoint ref (`what` names ref): a stage
@@ -271,6 +275,7 @@ def set_rng_state(d):
     if "cuda" in d and torch.cuda.is_available():  # saved on a machine with more GPUs: the first ones
         torch.cuda.set_rng_state_all(d["cuda"][:torch.cuda.device_count()])
 
+DAMAGED_STATE = (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError)  # RNG states
 RESUME = ("step", "optimizer", "scaler", "rng")  # what restore() reads: load_checkpoint(..., need=RESUME)
 
 def training_state(model, optimizer, scaler):
@@ -293,7 +298,7 @@ def restore(ckpt, model, optimizer, scaler=None):
         scaler.load_state_dict(ckpt["scaler"])
     try:
         set_rng_state(ckpt["rng"])
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as e:
+    except DAMAGED_STATE as e:
         raise SystemExit(f"error: --resume: the checkpoint's RNG state is damaged ({type(e).__name__}); "
                          "start afresh without --resume") from None
     if int(os.environ.get("RANK", 0)):  # only rank 0's were saved: shift them, or all drop the same units
@@ -332,7 +337,7 @@ def set_rank_rng_states(rng, states, rt):
             torch.set_rng_state(s["torch"])
             if "cuda" in s and rt.device_type == "cuda":
                 torch.cuda.set_rng_state(s["cuda"], rt.device)
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as e:
+        except DAMAGED_STATE as e:
             raise SystemExit(f"error: --resume: the checkpoint's rank_rng is damaged ({type(e).__name__}); "
                              "start afresh without --resume") from None
 
