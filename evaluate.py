@@ -31,7 +31,7 @@ from data import world
 from data.chat import render_prompt
 from data.readers import or_exit, read_prompts
 from data.tokenizer import get_tokenizer
-from rollout import best_of_n, prompts_fit, reward_scores, score, win_rate_against
+from rollout import best_of_n, grade, prompts_fit, reward_scores, score, summarise, win_rate_against
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -110,17 +110,6 @@ def gold_at_kl(points, kl):
     return pts[0][1] if len(pts) == 1 and pts[0][0] == kl else None
 
 
-def read_jsonl(path):
-    """A stage's log rows; a line a kill cut short (a run never resumed) is skipped, not fatal."""
-    rows = []
-    for line in open(path, errors="replace") if os.path.isfile(path) else []:  # a damaged byte: its line
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-    return [r for r in rows if isinstance(r, dict)]
-
-
 def sampling_setup():
     """What a frontier point was measured with: a sweep run and this report's rows share the frontier only if
     they answered the same prompts with the same sampling (else the points belong to no one evaluation)."""
@@ -129,8 +118,7 @@ def sampling_setup():
 
 def run_sweep(rt, eval_prompts, rm_path):
     """Train each method at several betas from the same SFT, reward model and comparisons; evaluate each."""
-    # writes comparisons.jsonl too
-    runtime.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)
+    runtime.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)  # and comparisons
     if not os.path.isfile(os.path.join(out_dir, "comparisons.jsonl")):  # a reward model trained on --data=...
         raise SystemExit(f"error: the sweep needs {out_dir}/comparisons.jsonl; `python reward.py` writes it")
     root = os.path.join(out_dir, "sweep")
@@ -168,12 +156,9 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
     with the same random stream, SFT with one of its own; SFT (the reference: paths["sft"], else
     out_dir/sft.pt) is always evaluated first. watch: a runtime.Stopwatch."""
     watch = watch or runtime.Stopwatch(rt.device_type)
-    sft, enc, sft_ck = runtime.load_model(paths.get("sft") or os.path.join(out_dir, "sft.pt"), "sft",
-                                          dropout=0.0)
+    sft, enc, _ = runtime.load_model(paths.get("sft") or os.path.join(out_dir, "sft.pt"), "sft", dropout=0.0)
     sft.to(rt.device).eval()
-    rm = rm_ck = None
-    if os.path.isfile(rm_path):
-        rm, rm_ck = runtime.load_reward_model(rm_path, rt.device)
+    rm, rm_ck = runtime.load_reward_model(rm_path, rt.device) if os.path.isfile(rm_path) else (None, None)
     evals = prompts * samples
     results = {}
     bar = tqdm(["sft"] + [n for n in paths if n != "sft"], desc="evaluate", unit="model")
@@ -188,11 +173,8 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
             if name == "bon":
                 res = best_of_n_samples(sft, rm, rm_ck, enc, evals, g, lap)
             else:
-                policy, _, ck = (sft, enc, sft_ck) if name == "sft" else runtime.load_model(
-                    paths[name], ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0)
-                if ck.get("tokenizer", "world") != sft_ck.get("tokenizer", "world"):  # its KL would be noise
-                    raise SystemExit(f"error: {paths[name]} uses another tokenizer than the SFT model it is "
-                                     "compared with")
+                policy = sft if name == "sft" else runtime.load_model(  # (check_rows has read its tokenizer)
+                    paths[name], ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0)[0]
                 res = score(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature, generator=g,
                             ref=None if name == "sft" else sft, lap=lap)
             if rm is not None:
@@ -223,14 +205,9 @@ def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator, lap):
     best_of_n_kl_bound(bon)."""
     picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens, temperature,
                       generator=generator, lm_weight=rm_ck.get("lm_weight", 0.0), lap=lap)
-    res = {"samples": [{"prompt": p, "text": r["text"], "ended": r["ended"],
-                        "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])}
-                       for p, r in zip(evals, picks)]}
+    res = summarise(grade(evals, picks))
     lap("hidden human")
-    for k in ("gold", "ended", "fluency"):
-        res[k] = sum(s[k] for s in res["samples"]) / len(evals)
-    res["n"], res["kl"] = len(evals), best_of_n_kl_bound(bon)
-    return res
+    return {**res, "kl": best_of_n_kl_bound(bon)}
 
 
 def listed_checkpoints():
@@ -275,14 +252,11 @@ def check_rows(paths, ref_path, ref_ck, prompts, enc, rm_path=""):
                              f"--max_new_tokens={max_new_tokens}")
 
 
-def checkpoints_to_compare(rm_path):
-    """{name: path}: --ckpt's list, or every stage present in out_dir with best-of-N right after SFT when a
-    reward model exists."""
-    if ckpt:
-        items = listed_checkpoints()
-        if "bon" in items and not os.path.isfile(rm_path):
-            raise SystemExit(f"error: --ckpt: the best-of-N row needs a reward model; {rm_path} not found")
-        return items
+def checkpoints_to_compare(rm_path, listed=None):
+    """{name: path}: --ckpt's list (listed_checkpoints()), or every stage present in out_dir with best-of-N
+    right after SFT when a reward model exists."""
+    if listed:  # (main() has checked that a best-of-N row has its reward model)
+        return listed
     paths = {n: os.path.join(out_dir, f"{n}.pt") for n in ("base", "sft", "ppo", "grpo", "rloo", "dpo")}
     paths = {n: p for n, p in paths.items() if os.path.isfile(p)}
     if bon > 0 and os.path.isfile(rm_path):
@@ -391,7 +365,7 @@ def draw_figures(results, fig_dir):
     else:
         lines += ["(No beta sweep yet: `python evaluate.py --sweep=True` draws the reward-vs-KL frontier.)",
                   ""]
-    hack = read_jsonl(os.path.join(out_dir, "sweep", "ppo_beta0_long", "ppo.jsonl"))
+    hack = runtime.read_log(os.path.join(out_dir, "sweep", "ppo_beta0_long", "ppo.jsonl"))
     if hack:
         kls = [r["kl"] for r in hack]
         f = svg_plot(os.path.join(fig_dir, "overoptimisation.svg"), "PPO with beta = 0: RM score vs gold",
@@ -403,7 +377,7 @@ def draw_figures(results, fig_dir):
               ("ppo", "score", "gold"), ("grpo", "score", "gold"), ("rloo", "score", "gold"),
               ("dpo", "loss", "val/loss")]
     for stage, a, b in curves:
-        rows = read_jsonl(os.path.join(out_dir, f"{stage}.jsonl"))
+        rows = runtime.read_log(os.path.join(out_dir, f"{stage}.jsonl"))
         if not rows:
             continue
         x = list(range(1, len(rows) + 1))
@@ -448,14 +422,14 @@ def main():
     enc = get_tokenizer(ref_ck.get("tokenizer", "world"))
     if prompts:  # a prompt with no room for its answer: one line now, not a crash after minutes of sampling
         prompts_fit(prompts, eval_prompts, enc, ref_ck["model_args"]["block_size"], max_new_tokens)
-    check_rows(listed or checkpoints_to_compare(rm_path), ref_path, ref_ck, eval_prompts, enc, rm_path)
+    check_rows(checkpoints_to_compare(rm_path, listed), ref_path, ref_ck, eval_prompts, enc, rm_path)
     watch = runtime.Stopwatch(rt.device_type)  # where the time goes: sampling, scoring, the hidden human
     # ---- 2. optionally, PPO, DPO, GRPO and RLOO over a beta sweep first
     if sweep:
         run_sweep(rt, eval_prompts, rm_path)
         watch.lap("beta sweep (training and evaluating its runs)")
     # ---- 3. every model answers the same prompts; the hidden human judges
-    paths = checkpoints_to_compare(rm_path)
+    paths = checkpoints_to_compare(rm_path, listed)
     results = evaluate(rt, paths, eval_prompts, rm_path, watch)
     order = [n for n in paths if n in results] + [n for n in results if n not in paths]
     # ---- 4. the report and its figures

@@ -44,8 +44,8 @@ import model as M
 import runtime
 from data import world
 from data.chat import render_response
-from data.readers import DataError, read_comparisons, read_preferences, write_jsonl
-from rollout import best_of_n, prompts_fit, reply_logprobs, respond, rm_score, score_rows
+from data.readers import or_exit, read_comparisons, read_preferences, write_jsonl
+from rollout import best_of_n, grade, prompts_fit, reply_logprobs, respond, rm_score, score, score_rows
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -179,15 +179,12 @@ def collect_comparisons(policy, enc, prompts, rt, generator, K, max_new_tokens, 
 def file_comparisons(data, cmp_path):
     """--data: a TRL / Anthropic HH preference file, as rankings of two; otherwise the comparisons an earlier
     run collected (checked by data.readers; all rankings of the same size K)."""
-    try:
-        if data:
-            return [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ended": [True, True],
-                     "ranking": [0, 1]} for p in read_preferences(data)]
-        if not os.path.isfile(cmp_path):
-            sys.exit(f"error: {cmp_path} not found; a run with --collect=True, not --resume, samples them")
-        comps = read_comparisons(cmp_path)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    if data:
+        return [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ended": [True, True],
+                 "ranking": [0, 1]} for p in or_exit(read_preferences, data)]
+    if not os.path.isfile(cmp_path):
+        sys.exit(f"error: {cmp_path} not found; a run with --collect=True, not --resume, samples them")
+    comps = or_exit(read_comparisons, cmp_path)
     if len({len(c["ranking"]) for c in comps}) != 1:
         sys.exit(f"error: {cmp_path}: every comparison must rank the same number of responses")
     return comps
@@ -302,10 +299,8 @@ def best_of_n_on_held_out(policy, rm, enc, n, gain, bias, lm_weight, max_new_tok
     with rt.ctx:
         picks = best_of_n(policy, rm, enc, evals, n, gain, bias, max_new_tokens, temperature,
                           generator=generator, batch_size=gen_batch, lm_weight=lm_weight)
-        singles = [s for i in range(0, len(evals), gen_batch) for s in respond(
-            policy, enc, evals[i:i + gen_batch], max_new_tokens, temperature, generator=generator)]
-    gold_bon, gold_one = ([world.gold(p, x["text"], x["ended"]) for p, x in zip(evals, replies)]
-                          for replies in (picks, singles))
+        one = score(policy, enc, evals, max_new_tokens, temperature, gen_batch, generator)  # a sample each
+    gold_bon, gold_one = ([s["gold"] for s in samples] for samples in (grade(evals, picks), one["samples"]))
     golds = [[world.gold(p, x["text"], x["ended"]) for x in c["candidates"]] for p, c in zip(evals, picks)]
     rate, ci = world.win_rate(gold_bon, gold_one)
     oracle_rate, _ = world.win_rate(list(map(max, golds)), gold_one)

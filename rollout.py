@@ -176,30 +176,37 @@ def sample_kl(logprobs, ref, seq, attn_mask, gen_mask, temperature=1.0):
     return ((logprobs[:, 1:] - lr) * gen_mask[:, 1:]).sum(1)
 
 
+def grade(prompts, replies, kls=None):
+    """The world's hidden human grades replies to prompts (data.world.gold, 1.0 = ideal; fluency): one sample
+    {"prompt", "text", "ended", "kl", "gold", "fluency"} per reply ("kl" from kls, else 0)."""
+    return [{"prompt": p, "text": r["text"], "ended": r["ended"], "kl": kl,
+             "gold": world.gold(p, r["text"], r["ended"]), "fluency": world.fluency(r["text"])}
+            for p, r, kl in zip(prompts, replies, kls or [0.0] * len(prompts))]
+
+
+def summarise(samples):
+    """Graded samples with their means {"gold", "ended", "fluency", "kl"} and "n" (how many)."""
+    n = max(1, len(samples))
+    mean = {k: sum(s[k] for s in samples) / n for k in ("gold", "ended", "fluency", "kl")}
+    return {**mean, "n": len(samples), "samples": samples}
+
+
 def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64, generator=None, ref=None,
           lap=lambda phase: None, **sampling):
-    """Sample one reply per prompt and grade it with the world's hidden human (data.world.gold; 1.0 = ideal).
-    Returns means over prompts {"gold", "ended", "fluency", "kl"} ("kl": KL(model || ref) per answer,
-    estimated on the same samples; 0 without ref), "n" (the number of samples) and "samples" [{"prompt",
-    "text", "ended", "kl", "gold", "fluency"}]. lap: a runtime.Stopwatch's, to split the time into sampling,
-    scoring and the hidden human."""
+    """Sample one reply per prompt and grade it with the world's hidden human: summarise(grade(...)), where
+    "kl" is KL(model || ref) per answer, estimated on the same samples (0 without ref). lap: a
+    runtime.Stopwatch's, to split the time into sampling, scoring and the hidden human."""
     samples = []
     for i in range(0, len(prompts), batch_size):  # chunks bound the memory of a batched KV cache
         chunk = prompts[i:i + batch_size]
         replies, (seq, attn, gen, logprobs) = respond(model, enc, chunk, max_new_tokens, temperature,
                                                       generator=generator, return_batch=True, **sampling)
         lap("sampling")
-        kls = ([0.0] * len(chunk) if ref is None
-               else sample_kl(logprobs, ref, seq, attn, gen, temperature).tolist())
+        kls = None if ref is None else sample_kl(logprobs, ref, seq, attn, gen, temperature).tolist()
         lap("scoring")
-        for p, r, kl in zip(chunk, replies, kls):
-            samples.append({"prompt": p, "text": r["text"], "ended": r["ended"], "kl": kl,
-                            "gold": world.gold(p, r["text"], r["ended"]),
-                            "fluency": world.fluency(r["text"])})
+        samples += grade(chunk, replies, kls)
         lap("hidden human")
-    n = max(1, len(samples))
-    mean = {k: sum(s[k] for s in samples) / n for k in ("gold", "ended", "fluency", "kl")}
-    return {**mean, "n": len(samples), "samples": samples}
+    return summarise(samples)
 
 
 def win_rate_against(samples, ref_samples):

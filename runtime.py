@@ -341,26 +341,30 @@ def set_rank_rng_states(rng, states, rt):
             raise SystemExit(f"error: --resume: the checkpoint's rank_rng is damaged ({type(e).__name__}); "
                              "start afresh without --resume") from None
 
+def read_log(path):
+    """A stage's JSONL log as a list of dicts ([] if there is none): a line a kill cut short, a damaged byte
+    or a line that is not an object costs that line, not the run (or the report that draws the log)."""
+    rows = []
+    for line in open(path, errors="replace") if os.path.isfile(path) else []:
+        try:
+            rows.append(json.loads(line))
+        except (ValueError, RecursionError):
+            pass
+    return [r for r in rows if isinstance(r, dict)]
+
 def start_log(path, resumed_step=None):
     """Called once a run is known to start (so a run that fails its checks loses no log): a fresh run starts
     a fresh log; a resumed one drops the rows a killed run logged after its last checkpoint (and a line cut by
     the kill), so its rows follow on as an uninterrupted run's would. A failed write is one line."""
+    keep = [] if resumed_step is None else [
+        r for r in read_log(path) if type(r.get("iter")) in (int, float) and r["iter"] <= resumed_step]
     try:
-        if os.path.exists(path) and resumed_step is None:
+        if os.path.lexists(path):
             os.remove(path)
-        if not os.path.exists(path):
-            return
-        keep = []
-        with open(path, errors="replace") as f:  # a damaged byte costs its line, not the run
-            for line in f:
-                try:
-                    if json.loads(line)["iter"] <= resumed_step:
-                        keep.append(line)
-                except (ValueError, KeyError, TypeError, RecursionError):
-                    pass
-        with open(path, "w") as f:
-            f.writelines(keep)
-    except OSError as e:  # a directory in the way, a read-only file
+        if keep:
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+    except OSError as e:  # a directory in the way, a read-only directory
         raise SystemExit(f"error: could not write {path} ({e.strerror or e})") from None
 
 def ensure_checkpoint(path, script, out_dir):

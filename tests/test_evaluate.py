@@ -198,10 +198,9 @@ def test_a_bad_row_list_is_one_line_before_anything_runs(tmp_path, options, says
 
 
 def test_a_log_line_cut_by_a_kill_does_not_stop_the_report(tmp_path):
-    import evaluate
     (tmp_path / "sft.jsonl").write_text('{"iter": 1, "loss": 2.0}\n{"iter": 2, "loss": 1.5}\n{"iter": 3, "lo')
-    assert [r["iter"] for r in evaluate.read_jsonl(str(tmp_path / "sft.jsonl"))] == [1, 2]
-    assert evaluate.read_jsonl(str(tmp_path / "missing.jsonl")) == []
+    assert [r["iter"] for r in runtime.read_log(str(tmp_path / "sft.jsonl"))] == [1, 2]
+    assert runtime.read_log(str(tmp_path / "missing.jsonl")) == []
 
 
 def test_a_prompt_with_no_room_for_its_answer_is_one_line_before_any_sampling(tmp_path):
@@ -418,11 +417,10 @@ def test_the_sweep_runs_the_scripts_beside_it_from_any_directory(tmp_path, monke
 def test_a_damaged_stage_log_costs_its_lines_not_the_report(tmp_path):
     """The figures read every stage's log after all the sampling: a bad byte or a line that is not an object
     was a traceback there, and the report was lost."""
-    import evaluate
     path = tmp_path / "sft.jsonl"
     path.write_bytes(b'{"iter": 1, "loss": 2.0}\n\xff\n[1]\n{"iter": 2, "loss": 1.5}\n{"iter": 3, "lo')
-    assert evaluate.read_jsonl(str(path)) == [{"iter": 1, "loss": 2.0}, {"iter": 2, "loss": 1.5}]
-    assert evaluate.read_jsonl(str(tmp_path / "none.jsonl")) == []
+    assert runtime.read_log(str(path)) == [{"iter": 1, "loss": 2.0}, {"iter": 2, "loss": 1.5}]
+    assert runtime.read_log(str(tmp_path / "none.jsonl")) == []
 
 
 def test_the_end_of_stage_check_clusters_its_interval_by_prompt(monkeypatch, capsys):

@@ -17,6 +17,7 @@ import torch
 import model as M
 import runtime
 import reward  # importing the stage must not collect or train anything
+import rollout
 from data import world
 from data.chat import render_prompt, render_response
 from rollout import best_of_n, by_length, reply_logprobs, respond, reward_scores, rm_score, score_rows
@@ -681,8 +682,8 @@ def test_best_of_n_on_held_out_averages_sft_gold_over_every_candidate(monkeypatc
                 for p in prompts]
 
     monkeypatch.setattr(reward, "best_of_n", fake_best_of_n)
-    monkeypatch.setattr(reward, "respond", lambda policy, enc, prompts, *a, **k:
-                        [{"text": world.ideal(p), "ended": True} for p in prompts])
+    monkeypatch.setattr(reward, "score", lambda policy, enc, prompts, *a, **k:  # one SFT sample: the ideal
+                        {"samples": reward.grade(prompts, [{"text": world.ideal(p), "ended": True} for p in prompts])})
     rt = SimpleNamespace(ctx=contextlib.nullcontext())
     res = reward.best_of_n_on_held_out(None, None, None, 2, 1.0, 0.0, 0.0, 8, 1.0, 64, rt, None)
     bad_gold = sum(world.gold(p, bad) for p in evals) / len(evals)
@@ -781,12 +782,13 @@ def test_best_of_n_on_held_out_samples_at_its_temperature_and_scores_with_the_li
         return [{"text": "x", "ended": True, "score": 0.0, "candidates": [{"text": "x", "ended": True}] * n}
                 for _ in prompts]
 
-    def fake_respond(policy, enc, prompts, max_new_tokens, temperature, generator=None):
+    def fake_respond(policy, enc, prompts, max_new_tokens, temperature, generator=None, return_batch=False):
         seen["respond"].append((len(prompts), max_new_tokens, temperature))
-        return [{"text": "x", "ended": True} for _ in prompts]
+        replies = [{"text": "x", "ended": True} for _ in prompts]
+        return (replies, (None,) * 4) if return_batch else replies
 
     monkeypatch.setattr(reward, "best_of_n", fake_best_of_n)
-    monkeypatch.setattr(reward, "respond", fake_respond)
+    monkeypatch.setattr(rollout, "respond", fake_respond)  # the single samples: rollout.score's
     rt = SimpleNamespace(ctx=contextlib.nullcontext())
     reward.best_of_n_on_held_out(None, None, None, 3, 2.0, -1.0, 0.25, 8, 0.7, 16, rt, None)
     assert seen["bon"] == (len(evals), 3, 2.0, -1.0, 8, 0.7, 0.25)
