@@ -727,3 +727,19 @@ def test_the_closing_time_line_counts_the_sweep(tmp_path, monkeypatch, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     sweep_s = float(line.split("beta sweep (training and evaluating its runs) ")[1].split(" s")[0])
     assert line.startswith("evaluate time ") and sweep_s >= 0.3, line
+
+
+def test_the_graders_means_are_the_hidden_humans_grades_averaged_over_every_reply():
+    """rollout.grade judges each reply on its own (gold, fluency, ended; kl from kls, else 0) and summarise
+    averages them: the best-of-N row and every score() row are read off these means."""
+    import rollout
+    evals = world.prompts("eval")[:4]
+    replies = [{"text": world.ideal(p), "ended": True} for p in evals[:2]] + [
+        {"text": "You are dumb.", "ended": False} for _ in evals[2:]]
+    samples = rollout.grade(evals, replies)
+    assert [s["gold"] for s in samples[:2]] == [1.0, 1.0] and all(s["kl"] == 0.0 for s in samples)
+    bad = [world.gold(p, "You are dumb.", False) for p in evals[2:]]
+    res = rollout.summarise(samples)
+    assert res["n"] == 4 and res["gold"] == pytest.approx((2.0 + sum(bad)) / 4) and res["ended"] == 0.5
+    assert rollout.summarise(rollout.grade(evals[:2], replies[:2], [0.5, 1.5]))["kl"] == pytest.approx(1.0)
+    assert rollout.summarise([])["n"] == 0  # no replies: no division by zero
