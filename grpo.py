@@ -132,13 +132,14 @@ def main():
     hint = "a lower --lr or a larger --beta"
     # the frozen SFT reference and reward model, each built by its stage first if missing
     ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
+    sft_fp = runtime.fingerprint(sft_ck["model"])  # saved with the policy: the SFT model it is tuned from
     prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
     policy = runtime.model_from_checkpoint(sft_ck, os.path.join(out_dir, "sft.pt"), dropout=0.0).to(rt.device)
     optimizer = runtime.configure_optimizer(policy, 0.0, lr, (0.9, 0.95), rt.device_type)
     rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
     start = 0
     if resume:
-        runtime.same_network(ck_path, ck, sft_ck)
+        runtime.trained_from(ck_path, ck, sft_ck, remedy="start afresh without --resume")
         start = runtime.restore(ck, policy, optimizer, rt.scaler)
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
         if rt.master and start < max_iters:
@@ -224,7 +225,7 @@ def main():
                 runtime.save_checkpoint(ck_path, {
                     **runtime.training_state(raw_policy, optimizer, rt.scaler), "rank_rng": rank_rng,
                     "config": config, "model_args": sft_ck["model_args"], "kind": "grpo", "step": it + 1,
-                    "tokenizer": sft_ck.get("tokenizer", "world")})
+                    "tokenizer": sft_ck.get("tokenizer", "world"), "sft_fingerprint": sft_fp})
         watch.lap("logs & checkpoints")
 
     # ---- 6. held-out comparison with SFT under the hidden human (the world's prompts only)

@@ -237,6 +237,7 @@ def main():
     hint = "a lower --lr or --temperature closer to 1"
     # the frozen SFT reference and reward model, each built by its stage first if missing
     ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
+    sft_fp = runtime.fingerprint(sft_ck["model"])  # saved with the policy: the SFT model it is tuned from
     prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
     # the policy starts as SFT, with a fresh scalar head on its trunk as the value function (a departure)
     policy = runtime.model_from_checkpoint(sft_ck, os.path.join(out_dir, "sft.pt"), dropout=0.0,
@@ -248,7 +249,7 @@ def main():
     rng = random.Random(seed + rt.rank)  # the prompt sampler: each rank draws its own prompts
     kl_coef, start = beta, 0
     if resume:
-        runtime.same_network(ck_path, ck, sft_ck)
+        runtime.trained_from(ck_path, ck, sft_ck, remedy="start afresh without --resume")
         start = runtime.restore(ck, policy, optimizer, rt.scaler)  # with this run's lr and vf_lr
         kl_coef = ck["kl_coef"] if target_kl > 0 else beta  # an adapted beta resumes; a fixed one is --beta
         runtime.set_rank_rng_states(rng, ck["rank_rng"], rt)
@@ -350,7 +351,8 @@ def main():
                 runtime.save_checkpoint(ck_path, {
                     **runtime.training_state(raw_policy, optimizer, rt.scaler), "rank_rng": rank_rng,
                     "config": config, "model_args": sft_ck["model_args"], "kind": "ppo", "step": it + 1,
-                    "kl_coef": kl_coef, "tokenizer": sft_ck.get("tokenizer", "world")})
+                    "kl_coef": kl_coef, "tokenizer": sft_ck.get("tokenizer", "world"),
+                    "sft_fingerprint": sft_fp})
         watch.lap("logs & checkpoints")
 
     # ---- 7. held-out comparison with SFT under the hidden human (the world's prompts only)

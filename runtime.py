@@ -225,20 +225,22 @@ def same_network(path, ckpt, ref, what="the SFT model", hint=""):
         raise SystemExit(f"error: {path} is another network than {what} ({', '.join(diff)}){hint}")
 
 def fingerprint(state_dict):
-    """A short hash of a model's weights, stored in the reward model: which SFT model it was trained from."""
+    """A short hash of a model's weights, stored in the reward model and the tuned policies: which SFT model
+    each was trained from."""
     h = hashlib.sha256()
     for k, v in sorted(clean_state_dict(state_dict).items()):
         h.update(k.encode() + v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
-def trained_from(path, ck, sft_ck):
-    """One line if the reward checkpoint ck was trained from other weights than sft_ck's, e.g. sft.py was run
-    again since: its scores, normalised on the old model's answers, would judge the new one's. (A checkpoint
-    from before the fingerprint was kept cannot say, and passes.)"""
+def trained_from(path, ck, sft_ck, remedy="train it anew with `python reward.py`"):
+    """One line if the checkpoint ck was trained from other weights than sft_ck's, e.g. sft.py was run again
+    since: a reward model's scores, normalised on the old model's answers, would judge the new one's; a policy
+    resumed against the new reference would continue a KL measured from a model it never started from. (A
+    checkpoint from before the fingerprint was kept cannot say, and passes.)"""
     same_network(path, ck, sft_ck)
     if ck.get("sft_fingerprint") not in (None, fingerprint(sft_ck["model"])):
         raise SystemExit(f"error: {path} was trained from another SFT model (the same network, other "
-                         "weights: was sft.py run again?); train it anew with `python reward.py`")
+                         f"weights: was sft.py run again?); {remedy}")
 
 def load_reward_model(path, device, sft_ck=None):
     """(reward model, checkpoint), frozen, in eval mode. One line for a file with no reward head, one saved

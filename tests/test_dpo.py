@@ -293,6 +293,8 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     assert logs[1]["val/accuracy"] is not None and logs[0]["val/accuracy"] is None
     ck = runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
     assert ck["step"] == 3 and ck["tokenizer"] == "world"
+    sft = runtime.load_checkpoint(str(tmp_path / "sft.pt"), "sft")
+    assert ck["sft_fingerprint"] == runtime.fingerprint(sft["model"])  # the SFT model it was tuned from
     r = run("--max_iters=4", "--resume=True")
     assert r.returncode == 0, r.stderr[-2000:]
     assert runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")["step"] == 4

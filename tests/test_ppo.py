@@ -345,6 +345,8 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     assert f"resuming from {split / 'ppo.pt'} at iteration 1" in r.stdout
     a, b = (runtime.load_checkpoint(str(d / "ppo.pt"), "ppo") for d in (whole, split))
     assert a["step"] == b["step"] == 2 and a["kl_coef"] == b["kl_coef"]
+    sft = runtime.load_checkpoint(str(split / "sft.pt"), "sft")
+    assert b["sft_fingerprint"] == runtime.fingerprint(sft["model"])  # the SFT model it was tuned from
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     rows = [[{k: v for k, v in json.loads(line).items() if k != "time"} for line in open(d / "ppo.jsonl")]

@@ -317,6 +317,32 @@ def test_a_reward_model_of_an_earlier_sft_model_of_the_same_network_is_one_line(
         runtime.trained_from("reward.pt", {**rm_ck, "sft_fingerprint": fp}, sft)  # passes
 
 
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "dpo"])
+def test_resuming_a_policy_tuned_from_an_earlier_sft_model_of_the_same_network_is_one_line(out_dir, refusal,
+                                                                                          stage):
+    """sft.py run again, then ppo.py (grpo.py, dpo.py) --resume=True: the policy tuned from the old SFT model
+    continued against the new one as its KL reference, with a log whose rows measured the KL from the old.
+    A tuned policy stores its SFT model's fingerprint, as the reward model does; one of this very SFT model, or
+    from before the fingerprint, resumes."""
+    rankings = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}], "ranking": [0, 1],
+                 "responses": [f"The {a} is kind.", "No."], "ended": [True, True]} for a in world.ANIMALS]
+    (out_dir / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
+    sft = torch.load(out_dir / "sft.pt", weights_only=True)
+    m = M.GPT(M.GPTConfig(**sft["model_args"]))
+    opt = runtime.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    state = runtime.training_state(m, opt, torch.amp.GradScaler("cpu", enabled=False))
+    torch.manual_seed(1)
+    other = M.GPT(M.GPTConfig(**sft["model_args"])).state_dict()  # the same network, other weights
+    good = {"prompts": random.Random(0).getstate(), "torch": torch.get_rng_state()}
+    save_tiny(out_dir / f"{stage}.pt", stage, **{**state, "config": {}, "rank_rng": [good], "kl_coef": 0.05,
+                                                 "sft_fingerprint": runtime.fingerprint(other)})
+    before = snapshot(out_dir)
+    message = refusal(stage, f"--out_dir={out_dir}", "--resume=True", "--max_iters=3", "--max_new_tokens=8")
+    assert message == (f"error: {out_dir / (stage + '.pt')} was trained from another SFT model (the same "
+                       "network, other weights: was sft.py run again?); start afresh without --resume")
+    assert snapshot(out_dir) == before
+
+
 def test_the_fingerprint_reads_the_weights_not_their_names_prefixes(tmp_path):
     sd = M.GPT(M.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=8)).state_dict()
     fp = runtime.fingerprint(sd)
