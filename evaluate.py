@@ -248,13 +248,13 @@ def check_rows(paths, ref_path, ref_ck, prompts, enc, rm_path=""):
         block = ck["model_args"].get("block_size", 0)
         if longest + max_new_tokens > block:
             raise SystemExit(f"error: {path}: its block_size {block} has no room for the longest prompt "
-                             f"({longest} tokens with the chat template) and "
-                             f"--max_new_tokens={max_new_tokens}")
+                             f"({longest} tokens in the chat template) and --max_new_tokens={max_new_tokens}")
+        if kinds == "reward":  # normalised on another SFT model's answers, it would misjudge these
+            runtime.trained_from(path, ck, ref_ck)
 
 
 def checkpoints_to_compare(rm_path, listed=None):
-    """{name: path}: --ckpt's list (listed_checkpoints()), or every stage present in out_dir with best-of-N
-    right after SFT when a reward model exists."""
+    """{name: path}: --ckpt's list, or every stage in out_dir (best-of-N after SFT with a reward model)."""
     if listed:  # (main() has checked that a best-of-N row has its reward model)
         return listed
     paths = {n: os.path.join(out_dir, f"{n}.pt") for n in ("base", "sft", "ppo", "grpo", "rloo", "dpo")}

@@ -280,6 +280,21 @@ def test_a_reward_model_that_cannot_score_the_rows_is_one_line_before_sampling(t
     assert msg.startswith(f"error: {tmp_path / 'rm.pt'}") and says in msg, msg
 
 
+def test_a_reward_model_of_an_earlier_sft_model_is_one_line_before_sampling(tmp_path, refusal, monkeypatch):
+    """sft.py run again leaves reward.pt from the old weights: ppo.py, grpo.py and dpo.py refused it, while
+    evaluate.py scored every row and picked the best-of-N answers with it, normalised on the old model's."""
+    import rollout
+    monkeypatch.setattr(rollout, "score", lambda *a, **k: pytest.fail("sampled before the checks"))
+    save_row(tmp_path / "sft.pt")
+    save_row(tmp_path / "reward.pt", kind="reward")
+    ck = torch.load(tmp_path / "reward.pt", weights_only=True)
+    torch.save({**ck, "sft_fingerprint": "0" * 16}, tmp_path / "reward.pt")
+    msg = refusal("evaluate", f"--out_dir={tmp_path}", "--max_new_tokens=8")
+    assert msg == (f"error: {tmp_path / 'reward.pt'} was trained from another SFT model (the same network, "
+                   "other weights: was sft.py run again?); train it anew with `python reward.py`")
+    assert sorted(os.listdir(tmp_path)) == ["reward.pt", "sft.pt"]
+
+
 @pytest.mark.parametrize("change, says", [({"normalised": False}, "was saved before training finished"),
                                           ({"gain": float("nan")}, "its gain, bias and lm_weight (nan,")])
 def test_an_unusable_reward_model_is_refused_before_a_sweep_trains_anything(tmp_path, refusal, monkeypatch,
