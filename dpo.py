@@ -259,11 +259,11 @@ def train_step(policy, optimizer, rt, micro_batches, answers, pad_id, lr_now, gr
     return {k: sum(a[k] for a in acc) / len(acc) for k in acc[0]}
 
 
-def save(path, policy, optimizer, rt, config, sft_ck, sft_fp, step, rnd=0):
+def save(path, policy, optimizer, rt, config, sft_ck, sft_fp, step, rnd=0, per_round=0):
     runtime.save_checkpoint(path, {**runtime.training_state(policy, optimizer, rt.scaler), "config": config,
                                    "model_args": sft_ck["model_args"], "kind": "dpo", "step": step,
-                                   "round": rnd, "tokenizer": sft_ck.get("tokenizer", "world"),
-                                   "sft_fingerprint": sft_fp})
+                                   "round": rnd, "per_round": per_round, "sft_fingerprint": sft_fp,
+                                   "tokenizer": sft_ck.get("tokenizer", "world")})
 
 
 def online_round(policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, n_prompts, k, n_pairs,
@@ -360,15 +360,19 @@ def main():
     n_micro = n_iters * grad_accum * rt.world_size
     plan = [b for e in range(-(-n_micro // n_batches)) for b in epoch_batches(pair_len, batch_size, seed, e)]
     optimizer = runtime.configure_optimizer(policy, weight_decay, lr, (0.9, 0.95), rt.device_type)
+    per_round = -(-online_prompts * online_pairs // pairs_per_step)  # online: a step slot for every pair
     start = start_round = 0
     if resume:
         start, start_round = runtime.restore(ck, policy, optimizer, rt.scaler), ck.get("round", 0)
+        if start_round and (n_iters > start or ck.get("per_round", per_round) != per_round):  # log's steps
+            raise SystemExit(f"error: --resume: {ck_path} is in online rounds after {start} offline steps; "
+                             "resume with its --max_iters, --online_prompts, --online_pairs, batch size")
         if rt.master:
             print(f"resuming from {ck_path} at step {start}, online round {start_round}")
     raw_policy, policy = policy, runtime.wrap(policy, rt, compile)
+    n_off = max(n_iters, start)  # the offline steps taken when the online rounds begin
 
     # ---- 5. offline DPO: minimise the loss over the comparisons' pairs
-    per_round = -(-online_prompts * online_pairs // pairs_per_step)  # online: a step slot for every pair
     if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
         runtime.start_log(log_path, start + start_round * per_round if resume else None)
         print(f"{len(train_pairs)} training pairs, {len(val_pairs)} held out, from {len(responses)} answers "
@@ -406,7 +410,7 @@ def main():
             answers, round_pairs, mean_score = online_round(
                 raw_policy, ref, rm, rm_ck, enc, fit, rnd, answers, rt, online_prompts, online_k,
                 online_pairs, max_new_tokens, no_end_penalty, block_size, seed, watch.lap)
-            runtime.check_finite("dpo", n_iters + rnd * per_round + 1, "--dtype=float32", score=mean_score)
+            runtime.check_finite("dpo", n_off + rnd * per_round + 1, "--dtype=float32", score=mean_score)
             n_round = torch.tensor(float(len(round_pairs)), device=rt.device)
             if rt.ddp:  # every rank must take the same number of steps: skip the round if one has no pair
                 torch.distributed.all_reduce(n_round, op=torch.distributed.ReduceOp.MIN)
@@ -421,13 +425,13 @@ def main():
                 take = [order[(k * grad_accum * batch_size + j) % len(order)]
                         for j in range(batch_size * grad_accum)]
                 micro = [round_pairs[take[m * batch_size:(m + 1) * batch_size]] for m in range(grad_accum)]
-                step = n_iters + rnd * per_round + k + 1
+                step = n_off + rnd * per_round + k + 1
                 means = train_step(policy, optimizer, rt, micro, answers, pad_id, lr_now, grad_clip, step, hp)
                 if rt.master:
                     runtime.append_jsonl(log_path, {"iter": step, "round": rnd + 1, **means, "lr": lr_now,
                                                     "time": time.time() - t0})
             if rt.master:  # with several processes: the score and the pairs of this process's share
-                save(ck_path, raw_policy, optimizer, rt, config, sft_ck, sft_fp, n_iters, rnd + 1)
+                save(ck_path, raw_policy, optimizer, rt, config, sft_ck, sft_fp, n_off, rnd + 1, per_round)
                 print(f"online round {rnd + 1}/{online_rounds}: {online_prompts} prompts x {online_k} "
                       f"answers, RM score {mean_score:+.3f}, {len(round_pairs)} pairs, loss "
                       f"{means['loss']:.3f}, accuracy {means['accuracy']:.2f}")

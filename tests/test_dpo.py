@@ -313,6 +313,19 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
     assert [x["iter"] for x in logs] == [1, 2, 3, 4, 5]  # 4 prompts: one step of 4 pairs
     assert logs[-1]["round"] == 1
+    # after an online round, more offline steps would follow it and the log's steps would repeat: refused;
+    # fewer than the checkpoint took are none to take, and round 2 follows round 1 in the log
+    online = ["--resume=True", "--online_rounds=2", "--online_prompts=4", "--online_k=3", "--online_pairs=1"]
+    before = [(tmp_path / f).read_bytes() for f in ("dpo.pt", "dpo.jsonl")]
+    r = run("--max_iters=6", *online)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: --resume: {tmp_path / 'dpo.pt'} is in online rounds after 4 offline steps"), r.stderr[-2000:]
+    assert [(tmp_path / f).read_bytes() for f in ("dpo.pt", "dpo.jsonl")] == before
+    r = run("--max_iters=3", *online)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(line)["iter"] for line in open(tmp_path / "dpo.jsonl")] == [1, 2, 3, 4, 5, 6]
+    resumed = runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
+    assert resumed["step"] == 4 and resumed["round"] == 2
     # a dpo.pt of another network is refused in one line, not a traceback from load_state_dict
     other = {**args, "n_embd": 32}
     runtime.save_checkpoint(str(tmp_path / "dpo.pt"), {**ck, "model_args": other,
