@@ -122,8 +122,7 @@ def run_sweep(rt, eval_prompts, rm_path):
     if not os.path.isfile(os.path.join(out_dir, "comparisons.jsonl")):  # a reward model trained on --data=...
         raise SystemExit(f"error: the sweep needs {out_dir}/comparisons.jsonl; `python reward.py` writes it")
     root = os.path.join(out_dir, "sweep")
-    script = {"ppo": ["ppo.py"], "dpo": ["dpo.py"], "grpo": ["grpo.py"],
-              "rloo": ["grpo.py", "--baseline=rloo"]}
+    script = {m: [f"{m}.py"] for m in ("ppo", "dpo", "grpo")} | {"rloo": ["grpo.py", "--baseline=rloo"]}
     betas = {"ppo": ppo_betas, "dpo": dpo_betas, "grpo": grpo_betas, "rloo": rloo_betas}
     runs = [(m, b, []) for m in sweep_methods for b in betas[m]]
     if hack_iters:  # over-optimisation: beta = 0, trained longer
@@ -214,16 +213,18 @@ def listed_checkpoints():
     """--ckpt's list -> {name: path}: name=path, or a path named by its file; "bon" (best-of-N): None."""
     items = [c.split("=", 1) if "=" in c else (os.path.splitext(os.path.basename(c))[0], c)
              for c in ckpt.split(",")]
+    bad = [c for c, (n, p) in zip(ckpt.split(","), items) if not n or not p or n == "bon" and p != "bon"]
+    if bad:  # an empty item ("a.pt,,b.pt"), an empty name or path, or a path for the best-of-N row
+        raise SystemExit(f"error: --ckpt: {bad[0]!r} is not a path, name=path or bon (which takes no path)")
     items = [(n, None if n == "bon" else p) for n, p in items]
-    names = [n for n, _ in items]
-    twice = [n for n in names if names.count(n) > 1]
+    twice = [n for n, _ in items if sum(m == n for m, _ in items) > 1]
     if twice:
         raise SystemExit(f"error: --ckpt: two rows are named {twice[0]}; name them apart with name=path")
-    if "bon" in names and bon < 1:
+    if "bon" in dict(items) and bon < 1:
         raise SystemExit("error: --ckpt: the best-of-N row needs --bon >= 1")
     missing = [p for n, p in items if p is not None and not os.path.isfile(p)]
-    if missing:
-        raise SystemExit(f"error: --ckpt: {missing[0]} not found")
+    if missing:  # (or a directory)
+        raise SystemExit(f"error: --ckpt: {missing[0]}: no such checkpoint file")
     return dict(items)
 
 
@@ -397,6 +398,7 @@ def main():
         **dict.fromkeys(("ppo_betas", "grpo_betas", "rloo_betas"), (lambda v: min(v, default=0) >= 0,
                                                                     "betas >= 0")),
         "dpo_betas": (lambda v: min(v, default=1) > 0, "betas > 0"),  # refused now, not after a sweep's runs
+        "reward": (lambda v: not v or os.path.isfile(v), "a file that exists (\"\": out_dir/reward.pt)"),
         "sweep": (lambda v: not v or hack_iters or any(globals()[f"{m}_betas"] for m in sweep_methods),
                   "False when no method of --sweep_methods has a beta and --hack_iters=0: nothing to train")})
     rt = runtime.setup(device, dtype, seed)
@@ -408,8 +410,6 @@ def main():
                          "could not be written; move it away")
     eval_prompts = or_exit(read_prompts, prompts) if prompts else world.prompts("eval")
     rm_path = reward or os.path.join(out_dir, "reward.pt")
-    if reward and not os.path.isfile(reward):
-        raise SystemExit(f"error: --reward: {reward} not found")
     listed = listed_checkpoints() if ckpt else {}
     if "bon" in listed and not sweep and not os.path.isfile(rm_path):  # (the sweep builds one)
         raise SystemExit(f"error: --ckpt: the best-of-N row needs a reward model; {rm_path} not found")

@@ -16,7 +16,7 @@ import bench  # noqa: E402  (importing bench.py runs nothing)
 import model as M  # noqa: E402
 from bench import forward_flops  # noqa: E402
 
-TINY = ["--train_iters=1", "--warmup_iters=0", "--gen_repeats=1", "--gen_batches=(2,)", "--matmul_size=64",
+TINY = ["--train_iters=1", "--warmup_iters=0", "--gen_repeats=1", "--gen_batches=(2,)", "--matmul_size=256",
         "--dtypes=('float32',)", "--block_size=32", "--n_layer=1", "--n_head=2", "--n_embd=32"]
 
 
@@ -66,6 +66,14 @@ def test_no_precision_to_train_in_is_refused(refusal):
     """--dtypes=() would print an empty training table without saying why."""
     message = refusal("bench", *TINY, "--dtypes=()")
     assert message.startswith("error: --dtypes=() is out of range: it must be a non-empty tuple"), message
+
+
+def test_a_matmul_too_small_to_measure_a_peak_is_refused(refusal):
+    """A 16 x 16 product is over before the clock moves: its "peak" was a fraction of the model's own speed,
+    and the training and sampling rows read thousands of per cent of it."""
+    message = refusal("bench", *TINY, "--matmul_size=16")
+    assert message == ("error: --matmul_size=16 is out of range: it must be >= 256: a smaller product is too "
+                       "brief to measure a peak")
 
 
 def test_dims_too_large_for_memory_are_one_line(refusal):

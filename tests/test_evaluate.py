@@ -188,6 +188,10 @@ def test_a_method_with_one_point_has_its_gold_in_the_row_every_method_covers(tmp
     (["--ckpt=a/ppo.pt,b/ppo.pt"], "two rows are named ppo"),
     (["--ckpt=bon", "--bon=0"], "needs --bon >= 1"),
     (["--sweep=True", "--sweep_methods=('PPO',)"], "--sweep_methods"),
+    # an empty item, an empty name, a path for the best-of-N row (it was dropped), a directory
+    (["--ckpt=a.pt,,b.pt"], "'' is not a path, name=path or bon"), (["--ckpt==a.pt"], "'=a.pt' is not a path"),
+    (["--ckpt=bon=a.pt"], "'bon=a.pt' is not a path, name=path or bon (which takes no path)"),
+    ([f"--ckpt={ROOT}"], f"{ROOT}: no such checkpoint file"), (["--reward=none.pt"], "--reward='none.pt'"),
 ])
 def test_a_bad_row_list_is_one_line_before_anything_runs(tmp_path, options, says):
     r = subprocess.run([sys.executable, "evaluate.py", f"--out_dir={tmp_path}", *options], cwd=ROOT,
