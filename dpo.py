@@ -260,9 +260,10 @@ def train_step(policy, optimizer, rt, micro_batches, answers, pad_id, lr_now, gr
 
 
 def save(path, policy, optimizer, rt, config, sft_ck, sft_fp, step, rnd=0, per_round=0):
-    runtime.save_checkpoint(path, {**runtime.training_state(policy, optimizer, rt.scaler), "config": config,
-                                   "model_args": sft_ck["model_args"], "kind": "dpo", "step": step,
-                                   "round": rnd, "per_round": per_round, "sft_fingerprint": sft_fp,
+    state = runtime.training_state(policy, optimizer, rt.scaler, os.path.splitext(path)[0] + ".jsonl")  # log
+    runtime.save_checkpoint(path, {**state, "config": config, "kind": "dpo", "step": step, "round": rnd,
+                                   "per_round": per_round, "sft_fingerprint": sft_fp,
+                                   "model_args": sft_ck["model_args"],
                                    "tokenizer": sft_ck.get("tokenizer", "world")})
 
 
@@ -294,7 +295,8 @@ def main():
     # ---- 1. options, then the inputs: sft.pt and the comparisons (built if missing)
     config = runtime.configure(globals(), ranges={
         "loss": (lambda v: v in ("sigmoid", "ipo"), "'sigmoid' or 'ipo'"), "beta": (lambda v: v > 0, "> 0"),
-        "online_prompts": (lambda v: v >= int(os.environ.get("WORLD_SIZE", 1)), ">= 1 per process")})
+        "online_prompts": (lambda v: v >= int(os.environ.get("WORLD_SIZE", 1)), ">= 1 per process"),
+        "data": (lambda v: not v or os.path.isfile(v), "a preference file that exists (\"\": comparisons)")})
     if online_rounds and online_pairs > online_k // 2:  # (they matter only with online rounds)
         raise SystemExit(f"error: --online_pairs={online_pairs} must be <= online_k / 2 = {online_k // 2}")
     if label_smoothing and loss != "sigmoid":
@@ -302,8 +304,6 @@ def main():
     sft_path, ck_path = os.path.join(out_dir, "sft.pt"), os.path.join(out_dir, "dpo.pt")
     rm_path, log_path = os.path.join(out_dir, "reward.pt"), os.path.join(out_dir, "dpo.jsonl")
     data_path = data or os.path.join(out_dir, "comparisons.jsonl")
-    if data and not os.path.isfile(data):
-        raise SystemExit(f"error: preference file {data} not found")
     loaded = or_exit(load_pairs, data_path) if data else None  # a bad file is one line before SFT is built
     if not data and os.path.isfile(rm_path) and not os.path.isfile(data_path):  # a --data reward model
         raise SystemExit(f"error: {data_path} not found beside {rm_path}: pass the --data it was trained on")
@@ -374,7 +374,7 @@ def main():
 
     # ---- 5. offline DPO: minimise the loss over the comparisons' pairs
     if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
-        runtime.start_log(log_path, start + start_round * per_round if resume else None)
+        runtime.start_log(log_path, start + start_round * per_round if resume else None, ck)
         print(f"{len(train_pairs)} training pairs, {len(val_pairs)} held out, from {len(responses)} answers "
               f"in {data_path}; {n_iters} steps of {pairs_per_step} pairs; loss {loss}, beta {beta}")
     # "logps/chosen" often FALLS as the margin grows (no bug): the loss sees only the DIFFERENCE of the

@@ -261,7 +261,7 @@ def main():
     raw_policy = policy
     policy = runtime.wrap(policy, rt, compile)
     if rt.master:  # the run is known to start: a fresh log, or a resumed run's rows up to its checkpoint
-        runtime.start_log(log_path, start if resume else None)
+        runtime.start_log(log_path, start if resume else None, ck)
 
     bar = tqdm(range(start, max_iters), initial=start, total=max_iters, disable=not rt.master, desc="ppo")
     t0, watch = time.time(), runtime.Stopwatch(rt.device_type, rt.master)  # watch: where the time goes
@@ -348,11 +348,11 @@ def main():
         if (it + 1) % save_interval == 0 or it + 1 == max_iters:
             rank_rng = runtime.rank_rng_states(rng, rt)  # every rank takes part; rank 0 writes
             if rt.master:
+                state = runtime.training_state(raw_policy, optimizer, rt.scaler, log_path)
                 runtime.save_checkpoint(ck_path, {
-                    **runtime.training_state(raw_policy, optimizer, rt.scaler), "rank_rng": rank_rng,
+                    **state, "rank_rng": rank_rng, "kl_coef": kl_coef, "sft_fingerprint": sft_fp,
                     "config": config, "model_args": sft_ck["model_args"], "kind": "ppo", "step": it + 1,
-                    "kl_coef": kl_coef, "tokenizer": sft_ck.get("tokenizer", "world"),
-                    "sft_fingerprint": sft_fp})
+                    "tokenizer": sft_ck.get("tokenizer", "world")})
         watch.lap("logs & checkpoints")
 
     # ---- 7. held-out comparison with SFT under the hidden human (the world's prompts only)

@@ -204,7 +204,7 @@ def main():
     # ---- 4. training: minimise the next-token loss; held-out loss and checkpoint every eval_interval steps
     tokens_per_step = batch_size * block_size * grad_accum * rt.world_size
     if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
-        runtime.start_log(log_path, start if resume else None)
+        runtime.start_log(log_path, start if resume else None, ckpt)
         print(f"{raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
               f"{len(streams['train']):,} training tokens, {tokens_per_step:,} tokens per step, "
               f"device {rt.device}, dtype {rt.dtype}")
@@ -240,9 +240,9 @@ def main():
                                             "lr": optimizer.param_groups[0]["lr"],
                                             "tokens": (it + 1) * tokens_per_step, "time": time.time() - t0})
             if val is not None:
-                runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler),
-                                                  "config": config, "model_args": model_args, "kind": "base",
-                                                  "step": it + 1, "tokenizer": tokenizer})
+                state = runtime.training_state(raw_model, optimizer, rt.scaler, log_path)
+                runtime.save_checkpoint(ck_path, {**state, "config": config, "model_args": model_args,
+                                                  "kind": "base", "step": it + 1, "tokenizer": tokenizer})
         watch.lap("logs & checkpoints")
     if rt.master and start >= end:
         print(f"{ck_path} is already at step {start} >= {end} (--max_iters={max_iters}, "

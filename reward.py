@@ -249,7 +249,8 @@ def save_reward(path, rm, optimizer, rt, sft_ck, config, step, K, loss, lm_weigh
     "normalised": False, which runtime.load_reward_model refuses; the final one norm = (gain, bias), True."""
     gain, bias = norm or (1.0, 0.0)
     runtime.save_checkpoint(path, {
-        **runtime.training_state(rm, optimizer, rt.scaler), "config": config, "kind": "reward", "step": step,
+        **runtime.training_state(rm, optimizer, rt.scaler, os.path.splitext(path)[0] + ".jsonl"),  # its log
+        "config": config, "kind": "reward", "step": step,
         "model_args": {**sft_ck["model_args"], "scalar_head": True, "dropout": 0.0},
         "tokenizer": sft_ck.get("tokenizer", "world"), "K": K, "loss": loss, "gain": gain, "bias": bias,
         "normalised": norm is not None, "lm_weight": lm_weight, "metrics": metrics or {},
@@ -381,7 +382,7 @@ def main():
         steps_per_epoch = math.ceil(len(train_idx) / (batch_size * rt.world_size))
         iters = max_iters or epochs * steps_per_epoch
         if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
-            runtime.start_log(log_path, start if resume else None)
+            runtime.start_log(log_path, start if resume else None, ck if resume else None)
             print(f"{len(train_idx)} train / {len(val_idx)} held-out rankings of {Kc} answers; {iters} steps "
                   f"of {batch_size * rt.world_size} rankings, loss {loss}, device {rt.device}")
         bar = tqdm(range(start, min(iters, stop_at or iters)), initial=start, total=iters,  # stop_at: killed

@@ -280,10 +280,16 @@ def set_rng_state(d):
 DAMAGED_STATE = (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError)  # RNG states
 RESUME = ("step", "optimizer", "scaler", "rng")  # what restore() reads: load_checkpoint(..., need=RESUME)
 
-def training_state(model, optimizer, scaler):
-    """The part of a checkpoint that --resume needs besides config and step (restore() reads it back)."""
+def training_state(model, optimizer, scaler, log=None):
+    """The part of a checkpoint that --resume needs besides config and step (restore() reads it back), and the
+    stage's log as it stands: its size and SHA-256, which start_log checks a resumed run's log against."""
+    mark = None
+    if log and os.path.isfile(log):
+        with open(log, "rb") as f:
+            data = f.read()
+        mark = [len(data), hashlib.sha256(data).hexdigest()]
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state()}
+            "rng": rng_state(), "log": mark}
 
 def restore(ckpt, model, optimizer, scaler=None):
     """--resume: weights, optimizer moments, loss scale and every RNG stream from a checkpoint; returns its
@@ -354,13 +360,23 @@ def read_log(path):
             pass
     return [r for r in rows if isinstance(r, dict)]
 
-def start_log(path, resumed_step=None):
+def start_log(path, resumed_step=None, checkpoint=None):
     """Called once a run is known to start (so a run that fails its checks loses no log): a fresh run starts
     a fresh log; a resumed one drops the rows a killed run logged after its last checkpoint (and a line cut by
-    the kill), so its rows follow on as an uninterrupted run's would. A failed write is one line."""
+    the kill), so its rows follow on as an uninterrupted run's would. A log that does not begin as the
+    resumed checkpoint's record of it says (training_state's "log") is a later run's (a fresh run killed
+    before its first checkpoint started it): resuming would splice two runs' rows, so it is one line, as is a
+    failed write."""
     keep = [] if resumed_step is None else [
         r for r in read_log(path) if type(r.get("iter")) in (int, float) and r["iter"] <= resumed_step]
+    mark = (checkpoint or {}).get("log")
     try:
+        if resumed_step is not None and isinstance(mark, list) and len(mark) == 2 and os.path.isfile(path):
+            with open(path, "rb") as f:
+                head = f.read(mark[0]) if type(mark[0]) is int and mark[0] >= 0 else b""
+            if hashlib.sha256(head).hexdigest() != mark[1]:
+                raise SystemExit(f"error: --resume: {path} is the log of a later run than the checkpoint "
+                                 "(one stopped before its first checkpoint); start afresh without --resume")
         if os.path.lexists(path):
             os.remove(path)
         if keep:

@@ -217,7 +217,7 @@ def main():
 
     # ---- 5. training: minimise L_SFT, a held-out loss and a checkpoint every eval_interval steps
     if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
-        runtime.start_log(log_path, start if resume else None)
+        runtime.start_log(log_path, start if resume else None, ckpt)
         print(f"{raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, {len(train_rows)} "
               f"training conversations ({n_tok:,} assistant tokens), {len(val_rows)} held out, "
               f"{batch_size * grad_accum * rt.world_size} conversations per step, device {rt.device}, "
@@ -260,9 +260,9 @@ def main():
                                             "lr": optimizer.param_groups[0]["lr"], "targets": n_targets,
                                             "time": time.time() - t0})
             if due:
-                runtime.save_checkpoint(ck_path, {**runtime.training_state(raw_model, optimizer, rt.scaler),
-                                                  "config": config, "model_args": model_args, "kind": "sft",
-                                                  "step": it + 1, "tokenizer": tokenizer})
+                state = runtime.training_state(raw_model, optimizer, rt.scaler, log_path)
+                runtime.save_checkpoint(ck_path, {**state, "config": config, "model_args": model_args,
+                                                  "kind": "sft", "step": it + 1, "tokenizer": tokenizer})
         watch.lap("logs & checkpoints")
     if rt.master and start >= end:
         print(f"{ck_path} is already at step {start} >= {end} (--max_iters={max_iters}, "

@@ -368,6 +368,7 @@ def test_an_answer_that_never_ends_loses_the_penalty_in_the_ranking():
      "--online_pairs=3 must be <= online_k / 2 = 2"),
     (["--loss=ipo", "--label_smoothing=0.1"], "needs --loss=sigmoid"),
     (["--online_rounds=1", "--data=prefs.jsonl"], "need a reward model"),
+    (["--data=none.jsonl"], "--data='none.jsonl' is out of range: it must be a preference file that exists"),
 ])
 def test_bad_options_stop_before_anything_is_touched(tmp_path, refusal, flags, message):
     (tmp_path / "dpo.jsonl").write_text("old log\n")

@@ -121,6 +121,14 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     r = run(["--resume=True", "--max_iters=8", "--stop_at=6"], tmp_path / "b", check=False)
     assert r.returncode == 0 and "is already at step 6 >= 6 (--max_iters=8, --stop_at=6)" in r.stdout
     assert (tmp_path / "b" / "base.pt").read_bytes() == ck
+    # a later fresh run replaced the log and was killed before its first checkpoint: resuming base.pt would
+    # splice its rows with base.pt's steps; one line instead, nothing touched
+    log = tmp_path / "b" / "pretrain.jsonl"
+    log.write_text('{"iter": 1, "loss": 6.5}\n')
+    r = run(["--resume=True", "--max_iters=8"], tmp_path / "b", check=False)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: --resume: {log} is the log of a later run than the checkpoint"), r.stderr[-2000:]
+    assert (tmp_path / "b" / "base.pt").read_bytes() == ck and log.read_text() == '{"iter": 1, "loss": 6.5}\n'
 
 
 def test_a_text_files_documents_split_at_blank_lines_even_with_spaces_and_a_bom(tmp_path):

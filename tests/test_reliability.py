@@ -187,6 +187,30 @@ def test_a_resumed_log_drops_a_line_nested_too_deeply_as_any_damaged_line(tmp_pa
     assert path.read_text() == '{"iter": 1}\n{"iter": 2}\n'
 
 
+def test_a_resumed_log_must_begin_as_the_checkpoint_recorded_it(tmp_path):
+    """training_state records the log's size and hash as the checkpoint is saved. A killed run's later rows are
+    cut as before; a log a later fresh run started (it removed this run's log and was killed before its first
+    checkpoint) was spliced with the old checkpoint's steps: now one line, the log untouched."""
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"iter": 1}\n{"iter": 2}\n')
+    m = M.GPT(M.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    opt = runtime.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    ck = {**runtime.training_state(m, opt, torch.amp.GradScaler("cpu", enabled=False), str(path)), "step": 2}
+    assert ck["log"][0] == len(path.read_bytes())
+    with open(path, "a") as f:
+        f.write('{"iter": 3}\n{"iter": 4, "lo')  # logged after the checkpoint, the last row cut by a kill
+    runtime.start_log(str(path), 2, ck)
+    assert path.read_text() == '{"iter": 1}\n{"iter": 2}\n'
+    path.write_text('{"iter": 1, "loss": 9.0}\n')  # a later fresh run's first row
+    with pytest.raises(SystemExit, match=r"^error: --resume: .*sft\.jsonl is the log of a later run than the "
+                                         r"checkpoint \(one stopped before its first checkpoint\); start afresh"):
+        runtime.start_log(str(path), 2, ck)
+    assert path.read_text() == '{"iter": 1, "loss": 9.0}\n'
+    path.unlink()
+    runtime.start_log(str(path), 2, ck)  # no log at all: nothing to splice, the resumed run starts one
+    assert not path.exists()
+
+
 def test_a_log_or_temporary_file_path_with_a_directory_in_it_is_one_line(tmp_path):
     """A directory where the stage's log goes (fresh or resumed), or where save_checkpoint writes its
     temporary file: tracebacks, the second from the cleanup of the failed write hiding the first."""
