@@ -369,19 +369,19 @@ def start_log(path, resumed_step=None, checkpoint=None):
     failed write."""
     keep = [] if resumed_step is None else [
         r for r in read_log(path) if type(r.get("iter")) in (int, float) and r["iter"] <= resumed_step]
-    mark = (checkpoint or {}).get("log")
+    mark, text = (checkpoint or {}).get("log"), "".join(json.dumps(r) + "\n" for r in keep).encode()
     try:
         if resumed_step is not None and isinstance(mark, list) and len(mark) == 2 and os.path.isfile(path):
             with open(path, "rb") as f:
-                head = f.read(mark[0]) if type(mark[0]) is int and mark[0] >= 0 else b""
-            if hashlib.sha256(head).hexdigest() != mark[1]:
+                text = f.read(mark[0]) if type(mark[0]) is int and mark[0] >= 0 else b""  # as it was saved
+            if hashlib.sha256(text).hexdigest() != mark[1]:
                 raise SystemExit(f"error: --resume: {path} is the log of a later run than the checkpoint "
                                  "(one stopped before its first checkpoint); start afresh without --resume")
         if os.path.lexists(path):
             os.remove(path)
-        if keep:
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
+        if text:
+            with open(path, "wb") as f:
+                f.write(text)
     except OSError as e:  # a directory in the way, a read-only directory
         raise SystemExit(f"error: could not write {path} ({e.strerror or e})") from None
 
