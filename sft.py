@@ -187,6 +187,10 @@ def main():
     # ---- 3. model (the base model, or the run to resume), optimizer
     if resume:
         model_args, tokenizer = {**ckpt["model_args"], "dropout": dropout}, ckpt.get("tokenizer", "world")
+        if rt.master and compare:  # read before training: a bad --init, or a base.pt made anew, is one line
+            base, base_args, base_tok = load_base(start_from, base_path, dropout)
+            runtime.same_network(start_from or base_path, {"model_args": base_args, "tokenizer": base_tok},
+                                 ckpt, "the SFT model it resumes", "; --compare=False skips the comparison")
     else:
         model, model_args, tokenizer = load_base(init, base_path, dropout)
         model_args = {**model_args, "dropout": dropout}
@@ -217,7 +221,7 @@ def main():
 
     # ---- 5. training: minimise L_SFT, a held-out loss and a checkpoint every eval_interval steps
     if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
-        runtime.start_log(log_path, start if resume else None, ckpt)
+        runtime.start_log(log_path, start if resume else None, ckpt if resume else None)
         print(f"{raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, {len(train_rows)} "
               f"training conversations ({n_tok:,} assistant tokens), {len(val_rows)} held out, "
               f"{batch_size * grad_accum * rt.world_size} conversations per step, device {rt.device}, "
@@ -271,7 +275,7 @@ def main():
     # ---- 6. before and after: the base model and the SFT model answer the same held-out prompts
     if rt.master and compare:
         raw_model.eval()
-        base = load_base(start_from, base_path, dropout)[0].to(rt.device).eval()
+        base = (base if resume else load_base(start_from, base_path, dropout)[0]).to(rt.device).eval()
         g = torch.Generator(device=rt.device).manual_seed(seed)
         prompts = held_out_prompts(convs, n_val, bool(data))
         # generate() needs the prompt and its <|assistant|> marker to leave room for one token at least
