@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, generate, token_logprobs
-from runtime import configure, configure_optimizer, matmul_flops, setup
+from runtime import configure, configure_optimizer, matmul_flops, run, setup
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -299,4 +299,4 @@ def benchmark():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

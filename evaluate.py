@@ -445,6 +445,6 @@ def main():
 
 if __name__ == "__main__":
     try:
-        main()
+        runtime.run(main)
     except OSError as e:  # the sweep's or the report's files could not be written (disk full, say): one line
         raise SystemExit(f"error: {e.filename}: {e.strerror or e}") from None

@@ -366,4 +366,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run(main)

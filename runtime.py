@@ -138,7 +138,7 @@ def save_checkpoint(path, ckpt):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:  # (Ctrl-C too: no temp file is left behind)
         if os.path.isfile(tmp):  # (a directory of that name, left by hand, is in the way: the error says so)
             os.remove(tmp)
         err = e if isinstance(e, OSError) else e.__context__  # torch.save raises RuntimeError on an OSError
@@ -433,6 +433,16 @@ class Stopwatch:
 
 # -----------------------------------------------------------------------------
 # Logs and --name=value overrides (nanoGPT's configurator, with type checks)
+
+def run(main):
+    """A script's entry point: main(), with Ctrl-C one line rather than a traceback. A checkpoint is only ever
+    replaced whole (save_checkpoint), so a training stage continues from its last one with --resume=True."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: a training stage continues from its last checkpoint with --resume=True",
+              file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
 
 def check_finite(stage, step, hint, **values):
     """The non-finite guard: the first NaN or inf loss, gradient norm or reward stops the stage in one line

@@ -754,6 +754,40 @@ def test_a_kill_at_a_random_moment_then_resume_ends_as_an_unbroken_run(tmp_path,
         assert torch.equal(a["model"][name], b["model"][name]), (k, name)
 
 
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path, stage):
+    """Ctrl-C (SIGINT) mid-run was a twenty-line KeyboardInterrupt traceback from wherever the run was. It is
+    one line and exit status 130; the last checkpoint stays, and --resume=True continues from it."""
+    flags, needs = KILLED[stage]
+    d = tmp_path / "out"
+    stage_inputs(d, needs)
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        p = subprocess.Popen([sys.executable, f"{stage}.py", f"--out_dir={d}", *flags], cwd=ROOT,
+                             stdout=out, stderr=err)
+        deadline = time.time() + 300
+        while len(log_rows(d / f"{stage}.jsonl")) < 3 and p.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        p.send_signal(signal.SIGINT)
+        p.wait()
+    errors = (tmp_path / "err.log").read_text()
+    assert p.returncode == 130 and "Traceback" not in errors, errors[-2000:]
+    assert errors.strip().splitlines()[-1] == ("interrupted: a training stage continues from its last checkpoint "
+                                               "with --resume=True")
+    assert not list(d.glob("*.tmp"))  # no half-written checkpoint left beside the last one
+    r = run(stage, f"--out_dir={d}", *flags, "--resume=True")
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-2000:]
+
+
+def test_the_entry_point_turns_ctrl_c_into_one_line(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        runtime.run(interrupted)
+    assert e.value.code == 130 and capsys.readouterr().err.strip().splitlines() == [
+        "interrupted: a training stage continues from its last checkpoint with --resume=True"]
+    runtime.run(lambda: None)  # a run that ends normally passes through
+
+
 def test_a_resumed_rank_other_than_0_does_not_replay_rank_0s_random_stream(tmp_path, monkeypatch):
     """Only rank 0 saves its RNG streams: after --resume under torchrun, rank 0 continues its own stream
     exactly, and another rank gets one of its own (the same on every resume), not rank 0's dropout masks."""
