@@ -259,10 +259,10 @@ def train_step(policy, optimizer, rt, micro_batches, answers, pad_id, lr_now, gr
     return {k: sum(a[k] for a in acc) / len(acc) for k in acc[0]}
 
 
-def save(path, policy, optimizer, rt, config, sft_ck, sft_fp, step, rnd=0, per_round=0):
+def save(path, policy, optimizer, rt, config, sft_ck, step, rnd=0, per_round=0):
     state = runtime.training_state(policy, optimizer, rt.scaler, os.path.splitext(path)[0] + ".jsonl")  # log
     runtime.save_checkpoint(path, {**state, "config": config, "kind": "dpo", "step": step, "round": rnd,
-                                   "per_round": per_round, "sft_fingerprint": sft_fp,
+                                   "per_round": per_round, "sft_fingerprint": sft_ck["fingerprint"],
                                    "model_args": sft_ck["model_args"],
                                    "tokenizer": sft_ck.get("tokenizer", "world")})
 
@@ -320,7 +320,6 @@ def main():
     # ---- 2. policy and reference: both start as the SFT model; the reference never changes
     # (and, for the online rounds, the frozen reward model), as ppo.py and grpo.py load them
     ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, online_rounds > 0, rt)
-    sft_fp = runtime.fingerprint(sft_ck["model"])  # saved with the policy: the SFT model it is tuned from
     if resume:  # another network or SFT model: one line, before the reference scores every answer
         runtime.trained_from(ck_path, ck, sft_ck, remedy="start afresh without --resume")
     policy = runtime.model_from_checkpoint(sft_ck, sft_path, dropout=0.0).to(rt.device)
@@ -398,7 +397,7 @@ def main():
             runtime.append_jsonl(log_path, {**row, "time": time.time() - t0})
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "accuracy", "margin")})
             if val is not None:
-                save(ck_path, raw_policy, optimizer, rt, config, sft_ck, sft_fp, it + 1)
+                save(ck_path, raw_policy, optimizer, rt, config, sft_ck, it + 1)
         watch.lap("held-out & checkpoints")
     bar.close()
     if rt.master and start >= n_iters and start_round >= online_rounds:
@@ -431,7 +430,7 @@ def main():
                     runtime.append_jsonl(log_path, {"iter": step, "round": rnd + 1, **means, "lr": lr_now,
                                                     "time": time.time() - t0})
             if rt.master:  # with several processes: the score and the pairs of this process's share
-                save(ck_path, raw_policy, optimizer, rt, config, sft_ck, sft_fp, n_off, rnd + 1, per_round)
+                save(ck_path, raw_policy, optimizer, rt, config, sft_ck, n_off, rnd + 1, per_round)
                 print(f"online round {rnd + 1}/{online_rounds}: {online_prompts} prompts x {online_k} "
                       f"answers, RM score {mean_score:+.3f}, {len(round_pairs)} pairs, loss "
                       f"{means['loss']:.3f}, accuracy {means['accuracy']:.2f}")

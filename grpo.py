@@ -132,7 +132,6 @@ def main():
     hint = "a lower --lr or a larger --beta"
     # the frozen SFT reference and reward model, each built by its stage first if missing
     ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
-    sft_fp = runtime.fingerprint(sft_ck["model"])  # saved with the policy: the SFT model it is tuned from
     prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
     policy = runtime.model_from_checkpoint(sft_ck, os.path.join(out_dir, "sft.pt"), dropout=0.0).to(rt.device)
     optimizer = runtime.configure_optimizer(policy, 0.0, lr, (0.9, 0.95), rt.device_type)
@@ -224,7 +223,7 @@ def main():
             if rt.master:
                 state = runtime.training_state(raw_policy, optimizer, rt.scaler, log_path)
                 runtime.save_checkpoint(ck_path, {
-                    **state, "rank_rng": rank_rng, "sft_fingerprint": sft_fp, "config": config,
+                    **state, "rank_rng": rank_rng, "sft_fingerprint": sft_ck["fingerprint"], "config": config,
                     "kind": "grpo", "step": it + 1, "model_args": sft_ck["model_args"],
                     "tokenizer": sft_ck.get("tokenizer", "world")})
         watch.lap("logs & checkpoints")

@@ -237,7 +237,6 @@ def main():
     hint = "a lower --lr or --temperature closer to 1"
     # the frozen SFT reference and reward model, each built by its stage first if missing
     ref, enc, sft_ck, rm, rm_ck = runtime.load_rl_inputs(out_dir, reward == "rm", rt)
-    sft_fp = runtime.fingerprint(sft_ck["model"])  # saved with the policy: the SFT model it is tuned from
     prompts_fit(prompts, train_prompts, enc, sft_ck["model_args"]["block_size"], max_new_tokens)
     # the policy starts as SFT, with a fresh scalar head on its trunk as the value function (a departure)
     policy = runtime.model_from_checkpoint(sft_ck, os.path.join(out_dir, "sft.pt"), dropout=0.0,
@@ -350,9 +349,9 @@ def main():
             if rt.master:
                 state = runtime.training_state(raw_policy, optimizer, rt.scaler, log_path)
                 runtime.save_checkpoint(ck_path, {
-                    **state, "rank_rng": rank_rng, "kl_coef": kl_coef, "sft_fingerprint": sft_fp,
-                    "config": config, "model_args": sft_ck["model_args"], "kind": "ppo", "step": it + 1,
-                    "tokenizer": sft_ck.get("tokenizer", "world")})
+                    **state, "rank_rng": rank_rng, "kl_coef": kl_coef, "config": config, "kind": "ppo",
+                    "step": it + 1, "sft_fingerprint": sft_ck["fingerprint"],
+                    "model_args": sft_ck["model_args"], "tokenizer": sft_ck.get("tokenizer", "world")})
         watch.lap("logs & checkpoints")
 
     # ---- 7. held-out comparison with SFT under the hidden human (the world's prompts only)

@@ -254,7 +254,7 @@ def save_reward(path, rm, optimizer, rt, sft_ck, config, step, K, loss, lm_weigh
         "model_args": {**sft_ck["model_args"], "scalar_head": True, "dropout": 0.0},
         "tokenizer": sft_ck.get("tokenizer", "world"), "K": K, "loss": loss, "gain": gain, "bias": bias,
         "normalised": norm is not None, "lm_weight": lm_weight, "metrics": metrics or {},
-        "sft_fingerprint": runtime.fingerprint(sft_ck["model"])})  # which SFT model it judges
+        "sft_fingerprint": sft_ck["fingerprint"]})  # which SFT model it judges
 
 
 def report(r, gain, bias, term, loss_fn, comps, val_idx, train_idx, first, gold, parts, second):
@@ -334,6 +334,7 @@ def main():
     rt = runtime.setup(device, dtype, seed)
     runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)  # rank 0 builds it if missing, the others wait
     policy, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
+    sft_ck["fingerprint"] = runtime.fingerprint(sft_ck["model"])  # once: saved with the reward model
     policy.to(rt.device).eval().requires_grad_(False)
     eot, block = enc.eot_token, sft_ck["model_args"]["block_size"]
     prompts_fit("", pool + world.prompts("eval") * (bon > 0), enc, block, max_new_tokens)  # before sampling

@@ -238,7 +238,7 @@ def trained_from(path, ck, sft_ck, remedy="train it anew with `python reward.py`
     resumed against the new reference would continue a KL measured from a model it never started from. (A
     checkpoint from before the fingerprint was kept cannot say, and passes.)"""
     same_network(path, ck, sft_ck)
-    if ck.get("sft_fingerprint") not in (None, fingerprint(sft_ck["model"])):
+    if ck.get("sft_fingerprint") not in (None, sft_ck.get("fingerprint") or fingerprint(sft_ck["model"])):
         raise SystemExit(f"error: {path} was trained from another SFT model (the same network, other "
                          f"weights: was sft.py run again?); {remedy}")
 
@@ -320,6 +320,7 @@ def load_rl_inputs(out_dir, use_rm, rt):
     for path, script in [(sft_path, "sft.py")] + [(rm_path, "reward.py")] * use_rm:
         ensure_checkpoint(path, script, out_dir)
     ref, enc, sft_ck = load_model(sft_path, "sft", dropout=0.0)
+    sft_ck["fingerprint"] = fingerprint(sft_ck["model"])  # once: checked against, and saved with the policy
     ref.to(rt.device).eval().requires_grad_(False)
     rm, rm_ck = load_reward_model(rm_path, rt.device, sft_ck) if use_rm else (None, None)
     return ref, enc, sft_ck, rm, rm_ck
