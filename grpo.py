@@ -11,7 +11,7 @@ the KL estimator is its eq. 4):
     A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)       the same for every token of answer i
     J = E[ 1/G sum_i 1/|o_i| sum_t ( min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) - beta D_KL,t ) ]
     D_KL,t = pi_ref/pi - log(pi_ref/pi) - 1                     (k3 estimator, in the loss, not the reward)
-RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740, §2.3), --baseline=rloo:
+RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740), --baseline=rloo:
     R_i = r_i - beta * sum_t (log pi - log pi_ref)_t            the KL-penalised sequence reward
     A_i = R_i - 1/(G-1) sum_{j != i} R_j                        leave-one-out baseline, no KL in the loss
 
@@ -84,7 +84,7 @@ def group_advantages(rewards, group_size, eps):
 
 
 def rloo_advantages(rewards, group_size):
-    """REINFORCE leave-one-out, Ahmadian et al. 2024 §2.3 (https://arxiv.org/abs/2402.14740) after
+    """REINFORCE leave-one-out (RLOO), Ahmadian et al. 2024 (https://arxiv.org/abs/2402.14740), after
     Kool et al. 2019: each reward minus the mean of the OTHER G - 1 rewards of its group, an unbiased
     baseline because it does not depend on the answer it judges. rewards (N * G,) -> (N * G,)."""
     r = rewards.view(-1, group_size)
