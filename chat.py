@@ -41,8 +41,8 @@ def latest_checkpoint(out_dir):
     names = ("ppo.pt", "dpo.pt", "grpo.pt", "rloo.pt", "sft.pt", "base.pt")  # grpo.py writes <baseline>.pt
     found = [p for p in (os.path.join(out_dir, f) for f in names) if os.path.isfile(p)]
     if not found:
-        raise SystemExit(f"error: no checkpoint in {out_dir}/; make one with `python sft.py` "
-                         "(or pass --ckpt=...)")
+        raise SystemExit(f"error: no checkpoint in {out_dir}/; make one with "
+                         f"{runtime.command('sft.py', out_dir)} (or pass --ckpt=...)")
     return found[0]
 
 

@@ -120,7 +120,8 @@ def run_sweep(rt, eval_prompts, rm_path):
     """Train each method at several betas from the same SFT, reward model and comparisons; evaluate each."""
     runtime.ensure_checkpoint(os.path.join(out_dir, "reward.pt"), "reward.py", out_dir)  # and comparisons
     if not os.path.isfile(os.path.join(out_dir, "comparisons.jsonl")):  # a reward model trained on --data=...
-        raise SystemExit(f"error: the sweep needs {out_dir}/comparisons.jsonl; `python reward.py` writes it")
+        raise SystemExit(f"error: the sweep needs {out_dir}/comparisons.jsonl; "
+                         f"{runtime.command('reward.py', out_dir)} writes it")
     root = os.path.join(out_dir, "sweep")
     script = {m: [f"{m}.py"] for m in ("ppo", "dpo", "grpo")} | {"rloo": ["grpo.py", "--baseline=rloo"]}
     betas = {"ppo": ppo_betas, "dpo": dpo_betas, "grpo": grpo_betas, "rloo": rloo_betas}
@@ -308,7 +309,7 @@ def write_report(results, order, evals, fig_dir):
 def read_sweep(path):
     """The beta sweep's results ([] before any sweep), each row {stage, beta, gold, kl}. A damaged file is one
     line, and main() reads it before any sampling: it must not cost an evaluation at its very end."""
-    redo = "delete it or run `python evaluate.py --sweep=True` again"
+    redo = f"delete it or run {runtime.command('evaluate.py', out_dir, '--sweep=True')} again"
     try:
         rows = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else []
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8

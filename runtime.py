@@ -232,7 +232,12 @@ def fingerprint(state_dict):
         h.update(k.encode() + v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
-def trained_from(path, ck, sft_ck, remedy="train it anew with `python reward.py`"):
+def command(script, out_dir, *args):
+    """The command a message suggests, runnable as printed: --out_dir is named unless it is the default."""
+    where = [] if os.path.normpath(out_dir or ".") == "out" else [f"--out_dir={out_dir or '.'}"]
+    return "`" + " ".join(["python", script, *args, *where]) + "`"
+
+def trained_from(path, ck, sft_ck, remedy=None):
     """One line if the checkpoint ck was trained from other weights than sft_ck's, e.g. sft.py was run again
     since: a reward model's scores, normalised on the old model's answers, would judge the new one's; a policy
     resumed against the new reference would continue a KL measured from a model it never started from. (A
@@ -240,7 +245,8 @@ def trained_from(path, ck, sft_ck, remedy="train it anew with `python reward.py`
     same_network(path, ck, sft_ck)
     if ck.get("sft_fingerprint") not in (None, sft_ck.get("fingerprint") or fingerprint(sft_ck["model"])):
         raise SystemExit(f"error: {path} was trained from another SFT model (the same network, other "
-                         f"weights: was sft.py run again?); {remedy}")
+                         f"weights: was sft.py run again?); "
+                         f"{remedy or 'train it anew with ' + command('reward.py', os.path.dirname(path))}")
 
 def load_reward_model(path, device, sft_ck=None):
     """(reward model, checkpoint), frozen, in eval mode. One line for a file with no reward head, one saved
@@ -252,7 +258,7 @@ def load_reward_model(path, device, sft_ck=None):
         trained_from(path, ck, sft_ck)
     if ck.get("normalised") is False:
         raise SystemExit(f"error: {path} was saved before training finished (not normalised); finish it with "
-                         "`python reward.py --resume=True`")
+                         + command("reward.py", os.path.dirname(path), "--resume=True"))
     numbers = [ck.get(k, 0.0) for k in ("gain", "bias", "lm_weight")]  # every score: gain * r + bias (+ ...)
     if not all(type(x) in (int, float) and math.isfinite(x) for x in numbers) or numbers[0] <= 0:
         raise SystemExit(f"error: {path}: its gain, bias and lm_weight ({', '.join(map(repr, numbers))}) "

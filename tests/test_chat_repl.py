@@ -322,8 +322,19 @@ def test_the_latest_checkpoint_goes_ppo_dpo_grpo_rloo_sft_base():
         for name in order:
             assert latest_checkpoint(d) == os.path.join(d, name)
             os.remove(os.path.join(d, name))
-        with pytest.raises(SystemExit, match="no checkpoint in"):
+        with pytest.raises(SystemExit, match="no checkpoint in") as e:
             latest_checkpoint(d)
+        assert f"make one with `python sft.py --out_dir={d}` (or pass --ckpt=...)" in str(e.value)
+
+
+def test_a_suggested_command_runs_as_printed_naming_out_dir_unless_it_is_the_default():
+    """A message that says which command makes a missing file must make it where this run looks: with
+    --out_dir=runs/a, `python reward.py` alone would write to out/ and the same error would come back."""
+    assert runtime.command("reward.py", "out") == runtime.command("reward.py", "./out/")
+    assert runtime.command("reward.py", "out") == "`python reward.py`"
+    suggested = runtime.command("reward.py", "runs/a", "--resume=True")
+    assert suggested == "`python reward.py --resume=True --out_dir=runs/a`"
+    assert runtime.command("sft.py", "") == "`python sft.py --out_dir=.`"  # a file given without a directory
 
 
 def test_a_temperature_between_0_and_a_thousandth_is_refused(tmp_path, refusal):

@@ -295,7 +295,8 @@ def test_a_reward_model_of_an_earlier_sft_model_is_one_line_before_sampling(tmp_
     torch.save({**ck, "sft_fingerprint": "0" * 16}, tmp_path / "reward.pt")
     msg = refusal("evaluate", f"--out_dir={tmp_path}", "--max_new_tokens=8")
     assert msg == (f"error: {tmp_path / 'reward.pt'} was trained from another SFT model (the same network, "
-                   "other weights: was sft.py run again?); train it anew with `python reward.py`")
+                   "other weights: was sft.py run again?); train it anew with "
+                   f"`python reward.py --out_dir={tmp_path}`")
     assert sorted(os.listdir(tmp_path)) == ["reward.pt", "sft.pt"]
 
 
@@ -366,7 +367,8 @@ def test_a_damaged_sweep_file_is_one_line_before_anything_is_built_or_sampled(tm
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     msg = refusal("evaluate", f"--out_dir={tmp_path}")
     assert msg.startswith(f"error: {path} {says}") and "\n" not in msg, msg
-    assert msg.endswith("; delete it or run `python evaluate.py --sweep=True` again") and built == []
+    assert msg.endswith(f"; delete it or run `python evaluate.py --sweep=True --out_dir={tmp_path}` again")
+    assert built == []
 
 
 @pytest.mark.parametrize("obstacle", ["report.md", "figures"])

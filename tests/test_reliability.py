@@ -334,7 +334,8 @@ def test_a_reward_model_of_an_earlier_sft_model_of_the_same_network_is_one_line(
     args = ["--resume=True"] if stage == "reward" else ["--online_rounds=1"] * (stage == "dpo")
     message = refusal(stage, f"--out_dir={d}", "--max_iters=1", *args)
     assert message == (f"error: {d / 'reward.pt'} was trained from another SFT model (the same network, "
-                       "other weights: was sft.py run again?); train it anew with `python reward.py`")
+                       "other weights: was sft.py run again?); train it anew with "
+                       f"`python reward.py --out_dir={d}`")
     assert snapshot(d) == before
     rm_ck = torch.load(d / "reward.pt", weights_only=True)
     for fp in (runtime.fingerprint(sft["model"]), None):

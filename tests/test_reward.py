@@ -138,8 +138,9 @@ def test_load_reward_model_refuses_an_unnormalised_checkpoint(tmp_path):
             "step": 1, "gain": 1.0, "bias": 0.0}
     for name, extra in (("mid", {"normalised": False}), ("final", {"normalised": True}), ("old", {})):
         runtime.save_checkpoint(str(tmp_path / f"{name}.pt"), {**base, **extra})
-    with pytest.raises(SystemExit, match=r"mid\.pt .*not normalised"):
+    with pytest.raises(SystemExit, match=r"mid\.pt .*not normalised") as e:
         runtime.load_reward_model(str(tmp_path / "mid.pt"), "cpu")
+    assert str(e.value).endswith(f"finish it with `python reward.py --resume=True --out_dir={tmp_path}`")
     for name in ("final", "old"):  # a checkpoint without the key predates it: accepted
         m, ck = runtime.load_reward_model(str(tmp_path / f"{name}.pt"), "cpu")
         assert not m.training and not any(p.requires_grad for p in m.parameters()) and ck["step"] == 1
