@@ -213,6 +213,8 @@ def forward(net, pb, answers, pad_id, device):
 
 
 def pair_stats(pref, pi_c, pi_r, ref_c, ref_r, beta):
+    """The logged statistics. "loss" is the preference part (DPO's or IPO's) alone, so that runs with and
+    without --rpo_alpha compare: the NLL term RPO adds is minimised, not logged."""
     rc, rr = implicit_reward(pi_c, ref_c, beta).detach(), implicit_reward(pi_r, ref_r, beta).detach()
     return {"loss": pref.item(), "rewards/chosen": rc.mean().item(), "rewards/rejected": rr.mean().item(),
             # strict: with policy = reference both rewards are 0, no pair is won yet

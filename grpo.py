@@ -57,9 +57,9 @@ group_prompts = 16         # prompts per batch (per process): group_size x group
 minibatch_size = 0         # answers per gradient step, 0 = the whole batch (groups matter only for the
                            # advantage, so a minibatch may split them)
 ppo_epochs = 1             # passes over each batch: one pass over the whole batch is one update per batch
-lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 (with several updates per
-                           # batch) the group advantage, one unit of std per answer and every token alike,
-                           # pushed the policy far from SFT within a few dozen batches
+lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 the group advantage, one unit of
+                           # std per answer and every token alike, pushes the policy far from SFT within a
+                           # few dozen batches, for no gain in gold (docs/experiments.md)
 beta = 0.3                 # KL weight: in the loss (GRPO) or in the sequence reward (RLOO). DeepSeekMath's
                            # 0.04, with the k3 term in the loss, holds the KL back less (docs/experiments.md)
 max_new_tokens = 32        # longest answer, as in ppo.py

@@ -94,7 +94,8 @@ resume = False             # continue from out_dir/ppo.pt (policy, optimizer, be
 
 def masked_mean(x, mask):
     """Mean over positions where mask is 1. torch.where (not x * mask) so that even an inf or NaN at a padding
-    position cannot leak into the result."""
+    position cannot leak into the result: a loss term such as exp(log-ratio) may overflow there. (Log-probs
+    and values, finite at every position of a finite network, are masked by a product elsewhere.)"""
     return torch.where(mask > 0, x, 0.0).sum() / mask.sum().clamp(min=1)
 
 

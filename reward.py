@@ -11,7 +11,8 @@ answer's last token. A ranking gives K(K-1)/2 pairs, winner y_w above loser y_l,
     loss(theta) = -1 / C(K, 2) * E_{(x, y_w, y_l) ~ D} [ log sigmoid(r_theta(x, y_w) - r_theta(x, y_l)) ]
 
 The loss sees only reward differences, so r is then normalised, gain * r + bias, to mean 0 and std 1 on
-SFT's own answers (Ziegler et al. 2019; InstructGPT only shifts it): PPO's reward and KL get a known scale.
+SFT's own answers (or --data's; Ziegler et al. 2019; InstructGPT only shifts it): PPO's reward and KL get a
+known scale.
 
     python reward.py                          # K=4 answers to each of 4000 train prompts, ranked; train
     python reward.py --data=prefs.jsonl       # your own TRL / Anthropic HH preference pairs
@@ -54,7 +55,8 @@ data = ""                  # "" = sample comparisons from SFT on the world's tra
 collect = True             # sample and rank fresh comparisons; False reuses out_dir/comparisons.jsonl
 train = True               # train the reward model; False loads out_dir/reward.pt (e.g. to run --bon)
 n_prompts = 4000           # the first n train prompts (0 = all): many distinct prompts, each ranked once
-contexts = 2               # unrelated first exchanges before each question (16: about 4x the prompts)
+contexts = 2               # each request also comes after this many different unrelated first exchanges,
+                           # one per prompt (16: about 4x the prompts)
 K = 4                      # answers ranked per prompt (InstructGPT: 4 to 9); 4 leaves time for more prompts
 max_new_tokens = 48        # longest sampled answer; one that is cut off never ended its turn
 temperature = 1.0          # 1 = sample the SFT distribution itself, which is where PPO starts
@@ -74,7 +76,7 @@ lr, min_lr = 3e-4, 3e-5    # peak learning rate, cosine-decayed to min_lr
 warmup_iters = 10          # linear warmup while Adam's moment estimates are still noisy
 weight_decay = 0.1         # AdamW, on matrices only (runtime.configure_optimizer)
 beta1, beta2 = 0.9, 0.95   # nanoGPT's Adam betas
-grad_clip = 1.0            # clip the global gradient norm (0 = off)
+grad_clip = 1.0            # clip the network's global gradient norm (0 = off; --lm_feature's w is not in it)
 eval_interval = 50         # held-out metrics and a checkpoint (for --resume) every this many steps
 val_fraction = 0.1         # prompts held out to measure the reward model (chosen by seed)
 n_train = 0                # train on the first n of the other rankings only (0 = all); the held-out set stays

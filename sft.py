@@ -244,7 +244,9 @@ def main():
             x, y, attn = [t.to(rt.device) for t in batch]
             if rt.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == grad_accum - 1
-            with rt.ctx:  # the micro-batches' losses add up to the step's mean over all its assistant tokens
+            # the micro-batches' losses add up to the step's mean over all its assistant tokens (under
+            # torchrun, the log and the guard see this process's estimate of it, as in every stage)
+            with rt.ctx:
                 micro_loss = sft_loss(model(x, attention_mask=attn)[0], y, n_targets / rt.world_size)
             rt.scaler.scale(micro_loss).backward()
             loss = loss + micro_loss.detach()
