@@ -6,7 +6,7 @@ samples answers to the held-out prompts and reports: mean gold utility as a frac
 ideal answers score 1.0), gold win rate against SFT with a 95% interval, KL(pi || pi_SFT) estimated from the
 samples, reward-model score, fluency, how often the answer ends its turn, where the gold is lost (the
 utility's components), and three sample conversations. It also draws figures (SVG, written here, no plotting
-library): the reward-vs-KL frontier of PPO, DPO, GRPO and RLOO over a beta sweep (the DPO paper's Figure 2 on
+library): the gold-vs-KL frontier of PPO, DPO, GRPO and RLOO over a beta sweep (the DPO paper's Figure 2 on
 our world) with each method's gold read off at equal KL, reward over-optimisation along a beta = 0 PPO run,
 and every stage's training curves.
 
@@ -31,7 +31,8 @@ from data import world
 from data.chat import render_prompt
 from data.readers import or_exit, read_prompts
 from data.tokenizer import get_tokenizer
-from rollout import best_of_n, grade, prompts_fit, reward_scores, score, summarise, win_rate_against
+from rollout import (best_of_n, grade, prompts_fit, reward_scores, sample_and_grade, summarise,
+                     win_rate_against)
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -175,8 +176,8 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
             else:
                 policy = sft if name == "sft" else runtime.load_model(  # (check_rows has read its tokenizer)
                     paths[name], ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0)[0]
-                res = score(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature, generator=g,
-                            ref=None if name == "sft" else sft, lap=lap)
+                res = sample_and_grade(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature,
+                                       generator=g, ref=None if name == "sft" else sft, lap=lap)
             if rm is not None:
                 res["rm_score"] = reward_scores(rm, enc, evals, res["samples"], rm_ck["gain"], rm_ck["bias"],
                                                 lm_weight=rm_ck.get("lm_weight", 0.0), sft=sft).mean().item()
@@ -201,8 +202,8 @@ def best_of_n_kl_bound(n):
 
 
 def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator, lap):
-    """The best-of-`bon` row: SFT's answers picked by the reward model, in score()'s format; its KL is
-    best_of_n_kl_bound(bon)."""
+    """The best-of-`bon` row: SFT's answers picked by the reward model, in sample_and_grade's format; its KL
+    is best_of_n_kl_bound(bon)."""
     picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens, temperature,
                       generator=generator, lm_weight=rm_ck.get("lm_weight", 0.0), lap=lap)
     res = summarise(grade(evals, picks))
@@ -323,7 +324,7 @@ def read_sweep(path):
 
 
 def draw_figures(results, fig_dir):
-    """The reward-vs-KL frontier of the beta sweep, over-optimisation along the beta = 0 PPO run, and every
+    """The gold-vs-KL frontier of the beta sweep, over-optimisation along the beta = 0 PPO run, and every
     stage's training curve, as SVG files in fig_dir; returns the report's lines that show them."""
     os.makedirs(fig_dir, exist_ok=True)
     lines = []
@@ -344,7 +345,7 @@ def draw_figures(results, fig_dir):
             if pts:
                 frontier[stage] = pts = sorted(pts)
                 series.append((stage.upper(), [p[0] for p in pts], [p[1] for p in pts], color, True))
-        f = svg_plot(os.path.join(fig_dir, "frontier.svg"), "Reward vs KL frontier (beta sweep)",
+        f = svg_plot(os.path.join(fig_dir, "frontier.svg"), "Gold vs KL frontier (beta sweep)",
                      "KL(pi || SFT), nats per answer", "gold (fraction of ideal)", series)
         lines += [f"![frontier](figures/{f})", ""]
         lines += [f"- {r['stage']} beta={r['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}"
@@ -365,7 +366,7 @@ def draw_figures(results, fig_dir):
             lines.append(f"| {kl:.3g} | " + " | ".join("" if g is None else f"{g:.3f}" for g in cells) + " |")
         lines.append("")
     else:
-        lines += ["(No beta sweep yet: `python evaluate.py --sweep=True` draws the reward-vs-KL frontier.)",
+        lines += ["(No beta sweep yet: `python evaluate.py --sweep=True` draws the gold-vs-KL frontier.)",
                   ""]
     hack = runtime.read_log(os.path.join(out_dir, "sweep", "ppo_beta0_long", "ppo.jsonl"))
     if hack:

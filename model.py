@@ -132,8 +132,8 @@ class GPT(nn.Module):
     def hidden(self, idx, attention_mask=None, kv_cache=None):
         """idx (B, T) -> final-LN hidden states (B, T, C).
         attention_mask (B, Tk): 1 real / 0 padding; with kv_cache it also covers the cached tokens.
-        kv_cache: a dict per layer, {"size": (B', L)} before the first call: room for B' >= B rows (idx's
-        are the first B) and L tokens; the call's keys/values go to columns Tk - T .. Tk-1."""
+        kv_cache: a list of one dict per layer, {"size": (B', L)} before the first call: room for B' >= B rows
+        (idx's are the first B) and L tokens; the call's keys/values go to columns Tk - T .. Tk-1."""
         B, T = idx.size()
         if kv_cache is not None and attention_mask is None:  # the mask says where the cached keys are
             raise ValueError("hidden: a kv_cache needs the attention_mask over the cached and new tokens")

@@ -148,7 +148,7 @@ def show_samples(model, enc, n_samples, generator):
     outs = [enc.decode([t for t, m in zip(r, k) if m and t != eot]) for r, k in zip(seq.tolist(),
                                                                                      gen.tolist())]
     answered = [world.gold_components(p, o)["helpful"] > 0 for p, o in zip(evals, outs)]
-    golds = [world.gold(p, o, ended=False) for p, o in zip(evals, outs)]
+    golds = [world.gold(p, o, ended=False) for p, o in zip(evals, outs)]  # a base model knows no <|end|>
     print(f"eval instructions: the base model does not answer {1 - sum(answered) / len(evals):.0%} of "
           f"{len(evals)} (it writes more instructions or other text); "
           f"mean gold {sum(golds) / len(golds):.3f} of ideal 1.0")

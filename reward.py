@@ -11,8 +11,7 @@ answer's last token. A ranking gives K(K-1)/2 pairs, winner y_w above loser y_l,
     loss(theta) = -1 / C(K, 2) * E_{(x, y_w, y_l) ~ D} [ log sigmoid(r_theta(x, y_w) - r_theta(x, y_l)) ]
 
 The loss sees only reward differences, so r is then normalised, gain * r + bias, to mean 0 and std 1 on
-SFT's own answers (or --data's; Ziegler et al. 2019; InstructGPT only shifts it): PPO's reward and KL get a
-known scale.
+SFT's answers or --data's (Ziegler et al. 2019; InstructGPT only shifts it): PPO's reward gets a known scale.
 
     python reward.py                          # K=4 answers to each of 4000 train prompts, ranked; train
     python reward.py --data=prefs.jsonl       # your own TRL / Anthropic HH preference pairs
@@ -46,7 +45,8 @@ import runtime
 from data import world
 from data.chat import render_response
 from data.readers import or_exit, read_comparisons, read_preferences, write_jsonl
-from rollout import best_of_n, grade, prompts_fit, reply_logprobs, respond, rm_score, score, score_rows
+from rollout import (best_of_n, grade, prompts_fit, reply_logprobs, respond, rm_score, sample_and_grade,
+                     score_rows)
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -55,8 +55,7 @@ data = ""                  # "" = sample comparisons from SFT on the world's tra
 collect = True             # sample and rank fresh comparisons; False reuses out_dir/comparisons.jsonl
 train = True               # train the reward model; False loads out_dir/reward.pt (e.g. to run --bon)
 n_prompts = 4000           # the first n train prompts (0 = all): many distinct prompts, each ranked once
-contexts = 2               # each request also comes after this many different unrelated first exchanges,
-                           # one per prompt (16: about 4x the prompts)
+contexts = 2               # copies of each request, each after its own unrelated first exchange (16: ~4x)
 K = 4                      # answers ranked per prompt (InstructGPT: 4 to 9); 4 leaves time for more prompts
 max_new_tokens = 48        # longest sampled answer; one that is cut off never ended its turn
 temperature = 1.0          # 1 = sample the SFT distribution itself, which is where PPO starts
@@ -302,7 +301,7 @@ def best_of_n_on_held_out(policy, rm, enc, n, gain, bias, lm_weight, max_new_tok
     with rt.ctx:
         picks = best_of_n(policy, rm, enc, evals, n, gain, bias, max_new_tokens, temperature,
                           generator=generator, batch_size=gen_batch, lm_weight=lm_weight)
-        one = score(policy, enc, evals, max_new_tokens, temperature, gen_batch, generator)  # a sample each
+        one = sample_and_grade(policy, enc, evals, max_new_tokens, temperature, gen_batch, generator)
     gold_bon, gold_one = ([s["gold"] for s in samples] for samples in (grade(evals, picks), one["samples"]))
     golds = [[world.gold(p, x["text"], x["ended"]) for x in c["candidates"]] for p, c in zip(evals, picks)]
     rate, ci = world.win_rate(gold_bon, gold_one)

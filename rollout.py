@@ -45,7 +45,8 @@ def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k
             generator=None, return_batch=False):
     """Sample one assistant reply per conversation with the KV cache. Returns [{"text", "ended", "ids",
     "logprob"}] where ended means the reply closed its turn (<|end|>) before max_new_tokens and logprob is the
-    log-probability of the reply as sampled (its tokens and <|end|> if it ended) at the sampling temperature;
+    log-probability of the reply as sampled (its tokens and <|end|> if it ended) at the sampling temperature,
+    before any top-k/top-p filtering;
     with return_batch also the raw (seq, attn_mask, gen_mask, logprobs) tensors from model.generate, for
     callers that train on them (PPO, GRPO) or measure their KL. Any other special token also stops a reply
     (not ended): decoded, a role marker would become plain text, which the reward model and the hidden human
@@ -168,7 +169,7 @@ def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tok
 def sample_kl(logprobs, ref, seq, attn_mask, gen_mask, temperature=1.0):
     """Monte-Carlo KL(policy || ref) per sequence, (B,) fp32: the sum over sampled response tokens of
     log pi(y_t) - log ref(y_t) (the k1 estimator, http://joschu.net/blog/kl-approx.html; unbiased because the
-    tokens were sampled from policy).
+    tokens were sampled from policy: without top-k/top-p, which would sample from another distribution).
     logprobs (B, L) are the policy's own, recorded by generate while it sampled seq: only ref runs here. At
     temperature 0 (greedy) generate records temperature-1 log-probs (model.sample), and so are ref's; greedy
     tokens are not draws from pi, so there the sum is only a distance along the greedy answer, not a KL."""
@@ -191,8 +192,8 @@ def summarise(samples):
     return {**mean, "n": len(samples), "samples": samples}
 
 
-def score(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64, generator=None, ref=None,
-          lap=lambda phase: None, **sampling):
+def sample_and_grade(model, enc, prompts, max_new_tokens=48, temperature=1.0, batch_size=64, generator=None,
+                     ref=None, lap=lambda phase: None, **sampling):
     """Sample one reply per prompt and grade it with the world's hidden human: summarise(grade(...)), where
     "kl" is KL(model || ref) per answer, estimated on the same samples (0 without ref). lap: a
     runtime.Stopwatch's, to split the time into sampling, scoring and the hidden human."""
@@ -222,8 +223,8 @@ def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator
     the tuned policy, judged by the hidden human. Prints gold, turn ending, fluency, the policy's gold win
     rate against SFT (ties count half, 95% interval clustered by prompt) and KL(policy || SFT) on its own
     samples; returns the numbers."""
-    sft_res = score(sft, enc, prompts, max_new_tokens, generator=generator, lap=lap)
-    res = score(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft, lap=lap)
+    sft_res = sample_and_grade(sft, enc, prompts, max_new_tokens, generator=generator, lap=lap)
+    res = sample_and_grade(policy, enc, prompts, max_new_tokens, generator=generator, ref=sft, lap=lap)
     rate, ci = win_rate_against(res["samples"], sft_res["samples"])
     for who, r in (("sft", sft_res), (name, res)):
         print(f"  {who}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, "

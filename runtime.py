@@ -398,12 +398,12 @@ def ensure_checkpoint(path, script, out_dir):
     Under torchrun every rank calls it: rank 0 builds, the others wait for it at a barrier."""
     failed = None
     if not os.path.isfile(path) and int(os.environ.get("RANK", 0)) == 0:
-        flag = [f"--out_dir={out_dir}"] if out_dir != "out" else []
-        print(f"{path} not found: running `{' '.join(['python', script] + flag)}` to make it")
+        flag = [f"--out_dir={out_dir}"] if os.path.normpath(out_dir) != "out" else []
+        print(f"{path} not found: running {command(script, out_dir)} to make it")
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)] + flag
         if subprocess.run(cmd, env=env).returncode != 0 or not os.path.isfile(path):
-            failed = f"error: `python {script}` did not produce {path}"
+            failed = f"error: {command(script, out_dir)} did not produce {path}"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # rank 0 comes too when the build failed: else the others' wait breaks
     if failed or not os.path.isfile(path):  # (the other ranks exit quietly: rank 0 has said why)
@@ -486,7 +486,7 @@ RANGES = {  # shared options' valid ranges (a stage adds its own via configure),
                      "vf_coef", "no_end_penalty"), (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(("lr", "online_lr", "vf_lr", "epochs", "labeler_tau", "kl_horizon"),
                     (lambda v: v > 0, "> 0")),
-    "temperature": (lambda v: v >= 1e-3, ">= 0.001 (a smaller one overflows the logits)"),
+    "temperature": (lambda v: v >= 1e-3, ">= 0.001 (logits / temperature overflows as it nears 0)"),
     **dict.fromkeys(("dropout", "val_fraction", "eval_fraction", "beta1", "beta2"),
                     (lambda v: 0 <= v < 1, "in [0, 1)")),
     **dict.fromkeys(("cliprange", "cliprange_value"), (lambda v: 0 < v < 1, "in (0, 1)")),

@@ -38,7 +38,7 @@ from data.chat import render, render_prompt, sft_example
 from data.gpt2 import read_gpt2
 from data.readers import or_exit, read_messages
 from data.tokenizer import get_tokenizer
-from rollout import score
+from rollout import sample_and_grade
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -283,8 +283,8 @@ def main():
         # generate() needs the prompt and its <|assistant|> marker to leave room for one token at least
         prompts = [p for p in prompts if len(render_prompt(enc, p)) < block_size]
         with rt.ctx:
-            res = {name: score(m, enc, prompts, max_new_tokens, temperature, generator=g, lap=watch.lap)
-                   for name, m in (("base", base), ("sft", raw_model))}
+            res = {name: sample_and_grade(m, enc, prompts, max_new_tokens, temperature, generator=g,
+                                          lap=watch.lap) for name, m in (("base", base), ("sft", raw_model))}
         print(f"\nheld-out prompts, one sample each (temperature {temperature}):")
         for i, p in enumerate(prompts[:3]):
             print("  " + " / ".join(m["content"] for m in p))  # earlier turns too, for follow-ups

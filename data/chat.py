@@ -52,8 +52,8 @@ def render_response(enc, messages, response, ended=True, block_size=None) -> tup
     """(prompt + response + <|end|>) ids and a mask that is 1 on the response and its <|end|> only: what
     reward models score and what DPO takes log-probs of. A response that never ended its turn gets no <|end|>:
     scoring one would credit it with stopping (a reward model then reads it at its last token, and must learn
-    that running on is bad). Rows longer than block_size keep their end: the whole response, where a reward
-    model reads its score, after the end of the prompt."""
+    that running on is bad). Rows longer than block_size keep their last block_size tokens: the prompt's start
+    is cut first, and the response's end, where a reward model reads its score, always stays."""
     prompt = render_prompt(enc, messages)
     reply = enc.encode_ordinary(response) + ([special_id(enc, END)] if ended else [])
     ids, mask = prompt + reply, [0] * len(prompt) + [1] * len(reply)

@@ -12,7 +12,7 @@ from demonstrations and rankings, never from gold() (except the explicit --rewar
 ppo.py and grpo.py): the stages call it only to report how they are doing, evaluate.py to compare them.
 
 Everything is deterministic: the world's facts are fixed (WORLD_SEED), and prompts, demonstrations
-and the corpus depend only on the `seed` argument.
+and the corpus depend only on their arguments (a `seed`, and for prompts the split's size and `contexts`).
 """
 import functools
 import json
@@ -23,7 +23,7 @@ import re
 WORLD_SEED = 2024  # fixes who lives where: the pretrained model memorises these facts
 
 # ----------------------------------------------------------------------------------------------
-# 1. Words: a few hundred, grouped by what they can do in a sentence.
+# 1. Words: about 230, grouped by what they can do in a sentence.
 NAMES = ["Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Max", "Zoe", "Leo", "Emma", "Jack", "Ella",
          "Noah", "Ruby", "Finn", "Rosa", "Omar", "Nina", "Hugo", "Iris", "Ivan", "Lena", "Theo", "Maya"]
 ANIMALS = ["cat", "dog", "fox", "owl", "frog", "bird", "horse", "rabbit", "duck", "bear", "mouse",
@@ -395,11 +395,11 @@ def demonstrate(messages, rng):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Prompts. The core is every task the world has in its first wordings, as it first shipped; its held-out
-# part is the evaluation set, unchanged. Training draws from far more: every task in other wordings,
-# follow-ups after any first turn, and every question after an unrelated first exchange. A reward model
-# learns whether an answer does what was asked from many distinct prompts (InstructGPT's saw tens of
-# thousands); one that sees a few hundred, again and again, can learn them by heart instead.
+# 6. Prompts. The core is every task the world has in its first wordings; its held-out part is the
+# evaluation set, kept fixed so that results stay comparable. Training draws from far more: every task in
+# other wordings, follow-ups after any first turn, and every question after an unrelated first exchange. A
+# reward model learns whether an answer does what was asked from many distinct prompts (InstructGPT's saw
+# tens of thousands); one that sees a few hundred, again and again, can learn them by heart instead.
 FOLLOW_UPS = ["Tell me more about {r}.", "Now write a happy sentence about {r}.",
               "Now write a sad sentence about {r}."]
 

@@ -259,7 +259,7 @@ def test_a_row_that_cannot_be_evaluated_is_one_line_before_any_sampling(tmp_path
 
     def sampled(*a, **k):
         raise AssertionError("a model was sampled before the rows were checked")
-    for name in ("score", "best_of_n"):
+    for name in ("sample_and_grade", "best_of_n"):
         monkeypatch.setattr(rollout, name, sampled)
     save_row(tmp_path / "sft.pt")
     save_row(tmp_path / "row.pt", **row)
@@ -276,7 +276,7 @@ def test_a_row_that_cannot_be_evaluated_is_one_line_before_any_sampling(tmp_path
 def test_a_reward_model_that_cannot_score_the_rows_is_one_line_before_sampling(tmp_path, refusal, rm, says,
                                                                                  monkeypatch):
     import rollout
-    monkeypatch.setattr(rollout, "score", lambda *a, **k: pytest.fail("sampled before the checks"))
+    monkeypatch.setattr(rollout, "sample_and_grade", lambda *a, **k: pytest.fail("sampled before the checks"))
     save_row(tmp_path / "sft.pt")
     save_row(tmp_path / "rm.pt", kind="reward", **rm)
     msg = refusal("evaluate", f"--out_dir={tmp_path}", f"--reward={tmp_path / 'rm.pt'}", "--bon=0",
@@ -288,7 +288,7 @@ def test_a_reward_model_of_an_earlier_sft_model_is_one_line_before_sampling(tmp_
     """sft.py run again leaves reward.pt from the old weights: ppo.py, grpo.py and dpo.py refused it, while
     evaluate.py scored every row and picked the best-of-N answers with it, normalised on the old model's."""
     import rollout
-    monkeypatch.setattr(rollout, "score", lambda *a, **k: pytest.fail("sampled before the checks"))
+    monkeypatch.setattr(rollout, "sample_and_grade", lambda *a, **k: pytest.fail("sampled before the checks"))
     save_row(tmp_path / "sft.pt")
     save_row(tmp_path / "reward.pt", kind="reward")
     ck = torch.load(tmp_path / "reward.pt", weights_only=True)
@@ -598,11 +598,11 @@ def test_score_judges_each_answer_with_its_own_ending_and_at_its_temperature(mon
     net, enc = tiny_chat_net(0), get_tokenizer("world")
     prompts = world.prompts("eval")[:4]
     g = torch.Generator().manual_seed(0)
-    res = rollout.score(net, enc, prompts, 6, temperature=0.5, ref=net, generator=g)
+    res = rollout.sample_and_grade(net, enc, prompts, 6, temperature=0.5, ref=net, generator=g)
     assert res["n"] == 4 and not all(s["ended"] for s in res["samples"])  # a random net seldom ends
     assert all(s["gold"] == float(s["ended"]) for s in res["samples"])
     assert all(abs(s["kl"]) < 1e-4 for s in res["samples"]), [s["kl"] for s in res["samples"]]
-    texts = [[s["text"] for s in rollout.score(net, enc, prompts, 6, temperature=0,
+    texts = [[s["text"] for s in rollout.sample_and_grade(net, enc, prompts, 6, temperature=0,
                                                generator=torch.Generator().manual_seed(seed))["samples"]]
              for seed in (1, 2)]
     assert texts[0] == texts[1]
@@ -752,7 +752,7 @@ def test_the_closing_time_line_counts_the_sweep(tmp_path, monkeypatch, capsys):
 
 def test_the_graders_means_are_the_hidden_humans_grades_averaged_over_every_reply():
     """rollout.grade judges each reply on its own (gold, fluency, ended; kl from kls, else 0) and summarise
-    averages them: the best-of-N row and every score() row are read off these means."""
+    averages them: the best-of-N row and every sample_and_grade() row are read off these means."""
     import rollout
     evals = world.prompts("eval")[:4]
     replies = [{"text": world.ideal(p), "ended": True} for p in evals[:2]] + [

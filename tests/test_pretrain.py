@@ -179,7 +179,8 @@ def test_under_torchrun_an_input_that_cannot_be_built_is_rank_0s_one_line(tmp_pa
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and f"error: could not write {tmp_path / 'pretrain.jsonl'}" in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert errors[-1] == f"error: `python pretrain.py` did not produce {tmp_path / 'base.pt'}", r.stderr
+    built = f"`python pretrain.py --out_dir={tmp_path}`"
+    assert errors[-1] == f"error: {built} did not produce {tmp_path / 'base.pt'}", r.stderr
     assert "[rank1]" not in r.stderr and "Connection closed" not in r.stderr, r.stderr[-3000:]
 
 

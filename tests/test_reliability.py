@@ -456,6 +456,10 @@ def test_a_missing_stage_is_built_where_the_caller_looks(tmp_path, monkeypatch, 
     assert printed[1].endswith(f"running `python {stage} --out_dir=runs/a` to make it")
     with pytest.raises(SystemExit, match="did not produce"):  # a stage that fails is one line
         runtime.ensure_checkpoint(os.path.join("other", "made.pt"), str(stage), "out")
+    runtime.ensure_checkpoint(os.path.join("out", "made.pt"), str(stage), "./out/")  # there: nothing to run
+    os.remove(caller / "out" / "made.pt")
+    runtime.ensure_checkpoint(os.path.join("out", "made.pt"), str(stage), "./out/")  # the default, spelt so
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"running `python {stage}` to make it")
 
 
 def test_a_device_this_machine_lacks_is_one_line(refusal, tmp_path, monkeypatch):
@@ -559,11 +563,11 @@ def test_a_stopwatch_on_cuda_waits_for_the_queued_kernels_at_every_lap(monkeypat
 
 def test_scoring_replies_laps_sampling_then_scoring_then_the_hidden_human_per_chunk():
     from data import world
-    from rollout import score
+    from rollout import sample_and_grade
     torch.manual_seed(0)
     model = M.GPT(M.GPTConfig(vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=96))
     laps = []
-    res = score(model, get_tokenizer("world"), world.prompts("eval")[:3], 6, batch_size=2, ref=model,
+    res = sample_and_grade(model, get_tokenizer("world"), world.prompts("eval")[:3], 6, batch_size=2, ref=model,
                 lap=laps.append)
     assert laps == ["sampling", "scoring", "hidden human"] * 2 and res["n"] == 3  # two chunks of prompts
 

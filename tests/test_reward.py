@@ -683,8 +683,9 @@ def test_best_of_n_on_held_out_averages_sft_gold_over_every_candidate(monkeypatc
                 for p in prompts]
 
     monkeypatch.setattr(reward, "best_of_n", fake_best_of_n)
-    monkeypatch.setattr(reward, "score", lambda policy, enc, prompts, *a, **k:  # one SFT sample: the ideal
-                        {"samples": reward.grade(prompts, [{"text": world.ideal(p), "ended": True} for p in prompts])})
+    ideal = lambda policy, enc, prompts, *a, **k: {  # noqa: E731  (one SFT sample each: the ideal answer)
+        "samples": reward.grade(prompts, [{"text": world.ideal(p), "ended": True} for p in prompts])}
+    monkeypatch.setattr(reward, "sample_and_grade", ideal)
     rt = SimpleNamespace(ctx=contextlib.nullcontext())
     res = reward.best_of_n_on_held_out(None, None, None, 2, 1.0, 0.0, 0.0, 8, 1.0, 64, rt, None)
     bad_gold = sum(world.gold(p, bad) for p in evals) / len(evals)
@@ -789,7 +790,7 @@ def test_best_of_n_on_held_out_samples_at_its_temperature_and_scores_with_the_li
         return (replies, (None,) * 4) if return_batch else replies
 
     monkeypatch.setattr(reward, "best_of_n", fake_best_of_n)
-    monkeypatch.setattr(rollout, "respond", fake_respond)  # the single samples: rollout.score's
+    monkeypatch.setattr(rollout, "respond", fake_respond)  # the single samples: rollout.sample_and_grade's
     rt = SimpleNamespace(ctx=contextlib.nullcontext())
     reward.best_of_n_on_held_out(None, None, None, 3, 2.0, -1.0, 0.25, 8, 0.7, 16, rt, None)
     assert seen["bon"] == (len(evals), 3, 2.0, -1.0, 8, 0.7, 0.25)
