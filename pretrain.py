@@ -31,7 +31,7 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from data.tokenizer import get_tokenizer
+from data.tokenizer import encode_text, get_tokenizer
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -95,7 +95,7 @@ def token_streams(docs, enc):
     for split, part in (("train", docs[:-n_val]), ("val", docs[-n_val:])):
         ids = []
         for d in part:
-            ids += [enc.eot_token] + enc.encode_ordinary(d)
+            ids += [enc.eot_token] + encode_text(enc, d)
         streams[split] = torch.tensor(ids, dtype=torch.long)
     return streams
 
@@ -139,7 +139,7 @@ def show_samples(model, enc, n_samples, generator):
     for t in texts[:3]:
         print("  " + t.replace("\n", "\n  ") + "\n  ---")
     evals = [p for p in world.prompts("eval") if len(p) == 1]
-    prompts = [[eot] + enc.encode_ordinary(p[0]["content"] + "\n") for p in evals]
+    prompts = [[eot] + encode_text(enc, p[0]["content"] + "\n") for p in evals]
     fits = [i for i, ids in enumerate(prompts) if len(ids) < model.config.block_size][:n_samples]
     if not fits:  # a context too short for any instruction and its answer
         return

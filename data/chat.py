@@ -8,7 +8,7 @@ The model is trained only where the mask is 1: the assistant's words and the <|e
 learns what to say and when to stop, but never to imitate the user or to predict where a user turn begins.
 """
 
-from data.tokenizer import ASSISTANT, END, EOT, SYSTEM, USER, special_id
+from data.tokenizer import ASSISTANT, END, EOT, SYSTEM, USER, encode_text, special_id
 
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
@@ -33,7 +33,7 @@ def render(enc, messages) -> tuple[list[int], list[int]]:
     ids, mask = [special_id(enc, EOT)], [0]  # BOS: every conversation starts fresh, like a new document
     for m in messages:
         # ordinary: typed "<|end|>" stays text
-        body = enc.encode_ordinary(m["content"]) + [special_id(enc, END)]
+        body = encode_text(enc, m["content"]) + [special_id(enc, END)]
         train = int(m["role"] == "assistant")
         ids += [special_id(enc, ROLES[m["role"]])] + body
         mask += [0] + [train] * len(body)  # the role marker is given, never predicted
@@ -55,7 +55,7 @@ def render_response(enc, messages, response, ended=True, block_size=None) -> tup
     that running on is bad). Rows longer than block_size keep their last block_size tokens: the prompt's start
     is cut first, and the response's end, where a reward model reads its score, always stays."""
     prompt = render_prompt(enc, messages)
-    reply = enc.encode_ordinary(response) + ([special_id(enc, END)] if ended else [])
+    reply = encode_text(enc, response) + ([special_id(enc, END)] if ended else [])
     ids, mask = prompt + reply, [0] * len(prompt) + [1] * len(reply)
     return (ids[-block_size:], mask[-block_size:]) if block_size else (ids, mask)
 

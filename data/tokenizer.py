@@ -5,8 +5,8 @@ Training is the readable part (train_bpe, below): the 256 single bytes are the f
 frequent adjacent pair is merged into a new token, again and again. Encoding is tiktoken's job: given the
 ranks (token bytes -> id, in merge order) it re-applies the merges fast and exactly.
 
-Plain text is always encoded with enc.encode_ordinary(text), so a user who types "<|user|>" gets ordinary
-tokens, never the special id; special ids are only ever placed by code (see data/chat.py).
+Plain text is always encoded with encode_text(enc, text) (enc.encode_ordinary), so a user who types "<|user|>"
+gets ordinary tokens, never the special id; special ids are only ever placed by code (see data/chat.py).
 
     python -m data.tokenizer        # (re)train data/world.tiktoken and print its compression
 """
@@ -113,6 +113,14 @@ def make_encoding(ranks: dict[bytes, int], name: str = "world") -> tiktoken.Enco
                              special_tokens={s: n + i for i, s in enumerate(SPECIALS)})
 
 
+def encode_text(enc: tiktoken.Encoding, text: str, piece: int = 1 << 16) -> list[int]:
+    """enc.encode_ordinary(text), with each run of `piece` or more whitespace characters encoded in pieces:
+    on a very long run, tiktoken's pre-split regex (its lookahead \\s+(?!\\S)) overflows its stack and panics,
+    an error no `except Exception` catches. Only such runs are cut, so all other text encodes as before."""
+    parts = re.split(rf"(\s{{{piece}}})", text) if len(text) > piece else [text]
+    return [t for part in parts if part for t in enc.encode_ordinary(part)]
+
+
 def special_id(enc: tiktoken.Encoding, s: str) -> int:
     """Id of a special token such as USER (raises KeyError if enc does not have it)."""
     return enc.encode_single_token(s)
@@ -179,7 +187,7 @@ if __name__ == "__main__":
     train_world()
     enc = get_tokenizer("world")
     text = world.corpus_text()
-    n_tokens = len(enc.encode_ordinary(text.replace(EOT, "\n")))
+    n_tokens = len(encode_text(enc, text.replace(EOT, "\n")))
     print(f"wrote {WORLD_PATH}: vocab {enc.n_vocab} "
           f"({enc.n_vocab - len(SPECIALS)} BPE + {len(SPECIALS)} special), "
           f"{len(text.encode('utf-8')) / n_tokens:.2f} bytes/token on {len(text):,} chars")

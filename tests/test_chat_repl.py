@@ -137,6 +137,17 @@ def test_a_message_too_long_to_send_keeps_the_whole_history(capsys):
     assert history[-1]["role"] == "assistant"
 
 
+def test_a_message_of_a_million_spaces_is_not_sent_and_chat_goes_on(capsys):
+    """Encoding it crashed chat.py with a Rust panic from tiktoken (a page of traceback, the conversation
+    lost): it is one more message too long to send."""
+    from chat import reply
+    enc = get_tokenizer("world")
+    model = M.GPT(M.GPTConfig(block_size=40, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32)).eval()
+    history = [{"role": "user", "content": "hi" + " " * 1_100_000 + "there"}]
+    assert reply(model, enc, history, 1, None, torch.no_grad(), 8, 0.0) is None
+    assert "not sent" in capsys.readouterr().out and history == []
+
+
 def test_a_read_only_out_dir_still_chats(tmp_path, monkeypatch, capsys):
     """chat.py only reads out_dir: the stages' rule that it be writable must not refuse checkpoints on a
     read-only disk."""

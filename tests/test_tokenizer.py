@@ -92,6 +92,19 @@ def test_typed_specials_stay_plain_text():
         ENC.encode(s)
 
 
+def test_a_very_long_run_of_whitespace_is_encoded_in_pieces_and_other_text_as_before():
+    """tiktoken's pre-split regex overflowed its stack on a run of about a million spaces or newlines (typed
+    into chat.py, or a field of a data file): a Rust panic, a traceback that no `except Exception` stops."""
+    enc = tok.get_tokenizer("world")
+    for text in ("hi" + " " * 1_100_000 + "there", "\n" * 1_100_000, "x\u3000" + "\u3000" * 1_100_000):
+        assert enc.decode(tok.encode_text(enc, text)) == text
+    ordinary = "The owl is  kind.\n\n  Tell me more.   "
+    assert tok.encode_text(enc, ordinary) == enc.encode_ordinary(ordinary)  # no long run: the same tokens
+    assert tok.encode_text(enc, ordinary, piece=4) == enc.encode_ordinary(ordinary)  # no run of 4 here
+    pieces = tok.encode_text(enc, "a" + " " * 10 + "b", piece=4)  # cut into 4 + 4 + 2 spaces, each alone
+    assert enc.decode(pieces) == "a" + " " * 10 + "b" and pieces[0] == enc.encode_ordinary("a")[0]
+
+
 def test_save_load_round_trip(tmp_path):
     path = tmp_path / "t.tiktoken"
     save_ranks(RANKS, path)
