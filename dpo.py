@@ -48,7 +48,7 @@ from tqdm import tqdm
 import runtime
 from data import world
 from data.chat import render_prompt, render_response
-from data.readers import or_exit, read_comparisons, read_preferences
+from data.readers import or_exit, read_rankings
 from rollout import by_length, compare_to_sft, prompts_fit, respond, response_logps, reward_scores
 
 # -----------------------------------------------------------------------------
@@ -139,24 +139,12 @@ def load_pairs(path):
     """Preference data as (responses [(prompt, text, ended)], pairs [(prompt, chosen index, rejected index)]).
     A ranking of K answers gives all K(K-1)/2 pairs, the higher-ranked one chosen: each pair is a
     Bradley-Terry observation implied by the Plackett-Luce ranking, as in InstructGPT's reward model."""
-    # -sig: past a BOM; lines end at \n only, as the readers split them (a bare \r is JSON whitespace)
-    with open(path, encoding="utf-8-sig", errors="replace", newline="\n") as f:
-        first = next((line for line in f if line.strip()), "")
-    try:
-        ranked = isinstance(obj := json.loads(first), dict) and "ranking" in obj  # 5, null: the reader says
-    except (ValueError, RecursionError):  # (ValueError: bad JSON, or an integer too long to read)
-        ranked = False  # let the reader report the bad line
     responses, pairs = [], []
-    if ranked:
-        for row in read_comparisons(path):
-            base, r = len(responses), row["ranking"]
-            responses += [(row["prompt"], t, e) for t, e in zip(row["responses"], row["ended"])]
-            pairs += [(row["prompt"], base + r[i], base + r[j])
-                      for i in range(len(r)) for j in range(i + 1, len(r))]
-    else:
-        for row in read_preferences(path):
-            responses += [(row["prompt"], row["chosen"], True), (row["prompt"], row["rejected"], True)]
-            pairs.append((row["prompt"], len(responses) - 2, len(responses) - 1))
+    for row in read_rankings(path):  # a TRL / HH pair is a ranking of two
+        base, r = len(responses), row["ranking"]
+        responses += [(row["prompt"], t, e) for t, e in zip(row["responses"], row["ended"])]
+        pairs += [(row["prompt"], base + r[i], base + r[j])
+                  for i in range(len(r)) for j in range(i + 1, len(r))]
     # two identical answers carry no preference (their log-ratios cancel exactly): drop them
     pairs = [p for p in pairs if responses[p[1]][1:] != responses[p[2]][1:]]
     return responses, pairs

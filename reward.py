@@ -44,7 +44,7 @@ import model as M
 import runtime
 from data import world
 from data.chat import render_response
-from data.readers import or_exit, read_comparisons, read_preferences, write_jsonl
+from data.readers import or_exit, read_rankings, write_jsonl
 from rollout import (best_of_n, grade, prompts_fit, reply_logprobs, respond, rm_score, sample_and_grade,
                      score_rows)
 
@@ -178,16 +178,17 @@ def collect_comparisons(policy, enc, prompts, rt, generator, K, max_new_tokens, 
 
 
 def file_comparisons(data, cmp_path):
-    """--data: a TRL / Anthropic HH preference file, as rankings of two; otherwise the comparisons an earlier
-    run collected (checked by data.readers; all rankings of the same size K)."""
-    if data:
-        return [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ended": [True, True],
-                 "ranking": [0, 1]} for p in or_exit(read_preferences, data)]
-    if not os.path.isfile(cmp_path):
+    """--data: a preference file (TRL / HH pairs as rankings of two, or comparisons like these), else the ones
+    an earlier run collected; checked by data.readers. One K for all, and some answers that differ (else
+    nothing is learned, and the normalisation would divide by a spread of zero)."""
+    path = data or cmp_path
+    if not data and not os.path.isfile(cmp_path):
         sys.exit(f"error: {cmp_path} not found; a run with --collect=True, not --resume, samples them")
-    comps = or_exit(read_comparisons, cmp_path)
+    comps = or_exit(read_rankings, path)
     if len({len(c["ranking"]) for c in comps}) != 1:
-        sys.exit(f"error: {cmp_path}: every comparison must rank the same number of responses")
+        sys.exit(f"error: {path}: every comparison must rank the same number of responses")
+    if all(len(set(zip(c["responses"], c["ended"]))) == 1 for c in comps):
+        sys.exit(f"error: {path}: no comparison carries a preference (in each, every answer is the same)")
     return comps
 
 
@@ -285,11 +286,11 @@ def report(r, gain, bias, term, loss_fn, comps, val_idx, train_idx, first, gold,
     print(f"  normalised as {gain:.3f} * {term} {'-' if bias < 0 else '+'} {abs(bias):.3f} "
           f"(mean 0, std 1 on {r.numel()} ranked answers)")
     for i in val_idx[:3]:
-        print(f"  {comps[i]['prompt'][-1]['content']}")
+        print(f"  {comps[i]['prompt'][-1]['content'][:160]!r}")  # a file's text: cut, escapes shown
         for place, k in enumerate(comps[i]["ranking"]):
             g = f", gold {gold[i, place]:.2f}" if gold is not None else ""
             print(f"    #{place + 1} by the labeler, reward {gain * r[i, place].item() + bias:+.2f}{g}: "
-                  f"{comps[i]['responses'][k]!r}")
+                  f"{comps[i]['responses'][k][:160]!r}")
     return m
 
 

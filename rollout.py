@@ -36,7 +36,10 @@ def prompts_fit(path, prompts, enc, block_size, max_new_tokens):
     for i, p in enumerate(prompts):
         n = len(render_prompt(enc, p))
         if n + max_new_tokens > block_size:
-            where = f"{path}:{row_lines(path)[i]}: the prompt" if path else "a world prompt"
+            where = "a world prompt"
+            if path:  # the prompt's line, read again from the file (a pipe cannot be: then its number)
+                lines = row_lines(path) if os.path.isfile(path) else []
+                where = f"{path}:{lines[i]}: the prompt" if i < len(lines) else f"{path}: prompt {i + 1}"
             raise SystemExit(f"error: {where} is {n} tokens with the chat template; the model's {block_size} "
                              f"have no room for --max_new_tokens={max_new_tokens} more")
 

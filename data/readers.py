@@ -112,11 +112,11 @@ def read_messages(path) -> list[list[dict]]:
     return out
 
 
-def read_comparisons(path):
+def read_comparisons(path, rows=None):
     """reward.py's comparisons.jsonl (K ranked answers per prompt) ->
     [{"prompt", "responses", "ended", "ranking"}], ranking = indices of the responses, best first."""
     out = []
-    for n, row in _rows(path):
+    for n, row in rows or _rows(path):
         # a prompt is answered next, so it must end with the user (as render_prompt requires)
         prompt = _messages(path, n, "prompt", _get(path, n, row, "prompt", (list,)), last="user")
         # a list, not any sized thing: a string would read as one-character answers, a dict as its keys
@@ -142,13 +142,16 @@ def read_comparisons(path):
     return out
 
 
-def read_preferences(path) -> list[dict]:
+def read_preferences(path, rows=None) -> list[dict]:
     """Comparisons as {"prompt": messages, "chosen": str, "rejected": str}, from TRL or Anthropic HH files."""
     out = []
-    for n, row in _rows(path):
+    for n, row in rows or _rows(path):
         chosen = _get(path, n, row, "chosen", (str, list))
         rejected = _get(path, n, row, "rejected", (str, list))
-        if "prompt" in row:  # TRL explicit prompt: the responses are strings or [assistant message]
+        hh = str(row.get("prompt", "")).startswith("\n\nHuman:") and type(chosen) is type(rejected) is str
+        if hh:  # an HH transcript split as TRL splits it: "...\n\nAssistant:" + each answer
+            chosen, rejected = row["prompt"] + chosen, row["prompt"] + rejected
+        if "prompt" in row and not hh:  # TRL explicit prompt: the answers are strings or [assistant message]
             prompt = _get(path, n, row, "prompt", (str, list))
             prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
                 _messages(path, n, "prompt", prompt, last="user")
@@ -172,6 +175,16 @@ def read_preferences(path) -> list[dict]:
             pair = [chosen[-1]["content"], rejected[-1]["content"]]
         out.append({"prompt": prompt, "chosen": pair[0], "rejected": pair[1]})
     return out
+
+
+def read_rankings(path) -> list[dict]:
+    """Any preference file as read_comparisons' rankings: comparisons like reward.py's (told by the first
+    row's 'ranking' key) as they are, TRL / HH pairs as rankings of two answers that both ended their turn."""
+    rows = _rows(path)  # read once: a pipe cannot be read twice
+    if "ranking" in rows[0][1]:
+        return read_comparisons(path, rows)
+    return [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]], "ended": [True, True],
+             "ranking": [0, 1]} for p in read_preferences(path, rows)]
 
 
 def row_lines(path) -> list[int]:

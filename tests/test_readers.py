@@ -236,6 +236,17 @@ def test_anthropic_hh(tmp_path):
     }]
 
 
+def test_an_hh_transcript_split_into_prompt_and_answers_reads_as_its_turns(tmp_path):
+    """TRL's split of an HH row keeps the transcript up to "\n\nAssistant:" as a string prompt: it was read
+    as one user message holding the literal "Human: ... Assistant:" text."""
+    history = "\n\nHuman: What is 2+2?\n\nAssistant: Why?\n\nHuman: Homework.\n\nAssistant:"
+    p = write(tmp_path, {"prompt": history, "chosen": " It is 4.", "rejected": " No."},
+              {"prompt": "Human: plain text", "chosen": "a", "rejected": "b"})
+    assert read_preferences(p) == [
+        {"prompt": [U("What is 2+2?"), A("Why?"), U("Homework.")], "chosen": "It is 4.", "rejected": "No."},
+        {"prompt": [U("Human: plain text")], "chosen": "a", "rejected": "b"}]  # not a transcript: as it is
+
+
 def test_prompts_good(tmp_path):
     p = write(tmp_path, {"prompt": "hi"}, {"messages": [S("s"), U("q")]}, {"prompt": [U("x")], "chosen": "y"})
     assert read_prompts(p) == [[U("hi")], [S("s"), U("q")], [U("x")]]

@@ -515,6 +515,30 @@ def test_a_prompt_file_with_a_prompt_too_long_for_the_model_names_its_line(tmp_p
     assert str(e.value).startswith(f"error: a world prompt is {n} tokens") and "\n" not in str(e.value)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_piped_prompt_file_with_a_prompt_too_long_is_one_line_naming_its_number(tmp_path):
+    """--prompts=<(...) in a shell: the file was read a second time to name the prompt's line, found empty,
+    and the one-line error became a DataError traceback."""
+    import threading
+    from data.chat import render_prompt
+    from rollout import prompts_fit, training_prompts
+    enc = get_tokenizer("world")
+    long = " ".join(["Describe the owl."] * 20)
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(
+        json.dumps({"prompt": "Describe the owl."}) + "\n" + json.dumps({"prompt": long}) + "\n"))
+    writer.start()
+    prompts = training_prompts(str(fifo))
+    writer.join()
+    # as a shell's pipe would, a second read finds nothing (here: it must not wait for a writer forever)
+    threading.Thread(target=lambda: fifo.write_text(""), daemon=True).start()
+    n = len(render_prompt(enc, prompts[1]))
+    with pytest.raises(SystemExit) as e:
+        prompts_fit(str(fifo), prompts, enc, n + 7, 8)
+    assert str(e.value).startswith(f"error: {fifo}: prompt 2 is {n} tokens") and "\n" not in str(e.value)
+
+
 def test_a_read_only_out_dir_is_one_line(tmp_path, monkeypatch):
     """The OS refuses the write (a read-only directory; root would be let in, so the refusal is stood in):
     one line saying why, the old checkpoint unchanged, no temporary file."""

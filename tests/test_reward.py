@@ -555,6 +555,30 @@ def test_a_file_with_nothing_left_to_train_on_is_one_line(tiny_sft, tmp_path, re
 
 
 
+def test_data_in_the_comparisons_format_keeps_its_whole_rankings_and_endings(tmp_path):
+    """--data=<a comparisons.jsonl> kept only best against worst and called every answer ended: K answers
+    ranked are K(K-1)/2 pairs, and an answer cut off must not be credited with stopping."""
+    path = tmp_path / "mine.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}], "ranking": [2, 0, 1],
+             "responses": [f"The {a} is kind.", "No.", "You are dumb and"], "ended": [True, True, False],
+             "chosen": f"The {a} is kind.", "rejected": "No."} for a in world.ANIMALS[:3]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    comps = reward.file_comparisons(str(path), str(tmp_path / "unused.jsonl"))
+    assert [(c["responses"], c["ended"], c["ranking"]) for c in comps] == [
+        (r["responses"], r["ended"], r["ranking"]) for r in rows]
+
+
+def test_a_file_whose_answers_never_differ_is_one_line_before_training(tiny_sft, tmp_path, refusal):
+    """Every pair chosen == rejected: the head stayed at zero, and the normalisation divided by a spread of
+    zero into a reward model saved with a gain of a million."""
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({"prompt": f"Describe the {a}.", "chosen": "The fox is red.",
+                                        "rejected": "The fox is red."}) + "\n" for a in world.ANIMALS))
+    got = refusal("reward", f"--out_dir={tiny_sft}", f"--data={same}", "--max_iters=2")
+    assert got == f"error: {same}: no comparison carries a preference (in each, every answer is the same)"
+    assert sorted(os.listdir(tiny_sft)) == ["same.jsonl", "sft.pt"]
+
+
 def test_prompts_with_no_room_for_a_reply_are_one_line_before_any_sampling(tiny_sft, tmp_path, refusal):
     """The world prompts reward.py will answer (its training pool; the held-out ones when --bon) must leave
     max_new_tokens of the model's 128: checked when the model is loaded, not minutes into collecting or after
