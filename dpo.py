@@ -286,7 +286,8 @@ def main():
     config = runtime.configure(globals(), ranges={
         "loss": (lambda v: v in ("sigmoid", "ipo"), "'sigmoid' or 'ipo'"), "beta": (lambda v: v > 0, "> 0"),
         "online_prompts": (lambda v: v >= int(os.environ.get("WORLD_SIZE", 1)), ">= 1 per process"),
-        "data": (lambda v: not v or os.path.isfile(v), "a preference file that exists (\"\": comparisons)")})
+        "data": (lambda v: not v or os.path.exists(v) and not os.path.isdir(v),  # a pipe too: read once
+                 "a preference file that exists (\"\": comparisons)")})
     if online_rounds and online_pairs > online_k // 2:  # (they matter only with online rounds)
         raise SystemExit(f"error: --online_pairs={online_pairs} must be <= online_k / 2 = {online_k // 2}")
     if label_smoothing and loss != "sigmoid":

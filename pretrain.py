@@ -73,7 +73,7 @@ def read_documents(path):
     """The training documents: the world corpus, or a UTF-8 text file split at blank lines."""
     if not path:
         return world.corpus_documents()
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # (not isfile: a pipe, --data=<(...), is read like a file)
         raise SystemExit(f"error: --data file {path} not found")
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text

@@ -516,6 +516,24 @@ def test_a_prompt_file_with_a_prompt_too_long_for_the_model_names_its_line(tmp_p
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_as_data_is_read_like_a_file_by_pretrain_and_dpo(tmp_path, refusal):
+    """reward.py and sft.py read --data=<(...) while pretrain.py said "not found" and dpo.py "out of range: it
+    must be a preference file that exists"; each reads its file once, so a pipe serves as well."""
+    import threading
+    from pretrain import read_documents
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for content, read in (("The owl is kind.\n\nThe fox is red.\n", lambda: read_documents(str(fifo))),
+                          ("not json\n", lambda: refusal("dpo", f"--out_dir={tmp_path}", f"--data={fifo}"))):
+        writer = threading.Thread(target=lambda: fifo.write_text(content), daemon=True)
+        writer.start()
+        got = read()
+        writer.join(timeout=30)  # (a reader that never opened the pipe leaves the writer waiting: no hang)
+        assert got == ["The owl is kind.", "The fox is red."] or got.startswith(f"error: {fifo}:1: invalid JSON")
+    assert sorted(os.listdir(tmp_path)) == ["fifo"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_a_piped_prompt_file_with_a_prompt_too_long_is_one_line_naming_its_number(tmp_path):
     """--prompts=<(...) in a shell: the file was read a second time to name the prompt's line, found empty,
     and the one-line error became a DataError traceback."""
