@@ -268,6 +268,11 @@ def checkpoints_to_compare(rm_path, listed=None):
     return paths
 
 
+def md_code(text):
+    """text as one Markdown code span on one line: its own #, * or fence cannot restructure the report."""
+    return "`" + (" ".join(text.replace("`", "'").split()) or "(empty)") + "`"
+
+
 def write_report(results, order, evals, fig_dir):
     """out_dir/report.md: the table, where the gold is lost, sample conversations, figures."""
     label = {"bon": f"best-of-{bon}"}
@@ -295,10 +300,10 @@ def write_report(results, order, evals, fig_dir):
     lines += ["", "## Sample conversations", ""]
     for i in range(min(3, len(evals))):
         p = results["sft"]["samples"][i]["prompt"]
-        lines += ["**" + " / ".join(f"{m['role']}: {m['content']}" for m in p) + "**", ""]
+        lines += [" / ".join(f"**{m['role']}:** {md_code(m['content'])}" for m in p), ""]
         for n in order:
             s = results[n]["samples"][i]
-            lines.append(f"- {label.get(n, n)} (gold {s['gold']:.2f}): `{s['text'].strip() or '(empty)'}`"
+            lines.append(f"- {label.get(n, n)} (gold {s['gold']:.2f}): {md_code(s['text'])}"
                          + ("" if s["ended"] else " *(never ended its turn)*"))
         lines.append("")
     lines += ["## Figures", ""] + draw_figures(results, fig_dir)

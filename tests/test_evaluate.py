@@ -536,6 +536,21 @@ def test_the_report_rows_show_each_models_own_numbers_in_their_columns(tmp_path,
     assert "- ppo (gold 0.25): `answer ppo 1` *(never ended its turn)*" in lines
 
 
+def test_a_prompt_or_reply_holding_markdown_cannot_restructure_the_report(tmp_path, monkeypatch):
+    """A --prompts file's "# heading" became a heading of report.md, and an unclosed fence swallowed the rest
+    of the report, its figures included."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    results = made_up_results(["sft", "ppo"])
+    prompt = [{"role": "user", "content": "Hi\n# Not a heading\n```"}]
+    for r in results.values():
+        r["samples"][0] = {**r["samples"][0], "prompt": prompt, "text": "a `b`\n\n```\n## c"}
+    lines = evaluate.write_report(results, ["sft", "ppo"], [prompt] * 2, str(tmp_path / "figures"))
+    assert "**user:** `Hi # Not a heading '''`" in lines
+    assert "- ppo (gold 0.00): `a 'b' ''' ## c`" in lines
+    assert not any(line.startswith(("# Not", "## c", "```")) for line in lines)
+
+
 def test_json_out_prints_every_number_but_the_samples_and_the_printed_table_is_the_reports(tmp_path,
                                                                                          monkeypatch, capsys):
     import evaluate
