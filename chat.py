@@ -78,6 +78,8 @@ def reply(model, enc, history, n_keep, generator, ctx, max_new_tokens, temperatu
         print(f"(context full: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} "
               f"to fit {block_size} tokens)")
     ids = render_prompt(enc, sent)
+    if len(ids) + max_new_tokens > block_size:  # the message alone leaves less: the reply will stop there
+        print(f"(room for {block_size - len(ids)} of --max_new_tokens={max_new_tokens} reply tokens)")
     if show_tokens:
         print(f"[prompt {len(ids)} tokens] {enc.decode(ids)!r}")
     with ctx:

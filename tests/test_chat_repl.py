@@ -137,6 +137,21 @@ def test_a_message_too_long_to_send_keeps_the_whole_history(capsys):
     assert history[-1]["role"] == "assistant"
 
 
+def test_a_message_that_leaves_little_room_for_the_reply_says_so(capsys):
+    """A message that fits the context but not with a whole reply was answered with a token or two and
+    "[cut off]", with nothing to say why."""
+    from chat import reply
+    enc = get_tokenizer("world")
+    model = M.GPT(M.GPTConfig(block_size=40, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32)).eval()
+    for times, room in ((2, False), (6, True)):
+        history = [{"role": "user", "content": " ".join(["Describe the fox."] * times)}]
+        n = len(render_prompt(enc, history))
+        assert (n + 8 > 40) == room and n < 40
+        assert reply(model, enc, history, 0, None, torch.no_grad(), 8, 0.0) is not None
+        said = f"(room for {40 - n} of --max_new_tokens=8 reply tokens)"
+        assert (said in capsys.readouterr().out) == room
+
+
 def test_a_message_of_a_million_spaces_is_not_sent_and_chat_goes_on(capsys):
     """Encoding it crashed chat.py with a Rust panic from tiktoken (a page of traceback, the conversation
     lost): it is one more message too long to send."""
