@@ -232,10 +232,12 @@ def fingerprint(state_dict):
         h.update(k.encode() + v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
+def out_dir_args(out_dir):  # --out_dir, named unless it is the default: for a stage run here, or a message
+    return [] if os.path.normpath(out_dir or ".") == "out" else [f"--out_dir={out_dir or '.'}"]
+
 def command(script, out_dir, *args):
-    """The command a message suggests, runnable as printed: --out_dir is named unless it is the default."""
-    where = [] if os.path.normpath(out_dir or ".") == "out" else [f"--out_dir={out_dir or '.'}"]
-    return "`" + " ".join(["python", script, *args, *where]) + "`"
+    """The command a message suggests, runnable as printed."""
+    return "`" + " ".join(["python", script, *args, *out_dir_args(out_dir)]) + "`"
 
 def trained_from(path, ck, sft_ck, remedy=None):
     """One line if the checkpoint ck was trained from other weights than sft_ck's, e.g. sft.py was run again
@@ -398,7 +400,7 @@ def ensure_checkpoint(path, script, out_dir):
     Under torchrun every rank calls it: rank 0 builds, the others wait for it at a barrier."""
     failed = None
     if not os.path.isfile(path) and int(os.environ.get("RANK", 0)) == 0:
-        flag = [f"--out_dir={out_dir}"] if os.path.normpath(out_dir) != "out" else []
+        flag = out_dir_args(out_dir)
         print(f"{path} not found: running {command(script, out_dir)} to make it")
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)] + flag
