@@ -171,8 +171,11 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
         g = torch.Generator(device=rt.device).manual_seed(seed + 1 if name == "sft" else seed)
         lap = watch.lap if name != "bon" else (lambda phase: watch.lap(f"best-of-{bon} {phase}"))
         with torch.no_grad(), rt.ctx:
-            if name == "bon":
-                res = best_of_n_samples(sft, rm, rm_ck, enc, evals, g, lap)
+            if name == "bon":  # SFT's answers picked by the reward model; its KL is the analytical bound
+                picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens,
+                                  temperature, generator=g, lm_weight=rm_ck.get("lm_weight", 0.0), lap=lap)
+                res = {**summarise(grade(evals, picks)), "kl": best_of_n_kl_bound(bon)}
+                lap("hidden human")
             else:
                 policy = sft if name == "sft" else runtime.load_model(  # (check_rows has read its tokenizer)
                     paths[name], ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0)[0]
@@ -199,16 +202,6 @@ def best_of_n_kl_bound(n):
     https://arxiv.org/abs/2009.01325, appendix); an upper bound, exact only when no two of the n answers can
     coincide (Beirami et al. 2024, https://arxiv.org/abs/2401.01879), and short answers here do repeat."""
     return math.log(n) - (n - 1) / n
-
-
-def best_of_n_samples(sft, rm, rm_ck, enc, evals, generator, lap):
-    """The best-of-`bon` row: SFT's answers picked by the reward model, in sample_and_grade's format; its KL
-    is best_of_n_kl_bound(bon)."""
-    picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens, temperature,
-                      generator=generator, lm_weight=rm_ck.get("lm_weight", 0.0), lap=lap)
-    res = summarise(grade(evals, picks))
-    lap("hidden human")
-    return {**res, "kl": best_of_n_kl_bound(bon)}
 
 
 def listed_checkpoints():
