@@ -14,10 +14,19 @@ def refusal(monkeypatch, capsys):
     """refusal(script, *args) runs `python script.py args` in this process (a new python spends seconds
     importing torch) and returns the SystemExit message it stops with; nothing may be printed before it.
     Python prints that message as the one line on stderr and exits with 1: tests/test_reliability.py checks
-    that once per script in a real subprocess."""
+    that once per script in a real subprocess. A refusal that comes too late, once a missing stage is to be
+    built (minutes of training), fails at once instead."""
+    import runtime
+    build = runtime.ensure_checkpoint
+
+    def no_build(path, *a):
+        assert os.path.isfile(path), f"{path} is missing: the script went on to build it instead of refusing"
+        return build(path, *a)
+
     def run(script, *args):
         monkeypatch.chdir(ROOT)
         monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, args)])
+        monkeypatch.setattr(runtime, "ensure_checkpoint", no_build)
         with pytest.raises(SystemExit) as e:
             runpy.run_path(os.path.join(ROOT, f"{script}.py"), run_name="__main__")
         printed = capsys.readouterr()

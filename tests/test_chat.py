@@ -109,3 +109,14 @@ def test_render_response_drops_the_end_of_an_unfinished_answer_and_keeps_the_end
     short, short_mask = render_response(BYTES, prompt, "Yo!", True, block_size=5)
     assert short == [259] + ids[-4:] and short_mask == [0, 1, 1, 1, 1]  # <|assistant|>, then the whole answer
     assert render_response(BYTES, prompt, "Yo!", True, block_size=len(ids)) == (ids, mask)
+
+
+def test_a_reply_of_a_million_spaces_renders_for_the_reward_model():
+    """A sampled or file answer of a very long whitespace run: tiktoken's pre-split panics on it (a
+    BaseException) unless it is encoded in pieces, as every message's content is."""
+    from data.tokenizer import get_tokenizer
+    enc = get_tokenizer("world")
+    prompt = [{"role": "user", "content": "Describe the owl."}]
+    response = "The owl" + " " * 1_100_000 + "is calm."
+    ids, mask = render_response(enc, prompt, response)
+    assert enc.decode(ids).endswith(response + END) and len(ids) == len(mask)

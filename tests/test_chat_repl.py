@@ -429,3 +429,21 @@ def test_a_closed_stdin_is_one_line_not_a_traceback(tmp_path):
     assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr[-1500:])
     assert r.stderr.strip() == ("error: standard input is closed, so there is nothing to chat over; "
                                 "--prompt=... answers one message")
+
+
+def test_a_prompt_of_exactly_block_size_tokens_is_one_error_line_and_one_less_leaves_a_note(tmp_path, refusal,
+                                                                                            capsys):
+    """--prompt filling the whole context is refused like a longer one; in the REPL, a message leaving just
+    --max_new_tokens says nothing, one token less says how much room is left."""
+    from chat import reply
+    enc = get_tokenizer("world")
+    n = len(render_prompt(enc, [{"role": "user", "content": "word " * 10}]))
+    save_tiny(tmp_path / "sft.pt", "sft", block_size=n)
+    assert refusal("chat", f"--out_dir={tmp_path}", "--prompt=" + "word " * 10, "--max_new_tokens=4") == (
+        f"error: --prompt is {n} tokens with the template; the context holds {n}")
+    for block, said in ((n + 8, False), (n + 7, True)):
+        model = M.GPT(M.GPTConfig(block_size=block, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32)).eval()
+        history = [{"role": "user", "content": "word " * 10}]
+        assert reply(model, enc, history, 0, None, torch.no_grad(), 8, 0.0) is not None
+        out = capsys.readouterr().out
+        assert ("(room for" in out) == said and ("(room for 7 of --max_new_tokens=8 reply tokens)" in out) == said

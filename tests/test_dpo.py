@@ -326,6 +326,14 @@ def test_tiny_run_logs_saves_and_resumes(tmp_path):
     assert [json.loads(line)["iter"] for line in open(tmp_path / "dpo.jsonl")] == [1, 2, 3, 4, 5, 6]
     resumed = runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")
     assert resumed["step"] == 4 and resumed["round"] == 2
+    # a third round with another --online_prompts: its steps per round, and so the log's step numbers, would
+    # change mid-run: refused in one line, the files untouched
+    before = [(tmp_path / f).read_bytes() for f in ("dpo.pt", "dpo.jsonl")]
+    r = run("--max_iters=3", "--resume=True", "--online_rounds=3", "--online_prompts=8", "--online_k=3",
+            "--online_pairs=1")
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: --resume: {tmp_path / 'dpo.pt'} is in online rounds after 4 offline steps"), r.stderr[-2000:]
+    assert [(tmp_path / f).read_bytes() for f in ("dpo.pt", "dpo.jsonl")] == before
     # a dpo.pt of another network is refused in one line, not a traceback from load_state_dict
     other = {**args, "n_embd": 32}
     runtime.save_checkpoint(str(tmp_path / "dpo.pt"), {**ck, "model_args": other,
@@ -696,3 +704,23 @@ def test_the_online_options_are_checked_only_with_online_rounds(tmp_path, refusa
         "error: --label_smoothing is conservative DPO's; it needs --loss=sigmoid")
     assert refusal("dpo", f"--out_dir={tmp_path}", "--online_k=1", "--online_rounds=1").startswith(
         "error: --online_pairs=2 must be <= online_k / 2 = 0")
+
+
+def test_a_training_prompt_that_leaves_exactly_max_new_tokens_is_answered_online(tmp_path, monkeypatch):
+    """A prompt of block_size - max_new_tokens tokens has room for a whole reply: the online rounds keep it."""
+    save_online_inputs(tmp_path)  # block_size 64
+    enc = get_tokenizer("world")
+    exact = "Describe the fox. " * 6
+    n = len(dpo.render_prompt(enc, [{"role": "user", "content": exact}]))
+    assert n >= len(dpo.render_prompt(enc, dpo.world.prompts("eval")[0]))  # (the held-out prompt fits too)
+    rows = [{"prompt": [{"role": "user", "content": c}], "responses": ["The fox is red.", "No."],
+             "ended": [True, True], "ranking": [0, 1]} for c in ("Describe the cat.", exact)]
+    write(tmp_path / "comparisons.jsonl", rows)
+    seen = []
+    monkeypatch.setattr(dpo, "online_round", lambda policy, ref, rm, rm_ck, enc, prompts, *a: seen.append(
+        prompts) or (_ for _ in ()).throw(SystemExit("stopped")))
+    with pytest.raises(SystemExit, match="stopped"):
+        run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2", "--n_eval=1",
+                 "--online_rounds=1", "--online_prompts=2", "--online_k=2", "--online_pairs=1",
+                 f"--max_new_tokens={64 - n}", "--eval_fraction=0.0")
+    assert sorted(p[0]["content"] for p in seen[0]) == sorted(["Describe the cat.", exact])

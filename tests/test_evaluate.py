@@ -327,7 +327,6 @@ def test_a_sweep_beta_out_of_range_is_refused_before_any_run(tmp_path, refusal, 
     assert not os.listdir(tmp_path)
 
 
-
 def test_a_sweep_with_nothing_to_train_is_refused(tmp_path, refusal):
     """--sweep=True with no beta for any chosen method and no beta = 0 run wrote results.json into a folder
     it never made (a traceback): it is one line, before anything is read."""
@@ -338,6 +337,7 @@ def test_a_sweep_with_nothing_to_train_is_refused(tmp_path, refusal):
     assert refusal("evaluate", f"--out_dir={tmp_path}", "--sweep=True", "--sweep_methods=()", "--bon=-1") == (
         "error: --bon=-1 is out of range: it must be >= 0")  # one run (hack_iters) is something to train
     assert os.listdir(tmp_path) == []
+
 
 def test_a_best_of_n_row_with_no_reward_model_builds_nothing_first(tmp_path, refusal, monkeypatch):
     """--ckpt=bon with no reward model is refused before the missing SFT model is built (a pretrain.py and
@@ -779,3 +779,37 @@ def test_the_graders_means_are_the_hidden_humans_grades_averaged_over_every_repl
     assert res["n"] == 4 and res["gold"] == pytest.approx((2.0 + sum(bad)) / 4) and res["ended"] == 0.5
     assert rollout.summarise(rollout.grade(evals[:2], replies[:2], [0.5, 1.5]))["kl"] == pytest.approx(1.0)
     assert rollout.summarise([])["n"] == 0  # no replies: no division by zero
+
+
+def test_the_grader_reads_fluency_gold_and_ended_off_each_reply_not_its_prompt():
+    import rollout
+    evals = world.prompts("eval")[:2]
+    replies = [{"text": "the the the owl owl", "ended": False}, {"text": world.ideal(evals[1]), "ended": True}]
+    samples = rollout.grade(evals, replies)
+    assert [s["fluency"] for s in samples] == [world.fluency(r["text"]) for r in replies] == [0.0, 1.0]
+    assert [(s["prompt"], s["text"], s["ended"]) for s in samples] == [
+        (p, r["text"], r["ended"]) for p, r in zip(evals, replies)]
+    assert samples[0]["gold"] == world.gold(evals[0], "the the the owl owl", False) and samples[1]["gold"] == 1.0
+    assert rollout.summarise(samples)["fluency"] == 0.5
+
+
+def test_rows_that_just_fit_and_share_the_reference_models_tokenizer_pass_and_an_empty_reply_shows(tmp_path,
+                                                                                                   monkeypatch):
+    """check_rows refuses only a block_size with less than the longest prompt and --max_new_tokens more, and
+    a tokenizer other than the reference SFT model's (whichever that is); md_code shows an empty reply."""
+    import evaluate
+    from data.chat import render_prompt
+    enc = get_tokenizer("world")
+    prompts = world.prompts("eval")[:3]
+    longest = max(len(render_prompt(enc, p)) for p in prompts)
+    monkeypatch.setattr(evaluate, "max_new_tokens", 8)
+    sft, ppo = str(tmp_path / "sft.pt"), str(tmp_path / "ppo.pt")
+    for tok in ("world", "gpt2"):  # (the tokenizer is only a name here: enc reads every row's tokens)
+        save_row(sft, tokenizer=tok, block_size=longest + 8)
+        save_row(ppo, kind="ppo", tokenizer=tok, block_size=longest + 8)
+        evaluate.check_rows({"sft": sft, "ppo": ppo}, sft, runtime.load_checkpoint(sft, "sft"), prompts, enc)
+    save_row(ppo, kind="ppo", tokenizer="gpt2", block_size=longest + 7)
+    with pytest.raises(SystemExit, match=f"its block_size {longest + 7} has no room for the longest prompt"):
+        evaluate.check_rows({"sft": sft, "ppo": ppo}, sft, runtime.load_checkpoint(sft, "sft"), prompts, enc)
+    assert evaluate.md_code("") == evaluate.md_code(" \n\t") == "`(empty)`"
+    assert evaluate.md_code(" a  b\n") == "`a b`"

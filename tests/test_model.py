@@ -229,6 +229,7 @@ def test_a_reward_model_without_the_unembedding_scores_and_learns_the_same():
         m.zero_grad()
     torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
 
+
 def write_safetensors(path, sd):
     header, blobs, offset = {}, [], 0
     for k, v in sd.items():

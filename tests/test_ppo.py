@@ -295,7 +295,6 @@ def test_bad_options_stop_before_anything_is_touched(tmp_path, monkeypatch, bad,
     assert (tmp_path / "ppo.jsonl").read_text() == '{"iter": 1}\n' and not (tmp_path / "ppo.pt").exists()
 
 
-
 def test_the_kl_horizon_is_checked_only_for_the_kl_controller_that_reads_it(tmp_path, refusal):
     """--kl_horizon below the episodes of one update could flip beta's sign, so with --target_kl it is
     refused; without the controller it is never read, and must not refuse a batch of 10,001 answers."""
@@ -306,6 +305,7 @@ def test_the_kl_horizon_is_checked_only_for_the_kl_controller_that_reads_it(tmp_
         assert refusal("ppo", f"--out_dir={tmp_path}", *flags, "--reward=gold", "--prompts=p.jsonl") == (
             "error: --reward=gold judges the world's language only; drop it with --prompts")
     assert os.listdir(tmp_path) == []
+
 
 def run_ppo(out, *args):
     cmd = [sys.executable, "ppo.py", f"--out_dir={out}", "--batch_size=4", "--minibatch_size=2",

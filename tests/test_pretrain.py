@@ -69,7 +69,6 @@ def test_micro_steps_and_ranks_past_a_field_width_draw_their_own_batches():
     assert not torch.equal(get_batch(stream, 8, 4, 1, 0, 63, 1024)[0], x)
 
 
-
 def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(tmp_path, monkeypatch):
     """The loss is a mean over the step's B x T tokens, and every micro-batch holds as many: with
     --grad_accum=2 each half's loss is divided by 2 before backward, so the step's gradient is the one a
@@ -95,6 +94,7 @@ def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(tmp_
                  f"--data={tmp_path / 'corpus.txt'}", "--device=cpu")  # fp32 on any machine
     assert len(grads) == 2 and grads[0].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
+
 
 def run(args, out, launcher=(sys.executable,), check=True):
     r = subprocess.run([*launcher, "pretrain.py", f"--out_dir={out}", *TINY, *args], cwd=ROOT,
@@ -185,6 +185,7 @@ def test_under_torchrun_an_input_that_cannot_be_built_is_rank_0s_one_line(tmp_pa
 
 
 # ---- failures: one line, out_dir as it was
+
 
 def files_of(d):
     """{name: sha256} of every file in d: what a failed run must leave exactly as it was."""
@@ -363,3 +364,13 @@ def test_the_last_five_percent_of_the_documents_are_held_out():
         assert ids.count(enc.eot_token) == len(part), split
         assert enc.decode([t for t in ids if t != enc.eot_token]) == "".join(part), split
     assert pretrain.token_streams(docs[:19], enc)["val"].tolist().count(enc.eot_token) == 1
+
+
+def test_a_document_with_a_million_spaces_becomes_tokens_not_a_panic():
+    """A --data document holding a very long whitespace run: tiktoken's pre-split panicked on it (a
+    BaseException, past every except Exception); it is encoded in pieces, every character kept."""
+    enc = get_tokenizer("world")
+    docs = ["The owl" + " " * 1_100_000 + "is calm.", "The fox is red."]
+    streams = pretrain.token_streams(docs, enc)
+    assert enc.decode(streams["train"].tolist()) == "<|endoftext|>" + docs[0]
+    assert enc.decode(streams["val"].tolist()) == "<|endoftext|>" + docs[1]

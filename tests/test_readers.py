@@ -9,7 +9,7 @@ import torch
 
 from data.gpt2 import read_gpt2, read_safetensors
 from data.readers import (DataError, read_comparisons, read_messages, read_preferences, read_prompts,
-                          write_jsonl)
+                          read_rankings, write_jsonl)
 
 U = lambda s: {"role": "user", "content": s}  # noqa: E731
 A = lambda s: {"role": "assistant", "content": s}  # noqa: E731
@@ -29,6 +29,7 @@ GOOD = {"messages": [U("hi"), A("hello")]}
 
 
 # ---- bad input: one clear error naming file:line ----
+
 
 def test_invalid_json(tmp_path):
     p = write(tmp_path, GOOD, "", '{"messages": [', GOOD)
@@ -195,6 +196,7 @@ def test_comparisons_not_an_object_or_missing_a_key(tmp_path):
 
 # ---- good input ----
 
+
 def test_comparisons_good(tmp_path):
     no_ended = {k: v for k, v in RANKED.items() if k != "ended"}  # absent: every answer ended its turn
     trl_view = {"chosen": "No.", "rejected": "The owl is calm."}  # what reward.py adds for dpo.py: ignored
@@ -247,6 +249,48 @@ def test_an_hh_transcript_split_into_prompt_and_answers_reads_as_its_turns(tmp_p
         {"prompt": [U("Human: plain text")], "chosen": "a", "rejected": "b"}]  # not a transcript: as it is
 
 
+def test_a_prompt_that_only_looks_like_an_hh_transcript_stays_a_trl_prompt(tmp_path):
+    """Only a string prompt opening with "\n\nHuman:" and string answers are an HH transcript split as TRL
+    splits it; messages answers, or "\n\nHumans ...", are a TRL prompt as it is."""
+    hh = "\n\nHuman: hi\n\nAssistant:"
+    p = write(tmp_path, {"prompt": hh, "chosen": [A("Hello.")], "rejected": [A("No.")]},
+              {"prompt": "\n\nHumans are kind?", "chosen": "Yes.", "rejected": "No."})
+    assert read_preferences(p) == [{"prompt": [U(hh)], "chosen": "Hello.", "rejected": "No."},
+                                   {"prompt": [U("\n\nHumans are kind?")], "chosen": "Yes.", "rejected": "No."}]
+
+
+def test_read_rankings_reads_comparisons_as_they_are_and_pairs_as_rankings_of_two(tmp_path):
+    pair = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    assert read_rankings(write(tmp_path, RANKED, RANKED)) == [RANKED, RANKED]
+    assert read_rankings(write(tmp_path, pair)) == [
+        {"prompt": [U("2+2?")], "responses": ["4", "5"], "ended": [True, True], "ranking": [0, 1]}]
+    # the first row tells the format: a pair after a comparison is a comparison missing its keys, on its line
+    with pytest.raises(DataError, match=r"d\.jsonl:2: .*'prompt'"):
+        read_rankings(write(tmp_path, RANKED, pair))
+    with pytest.raises(DataError, match=r"d\.jsonl:2: .*'chosen'"):
+        read_rankings(write(tmp_path, pair, RANKED))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_read_rankings_reads_a_pipe_once(tmp_path):
+    """--data=<(...) can be read only once: comparisons and pairs alike are read from the rows read first."""
+    import threading
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    pair = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    for row, want in ((RANKED, RANKED), (pair, {"prompt": [U("2+2?")], "responses": ["4", "5"],
+                                                 "ended": [True, True], "ranking": [0, 1]})):
+        got = []
+        threading.Thread(target=lambda: fifo.write_text(json.dumps(row) + "\n"), daemon=True).start()
+        reader = threading.Thread(target=lambda: got.append(read_rankings(str(fifo))), daemon=True)
+        reader.start()
+        reader.join(timeout=10)
+        if reader.is_alive():  # it opened the pipe again, where no writer comes: let it read an empty one
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            reader.join(timeout=10)
+        assert got == [[want]]
+
+
 def test_prompts_good(tmp_path):
     p = write(tmp_path, {"prompt": "hi"}, {"messages": [S("s"), U("q")]}, {"prompt": [U("x")], "chosen": "y"})
     assert read_prompts(p) == [[U("hi")], [S("s"), U("q")], [U("x")]]
@@ -296,6 +340,7 @@ def test_write_jsonl_that_fails_keeps_the_old_file(tmp_path):
 
 
 # ---- GPT-2 weights (data/gpt2.py): a damaged file is one line naming it ----
+
 
 def safetensors_bytes(tensors, header_extra=None):
     """The safetensors layout by hand: 8-byte little-endian header length, JSON header, raw bytes."""

@@ -162,6 +162,7 @@ def test_resume_from_a_checkpoint_whose_resume_fields_are_damaged_is_one_line(ou
 
 @pytest.mark.parametrize("changes, says", [
     ({"rank_rng": [1, 2]}, "damaged rank_rng"), ({"kl_coef": float("nan")}, "damaged kl_coef"),
+    ({"kl_coef": float("inf")}, "damaged kl_coef"), ({"kl_coef": -0.1}, "damaged kl_coef"),
     ({"rank_rng": [{"prompts": [1, 2]}]}, "the checkpoint's rank_rng is damaged (TypeError)")])
 def test_resume_with_damaged_per_rank_samplers_or_kl_coefficient_is_one_line(out_dir, refusal, changes, says):
     """ppo.py (and grpo.py) also resume each rank's prompt sampler and, with --target_kl, the adapted beta."""
@@ -208,6 +209,23 @@ def test_a_resumed_log_must_begin_as_the_checkpoint_recorded_it(tmp_path):
     assert path.read_text() == '{"iter": 1, "loss": 9.0}\n'
     path.unlink()
     runtime.start_log(str(path), 2, ck)  # no log at all: nothing to splice, the resumed run starts one
+    assert not path.exists()
+
+
+def test_a_checkpoint_saved_before_its_log_exists_resumes_with_the_rows_up_to_its_step(tmp_path):
+    """No log yet when the checkpoint is saved: it records none (no crash), and a resumed run keeps the rows
+    up to its step. A fresh run (no resumed step) starts a fresh log whatever checkpoint it is handed."""
+    path = tmp_path / "sft.jsonl"
+    m = M.GPT(M.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    opt = runtime.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    ck = {**runtime.training_state(m, opt, torch.amp.GradScaler("cpu", enabled=False), str(path)), "step": 2}
+    assert ck["log"] is None and not path.exists()
+    path.write_text('{"iter": 1}\n{"iter": 2}\n{"iter": 3}\n')
+    runtime.start_log(str(path), 2, ck)
+    assert path.read_text() == '{"iter": 1}\n{"iter": 2}\n'
+    marked = {**runtime.training_state(m, opt, torch.amp.GradScaler("cpu", enabled=False), str(path)), "step": 2}
+    path.write_text('{"iter": 1, "loss": 9.0}\n')  # another run's log: no matter, this run starts afresh
+    runtime.start_log(str(path), None, marked)
     assert not path.exists()
 
 

@@ -178,7 +178,6 @@ def test_accuracy_by_part_files_each_pair_under_its_largest_weighted_difference(
     assert got == {"helpful": (0.25, 2), "harmless": (1.0, 1)}
 
 
-
 def test_rewards_add_the_weighted_likelihood_to_the_head():
     """--lm_feature: r = head + w * log p_SFT. A fresh reward model's head is zero, so r = w * lp exactly:
     with w = 0.5, lp = -2 gives -1, lp = -4 gives -2, lp = 0 gives 0 and lp = -1 gives -0.5 (ranked order
@@ -213,6 +212,7 @@ def test_yardsticks_are_in_ranked_order_and_the_second_labeler_scores_best_highe
     first = torch.tensor([[3.0, 2.0, 1.0]])  # the first labeler's ranked order, best first
     assert reward.pairwise_accuracy(second[1:], first) == 1.0  # agrees on all 3 pairs
     assert reward.pairwise_accuracy(second[:1], first) == pytest.approx(1 / 3)  # only on (0, 1) of [0, 1, 2]
+
 
 def test_the_second_labeler_draws_its_own_noise():
     """The ceiling "two labelers agree" needs two independent labelers: over 50 rankings of three answers of
@@ -368,6 +368,7 @@ def test_sampled_logprob_and_best_of_n_with_the_likelihood_term():
 
 
 # ---- end to end with a tiny random "SFT" model on the world's prompts
+
 
 def run(out, *args, launcher=(sys.executable,), ok=True):
     r = subprocess.run([*launcher, "reward.py", f"--out_dir={out}", "--max_new_tokens=4", "--batch_size=4",
@@ -554,7 +555,6 @@ def test_a_file_with_nothing_left_to_train_on_is_one_line(tiny_sft, tmp_path, re
         assert sorted(os.listdir(tiny_sft)) == ["one.jsonl", "sft.pt"]  # no reward.pt, no log
 
 
-
 def test_data_in_the_comparisons_format_keeps_its_whole_rankings_and_endings(tmp_path):
     """--data=<a comparisons.jsonl> kept only best against worst and called every answer ended: K answers
     ranked are K(K-1)/2 pairs, and an answer cut off must not be credited with stopping."""
@@ -566,6 +566,24 @@ def test_data_in_the_comparisons_format_keeps_its_whole_rankings_and_endings(tmp
     comps = reward.file_comparisons(str(path), str(tmp_path / "unused.jsonl"))
     assert [(c["responses"], c["ended"], c["ranking"]) for c in comps] == [
         (r["responses"], r["ended"], r["ranking"]) for r in rows]
+
+
+def test_a_file_is_refused_only_when_no_comparison_carries_a_preference(tmp_path):
+    """Some comparisons whose answers tie are kept beside one that differs; and the same text, once ended and
+    once cut off, differs too (stopping is what is preferred)."""
+    U = [{"role": "user", "content": "Describe the owl."}]
+    rows = [{"prompt": U, "responses": ["The owl is red.", "The owl is red."], "ended": [True, True],
+             "ranking": [0, 1]},
+            {"prompt": U, "responses": ["The owl is red.", "The owl is red."], "ended": [True, False],
+             "ranking": [0, 1]}]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert reward.file_comparisons(str(path), "") == rows
+    path.write_text(json.dumps(rows[1]) + "\n")
+    assert reward.file_comparisons(str(path), "") == rows[1:]
+    path.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(SystemExit, match="no comparison carries a preference"):
+        reward.file_comparisons(str(path), "")
 
 
 def test_a_file_whose_answers_never_differ_is_one_line_before_training(tiny_sft, tmp_path, refusal):
@@ -594,6 +612,7 @@ def test_prompts_with_no_room_for_a_reply_are_one_line_before_any_sampling(tiny_
     assert got == ("error: a world prompt is 36 tokens with the chat template; the model's 128 have no room "
                    "for --max_new_tokens=93 more"), got
     assert sorted(os.listdir(tiny_sft)) == ["prefs.jsonl", "sft.pt"]  # nothing collected, trained or logged
+
 
 def test_resume_from_another_network_is_one_line(tiny_sft, refusal):
     rows = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
@@ -780,7 +799,6 @@ def test_the_report_measures_calibration_and_the_labelers_gold_accuracy_on_the_h
     assert "reward model on 2 held-out rankings of 1 prompts (2 pairs):" in capsys.readouterr().out
 
 
-
 def test_with_no_pair_of_distinct_gold_the_report_says_n_a_and_logs_null(capsys):
     """Answers that gold ties in every held-out ranking (e.g. all cut to one token) leave nothing to measure:
     the gold accuracies are None (JSON null), printed n/a, never NaN, which no JSON reader takes."""
@@ -796,6 +814,7 @@ def test_with_no_pair_of_distinct_gold_the_report_says_n_a_and_logs_null(capsys)
     assert json.loads(json.dumps(m, allow_nan=False))["val_acc_gold"] is None
     out = capsys.readouterr().out
     assert "gold ordering on n/a of pairs with distinct gold; a single labeler does on n/a" in out
+
 
 def test_best_of_n_on_held_out_samples_at_its_temperature_and_scores_with_the_likelihood(monkeypatch):
     """The best-of-n picks and the single SFT samples they are judged against are both drawn at the stage's

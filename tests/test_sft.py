@@ -369,7 +369,6 @@ def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(base
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
 
 
-
 def test_held_out_loss_is_the_mean_over_all_assistant_tokens_of_its_batches():
     """Batches of one row each, a long answer (n_a assistant tokens, mean loss l_a) and a short one (n_b,
     l_b): the held-out loss is (n_a l_a + n_b l_b) / (n_a + n_b), the loss of one batch of both rows, not the
@@ -390,6 +389,7 @@ def test_held_out_loss_is_the_mean_over_all_assistant_tokens_of_its_batches():
     got = sft.held_out_loss(m, rows, 1, 2, PAD, "cpu", contextlib.nullcontext())  # batch_size 1, 2 batches
     assert got == pytest.approx(whole, rel=1e-5)
     assert sft.held_out_loss(m, rows, 2, 1, PAD, "cpu", contextlib.nullcontext()) == pytest.approx(whole)
+
 
 def test_micro_steps_and_ranks_past_a_field_width_draw_their_own_batches():
     """The batch generator's seed hashes (seed, step, micro-step, rank) whole; a key packed into fixed bit

@@ -105,6 +105,17 @@ def test_a_very_long_run_of_whitespace_is_encoded_in_pieces_and_other_text_as_be
     assert enc.decode(pieces) == "a" + " " * 10 + "b" and pieces[0] == enc.encode_ordinary("a")[0]
 
 
+def test_encode_text_cuts_each_run_of_piece_spaces_into_its_own_piece():
+    """Every run of `piece` whitespace characters is encoded alone, the rest as encode_ordinary would, also
+    when the text is only one character longer than a piece (where encode_ordinary splits differently)."""
+    enc = tok.get_tokenizer("world")
+    e = enc.encode_ordinary
+    assert tok.encode_text(enc, "a" + " " * 10 + "b", piece=4) == e("a") + e("    ") + e("    ") + e("  b")
+    assert e("    b") != e("    ") + e("b")  # (so the next line tells a cut from none)
+    assert tok.encode_text(enc, "    b", piece=4) == e("    ") + e("b")
+    assert tok.encode_text(enc, "   b", piece=4) == e("   b")  # no run of 4: as before
+
+
 def test_save_load_round_trip(tmp_path):
     path = tmp_path / "t.tiktoken"
     save_ranks(RANKS, path)
