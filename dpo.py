@@ -49,7 +49,8 @@ import runtime
 from data import world
 from data.chat import render_prompt, render_response
 from data.readers import or_exit, read_rankings
-from rollout import by_length, compare_to_sft, prompts_fit, respond, response_logps, reward_scores
+from rollout import (by_length, compare_to_sft, prompts_fit, respond, response_logps, response_rows,
+                     reward_scores)
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -316,9 +317,7 @@ def main():
     policy = runtime.model_from_checkpoint(sft_ck, sft_path, dropout=0.0).to(rt.device)
     pad_id, block_size = enc.eot_token, sft_ck["model_args"]["block_size"]
 
-    # ---- 3. each distinct answer tokenised and scored by the reference once; pairs split by prompt
-    rows, masks = map(list, zip(*(render_response(enc, p, text, ended, block_size)  # too long: keeps its end
-                                  for p, text, ended in responses)))
+    # ---- 3. pairs split by prompt; each distinct answer tokenised and scored by the reference once
     split = torch.tensor([held_out(p, eval_fraction) for p, _, _ in pairs], dtype=torch.bool)
     both = torch.tensor([(c, r) for _, c, r in pairs], dtype=torch.long).view(-1, 2)  # (chosen, rejected)
     val_pairs, train_pairs = both[split], both[~split]
@@ -337,6 +336,7 @@ def main():
         if rt.master and len(fit) < len(prompts):
             print(f"online rounds: {len(prompts) - len(fit)} of {len(prompts)} training prompts leave no "
                   f"room for --max_new_tokens={max_new_tokens}; they are trained on offline only")
+    rows, masks = response_rows(enc, responses, block_size, data_path, rt.master)  # too long: keeps its end
     watch = runtime.Stopwatch(rt.device_type, rt.master)  # where the time goes, phase by phase
     answers = (rows, masks, answer_logps(ref, rows, masks, pad_id, rt, "reference log-probs"))
     watch.lap("scoring")

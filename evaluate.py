@@ -268,7 +268,7 @@ def md_code(text):
 
 def write_report(results, order, evals, fig_dir):
     """out_dir/report.md: the table, where the gold is lost, sample conversations, figures."""
-    label = {"bon": f"best-of-{bon}"}
+    label = {n: f"best-of-{bon}" if n == "bon" else n.replace("|", "\\|") for n in order}  # | splits a row
     where = (f"prompts from {prompts} (the hidden human knows the world's language only: read gold and win "
              "rate with care)") if prompts else "held-out prompts"
     lines = ["# Evaluation report", "",
@@ -282,13 +282,13 @@ def write_report(results, order, evals, fig_dir):
         r = results[n]
         rm_s = f"{r['rm_score']:+.2f}" if "rm_score" in r else "-"
         kl = ("≤ " if n == "bon" else "") + f"{r['kl']:.2f}"  # best-of-N's is the analytical upper bound
-        lines.append(f"| {label.get(n, n)} | {r['gold']:.3f} | {r['win_vs_sft']:.1%} ± {r['win_ci']:.1%} | "
+        lines.append(f"| {label[n]} | {r['gold']:.3f} | {r['win_vs_sft']:.1%} ± {r['win_ci']:.1%} | "
                      f"{kl} | {rm_s} | {r['fluency']:.1%} | {r['ended']:.1%} |")
     lines += ["", "Where the gold is lost: weight x (1 - component) of the hidden human's utility, "
               "averaged over the same samples (a row adds up to 1 - gold):", "",
               "| model | " + " | ".join(world.WEIGHTS) + " |", "|---|" + "---|" * len(world.WEIGHTS)]
     for n in order:
-        lines.append(f"| {label.get(n, n)} | "
+        lines.append(f"| {label[n]} | "
                      + " | ".join(f"{results[n]['missing'][k]:.3f}" for k in world.WEIGHTS) + " |")
     lines += ["", "## Sample conversations", ""]
     for i in range(min(3, len(evals))):
@@ -296,7 +296,7 @@ def write_report(results, order, evals, fig_dir):
         lines += [" / ".join(f"**{m['role']}:** {md_code(m['content'])}" for m in p), ""]
         for n in order:
             s = results[n]["samples"][i]
-            lines.append(f"- {label.get(n, n)} (gold {s['gold']:.2f}): {md_code(s['text'])}"
+            lines.append(f"- {label[n]} (gold {s['gold']:.2f}): {md_code(s['text'])}"
                          + ("" if s["ended"] else " *(never ended its turn)*"))
         lines.append("")
     lines += ["## Figures", ""] + draw_figures(results, fig_dir)

@@ -43,10 +43,9 @@ from tqdm import tqdm
 import model as M
 import runtime
 from data import world
-from data.chat import render_response
 from data.readers import or_exit, read_rankings, write_jsonl
-from rollout import (best_of_n, grade, prompts_fit, reply_logprobs, respond, rm_score, sample_and_grade,
-                     score_rows)
+from rollout import (best_of_n, grade, prompts_fit, reply_logprobs, respond, response_rows, rm_score,
+                     sample_and_grade, score_rows)
 
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
@@ -95,10 +94,9 @@ def bradley_terry_loss(r):
 
 
 def plackett_luce_loss(r):
-    """Plackett-Luce (Plackett 1975; Luce 1959), the K-wise ranking likelihood of RLHF reward models in Zhu,
-    Jordan and Jiao 2023 (https://arxiv.org/abs/2301.11270) and the DPO paper's appendix A.3
-    (https://arxiv.org/abs/2305.18290). For r (B, K) in ranked order, best first,
-    P(ranking) = prod_i exp(r_(i)) / sum_{j>=i} exp(r_(j)), and
+    """Plackett-Luce (Plackett 1975; Luce 1959): the K-wise ranking likelihood of reward models in Zhu, Jordan
+    and Jiao 2023 (https://arxiv.org/abs/2301.11270) and DPO's appendix A.3, https://arxiv.org/abs/2305.18290.
+    For r (B, K) in ranked order, best first, P(ranking) = prod_i exp(r_(i)) / sum_{j>=i} exp(r_(j)), and
     loss = -1/(K-1) * sum_i [r_(i) - logsumexp_{j>=i} r_(j)]: the ranking's negative log-likelihood per choice
     (the last is certain), so that K=2 is Bradley-Terry."""
     tail = torch.logcumsumexp(r.flip(1), dim=1).flip(1)  # (B, K): logsumexp of r[:, i:]
@@ -178,9 +176,8 @@ def collect_comparisons(policy, enc, prompts, rt, generator, K, max_new_tokens, 
 
 
 def file_comparisons(data, cmp_path):
-    """--data: a preference file (TRL / HH pairs as rankings of two, or comparisons like these), else the ones
-    an earlier run collected; checked by data.readers. One K for all, and some answers that differ (else
-    nothing is learned, and the normalisation would divide by a spread of zero)."""
+    """--data's preferences (TRL / HH pairs as rankings of two, or comparisons like these), else an earlier
+    run's, read by data.readers; one K for all, and answers that differ (else the spread of rewards is 0)."""
     path = data or cmp_path
     if not data and not os.path.isfile(cmp_path):
         sys.exit(f"error: {cmp_path} not found; a run with --collect=True, not --resume, samples them")
@@ -330,6 +327,7 @@ def main():
                                              ("sft.pt", "comparisons.jsonl", "reward.pt", "reward.jsonl"))
     # a file is read, and the prompts counted, first: one line before SFT is built or comparisons rewritten
     comps = file_comparisons(data, cmp_path) if train and (data or not collect or resume) else None
+    ck = runtime.load_checkpoint(ck_path, "reward", need=runtime.RESUME) if train and resume else None
     pool = world.prompts("train", contexts=contexts)[:n_prompts or None] if train and comps is None else []
     if pool and max(1, round(val_fraction * len(pool))) >= len(pool):
         sys.exit(f"error: --n_prompts={n_prompts} leaves none to train on with --val_fraction={val_fraction}")
@@ -337,6 +335,8 @@ def main():
     runtime.ensure_checkpoint(sft_path, "sft.py", out_dir)  # rank 0 builds it if missing, the others wait
     policy, enc, sft_ck = runtime.load_model(sft_path, "sft", dropout=0.0)
     sft_ck["fingerprint"] = runtime.fingerprint(sft_ck["model"])  # once: saved with the reward model
+    if ck:  # another network or SFT model: one line, before any answer is read as tokens
+        runtime.trained_from(ck_path, ck, sft_ck)
     policy.to(rt.device).eval().requires_grad_(False)
     eot, block = enc.eot_token, sft_ck["model_args"]["block_size"]
     prompts_fit("", pool + world.prompts("eval") * (bon > 0), enc, block, max_new_tokens)  # before sampling
@@ -355,9 +355,9 @@ def main():
         val_idx, train_idx = held_out_split([c["prompt"] for c in comps], val_fraction, n_train, seed)
         if not train_idx:  # e.g. a file of one pair: all of it is held out
             sys.exit(f"error: {data or cmp_path}: nothing left to train on after holding out {len(val_idx)}")
-        # every comparison's answers as token rows in ranked order, best first: the loss wants that order
-        rows = [[render_response(enc, c["prompt"], c["responses"][k], c["ended"][k], block)[0]
-                 for k in c["ranking"]] for c in comps]
+        flat = response_rows(enc, [(c["prompt"], c["responses"][k], c["ended"][k]) for c in comps
+                                   for k in c["ranking"]], block, data or cmp_path, rt.master)[0]
+        rows = [flat[n * Kc:(n + 1) * Kc] for n in range(len(comps))]  # rows[n]: its answers, best first
         lp = torch.zeros(len(comps), Kc)  # --lm_feature: log p_SFT of all answers (N, K), once: SFT is frozen
         if lm_feature:  # as every stage computes it: rollout.reply_logprobs on the reply's text
             lp = reply_logprobs(policy, enc, [c["prompt"] for c in comps for _ in c["ranking"]],
@@ -376,8 +376,6 @@ def main():
             optimizer.add_param_group({"params": [lm_w], "weight_decay": 0.0, "lr_scale": 100.0})
         start, loss_fn = 0, LOSSES[loss]
         if resume:
-            ck = runtime.load_checkpoint(ck_path, "reward", need=runtime.RESUME)
-            runtime.trained_from(ck_path, ck, sft_ck)  # another network or SFT model: one line
             start = runtime.restore(ck, raw_rm, optimizer, rt.scaler)
             lm_w.data.fill_(ck.get("lm_weight", 0.0))
             print(f"resuming from {ck_path} at step {start}")

@@ -44,6 +44,18 @@ def prompts_fit(path, prompts, enc, block_size, max_new_tokens):
                              f"have no room for --max_new_tokens={max_new_tokens} more")
 
 
+def response_rows(enc, answers, block_size, where, say=True):
+    """render_response's (ids, masks) of each (conversation, reply text, ended) in answers, for a stage that
+    trains on them. A row longer than block_size keeps its last block_size tokens (the prompt's start is cut,
+    the reply's end stays); a file's rows may not fit, and how many were cut is said (say), not hidden."""
+    full = [render_response(enc, *a) for a in answers]
+    n = sum(len(ids) > block_size for ids, _ in full)
+    if n and say:
+        print(f"warning: {where}: {n} of {len(full)} answers with their prompts are longer than block_size="
+              f"{block_size} tokens; each keeps its last {block_size} (the prompt's start is cut)")
+    return [ids[-block_size:] for ids, _ in full], [m[-block_size:] for _, m in full]
+
+
 def respond(model, enc, conversations, max_new_tokens=48, temperature=1.0, top_k=None, top_p=None,
             generator=None, return_batch=False):
     """Sample one assistant reply per conversation with the KV cache. Returns [{"text", "ended", "ids",

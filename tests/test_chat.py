@@ -111,6 +111,24 @@ def test_render_response_drops_the_end_of_an_unfinished_answer_and_keeps_the_end
     assert render_response(BYTES, prompt, "Yo!", True, block_size=len(ids)) == (ids, mask)
 
 
+def test_response_rows_cut_as_render_response_does_and_say_how_many(capsys):
+    """The rows a stage trains on: each exactly render_response's at block_size; a file's rows that do not
+    fit are counted in one line (when say), never cut unannounced."""
+    import rollout
+    prompt = [{"role": "user", "content": "Hi"}]
+    answers = [(prompt, "Yo!", True), (prompt, "Hello there, how are you?", False), (prompt, "Ok", True)]
+    block = len(render_response(BYTES, prompt, "Yo!")[0])  # the first fits exactly, the second does not
+    rows, masks = rollout.response_rows(BYTES, answers, block, "mine.jsonl")
+    assert list(zip(rows, masks)) == [render_response(BYTES, *a, block_size=block) for a in answers]
+    assert len(rows[1]) == block and rows[1] != render_response(BYTES, *answers[1])[0]
+    assert capsys.readouterr().out == (f"warning: mine.jsonl: 1 of 3 answers with their prompts are longer "
+                                       f"than block_size={block} tokens; each keeps its last {block} (the "
+                                       "prompt's start is cut)\n")
+    assert rollout.response_rows(BYTES, answers, block, "mine.jsonl", say=False) == (rows, masks)
+    rollout.response_rows(BYTES, answers, block + 100, "mine.jsonl")
+    assert capsys.readouterr().out == ""  # (and nothing said by say=False above)
+
+
 def test_a_reply_of_a_million_spaces_renders_for_the_reward_model():
     """A sampled or file answer of a very long whitespace run: tiktoken's pre-split panics on it (a
     BaseException) unless it is encoded in pieces, as every message's content is."""

@@ -554,6 +554,20 @@ def test_the_online_learning_rate_falls_linearly_step_by_step_over_the_rounds(tm
     assert [x[2] for x in online] == pytest.approx([2e-4, 1.625e-4, 1.25e-4, 0.875e-4], rel=1e-9)
 
 
+def test_answers_longer_than_the_context_are_trained_on_cut_and_counted(tmp_path, monkeypatch, capsys):
+    """A file's answer that does not fit the context keeps its end, and one line says how many were cut."""
+    save_online_inputs(tmp_path)  # block_size 64
+    rows = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}], "responses": [f"The {a} is red.",
+             "No."], "ended": [True, True], "ranking": [0, 1]} for a in ("fox", "cat", "dog", "owl")]
+    rows[0]["responses"][0] = "The fox is red. " * 20
+    write(tmp_path / "comparisons.jsonl", rows)
+    run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2", "--n_eval=1",
+             "--max_new_tokens=8", "--device=cpu")
+    path = tmp_path / "comparisons.jsonl"  # 8 answers: two to each of 4 prompts
+    assert (f"warning: {path}: 1 of 8 answers with their prompts are longer than block_size=64 tokens; each "
+            "keeps its last 64 (the prompt's start is cut)") in capsys.readouterr().out
+
+
 def test_an_online_round_scores_its_new_answers_under_the_reference_not_the_policy():
     """The round's new answers get their reference log-probs once, from the frozen SFT model: DPO's anchor.
     With a policy that has moved away from the reference, the returned log-probs are the reference's; the

@@ -538,16 +538,19 @@ def test_the_report_rows_show_each_models_own_numbers_in_their_columns(tmp_path,
 
 def test_a_prompt_or_reply_holding_markdown_cannot_restructure_the_report(tmp_path, monkeypatch):
     """A --prompts file's "# heading" became a heading of report.md, and an unclosed fence swallowed the rest
-    of the report, its figures included."""
+    of the report, its figures included; a | in a --ckpt row's name added a cell to its rows."""
     import evaluate
     monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
-    results = made_up_results(["sft", "ppo"])
+    results = made_up_results(["sft", "p|po"])
     prompt = [{"role": "user", "content": "Hi\n# Not a heading\n```"}]
     for r in results.values():
         r["samples"][0] = {**r["samples"][0], "prompt": prompt, "text": "a `b`\n\n```\n## c"}
-    lines = evaluate.write_report(results, ["sft", "ppo"], [prompt] * 2, str(tmp_path / "figures"))
+    lines = evaluate.write_report(results, ["sft", "p|po"], [prompt] * 2, str(tmp_path / "figures"))
     assert "**user:** `Hi # Not a heading '''`" in lines
-    assert "- ppo (gold 0.00): `a 'b' ''' ## c`" in lines
+    assert "- p\\|po (gold 0.00): `a 'b' ''' ## c`" in lines
+    tables = [line for line in lines if line.startswith("| p")]  # its rows in the two tables
+    assert [line.split(" | ")[0] for line in tables] == ["| p\\|po"] * 2
+    assert [line.replace("\\|", "").count("|") for line in tables] == [8, 7]  # as many cells as sft's rows
     assert not any(line.startswith(("# Not", "## c", "```")) for line in lines)
 
 

@@ -448,9 +448,12 @@ def test_end_to_end_collect_train_bon_and_reuse(tiny_sft):
 def test_preference_file_and_bad_input(tiny_sft, tmp_path):
     out = tiny_sft
     good = tmp_path / "prefs.jsonl"
-    good.write_text("".join(json.dumps({"prompt": f"Describe the {a}.", "chosen": f"The {a} is kind.",
-                                        "rejected": "You are dumb."}) + "\n" for a in world.ANIMALS))
-    run(out, f"--data={good}")
+    rows = [{"prompt": f"Describe the {a}.", "chosen": f"The {a} is kind.", "rejected": "You are dumb."}
+            for a in world.ANIMALS]
+    rows[0]["chosen"] = "The fox is kind. " * 40  # longer than the 128-token context: kept, cut, and said
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (f"warning: {good}: 1 of {2 * len(rows)} answers with their prompts are longer than block_size=128 "
+            "tokens") in run(out, f"--data={good}").stdout
     ck = torch.load(out / "reward.pt", weights_only=True)
     assert ck["K"] == 2 and not (out / "comparisons.jsonl").exists()  # nothing collected
     sft = torch.load(out / "sft.pt", weights_only=True)  # which SFT model it judges: the one it came from
@@ -618,6 +621,7 @@ def test_resume_from_another_network_is_one_line(tiny_sft, refusal):
     rows = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
              "responses": [f"The {a} is red.", "You are dumb."], "ended": [True, True], "ranking": [0, 1]}
             for a in world.ANIMALS]
+    rows[0]["responses"][0] = "The fox is red. " * 40  # longer than the context: said only once resuming
     (tiny_sft / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sft_args = torch.load(tiny_sft / "sft.pt", weights_only=True)["model_args"]
     args = {**sft_args, "n_embd": 16, "scalar_head": True}  # a reward.pt left by another SFT model's run
