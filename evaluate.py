@@ -53,9 +53,9 @@ bon = 16                   # best-of-N baseline from SFT with the reward model (
 json_out = False           # print the numbers as JSON too
 sweep = False              # train the methods below over their betas first (writes out_dir/sweep/)
 sweep_methods = ("ppo", "dpo", "grpo", "rloo")  # which methods the sweep trains
-# betas besides each default (ppo 0.05, dpo 0.5, grpo and rloo 0.3), toward the KL range the other methods
+# betas besides each default (ppo 0.2, dpo 0.5, grpo and rloo 0.3), toward the KL range the other methods
 # reach; the default run is one more point of each frontier, so it is not trained twice
-ppo_betas = (0.1, 0.2)     # PPO: the KL coefficient in the per-token reward
+ppo_betas = (0.05, 0.1)    # PPO: the KL coefficient in the per-token reward
 dpo_betas = (0.1, 0.2)     # DPO: the strength of the implicit KL constraint
 grpo_betas = (0.6,)        # GRPO: the KL weight in the loss
 rloo_betas = (0.1,)        # RLOO: the KL weight in the sequence reward

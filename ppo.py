@@ -67,7 +67,9 @@ lr = 1.5e-4                # the policy's learning rate: about the largest whose
                            # (docs/experiments.md)
 max_new_tokens = 32        # longest answer; answers that never end their turn are penalised (the "EOS trick")
 temperature = 1.0          # pure sampling (no top-k/top-p): the sampled tokens give an unbiased KL estimate
-beta = 0.05                # KL coefficient (initial value when target_kl is set); InstructGPT: 0.02
+beta = 0.2                 # KL coefficient (initial value when target_kl is set); InstructGPT: 0.02. With a
+                           # reward model this rough, smaller ones let some runs drift to where it is wrong
+                           # and lose gold (0.05 did on some seeds and CPUs: docs/experiments.md)
 target_kl = 0.0            # > 0: adapt beta toward this KL (nats per answer); 0: fixed beta
 kl_horizon = 10000         # the controller's horizon (episodes), as in Ziegler et al.
 kl_estimator = "k1"        # per-token KL penalty: "k1" = logp - logp_ref, "k3" = (r - 1) - log r with
