@@ -57,7 +57,7 @@ device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # fp32 on CPU; log-probs, KL, advantages and losses are always fp32
 compile = False            # torch.compile the policy (CUDA)
 max_iters = 40             # PPO iterations (one rollout batch each): the hidden human's score on the
-                           # rollouts stops rising early; further ones spend KL and can lose gold
+                           # rollouts levels off within them; further ones spend KL and can lose gold
 batch_size = 128           # prompts (= episodes) per rollout batch, per process
 minibatch_size = 64        # episodes per gradient step: with much smaller minibatches the steps were too
                            # noisy to buy more reward with the KL they spent
