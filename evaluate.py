@@ -53,11 +53,11 @@ bon = 16                   # best-of-N baseline from SFT with the reward model (
 json_out = False           # print the numbers as JSON too
 sweep = False              # train the methods below over their betas first (writes out_dir/sweep/)
 sweep_methods = ("ppo", "dpo", "grpo", "rloo")  # which methods the sweep trains
-# betas besides each default (ppo 0.2, dpo 0.5, grpo and rloo 0.3), toward the KL range the other methods
+# betas besides each default (ppo 0.2, dpo 0.5, grpo 0.6, rloo 0.3), toward the KL range the other methods
 # reach; the default run is one more point of each frontier, so it is not trained twice
 ppo_betas = (0.05, 0.1)    # PPO: the KL coefficient in the per-token reward
 dpo_betas = (0.1, 0.2)     # DPO: the strength of the implicit KL constraint
-grpo_betas = (0.6,)        # GRPO: the KL weight in the loss
+grpo_betas = (0.3,)        # GRPO: the KL weight in the loss
 rloo_betas = (0.1,)        # RLOO: the KL weight in the sequence reward
 hack_iters = 120           # length of the beta = 0 PPO run that shows reward over-optimisation (0 = skip)
 reward = ""                # reward model for best-of-N and the RM score column ("" = out_dir/reward.pt)

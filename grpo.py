@@ -60,8 +60,10 @@ ppo_epochs = 1             # passes over each batch: one pass over the whole bat
 lr = 5e-5                  # the policy's learning rate: at ppo.py's 1.5e-4 the group advantage, one unit of
                            # std per answer and every token alike, pushes the policy far from SFT within a
                            # few dozen batches, for no gain in gold (docs/experiments.md)
-beta = 0.3                 # KL weight: in the loss (GRPO) or in the sequence reward (RLOO). DeepSeekMath's
-                           # 0.04, with the k3 term in the loss, holds the KL back less (docs/experiments.md)
+beta = None                # KL weight; None = each baseline's own, as they weigh different KLs: GRPO 0.6 on
+                           # the k3 term per token in the loss (DeepSeekMath: 0.04; at 0.3 the KL still
+                           # climbed after 100 batches, for no gold), RLOO 0.3 on the sequence's KL in
+                           # the reward (docs/experiments.md)
 max_new_tokens = 32        # longest answer, as in ppo.py
 temperature = 1.0          # pure sampling, so the sampled tokens give unbiased KL estimates
 no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn, as in ppo.py
@@ -119,7 +121,10 @@ def main():
         "group_size": (lambda v: v >= 2, ">= 2 (the baseline is the rest of the group)"),
         "group_prompts": (lambda v: v >= 1, ">= 1"),
         "minibatch_size": (lambda v: 0 <= v <= group_size * group_prompts, "0 (all) or <= G x group_prompts"),
-        "adv_eps": (lambda v: v > 0, "> 0"), "save_interval": (lambda v: v >= 1, ">= 1")})
+        "adv_eps": (lambda v: v > 0, "> 0"), "save_interval": (lambda v: v >= 1, ">= 1"),
+        "beta": (lambda v: type(v) in (int, float) and v >= 0, ">= 0 (None = GRPO 0.6, RLOO 0.3)")})
+    kl_weight = {"grpo": 0.6, "rloo": 0.3}[baseline] if beta is None else beta
+    config["beta"] = kl_weight  # the checkpoint records the weight this run used
     if reward == "gold" and prompts:
         raise SystemExit("error: --reward=gold judges the world's language only; drop it with --prompts")
     train_prompts = training_prompts(prompts)
@@ -182,9 +187,9 @@ def main():
 
         # ---- 3. advantages relative to the group: no value network
         if baseline == "grpo":
-            adv, loss_beta = group_advantages(scores, group_size, adv_eps), beta
+            adv, loss_beta = group_advantages(scores, group_size, adv_eps), kl_weight
         else:
-            adv, loss_beta = rloo_advantages(scores - beta * seq_kl, group_size), 0.0
+            adv, loss_beta = rloo_advantages(scores - kl_weight * seq_kl, group_size), 0.0
         watch.lap("scoring")
 
         # ---- 4. clipped policy-gradient steps over the batch

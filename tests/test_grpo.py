@@ -333,6 +333,37 @@ def test_rloo_in_main_pays_minus_beta_kl_in_the_reward_and_keeps_it_out_of_the_l
     assert args[6] == 0.0  # beta of the loss: the KL is in the reward only
 
 
+@pytest.mark.parametrize("baseline, weight", [("grpo", 0.6), ("rloo", 0.3)])
+def test_without_beta_each_baseline_weighs_its_own_kl_and_the_checkpoint_records_the_weight(
+        tmp_path, monkeypatch, baseline, weight):
+    """--beta left at None: GRPO's loss gets 0.6 (its per-token k3 term), RLOO's rewards pay 0.3 times the
+    sequence's KL; the checkpoint's config holds the number used, not None."""
+    make_stage_checkpoints(tmp_path)
+    calls = spy_on_main(monkeypatch)
+    monkeypatch.setattr(grpo, "reward_scores", lambda rm, enc, convs, *a, **k: torch.zeros(len(convs)))
+    move_the_reference(monkeypatch, calls)
+    run_grpo_here(monkeypatch, tmp_path, f"--baseline={baseline}", "--no_end_penalty=0.0")
+    (args, _), = calls["grpo_loss"]
+    if baseline == "grpo":
+        assert args[6] == weight
+    else:
+        _, (_, (seq, attn, gen, sampled)) = calls["respond"][0]
+        with torch.no_grad():
+            kl = ((sampled[:, 1:] - M.sequence_logprobs(calls["ref"], seq, attn, 1.0)) * gen[:, 1:]).sum(1)
+        (rewards, _), _ = calls["rloo_advantages"][0]
+        assert kl.abs().min() > 0.01 and args[6] == 0.0
+        torch.testing.assert_close(rewards, -weight * kl)
+    assert runtime.load_checkpoint(str(tmp_path / f"{baseline}.pt"), "grpo")["config"]["beta"] == weight
+
+
+@pytest.mark.parametrize("bad", ["-0.1", "abc", "True", "(0.3,)"])
+def test_a_beta_that_is_not_a_number_at_least_zero_is_one_line(tmp_path, refusal, bad):
+    msg = refusal("grpo", f"--out_dir={tmp_path}", f"--beta={bad}")
+    shown = repr(bad) if bad == "abc" else bad  # a bare word is a string
+    assert msg.startswith(f"error: --beta={shown} is out of range: it must be >= 0"), msg
+    assert not os.listdir(tmp_path)
+
+
 def test_flat_groups_counts_groups_of_consecutive_answers(tmp_path, monkeypatch):
     """A group is a prompt's G consecutive answers: scores (1, 1, 1 | 0, 1, 2) with G = 3 are one flat group
     of two (no signal from it); the same scores cut the other way, (1, 1 | 1, 0 | 1, 2), would say a third."""
