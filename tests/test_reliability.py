@@ -827,8 +827,11 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path, stage):
     d = tmp_path / "out"
     stage_inputs(d, needs)
     with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        # a shell starts a background job (`pytest ... &`) with SIGINT ignored, and python keeps it ignored:
+        # the child takes Ctrl-C as it would from a terminal, whatever this process inherited
         p = subprocess.Popen([sys.executable, f"{stage}.py", f"--out_dir={d}", *flags], cwd=ROOT,
-                             stdout=out, stderr=err)
+                             stdout=out, stderr=err,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 300
         while len(log_rows(d / f"{stage}.jsonl")) < 3 and p.poll() is None and time.time() < deadline:
             time.sleep(0.002)
