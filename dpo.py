@@ -107,7 +107,8 @@ def ipo_loss(pi_c, pi_r, ref_c, ref_r, beta):
 
 def nll_term(pi_c, n_tokens):
     """RPO's NLL term per pair (Pang et al. 2024, Sec. 2, https://arxiv.org/abs/2404.19733):
-    -log pi(y_w|x) / |y_w|, the chosen answer's per-token NLL (weighted by alpha, as TRL's rpo_alpha). An
+    -log pi(y_w|x) / |y_w|, the chosen answer's per-token NLL over its tokens (its <|end|> if it ended its
+    turn, none of the prompt's), weighted by alpha as TRL's rpo_alpha (TRL pools a whole batch's tokens). An
     empty answer (stopped at once, without ending its turn) has log-prob 0, its count is clamped to 1: 0."""
     return -pi_c / n_tokens.clamp(min=1)
 

@@ -120,10 +120,11 @@ def reply_logprobs(model, enc, conversations, replies, batch_size=128):
 
 def rm_score(rm, ids, attn_mask, gain=1.0, bias=0.0):
     """Reward model score per sequence, (B,) fp32: the scalar head read at the last real token (the
-    answer's <|end|> if it ended its turn, else its last token), for right-padded rows, then normalised as
-    gain * r + bias (mean 0, std 1 on SFT answers).
+    answer's <|end|> if it ended its turn, else its last token), then normalised as gain * r + bias (mean 0,
+    std 1 on SFT answers). Rows may be padded on either side (generate() pads its prompts on the left).
     Goes through rm's forward, so DDP sees the backward pass when the reward model trains."""
-    last = attn_mask.sum(1) - 1                                   # (B,) index of each row's last real token
+    positions = torch.arange(ids.size(1), device=ids.device)
+    last = (attn_mask * positions).argmax(1)                      # (B,) index of each row's last real token
     r = rm(ids, attention_mask=attn_mask, return_values=True, with_logits=False)[2]  # (B, T): every position
     return gain * r[torch.arange(ids.size(0), device=ids.device), last] + bias
 

@@ -66,6 +66,10 @@ def test_ipo_loss_by_hand():
     total, pref = dpo.preference_loss(t(-1.0, -2.0), t(-3.0, -1.0), t(-2.0, -2.0), t(-2.0, -2.0), t(1.0, 1.0),
                                       "ipo", 0.5, 0.0, 0.0)
     assert total.item() == pref.item() == pytest.approx(2.5)  # the mean over pairs
+    # beta = 0.25, target 1/(2 beta) = 2 (at 0.5 the target equals 2 beta; here they differ):
+    # h = 2 -> 0;  h = -1 -> (-1 - 2)^2 = 9
+    losses = dpo.ipo_loss(t(-1.0, -2.0), t(-3.0, -1.0), t(-2.0, -2.0), t(-2.0, -2.0), beta=0.25)
+    torch.testing.assert_close(losses, t(0.0, 9.0))
 
 
 def test_label_smoothed_loss_by_hand():

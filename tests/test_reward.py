@@ -105,6 +105,9 @@ def test_score_is_read_at_the_end_of_turn():
     longer = torch.cat([ids, torch.full((3, 5), 65)], 1)
     longer_attn = torch.cat([attn, torch.zeros(3, 5, dtype=attn.dtype)], 1)
     torch.testing.assert_close(rm_score(rm, longer, longer_attn), s, atol=1e-5, rtol=0)
+    # left padding, as generate() returns its rows, reads each row at the same token
+    left_ids, left_attn = M.pad_rows([a, b, cut], 0, left=True)
+    torch.testing.assert_close(rm_score(rm, left_ids, left_attn), s, atol=1e-5, rtol=0)
     # ...while the ending does: the unfinished answer's score differs from the finished one's
     assert abs(s[1] - s[2]) > 1e-4
     # data.chat.reward_scores renders the same rows and applies the normalisation gain * r + bias
@@ -243,8 +246,8 @@ def test_get_batch_gives_each_rank_its_own_prompts():
 
 
 def test_get_batch_pads_on_the_right_so_the_score_is_read_at_each_answers_end():
-    """rm_score reads the head at index (real tokens - 1): the training batch must put each row's tokens
-    first. Each row scored in the batch is the head at its own <|end|>, as scored alone."""
+    """The training batch puts each row's tokens first, then padding. Each row scored in the batch is the head
+    at its own <|end|>, as scored alone."""
     rm = trained_looking_rm()
     answers = [("Hello there!", "Yo"), ("A much longer answer", "B")]
     rows = [[render_response(BYTES, PROMPT, t, True, 64)[0] for t in pair] for pair in answers]

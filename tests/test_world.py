@@ -232,6 +232,11 @@ def test_win_rate_clusters_answers_to_the_same_prompt():
     assert w.win_rate(a, b, ["a", "a", "b", "b"]) == (0.5, pytest.approx(1.96 * 0.5))
     assert w.win_rate(a, b, ["a", "b", "b", "a"]) == (0.5, 0.0)
     assert w.win_rate(a, b, [0, 1, 2, 3]) == w.win_rate(a, b)  # a prompt per pair: the plain one
+    # prompts of unequal size (a: 1, 1, 1; b: 0): p = 3/4, residual sums 3 x 1/4 = +3/4 and -3/4, variance
+    # 2/1 x (9/16 + 9/16) / 16 = 9/64, half-width 1.96 x 3/8 (a formula over the prompts' mean outcomes,
+    # which agrees with this one when every prompt has as many answers, would give another number)
+    a = [0.9, 0.9, 0.9, 0.1]
+    assert w.win_rate(a, b, ["a", "a", "a", "b"]) == (0.75, pytest.approx(1.96 * 3 / 8))
 
 
 def test_rankings_follow_plackett_luce_when_the_answers_are_close():
