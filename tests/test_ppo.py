@@ -665,6 +665,38 @@ def test_main_moves_beta_from_its_last_value_by_the_batchs_episodes_over_the_hor
     assert rows[0]["beta"] == pytest.approx(0.1 * (1 - 0.2 * 4 / 8))
 
 
+def test_main_wires_beta_gae_and_the_value_targets_as_the_equations_say(tmp_path, monkeypatch):
+    """With --target_kl the second iteration's rewards pay the beta the controller logged after the first
+    (not --beta); gae gets (gamma, lam) in that order; the value loss is clipped around the rollout's values
+    and fits gae's returns (raw advantages + values, not the whitened ones): each minibatch row is a row of
+    what gae was given and gave back."""
+    make_stage_checkpoints(tmp_path)
+    betas, gaes, vlosses = [], [], []
+    real_rewards, real_gae, real_vloss = ppo.token_rewards, ppo.gae, ppo.clipped_value_loss
+    monkeypatch.setattr(ppo, "token_rewards", lambda *a: betas.append(a[3]) or real_rewards(*a))
+
+    def gae_and_keep(rewards, values, mask, gamma, lam):
+        out = real_gae(rewards, values, mask, gamma, lam)
+        gaes.append((values.clone(), out[1].clone(), gamma, lam))
+        return out
+    monkeypatch.setattr(ppo, "gae", gae_and_keep)
+    def value_loss_and_keep(values, old_values, returns, mask, cliprange_value):
+        vlosses.append((len(gaes), old_values.detach().clone(), returns.detach().clone()))
+        return real_vloss(values, old_values, returns, mask, cliprange_value)
+    monkeypatch.setattr(ppo, "clipped_value_loss", value_loss_and_keep)
+    run_main_here(monkeypatch, f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+                  "--max_iters=2", "--max_new_tokens=8", "--n_eval=1", "--eval_samples=1", "--device=cpu",
+                  "--beta=0.1", "--target_kl=0.5", "--kl_horizon=8", "--gamma=0.9", "--lam=0.5")
+    rows = [json.loads(line) for line in open(tmp_path / "ppo.jsonl")]
+    assert betas == pytest.approx([0.1, rows[0]["beta"]]) and rows[0]["beta"] != pytest.approx(0.1)
+    assert [g[2:] for g in gaes] == [(0.9, 0.5)] * 2
+    assert vlosses
+    for k, old_values, returns in vlosses:
+        values, gae_returns = gaes[k - 1][:2]
+        for v, r in zip(old_values, returns):
+            assert any(torch.equal(v, v2) and torch.equal(r, r2) for v2, r2 in zip(values, gae_returns))
+
+
 def test_main_gives_the_value_head_its_own_learning_rate(tmp_path, monkeypatch):
     """Two Adam groups: the trunk at --lr and the fresh value head (its weight and bias only) at --vf_lr."""
     make_stage_checkpoints(tmp_path)
