@@ -89,7 +89,7 @@ def rloo_advantages(rewards, group_size):
     """REINFORCE leave-one-out (RLOO), Ahmadian et al. 2024 (https://arxiv.org/abs/2402.14740), after
     Kool et al. 2019: each reward minus the mean of the OTHER G - 1 rewards of its group, a baseline that does
     not depend on the answer it judges: unbiased for a gradient summed over the answer's tokens, as in the
-    paper. grpo_loss averages over them (a departure), which makes it depend on length. (N * G,) -> (N * G,)."""
+    paper; grpo_loss averages over them (a departure), which makes it depend on length. (N*G,) -> (N*G,)."""
     r = rewards.view(-1, group_size)
     others = (r.sum(1, keepdim=True) - r) / (group_size - 1)
     return (r - others).view(-1)
