@@ -14,6 +14,7 @@ the KL estimator is its eq. 4):
 RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740), --baseline=rloo:
     R_i = r_i - beta * sum_t (log pi - log pi_ref)_t            the KL-penalised sequence reward
     A_i = R_i - 1/(G-1) sum_{j != i} R_j                        leave-one-out baseline, no KL in the loss
+    grad J = 1/G sum_i A_i grad log pi(o_i | q)                 REINFORCE: the whole answer is one action
 
     python grpo.py                         # builds base, sft, comparisons and reward model first if missing
     python grpo.py --baseline=rloo         # RLOO
@@ -22,9 +23,8 @@ RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740),
 
 Each batch gets a single update, as in DeepSeekMath's runs ("a single update following each exploration
 stage"): the ratio is then 1 and the clip never acts. --ppo_epochs and --minibatch_size take several clipped
-steps on the same samples instead (Algorithm 1's mu). Departures: the reward is the normalised reward-model
-score less a missing-end penalty, as in ppo.py; RLOO's loss is GRPO's, so its REINFORCE gradient is averaged
-over each answer's tokens rather than summed.
+steps on the same samples instead (Algorithm 1's mu). Departure: the reward is the normalised reward-model
+score less a missing-end penalty, as in ppo.py.
 """
 import os
 import random
@@ -54,6 +54,8 @@ max_iters = 100            # iterations (one batch of groups each): more answers
                            # of 128: RLOO's gold still rose at the end (docs/experiments.md)
 group_size = 8             # G answers per prompt: the baseline is their mean, so G >= 2 (DeepSeekMath: 64)
 group_prompts = 16         # prompts per batch (per process): group_size x group_prompts answers per iteration
+rloo_token_mean = False    # RLOO: average each answer's gradient over its tokens, GRPO's 1/|o_i|, instead
+                           # of summing them as the paper does (a departure: biased by the answer's length)
 minibatch_size = 0         # answers per gradient step, 0 = the whole batch (groups matter only for the
                            # advantage, so a minibatch may split them)
 ppo_epochs = 1             # passes over each batch: one pass over the whole batch is one update per batch
@@ -89,10 +91,30 @@ def rloo_advantages(rewards, group_size):
     """REINFORCE leave-one-out (RLOO), Ahmadian et al. 2024 (https://arxiv.org/abs/2402.14740), after
     Kool et al. 2019: each reward minus the mean of the OTHER G - 1 rewards of its group, a baseline that does
     not depend on the answer it judges: unbiased for a gradient summed over the answer's tokens, as in the
-    paper; grpo_loss averages over them (a departure), which makes it depend on length. (N*G,) -> (N*G,)."""
+    paper and rloo_loss (averaged over them, --rloo_token_mean, it depends on length). (N*G,) -> (N*G,)."""
     r = rewards.view(-1, group_size)
     others = (r.sum(1, keepdim=True) - r) / (group_size - 1)
     return (r - others).view(-1)
+
+
+def clipped_surrogate(logp, old_logp, adv, mask, cliprange):
+    """PPO's clipped surrogate per token, Schulman et al. 2017 eq. 7 (https://arxiv.org/abs/1707.06347),
+    with one advantage per answer: min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A), rho_t = pi / pi_old,
+    0 off the answer. logp, old_logp, mask (B, T); adv (B,) -> (B, T)."""
+    ratio = torch.exp(torch.where(mask > 0, logp - old_logp, 0.0))  # exactly 1 off the answer
+    adv = adv[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - cliprange, 1 + cliprange) * adv)
+    return torch.where(mask > 0, surrogate, 0.0)
+
+
+def rloo_loss(logp, old_logp, adv, mask, cliprange):
+    """RLOO's REINFORCE loss, Ahmadian et al. 2024 (https://arxiv.org/abs/2402.14740): the whole answer is
+    one action, so its advantage weighs the answer's log-probability, the SUM of its tokens' log-probs:
+        loss = -1/N sum_i A_i log pi(o_i | q),   log pi(o_i | q) = sum_t log pi(o_i,t | q, o_i,<t)
+    With the leave-one-out A_i this gradient is unbiased. Written as the clipped surrogate summed over the
+    answer's tokens, so that --ppo_epochs > 1 may reuse a batch: at the first update every rho_t is 1 and the
+    gradient is exactly REINFORCE's. logp, old_logp, mask (B, T); adv (B,), one advantage per answer."""
+    return -clipped_surrogate(logp, old_logp, adv, mask, cliprange).sum(1).mean()
 
 
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
@@ -103,10 +125,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, cliprange, beta):
     estimator of KL(pi || ref) (eq. 4), in the loss rather than in the reward. Its value estimates
     KL(pi || ref), but on tokens from pi its gradient is E_pi[(1 - ref/pi) grad log pi]: at each state pi
     visits, grad KL(ref || pi), the other direction, and blind to which states pi visits (Tang & Munos 2025,
-    arXiv 2506.09477). beta = 0 leaves the clipped policy-gradient loss alone (RLOO)."""
-    adv = adv[:, None]
-    ratio = torch.exp(torch.where(mask > 0, logp - old_logp, 0.0))  # exactly 1 off the answer
-    surrogate = torch.min(ratio * adv, ratio.clamp(1 - cliprange, 1 + cliprange) * adv)
+    arXiv 2506.09477). beta = 0 leaves the clipped surrogate, averaged per answer (--rloo_token_mean)."""
+    surrogate = clipped_surrogate(logp, old_logp, adv, mask, cliprange)
     log_r = torch.where(mask > 0, ref_logp - logp, 0.0)
     per_token = -surrogate + beta * (torch.expm1(log_r) - log_r)  # expm1: exp - 1 cancels in fp32 near ref
     per_answer = torch.where(mask > 0, per_token, 0.0).sum(1) / mask.sum(1).clamp(min=1)
@@ -124,6 +144,8 @@ def main():
         "minibatch_size": (lambda v: 0 <= v <= group_size * group_prompts, "0 (all) or <= G x group_prompts"),
         "adv_eps": (lambda v: v > 0, "> 0"), "save_interval": (lambda v: v >= 1, ">= 1"),
         "beta": (lambda v: type(v) in (int, float) and v >= 0, ">= 0 (None = GRPO 0.6, RLOO 0.3)")})
+    if rloo_token_mean and baseline != "rloo":
+        raise SystemExit("error: --rloo_token_mean=True changes RLOO's loss; use it with --baseline=rloo")
     kl_weight = {"grpo": 0.6, "rloo": 0.3}[baseline] if beta is None else beta
     config["beta"] = kl_weight  # the checkpoint records the weight this run used
     if reward == "gold" and prompts:
@@ -201,7 +223,11 @@ def main():
                 mb = order[i:i + step]
                 with rt.ctx:
                     logp = M.sequence_logprobs(policy, seq[mb], attn[mb], temperature)
-                loss = grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], action[mb], cliprange, loss_beta)
+                if baseline == "rloo" and not rloo_token_mean:  # the paper's: summed over the answer
+                    loss = rloo_loss(logp, old_logp[mb], adv[mb], action[mb], cliprange)
+                else:  # GRPO's eq. 3: averaged over the answer, with its k3 term (beta 0 for RLOO)
+                    loss = grpo_loss(logp, old_logp[mb], ref_logp[mb], adv[mb], action[mb], cliprange,
+                                     loss_beta)
                 runtime.check_finite(baseline, it + 1, hint, loss=loss)
                 rt.scaler.scale(loss).backward()
                 grad_norm = runtime.optimizer_step(policy, optimizer, rt.scaler, grad_clip)

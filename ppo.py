@@ -12,7 +12,8 @@ what the reward model overrates (reward hacking: try --beta=0 --max_iters=120 an
 score climbs). One iteration, as in the RLHF references:
     1. rollouts     sample an answer per prompt from pi; log-probs of pi, pi_SFT and values V on its tokens
     2. rewards      r_t = -beta * KL_t on every answer token, + the RM score on the last one (token_rewards);
-                    an answer that never ends its turn loses no_end_penalty (the "EOS trick")
+                    an answer that never ends its turn loses no_end_penalty (the "EOS trick" of Huang
+                    et al. 2024, https://arxiv.org/abs/2403.17031, which sets such a score to -1)
     3. advantages   GAE over the answer tokens (gae), whitened over the batch (masked_whiten)
     4. PPO epochs   minibatch steps on the clipped surrogate (ppo_clip_loss) + clipped value loss
     5. KL control   optionally adapt beta toward target_kl (adaptive_kl_coef)

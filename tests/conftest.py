@@ -53,7 +53,8 @@ def run_here(monkeypatch, module, *argv):
     """module.main() in this process with these options (a new python spends seconds importing torch); the
     config globals main() rebinds are restored after the test."""
     for name, value in list(vars(module).items()):
-        if not name.startswith("_") and (value is None or type(value) in (int, float, bool, str, tuple, list)):
+        plain = value is None or type(value) in (int, float, bool, str, tuple, list)
+        if not name.startswith("_") and plain:
             monkeypatch.setattr(module, name, value)
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
     return module.main()

@@ -442,8 +442,10 @@ def test_a_prompt_of_exactly_block_size_tokens_is_one_error_line_and_one_less_le
     assert refusal("chat", f"--out_dir={tmp_path}", "--prompt=" + "word " * 10, "--max_new_tokens=4") == (
         f"error: --prompt is {n} tokens with the template; the context holds {n}")
     for block, said in ((n + 8, False), (n + 7, True)):
-        model = M.GPT(M.GPTConfig(block_size=block, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32)).eval()
+        config = M.GPTConfig(block_size=block, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32)
+        model = M.GPT(config).eval()
         history = [{"role": "user", "content": "word " * 10}]
         assert reply(model, enc, history, 0, None, torch.no_grad(), 8, 0.0) is not None
         out = capsys.readouterr().out
-        assert ("(room for" in out) == said and ("(room for 7 of --max_new_tokens=8 reply tokens)" in out) == said
+        assert ("(room for" in out) == said
+        assert ("(room for 7 of --max_new_tokens=8 reply tokens)" in out) == said

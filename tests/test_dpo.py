@@ -725,7 +725,7 @@ def test_the_online_options_are_checked_only_with_online_rounds(tmp_path, refusa
 
 
 def test_a_training_prompt_that_leaves_exactly_max_new_tokens_is_answered_online(tmp_path, monkeypatch):
-    """A prompt of block_size - max_new_tokens tokens has room for a whole reply: the online rounds keep it."""
+    """A prompt of block_size - max_new_tokens tokens has room for a whole reply: online rounds keep it."""
     save_online_inputs(tmp_path)  # block_size 64
     enc = get_tokenizer("world")
     exact = "Describe the fox. " * 6

@@ -189,7 +189,8 @@ def test_a_method_with_one_point_has_its_gold_in_the_row_every_method_covers(tmp
     (["--ckpt=bon", "--bon=0"], "needs --bon >= 1"),
     (["--sweep=True", "--sweep_methods=('PPO',)"], "--sweep_methods"),
     # an empty item, an empty name, a path for the best-of-N row (it was dropped), a directory
-    (["--ckpt=a.pt,,b.pt"], "'' is not a path, name=path or bon"), (["--ckpt==a.pt"], "'=a.pt' is not a path"),
+    (["--ckpt=a.pt,,b.pt"], "'' is not a path, name=path or bon"),
+    (["--ckpt==a.pt"], "'=a.pt' is not a path"),
     (["--ckpt=bon=a.pt"], "'bon=a.pt' is not a path, name=path or bon (which takes no path)"),
     ([f"--ckpt={ROOT}"], f"{ROOT}: no such checkpoint file"), (["--reward=none.pt"], "--reward='none.pt'"),
 ])
@@ -522,7 +523,7 @@ def test_the_report_rows_show_each_models_own_numbers_in_their_columns(tmp_path,
     evals = [results["sft"]["samples"][0]["prompt"]] * 2
     lines = evaluate.write_report(results, ["sft", "bon", "ppo"], evals, str(tmp_path / "figures"))
     assert lines == (tmp_path / "report.md").read_text().splitlines()
-    # gold .3f | win ± interval, % | KL .2f (best-of-N's an upper bound) | RM score +.2f | fluency | ends turn
+    # gold .3f | win ± interval, % | KL .2f (best-of-N's a bound) | RM score +.2f | fluency | ends turn
     assert "| sft | 0.500 | 50.0% ± 12.5% | 0.25 | -0.25 | 75.0% | 87.5% |" in lines
     assert "| best-of-4 | 0.625 | 25.0% ± 15.6% | ≤ 1.25 | +0.75 | 68.8% | 62.5% |" in lines
     assert "| ppo | 0.750 | 0.0% ± 18.8% | 2.25 | - | 62.5% | 37.5% |" in lines
@@ -787,17 +788,19 @@ def test_the_graders_means_are_the_hidden_humans_grades_averaged_over_every_repl
 def test_the_grader_reads_fluency_gold_and_ended_off_each_reply_not_its_prompt():
     import rollout
     evals = world.prompts("eval")[:2]
-    replies = [{"text": "the the the owl owl", "ended": False}, {"text": world.ideal(evals[1]), "ended": True}]
+    replies = [{"text": "the the the owl owl", "ended": False},
+               {"text": world.ideal(evals[1]), "ended": True}]
     samples = rollout.grade(evals, replies)
     assert [s["fluency"] for s in samples] == [world.fluency(r["text"]) for r in replies] == [0.0, 1.0]
     assert [(s["prompt"], s["text"], s["ended"]) for s in samples] == [
         (p, r["text"], r["ended"]) for p, r in zip(evals, replies)]
-    assert samples[0]["gold"] == world.gold(evals[0], "the the the owl owl", False) and samples[1]["gold"] == 1.0
+    assert samples[0]["gold"] == world.gold(evals[0], "the the the owl owl", False)
+    assert samples[1]["gold"] == 1.0
     assert rollout.summarise(samples)["fluency"] == 0.5
 
 
-def test_rows_that_just_fit_and_share_the_reference_models_tokenizer_pass_and_an_empty_reply_shows(tmp_path,
-                                                                                                   monkeypatch):
+def test_rows_that_just_fit_and_share_the_reference_models_tokenizer_pass_and_an_empty_reply_shows(
+        tmp_path, monkeypatch):
     """check_rows refuses only a block_size with less than the longest prompt and --max_new_tokens more, and
     a tokenizer other than the reference SFT model's (whichever that is); md_code shows an empty reply."""
     import evaluate

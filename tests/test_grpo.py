@@ -1,6 +1,6 @@
 """The critic-free policy gradients by hand (GRPO's group advantage, RLOO's leave-one-out baseline, the
-clipped loss with the k3 KL), the invariants at the first update, and smoke runs of both baselines, on the
-world's prompts and on a prompts file."""
+clipped loss with the k3 KL, RLOO's REINFORCE loss over whole answers), the invariants at the first update,
+the leave-one-out gradient's expectation computed exactly, and smoke runs of both baselines."""
 import json
 import math
 import os
@@ -56,6 +56,51 @@ def test_at_the_first_update_the_ratio_is_one_and_the_loss_is_the_plain_policy_g
     g_pg, = torch.autograd.grad(pg, logp)
     torch.testing.assert_close(loss, -adv.mean())  # ratio 1 everywhere, KL 0
     torch.testing.assert_close(g_loss, g_pg)  # and the k3 term has zero gradient at pi = ref
+
+
+def test_rloo_loss_at_the_first_update_is_reinforce_over_whole_answers_and_clips_by_hand():
+    torch.manual_seed(0)
+    logp = (-torch.rand(3, 4)).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]).float()  # answers of 3, 1 and 4 tokens
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    loss = grpo.rloo_loss(logp, logp.detach(), adv, mask, 0.2)
+    # ratio 1: the value is -mean_i A_i |o_i| and the gradient is REINFORCE's, -mean_i A_i grad log pi(o_i)
+    torch.testing.assert_close(loss, -(adv * mask.sum(1)).mean())
+    reinforce = -(adv * (logp * mask).sum(1)).mean()
+    torch.testing.assert_close(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(reinforce, logp)[0])
+    # a ratio of e on the first token with A = 1 is clipped at 1.2; the other two tokens keep ratio 1; the
+    # answer's terms are summed, not averaged: -(1.2 + 1 + 1) / 1 answer
+    one = torch.zeros(1, 3)
+    assert grpo.rloo_loss(one, one - torch.tensor([[1.0, 0, 0]]), torch.ones(1), torch.ones(1, 3),
+                          0.2).item() == pytest.approx(-3.2)
+
+
+def test_the_leave_one_out_gradient_is_unbiased_summed_over_the_answer_and_biased_averaged_over_it():
+    """Exact expectations, every group of G = 3 answers from a policy over three whole answers of 1, 2 and 4
+    tokens: rloo_loss's expected gradient is -grad E[R] (the REINFORCE estimator with a baseline that does not
+    depend on the answer it judges), while the token-mean loss (--rloo_token_mean) weighs each answer's
+    gradient by 1 / |o_i| and misses it."""
+    import itertools
+    theta = torch.tensor([0.3, -0.2, 0.1], requires_grad=True)
+    reward, length = torch.tensor([1.0, 0.2, 0.5]), [1, 2, 4]
+    true = torch.autograd.grad(-(torch.softmax(theta, 0) * reward).sum(), theta)[0]  # -grad E[R]
+    log_pi = torch.log_softmax(theta, 0)
+
+    def expected(loss_of):
+        total = torch.zeros(3)
+        for group in itertools.product(range(3), repeat=3):
+            # log pi(o) on the first token, 0 (another constant) on the rest: the answer's sum is log pi(o)
+            logp = torch.stack([torch.cat([log_pi[y:y + 1], torch.zeros(3)]) for y in group])
+            mask = torch.tensor([[1.0] * length[y] + [0.0] * (4 - length[y]) for y in group])
+            adv = grpo.rloo_advantages(reward[list(group)], 3)
+            g, = torch.autograd.grad(loss_of(logp, adv, mask), theta, retain_graph=True)
+            total += log_pi[list(group)].sum().exp().detach() * g
+        return total
+    summed = expected(lambda logp, adv, mask: grpo.rloo_loss(logp, logp.detach(), adv, mask, 0.2))
+    averaged = expected(lambda logp, adv, mask: grpo.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask,
+                                                                0.2, 0.0))
+    torch.testing.assert_close(summed, true)
+    assert (averaged - true).abs().max() > 0.02
 
 
 def test_the_log_probs_recorded_while_sampling_are_pi_old_ratio_one_and_the_kl_needs_only_the_reference():
@@ -228,9 +273,9 @@ def run_grpo_here(monkeypatch, out, *args):
 
 def spy_on_main(monkeypatch):
     """What main() hands its pieces: {name: [(args, result), ...]} for respond (the sampling; the final
-    comparison samples through rollout's own), the two advantages and grpo_loss."""
+    comparison samples through rollout's own), the two advantages and the two losses."""
     calls = {}
-    for name in ("respond", "group_advantages", "rloo_advantages", "grpo_loss"):
+    for name in ("respond", "group_advantages", "rloo_advantages", "grpo_loss", "rloo_loss"):
         def wrapper(*args, _real=getattr(grpo, name), _name=name, **kwargs):
             out = _real(*args, **kwargs)
             calls.setdefault(_name, []).append((args, out))
@@ -313,24 +358,34 @@ def test_grpo_in_main_keeps_the_kl_out_of_the_reward_and_puts_beta_and_the_refer
 def test_rloo_in_main_pays_minus_beta_kl_in_the_reward_and_keeps_it_out_of_the_loss(tmp_path, monkeypatch):
     """RLOO, scores stubbed to 0 and no end penalty: each answer's reward is R_i = -beta * KL_i (k1 summed
     over its sampled tokens, the reference moved away from the policy so KL_i != 0), the advantage handed to
-    the loss is R_i - (sum of the group's other two R_j) / 2, and the loss gets beta = 0 (KL counted once)."""
+    the loss is R_i - (sum of the group's other two R_j) / 2, and the loss is RLOO's, with no KL term (the KL
+    is counted once); --rloo_token_mean=True hands the same advantages to GRPO's loss with beta 0."""
     make_stage_checkpoints(tmp_path)
     calls = spy_on_main(monkeypatch)
     monkeypatch.setattr(grpo, "reward_scores", lambda rm, enc, convs, *a, **k: torch.zeros(len(convs)))
     move_the_reference(monkeypatch, calls)
-    run_grpo_here(monkeypatch, tmp_path, "--baseline=rloo", "--beta=0.5", "--no_end_penalty=0.0")
-    _, (_, (seq, attn, gen, sampled)) = calls["respond"][0]
-    with torch.no_grad():
-        kl = ((sampled[:, 1:] - M.sequence_logprobs(calls["ref"], seq, attn, 1.0)) * gen[:, 1:]).sum(1)
-    r = -0.5 * kl
-    want = torch.stack([r[i] - (r[i // 3 * 3:i // 3 * 3 + 3].sum() - r[i]) / 2 for i in range(6)])
-    assert kl.abs().min() > 0.01 and want.abs().max() > 0.01  # a KL to pay: the test can fail
-    (rewards, group_size), _ = calls["rloo_advantages"][0]
-    assert group_size == 3 and "group_advantages" not in calls
-    torch.testing.assert_close(rewards, r)
-    (args, _), = calls["grpo_loss"]  # one minibatch of all 6 answers, in a shuffled order
-    torch.testing.assert_close(args[3].sort().values, want.sort().values)
-    assert args[6] == 0.0  # beta of the loss: the KL is in the reward only
+    for token_mean in (False, True):
+        calls.clear()
+        run_grpo_here(monkeypatch, tmp_path, "--baseline=rloo", "--beta=0.5", "--no_end_penalty=0.0",
+                      f"--rloo_token_mean={token_mean}")
+        _, (_, (seq, attn, gen, sampled)) = calls["respond"][0]
+        with torch.no_grad():
+            kl = ((sampled[:, 1:] - M.sequence_logprobs(calls["ref"], seq, attn, 1.0)) * gen[:, 1:]).sum(1)
+        r = -0.5 * kl
+        want = torch.stack([r[i] - (r[i // 3 * 3:i // 3 * 3 + 3].sum() - r[i]) / 2 for i in range(6)])
+        assert kl.abs().min() > 0.01 and want.abs().max() > 0.01  # a KL to pay: the test can fail
+        (rewards, group_size), _ = calls["rloo_advantages"][0]
+        assert group_size == 3 and "group_advantages" not in calls
+        torch.testing.assert_close(rewards, r)
+        if token_mean:
+            (args, _), = calls["grpo_loss"]  # one minibatch of all 6 answers, in a shuffled order
+            assert "rloo_loss" not in calls and args[6] == 0.0  # beta 0: the KL is in the reward only
+            adv = args[3]
+        else:
+            (args, _), = calls["rloo_loss"]
+            assert "grpo_loss" not in calls
+            adv = args[2]
+        torch.testing.assert_close(adv.sort().values, want.sort().values)
 
 
 @pytest.mark.parametrize("baseline, weight", [("grpo", 0.6), ("rloo", 0.3)])
@@ -343,15 +398,15 @@ def test_without_beta_each_baseline_weighs_its_own_kl_and_the_checkpoint_records
     monkeypatch.setattr(grpo, "reward_scores", lambda rm, enc, convs, *a, **k: torch.zeros(len(convs)))
     move_the_reference(monkeypatch, calls)
     run_grpo_here(monkeypatch, tmp_path, f"--baseline={baseline}", "--no_end_penalty=0.0")
-    (args, _), = calls["grpo_loss"]
     if baseline == "grpo":
+        (args, _), = calls["grpo_loss"]
         assert args[6] == weight
     else:
         _, (_, (seq, attn, gen, sampled)) = calls["respond"][0]
         with torch.no_grad():
             kl = ((sampled[:, 1:] - M.sequence_logprobs(calls["ref"], seq, attn, 1.0)) * gen[:, 1:]).sum(1)
         (rewards, _), _ = calls["rloo_advantages"][0]
-        assert kl.abs().min() > 0.01 and args[6] == 0.0
+        assert kl.abs().min() > 0.01 and "grpo_loss" not in calls and len(calls["rloo_loss"]) == 1
         torch.testing.assert_close(rewards, -weight * kl)
     assert runtime.load_checkpoint(str(tmp_path / f"{baseline}.pt"), "grpo")["config"]["beta"] == weight
 
@@ -361,6 +416,12 @@ def test_a_beta_that_is_not_a_number_at_least_zero_is_one_line(tmp_path, refusal
     msg = refusal("grpo", f"--out_dir={tmp_path}", f"--beta={bad}")
     shown = repr(bad) if bad == "abc" else bad  # a bare word is a string
     assert msg.startswith(f"error: --beta={shown} is out of range: it must be >= 0"), msg
+    assert not os.listdir(tmp_path)
+
+
+def test_rloo_token_mean_with_grpo_is_one_line(tmp_path, refusal):
+    msg = refusal("grpo", f"--out_dir={tmp_path}", "--rloo_token_mean=True")
+    assert msg == "error: --rloo_token_mean=True changes RLOO's loss; use it with --baseline=rloo", msg
     assert not os.listdir(tmp_path)
 
 

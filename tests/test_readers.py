@@ -255,8 +255,9 @@ def test_a_prompt_that_only_looks_like_an_hh_transcript_stays_a_trl_prompt(tmp_p
     hh = "\n\nHuman: hi\n\nAssistant:"
     p = write(tmp_path, {"prompt": hh, "chosen": [A("Hello.")], "rejected": [A("No.")]},
               {"prompt": "\n\nHumans are kind?", "chosen": "Yes.", "rejected": "No."})
-    assert read_preferences(p) == [{"prompt": [U(hh)], "chosen": "Hello.", "rejected": "No."},
-                                   {"prompt": [U("\n\nHumans are kind?")], "chosen": "Yes.", "rejected": "No."}]
+    assert read_preferences(p) == [
+        {"prompt": [U(hh)], "chosen": "Hello.", "rejected": "No."},
+        {"prompt": [U("\n\nHumans are kind?")], "chosen": "Yes.", "rejected": "No."}]
 
 
 def test_read_rankings_reads_comparisons_as_they_are_and_pairs_as_rankings_of_two(tmp_path):

@@ -189,9 +189,9 @@ def test_a_resumed_log_drops_a_line_nested_too_deeply_as_any_damaged_line(tmp_pa
 
 
 def test_a_resumed_log_must_begin_as_the_checkpoint_recorded_it(tmp_path):
-    """training_state records the log's size and hash as the checkpoint is saved. A killed run's later rows are
-    cut as before; a log a later fresh run started (it removed this run's log and was killed before its first
-    checkpoint) was spliced with the old checkpoint's steps: now one line, the log untouched."""
+    """training_state records the log's size and hash as the checkpoint is saved. A killed run's later rows
+    are cut as before; a log a later fresh run started (it removed this run's log and was killed before its
+    first checkpoint) was spliced with the old checkpoint's steps: now one line, the log untouched."""
     path = tmp_path / "sft.jsonl"
     path.write_text('{"iter": 1}\n{"iter": 2}\n')
     m = M.GPT(M.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
@@ -203,8 +203,9 @@ def test_a_resumed_log_must_begin_as_the_checkpoint_recorded_it(tmp_path):
     runtime.start_log(str(path), 2, ck)
     assert path.read_text() == '{"iter": 1}\n{"iter": 2}\n'
     path.write_text('{"iter": 1, "loss": 9.0}\n')  # a later fresh run's first row
-    with pytest.raises(SystemExit, match=r"^error: --resume: .*sft\.jsonl is the log of a later run than the "
-                                         r"checkpoint \(one stopped before its first checkpoint\); start afresh"):
+    with pytest.raises(SystemExit, match=r"^error: --resume: .*sft\.jsonl is the log of a later run than "
+                                         r"the checkpoint \(one stopped before its first checkpoint\); "
+                                         r"start afresh"):
         runtime.start_log(str(path), 2, ck)
     assert path.read_text() == '{"iter": 1, "loss": 9.0}\n'
     path.unlink()
@@ -223,7 +224,8 @@ def test_a_checkpoint_saved_before_its_log_exists_resumes_with_the_rows_up_to_it
     path.write_text('{"iter": 1}\n{"iter": 2}\n{"iter": 3}\n')
     runtime.start_log(str(path), 2, ck)
     assert path.read_text() == '{"iter": 1}\n{"iter": 2}\n'
-    marked = {**runtime.training_state(m, opt, torch.amp.GradScaler("cpu", enabled=False), str(path)), "step": 2}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    marked = {**runtime.training_state(m, opt, scaler, str(path)), "step": 2}
     path.write_text('{"iter": 1, "loss": 9.0}\n')  # another run's log: no matter, this run starts afresh
     runtime.start_log(str(path), None, marked)
     assert not path.exists()
@@ -365,8 +367,8 @@ def test_resuming_a_policy_tuned_from_an_earlier_sft_model_of_the_same_network_i
                                                                                           stage):
     """sft.py run again, then ppo.py (grpo.py, dpo.py) --resume=True: the policy tuned from the old SFT model
     continued against the new one as its KL reference, with a log whose rows measured the KL from the old.
-    A tuned policy stores its SFT model's fingerprint, as the reward model does; one of this very SFT model, or
-    from before the fingerprint, resumes."""
+    A tuned policy stores its SFT model's fingerprint, as the reward model does; one of this very SFT model,
+    or from before the fingerprint, resumes."""
     rankings = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}], "ranking": [0, 1],
                  "responses": [f"The {a} is kind.", "No."], "ended": [True, True]} for a in world.ANIMALS]
     (out_dir / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
@@ -547,7 +549,8 @@ def test_a_pipe_as_data_is_read_like_a_file_by_pretrain_and_dpo(tmp_path, refusa
         writer.start()
         got = read()
         writer.join(timeout=30)  # (a reader that never opened the pipe leaves the writer waiting: no hang)
-        assert got == ["The owl is kind.", "The fox is red."] or got.startswith(f"error: {fifo}:1: invalid JSON")
+        assert got == ["The owl is kind.", "The fox is red."] or \
+            got.startswith(f"error: {fifo}:1: invalid JSON")
     assert sorted(os.listdir(tmp_path)) == ["fifo"]
 
 
@@ -627,8 +630,8 @@ def test_scoring_replies_laps_sampling_then_scoring_then_the_hidden_human_per_ch
     torch.manual_seed(0)
     model = M.GPT(M.GPTConfig(vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=96))
     laps = []
-    res = sample_and_grade(model, get_tokenizer("world"), world.prompts("eval")[:3], 6, batch_size=2, ref=model,
-                lap=laps.append)
+    res = sample_and_grade(model, get_tokenizer("world"), world.prompts("eval")[:3], 6, batch_size=2,
+                           ref=model, lap=laps.append)
     assert laps == ["sampling", "scoring", "hidden human"] * 2 and res["n"] == 3  # two chunks of prompts
 
 
@@ -839,8 +842,8 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path, stage):
         p.wait()
     errors = (tmp_path / "err.log").read_text()
     assert p.returncode == 130 and "Traceback" not in errors, errors[-2000:]
-    assert errors.strip().splitlines()[-1] == ("interrupted: a training stage continues from its last checkpoint "
-                                               "with --resume=True")
+    assert errors.strip().splitlines()[-1] == ("interrupted: a training stage continues from its last "
+                                               "checkpoint with --resume=True")
     assert not list(d.glob("*.tmp"))  # no half-written checkpoint left beside the last one
     r = run(stage, f"--out_dir={d}", *flags, "--resume=True")
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-2000:]

@@ -455,8 +455,8 @@ def test_preference_file_and_bad_input(tiny_sft, tmp_path):
             for a in world.ANIMALS]
     rows[0]["chosen"] = "The fox is kind. " * 40  # longer than the 128-token context: kept, cut, and said
     good.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert (f"warning: {good}: 1 of {2 * len(rows)} answers with their prompts are longer than block_size=128 "
-            "tokens") in run(out, f"--data={good}").stdout
+    assert (f"warning: {good}: 1 of {2 * len(rows)} answers with their prompts are longer than "
+            "block_size=128 tokens") in run(out, f"--data={good}").stdout
     ck = torch.load(out / "reward.pt", weights_only=True)
     assert ck["K"] == 2 and not (out / "comparisons.jsonl").exists()  # nothing collected
     sft = torch.load(out / "sft.pt", weights_only=True)  # which SFT model it judges: the one it came from

@@ -188,19 +188,21 @@ def test_resume_continues_with_the_same_losses(base_dir, tmp_path):
     files = [tmp_path / "b" / f for f in ("sft.pt", "sft.jsonl")]
     before = [f.read_bytes() for f in files]
     r = run(tmp_path / "b", "--resume=True", "--compare=True", "--max_iters=9")
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'gpt2'} not")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'gpt2'} not")
     assert [f.read_bytes() for f in files] == before
     # a base.pt made anew with a shorter context: the comparison's prompts had no room (a traceback)
     ck["config"]["init"] = ""
     runtime.save_checkpoint(str(tmp_path / "b" / "sft.pt"), ck)
     m = tiny(block_size=32)
-    runtime.save_checkpoint(str(tmp_path / "b" / "base.pt"), {"model": m.state_dict(), "kind": "base", "step": 0,
-                                                               "model_args": vars(m.config).copy(), "tokenizer": "world"})
+    runtime.save_checkpoint(str(tmp_path / "b" / "base.pt"), {
+        "model": m.state_dict(), "kind": "base", "step": 0, "model_args": vars(m.config).copy(),
+        "tokenizer": "world"})
     before = [f.read_bytes() for f in files]
     r = run(tmp_path / "b", "--resume=True", "--compare=True", "--max_iters=9")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'b' / 'base.pt'} is another network than the SFT model it resumes (block_size 32 vs "
-        "64); --compare=False skips the comparison"), r.stderr[-2000:]
+        f"error: {tmp_path / 'b' / 'base.pt'} is another network than the SFT model it resumes "
+        "(block_size 32 vs 64); --compare=False skips the comparison"), r.stderr[-2000:]
     assert [f.read_bytes() for f in files] == before
 
 
