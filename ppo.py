@@ -297,7 +297,8 @@ def main():
         rewards = token_rewards(scores, kl, action, kl_coef)
         runtime.check_finite("ppo", it + 1, hint, score=scores, reward=rewards)
 
-        # ---- 3. advantages (GAE) and returns, advantages whitened over the batch's answer tokens
+        # ---- 3. advantages (GAE) and returns, advantages whitened over the batch's answer tokens (under
+        # torchrun, each rank's own batch: its statistics are not gathered)
         adv, returns = gae(rewards, old_values, action, gamma, lam)
         adv = masked_whiten(adv, action)
         watch.lap("scoring")
