@@ -263,6 +263,35 @@ def test_trl_pairs_and_bad_lines(tmp_path):
         dpo.load_pairs(str(path))
 
 
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """Offline DPO under torchrun with gloo: the pairs are shared out between the ranks, only rank 0 logs,
+    the first step's loss is still ln 2 (policy = reference on every rank), and the check prints once."""
+    import shutil
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun) and shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    enc = get_tokenizer("world")
+    args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    torch.manual_seed(0)
+    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {
+        "model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args, "config": {}, "kind": "sft",
+        "step": 0, "tokenizer": "world"})
+    write(tmp_path / "comparisons.jsonl", [
+        {"prompt": [{"role": "user", "content": f"Describe the {a}."}],
+         "responses": [f"The {a} is red.", f"The {a} is sad.", "You are dumb."],
+         "ended": [True, True, False], "ranking": [0, 1, 2]}
+        for a in ("fox", "cat", "dog", "owl", "frog", "bird", "duck", "bear")])
+    launcher = (torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2")
+    r = subprocess.run([*launcher, "dpo.py", f"--out_dir={tmp_path}", "--batch_size=2", "--max_new_tokens=8",
+                        "--eval_fraction=0.25", "--n_eval=2", "--device=cpu", "--max_iters=2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
+    assert [x["iter"] for x in logs] == [1, 2] and r.stdout.count("dpo wins") == 1
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert runtime.load_checkpoint(str(tmp_path / "dpo.pt"), "dpo")["step"] == 2
+
+
 def test_tiny_run_logs_saves_and_resumes(tmp_path):
     enc = get_tokenizer("world")
     args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)

@@ -250,6 +250,28 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert "rloo.pt is already at iteration 2 >= --max_iters=2: nothing to train" in r.stdout
 
 
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """RLOO under torchrun with gloo: both ranks sample their own groups (their prompt samplers differ in the
+    checkpoint), only rank 0 logs, and the end-of-run check prints once."""
+    import shutil
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun) and shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    make_stage_checkpoints(tmp_path)
+    launcher = (torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2")
+    cmd = [*launcher, "grpo.py", f"--out_dir={tmp_path}", "--baseline=rloo", "--group_size=3",
+           "--group_prompts=2", "--max_new_tokens=8", "--eval_samples=1", "--n_eval=2", "--device=cpu",
+           "--max_iters=2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "rloo.jsonl")]
+    assert [row["iter"] for row in rows] == [1, 2] and all(math.isfinite(row["loss"]) for row in rows)
+    assert r.stdout.count("rloo wins") == 1
+    ck = runtime.load_checkpoint(str(tmp_path / "rloo.pt"), "grpo")
+    assert ck["step"] == 2 and len(ck["rank_rng"]) == 2
+    assert ck["rank_rng"][0]["prompts"] != ck["rank_rng"][1]["prompts"]
+
+
 def test_the_k3_term_in_the_loss_has_the_gradient_of_kl_ref_to_pi():
     """Differentiated on tokens from pi, GRPO's k3 term has the gradient E_pi[(1 - ref/pi) grad log pi] =
     grad KL(ref || pi), not grad KL(pi || ref): exact expectations over a 5-token vocabulary."""

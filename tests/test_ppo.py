@@ -315,6 +315,27 @@ def run_ppo(out, *args):
     return r
 
 
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """PPO under torchrun with gloo: both ranks sample their own rollouts (their prompt samplers differ in the
+    checkpoint), only rank 0 logs, and the end-of-run check prints once."""
+    import shutil
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun) and shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    make_stage_checkpoints(tmp_path)
+    launcher = (torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2")
+    cmd = [*launcher, "ppo.py", f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+           "--max_new_tokens=8", "--eval_samples=1", "--n_eval=2", "--device=cpu", "--max_iters=2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "ppo.jsonl")]
+    assert [row["iter"] for row in rows] == [1, 2]
+    assert r.stdout.count("ppo wins") == 1
+    ck = runtime.load_checkpoint(str(tmp_path / "ppo.pt"), "ppo")
+    assert ck["step"] == 2 and len(ck["rank_rng"]) == 2
+    assert ck["rank_rng"][0]["prompts"] != ck["rank_rng"][1]["prompts"]
+
+
 def test_smoke_run_under_fp16_with_the_hidden_human_as_reward(tmp_path):
     make_stage_checkpoints(tmp_path)
     r = run_ppo(tmp_path, "--max_iters=2", "--reward=gold", "--dtype=float16", "--kl_estimator=k3")
