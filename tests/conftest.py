@@ -1,7 +1,9 @@
 """What several test files share: running a script in this process (one that must refuse its input, or a
-stage's main() with options), and catching the gradient of each optimizer step."""
+stage's main() with options), launching one under torchrun, and catching the gradient of each optimizer
+step."""
 import os
 import runpy
+import shutil
 import sys
 
 import pytest
@@ -47,6 +49,15 @@ def no_tf32():
     yield
     for f, value in zip(flags, saved):
         f.allow_tf32 = value
+
+
+def torchrun_launcher():
+    """The command that starts a script as two local processes under torchrun (gloo on a CPU); skips the test
+    where torchrun is not installed."""
+    beside = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(beside) and shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    return (beside if os.path.exists(beside) else "torchrun", "--standalone", "--nproc_per_node=2")
 
 
 def run_here(monkeypatch, module, *argv):

@@ -23,7 +23,7 @@ from data.chat import render_response  # noqa: E402
 from data.readers import DataError  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 from test_reliability import time_split  # noqa: E402
-from conftest import run_here  # noqa: E402
+from conftest import run_here, torchrun_launcher  # noqa: E402
 
 TINY = dict(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 
@@ -263,27 +263,28 @@ def test_trl_pairs_and_bad_lines(tmp_path):
         dpo.load_pairs(str(path))
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    """Offline DPO under torchrun with gloo: the pairs are shared out between the ranks, only rank 0 logs,
-    the first step's loss is still ln 2 (policy = reference on every rank), and the check prints once."""
-    import shutil
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    if not os.path.exists(torchrun) and shutil.which("torchrun") is None:
-        pytest.skip("torchrun not installed")
+def tiny_sft_and_rankings(out):
+    """A tiny random SFT model saved as out/sft.pt; returns its model_args and eight rankings of three answers
+    each, to write."""
     enc = get_tokenizer("world")
     args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     torch.manual_seed(0)
-    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {
+    runtime.save_checkpoint(str(out / "sft.pt"), {
         "model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args, "config": {}, "kind": "sft",
         "step": 0, "tokenizer": "world"})
-    write(tmp_path / "comparisons.jsonl", [
-        {"prompt": [{"role": "user", "content": f"Describe the {a}."}],
-         "responses": [f"The {a} is red.", f"The {a} is sad.", "You are dumb."],
-         "ended": [True, True, False], "ranking": [0, 1, 2]}
-        for a in ("fox", "cat", "dog", "owl", "frog", "bird", "duck", "bear")])
-    launcher = (torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2")
-    r = subprocess.run([*launcher, "dpo.py", f"--out_dir={tmp_path}", "--batch_size=2", "--max_new_tokens=8",
-                        "--eval_fraction=0.25", "--n_eval=2", "--device=cpu", "--max_iters=2"],
+    return args, [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
+                   "responses": [f"The {a} is red.", f"The {a} is sad.", "You are dumb."],
+                   "ended": [True, True, False], "ranking": [0, 1, 2]}
+                  for a in ("fox", "cat", "dog", "owl", "frog", "bird", "duck", "bear")]
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """Offline DPO under torchrun with gloo: the pairs are shared out between the ranks, only rank 0 logs,
+    the first step's loss is still ln 2 (policy = reference on every rank), and the check prints once."""
+    write(tmp_path / "comparisons.jsonl", tiny_sft_and_rankings(tmp_path)[1])
+    r = subprocess.run([*torchrun_launcher(), "dpo.py", f"--out_dir={tmp_path}", "--batch_size=2",
+                        "--max_new_tokens=8", "--eval_fraction=0.25", "--n_eval=2", "--device=cpu",
+                        "--max_iters=2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     logs = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
@@ -293,16 +294,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 
 
 def test_tiny_run_logs_saves_and_resumes(tmp_path):
-    enc = get_tokenizer("world")
-    args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
-    torch.manual_seed(0)
-    runtime.save_checkpoint(str(tmp_path / "sft.pt"), {
-        "model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args, "config": {}, "kind": "sft",
-        "step": 0, "tokenizer": "world"})
-    rows = [{"prompt": [{"role": "user", "content": f"Describe the {a}."}],
-             "responses": [f"The {a} is red.", f"The {a} is sad.", "You are dumb."],
-             "ended": [True, True, False], "ranking": [0, 1, 2]}
-            for a in ("fox", "cat", "dog", "owl", "frog", "bird", "duck", "bear")]
+    args, rows = tiny_sft_and_rankings(tmp_path)
     rows[0]["responses"][1], rows[0]["ended"][1] = "", False  # an answer with no tokens: a legitimate pair
     long = {**rows[1], "prompt": [{"role": "user", "content": "Describe the fox. " * 40}]}  # fills the block
     write(tmp_path / "comparisons.jsonl", rows + [long])

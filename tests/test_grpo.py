@@ -17,7 +17,7 @@ from data import world
 from rollout import respond, sample_kl
 from test_ppo import make_stage_checkpoints, tiny_policy
 from test_reliability import time_split  # noqa: E402
-from conftest import run_here  # noqa: E402
+from conftest import run_here, torchrun_launcher  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -253,13 +253,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """RLOO under torchrun with gloo: both ranks sample their own groups (their prompt samplers differ in the
     checkpoint), only rank 0 logs, and the end-of-run check prints once."""
-    import shutil
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    if not os.path.exists(torchrun) and shutil.which("torchrun") is None:
-        pytest.skip("torchrun not installed")
     make_stage_checkpoints(tmp_path)
-    launcher = (torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2")
-    cmd = [*launcher, "grpo.py", f"--out_dir={tmp_path}", "--baseline=rloo", "--group_size=3",
+    cmd = [*torchrun_launcher(), "grpo.py", f"--out_dir={tmp_path}", "--baseline=rloo", "--group_size=3",
            "--group_prompts=2", "--max_new_tokens=8", "--eval_samples=1", "--n_eval=2", "--device=cpu",
            "--max_iters=2"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -19,7 +19,7 @@ from data import world
 from rollout import respond
 from data.tokenizer import get_tokenizer
 from test_reliability import time_split  # noqa: E402
-from conftest import run_here  # noqa: E402
+from conftest import run_here, torchrun_launcher  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -318,13 +318,8 @@ def run_ppo(out, *args):
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """PPO under torchrun with gloo: both ranks sample their own rollouts (their prompt samplers differ in the
     checkpoint), only rank 0 logs, and the end-of-run check prints once."""
-    import shutil
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    if not os.path.exists(torchrun) and shutil.which("torchrun") is None:
-        pytest.skip("torchrun not installed")
     make_stage_checkpoints(tmp_path)
-    launcher = (torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2")
-    cmd = [*launcher, "ppo.py", f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
+    cmd = [*torchrun_launcher(), "ppo.py", f"--out_dir={tmp_path}", "--batch_size=4", "--minibatch_size=2",
            "--max_new_tokens=8", "--eval_samples=1", "--n_eval=2", "--device=cpu", "--max_iters=2"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

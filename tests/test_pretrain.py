@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ import runtime  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 import pretrain  # noqa: E402
 from pretrain import get_batch, next_token_loss  # noqa: E402  (importing pretrain.py runs nothing)
-from conftest import capture_grads, run_here  # noqa: E402
+from conftest import capture_grads, run_here, torchrun_launcher  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=6",
         "--eval_interval=3", "--eval_iters=1", "--n_samples=0", "--warmup_iters=2"]
@@ -154,13 +153,8 @@ def test_a_text_file_that_cannot_be_read_or_is_not_utf8_is_one_line(tmp_path, mo
         read_documents(str(path))
 
 
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-
-
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(TORCHRUN),
-                    reason="torchrun not installed")
 def test_torchrun_two_processes_on_cpu(tmp_path):
-    launcher = (TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2")
+    launcher = torchrun_launcher()
     log = run(["--device=cpu"], tmp_path, launcher)  # gloo: on a GPU machine too
     assert [r["iter"] for r in log] == [1, 2, 3, 4, 5, 6]  # only rank 0 logs
     assert log[-1]["tokens"] == 6 * 2 * 4 * 32  # both ranks' batches count
@@ -168,13 +162,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert ck["kind"] == "base" and ck["step"] == 6
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(TORCHRUN),
-                    reason="torchrun not installed")
 def test_under_torchrun_an_input_that_cannot_be_built_is_rank_0s_one_line(tmp_path):
     """`torchrun sft.py` with no base.pt: rank 0 runs pretrain.py while the others wait at a barrier. When the
     build failed, rank 0 raised before the barrier and rank 1's wait broke with a gloo traceback."""
     (tmp_path / "pretrain.jsonl").mkdir()  # pretrain.py, run to make base.pt, cannot write its log
-    launcher = (TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2")
+    launcher = torchrun_launcher()
     r = subprocess.run([*launcher, "sft.py", "--device=cpu", f"--out_dir={tmp_path}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and f"error: could not write {tmp_path / 'pretrain.jsonl'}" in r.stderr

@@ -23,7 +23,7 @@ from data.chat import render_prompt, render_response
 from rollout import best_of_n, by_length, reply_logprobs, respond, reward_scores, rm_score, score_rows
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
-from conftest import run_here
+from conftest import run_here, torchrun_launcher
 from test_reliability import time_split  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -519,13 +519,8 @@ def test_resume_continues_with_the_same_losses(tiny_sft, tmp_path, flags):
     assert full[-1]["val_loss"] == pytest.approx(resumed[-1]["val_loss"], abs=1e-6)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and
-                    not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
 def test_torchrun_two_processes_share_the_collection(tiny_sft):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    run(tiny_sft, "--K=2", "--device=cpu", launcher=(torchrun if os.path.exists(torchrun) else "torchrun",
-                                                     "--standalone", "--nproc_per_node=2"))
+    run(tiny_sft, "--K=2", "--device=cpu", launcher=torchrun_launcher())
     comps = [json.loads(line) for line in open(tiny_sft / "comparisons.jsonl")]
     assert [c["prompt"] for c in comps] == world.prompts("train")[:40]  # both ranks' shares, in prompt order
     assert torch.load(tiny_sft / "reward.pt", weights_only=True)["step"] == 3

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ import runtime  # noqa: E402
 from data.chat import render, render_prompt, sft_example  # noqa: E402
 import sft  # noqa: E402
 from sft import sft_batch, sft_loss  # noqa: E402  (importing sft.py runs nothing)
-from conftest import capture_grads, run_here  # noqa: E402
+from conftest import capture_grads, run_here, torchrun_launcher  # noqa: E402
 from data.tokenizer import ASSISTANT, END, EOT, USER, get_tokenizer, special_id  # noqa: E402
 
 ENC = get_tokenizer("world")
@@ -137,7 +136,6 @@ def test_all_masked_batch_gives_zero_loss_and_finite_gradients():
 
 # ---- sft.py end to end on a tiny base model
 
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 TINY = ["--batch_size=4", "--max_iters=6", "--eval_interval=3", "--eval_iters=1", "--warmup_iters=2",
         "--compare=False"]
 
@@ -206,11 +204,9 @@ def test_resume_continues_with_the_same_losses(base_dir, tmp_path):
     assert [f.read_bytes() for f in files] == before
 
 
-@pytest.mark.skipif(not os.path.exists(TORCHRUN) and shutil.which("torchrun") is None,
-                    reason="torchrun not installed")
 def test_torchrun_two_processes_on_cpu(base_dir, tmp_path):
     os.link(base_dir / "base.pt", tmp_path / "base.pt")
-    launcher = [TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2"]
+    launcher = torchrun_launcher()
     r = subprocess.run([*launcher, "sft.py", f"--out_dir={tmp_path}", "--device=cpu", *TINY], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -435,8 +431,6 @@ def test_gpt2_weights_give_the_chat_markers_rows_at_the_mean_embedding(monkeypat
     torch.testing.assert_close(wte[261:], old[261:])  # the padding past them is left as it was
 
 
-@pytest.mark.skipif(not os.path.exists(TORCHRUN) and shutil.which("torchrun") is None,
-                    reason="torchrun not installed")
 def test_two_processes_on_the_same_batches_log_the_one_process_loss(base_dir, tmp_path):
     """Each process divides its summed loss by the step's assistant tokens over all processes / world_size,
     so that DDP's average of the gradients is the gradient of the mean over every token. Two processes given
@@ -453,7 +447,7 @@ def test_two_processes_on_the_same_batches_log_the_one_process_loss(base_dir, tm
                     "sft.train_batch = lambda rows, b, seed, it, m, rank, eot: "
                     "real(rows, b, seed, it, m, 0, eot)\n"
                     "sft.main()\n")
-    launcher = [TORCHRUN if os.path.exists(TORCHRUN) else "torchrun", "--standalone", "--nproc_per_node=2"]
+    launcher = torchrun_launcher()
     r = subprocess.run([*launcher, str(same), f"--out_dir={tmp_path / 'two'}", *TINY, *flags], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
