@@ -73,6 +73,11 @@ def test_rloo_loss_at_the_first_update_is_reinforce_over_whole_answers_and_clips
     one = torch.zeros(1, 3)
     assert grpo.rloo_loss(one, one - torch.tensor([[1.0, 0, 0]]), torch.ones(1), torch.ones(1, 3),
                           0.2).item() == pytest.approx(-3.2)
+    # with A = -1 a ratio of e^-1 is held at 0.8: min(-e^-1, -0.8) = -0.8; a ratio of e, unclipped, -e; the
+    # third token is off the answer and adds nothing
+    s = grpo.clipped_surrogate(one, torch.tensor([[1.0, -1.0, 5.0]]), -torch.ones(1),
+                               torch.tensor([[1.0, 1.0, 0.0]]), 0.2)
+    torch.testing.assert_close(s, torch.tensor([[-0.8, -math.e, 0.0]]))
 
 
 def test_the_leave_one_out_gradient_is_unbiased_summed_over_the_answer_and_biased_averaged_over_it():
