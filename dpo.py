@@ -80,10 +80,14 @@ max_new_tokens = 48        # answer length in the final SFT-vs-DPO comparison (a
 eval_samples = 1           # answers per held-out world prompt in that comparison
 n_eval = 0                 # held-out world prompts in that comparison (0 = all of them)
 online_rounds = 0          # rounds of online DPO after the offline pass (a departure; reads reward.pt)
-online_prompts = 256       # training prompts per round, taken in turn
-online_k = 6               # answers sampled per prompt, ranked by the reward model
+online_prompts = 256       # training prompts per round, taken in turn: more took longer for no clear gain
+                           # (docs/experiments.md)
+online_k = 6               # answers sampled per prompt, ranked by the reward model (>= 2 x online_pairs):
+                           # more took longer for no clear gain (docs/experiments.md)
 online_pairs = 2           # pairs per prompt: best vs worst, second best vs second worst (<= online_k / 2)
-online_lr = 2e-4           # learning rate of the online steps, decayed linearly to a quarter of it
+online_lr = 2e-4           # learning rate of the online steps, decayed linearly to a quarter of it; above the
+                           # offline lr, whose limit is drift onto text neither SFT answer contained: these
+                           # pairs are the policy's own answers. Higher did no better (docs/experiments.md)
 no_end_penalty = 1.0       # online ranking: taken off the normalised score of an answer that never ends
 resume = False             # continue from out_dir/dpo.pt (model, optimizer, step, online round, RNG)
 # -----------------------------------------------------------------------------
@@ -101,7 +105,8 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing=0.0):
 def ipo_loss(pi_c, pi_r, ref_c, ref_r, beta):
     """IPO's loss per pair, (h - 1/(2 beta))^2 (Azar et al. 2023, Sec. 5, https://arxiv.org/abs/2310.12036),
     h as in dpo_loss, from SUMMED log-probs as in the paper (TRL averages over tokens for IPO). A squared loss
-    has a finite optimum, so unlike DPO it stops pushing h up on pairs it already ranks right. (B,)."""
+    regresses h toward 1/(2 beta) from either side, a finite optimum: a pair ranked by more than that is
+    pulled back, where DPO keeps pushing h up on every pair. (B,)."""
     return ((pi_c - ref_c) - (pi_r - ref_r) - 1 / (2 * beta)) ** 2
 
 
@@ -128,7 +133,10 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, loss_type, beta, label_smooth
         pref = ipo_loss(pi_c, pi_r, ref_c, ref_r, beta).mean()
     else:
         raise ValueError(f"unknown loss {loss_type!r}: expected 'sigmoid' or 'ipo'")
-    return (pref + rpo_alpha * nll_term(pi_c, n_c).mean() if rpo_alpha else pref), pref
+    if not rpo_alpha:
+        return pref, pref
+    total = pref + rpo_alpha * nll_term(pi_c, n_c).mean()
+    return total, pref
 
 
 def held_out(prompt, fraction):
@@ -192,12 +200,13 @@ def answer_logps(model, rows, masks, pad_id, rt, desc=None):
     return out
 
 
-def forward(net, pb, answers, pad_id, device):
+def pair_logps(policy, pb, answers, pad_id, device):
     """(pi_c, pi_r, ref_c, ref_r, n_c) of a batch of pairs (B, 2) in ONE forward, chosen rows over rejected
     rows; answers = (rows, masks, ref_logps) of every answer; n_c = the chosen answers' token counts."""
     rows, masks, ref_logps = answers
     c, r = pb[:, 0].tolist(), pb[:, 1].tolist()
-    logps = response_logps(net, [rows[i] for i in c + r], [masks[i] for i in c + r], pad_id, device).float()
+    both = c + r
+    logps = response_logps(policy, [rows[i] for i in both], [masks[i] for i in both], pad_id, device).float()
     n_c = torch.tensor([float(sum(masks[i])) for i in c], device=device)
     return logps[:len(c)], logps[len(c):], ref_logps[pb[:, 0]], ref_logps[pb[:, 1]], n_c
 
@@ -241,7 +250,7 @@ def train_step(policy, optimizer, rt, micro_batches, answers, pad_id, lr_now, gr
         if rt.ddp:  # all-reduce gradients only on the last micro-step
             policy.require_backward_grad_sync = m == len(micro_batches) - 1
         with rt.ctx:
-            pi_c, pi_r, ref_c, ref_r, n_c = forward(policy, pb, answers, pad_id, rt.device)
+            pi_c, pi_r, ref_c, ref_r, n_c = pair_logps(policy, pb, answers, pad_id, rt.device)
         total, pref = preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, **hp)
         rt.scaler.scale(total / len(micro_batches)).backward()
         total_sum += total.item()
@@ -269,12 +278,14 @@ def online_round(policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, n_promp
     mine = [prompts[(rnd * n_prompts + i) % len(prompts)] for i in range(rt.rank, n_prompts, rt.world_size)]
     convs = [p for p in mine for _ in range(k)]
     g = torch.Generator(device=rt.device).manual_seed(seed + 1000 * (rnd + 1) + rt.rank)
-    replies = [r for s in range(0, len(convs), 256)  # (generate samples in eval mode and restores the mode)
+    chunks = tqdm(range(0, len(convs), 256), desc=f"round {rnd + 1} sampling", disable=not rt.master,
+                  leave=False)
+    replies = [r for s in chunks  # (generate samples in eval mode and restores the mode)
                for r in respond(policy, enc, convs[s:s + 256], max_new_tokens, 1.0, generator=g)]
     lap("sampling")
     new_rows, new_masks = map(list, zip(*(render_response(enc, c, r["text"], r["ended"], block_size)
                                           for c, r in zip(convs, replies))))
-    new_ref = answer_logps(ref, new_rows, new_masks, enc.eot_token, rt)
+    new_ref = answer_logps(ref, new_rows, new_masks, enc.eot_token, rt, f"round {rnd + 1} reference")
     scores = reward_scores(rm, enc, convs, replies, rm_ck["gain"], rm_ck["bias"],
                            lm_weight=rm_ck.get("lm_weight", 0.0), sft=ref)
     pairs = best_and_worst(scores.tolist(), replies, k, n_pairs, no_end_penalty)
@@ -329,7 +340,8 @@ def main():
     evals = world.prompts("eval")[:n_eval or None] if sft_ck.get("tokenizer", "world") == "world" else []
     prompts_fit("", evals, enc, block_size, max_new_tokens)
     if online_rounds:
-        prompts = list({json.dumps(p, sort_keys=True): p for (p, *_), v in zip(pairs, ~split) if v}.values())
+        trained_on = [p for (p, _, _), held in zip(pairs, split.tolist()) if not held]
+        prompts = list({json.dumps(p, sort_keys=True): p for p in trained_on}.values())  # distinct, in order
         fit = [p for p in prompts if len(render_prompt(enc, p)) + max_new_tokens <= block_size]
         if not fit:
             raise SystemExit(f"error: no training prompt of {data_path} leaves room for the online rounds' "
@@ -405,13 +417,15 @@ def main():
             n_round = torch.tensor(float(len(round_pairs)), device=rt.device)
             if rt.ddp:  # every rank must take the same number of steps: skip the round if one has no pair
                 torch.distributed.all_reduce(n_round, op=torch.distributed.ReduceOp.MIN)
-            if n_round.item() == 0:
-                print(f"online round {rnd + 1}: every answer pair was identical or tied; no update")
+            if n_round.item() == 0:  # no step and no checkpoint: the policy is the one last saved
+                if rt.master:
+                    print(f"online round {rnd + 1}: every answer pair was identical or tied; no update")
                 continue
             # the pairs in a random order, cycled: ties and repeats leave fewer pairs than there are slots
             g = torch.Generator().manual_seed(seed + rnd)
             order = torch.randperm(len(round_pairs), generator=g).tolist()
-            for k in range(per_round):
+            steps = tqdm(range(per_round), desc=f"round {rnd + 1} steps", disable=not rt.master, leave=False)
+            for k in steps:
                 lr_now = online_lr * (1 - 0.75 * (rnd + k / per_round) / online_rounds)
                 take = [order[(k * grad_accum * batch_size + j) % len(order)]
                         for j in range(batch_size * grad_accum)]

@@ -21,10 +21,15 @@ RLOO (Ahmadian et al. 2024, "Back to Basics", https://arxiv.org/abs/2402.14740),
     python grpo.py --prompts=my.jsonl      # RL on your own prompts ({"prompt": ...} or {"messages": [...]})
     torchrun --nproc_per_node=2 grpo.py    # each rank samples its own groups, gradients are averaged
 
-Each batch gets a single update, as in DeepSeekMath's runs ("a single update following each exploration
-stage"): the ratio is then 1 and the clip never acts. --ppo_epochs and --minibatch_size take several clipped
-steps on the same samples instead (Algorithm 1's mu). Departure: the reward is the normalised reward-model
-score less a missing-end penalty, as in ppo.py.
+By default each batch gets a single update, as in DeepSeekMath's runs ("a single update following each
+exploration stage"): the ratio is then 1 and the clip never acts. --ppo_epochs takes several clipped steps on
+the same samples instead (Algorithm 1's mu), and so does a --minibatch_size below the batch even at one
+epoch: every minibatch after the first meets a policy already stepped, so the clip can act (and RLOO is no
+longer plain REINFORCE).
+Departures:
+  - the reward is the normalised reward-model score less a missing-end penalty, as in ppo.py;
+  - beta and G: GRPO's beta is 0.6 (DeepSeekMath: 0.04) and G = 8 (DeepSeekMath: 64), set in the config;
+  - adv_eps in the std's denominator, so that a group whose answers all score the same gets advantage 0.
 """
 import os
 import random
@@ -43,7 +48,8 @@ from rollout import compare_to_sft, prompts_fit, respond, reward_scores, trainin
 out_dir = "out"            # reads out_dir/sft.pt and reward.pt, writes
                            # out_dir/<baseline>.pt and <baseline>.jsonl
 baseline = "grpo"          # "grpo": group-normalised advantage, k3 KL in the loss; "rloo": leave-one-out
-reward = "rm"              # "rm": the learned reward model; "gold": the hidden human itself (a ceiling)
+reward = "rm"              # "rm": the learned reward model; "gold": the hidden human's score (a ceiling),
+                           # less the missing-end penalty as every reward here (--no_end_penalty=0: gold only)
 prompts = ""               # "" = the world's train prompts; or a JSONL file of
                            # {"prompt": ...} / {"messages": ...}
 seed = 1337                # same seed, same run (on CPU)
@@ -69,7 +75,8 @@ beta = None                # KL weight; None = each baseline's own, as they weig
 max_new_tokens = 32        # longest answer, as in ppo.py
 temperature = 1.0          # pure sampling, so the sampled tokens give unbiased KL estimates
 no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn, as in ppo.py
-cliprange = 0.2            # clip epsilon for the ratio
+cliprange = 0.2            # clip epsilon for the ratio: the PPO paper's best (its Table 1), as in ppo.py; it
+                           # acts only when a batch takes several steps (--ppo_epochs, --minibatch_size)
 adv_eps = 1e-4             # GRPO's std guard: a group whose answers all score the same gets advantage 0
 grad_clip = 1.0            # clip the global gradient norm (0 = off)
 save_interval = 20         # checkpoint every this many iterations (and at the end)
@@ -112,8 +119,9 @@ def rloo_loss(logp, old_logp, adv, mask, cliprange):
     one action, so its advantage weighs the answer's log-probability, the SUM of its tokens' log-probs:
         loss = -1/N sum_i A_i log pi(o_i | q),   log pi(o_i | q) = sum_t log pi(o_i,t | q, o_i,<t)
     With the leave-one-out A_i this gradient is unbiased. Written as the clipped surrogate summed over the
-    answer's tokens, so that --ppo_epochs > 1 may reuse a batch: at the first update every rho_t is 1 and the
-    gradient is exactly REINFORCE's. logp, old_logp, mask (B, T); adv (B,), one advantage per answer."""
+    answer's tokens, so that a batch may take several steps (--ppo_epochs > 1, or a --minibatch_size below
+    the batch): at the first step every rho_t is 1 and the gradient is exactly REINFORCE's; later the clip
+    may act. logp, old_logp, mask (B, T); adv (B,), one advantage per answer."""
     return -clipped_surrogate(logp, old_logp, adv, mask, cliprange).sum(1).mean()
 
 
@@ -197,7 +205,8 @@ def main():
         ended = torch.tensor([r["ended"] for r in replies], dtype=torch.float, device=rt.device)
         watch.lap("scoring")
 
-        # ---- 2. rewards: the reward model's score less the missing-end penalty (RLOO: less beta * KL too)
+        # ---- 2. rewards: the reward model's score (--reward=gold: the hidden human's) less the missing-end
+        # penalty (RLOO: less beta * KL too)
         golds = torch.tensor([world.gold(p, r["text"], r["ended"]) for p, r in zip(convs, replies)]) \
             if world_prompts else torch.zeros(len(convs))
         watch.lap("hidden human")

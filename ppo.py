@@ -19,8 +19,8 @@ score climbs). One iteration, as in the RLHF references:
     5. KL control   optionally adapt beta toward target_kl (adaptive_kl_coef)
 
     python ppo.py                          # builds base, sft, comparisons and reward model first if missing
-    python ppo.py --reward=gold            # "PPO-GT": optimise the hidden human's utility itself (a ceiling)
-    python ppo.py --target_kl=3            # adaptive beta (Ziegler et al.'s controller), 3 nats per answer
+    python ppo.py --reward=gold            # "PPO-GT": the hidden human's score as the reward (a ceiling)
+    python ppo.py --target_kl=3 --kl_horizon=1280   # adaptive beta (Ziegler et al.'s controller), 3 nats
     python ppo.py --resume=True            # continue from out/ppo.pt exactly where it was saved
     python ppo.py --prompts=my.jsonl       # RL on your own prompts, against a reward model from
                                            # `python reward.py --data=prefs.jsonl`
@@ -32,7 +32,8 @@ Departures from InstructGPT:
   of two halves the cost, and the detach keeps the value loss's gradient out of the trunk (only the clip of
   the global gradient norm, grad_clip, still sees the head's gradient with the policy's);
 - no pretraining-mix term (PPO-ptx): InstructGPT's plain "PPO" models have none either;
-- options: --reward=gold (the hidden human as the reward), --kl_estimator=k3. A reward model trained with
+- options: --reward=gold (the hidden human's score as the reward, less the missing-end penalty as every
+  score here; --no_end_penalty=0 for gold alone), --kl_estimator=k3. A reward model trained with
   reward.py --lm_feature brings its likelihood term as part of its sequence score (rollout.reward_scores).
 """
 import os
@@ -50,7 +51,8 @@ from rollout import compare_to_sft, prompts_fit, respond, reward_scores, trainin
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
 out_dir = "out"            # reads out_dir/sft.pt and reward.pt, writes out_dir/ppo.pt and out_dir/ppo.jsonl
-reward = "rm"              # "rm": the learned reward model; "gold": the hidden human itself (PPO-GT baseline)
+reward = "rm"              # "rm": the learned reward model; "gold": the hidden human's score (PPO-GT
+                           # baseline; no_end_penalty still applies)
 prompts = ""               # "" = the world's train prompts; or a JSONL file of
                            # {"prompt": ...} / {"messages": ...}
 seed = 1337                # same seed, same run (on CPU)
@@ -72,20 +74,26 @@ beta = 0.2                 # KL coefficient (initial value when target_kl is set
                            # reward model this rough, smaller ones let some runs drift to where it is wrong
                            # and lose gold (0.05 did on some seeds and CPUs: docs/experiments.md)
 target_kl = 0.0            # > 0: adapt beta toward this KL (nats per answer); 0: fixed beta
-kl_horizon = 10000         # the controller's horizon (episodes), as in Ziegler et al.
+kl_horizon = 10000         # the controller's horizon (episodes), as in Ziegler et al.'s code, whose runs were
+                           # hundreds of horizons long: an update moves beta by at most 20 % x batch_size /
+                           # kl_horizon, so in a 40-iteration run beta barely moves; 1280 (K_beta = 0.1 at
+                           # batch 128) lets it act within the run
 kl_estimator = "k1"        # per-token KL penalty: "k1" = logp - logp_ref, "k3" = (r - 1) - log r with
                            # r = pi_SFT / pi (k3 estimates the KL's value; as a reward its gradient is not
                            # the KL's: kl_k3)
-no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn
+no_end_penalty = 1.0       # subtracted from the score of an answer that never ends its turn: one standard
+                           # deviation of the normalised score, so rambling to the limit never pays
 gamma, lam = 1.0, 0.95     # GAE discount and bias-variance trade-off, Ziegler et al.'s values (and PPO's
                            # lam): lam < 1 leans on the value head's estimates, lam = 1 is the plain return
-cliprange = 0.2            # PPO-clip epsilon for the policy ratio
-cliprange_value = 0.2      # and for the value function
+cliprange = 0.2            # PPO-clip epsilon for the policy ratio: the PPO paper's best (its Table 1)
+cliprange_value = 0.2      # and for the value function, as in Ziegler et al.'s code: returns are on the
+                           # normalised score's scale, so 0.2 is a fifth of a standard deviation per update
 vf_coef = 0.5              # weight of the value loss. It trains only the value head, which has its own Adam
                            # group, and Adam's step ignores a loss's scale: vf_coef only sets the head's share
                            # of the global gradient norm that grad_clip clips (vf_lr sets how fast it learns)
 vf_lr = 1e-3               # learning rate of the value head: a fresh linear probe needs far larger steps
-grad_clip = 1.0            # clip the global gradient norm (0 = off)
+grad_clip = 1.0            # clip the global gradient norm (0 = off): one outlier minibatch cannot throw
+                           # the policy far in a single step
 sample_interval = 20       # print a few samples every this many iterations
 save_interval = 20         # checkpoint every this many iterations (and at the end): a save writes the policy
                            # and its optimizer moments, too slow for every iteration; a kill loses no more
@@ -136,8 +144,9 @@ def kl_penalty(logp, logp_ref, estimator):
 
 def token_rewards(scores, kl, action, kl_coef):
     """Per-token rewards (B, T): -beta * KL_t on every answer token, plus the sequence score r(x, y) on the
-    answer's last token, so the return of an answer is r(x, y) - beta * sum_t KL_t = R(x, y) of Ziegler et al.
-    2019 eq. 2 (https://arxiv.org/abs/1909.08593) and InstructGPT eq. 2 (https://arxiv.org/abs/2203.02155).
+    answer's last token, so (at gamma = 1) the return of an answer is r(x, y) - beta * sum_t KL_t = R(x, y) of
+    Ziegler et al. 2019 eq. 2 (https://arxiv.org/abs/1909.08593) and InstructGPT eq. 2
+    (https://arxiv.org/abs/2203.02155).
     scores (B,), kl and action (B, T), action 1 on the answer's tokens."""
     rewards = torch.where(action > 0, -kl_coef * kl, 0.0)  # nothing (not even a NaN) off the answer
     last = action.size(1) - 1 - action.flip(1).argmax(1)  # index of each answer's last token
@@ -212,8 +221,9 @@ def forward_policy(policy, seq, attn, temperature):
     logits, _, values = policy(seq, attention_mask=attn, return_values=True, detach_values=True)
     logits = logits[:, :-1].float() / temperature
     logp = M.token_logprobs(logits, seq[:, 1:])
-    probs = torch.softmax(logits, -1)
-    entropy = torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+    with torch.no_grad():  # logged only: no graph (with GPT-2's 50k vocabulary it would be large)
+        probs = torch.softmax(logits, -1)
+        entropy = torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
     return logp, values[:, :-1], entropy
 
 

@@ -140,7 +140,7 @@ def test_held_out_pairs_score_each_distinct_answer_once_and_match_pair_by_pair(m
     assert len(scored) == 9  # 9 distinct answers scored once each, not 18 answers of 9 pairs
     with torch.no_grad():  # pair by pair, as a training step computes them
         pi_c, pi_r, ref_c, ref_r, n_c = (torch.cat(x) for x in zip(*(
-            dpo.forward(policy, pairs[i:i + 1], answers, 0, "cpu") for i in range(len(pairs)))))
+            dpo.pair_logps(policy, pairs[i:i + 1], answers, 0, "cpu") for i in range(len(pairs)))))
     _, pref = dpo.preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, **hp)
     want = dpo.pair_stats(pref, pi_c, pi_r, ref_c, ref_r, hp["beta"])
     assert 0 < want["accuracy"] < 1 and abs(want["margin"]) > 1e-3
@@ -186,7 +186,7 @@ def test_empty_chosen_answer_gives_finite_loss_and_gradients():
     policy, ref = M.GPT(M.GPTConfig(**args)), M.GPT(M.GPTConfig(**args))
     pad = enc.eot_token
     answers = (rows, masks, dpo.response_logps(ref, rows, masks, pad, "cpu").detach())
-    pi_c, pi_r, ref_c, ref_r, n_c = dpo.forward(policy, torch.tensor([[0, 1]]), answers, pad, "cpu")
+    pi_c, pi_r, ref_c, ref_r, n_c = dpo.pair_logps(policy, torch.tensor([[0, 1]]), answers, pad, "cpu")
     assert n_c.item() == 0 and pi_c.item() == 0.0
     for loss_type in ("sigmoid", "ipo"):
         total, _ = dpo.preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, loss_type, 0.1, 0.0, 1.0)
