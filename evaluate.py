@@ -8,7 +8,8 @@ samples, reward-model score, fluency, how often the answer ends its turn, where 
 utility's components), and three sample conversations. It also draws figures (SVG, written here, no plotting
 library): the gold-vs-KL frontier of PPO, DPO, GRPO and RLOO over a beta sweep (the DPO paper's Figure 2 on
 our world) with each method's gold read off at equal KL, reward over-optimisation along a beta = 0 PPO run,
-and every stage's training curves.
+and every stage's training curves. The held-out prompts are new conversations, not new tasks: each one's
+task, and usually its final request, also occurs in training.
 
     python evaluate.py                      # the default run's checkpoints -> out/report.md
     python evaluate.py --json_out=True      # also print the numbers as JSON
@@ -31,7 +32,7 @@ from data import world
 from data.chat import render_prompt
 from data.readers import or_exit, read_prompts
 from data.tokenizer import get_tokenizer
-from rollout import (best_of_n, grade, prompts_fit, reward_scores, sample_and_grade, summarise,
+from rollout import (best_of_n, grade, percent, prompts_fit, reward_scores, sample_and_grade, summarise,
                      win_rate_against)
 
 # -----------------------------------------------------------------------------
@@ -143,7 +144,8 @@ def run_sweep(rt, eval_prompts, rm_path):
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                 raise SystemExit(f"error: {' '.join(args)} failed; see {d}/train.log")
         if not extra:
-            r = evaluate(rt, {method: os.path.join(d, f"{method}.pt")}, eval_prompts, rm_path)[method]
+            r = evaluate(rt, {method: os.path.join(d, f"{method}.pt")}, eval_prompts, samples, seed,
+                         rm_path)[method]
             results.append({"stage": method, "beta": b, "gold": r["gold"], "kl": r["kl"],
                             "setup": sampling_setup()})
             print(f"  gold {r['gold']:.3f}, KL {r['kl']:.2f}", flush=True)
@@ -152,15 +154,15 @@ def run_sweep(rt, eval_prompts, rm_path):
     os.replace(os.path.join(root, "results.json.tmp"), os.path.join(root, "results.json"))
 
 
-def evaluate(rt, paths, prompts, rm_path, watch=None):
-    """{name: checkpoint path (None for best-of-N)} -> {name: metrics}, each model answering prompts x samples
-    with the same random stream, SFT with one of its own; SFT (the reference: paths["sft"], else
-    out_dir/sft.pt) is always evaluated first. watch: a runtime.Stopwatch."""
+def evaluate(rt, paths, eval_prompts, samples, seed, rm_path, watch=None):
+    """{name: checkpoint path (None for best-of-N)} -> {name: metrics}, each model answering eval_prompts x
+    samples with the same random stream (seed), SFT with one of its own (seed + 1); SFT (the reference:
+    paths["sft"], else out_dir/sft.pt) is always evaluated first. watch: a runtime.Stopwatch."""
     watch = watch or runtime.Stopwatch(rt.device_type)
     sft, enc, _ = runtime.load_model(paths.get("sft") or os.path.join(out_dir, "sft.pt"), "sft", dropout=0.0)
     sft.to(rt.device).eval()
     rm, rm_ck = runtime.load_reward_model(rm_path, rt.device) if os.path.isfile(rm_path) else (None, None)
-    evals = prompts * samples
+    evals = eval_prompts * samples
     results = {}
     bar = tqdm(["sft"] + [n for n in paths if n != "sft"], desc="evaluate", unit="model")
     for name in bar:
@@ -173,7 +175,8 @@ def evaluate(rt, paths, prompts, rm_path, watch=None):
         with torch.no_grad(), rt.ctx:
             if name == "bon":  # SFT's answers picked by the reward model; its KL is the analytical bound
                 picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens,
-                                  temperature, generator=g, lm_weight=rm_ck.get("lm_weight", 0.0), lap=lap)
+                                  temperature, generator=g, lm_weight=rm_ck.get("lm_weight", 0.0), lap=lap,
+                                  desc=f"best-of-{bon}")
                 res = {**summarise(grade(evals, picks)), "kl": best_of_n_kl_bound(bon)}
                 lap("hidden human")
             else:
@@ -223,13 +226,13 @@ def listed_checkpoints():
     return dict(items)
 
 
-def check_rows(paths, ref_path, ref_ck, prompts, enc, rm_path=""):
+def check_rows(paths, ref_path, ref_ck, eval_prompts, enc, rm_path=""):
     """Every row's checkpoint, and the reward model that scores them, read before any sampling: one line
     naming the file if it is damaged, of a kind that does not answer (a reward model as a row), of another
     tokenizer than the reference SFT model (its KL or scores would be noise) or a vocabulary smaller than it,
     or with a context too short for the longest prompt and max_new_tokens more (generate would refuse the
     prompt, or cut every answer of its batch short, after the rows before it were sampled)."""
-    longest = max(len(render_prompt(enc, p)) for p in prompts)
+    longest = max(len(render_prompt(enc, p)) for p in eval_prompts)
     rows = [(p, ("base", "sft", "ppo", "grpo", "dpo")) for p in paths.values() if p not in (None, ref_path)]
     rows += [(rm_path, "reward")] if os.path.isfile(rm_path) else []  # it scores every row's answers
     for path, kinds in [(ref_path, "sft")] + rows:
@@ -271,18 +274,20 @@ def write_report(results, order, evals, fig_dir):
     label = {n: f"best-of-{bon}" if n == "bon" else n.replace("|", "\\|") for n in order}  # | splits a row
     where = (f"prompts from {prompts} (the hidden human knows the world's language only: read gold and win "
              "rate with care)") if prompts else "held-out prompts"
+    held = "" if prompts else ("The held-out prompts are new conversations, not new tasks: each one's task "
+                               "also occurs in training. ")
     lines = ["# Evaluation report", "",
-             f"{len(evals)} {where} x {samples} samples each (temperature {temperature}, seed {seed}). Gold "
-             "is the hidden human's utility as a fraction of ideal (ideal answers score 1.0); the win rate "
-             "is against an SFT answer to the same prompt, ties counting half, with a 95% interval "
-             "clustered by prompt.", "",
+             f"{len(evals)} {where} x {samples} samples each (temperature {temperature}, seed {seed}). {held}"
+             "Gold is the hidden human's utility as a fraction of ideal (ideal answers score 1.0); the win "
+             "rate is against an SFT answer to the same prompt, ties counting half, with a 95% interval "
+             "clustered by prompt (n/a with one prompt: no spread to measure).", "",
              "| model | gold (of ideal) | win rate vs SFT | KL(pi ‖ SFT) nats | RM score | fluency "
              "| ends turn |", "|---|---|---|---|---|---|---|"]
     for n in order:
         r = results[n]
         rm_s = f"{r['rm_score']:+.2f}" if "rm_score" in r else "-"
         kl = ("≤ " if n == "bon" else "") + f"{r['kl']:.2f}"  # best-of-N's is the analytical upper bound
-        lines.append(f"| {label[n]} | {r['gold']:.3f} | {r['win_vs_sft']:.1%} ± {r['win_ci']:.1%} | "
+        lines.append(f"| {label[n]} | {r['gold']:.3f} | {r['win_vs_sft']:.1%} ± {percent(r['win_ci'])} | "
                      f"{kl} | {rm_s} | {r['fluency']:.1%} | {r['ended']:.1%} |")
     lines += ["", "Where the gold is lost: weight x (1 - component) of the hidden human's utility, "
               "averaged over the same samples (a row adds up to 1 - gold):", "",
@@ -430,7 +435,7 @@ def main():
         watch.lap("beta sweep (training and evaluating its runs)")
     # ---- 3. every model answers the same prompts; the hidden human judges
     paths = checkpoints_to_compare(rm_path, listed)
-    results = evaluate(rt, paths, eval_prompts, rm_path, watch)
+    results = evaluate(rt, paths, eval_prompts, samples, seed, rm_path, watch)
     order = [n for n in paths if n in results] + [n for n in results if n not in paths]
     # ---- 4. the report and its figures
     fig_dir = os.path.join(out_dir, "figures")  # empty without a sweep or the stages' logs
@@ -439,8 +444,9 @@ def main():
     print(f"\nwrote {os.path.join(out_dir, 'report.md')} and {len(os.listdir(fig_dir))} figures in {fig_dir}")
     watch.report("evaluate", last="report & figures")
     if json_out:
-        print(json.dumps({n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()},
-                         indent=1))
+        print(json.dumps({n: {k: None if isinstance(v, float) and math.isnan(v) else v  # one prompt's
+                              for k, v in r.items() if k != "samples"}                # interval: null
+                          for n, r in results.items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ Departures (options; the defaults are InstructGPT's):
     --lm_feature=True     r = head + w * log p_SFT(answer | prompt), w learned from the rankings (from 0):
                           SFT, trained on demonstrations, knows whether an answer is on topic, which a head
                           learns slowly from rankings (rollout.reply_logprobs computes it).
+    --data=FILE           the reward is normalised on the file's answers, not on SFT samples (none are drawn).
 
 comparisons.jsonl, one line per prompt: the ranking (dpo.py takes all its K(K-1)/2 pairs), and a TRL
 chosen/rejected view, best against worst, for tools that read pairs
     {"prompt": messages, "responses": [K strings], "ended": [K bools], "ranking": [indices, best first],
      "chosen": best response, "rejected": worst response}
 """
-import math
 import os
 import random
 import sys
@@ -44,7 +44,7 @@ import model as M
 import runtime
 from data import world
 from data.readers import or_exit, read_rankings, write_jsonl
-from rollout import (best_of_n, grade, prompts_fit, reply_logprobs, respond, response_rows, rm_score,
+from rollout import (best_of_n, grade, percent, prompts_fit, reply_logprobs, respond, response_rows, rm_score,
                      sample_and_grade, score_rows)
 
 # -----------------------------------------------------------------------------
@@ -218,11 +218,13 @@ def yardsticks(comps, val_idx, seed, tau):
 
 def get_batch(it, train_idx, rows, lp, batch_size, steps_per_epoch, seed, rt, pad_id):
     """Step it's prompts for this rank, all K answers of each in ranked order: ids, attn (B*K, T), padded on
-    the right, and log p_SFT (B, K). A fresh permutation per epoch, seeded by it: --resume redraws them."""
+    the right, and log p_SFT (B, K). A fresh permutation per epoch, seeded by it: --resume redraws them.
+    An epoch is steps_per_epoch full batches on every rank, each ranking at most once; the rankings left over
+    wait for another epoch's permutation. Only with fewer rankings than one step takes does a batch repeat."""
     e, s = divmod(it, steps_per_epoch)
     order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed * 1000 + e)).tolist()
     first = (s * rt.world_size + rt.rank) * batch_size
-    picks = [train_idx[order[(first + b) % len(order)]] for b in range(batch_size)]
+    picks = [train_idx[order[(first + b) % len(order)]] for b in range(batch_size)]  # % wraps only then
     ids, attn = M.pad_rows([r for i in picks for r in rows[i]], pad_id)
     return ids.to(rt.device), attn.to(rt.device), lp[picks].to(rt.device)
 
@@ -258,7 +260,8 @@ def save_reward(path, rm, optimizer, rt, sft_ck, config, step, K, loss, lm_weigh
 
 def report(r, gain, bias, term, loss_fn, comps, val_idx, train_idx, first, gold, parts, second):
     """Print and return how the trained reward r (N, K) does against the labelers and gold, calibration, and
-    gold accuracy by component (low on training comparisons too: underfit; high there only: memorised)."""
+    gold accuracy by component (low on training comparisons too: underfit; high there only: memorised).
+    Held out are conversations, not tasks: on the world, their requests usually appear in training too."""
     K, n_val, golds = r.size(1), len(val_idx), gold[val_idx] if gold is not None else None
     m = {**held_out_metrics(r[val_idx], loss_fn, first, golds), "calibration": calibration(r[val_idx])}
     n_prompts = len({repr(comps[i]["prompt"]) for i in val_idx})  # a file may rank a prompt's answers twice
@@ -298,7 +301,7 @@ def best_of_n_on_held_out(policy, rm, enc, n, gain, bias, lm_weight, max_new_tok
     evals = world.prompts("eval")
     with rt.ctx:
         picks = best_of_n(policy, rm, enc, evals, n, gain, bias, max_new_tokens, temperature,
-                          generator=generator, batch_size=gen_batch, lm_weight=lm_weight)
+                          generator=generator, batch_size=gen_batch, lm_weight=lm_weight, desc=f"best-of-{n}")
         one = sample_and_grade(policy, enc, evals, max_new_tokens, temperature, gen_batch, generator)
     gold_bon, gold_one = ([s["gold"] for s in samples] for samples in (grade(evals, picks), one["samples"]))
     golds = [[world.gold(p, x["text"], x["ended"]) for x in c["candidates"]] for p, c in zip(evals, picks)]
@@ -310,7 +313,7 @@ def best_of_n_on_held_out(policy, rm, enc, n, gain, bias, lm_weight, max_new_tok
     print(f"\nbest-of-{n} on {len(evals)} held-out prompts, judged by the hidden human (ideal = 1.0):")
     print(f"  SFT sample mean gold {res['sft_gold']:.3f}; RM's pick {res['bon_gold']:.3f}; "
           f"gold's own pick (the ceiling) {res['oracle_gold']:.3f}")
-    print(f"  RM's pick beats a single SFT sample {rate:.1%} +- {ci:.1%} of the time (ties count half; "
+    print(f"  RM's pick beats a single SFT sample {rate:.1%} +- {percent(ci)} of the time (ties count half; "
           f"gold's own pick would {oracle_rate:.1%})")
     for p, x in list(zip(evals, picks))[:3]:
         print(f"  {p[-1]['content']} -> {x['text']!r} (reward {x['score']:+.2f})")
@@ -321,7 +324,8 @@ def main():
     config = runtime.configure(globals(), ranges={
         "loss": (lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}"),
         "K": (lambda v: v >= 2, ">= 2: a labeler ranks several answers"),
-        "bon": (lambda v: train or v > 0, "> 0 with --train=False (nothing else to do; e.g. --bon=16)"),
+        "bon": (lambda v: v >= 0 and (train or v > 0),
+                ">= 0; > 0 with --train=False (nothing else to do; e.g. --bon=16)"),
         "out_dir": (lambda v: runtime.writable_dir(v) or not train and os.path.isdir(v), "writable")})
     sft_path, cmp_path, ck_path, log_path = (os.path.join(out_dir, f) for f in
                                              ("sft.pt", "comparisons.jsonl", "reward.pt", "reward.jsonl"))
@@ -380,7 +384,8 @@ def main():
             lm_w.data.fill_(ck.get("lm_weight", 0.0))
             print(f"resuming from {ck_path} at step {start}")
         rm = runtime.wrap(raw_rm, rt, compile)
-        steps_per_epoch = math.ceil(len(train_idx) / (batch_size * rt.world_size))
+        # whole batches only (every rank takes as many steps), at least one: the last partial batch is dropped
+        steps_per_epoch = max(1, len(train_idx) // (batch_size * rt.world_size))
         iters = max_iters or epochs * steps_per_epoch
         if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint
             runtime.start_log(log_path, start if resume else None, ck if resume else None)

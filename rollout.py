@@ -5,9 +5,11 @@ model, pick the best of N, and compare a tuned policy with SFT under the world's
 Every stage after SFT samples or scores replies the same way, so these live once, here. A reply is the dict
 that respond() returns: {"text", "ended", "ids", "logprob"}; "ended" means it closed its turn with <|end|>.
 """
+import math
 import os
 
 import torch
+from tqdm import tqdm
 
 from data import world
 from data.chat import render_prompt, render_response
@@ -158,14 +160,15 @@ def reward_scores(rm, enc, conversations, replies, gain=1.0, bias=0.0, batch_siz
 
 
 def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tokens=48, temperature=1.0,
-              generator=None, batch_size=256, lm_weight=0.0, lap=lambda phase: None, **sampling):
+              generator=None, batch_size=256, lm_weight=0.0, lap=lambda phase: None, desc=None, **sampling):
     """Best-of-n (rejection sampling, Stiennon et al. 2020, https://arxiv.org/abs/2009.01325): sample n
     replies per conversation from policy, keep the one the reward model scores highest. Returns [{"text",
     "ended", "ids", "score", "candidates": the n scored replies}]. policy is the SFT model (also what an
     --lm_feature reward model's lm_weight term is computed with). lap: a runtime.Stopwatch's, to split the
-    time into sampling and scoring."""
+    time into sampling and scoring. desc: a progress bar's label (None: no bar)."""
     out = []
     per = max(1, batch_size // n)  # conversations per generate() call: bounds the KV cache's memory
+    bar = tqdm(total=len(conversations), desc=desc, unit="prompt", disable=desc is None)
     for i in range(0, len(conversations), per):
         chunk = [c for c in conversations[i:i + per] for _ in range(n)]
         replies = respond(policy, enc, chunk, max_new_tokens, temperature, generator=generator, **sampling)
@@ -175,6 +178,8 @@ def best_of_n(policy, rm, enc, conversations, n, gain=1.0, bias=0.0, max_new_tok
         for j in range(0, len(chunk), n):
             cands = [dict(r, score=s) for r, s in zip(replies[j:j + n], scores[j:j + n])]
             out.append(dict(max(cands, key=lambda r: r["score"]), candidates=cands))
+        bar.update(len(chunk) // n)
+    bar.close()
     return out
 
 
@@ -226,6 +231,11 @@ def sample_and_grade(model, enc, prompts, max_new_tokens=48, temperature=1.0, ba
     return summarise(samples)
 
 
+def percent(x):
+    """x as a percentage, or n/a for nan: a win rate's interval over one prompt, which has no spread."""
+    return "n/a" if math.isnan(x) else f"{x:.1%}"
+
+
 def win_rate_against(samples, ref_samples):
     """world.win_rate of scored samples against ref_samples, answers to the same prompts in the same order:
     (rate, 95% half-width), the interval clustered by prompt (one prompt's answers are not independent)."""
@@ -245,7 +255,7 @@ def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator
     for who, r in (("sft", sft_res), (name, res)):
         print(f"  {who}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, "
               f"fluency {r['fluency']:.1%}")
-    print(f"  {name} wins {rate:.1%} +- {ci:.1%} against SFT (ties count half); KL({name} || sft) = "
+    print(f"  {name} wins {rate:.1%} +- {percent(ci)} against SFT (ties count half); KL({name} || sft) = "
           f"{res['kl']:.2f} nats per answer")
     for s in res["samples"][:3]:
         print(f"  {s['prompt'][-1]['content']} -> {s['text']!r} (gold {s['gold']:.2f})")

@@ -573,7 +573,8 @@ def corpus_text(seed=0):
 # ----------------------------------------------------------------------------------------------
 # 8. Simulated labelers: rankings drawn from a Plackett-Luce model over gold utilities,
 #    P(order) = prod_i exp(u_(i)/tau) / sum_{j>=i} exp(u_(j)/tau), with tau calibrated so that two
-#    independent labelers agree on ~73% of pairs, as InstructGPT's labelers did.
+#    independent labelers agree on ~73% of pairs, as InstructGPT's labelers did: pairs of demonstrations
+#    to the same prompt, a pair whose gold ties counting one half (two coin flips agree half the time).
 def agreement(us_a, us_b, tau):
     """Expected two-labeler agreement on pairs with utilities (a, b): p^2 + (1-p)^2,
     p = sigmoid((a-b)/tau)."""
@@ -619,7 +620,8 @@ def win_rate(golds_a, golds_b, groups=None):
     prompt are not independent (an easy prompt is won by every sample), so the variance is the clustered
     one, G/(G-1) * sum_g (sum of g's outcomes - n_g * rate)^2 / n^2 over the G prompts; with every pair its
     own group (groups=None) it is the usual s^2 / n (Cameron & Miller 2015, "A practitioner's guide to
-    cluster-robust inference", https://doi.org/10.3368/jhr.50.2.317). One prompt (or pair): no spread, 0."""
+    cluster-robust inference", https://doi.org/10.3368/jhr.50.2.317). One prompt (or pair) has no spread to
+    measure: the half-width is nan, not a certain 0."""
     outcomes = [1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5 for a, b in zip(golds_a, golds_b)]
     n = len(outcomes)
     p = sum(outcomes) / n
@@ -628,7 +630,9 @@ def win_rate(golds_a, golds_b, groups=None):
         key = i if groups is None else groups[i]
         resid[key] = resid.get(key, 0.0) + o - p
     g = len(resid)
-    var = g / max(1, g - 1) * sum(r * r for r in resid.values()) / n ** 2
+    if g < 2:
+        return p, math.nan
+    var = g / (g - 1) * sum(r * r for r in resid.values()) / n ** 2
     return p, 1.96 * math.sqrt(var)
 
 

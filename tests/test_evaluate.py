@@ -84,12 +84,13 @@ def test_a_twin_of_sft_draws_its_own_answers_not_sfts(tmp_path, monkeypatch):
     path = str(tmp_path / "sft.pt")
     runtime.save_checkpoint(path, {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
                                    "kind": "sft", "step": 0, "config": {}, "tokenizer": "world"})
-    for name, value in (("samples", 4), ("max_new_tokens", 8), ("bon", 0)):
+    for name, value in (("max_new_tokens", 8), ("bon", 0)):
         monkeypatch.setattr(evaluate, name, value)
     monkeypatch.setattr(world, "gold", lambda p, text, ended: len(text) % 5 / 5)  # a random net: no ties
     rt = runtime.setup("cpu", "float32", 0)
     prompts = [[{"role": "user", "content": f"Describe the {x}."}] for x in ("cat", "dog")]
-    res = evaluate.evaluate(rt, {"sft": path, "twin": path}, prompts, str(tmp_path / "no_reward.pt"))
+    res = evaluate.evaluate(rt, {"sft": path, "twin": path}, prompts, 4, evaluate.seed,
+                            str(tmp_path / "no_reward.pt"))
     texts = {n: [s["text"] for s in res[n]["samples"]] for n in ("sft", "twin")}
     assert texts["sft"] != texts["twin"]
     assert res["twin"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the same network: the stream differs, not pi
@@ -512,6 +513,22 @@ def made_up_results(names, rm=True):
             r["rm_score"] = -0.25 + i
         out[n] = r
     return out
+
+
+def test_the_report_shows_n_a_for_one_prompts_interval_and_says_what_is_held_out(tmp_path, monkeypatch):
+    """One prompt has no spread to measure: win_rate's nan half-width reads n/a, not 'nan%' or a certain 0.
+    The world's held-out prompts are said to share their tasks with training; a prompts file's are not."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "out_dir", str(tmp_path))
+    results = made_up_results(["sft", "ppo"])
+    results["ppo"]["win_ci"] = world.win_rate([0.9, 0.1], [0.5, 0.5], ["a", "a"])[1]
+    evals = [results["sft"]["samples"][0]["prompt"]]
+    lines = evaluate.write_report(results, ["sft", "ppo"], evals, str(tmp_path / "figures"))
+    assert "| ppo | 0.625 | 25.0% ± n/a | 1.25 | +0.75 | 68.8% | 62.5% |" in lines
+    assert "new conversations, not new tasks" in lines[2] and "nan" not in "\n".join(lines)
+    monkeypatch.setattr(evaluate, "prompts", "mine.jsonl")
+    lines = evaluate.write_report(results, ["sft", "ppo"], evals, str(tmp_path / "figures"))
+    assert "new tasks" not in lines[2] and "prompts from mine.jsonl" in lines[2]
 
 
 def test_the_report_rows_show_each_models_own_numbers_in_their_columns(tmp_path, monkeypatch):

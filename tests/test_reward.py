@@ -245,6 +245,26 @@ def test_get_batch_gives_each_rank_its_own_prompts():
     assert sorted(seen) == list(range(8))
 
 
+def test_an_epoch_of_a_count_no_step_divides_sees_each_ranking_at_most_once():
+    """11 rankings, 2 ranks x 2 per step: an epoch is 2 whole steps (8 rankings), the 3 left over dropped; the
+    next epoch draws a fresh permutation. With fewer rankings than one step takes, the one step still runs."""
+    rows = [[[i + 1], [i + 2]] for i in range(11)]
+    lp = torch.arange(22.0).view(11, 2)
+    steps = max(1, 11 // (2 * 2))  # as main() counts them
+    assert steps == 2
+    for epoch in (0, 1):
+        seen = []
+        for step in range(epoch * steps, (epoch + 1) * steps):
+            for rank in (0, 1):
+                rt = SimpleNamespace(world_size=2, rank=rank, device="cpu")
+                _, _, lp_b = reward.get_batch(step, list(range(11)), rows, lp, 2, steps, 1337, rt, 0)
+                seen += (lp_b[:, 0] / 2).long().tolist()
+        assert len(seen) == len(set(seen)) == 8, seen  # none twice in the epoch
+    rt = SimpleNamespace(world_size=1, rank=0, device="cpu")
+    _, _, lp_b = reward.get_batch(0, [0, 1, 2], rows, lp, 4, 1, 1337, rt, 0)  # 3 rankings, a batch of 4
+    assert sorted(set((lp_b[:, 0] / 2).long().tolist())) == [0, 1, 2]
+
+
 def test_get_batch_pads_on_the_right_so_the_score_is_read_at_each_answers_end():
     """The training batch puts each row's tokens first, then padding. Each row scored in the batch is the head
     at its own <|end|>, as scored alone."""
@@ -480,7 +500,8 @@ def test_preference_file_and_bad_input(tiny_sft, tmp_path):
     ("--K=1", "error: --K=1 is out of range: it must be >= 2"),
     ("--contexts=1", "error: --contexts=1 is out of range: it must be >= 2"),
     ("--labeler_tau=0", "error: --labeler_tau=0.0 is out of range: it must be > 0"),
-    ("--train=False", "error: --bon=0 is out of range: it must be > 0 with --train=False")])
+    ("--bon=-3", "error: --bon=-3 is out of range: it must be >= 0; > 0 with --train=False"),
+    ("--train=False", "error: --bon=0 is out of range: it must be >= 0; > 0 with --train=False")])
 def test_a_bad_option_is_one_line_before_anything_is_touched(tmp_path, refusal, flag, message):
     (tmp_path / "reward.jsonl").write_text("old log\n")
     got = refusal("reward", f"--out_dir={tmp_path}", flag)  # the checks come before any model is loaded

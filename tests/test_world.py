@@ -222,6 +222,15 @@ def test_win_rate_by_hand():
     assert w.win_rate([0.9, 0.8, 0.7], [0.1, 0.2, 0.3]) == (1.0, 0.0)  # always better: no spread
 
 
+def test_win_rate_over_one_prompt_has_no_interval():
+    """Every answer to one prompt is one cluster: the clustered variance has nothing to measure, so the
+    half-width is nan (printed n/a), not a 0 that would read as certainty."""
+    p, half = w.win_rate([0.9, 0.1, 0.9], [0.5] * 3, ["a"] * 3)
+    assert p == pytest.approx(2 / 3) and math.isnan(half)
+    p, half = w.win_rate([0.9, 0.1, 0.9], [0.5] * 3, ["a", "a", "b"])  # two prompts: a number again
+    assert math.isfinite(half) and half > 0
+
+
 def test_win_rate_clusters_answers_to_the_same_prompt():
     """Outcomes 1, 1, 0, 0: p = 1/2. As four independent pairs the variance is (4 x 1/4) / 3 / 4 = 1/12; as
     two prompts (a: 1, 1; b: 0, 0) the residual sums are +1 and -1, variance 2/1 x 2 / 16 = 1/4: the interval
@@ -333,8 +342,9 @@ def test_the_kind_sentence_after_declining_must_be_about_the_target():
 def test_win_rate_counts_a_difference_within_1e_9_as_a_tie_whichever_side_is_ahead():
     """Two golds a rounding error apart are the same worth: a tie, 1/2, whether a or b is the one ahead by
     1e-12; a clear lead either way is a whole win or loss (mean of 1 and 0: 1/2 again, with a spread)."""
-    assert w.win_rate([0.5 + 1e-12], [0.5]) == (0.5, 0.0)
-    assert w.win_rate([0.5], [0.5 + 1e-12]) == (0.5, 0.0)
+    for a, b in (([0.5 + 1e-12], [0.5]), ([0.5], [0.5 + 1e-12])):
+        p, half = w.win_rate(a, b)
+        assert p == 0.5 and math.isnan(half)  # one pair: no spread to measure
     p, half = w.win_rate([0.6, 0.4], [0.5, 0.5])
     assert p == 0.5 and half > 0
 
