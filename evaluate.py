@@ -9,7 +9,7 @@ utility's components), and three sample conversations. It also draws figures (SV
 library): the gold-vs-KL frontier of PPO, DPO, GRPO and RLOO over a beta sweep (the DPO paper's Figure 2 on
 our world) with each method's gold read off at equal KL, reward over-optimisation along a beta = 0 PPO run,
 and every stage's training curves. The held-out prompts are new conversations, not new tasks: each one's
-task, and usually its final request, also occurs in training.
+task, and its final request, also occur in training, in other conversations.
 
     python evaluate.py                      # the default run's checkpoints -> out/report.md
     python evaluate.py --json_out=True      # also print the numbers as JSON
