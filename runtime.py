@@ -386,11 +386,16 @@ def start_log(path, resumed_step=None, checkpoint=None):
             if hashlib.sha256(text).hexdigest() != mark[1]:
                 raise SystemExit(f"error: --resume: {path} is the log of a later run than the checkpoint "
                                  "(one stopped before its first checkpoint); start afresh without --resume")
-        if os.path.lexists(path):
+        if text:  # the kept rows replace the log whole (a kill leaves the old log or the new, never neither)
+            try:
+                with open(path + ".tmp", "wb") as f:
+                    f.write(text)
+                os.replace(path + ".tmp", path)
+            finally:
+                if os.path.isfile(path + ".tmp"):
+                    os.remove(path + ".tmp")
+        elif os.path.lexists(path):
             os.remove(path)
-        if text:
-            with open(path, "wb") as f:
-                f.write(text)
     except OSError as e:  # a directory in the way, a read-only directory
         raise SystemExit(f"error: could not write {path} ({e.strerror or e})") from None
 

@@ -1010,6 +1010,23 @@ def test_a_resumed_log_keeps_its_rows_up_to_the_checkpoint_past_a_damaged_byte(t
     assert not path.exists()
 
 
+def test_a_resumed_log_whose_rewrite_fails_keeps_every_old_row(tmp_path, monkeypatch):
+    """The kept rows replace the log through a temporary file: a full disk while writing them is one line,
+    and the old log (every row of the killed run) is still there to resume from, with no temporary file."""
+    path = tmp_path / "ppo.jsonl"
+    old = b'{"iter": 1}\n{"iter": 2}\n{"iter": 3}\n'
+    path.write_bytes(old)
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(runtime, "open", full_disk, raising=False)
+    with pytest.raises(SystemExit, match=r"^error: could not write .*ppo\.jsonl \(No space left on device\)$"):
+        runtime.start_log(str(path), 2)
+    assert path.read_bytes() == old and os.listdir(tmp_path) == ["ppo.jsonl"]
+
+
 @pytest.mark.parametrize("script, below", [("pretrain", ""), ("grpo", ""), ("evaluate", ""), ("sft", "/a/b")])
 def test_an_out_dir_that_is_a_file_is_one_line_before_anything_runs(tmp_path, refusal, script, below):
     """grpo.py built SFT (pretraining it first) into a path it could not write, and stopped with a traceback
