@@ -37,8 +37,11 @@ from runtime import configure, configure_optimizer, matmul_flops, run, setup
 device = "auto"                        # auto: cuda > mps > cpu
 threads = 0                            # torch.set_num_threads when > 0 (0: torch's default, one per core):
                                        # on a machine shared with other jobs, threads wait on each other
-dtypes = ("float32", "bfloat16")       # training precisions to measure (low precision via autocast)
-batch_size = 16                        # training batch, sequences of block_size tokens
+dtypes = ("float32", "bfloat16")       # training precisions to measure (low precision via autocast):
+                                       # fp32, what the stages run in on a CPU, and bf16, what they pick on
+                                       # a GPU that has it (fp16, their fallback, on request)
+batch_size = 16                        # training batch, sequences of block_size tokens: pretrain.py's
+                                       # batch and context, so a row reads as that stage's step
 block_size = 256                       # training sequence length, the stages' context
 n_layer, n_head, n_embd = GPTConfig.n_layer, GPTConfig.n_head, GPTConfig.n_embd  # the stages' model dims
 vocab_size = 0                         # 0: the world tokenizer's, as the stages train with
@@ -50,8 +53,11 @@ gen_prompt_lens = (7, 36)              # shortest, longest prompt, lengths drawn
                                        # held-out chat prompts' range (its training prompts reach 38)
 gen_new_tokens = 32                    # tokens sampled per prompt (no stop token: every row runs them all)
 gen_repeats = 5                        # timed (new, plain) turns per batch size, after one untimed turn
-gen_dtype = "float32"                  # precision for the sampling benchmark
-matmul_size = 2048                     # side of the square matmul that measures the peak
+gen_dtype = "float32"                  # precision for the sampling benchmark: what the stages sample in on
+                                       # a CPU (a GPU's autocast is bf16: pass --gen_dtype=bfloat16 there)
+matmul_size = 2048                     # side of the square matmul that measures the peak: big enough that
+                                       # the arithmetic, not the call, sets the time, yet brief on a laptop;
+                                       # a GPU needs a larger one to reach its peak (8192 above)
 seed = 1337                            # the same weights and prompts on every run
 # -----------------------------------------------------------------------------
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,6 +80,15 @@ def timed(fn, iters, warmup):
         fn()
     sync()
     return (time.perf_counter() - t0) / iters
+
+
+def label(dtype):
+    """dtype as the tables name it: on CUDA, runtime.setup lets float32 matmuls run as TF32 (Ampere on), so
+    that row, and its peak, are TF32's, not full fp32's."""
+    fast_fp32 = torch.get_float32_matmul_precision() != "highest"  # what allow_tf32 = True sets
+    tf32 = (dtype == "float32" and env.device_type == "cuda" and fast_fp32
+            and torch.cuda.get_device_capability()[0] >= 8)
+    return "float32 (TF32)" if tf32 else dtype
 
 
 def dims(**kw):
@@ -272,12 +287,12 @@ def benchmark():
     emulated = [d for d in peaks
                 if d != "float32" and env.device_type == "cpu" and 2 * peaks[d] < peaks["float32"]]
     print(f"\ntraining, batch {batch_size} x {block_size}, {train_iters} timed steps")
-    print(f"{'dtype':<10} {'tokens/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'fraction':>9}")
+    print(f"{'dtype':<14} {'tokens/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'fraction':>9}")
     for dtype in dtypes:
         tps, flops = train_speed(dtype)
         peak = "n/a" if dtype in emulated else f"{peaks[dtype] / 1e9:.1f}"
         fraction = "n/a" if dtype in emulated else f"{flops / peaks[dtype]:.1%}"
-        print(f"{dtype:<10} {tps:>10,.0f} {flops / 1e9:>9.1f} {peak:>13} {fraction:>9}", flush=True)
+        print(f"{label(dtype):<14} {tps:>10,.0f} {flops / 1e9:>9.1f} {peak:>13} {fraction:>9}", flush=True)
     for d in emulated:
         print(f"{d}: this CPU has no {d} matmul units ({d} matmul {peaks[d] / 1e9:.1f} GFLOP/s, under half "
               f"of fp32's {peaks['float32'] / 1e9:.1f}): {d} is emulated, there is no {d} peak to take a "
@@ -287,7 +302,10 @@ def benchmark():
     model = GPT(c).to(env.device).eval()
     for blk in model.transformer.h if compile else ():  # the batch and the keys change size: dynamic shapes
         blk.compile(dynamic=True)
-    print(f"\nsampling ({gen_dtype}, KV cache): prompts of {gen_prompt_lens[0]}-{gen_prompt_lens[1]} tokens, "
+    # the sampling model has the stages' context (or --block_size if longer): the header says so, since the
+    # training rows above use --block_size itself
+    print(f"\nsampling ({label(gen_dtype)}, KV cache, context {c.block_size} = max(--block_size, "
+          f"{GPTConfig.block_size})): prompts of {gen_prompt_lens[0]}-{gen_prompt_lens[1]} tokens, "
           f"left-padded, {gen_new_tokens} new tokens each, random weights; medians of {gen_repeats} turns")
     print(f"{'batch':>5} {'generate tok/s':>15} {'plain tok/s':>12} {'speed-up':>9} {'GFLOP/s':>8} "
           f"{'of peak':>8}")

@@ -24,14 +24,19 @@ out_dir = "out"            # where to look for a checkpoint when --ckpt is not g
 ckpt = ""                  # a base, sft, ppo, grpo, rloo or dpo checkpoint ("": the furthest stage found)
 prompt = ""                # answer this one message and exit instead of starting the REPL
 system = ""                # optional system message that opens every conversation
-temperature = 0.8          # 0 = greedy
-top_k = None               # sample only from the k most likely tokens (None = off)
-top_p = None               # nucleus sampling: the smallest set of tokens with this much mass (None = off)
-max_new_tokens = 96        # longest reply
+temperature = 0.8          # 0 = greedy. Below the stages' 1.0 (they need the policy's own distribution for
+                           # KL): a reader gets fewer stray tokens, and asking again still gives another reply
+top_k = None               # sample only from the k most likely tokens (None = off): cuts the unlikely tail
+                           # outright, whatever the context; off by default so you see the model as trained
+top_p = None               # nucleus sampling: the smallest set of tokens with this much mass (None = off);
+                           # unlike top_k it adapts: few tokens where the model is sure, more where it is not
+max_new_tokens = 96        # longest reply: twice the stages' longest (48), so a reply rarely stops short;
+                           # that much of the context is kept free for it, the rest holds the conversation
 seed = 1337                # same seed, same replies
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
-show_tokens = False        # print the exact prompt the model sees before each reply (to debug the template)
+show_tokens = False        # print the exact prompt the model sees before each reply (to debug the template):
+                           # text quoted, special tokens bare, so a typed "<|end|>" shows inside the quotes
 # -----------------------------------------------------------------------------
 
 
@@ -57,12 +62,30 @@ def fit_context(enc, history, n_keep, max_new_tokens, block_size):
     return dropped
 
 
+def shown(enc, ids):
+    """ids as one line: each run of ordinary tokens as a quoted string, each special token bare, e.g.
+    <|endoftext|><|user|>'Hi <|end|>'<|end|><|assistant|>. Decoded as one string, a typed "<|end|>" (ordinary
+    tokens) and the real special token would look the same, which is the mix-up this is for."""
+    specials = {enc.encode_single_token(s): s for s in enc.special_tokens_set}
+    out, run = [], []
+    for i in ids + [None]:  # None: flush the last run of text
+        if i in specials or i is None:
+            out += [repr(enc.decode(run))] if run else []
+            out += [specials[i]] if i is not None else []
+            run = []
+        else:
+            run.append(i)
+    return "".join(out)
+
+
 def reply(model, enc, history, n_keep, generator, ctx, max_new_tokens, temperature, top_k=None, top_p=None,
           show_tokens=False):
     """Fit history into the context, then sample the assistant's reply (temperature 0 = greedy). history is
     updated in place once the reply is there (old exchanges dropped, the reply appended; a Ctrl-C while it
     samples changes nothing). Returns the reply text, or None if the last message alone is too long (it is
-    then taken back, and the earlier exchanges are all kept)."""
+    then taken back, and the earlier exchanges are all kept). A reply cut off at max_new_tokens is shown
+    with " [cut off]" but kept as it is: the next prompt renders it closed with <|end|>, like any turn, so
+    the model then sees it as a reply that ended there."""
     block_size = model.config.block_size
     # the least that could be sent (the system message and the new one) is checked before anything is dropped:
     # a message that cannot be sent must not cost the conversation its history
@@ -81,7 +104,7 @@ def reply(model, enc, history, n_keep, generator, ctx, max_new_tokens, temperatu
     if len(ids) + max_new_tokens > block_size:  # the message alone leaves less: the reply will stop there
         print(f"(room for {block_size - len(ids)} of --max_new_tokens={max_new_tokens} reply tokens)")
     if show_tokens:
-        print(f"[prompt {len(ids)} tokens] {enc.decode(ids)!r}")
+        print(f"[prompt {len(ids)} tokens] {shown(enc, ids)}")
     with ctx:
         r = respond(model, enc, [sent], max_new_tokens, temperature, top_k, top_p, generator=generator)[0]
     history[:] = sent + [{"role": "assistant", "content": r["text"].strip()}]

@@ -88,17 +88,30 @@ def _messages(path, n, key, value, last=None):
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _hh(path, n, key, text):
+HH_OPENING = re.compile(r"\s*(Human|Assistant):")  # how an HH transcript (or TRL's split of one) starts
+
+
+def _hh(path, n, key, text, fix=""):
     """Anthropic HH transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." -> messages list
-    ending with the assistant."""
+    ending with the assistant. fix: added to the error, to say what the text was or could be."""
     parts = re.split(r"(?:^|\n\n)(Human|Assistant):", text)
     # want: nothing before the first turn, then at least Human + Assistant
     if parts[0].strip() or len(parts) < 5:
         raise DataError(f"{path}:{n}: {key!r} is not an HH transcript "
-                        "(\"\\n\\nHuman: ...\\n\\nAssistant: ...\")")
+                        f"(\"\\n\\nHuman: ...\\n\\nAssistant: ...\"){fix}")
     roles = {"Human": "user", "Assistant": "assistant"}
     msgs = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
     return _messages(path, n, key, msgs, last="assistant")
+
+
+def _answer(path, n, key, value):
+    """A TRL answer given as messages: exactly one assistant message, its content. More turns would be a
+    conversation that goes on after the reply, which a pair of answers to one prompt cannot hold."""
+    msgs = _messages(path, n, key, value, last="assistant")
+    if len(msgs) != 1:
+        raise DataError(f"{path}:{n}: {key!r} must hold exactly one assistant message (the answer to "
+                        f"'prompt'), got {len(msgs)} messages")
+    return msgs[0]["content"]
 
 
 def read_messages(path) -> list[list[dict]]:
@@ -148,21 +161,29 @@ def read_preferences(path, rows=None) -> list[dict]:
     for n, row in rows or _rows(path):
         chosen = _get(path, n, row, "chosen", (str, list))
         rejected = _get(path, n, row, "rejected", (str, list))
-        hh = str(row.get("prompt", "")).startswith("\n\nHuman:") and type(chosen) is type(rejected) is str
-        if hh:  # an HH transcript split as TRL splits it: "...\n\nAssistant:" + each answer
-            chosen, rejected = row["prompt"] + chosen, row["prompt"] + rejected
+        # TRL's split of an HH row: the transcript up to "\n\nAssistant:" as the prompt, each answer after it
+        hh = isinstance(row.get("prompt"), str) and HH_OPENING.match(row["prompt"]) is not None
+        if hh and not (isinstance(chosen, str) and isinstance(rejected, str)):  # turns and a message: no join
+            raise DataError(f"{path}:{n}: 'prompt' is an HH transcript, so 'chosen' and 'rejected' must be "
+                            "HH text too (or give the prompt as a messages list)")
+        if hh:  # an answer that already holds the whole transcript is not prefixed twice
+            chosen, rejected = (r if r.startswith(row["prompt"]) else row["prompt"] + r
+                                for r in (chosen, rejected))
         if "prompt" in row and not hh:  # TRL explicit prompt: the answers are strings or [assistant message]
             prompt = _get(path, n, row, "prompt", (str, list))
             prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
                 _messages(path, n, "prompt", prompt, last="user")
-            pair = [r if isinstance(r, str) else _messages(path, n, k, r, last="assistant")[-1]["content"]
+            pair = [r if isinstance(r, str) else _answer(path, n, k, r)
                     for k, r in (("chosen", chosen), ("rejected", rejected))]
         elif type(chosen) is not type(rejected):
             raise DataError(f"{path}:{n}: 'chosen' and 'rejected' must both be strings "
                             "or both be messages lists")
         else:  # implicit prompt (TRL messages) or HH transcripts: the shared history is the prompt
             if isinstance(chosen, str):
-                chosen, rejected = _hh(path, n, "chosen", chosen), _hh(path, n, "rejected", rejected)
+                fix = (" once 'prompt' is put before it" if hh else
+                       "; make it one, or add a 'prompt' key (TRL: the answers are then the replies alone)")
+                chosen = _hh(path, n, "chosen", chosen, fix)
+                rejected = _hh(path, n, "rejected", rejected, fix)
             else:
                 chosen = _messages(path, n, "chosen", chosen, last="assistant")
                 rejected = _messages(path, n, "rejected", rejected, last="assistant")

@@ -1,7 +1,8 @@
 """bench.py's arithmetic: the sampling FLOPs are the forward passes generate really makes (by hand, and
 against torch's FLOP counter); a prompt length that leaves no room for the new tokens, more threads than
 cores, no precision to train in and dims too large for memory are each refused in one line; the sampling
-table shows each row as soon as it is timed."""
+table shows each row as soon as it is timed, and its header the sampling model's context; a float32 row that
+ran in TF32 says so."""
 import os
 import sys
 import types
@@ -163,3 +164,22 @@ def test_a_low_precision_under_half_of_fp32s_speed_is_emulated_and_over_half_is_
     assert rows["bfloat16"][3] == "50.0" and rows["bfloat16"][4].endswith("%"), out
     assert rows["float16"][3:5] == ["n/a", "n/a"], out
     assert "float16: this CPU has no float16 matmul units" in out and "bfloat16: this CPU" not in out
+    # the sampling model's context is not --block_size=32 (the training rows'): the header says which it is
+    assert "sampling (float32, KV cache, context 256 = max(--block_size, 256)): prompts of 7-36" in out, out
+
+
+@pytest.mark.parametrize("device_type, precision, capability, want", [
+    ("cuda", "high", (9, 0), "float32 (TF32)"),  # runtime.setup's allow_tf32 on a card with TF32
+    ("cuda", "highest", (9, 0), "float32"),      # TF32 turned off
+    ("cuda", "high", (7, 0), "float32"),         # before Ampere: no TF32 to run in
+    ("cpu", "high", None, "float32"),
+])
+def test_the_float32_row_says_tf32_where_its_matmuls_run_in_tf32(monkeypatch, device_type, precision,
+                                                                   capability, want):
+    """On CUDA runtime.setup enables TF32: the "float32" row (and its peak) then measured TF32 matmuls
+    under fp32's name."""
+    monkeypatch.setattr(bench, "env", types.SimpleNamespace(device_type=device_type), raising=False)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    assert bench.label("float32") == want
+    assert bench.label("bfloat16") == "bfloat16"

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import runtime  # noqa: E402
-from chat import fit_context  # noqa: E402  (importing chat.py runs nothing)
+from chat import fit_context, shown  # noqa: E402  (importing chat.py runs nothing)
 from data.chat import render_prompt  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 
@@ -38,12 +38,30 @@ def chat(*args, stdin=""):
                           capture_output=True, text=True, timeout=120)
 
 
-SHOWN = re.compile(r"\[prompt (\d+) tokens\] ('.*'|\".*\")$", re.M)
+SHOWN = re.compile(r"\[prompt (\d+) tokens\] (.*)$", re.M)
+PIECE = re.compile(r"<\|\w+\|>|'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")  # a special token, or quoted text
+
+
+def unshow(line):
+    """A --show_tokens line back to the prompt's text: quoted runs are text, bare <|...|> special tokens."""
+    pieces = PIECE.findall(line)
+    assert "".join(pieces) == line, line  # nothing else on the line
+    return "".join(p if p.startswith("<|") else ast.literal_eval(p) for p in pieces)
 
 
 def shown_prompts(stdout):
     """The exact prompts the model saw (printed by --show_tokens=True), decoded, in order."""
-    return [ast.literal_eval(m[2]) for m in SHOWN.finditer(stdout)]
+    return [unshow(m[2]) for m in SHOWN.finditer(stdout)]
+
+
+def test_show_tokens_tells_a_typed_marker_from_the_special_token():
+    """Decoded as one string, a typed "<|end|>" and the real special token printed alike: the mix-up
+    --show_tokens is there to debug. Text is quoted, special tokens bare."""
+    enc = get_tokenizer("world")
+    ids = render_prompt(enc, [{"role": "user", "content": "Hi <|end|><|assistant|> 'x'"}])
+    assert shown(enc, ids) == "<|endoftext|><|user|>\"Hi <|end|><|assistant|> 'x'\"<|end|><|assistant|>"
+    assert unshow(shown(enc, ids)) == enc.decode(ids)
+    assert shown(enc, []) == "" and shown(enc, enc.encode_ordinary("a\nb")) == "'a\\nb'"
 
 
 def test_second_turn_sees_the_first_and_reset_forgets(tmp_path):
@@ -75,7 +93,7 @@ def test_old_exchanges_are_dropped_when_the_context_is_full(tmp_path):
     for m in SHOWN.finditer(r.stdout):
         assert int(m[1]) + 12 <= 32
         # whole exchanges go: the prompt still starts with a user turn
-        assert ast.literal_eval(m[2]).startswith("<|endoftext|><|user|>")
+        assert unshow(m[2]).startswith("<|endoftext|><|user|>")
 
 
 def test_single_prompt_mode_and_system_message(tmp_path):

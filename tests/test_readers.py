@@ -153,8 +153,9 @@ def test_hh_history_mismatch(tmp_path):
                          "rejected": "\n\nHuman: c\n\nAssistant: d"})
     with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: .*same history"):
         read_preferences(p)
-    p = write(tmp_path, {"chosen": "just text", "rejected": "more text"})
-    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: 'chosen' is not an HH transcript"):
+    p = write(tmp_path, {"chosen": "just text", "rejected": "more text"})  # TRL text without its 'prompt'
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: 'chosen' is not an HH transcript .*; make "
+                                        "it one, or add a 'prompt' key"):
         read_preferences(p)
 
 
@@ -243,21 +244,55 @@ def test_an_hh_transcript_split_into_prompt_and_answers_reads_as_its_turns(tmp_p
     as one user message holding the literal "Human: ... Assistant:" text."""
     history = "\n\nHuman: What is 2+2?\n\nAssistant: Why?\n\nHuman: Homework.\n\nAssistant:"
     p = write(tmp_path, {"prompt": history, "chosen": " It is 4.", "rejected": " No."},
-              {"prompt": "Human: plain text", "chosen": "a", "rejected": "b"})
-    assert read_preferences(p) == [
-        {"prompt": [U("What is 2+2?"), A("Why?"), U("Homework.")], "chosen": "It is 4.", "rejected": "No."},
-        {"prompt": [U("Human: plain text")], "chosen": "a", "rejected": "b"}]  # not a transcript: as it is
-
-
-def test_a_prompt_that_only_looks_like_an_hh_transcript_stays_a_trl_prompt(tmp_path):
-    """Only a string prompt opening with "\n\nHuman:" and string answers are an HH transcript split as TRL
-    splits it; messages answers, or "\n\nHumans ...", are a TRL prompt as it is."""
-    hh = "\n\nHuman: hi\n\nAssistant:"
-    p = write(tmp_path, {"prompt": hh, "chosen": [A("Hello.")], "rejected": [A("No.")]},
               {"prompt": "\n\nHumans are kind?", "chosen": "Yes.", "rejected": "No."})
     assert read_preferences(p) == [
-        {"prompt": [U(hh)], "chosen": "Hello.", "rejected": "No."},
-        {"prompt": [U("\n\nHumans are kind?")], "chosen": "Yes.", "rejected": "No."}]
+        {"prompt": [U("What is 2+2?"), A("Why?"), U("Homework.")], "chosen": "It is 4.", "rejected": "No."},
+        {"prompt": [U("\n\nHumans are kind?")], "chosen": "Yes.", "rejected": "No."}]  # no "Human:" turn
+
+
+def test_an_hh_prompt_without_the_blank_lines_is_still_an_hh_prompt(tmp_path):
+    """"Human: ..." at the very start opens a transcript (as the HH parser reads it): it was one user message
+    holding the literal "Human: ... Assistant:" text, and the answers kept their leading space."""
+    p = write(tmp_path, {"prompt": "Human: hi\n\nAssistant:", "chosen": " Hello.", "rejected": " Go."})
+    assert read_preferences(p) == [{"prompt": [U("hi")], "chosen": "Hello.", "rejected": "Go."}]
+
+
+def test_answers_that_already_hold_the_hh_prompt_are_not_prefixed_with_it_again(tmp_path):
+    """Some exports keep the split prompt and the whole transcripts: prefixing the prompt again silently made
+    the history [user a, assistant "", user a]."""
+    prompt = "\n\nHuman: a\n\nAssistant:"
+    p = write(tmp_path, {"prompt": prompt, "chosen": prompt + " b", "rejected": prompt + " c"},
+              {"prompt": prompt, "chosen": prompt + " b", "rejected": " c"})  # one of each: both read
+    assert read_preferences(p) == [{"prompt": [U("a")], "chosen": "b", "rejected": "c"}] * 2
+
+
+@pytest.mark.parametrize("chosen, rejected", [([A("Hello.")], [A("No.")]), (" Hello.", [A("No.")])])
+def test_an_hh_prompt_with_messages_answers_is_refused(tmp_path, chosen, rejected):
+    """HH turns and messages do not join up: this was one user message holding the raw transcript."""
+    p = write(tmp_path, {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": chosen, "rejected": rejected})
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: 'prompt' is an HH transcript, so 'chosen' "
+                                        "and 'rejected' must be HH text too"):
+        read_preferences(p)
+
+
+def test_an_hh_prompt_that_does_not_make_a_transcript_with_its_answer_is_refused(tmp_path):
+    """A string prompt opening with "Human:" is read as HH: with no assistant turn to answer, refused."""
+    p = write(tmp_path, {"prompt": "Human: plain text", "chosen": "a", "rejected": "b"})
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: 'chosen' is not an HH transcript .* once "
+                                        "'prompt' is put before it$"):
+        read_preferences(p)
+
+
+def test_messages_answers_to_a_trl_prompt_hold_exactly_one_assistant_message(tmp_path):
+    """All but the last message of a longer answer were silently dropped."""
+    p = write(tmp_path, {"prompt": "hi", "chosen": [A("x"), U("more?"), A("y")], "rejected": [A("z")]})
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: 'chosen' must hold exactly one assistant "
+                                        r"message \(the answer to 'prompt'\), got 3 messages$"):
+        read_preferences(p)
+    p = write(tmp_path, {"prompt": "hi", "chosen": [A("x")], "rejected": [U("z")]})
+    with pytest.raises(DataError, match=rf"^{re.escape(str(p))}:1: 'rejected': the last message must be from "
+                                        "the assistant"):
+        read_preferences(p)
 
 
 def test_read_rankings_reads_comparisons_as_they_are_and_pairs_as_rankings_of_two(tmp_path):
