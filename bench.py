@@ -280,7 +280,7 @@ def benchmark():
     print(f"device {env.device}{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, vocab {c.vocab_size}, "
           f"{n_params / 1e6:.2f}M params{', torch.compile' if compile else ''}")
-    peaks = {d: matmul_flops(ptdtype[d], env.device, matmul_size, iters=5)  # each precision's real speed here
+    peaks = {d: matmul_flops(ptdtype[d], env.device, matmul_size, iters=5, min_seconds=0.5)  # real speed here
              for d in dict.fromkeys(("float32", *dtypes, gen_dtype))}
     # a CPU without bf16/fp16 matmul units emulates them well below its fp32 speed (the rule runtime.setup
     # warns by): that is no peak to compare with

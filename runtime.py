@@ -62,15 +62,18 @@ def setup(device="auto", dtype="auto", seed=1337):
                            scaler=scaler, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
                            master=(rank == 0))
 
-def matmul_flops(ptdtype, device="cpu", n=256, iters=3):
-    """FLOP/s of an n x n matmul in ptdtype on device: what that precision really runs at here."""
+def matmul_flops(ptdtype, device="cpu", n=256, iters=3, min_seconds=0.0):
+    """FLOP/s of an n x n matmul in ptdtype on device: what that precision really runs at here. At least iters
+    products, and more until min_seconds have passed: a GPU does one in microseconds, so a few would time the
+    launches and the clock's ramp, not the arithmetic."""
     a = torch.randn(n, n, device=device).to(ptdtype)
     (a @ a).sum().item()  # untimed: the first product sets up the kernels (.item() waits for a GPU to finish)
-    t0 = time.perf_counter()
-    for _ in range(iters):
+    t0, done = time.perf_counter(), 0
+    while done < iters or min_seconds and time.perf_counter() - t0 < min_seconds:
         b = a @ a
+        done += 1
     b.sum().item()
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0)  # a multiply-add is 2 FLOPs
+    return 2 * n ** 3 * done / (time.perf_counter() - t0)  # a multiply-add is 2 FLOPs
 
 def cleanup():
     if torch.distributed.is_available() and torch.distributed.is_initialized():

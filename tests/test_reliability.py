@@ -639,6 +639,11 @@ def test_matmul_flops_counts_two_flops_per_multiply_add(monkeypatch):
     ticks = iter([5.0, 7.0])  # the clock before and after the timed products
     monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(ticks))
     assert runtime.matmul_flops(torch.float32, n=4, iters=3) == 2 * 4 ** 3 * 3 / 2.0
+    ticks = iter([0.3 * k for k in range(20)])  # each read of the clock 0.3 s after the one before
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(ticks))
+    # 2 products untimed by the loop, then one after each read that is under 1 s (0.3, 0.6, 0.9); 1.2 stops it
+    assert runtime.matmul_flops(torch.float32, n=4, iters=2, min_seconds=1.0) == pytest.approx(
+        2 * 4 ** 3 * 5 / 1.5)
     monkeypatch.undo()
     assert 0 < runtime.matmul_flops(torch.float32) < float("inf")  # and on the real clock
 
