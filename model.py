@@ -55,7 +55,8 @@ class CausalSelfAttention(nn.Module):
                 cache["k"] = k.new_zeros(rows, self.n_head, length, hs)
                 cache["v"] = torch.zeros_like(cache["k"])
             end = mask.size(-1)
-            cache["k"][:B, :, end - T:end], cache["v"][:B, :, end - T:end] = k, v
+            cache["k"][:B, :, end - T:end] = k
+            cache["v"][:B, :, end - T:end] = v
             k, v = cache["k"][:B, :, :end], cache["v"][:B, :, :end]  # (B, nh, Tk, hs)
         p = self.dropout if self.training else 0.0
         if mask is None:
@@ -111,8 +112,11 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix reads and writes tokens
         self.scalar_head = nn.Linear(cfg.n_embd, 1) if cfg.scalar_head else None
         self.apply(self._init_weights)
+        # GPT-2 (Section 2.3) scales the weights of the residual layers by 1/sqrt(N), N = 2 * n_layer of
+        # them (attention and MLP in each block), so that together they add O(1) variance to the residual
+        # stream however deep the network is
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2: keep the residual stream's variance flat in depth
+            if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if self.scalar_head is not None:  # zero head: a fresh reward model says r = 0, BT loss starts at ln 2
             nn.init.zeros_(self.scalar_head.weight)
@@ -199,25 +203,26 @@ def pad_rows(rows, pad_id, left=False):
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row of logits (B, V) -> (tokens (B,), their log-probs (B,) fp32 under
     softmax(logits / temperature) before top-k/top-p filtering). Temperature 0 is greedy and records the
-    temperature-1 log-probs."""
+    temperature-1 log-probs. top-k keeps every token tied with the k-th largest (nanoGPT's rule), so it can
+    keep more than k; top-p breaks ties by vocabulary index (a stable sort), on every device alike."""
     logp = F.log_softmax(logits.float() / (temperature or 1.0), dim=-1)  # (B, V)
     if temperature == 0:
         tok = logits.argmax(-1)
     else:
-        kept = logp
+        kept, filtered = logp, top_k is not None or top_p is not None
         if top_k is not None:  # top-k: Fan et al. 2018, arXiv 1805.04833
             kth = torch.topk(kept, min(top_k, kept.size(-1))).values[:, -1:]
             kept = kept.masked_fill(kept < kth, float("-inf"))
         if top_p is not None:  # nucleus, Holtzman et al. 2019, arXiv 1904.09751: the fewest top tokens
             # whose probability mass reaches top_p
-            sorted_l, order = torch.sort(kept, descending=True)
+            sorted_l, order = torch.sort(kept, descending=True, stable=True)
             probs = F.softmax(sorted_l, dim=-1)
             drop = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
             drop[:, 0] = False  # the most likely token always stays, so some token is left to draw
             kept = kept.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
         # inverse-CDF sampling: one uniform number per row, where multinomial draws one per vocabulary entry.
         # u * total < total, so the first cdf entry above it ends a token of non-zero probability
-        cdf = (kept.exp() if kept is logp else F.softmax(kept, dim=-1)).cumsum(-1)  # (B, V)
+        cdf = (F.softmax(kept, dim=-1) if filtered else kept.exp()).cumsum(-1)  # (B, V)
         u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
         tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
@@ -228,6 +233,8 @@ def prefill(model, idx, attention_mask, cache, chunk=16):
     token in it (a prefix of the rows), so little of the left padding is computed."""
     P, lens = idx.size(1), attention_mask.sum(1)
     chunk = chunk if cache is not None else P  # without a cache, one pass over everything
+    # the first chunk takes the P % chunk leftover columns (a full chunk if none), so every later chunk ends
+    # on a chunk boundary and the last one ends at P
     for end in range(P % chunk or chunk, P + 1, chunk):
         n = int((lens > P - end).sum())  # the rows whose prompt reaches into columns [end - chunk, end)
         h = model.hidden(idx[:n, max(end - chunk, 0):end], attention_mask[:n, :end], kv_cache=cache)

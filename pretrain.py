@@ -113,12 +113,14 @@ def get_batch(stream, block_size, batch_size, seed, it, micro, rank, val=False):
 
 
 @torch.no_grad()
-def held_out_loss(model, stream, block_size, batch_size, eval_iters, seed, rank, device, ctx):
-    """Mean loss over eval_iters held-out batches, the same ones every time (step -1)."""
+def held_out_loss(model, stream, block_size, batch_size, eval_iters, seed, device, ctx):
+    """Mean loss over eval_iters held-out batches, the same ones every time (step -1) and in every process
+    (rank 0's): under torchrun every process gets the same loss, so a non-finite one stops them all
+    together rather than one while the others wait for it in the next all-reduce."""
     model.eval()
     losses = []
     for k in range(eval_iters):
-        x, y = get_batch(stream, block_size, batch_size, seed, -1, k, rank, val=True)
+        x, y = get_batch(stream, block_size, batch_size, seed, -1, k, 0, val=True)
         x, y = x.to(device), y.to(device)
         with ctx:
             losses.append(next_token_loss(model(x)[0], y).item())
@@ -197,7 +199,8 @@ def main():
     optimizer = runtime.configure_optimizer(model, weight_decay, lr, (beta1, beta2), rt.device_type)
     if ckpt:
         start = runtime.restore(ckpt, model, optimizer, rt.scaler)
-        print(f"resuming from {ck_path} at step {start}")
+        if rt.master:
+            print(f"resuming from {ck_path} at step {start}")
     raw_model = model
     model = runtime.wrap(model, rt, compile)
 
@@ -230,8 +233,8 @@ def main():
         last = it + 1 == end
         val = None
         if (it + 1) % eval_interval == 0 or last:
-            val = held_out_loss(model, streams["val"], block_size, batch_size, eval_iters, seed, rt.rank,
-                                rt.device, rt.ctx)
+            val = held_out_loss(model, streams["val"], block_size, batch_size, eval_iters, seed, rt.device,
+                                rt.ctx)
             runtime.check_finite("pretrain", it + 1, hint, val_loss=val)
             watch.lap("held-out loss")
         if rt.master:

@@ -1,10 +1,11 @@
 """
 Stage 1: supervised fine-tuning on demonstrations -> out/sft.pt
 
-InstructGPT step 1 (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155, Section 3.5): "a labeler
+InstructGPT step 1 (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155, Figure 2): "a labeler
 demonstrates the desired output behavior", and the pretrained model is fine-tuned on those demonstrations by
-supervised learning. The base model continues documents; after SFT it answers in the chat template and closes
-its turn with <|end|>. The loss is cross-entropy on the assistant's tokens only (data/chat.py's mask):
+supervised learning (Section 3.5). The base model continues documents; after SFT it answers in the chat
+template and closes its turn with <|end|>. The loss is cross-entropy on the assistant's tokens only
+(data/chat.py's mask):
 
     L_SFT(theta) = -1/|A| * sum_{t in A} log pi_theta(x_{t+1} | x_1..x_t)
 
@@ -49,12 +50,15 @@ seed = 1337                # same seed, same run (on CPU)
 device = "auto"            # auto: cuda > mps > cpu
 dtype = "auto"             # auto: bf16 on CUDA if supported, else fp16; fp32 on CPU
 compile = False            # torch.compile the model (CUDA)
-dropout = 0.1              # InstructGPT trains SFT with residual dropout; without it the held-out loss is
-                           # lower but the hidden human likes the answers less (docs/experiments.md)
+dropout = 0.1              # InstructGPT trains SFT with residual dropout; this one knob also drops the
+                           # embedding sum and the attention probabilities (nanoGPT's). Without it the
+                           # held-out loss is lower but the hidden human likes the answers less
+                           # (docs/experiments.md)
 batch_size = 32            # conversations per micro-batch (per process)
 grad_accum = 1             # micro-batches per optimizer step
-max_iters = 450            # optimizer steps: 450 x 32 draws, a little over one pass over the world's
-                           # 12,276 training demonstrations
+max_iters = 450            # optimizer steps: 450 x 32 draws with replacement from the world's 12,276
+                           # training demonstrations, about 1.17 epochs' worth; (1 - 1/12,276)^14,400
+                           # ~ e^-1.17, so about 31% of them are expected never to be drawn
 lr, min_lr = 3e-3, 3e-4    # peak learning rate, cosine-decayed to min_lr (a lower peak is still unfluent
                            # after max_iters)
 warmup_iters = 20          # linear warmup while Adam's moment estimates are still noisy
@@ -142,16 +146,16 @@ def load_base(init, base_path, dropout):
         return model, ckpt["model_args"], ckpt.get("tokenizer", "world")
     gpt2 = load_gpt2(init, dropout=dropout)
     # GPT-2 knows 50257 tokens, <|endoftext|> the last; our chat markers (<|user|> ...) take the rows after
-    # it: new rows of the tied embedding, or rows of a table padded past them (nanoGPT's has 50304), started
-    # at the mean embedding so their first logits are ordinary rather than random
+    # it, started at the mean embedding so their first logits are ordinary rather than random. The table
+    # (wte, and lm_head tied to it) ends at the tokenizer's last id: rows of a table padded further
+    # (nanoGPT's has 50304) are never a target, yet sampling could draw them, and no text decodes from them
     enc = get_tokenizer("gpt2")
     known, sd = enc.eot_token + 1, gpt2.state_dict()
     sd.pop("lm_head.weight")  # the same tensor as wte (tied)
     wte = sd.pop("transformer.wte.weight")
     if wte.size(0) < known:
         raise SystemExit(f"error: {init}: an embedding of {wte.size(0)} tokens, fewer than GPT-2's {known}")
-    table = torch.cat([wte, wte.new_zeros(max(0, enc.n_vocab - wte.size(0)), wte.size(1))])
-    table[known:enc.n_vocab] = wte[:known].mean(0)
+    table = torch.cat([wte[:known], wte[:known].mean(0).expand(enc.n_vocab - known, -1)])  # (n_vocab, C)
     sd["transformer.wte.weight"] = table
     args = {**dataclasses.asdict(gpt2.config), "vocab_size": table.size(0)}
     return runtime.load_weights(M.GPT(M.GPTConfig(**args)), sd), args, "gpt2"
@@ -202,7 +206,8 @@ def main():
     start = 0
     if resume:
         start = runtime.restore(ckpt, model, optimizer, rt.scaler)
-        print(f"resuming from {ck_path} at step {start}")
+        if rt.master:
+            print(f"resuming from {ck_path} at step {start}")
     raw_model = model
     model = runtime.wrap(model, rt, compile)
 
@@ -245,9 +250,11 @@ def main():
             if rt.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == grad_accum - 1
             # the micro-batches' losses add up to the step's mean over all its assistant tokens (under
-            # torchrun, the log and the guard see this process's estimate of it, as in every stage)
+            # torchrun, the log and the guard see this process's estimate of it, as in every stage).
+            # Dividing by the count over all processes and then scaling by world_size, rather than dividing
+            # by count / world_size, keeps sft_loss's guard (a count of at least 1) on the true count
             with rt.ctx:
-                micro_loss = sft_loss(model(x, attention_mask=attn)[0], y, n_targets / rt.world_size)
+                micro_loss = sft_loss(model(x, attention_mask=attn)[0], y, n_targets) * rt.world_size
             rt.scaler.scale(micro_loss).backward()
             loss = loss + micro_loss.detach()
         norm = runtime.optimizer_step(model, optimizer, rt.scaler, grad_clip)

@@ -406,8 +406,9 @@ def test_micro_steps_and_ranks_past_a_field_width_draw_their_own_batches():
 @pytest.mark.parametrize("rows", [257, 304, 100])
 def test_gpt2_weights_give_the_chat_markers_rows_at_the_mean_embedding(monkeypatch, rows):
     """--init: the markers take the rows after <|endoftext|>, appended to GPT-2's table or inside one padded
-    past them (nanoGPT's 50304 rows was a traceback); a table smaller than GPT-2's vocabulary is one line.
-    Offline here, so a stand-in tokenizer knows 257 tokens (<|endoftext|> 256), the markers 257..260."""
+    past them (nanoGPT's 50304 rows was a traceback); a padded table is cut to the tokenizer's vocabulary, so
+    no sampled id is one decode has no text for (a KeyError); a table smaller than GPT-2's vocabulary is one
+    line. Offline here, so a stand-in tokenizer knows 257 tokens (<|endoftext|> 256), the markers 257..260."""
     import tiktoken
     import sft
     from data.tokenizer import PAT, SPECIALS
@@ -425,10 +426,13 @@ def test_gpt2_weights_give_the_chat_markers_rows_at_the_mean_embedding(monkeypat
         return
     model, args, name = sft.load_base("gpt2dir", None, 0.0)
     wte, old = model.transformer.wte.weight.detach(), gpt2.transformer.wte.weight.detach()
-    assert name == "gpt2" and args["vocab_size"] == wte.size(0) == max(rows, 261)
+    assert name == "gpt2" and args["vocab_size"] == wte.size(0) == enc.n_vocab == 261
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied: the logits cover 261 ids too
     torch.testing.assert_close(wte[:257], old[:257])  # GPT-2's own rows are kept
     torch.testing.assert_close(wte[257:261], old[:257].mean(0).expand(4, -1))  # the markers: the mean
-    torch.testing.assert_close(wte[261:], old[261:])  # the padding past them is left as it was
+    # every id a sample can take is one the tokenizer decodes
+    assert model(torch.tensor([[256]]))[0].size(-1) == enc.n_vocab
+    enc.decode(list(range(enc.n_vocab)))
 
 
 def test_two_processes_on_the_same_batches_log_the_one_process_loss(base_dir, tmp_path):
@@ -455,6 +459,39 @@ def test_two_processes_on_the_same_batches_log_the_one_process_loss(base_dir, tm
     assert two[0]["targets"] == 2 * one[0]["targets"]  # the count is over both processes
     for a, b in zip(one, two):  # step 2 too: the averaged gradient was the one process's
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+
+
+def test_fewer_assistant_tokens_than_processes_still_give_the_mean_gradient(base_dir, tmp_path):
+    """The zero-count guard acts on the step's count over all processes: one assistant token on rank 0 and
+    none on rank 1 must average to the gradient of that one token alone. Guarding count / world_size
+    instead (max(1/2, 1) = 1) would halve it."""
+    script = tmp_path / "one_token.py"
+    script.write_text(
+        f"import os, sys, torch; sys.path.insert(0, {ROOT!r}); import runtime, sft\n"
+        "real_batch, real_step = sft.train_batch, runtime.optimizer_step\n"
+        "def one_token(rows, b, seed, it, m, rank, eot):  # rank 0: one target; other ranks: none\n"
+        "    x, y, attn = real_batch(rows, b, seed, it, m, 0, eot)\n"
+        "    first = (y.flatten() != -1).nonzero()[0]\n"
+        "    keep = torch.full_like(y.flatten(), -1)\n"
+        "    if rank == 0:\n"
+        "        keep[first] = y.flatten()[first]\n"
+        "    return x, keep.view_as(y), attn\n"
+        "def step(model, optimizer, scaler, grad_clip):  # the gradient DDP averaged, before it steps\n"
+        "    if os.environ.get('RANK', '0') == '0':\n"
+        "        g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])\n"
+        "        torch.save(g, os.path.join(sft.out_dir, 'grad.pt'))\n"
+        "    return real_step(model, optimizer, scaler, grad_clip)\n"
+        "sft.train_batch, runtime.optimizer_step = one_token, step\n"
+        "runtime.run(sft.main)\n")
+    flags = [*TINY, "--device=cpu", "--max_iters=1", "--dropout=0.0"]
+    for d, launcher in (("one", [sys.executable]), ("two", list(torchrun_launcher()))):
+        os.makedirs(tmp_path / d)
+        os.link(base_dir / "base.pt", tmp_path / d / "base.pt")
+        r = subprocess.run([*launcher, str(script), f"--out_dir={tmp_path / d}", *flags], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    one, two = (torch.load(tmp_path / d / "grad.pt") for d in ("one", "two"))
+    torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-7)
 
 
 def test_train_batch_draws_every_conversation_with_replacement():
