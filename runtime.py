@@ -313,8 +313,12 @@ def restore(ckpt, model, optimizer, scaler=None):
         raise SystemExit(f"error: --resume: the checkpoint's optimizer does not fit these options ({e})")
     for group, opts in zip(optimizer.param_groups, options):  # Adam's moments resume; lr, betas, weight
         group.update(opts)  # decay and the rest are what this run was asked for, not what the saved one was
-    if scaler is not None and ckpt["scaler"]:  # {} from a run without fp16: a new fp16 scaler starts afresh
-        scaler.load_state_dict(ckpt["scaler"])
+    try:  # a saved {} is a run without fp16: a new fp16 scaler starts afresh
+        if scaler is not None and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+    except DAMAGED_STATE as e:
+        raise SystemExit(f"error: --resume: the checkpoint's loss scale is damaged ({type(e).__name__}); "
+                         "start afresh without --resume") from None
     try:
         set_rng_state(ckpt["rng"])
     except DAMAGED_STATE as e:

@@ -160,6 +160,19 @@ def test_resume_from_a_checkpoint_whose_resume_fields_are_damaged_is_one_line(ou
     assert snapshot(out_dir) == before
 
 
+def test_an_fp16_resume_from_a_damaged_loss_scale_is_one_line():
+    """An fp16 run reads the checkpoint's GradScaler state back: one without its scale (a hand-edited file)
+    was a KeyError traceback from inside torch."""
+    m = M.GPT(M.GPTConfig(block_size=64, vocab_size=N_VOCAB, n_layer=1, n_head=2, n_embd=32))
+    opt = runtime.configure_optimizer(m, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    state = runtime.training_state(m, opt, torch.amp.GradScaler("cpu", enabled=True))
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    assert runtime.restore({**state, "step": 3}, m, opt, scaler) == 3  # the saved state itself loads
+    damaged = r"^error: --resume: the checkpoint's loss scale is damaged \(KeyError\)"
+    with pytest.raises(SystemExit, match=damaged):
+        runtime.restore({**state, "scaler": {"growth": 2.0}, "step": 3}, m, opt, scaler)
+
+
 @pytest.mark.parametrize("changes, says", [
     ({"rank_rng": [1, 2]}, "damaged rank_rng"), ({"kl_coef": float("nan")}, "damaged kl_coef"),
     ({"kl_coef": float("inf")}, "damaged kl_coef"), ({"kl_coef": -0.1}, "damaged kl_coef"),
