@@ -80,14 +80,12 @@ max_new_tokens = 48        # answer length in the final SFT-vs-DPO comparison (a
 eval_samples = 1           # answers per held-out world prompt in that comparison
 n_eval = 0                 # held-out world prompts in that comparison (0 = all of them)
 online_rounds = 0          # rounds of online DPO after the offline pass (a departure; reads reward.pt)
-online_prompts = 256       # training prompts per round, taken in turn: more took longer for no clear gain
-                           # (docs/experiments.md)
-online_k = 6               # answers sampled per prompt, ranked by the reward model (>= 2 x online_pairs):
-                           # more took longer for no clear gain (docs/experiments.md)
+online_prompts = 256       # training prompts per round, taken in turn (more: slower, no better)
+online_k = 6               # answers sampled per prompt, ranked by the reward model (>= 2 x online_pairs;
+                           # more: slower, no better; docs/experiments.md)
 online_pairs = 2           # pairs per prompt: best vs worst, second best vs second worst (<= online_k / 2)
-online_lr = 2e-4           # learning rate of the online steps, decayed linearly to a quarter of it; above the
-                           # offline lr, whose limit is drift onto text neither SFT answer contained: these
-                           # pairs are the policy's own answers. Higher did no better (docs/experiments.md)
+online_lr = 2e-4           # online steps' lr, decayed linearly to a quarter; above the offline lr (capped by
+                           # drift onto text neither answer held): these pairs are the policy's own answers
 no_end_penalty = 1.0       # online ranking: taken off the normalised score of an answer that never ends
 resume = False             # continue from out_dir/dpo.pt (model, optimizer, step, online round, RNG)
 # -----------------------------------------------------------------------------
@@ -133,9 +131,7 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, loss_type, beta, label_smooth
         pref = ipo_loss(pi_c, pi_r, ref_c, ref_r, beta).mean()
     else:
         raise ValueError(f"unknown loss {loss_type!r}: expected 'sigmoid' or 'ipo'")
-    if not rpo_alpha:
-        return pref, pref
-    total = pref + rpo_alpha * nll_term(pi_c, n_c).mean()
+    total = pref + rpo_alpha * nll_term(pi_c, n_c).mean() if rpo_alpha else pref  # RPO adds the NLL term
     return total, pref
 
 
@@ -278,8 +274,7 @@ def online_round(policy, ref, rm, rm_ck, enc, prompts, rnd, answers, rt, n_promp
     mine = [prompts[(rnd * n_prompts + i) % len(prompts)] for i in range(rt.rank, n_prompts, rt.world_size)]
     convs = [p for p in mine for _ in range(k)]
     g = torch.Generator(device=rt.device).manual_seed(seed + 1000 * (rnd + 1) + rt.rank)
-    chunks = tqdm(range(0, len(convs), 256), desc=f"round {rnd + 1} sampling", disable=not rt.master,
-                  leave=False)
+    chunks = tqdm(range(0, len(convs), 256), f"round {rnd + 1} sampling", disable=not rt.master, leave=False)
     replies = [r for s in chunks  # (generate samples in eval mode and restores the mode)
                for r in respond(policy, enc, convs[s:s + 256], max_new_tokens, 1.0, generator=g)]
     lap("sampling")

@@ -8,8 +8,7 @@ samples, reward-model score, fluency, how often the answer ends its turn, where 
 utility's components), and three sample conversations. It also draws figures (SVG, written here, no plotting
 library): the gold-vs-KL frontier of PPO, DPO, GRPO and RLOO over a beta sweep (the DPO paper's Figure 2 on
 our world) with each method's gold read off at equal KL, reward over-optimisation along a beta = 0 PPO run,
-and every stage's training curves. The held-out prompts are new conversations, not new tasks: each one's
-task, and its final request, also occur in training, in other conversations.
+and every stage's training curves. Held out are new conversations, not new tasks (theirs recur in training).
 
     python evaluate.py                      # the default run's checkpoints -> out/report.md
     python evaluate.py --json_out=True      # also print the numbers as JSON
@@ -144,8 +143,7 @@ def run_sweep(rt, eval_prompts, rm_path):
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                 raise SystemExit(f"error: {' '.join(args)} failed; see {d}/train.log")
         if not extra:
-            r = evaluate(rt, {method: os.path.join(d, f"{method}.pt")}, eval_prompts, samples, seed,
-                         rm_path)[method]
+            r = evaluate(rt, {method: os.path.join(d, f"{method}.pt")}, eval_prompts, rm_path)[method]
             results.append({"stage": method, "beta": b, "gold": r["gold"], "kl": r["kl"],
                             "setup": sampling_setup()})
             print(f"  gold {r['gold']:.3f}, KL {r['kl']:.2f}", flush=True)
@@ -154,7 +152,7 @@ def run_sweep(rt, eval_prompts, rm_path):
     os.replace(os.path.join(root, "results.json.tmp"), os.path.join(root, "results.json"))
 
 
-def evaluate(rt, paths, eval_prompts, samples, seed, rm_path, watch=None):
+def evaluate(rt, paths, eval_prompts, rm_path, watch=None):
     """{name: checkpoint path (None for best-of-N)} -> {name: metrics}, each model answering eval_prompts x
     samples with the same random stream (seed), SFT with one of its own (seed + 1); SFT (the reference:
     paths["sft"], else out_dir/sft.pt) is always evaluated first. watch: a runtime.Stopwatch."""
@@ -229,9 +227,8 @@ def listed_checkpoints():
 def check_rows(paths, ref_path, ref_ck, eval_prompts, enc, rm_path=""):
     """Every row's checkpoint, and the reward model that scores them, read before any sampling: one line
     naming the file if it is damaged, of a kind that does not answer (a reward model as a row), of another
-    tokenizer than the reference SFT model (its KL or scores would be noise) or a vocabulary smaller than it,
-    or with a context too short for the longest prompt and max_new_tokens more (generate would refuse the
-    prompt, or cut every answer of its batch short, after the rows before it were sampled)."""
+    tokenizer than the reference SFT model (its KL or scores would be noise) or a smaller vocabulary, or
+    with no room for the longest prompt and max_new_tokens (found now, not after earlier rows are sampled)."""
     longest = max(len(render_prompt(enc, p)) for p in eval_prompts)
     rows = [(p, ("base", "sft", "ppo", "grpo", "dpo")) for p in paths.values() if p not in (None, ref_path)]
     rows += [(rm_path, "reward")] if os.path.isfile(rm_path) else []  # it scores every row's answers
@@ -273,11 +270,9 @@ def write_report(results, order, evals, fig_dir):
     """out_dir/report.md: the table, where the gold is lost, sample conversations, figures."""
     label = {n: f"best-of-{bon}" if n == "bon" else n.replace("|", "\\|") for n in order}  # | splits a row
     where = (f"prompts from {prompts} (the hidden human knows the world's language only: read gold and win "
-             "rate with care)") if prompts else "held-out prompts"
-    held = "" if prompts else ("The held-out prompts are new conversations, not new tasks: each one's task "
-                               "also occurs in training. ")
+             "rate with care)") if prompts else "held-out prompts (new conversations, not new tasks)"
     lines = ["# Evaluation report", "",
-             f"{len(evals)} {where} x {samples} samples each (temperature {temperature}, seed {seed}). {held}"
+             f"{len(evals)} {where} x {samples} samples each (temperature {temperature}, seed {seed}). "
              "Gold is the hidden human's utility as a fraction of ideal (ideal answers score 1.0); the win "
              "rate is against an SFT answer to the same prompt, ties counting half, with a 95% interval "
              "clustered by prompt (n/a with one prompt: no spread to measure).", "",
@@ -435,7 +430,7 @@ def main():
         watch.lap("beta sweep (training and evaluating its runs)")
     # ---- 3. every model answers the same prompts; the hidden human judges
     paths = checkpoints_to_compare(rm_path, listed)
-    results = evaluate(rt, paths, eval_prompts, samples, seed, rm_path, watch)
+    results = evaluate(rt, paths, eval_prompts, rm_path, watch)
     order = [n for n in paths if n in results] + [n for n in results if n not in paths]
     # ---- 4. the report and its figures
     fig_dir = os.path.join(out_dir, "figures")  # empty without a sweep or the stages' logs
@@ -444,9 +439,8 @@ def main():
     print(f"\nwrote {os.path.join(out_dir, 'report.md')} and {len(os.listdir(fig_dir))} figures in {fig_dir}")
     watch.report("evaluate", last="report & figures")
     if json_out:
-        print(json.dumps({n: {k: None if isinstance(v, float) and math.isnan(v) else v  # one prompt's
-                              for k, v in r.items() if k != "samples"}                # interval: null
-                          for n, r in results.items()}, indent=1))
+        print(json.dumps({n: {k: None if v != v else v for k, v in r.items() if k != "samples"}  # nan (one
+                          for n, r in results.items()}, indent=1))  # prompt's interval; nan != nan): null
 
 
 if __name__ == "__main__":

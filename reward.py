@@ -10,8 +10,8 @@ answer's last token. A ranking gives K(K-1)/2 pairs, winner y_w above loser y_l,
 
     loss(theta) = -1 / C(K, 2) * E_{(x, y_w, y_l) ~ D} [ log sigmoid(r_theta(x, y_w) - r_theta(x, y_l)) ]
 
-The loss sees only reward differences, so r is then normalised, gain * r + bias, to mean 0 and std 1 on
-SFT's answers or --data's (Ziegler et al. 2019; InstructGPT only shifts it): PPO's reward gets a known scale.
+The loss sees only reward differences, so r is then normalised, gain * r + bias, to mean 0 and std 1 (a known
+scale for PPO) on SFT's answers (Ziegler et al. 2019; InstructGPT only shifts it; --data: the file's instead).
 
     python reward.py                          # K=4 answers to each of 4000 train prompts, ranked; train
     python reward.py --data=prefs.jsonl       # your own TRL / Anthropic HH preference pairs
@@ -24,7 +24,6 @@ Departures (options; the defaults are InstructGPT's):
     --lm_feature=True     r = head + w * log p_SFT(answer | prompt), w learned from the rankings (from 0):
                           SFT, trained on demonstrations, knows whether an answer is on topic, which a head
                           learns slowly from rankings (rollout.reply_logprobs computes it).
-    --data=FILE           the reward is normalised on the file's answers, not on SFT samples (none are drawn).
 
 comparisons.jsonl, one line per prompt: the ranking (dpo.py takes all its K(K-1)/2 pairs), and a TRL
 chosen/rejected view, best against worst, for tools that read pairs
@@ -76,7 +75,7 @@ weight_decay = 0.1         # AdamW, on matrices only (runtime.configure_optimize
 beta1, beta2 = 0.9, 0.95   # nanoGPT's Adam betas
 grad_clip = 1.0            # clip the network's global gradient norm (0 = off; --lm_feature's w is not in it)
 eval_interval = 50         # held-out metrics and a checkpoint (for --resume) every this many steps
-val_fraction = 0.1         # prompts held out to measure the reward model (chosen by seed)
+val_fraction = 0.1         # prompts held out to measure the reward model (by seed): new prompts, old tasks
 n_train = 0                # train on the first n of the other rankings only (0 = all); the held-out set stays
 resume = False             # continue training from out_dir/reward.pt (reuses out_dir/comparisons.jsonl)
 stop_at = 0                # end after this step as if killed (0 = run to the end): split a run, test resume
@@ -218,13 +217,12 @@ def yardsticks(comps, val_idx, seed, tau):
 
 def get_batch(it, train_idx, rows, lp, batch_size, steps_per_epoch, seed, rt, pad_id):
     """Step it's prompts for this rank, all K answers of each in ranked order: ids, attn (B*K, T), padded on
-    the right, and log p_SFT (B, K). A fresh permutation per epoch, seeded by it: --resume redraws them.
-    An epoch is steps_per_epoch full batches on every rank, each ranking at most once; the rankings left over
-    wait for another epoch's permutation. Only with fewer rankings than one step takes does a batch repeat."""
+    the right, and log p_SFT (B, K). A fresh permutation per epoch, seeded by it: --resume redraws them. An
+    epoch is whole batches, each ranking at most once (% wraps only if one step wants more than there are)."""
     e, s = divmod(it, steps_per_epoch)
     order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed * 1000 + e)).tolist()
     first = (s * rt.world_size + rt.rank) * batch_size
-    picks = [train_idx[order[(first + b) % len(order)]] for b in range(batch_size)]  # % wraps only then
+    picks = [train_idx[order[(first + b) % len(order)]] for b in range(batch_size)]
     ids, attn = M.pad_rows([r for i in picks for r in rows[i]], pad_id)
     return ids.to(rt.device), attn.to(rt.device), lp[picks].to(rt.device)
 
@@ -260,8 +258,7 @@ def save_reward(path, rm, optimizer, rt, sft_ck, config, step, K, loss, lm_weigh
 
 def report(r, gain, bias, term, loss_fn, comps, val_idx, train_idx, first, gold, parts, second):
     """Print and return how the trained reward r (N, K) does against the labelers and gold, calibration, and
-    gold accuracy by component (low on training comparisons too: underfit; high there only: memorised).
-    Held out are conversations, not tasks: on the world, their requests usually appear in training too."""
+    gold accuracy by component (low on training comparisons too: underfit; high there only: memorised)."""
     K, n_val, golds = r.size(1), len(val_idx), gold[val_idx] if gold is not None else None
     m = {**held_out_metrics(r[val_idx], loss_fn, first, golds), "calibration": calibration(r[val_idx])}
     n_prompts = len({repr(comps[i]["prompt"]) for i in val_idx})  # a file may rank a prompt's answers twice
@@ -324,8 +321,7 @@ def main():
     config = runtime.configure(globals(), ranges={
         "loss": (lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}"),
         "K": (lambda v: v >= 2, ">= 2: a labeler ranks several answers"),
-        "bon": (lambda v: v >= 0 and (train or v > 0),
-                ">= 0; > 0 with --train=False (nothing else to do; e.g. --bon=16)"),
+        "bon": (lambda v: v >= 0 and (train or v > 0), ">= 0; > 0 with --train=False (e.g. --bon=16)"),
         "out_dir": (lambda v: runtime.writable_dir(v) or not train and os.path.isdir(v), "writable")})
     sft_path, cmp_path, ck_path, log_path = (os.path.join(out_dir, f) for f in
                                              ("sft.pt", "comparisons.jsonl", "reward.pt", "reward.jsonl"))
@@ -384,7 +380,6 @@ def main():
             lm_w.data.fill_(ck.get("lm_weight", 0.0))
             print(f"resuming from {ck_path} at step {start}")
         rm = runtime.wrap(raw_rm, rt, compile)
-        # whole batches only (every rank takes as many steps), at least one: the last partial batch is dropped
         steps_per_epoch = max(1, len(train_idx) // (batch_size * rt.world_size))
         iters = max_iters or epochs * steps_per_epoch
         if rt.master:  # the run has started: a fresh log, or a resumed run's rows up to its checkpoint

@@ -84,13 +84,12 @@ def test_a_twin_of_sft_draws_its_own_answers_not_sfts(tmp_path, monkeypatch):
     path = str(tmp_path / "sft.pt")
     runtime.save_checkpoint(path, {"model": M.GPT(M.GPTConfig(**args)).state_dict(), "model_args": args,
                                    "kind": "sft", "step": 0, "config": {}, "tokenizer": "world"})
-    for name, value in (("max_new_tokens", 8), ("bon", 0)):
+    for name, value in (("samples", 4), ("max_new_tokens", 8), ("bon", 0)):
         monkeypatch.setattr(evaluate, name, value)
     monkeypatch.setattr(world, "gold", lambda p, text, ended: len(text) % 5 / 5)  # a random net: no ties
     rt = runtime.setup("cpu", "float32", 0)
     prompts = [[{"role": "user", "content": f"Describe the {x}."}] for x in ("cat", "dog")]
-    res = evaluate.evaluate(rt, {"sft": path, "twin": path}, prompts, 4, evaluate.seed,
-                            str(tmp_path / "no_reward.pt"))
+    res = evaluate.evaluate(rt, {"sft": path, "twin": path}, prompts, str(tmp_path / "no_reward.pt"))
     texts = {n: [s["text"] for s in res[n]["samples"]] for n in ("sft", "twin")}
     assert texts["sft"] != texts["twin"]
     assert res["twin"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the same network: the stream differs, not pi
