@@ -272,11 +272,13 @@ def load_reward_model(path, device, sft_ck=None):
     return rm.to(device).eval().requires_grad_(False), ck
 
 def rng_state():
-    """Python, numpy and torch RNG states as plain tuples, lists and tensors (weights_only-loadable)."""
+    """Python, numpy and torch RNG states (CPU, and each GPU's: dropout draws there) as plain tuples, lists
+    and tensors (weights_only-loadable)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     d = {"python": random.getstate(), "torch": torch.get_rng_state(),
          "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
-    return {**d, "cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else d
+    d |= {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return d | ({"mps": torch.mps.get_rng_state()} if torch.backends.mps.is_available() else {})
 
 def seeded_generator(*key):  # seeded by a hash of the whole key: no two (seed, step, micro, rank) share it
     return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
@@ -287,6 +289,8 @@ def set_rng_state(d):
     torch.set_rng_state(d["torch"])
     if "cuda" in d and torch.cuda.is_available():  # saved on a machine with more GPUs: the first ones
         torch.cuda.set_rng_state_all(d["cuda"][:torch.cuda.device_count()])
+    if "mps" in d and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(d["mps"])
 
 DAMAGED_STATE = (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError)  # RNG states
 RESUME = ("step", "optimizer", "scaler", "rng")  # what restore() reads: load_checkpoint(..., need=RESUME)

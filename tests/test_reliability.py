@@ -982,6 +982,21 @@ def test_cuda_rng_states_saved_on_more_gpus_resume_on_fewer(monkeypatch):
     assert got == [["gpu 0's"]]
 
 
+def test_an_apple_gpus_rng_state_is_saved_and_restored(monkeypatch):
+    """Dropout on an Apple GPU draws from its own generator: a resumed run there must get its state back."""
+    saved, got = torch.tensor([7, 8, 9], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: saved)
+    monkeypatch.setattr(torch.mps, "set_rng_state", got.append)
+    state = runtime.rng_state()
+    assert state["mps"] is saved
+    runtime.set_rng_state(state)
+    assert got == [saved]
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # resumed on a CPU: nothing to set
+    runtime.set_rng_state(state)
+    assert got == [saved] and "mps" not in runtime.rng_state()
+
+
 def test_auto_precision_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch, no_tf32):
     """torch.cuda.is_bf16_supported() is True on a T4 or V100, which emulate bf16 slowly; without its
     emulation they get fp16 with the GradScaler, as the option's comment promises."""
