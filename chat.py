@@ -16,6 +16,7 @@ import torch
 
 import runtime
 from data.chat import render_prompt
+from data.tokenizer import special_id
 from rollout import respond
 
 # -----------------------------------------------------------------------------
@@ -66,7 +67,7 @@ def shown(enc, ids):
     """ids as one line: each run of ordinary tokens as a quoted string, each special token bare, e.g.
     <|endoftext|><|user|>'Hi <|end|>'<|end|><|assistant|>. Decoded as one string, a typed "<|end|>" (ordinary
     tokens) and the real special token would look the same, which is the mix-up this is for."""
-    specials = {enc.encode_single_token(s): s for s in enc.special_tokens_set}
+    specials = {special_id(enc, s): s for s in enc.special_tokens_set}
     out, run = [], []
     for i in ids + [None]:  # None: flush the last run of text
         if i in specials or i is None:
