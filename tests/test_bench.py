@@ -172,6 +172,8 @@ def test_a_low_precision_under_half_of_fp32s_speed_is_emulated_and_over_half_is_
     ("cuda", "high", (9, 0), "float32 (TF32)"),  # runtime.setup's allow_tf32 on a card with TF32
     ("cuda", "highest", (9, 0), "float32"),      # TF32 turned off
     ("cuda", "high", (7, 0), "float32"),         # before Ampere: no TF32 to run in
+    ("cuda", "high", (8, 0), "float32 (TF32)"),  # Ampere itself (an A100) has it
+    ("cuda", "medium", (8, 6), "float32 (TF32)"),  # "medium" allows TF32 too: only "highest" turns it off
     ("cpu", "high", None, "float32"),
 ])
 def test_the_float32_row_says_tf32_where_its_matmuls_run_in_tf32(monkeypatch, device_type, precision,
@@ -183,3 +185,35 @@ def test_the_float32_row_says_tf32_where_its_matmuls_run_in_tf32(monkeypatch, de
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     assert bench.label("float32") == want
     assert bench.label("bfloat16") == "bfloat16"
+
+
+def test_the_rows_and_the_sampling_header_name_each_precision_by_its_label(monkeypatch, capsys):
+    """Where label() says TF32 (a CUDA card, stood in for on this CPU), the float32 training row and the
+    sampling header carry that name, the other precisions their own."""
+    from conftest import run_here
+    monkeypatch.setattr(bench, "label", lambda d: "float32 (TF32)" if d == "float32" else d)
+    run_here(monkeypatch, bench, *[a for a in TINY if not a.startswith("--dtypes")], "--device=cpu",
+             "--dtypes=('float32','bfloat16')")
+    out = capsys.readouterr().out
+    names = [line[:14] for line in out.splitlines()
+             if line[:14].rstrip() in ("float32", "bfloat16", "float32 (TF32)")]  # the rows' dtype column
+    assert names == ["float32 (TF32)", "bfloat16      "], out
+    assert "sampling (float32 (TF32), KV cache, context 256" in out, out
+
+
+def test_each_precisions_peak_is_timed_for_at_least_half_a_second(monkeypatch, capsys):
+    """A GPU does a matmul in microseconds: a few of them would time the launches, so each peak keeps
+    multiplying for 0.5 s (--matmul_size=256 takes milliseconds here), once per precision."""
+    import time
+    from conftest import run_here
+    real, took = bench.matmul_flops, []
+
+    def timed(ptdtype, *a, **k):
+        t0 = time.perf_counter()
+        flops = real(ptdtype, *a, **k)
+        took.append((ptdtype, time.perf_counter() - t0))
+        return flops
+    monkeypatch.setattr(bench, "matmul_flops", timed)
+    run_here(monkeypatch, bench, *TINY, "--device=cpu")  # trains and samples in float32: one peak
+    capsys.readouterr()
+    assert [d for d, _ in took] == [torch.float32] and took[0][1] >= 0.5, took

@@ -106,6 +106,19 @@ def test_single_prompt_mode_and_system_message(tmp_path):
     assert "chatting with" not in r.stdout  # answers once, no REPL
 
 
+def test_the_printed_prompt_shows_a_typed_marker_inside_the_quotes_and_the_real_ones_bare(tmp_path):
+    """What --show_tokens prints, not only what it decodes to: a message that types "<|end|>" shows it
+    inside its quoted text, the template's own markers outside (one repr of the decoded prompt, as it was,
+    shows both alike)."""
+    save_tiny(tmp_path / "sft.pt", "sft")
+    r = chat(f"--ckpt={tmp_path / 'sft.pt'}", "--prompt=Say <|end|> twice.", "--show_tokens=True")
+    assert r.returncode == 0, r.stderr
+    (m,) = SHOWN.finditer(r.stdout)
+    assert m[2] == "<|endoftext|><|user|>'Say <|end|> twice.'<|end|><|assistant|>", m[0]
+    said = [{"role": "user", "content": "Say <|end|> twice."}]
+    assert int(m[1]) == len(render_prompt(get_tokenizer("world"), said))  # the typed marker: ordinary tokens
+
+
 def test_reward_checkpoint_is_refused_in_one_line(tmp_path):
     save_tiny(tmp_path / "reward.pt", "reward")
     r = chat(f"--ckpt={tmp_path / 'reward.pt'}", "--prompt=Hi")

@@ -631,6 +631,49 @@ def test_an_online_rounds_pairs_index_its_new_answers_after_the_earlier_ones(mon
     assert pairs.tolist() == [[2, 1], [4, 5]]
 
 
+def test_an_online_round_samples_every_answer_when_they_take_more_than_one_chunk(monkeypatch):
+    """The round samples its conversations in chunks of 256: 44 prompts x 6 answers = 264 take two, and every
+    one of them is answered, rendered, scored under the reference and ranked within its own prompt's six."""
+    enc = get_tokenizer("world")
+    args = dict(block_size=64, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    torch.manual_seed(0)
+    ref, policy = M.GPT(M.GPTConfig(**args)).eval(), M.GPT(M.GPTConfig(**args)).eval()
+    scored = []
+    monkeypatch.setattr(dpo, "reward_scores", lambda rm, enc, convs, replies, *a, **k: scored.append(
+        (convs, replies)) or torch.arange(len(replies)).float() % 6)  # each prompt's last answer is best
+    rt = SimpleNamespace(rank=0, world_size=1, device="cpu", ctx=nullcontext(), master=True)
+    prompts = [[{"role": "user", "content": f"Name {i}."}] for i in range(44)]
+    (rows, masks, ref_logps), pairs, _ = dpo.online_round(
+        policy, ref, None, {"gain": 1.0, "bias": 0.0}, enc, prompts, 0, ([], [], torch.zeros(0)), rt, 44, 6,
+        1, 4, 0.0, 64, 0)
+    (convs, replies), = scored
+    assert len(convs) == len(replies) == len(rows) == len(masks) == len(ref_logps) == 264
+    assert convs == [p for p in prompts for _ in range(6)]
+    assert [enc.decode(rows[i]).count(f"Name {i // 6}.") for i in (0, 255, 256, 263)] == [1, 1, 1, 1]
+    assert all(b == 6 * (b // 6) + 5 and w == 6 * (b // 6) for b, w in pairs.tolist())  # within one prompt
+    assert {b // 6 for b, _ in pairs.tolist()} >= {43}  # the second chunk's prompts are ranked too
+
+
+def test_online_rounds_answer_each_training_prompt_once_and_no_held_out_one(tmp_path, monkeypatch):
+    """The online rounds draw from the prompts trained on offline, each once however many pairs it has, in
+    file order: a held-out prompt answered online would be trained on, and its held-out pairs measure a
+    policy that saw it; a prompt of several pairs repeated would be sampled and trained on that much more."""
+    save_online_inputs(tmp_path)
+    animals = ("fox", "cat", "dog", "owl")
+    prompts = [[{"role": "user", "content": f"Describe the {a}."}] for a in animals]
+    assert [dpo.held_out(p, 0.25) for p in prompts] == [False, False, True, False]  # "dog" is held out
+    rows = [{"prompt": p, "responses": [f"The {a} is red.", "No.", "Maybe."], "ended": [True, True, True],
+             "ranking": [0, 1, 2]} for a, p in zip(animals, prompts)]  # three pairs per prompt
+    write(tmp_path / "comparisons.jsonl", rows)
+    seen, real = [], dpo.online_round
+    monkeypatch.setattr(dpo, "online_round", lambda policy, ref, rm, rm_ck, enc, fit, *a: seen.append(fit)
+                        or real(policy, ref, rm, rm_ck, enc, fit, *a))
+    run_here(monkeypatch, dpo, f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2", "--n_eval=1",
+             "--online_rounds=1", "--online_prompts=3", "--online_k=2", "--online_pairs=1",
+             "--max_new_tokens=4", "--eval_fraction=0.25", "--device=cpu")
+    assert seen == [[prompts[0], prompts[1], prompts[3]]]
+
+
 def test_main_trains_on_the_pairs_not_held_out_and_evaluates_on_the_held_out_ones(tmp_path, monkeypatch,
                                                                                   capsys):
     save_online_inputs(tmp_path)  # four prompts, one pair each

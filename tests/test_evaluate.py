@@ -468,6 +468,25 @@ def test_the_end_of_stage_check_clusters_its_interval_by_prompt(monkeypatch, cap
     assert "policy wins 50.0% +- 98.0% against SFT" in capsys.readouterr().out
 
 
+def test_the_end_of_stage_check_over_one_prompt_prints_its_interval_as_n_a(monkeypatch, capsys):
+    """Answers to a single held-out prompt (--n_eval=1) are one cluster: the interval has no spread to
+    measure, its half-width is nan, and the closing check prints n/a, not 'nan%'. SFT scores 0.5, the policy
+    1: a win rate of 1."""
+    import rollout
+    calls = []
+    monkeypatch.setattr(world, "gold",
+                        lambda p, text, ended: calls.append(p) or (0.5 if len(calls) <= 3 else 1.0))
+    torch.manual_seed(0)
+    net = M.GPT(M.GPTConfig(block_size=64, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2,
+                            n_embd=16)).eval()
+    prompts = [[{"role": "user", "content": "Describe the cat."}]] * 3
+    got = rollout.compare_to_sft("policy", net, net, get_tokenizer("world"), prompts, 8,
+                                 generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 6 and got["win_rate"] == 1.0 and math.isnan(got["win_ci"])
+    out = capsys.readouterr().out
+    assert "policy wins 100.0% +- n/a against SFT (ties count half)" in out and "nan" not in out
+
+
 def test_a_reward_model_with_the_likelihood_term_scores_with_it(tmp_path, monkeypatch):
     """A reward model trained with --lm_feature is head + w * log p_SFT: the RM-score column and best-of-n's
     pick both hand its saved w to the scorer (without it they would rank by the head alone)."""
@@ -592,6 +611,50 @@ def test_json_out_prints_every_number_but_the_samples_and_the_printed_table_is_t
     shown = json.loads(out[out.index("\n{") + 1:])
     assert shown == {n: {k: v for k, v in r.items() if k != "samples"} for n, r in results.items()}
     assert "rm_score" in shown["ppo"] and "missing" in shown["sft"]
+
+
+def test_json_out_prints_one_prompts_nan_interval_as_null(tmp_path, monkeypatch, capsys):
+    """One prompt's win-rate interval is nan (no spread to measure): --json_out prints it as null, which every
+    JSON reader takes, not Python's NaN, which strict readers refuse; the other numbers are printed as they
+    are, and the report reads n/a."""
+    import evaluate
+    save_row(tmp_path / "sft.pt")
+    save_row(tmp_path / "ppo.pt", kind="ppo")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Describe the cat."}) + "\n")
+    results = made_up_results(["sft", "ppo"])
+    results["ppo"]["win_ci"] = world.win_rate([0.9, 0.1], [0.5, 0.5], ["a", "a"])[1]
+    assert math.isnan(results["ppo"]["win_ci"])
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: results)
+    run_here(monkeypatch, evaluate, f"--out_dir={tmp_path}", f"--prompts={prompts}", "--max_new_tokens=8",
+             "--device=cpu", "--json_out=True")
+    out = capsys.readouterr().out
+    text = out[out.index("\n{") + 1:]
+    assert "NaN" not in text
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    shown = json.loads(text, parse_constant=refuse)
+    assert shown["ppo"]["win_ci"] is None and shown["sft"]["win_ci"] == results["sft"]["win_ci"] == 0.125
+    assert {k: v for k, v in shown["ppo"].items() if k != "win_ci"} == {
+        k: v for k, v in results["ppo"].items() if k not in ("samples", "win_ci")}
+    assert "± n/a |" in (tmp_path / "report.md").read_text()
+
+
+def test_no_sweep_beta_repeats_a_methods_default_run():
+    """The default run of each method is one point of its frontier already: a sweep beta equal to its default
+    would train the same run twice and leave the frontier a point short. The defaults: ppo.beta, dpo.beta,
+    and grpo.py's None, which stands for GRPO 0.6 and RLOO 0.3 (test_grpo checks the weights it uses)."""
+    import evaluate
+    import dpo
+    import grpo
+    import ppo
+    assert grpo.beta is None
+    defaults = {"ppo": ppo.beta, "dpo": dpo.beta, "grpo": 0.6, "rloo": 0.3}
+    for method in evaluate.sweep_methods:
+        betas = getattr(evaluate, f"{method}_betas")
+        assert betas and defaults[method] not in betas, (method, betas, defaults[method])
+        assert len(set(betas)) == len(betas) and all(b > 0 for b in betas), (method, betas)
 
 
 def tiny_chat_net(seed):

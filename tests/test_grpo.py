@@ -433,6 +433,18 @@ def test_without_beta_each_baseline_weighs_its_own_kl_and_the_checkpoint_records
     assert runtime.load_checkpoint(str(tmp_path / f"{baseline}.pt"), "grpo")["config"]["beta"] == weight
 
 
+@pytest.mark.parametrize("baseline", ["grpo", "rloo"])
+def test_beta_zero_is_accepted_by_the_option_check(tmp_path, monkeypatch, baseline):
+    """--beta=0 (no KL term: the clipped surrogate alone, or RLOO's plain score) is a valid choice, unlike a
+    negative one: the option check lets it through, and main() goes on with beta 0 (not None's default)."""
+    class Reached(Exception):
+        pass
+    monkeypatch.setattr(grpo, "training_prompts", lambda prompts: (_ for _ in ()).throw(Reached()))
+    with pytest.raises(Reached):  # the options were accepted: main() went on to read its prompts
+        run_here(monkeypatch, grpo, f"--out_dir={tmp_path}", f"--baseline={baseline}", "--beta=0")
+    assert grpo.beta == 0 and not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("bad", ["-0.1", "abc", "True", "(0.3,)"])
 def test_a_beta_that_is_not_a_number_at_least_zero_is_one_line(tmp_path, refusal, bad):
     msg = refusal("grpo", f"--out_dir={tmp_path}", f"--beta={bad}")

@@ -540,6 +540,20 @@ def test_top_p_after_top_k_measures_the_renormalised_mass():
     assert tok.tolist() == [0] * 2000
 
 
+def test_top_p_breaks_ties_by_vocabulary_index():
+    """64 equal logits at p = 0.5: the mass before the i-th sorted token is i/64 (exact in fp32), so the
+    first 32 stay. Which 32 is the sort's tie order: the stable sort keeps the lowest ids, 0..31, on every
+    device (an unstable one on a CPU already reorders ties in a row this long)."""
+    tok, _ = M.sample(torch.zeros(4000, 64), top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert set(tok.tolist()) == set(range(32))
+    # 24 tokens of weight e ahead of 40 tied ones of weight 1 (Z = 24e + 40 = 105.24): the j-th tied token
+    # has 65.24 + j of it ahead, under 0.9 Z = 94.72 for j <= 29, so the tied ids 0..29 stay with ids 40..63
+    logits = torch.zeros(4000, 64)
+    logits[:, 40:] = 1.0
+    tok, _ = M.sample(logits, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert set(tok.tolist()) == set(range(30)) | set(range(40, 64))
+
+
 def test_temperature_shapes_the_draw_without_filters():
     """softmax(log p / T) at T = 2 is sqrt(p) / sum sqrt(p): (.5, .3, .2, 0) -> (.4154, .3218, .2628, 0).
     20,000 draws land within 0.015 of it (about 4 standard errors); draws from p would be 0.085 off."""

@@ -577,6 +577,22 @@ def test_forward_policy_entropy_by_hand_and_unchanged_by_shifting_the_logits():
     assert h.item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-6)
 
 
+def test_forward_policy_entropy_is_logged_only_and_keeps_no_graph():
+    """The log-probs carry the logits' graph (the surrogate's gradient flows through them); the entropy is
+    only logged, so it holds none: a softmax over every position and a 50k vocabulary would keep a large one
+    alive until the step. Its value is unchanged: uniform logits over V tokens, H = ln V."""
+    V = 5
+    logits = torch.zeros(2, 4, V, requires_grad=True)
+    seq = torch.zeros(2, 4, dtype=torch.long)
+    logp, _, h = ppo.forward_policy(scripted_policy(logits, torch.zeros(2, 4)), seq, torch.ones(2, 4), 1.0)
+    assert logp.requires_grad and logp.grad_fn is not None
+    assert not h.requires_grad and h.grad_fn is None
+    torch.testing.assert_close(h, torch.full((2, 3), math.log(V)))
+    g, = torch.autograd.grad(logp.sum(), logits)  # d log softmax_0 / dz = onehot(0) - 1/V, at 3 positions
+    torch.testing.assert_close(g[:, :3], (torch.eye(V)[0] - 1 / V).expand(2, 3, V))
+    assert g[:, 3].abs().max() == 0  # the last position scores no token
+
+
 def test_main_whitens_the_advantages_over_the_rollout_batchs_answer_tokens(tmp_path, monkeypatch):
     """main() hands ppo_clip_loss advantages whitened over the whole rollout batch's answer tokens: the
     minibatches of one epoch partition the batch, so over their union the advantages have masked mean 0 and

@@ -367,3 +367,40 @@ def test_a_document_with_a_million_spaces_becomes_tokens_not_a_panic():
     streams = pretrain.token_streams(docs, enc)
     assert enc.decode(streams["train"].tolist()) == "<|endoftext|>" + docs[0]
     assert enc.decode(streams["val"].tolist()) == "<|endoftext|>" + docs[1]
+
+
+def test_a_resumed_run_says_so_on_rank_0_only(tmp_path, monkeypatch, capsys):
+    """Every process restores the checkpoint; only rank 0 says so, as it prints the rest of the run (each
+    process's line once made one line per GPU). The other ranks are stood in for by setup's master=False."""
+    from types import SimpleNamespace
+    doc = "The owl is calm. The owl sleeps in the forest. " * 6
+    (tmp_path / "corpus.txt").write_text("\n\n".join([doc, doc.replace("owl", "fox")] * 5))
+    flags = [f"--out_dir={tmp_path}", *TINY, f"--data={tmp_path / 'corpus.txt'}", "--device=cpu"]
+    run_here(monkeypatch, pretrain, *flags, "--max_iters=2")
+    real, said = runtime.setup, f"resuming from {tmp_path / 'base.pt'} at step 2"
+    for master in (False, True):  # a rank > 0 saves nothing: base.pt is still at step 2 for rank 0
+        monkeypatch.setattr(runtime, "setup", lambda *a, **k: SimpleNamespace(**{**vars(real(*a, **k)),
+                                                                                "master": master}))
+        capsys.readouterr()
+        run_here(monkeypatch, pretrain, *flags, "--max_iters=3", "--resume=True")
+        assert capsys.readouterr().out.count(said) == (1 if master else 0)
+
+
+def test_the_logged_held_out_loss_is_the_saved_weights_loss_on_the_held_out_documents(tmp_path, monkeypatch):
+    """The last row's val_loss is held_out_loss of the checkpoint it saved, on the held-out stream (the last
+    5% of the documents: here about a fox, where the training documents are about an owl), not on the
+    training stream, which this network already scores differently."""
+    owl = "The owl is calm. The owl sleeps in the forest. " * 6
+    fox = "A fox runs far. Two foxes hide under the bridge. " * 6
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join([owl] * 38 + [fox] * 2))
+    run_here(monkeypatch, pretrain, f"--out_dir={tmp_path}", *TINY, "--max_iters=2", "--eval_interval=2",
+             "--eval_iters=2", f"--data={data}", "--device=cpu")
+    (*_, last) = (json.loads(line) for line in open(tmp_path / "pretrain.jsonl"))
+    ck = torch.load(tmp_path / "base.pt", weights_only=True)
+    m = runtime.model_from_checkpoint(ck)
+    streams = pretrain.token_streams(pretrain.read_documents(str(data)), get_tokenizer("world"))
+    loss = {split: pretrain.held_out_loss(m, streams[split], 32, 4, 2, 1337, "cpu", contextlib.nullcontext())
+            for split in ("train", "val")}
+    assert abs(loss["train"] - loss["val"]) > 0.1, loss  # the two streams tell apart
+    assert last["iter"] == 2 and last["val_loss"] == pytest.approx(loss["val"], abs=1e-5), (last, loss)

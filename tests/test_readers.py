@@ -257,6 +257,18 @@ def test_an_hh_prompt_without_the_blank_lines_is_still_an_hh_prompt(tmp_path):
     assert read_preferences(p) == [{"prompt": [U("hi")], "chosen": "Hello.", "rejected": "Go."}]
 
 
+def test_an_hh_prompt_is_one_that_opens_with_a_turn_of_either_role_and_only_one_that_opens_so(tmp_path):
+    """A split transcript whose first turn is the assistant's (a greeting) is HH text as much as one opening
+    with "Human:"; a plain prompt that mentions "Human:" later on is a user message, not a transcript with
+    text before its first turn (which would be refused)."""
+    greeting = "\n\nAssistant: Hi, how can I help?\n\nHuman: 2+2?\n\nAssistant:"
+    p = write(tmp_path, {"prompt": greeting, "chosen": " 4.", "rejected": " 5."},
+              {"prompt": "Write a poem. Human: rights matter.", "chosen": "Yes.", "rejected": "No."})
+    assert read_preferences(p) == [
+        {"prompt": [A("Hi, how can I help?"), U("2+2?")], "chosen": "4.", "rejected": "5."},
+        {"prompt": [U("Write a poem. Human: rights matter.")], "chosen": "Yes.", "rejected": "No."}]
+
+
 def test_answers_that_already_hold_the_hh_prompt_are_not_prefixed_with_it_again(tmp_path):
     """Some exports keep the split prompt and the whole transcripts: prefixing the prompt again silently made
     the history [user a, assistant "", user a]."""

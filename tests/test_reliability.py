@@ -226,6 +226,25 @@ def test_a_resumed_log_must_begin_as_the_checkpoint_recorded_it(tmp_path):
     assert not path.exists()
 
 
+def test_a_resumed_log_whose_rewrite_fails_partway_is_kept_whole_and_leaves_no_temporary_file(tmp_path):
+    """The kept rows go to a temporary file that replaces the log only once written: a write stopped partway
+    (here a 30-byte file size limit, EFBIG, as a full disk would stop it) is one line, and the old log stays
+    as it was, where writing the log in place would have cut it to those 30 bytes."""
+    path = tmp_path / "sft.jsonl"
+    old = "".join(json.dumps({"iter": i, "loss": 2.5}) + "\n" for i in (1, 2, 3))
+    path.write_text(old)
+    code = (f"import resource, signal, sys; sys.path.insert(0, {ROOT!r}); import runtime\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), no kill\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (30, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+            f"runtime.start_log({str(path)!r}, 2)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == f"error: could not write {path} (File too large)", r.stderr
+    assert path.read_text() == old and os.listdir(tmp_path) == ["sft.jsonl"]
+    runtime.start_log(str(path), 2)  # no limit: the two rows up to step 2 are kept
+    assert path.read_text() == old[:old.index('{"iter": 3')] and os.listdir(tmp_path) == ["sft.jsonl"]
+
+
 def test_a_checkpoint_saved_before_its_log_exists_resumes_with_the_rows_up_to_its_step(tmp_path):
     """No log yet when the checkpoint is saved: it records none (no crash), and a resumed run keeps the rows
     up to its step. A fresh run (no resumed step) starts a fresh log whatever checkpoint it is handed."""
@@ -995,6 +1014,29 @@ def test_an_apple_gpus_rng_state_is_saved_and_restored(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # resumed on a CPU: nothing to set
     runtime.set_rng_state(state)
     assert got == [saved] and "mps" not in runtime.rng_state()
+
+
+def test_each_gpus_rng_state_is_saved_beside_the_cpus_and_one_the_checkpoint_lacks_is_left_alone(monkeypatch):
+    """A machine with both kinds of GPU saves both generators next to the CPU's; a checkpoint saved where
+    there was no Apple GPU (no "mps" key) resumes on one without touching its generator, as a checkpoint
+    without "cuda" leaves a CUDA one alone: no KeyError read as a damaged RNG state."""
+    set_cuda, set_mps = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["gpu 0's"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_cuda.append)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: "the apple gpu's")
+    monkeypatch.setattr(torch.mps, "set_rng_state", set_mps.append)
+    state = runtime.rng_state()
+    assert state["cuda"] == ["gpu 0's"] and state["mps"] == "the apple gpu's"
+    assert torch.equal(state["torch"], torch.get_rng_state())
+    cpu_only = {k: v for k, v in state.items() if k not in ("cuda", "mps")}
+    expect = torch.rand(3)
+    runtime.set_rng_state(cpu_only)  # the CPU's stream is restored; neither GPU generator is touched
+    assert set_cuda == set_mps == [] and torch.equal(torch.rand(3), expect)
+    runtime.set_rng_state(state)
+    assert set_cuda == [["gpu 0's"]] and set_mps == ["the apple gpu's"]
 
 
 def test_auto_precision_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch, no_tf32):

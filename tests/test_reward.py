@@ -265,6 +265,58 @@ def test_an_epoch_of_a_count_no_step_divides_sees_each_ranking_at_most_once():
     assert sorted(set((lp_b[:, 0] / 2).long().tolist())) == [0, 1, 2]
 
 
+def ranked_file(out, animals, flip=()):
+    """comparisons.jsonl in out: one ranking of two answers per animal, the better one first unless in flip
+    (then stored second, with ranking [1, 0])."""
+    rows = []
+    for a in animals:
+        step = -1 if a in flip else 1
+        rows.append({"prompt": [{"role": "user", "content": f"Describe the {a}."}],
+                     "responses": [f"The {a} is red.", "You are dumb."][::step],
+                     "ended": [True, False][::step], "ranking": [0, 1][::step]})
+    (out / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+@pytest.mark.parametrize("batch_size, world_size, steps", [(4, 1, 2), (16, 1, 1), (4, 2, 1)])
+def test_main_counts_an_epoch_in_whole_steps_and_at_least_one(tiny_sft, monkeypatch, capsys, batch_size,
+                                                              world_size, steps):
+    """11 rankings, 1 held out (val_fraction 0.1 of 11 prompts): 10 to train on. At batch 4 an epoch is
+    10 // 4 = 2 whole steps (a third would wrap into rankings already seen); at batch 16, more than there
+    are, it is still 1 step, not 0; under torchrun a step takes batch_size from each process, so with 2 (rank
+    0 of a stand-in pair here) it is 10 // 8 = 1."""
+    ranked_file(tiny_sft, world.ANIMALS[:11])
+    calls, real, setup = [], reward.get_batch, runtime.setup
+    monkeypatch.setattr(reward, "get_batch", lambda it, train_idx, rows, lp, bs, spe, *a: calls.append(
+        (it, len(train_idx), bs, spe)) or real(it, train_idx, rows, lp, bs, spe, *a))
+    monkeypatch.setattr(runtime, "setup",
+                        lambda *a: SimpleNamespace(**{**vars(setup(*a)), "world_size": world_size}))
+    run_here(monkeypatch, reward, f"--out_dir={tiny_sft}", "--collect=False", f"--batch_size={batch_size}",
+             "--eval_interval=50", "--device=cpu")
+    assert (f"10 train / 1 held-out rankings of 2 answers; {steps} steps of {batch_size * world_size} "
+            "rankings") in capsys.readouterr().out
+    assert calls == [(it, 10, batch_size, steps) for it in range(steps)]
+
+
+def test_main_trains_on_each_rankings_own_answers_best_first(tiny_sft, monkeypatch):
+    """The loss wants each comparison's K answers in ranked order, best first: rows[n] holds comparison n's
+    answers as ranking lists them (a file may store the better answer second, ranking [1, 0]), each rendered
+    with its own ended flag, and no other comparison's."""
+    comps = ranked_file(tiny_sft, world.ANIMALS[:6], flip=world.ANIMALS[1:6:2])
+    seen, real = [], reward.get_batch
+    monkeypatch.setattr(reward, "get_batch", lambda it, train_idx, rows, *a: seen.append(rows)
+                        or real(it, train_idx, rows, *a))
+    run_here(monkeypatch, reward, f"--out_dir={tiny_sft}", "--collect=False", "--batch_size=2",
+             "--max_iters=1", "--device=cpu")
+    enc, block = get_tokenizer("world"), 128
+    rows, = seen
+    assert rows == [[render_response(enc, c["prompt"], c["responses"][k], c["ended"][k], block)[0]
+                     for k in c["ranking"]] for c in comps]
+    for c, (best, worst) in zip(comps, rows):  # the red answer, which ended its turn, always first
+        assert enc.decode(best).endswith(c["prompt"][0]["content"][13:-1] + " is red." + END)
+        assert enc.decode(worst).endswith("You are dumb.")
+
+
 def test_get_batch_pads_on_the_right_so_the_score_is_read_at_each_answers_end():
     """The training batch puts each row's tokens first, then padding. Each row scored in the batch is the head
     at its own <|end|>, as scored alone."""
@@ -759,6 +811,26 @@ def test_best_of_n_on_held_out_averages_sft_gold_over_every_candidate(monkeypatc
     assert res["bon_gold"] == pytest.approx(bad_gold)
     assert res["oracle_gold"] == pytest.approx(1.0)
     assert res["oracle_win_rate"] == pytest.approx(0.5) and res["bon_win_rate"] == pytest.approx(0.0)
+
+
+def test_best_of_n_on_one_held_out_prompt_prints_its_interval_as_n_a(monkeypatch, capsys):
+    """One held-out prompt is one pair of answers: no spread to measure, so the win rate's half-width is nan
+    and the line reads n/a, not 'nan%'. The RM's pick is the insult, the SFT sample the ideal answer: 0%."""
+    prompt = world.prompts("eval")[0]
+    monkeypatch.setattr(world, "prompts", lambda split, **k: [prompt])
+    bad = "You are dumb."
+    monkeypatch.setattr(reward, "best_of_n", lambda policy, rm, enc, prompts, n, *a, **k: [
+        {"text": bad, "ended": True, "score": 1.0,
+         "candidates": [{"text": world.ideal(p), "ended": True}, {"text": bad, "ended": True}]}
+        for p in prompts])
+    monkeypatch.setattr(reward, "sample_and_grade", lambda policy, enc, prompts, *a, **k: {
+        "samples": reward.grade(prompts, [{"text": world.ideal(p), "ended": True} for p in prompts])})
+    rt = SimpleNamespace(ctx=contextlib.nullcontext())
+    res = reward.best_of_n_on_held_out(None, None, None, 2, 1.0, 0.0, 0.0, 8, 1.0, 64, rt, None)
+    assert res["bon_win_rate"] == 0.0 and math.isnan(res["bon_win_ci"])
+    out = capsys.readouterr().out
+    assert "best-of-2 on 1 held-out prompts" in out and "nan" not in out
+    assert "RM's pick beats a single SFT sample 0.0% +- n/a of the time (ties count half; " in out
 
 
 def test_each_comparisons_labeler_draws_its_own_stream_however_the_prompts_are_batched(monkeypatch):

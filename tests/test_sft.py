@@ -542,3 +542,21 @@ def test_held_out_conversations_with_no_assistant_token_in_the_context_log_null_
     rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in rows] == [None, None]
     assert torch.load(tmp_path / "sft.pt", weights_only=True)["step"] == 2
+
+
+def test_a_resumed_run_says_so_on_rank_0_only(base_dir, tmp_path, monkeypatch, capsys):
+    """Every process restores the checkpoint; only rank 0 says so, as it prints the rest of the run (each
+    process's line once made one line per GPU). The other ranks are stood in for by setup's master=False."""
+    from types import SimpleNamespace
+    os.link(base_dir / "base.pt", tmp_path / "base.pt")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS * 20))
+    flags = [f"--out_dir={tmp_path}", f"--data={data}", *TINY, "--max_iters=3", "--device=cpu"]
+    run_here(monkeypatch, sft, *flags, "--max_iters=2")
+    real, said = runtime.setup, f"resuming from {tmp_path / 'sft.pt'} at step 2"
+    for master in (False, True):  # a rank > 0 saves nothing: sft.pt is still at step 2 for rank 0
+        monkeypatch.setattr(runtime, "setup", lambda *a, **k: SimpleNamespace(**{**vars(real(*a, **k)),
+                                                                                "master": master}))
+        capsys.readouterr()
+        run_here(monkeypatch, sft, *flags, "--resume=True")
+        assert capsys.readouterr().out.count(said) == (1 if master else 0)
