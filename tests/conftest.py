@@ -71,6 +71,30 @@ def run_here(monkeypatch, module, *argv):
     return module.main()
 
 
+def setup_as(monkeypatch, **fields):
+    """runtime.setup with some of its answers replaced (master=False: a rank other than 0; world_size=2: one
+    of two processes), so a test stands in for another rank without starting one."""
+    from types import SimpleNamespace
+    import runtime
+    real = runtime.setup
+
+    def setup(*args, **kwargs):
+        return SimpleNamespace(**{**vars(real(*args, **kwargs)), **fields})
+    monkeypatch.setattr(runtime, "setup", setup)
+
+
+def resume_lines(monkeypatch, capsys, module, flags, said):
+    """How often a resumed run of module prints `said` on a rank other than 0, then on rank 0 (a rank > 0
+    saves nothing, so both resume the same checkpoint)."""
+    counts = []
+    for master in (False, True):
+        setup_as(monkeypatch, master=master)
+        capsys.readouterr()
+        run_here(monkeypatch, module, *flags, "--resume=True")
+        counts.append(capsys.readouterr().out.count(said))
+    return counts
+
+
 def capture_grads(monkeypatch):
     """A list that every runtime.optimizer_step fills with the step's flattened gradient before it steps."""
     import runtime

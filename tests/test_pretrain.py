@@ -20,7 +20,7 @@ import runtime  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 import pretrain  # noqa: E402
 from pretrain import get_batch, next_token_loss  # noqa: E402  (importing pretrain.py runs nothing)
-from conftest import capture_grads, run_here, torchrun_launcher  # noqa: E402
+from conftest import capture_grads, resume_lines, run_here, torchrun_launcher  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=6",
         "--eval_interval=3", "--eval_iters=1", "--n_samples=0", "--warmup_iters=2"]
@@ -372,18 +372,12 @@ def test_a_document_with_a_million_spaces_becomes_tokens_not_a_panic():
 def test_a_resumed_run_says_so_on_rank_0_only(tmp_path, monkeypatch, capsys):
     """Every process restores the checkpoint; only rank 0 says so, as it prints the rest of the run (each
     process's line once made one line per GPU). The other ranks are stood in for by setup's master=False."""
-    from types import SimpleNamespace
     doc = "The owl is calm. The owl sleeps in the forest. " * 6
     (tmp_path / "corpus.txt").write_text("\n\n".join([doc, doc.replace("owl", "fox")] * 5))
     flags = [f"--out_dir={tmp_path}", *TINY, f"--data={tmp_path / 'corpus.txt'}", "--device=cpu"]
     run_here(monkeypatch, pretrain, *flags, "--max_iters=2")
-    real, said = runtime.setup, f"resuming from {tmp_path / 'base.pt'} at step 2"
-    for master in (False, True):  # a rank > 0 saves nothing: base.pt is still at step 2 for rank 0
-        monkeypatch.setattr(runtime, "setup", lambda *a, **k: SimpleNamespace(**{**vars(real(*a, **k)),
-                                                                                "master": master}))
-        capsys.readouterr()
-        run_here(monkeypatch, pretrain, *flags, "--max_iters=3", "--resume=True")
-        assert capsys.readouterr().out.count(said) == (1 if master else 0)
+    said = f"resuming from {tmp_path / 'base.pt'} at step 2"
+    assert resume_lines(monkeypatch, capsys, pretrain, [*flags, "--max_iters=3"], said) == [0, 1]
 
 
 def test_the_logged_held_out_loss_is_the_saved_weights_loss_on_the_held_out_documents(tmp_path, monkeypatch):

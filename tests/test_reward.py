@@ -23,7 +23,7 @@ from data.chat import render_prompt, render_response
 from rollout import best_of_n, by_length, reply_logprobs, respond, reward_scores, rm_score, score_rows
 from data.readers import read_preferences
 from data.tokenizer import END, SPECIALS, get_tokenizer, make_encoding, special_id, train_bpe
-from conftest import run_here, torchrun_launcher
+from conftest import run_here, setup_as, torchrun_launcher
 from test_reliability import time_split  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,11 +286,10 @@ def test_main_counts_an_epoch_in_whole_steps_and_at_least_one(tiny_sft, monkeypa
     are, it is still 1 step, not 0; under torchrun a step takes batch_size from each process, so with 2 (rank
     0 of a stand-in pair here) it is 10 // 8 = 1."""
     ranked_file(tiny_sft, world.ANIMALS[:11])
-    calls, real, setup = [], reward.get_batch, runtime.setup
+    calls, real = [], reward.get_batch
     monkeypatch.setattr(reward, "get_batch", lambda it, train_idx, rows, lp, bs, spe, *a: calls.append(
         (it, len(train_idx), bs, spe)) or real(it, train_idx, rows, lp, bs, spe, *a))
-    monkeypatch.setattr(runtime, "setup",
-                        lambda *a: SimpleNamespace(**{**vars(setup(*a)), "world_size": world_size}))
+    setup_as(monkeypatch, world_size=world_size)
     run_here(monkeypatch, reward, f"--out_dir={tiny_sft}", "--collect=False", f"--batch_size={batch_size}",
              "--eval_interval=50", "--device=cpu")
     assert (f"10 train / 1 held-out rankings of 2 answers; {steps} steps of {batch_size * world_size} "
