@@ -2,6 +2,7 @@
 Talk to any checkpoint, multi-turn.
 
     python chat.py                              # the first found in out/: ppo, dpo, grpo, rloo, sft, base
+    python chat.py --ckpt=dpo                    # a stage's name: its checkpoint in out/ (here out/dpo.pt)
     python chat.py --ckpt=out/sft.pt --temperature=0.7 --top_p=0.9
     python chat.py --prompt="Describe the owl."  # answer once and exit (for scripts)
 
@@ -22,7 +23,8 @@ from rollout import respond
 # -----------------------------------------------------------------------------
 # config (every name can be overridden with --name=value)
 out_dir = "out"            # where to look for a checkpoint when --ckpt is not given
-ckpt = ""                  # a base, sft, ppo, grpo, rloo or dpo checkpoint ("": the furthest stage found)
+ckpt = ""                  # a checkpoint's path, or a stage's name (base, sft, ppo, grpo, rloo, dpo: its .pt
+                           # in out_dir); "": the furthest stage found
 prompt = ""                # answer this one message and exit instead of starting the REPL
 system = ""                # optional system message that opens every conversation
 temperature = 0.8          # 0 = greedy. Below the stages' 1.0 (they need the policy's own distribution for
@@ -41,11 +43,14 @@ show_tokens = False        # print the exact prompt the model sees before each r
 # -----------------------------------------------------------------------------
 
 
-def latest_checkpoint(out_dir):
-    """The furthest stage's checkpoint in out_dir: a stage-3 one (ppo.pt, dpo.pt, grpo.pt, rloo.pt, in that
-    order), else sft.pt, else base.pt."""
-    names = ("ppo.pt", "dpo.pt", "grpo.pt", "rloo.pt", "sft.pt", "base.pt")  # grpo.py writes <baseline>.pt
-    found = [p for p in (os.path.join(out_dir, f) for f in names) if os.path.isfile(p)]
+def find_checkpoint(out_dir, ckpt=""):
+    """The checkpoint --ckpt names: a path as it is; a stage's name, its checkpoint in out_dir (dpo:
+    out_dir/dpo.pt); "", the furthest stage's found there: a stage-3 one (ppo.pt, dpo.pt, grpo.pt, rloo.pt,
+    in that order), else sft.pt, else base.pt."""
+    stages = ("ppo", "dpo", "grpo", "rloo", "sft", "base")  # furthest first; grpo.py writes <baseline>.pt
+    if ckpt:
+        return os.path.join(out_dir, f"{ckpt}.pt") if ckpt in stages else ckpt
+    found = [p for p in (os.path.join(out_dir, f"{s}.pt") for s in stages) if os.path.isfile(p)]
     if not found:
         raise SystemExit(f"error: no checkpoint in {out_dir}/; make one with "
                          f"{runtime.command('sft.py', out_dir)} (or pass --ckpt=...)")
@@ -134,7 +139,7 @@ def main():
     rt = runtime.setup(device, dtype, seed)
 
     # ---- 2. the model: any language-model checkpoint (a PPO one may carry a value head; chat needs the LM)
-    path = ckpt or latest_checkpoint(out_dir)
+    path = find_checkpoint(out_dir, ckpt)
     model, enc, ck = runtime.load_model(path, ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0,
                                         scalar_head=False)
     model.to(rt.device).eval()

@@ -259,12 +259,12 @@ def test_temperature_zero_is_greedy(tmp_path, monkeypatch, capsys):
 def test_the_latest_stage_includes_grpo_and_rloo(tmp_path, stage3):
     """grpo.py writes out/grpo.pt (or rloo.pt with --baseline=rloo), a stage after SFT: `python chat.py` after
     it must talk to it, not to the SFT model it started from."""
-    from chat import latest_checkpoint
+    from chat import find_checkpoint
     for name in ("base.pt", "sft.pt", stage3):
         (tmp_path / name).write_bytes(b"")
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / stage3)
+    assert find_checkpoint(str(tmp_path)) == str(tmp_path / stage3)
     (tmp_path / "ppo.pt").write_bytes(b"")  # PPO, the InstructGPT stage, still comes first
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "ppo.pt")
+    assert find_checkpoint(str(tmp_path)) == str(tmp_path / "ppo.pt")
 
 
 def test_ctrl_c_while_it_answers_takes_the_message_back_and_the_chat_goes_on(tmp_path):
@@ -367,21 +367,37 @@ def test_reply_hands_temperature_top_k_and_top_p_to_the_sampler(monkeypatch):
     assert out == "Hi." and seen == {"max_new_tokens": 7, "temperature": 0.7, "top_k": 5, "top_p": 0.9}
 
 
-def test_the_latest_checkpoint_goes_ppo_dpo_grpo_rloo_sft_base():
+def test_the_find_checkpoint_goes_ppo_dpo_grpo_rloo_sft_base():
     """With every stage's checkpoint in out_dir the furthest stage wins, in the documented order; each one
     taken away hands the choice to the next."""
     import tempfile
-    from chat import latest_checkpoint
+    from chat import find_checkpoint
     order = ["ppo.pt", "dpo.pt", "grpo.pt", "rloo.pt", "sft.pt", "base.pt"]
     with tempfile.TemporaryDirectory() as d:
         for name in order:
             open(os.path.join(d, name), "wb").close()
         for name in order:
-            assert latest_checkpoint(d) == os.path.join(d, name)
+            assert find_checkpoint(d) == os.path.join(d, name)
             os.remove(os.path.join(d, name))
         with pytest.raises(SystemExit, match="no checkpoint in") as e:
-            latest_checkpoint(d)
+            find_checkpoint(d)
         assert f"make one with `python sft.py --out_dir={d}` (or pass --ckpt=...)" in str(e.value)
+
+
+def test_a_stages_name_is_its_checkpoint_in_out_dir_and_a_path_is_itself(tmp_path):
+    """--ckpt=dpo is out_dir/dpo.pt, whether or not a later stage's checkpoint is there too; a path (even one
+    without a directory or .pt) is taken as it is, and a missing one is one line naming it."""
+    from chat import find_checkpoint
+    for name in ("ppo", "dpo", "rloo", "sft", "base"):
+        assert find_checkpoint("runs/a", name) == os.path.join("runs/a", f"{name}.pt")
+    assert find_checkpoint("runs/a", "runs/b/dpo.pt") == "runs/b/dpo.pt"
+    assert find_checkpoint("runs/a", "my_model") == "my_model"  # not a stage: a file of that name
+    save_tiny(tmp_path / "ppo.pt", "ppo")
+    save_tiny(tmp_path / "dpo.pt", "dpo")
+    r = chat(f"--out_dir={tmp_path}", "--ckpt=dpo", stdin="/quit\n")
+    assert r.returncode == 0 and f"chatting with {tmp_path / 'dpo.pt'} (dpo, step 7)" in r.stdout, r.stderr
+    r = chat(f"--out_dir={tmp_path}", "--ckpt=sft", "--prompt=Hi")
+    assert r.returncode != 0 and r.stderr.strip() == f"error: checkpoint {tmp_path / 'sft.pt'} not found"
 
 
 def test_a_suggested_command_runs_as_printed_naming_out_dir_unless_it_is_the_default():
