@@ -375,6 +375,7 @@ def main():
         runtime.start_log(log_path, start + start_round * per_round if resume else None, ck)
         print(f"{len(train_pairs)} training pairs, {len(val_pairs)} held out, from {len(responses)} answers "
               f"in {data_path}; {n_iters} steps of {pairs_per_step} pairs; loss {loss}, beta {beta}")
+    runtime.warn_short_schedule(n_iters, warmup_iters, rt.master and not max_iters)  # a count from the data
     # "logps/chosen" often FALLS as the margin grows (no bug): the loss sees only the DIFFERENCE of the
     # log-ratios, and when two answers share most tokens, pushing both down (rejected faster) is cheapest.
     t0 = time.time()

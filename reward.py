@@ -386,6 +386,7 @@ def main():
             runtime.start_log(log_path, start if resume else None, ck if resume else None)
             print(f"{len(train_idx)} train / {len(val_idx)} held-out rankings of {Kc} answers; {iters} steps "
                   f"of {batch_size * rt.world_size} rankings, loss {loss}, device {rt.device}")
+        runtime.warn_short_schedule(iters, warmup_iters, rt.master and not max_iters)  # a count from the data
         bar = tqdm(range(start, min(iters, stop_at or iters)), initial=start, total=iters,  # stop_at: killed
                    disable=not rt.master, desc="reward")
         for it in bar:

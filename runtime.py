@@ -116,6 +116,14 @@ def get_lr(it, warmup, max_iters, lr, min_lr):
     ratio = min(1.0, (it - warmup) / max(1, max_iters - warmup))  # from max_iters on: min_lr
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
+def warn_short_schedule(steps, warmup, master):
+    """A run whose step count comes from its data (reward.py, dpo.py on a small file) may end inside its
+    warmup, where get_lr never reaches lr: a small file would train weakly, unseen. Says so (if master)."""
+    if master and steps <= warmup:
+        print(f"warning: {steps} step{'s' * (steps != 1)}, not more than --warmup_iters={warmup}: the lr "
+              f"rises to {steps / (warmup + 1):.0%} of --lr and never decays (raise --epochs or lower "
+              "--warmup_iters)", file=sys.stderr)
+
 # -----------------------------------------------------------------------------
 # Checkpoints and RNG state
 

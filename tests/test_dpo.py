@@ -593,6 +593,22 @@ def test_answers_longer_than_the_context_are_trained_on_cut_and_counted(tmp_path
             "keeps its last 64 (the prompt's start is cut)") in capsys.readouterr().out
 
 
+def test_half_an_epoch_of_a_small_file_is_warned_of_when_it_ends_inside_the_warmup(tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Four pairs, one held out, batch 2: half an epoch is round(0.5 * 2) = 1 step, under the warmup of 10, so
+    the lr would reach 1/11 of --lr unseen; with --warmup_iters=0 it starts at --lr, and --max_iters=1 is the
+    user's own count, not the data's: no warning."""
+    save_online_inputs(tmp_path)
+    flags = (f"--out_dir={tmp_path}", "--batch_size=2", "--n_eval=1", "--max_new_tokens=8", "--device=cpu")
+    run_here(monkeypatch, dpo, *flags)
+    out, err = capsys.readouterr()
+    assert "1 steps of 2 pairs" in out, out
+    assert "warning: 1 step, not more than --warmup_iters=10: the lr rises to 9% of --lr" in err, err
+    for extra in (("--max_iters=1",), ("--max_iters=0", "--warmup_iters=0")):  # (options stay set: reset)
+        run_here(monkeypatch, dpo, *flags, *extra)
+        assert "warning" not in capsys.readouterr().err
+
+
 def test_an_online_round_scores_its_new_answers_under_the_reference_not_the_policy():
     """The round's new answers get their reference log-probs once, from the frozen SFT model: DPO's anchor.
     With a policy that has moved away from the reference, the returned log-probs are the reference's; the

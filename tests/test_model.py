@@ -459,6 +459,25 @@ def test_get_lr():
     assert runtime.get_lr(35, 10, 110, 1.0, 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
 
 
+def test_a_run_that_ends_inside_its_warmup_is_said_with_the_lr_it_reaches(capsys):
+    """3 steps under a warmup of 10: get_lr's last (highest) value is 3/11 of lr and the cosine never starts,
+    which the warning says; 11 steps reach lr, and only rank 0 speaks."""
+    assert max(runtime.get_lr(it, 10, 3, 1.0, 0.1) for it in range(3)) == pytest.approx(3 / 11)
+    runtime.warn_short_schedule(3, 10, True)
+    err = capsys.readouterr().err
+    assert err == ("warning: 3 steps, not more than --warmup_iters=10: the lr rises to 27% of --lr and never "
+                   "decays (raise --epochs or lower --warmup_iters)\n")
+    runtime.warn_short_schedule(1, 10, True)
+    one = capsys.readouterr().err
+    assert one.startswith("warning: 1 step, not more than --warmup_iters=10: the lr rises to 9%")
+    assert runtime.get_lr(10, 10, 11, 1.0, 0.1) == 1.0
+    runtime.warn_short_schedule(10, 10, True)  # as long as the warmup: lr * 10/11 at the last step
+    assert "the lr rises to 91% of --lr" in capsys.readouterr().err
+    for steps, warmup, master in ((11, 10, True), (3, 10, False), (1, 0, True)):
+        runtime.warn_short_schedule(steps, warmup, master)
+        assert capsys.readouterr().err == ""
+
+
 def test_get_lr_stays_at_min_lr_past_max_iters():
     """From max_iters on the rate stays at min_lr: at step 150 of a 10 + 90 step schedule the cosine's ratio
     is capped at 1 (uncapped, 140 / 90 would climb back up the cosine to 0.1 + 0.45 (1 + cos(1.56 pi)))."""

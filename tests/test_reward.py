@@ -297,6 +297,19 @@ def test_main_counts_an_epoch_in_whole_steps_and_at_least_one(tiny_sft, monkeypa
     assert calls == [(it, 10, batch_size, steps) for it in range(steps)]
 
 
+def test_a_small_file_whose_epoch_ends_inside_the_warmup_is_warned_of_and_a_set_max_iters_is_not(
+        tiny_sft, monkeypatch, capsys):
+    """11 rankings, 10 to train on at batch 4: 2 steps, under the default warmup of 10 (the lr would reach
+    2/11 of --lr unseen); --max_iters=2 is the user's own count, not the data's: no warning."""
+    ranked_file(tiny_sft, world.ANIMALS[:11])
+    flags = (f"--out_dir={tiny_sft}", "--collect=False", "--batch_size=4", "--device=cpu")
+    run_here(monkeypatch, reward, *flags)
+    assert "warning: 2 steps, not more than --warmup_iters=10: the lr rises to 18% of --lr" in \
+        capsys.readouterr().err
+    run_here(monkeypatch, reward, *flags, "--max_iters=2")
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_main_trains_on_each_rankings_own_answers_best_first(tiny_sft, monkeypatch):
     """The loss wants each comparison's K answers in ranked order, best first: rows[n] holds comparison n's
     answers as ranking lists them (a file may store the better answer second, ranking [1, 0]), each rendered
