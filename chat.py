@@ -1,7 +1,7 @@
 """
 Talk to any checkpoint, multi-turn.
 
-    python chat.py                              # the first found in out/: ppo, dpo, grpo, rloo, sft, base
+    python chat.py                               # the first found in out/: ppo, dpo, grpo, rloo, sft, base
     python chat.py --ckpt=dpo                    # a stage's name: its checkpoint in out/ (here out/dpo.pt)
     python chat.py --ckpt=out/sft.pt --temperature=0.7 --top_p=0.9
     python chat.py --prompt="Describe the owl."  # answer once and exit (for scripts)
