@@ -62,7 +62,8 @@ def torchrun_launcher():
 
 def run_here(monkeypatch, module, *argv):
     """module.main() in this process with these options (a new python spends seconds importing torch); the
-    config globals main() rebinds are restored after the test."""
+    config globals main() rebinds are restored after the test, not between two calls in one test: the second
+    starts from the options the first set (pass them again to reset them)."""
     for name, value in list(vars(module).items()):
         plain = value is None or type(value) in (int, float, bool, str, tuple, list)
         if not name.startswith("_") and plain:
