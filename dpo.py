@@ -136,8 +136,7 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, loss_type, beta, label_smooth
 
 
 def held_out(prompt, fraction):
-    """Is this prompt in the held-out ~fraction? A hash of its text: the same split on every run and machine,
-    and all pairs of one prompt fall on the same side."""
+    """In the held-out ~fraction? By a hash of the prompt's text: the same on every machine, for all its pairs."""
     return zlib.crc32(json.dumps(prompt, sort_keys=True).encode()) % 1000 < 1000 * fraction
 
 

@@ -124,9 +124,8 @@ def pairwise_accuracy(r, target):
 
 
 def calibration(r, bins=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0)):
-    """r (N, K) in the labeler's order, best first. Each pair's predicted P(win) = sigmoid(r_a - r_b) for the
-    answer the model prefers, binned, against the labeler's agreement: (lo, hi, pairs, predicted, seen); a tie
-    predicts 1/2 and is half right."""
+    """r (N, K) in the labeler's order, best first. Per bin of the predicted P(win) = sigmoid(r_a - r_b) of
+    the answer the model prefers (a tie: 1/2, half right): (lo, hi, pairs, predicted, labeler agreement)."""
     i, j = torch.triu_indices(r.size(1), r.size(1), 1)
     d = r[:, i] - r[:, j]
     p, right = torch.sigmoid(d.abs()).flatten(), ((d > 0).float() + 0.5 * (d == 0).float()).flatten()
