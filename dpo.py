@@ -136,7 +136,7 @@ def preference_loss(pi_c, pi_r, ref_c, ref_r, n_c, loss_type, beta, label_smooth
 
 
 def held_out(prompt, fraction):
-    """In the held-out ~fraction? By a hash of the prompt's text: the same on every machine, for all its pairs."""
+    """In the held-out ~fraction? By a hash of the prompt's text: the same everywhere, for all its pairs."""
     return zlib.crc32(json.dumps(prompt, sort_keys=True).encode()) % 1000 < 1000 * fraction
 
 
