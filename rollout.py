@@ -256,7 +256,8 @@ def compare_to_sft(name, policy, sft, enc, prompts, max_new_tokens=48, generator
         print(f"  {who}: gold {r['gold']:.3f} of ideal 1.0, ended {r['ended']:.1%}, "
               f"fluency {r['fluency']:.1%}")
     print(f"  {name} wins {rate:.1%} +- {percent(ci)} against SFT (ties count half); KL({name} || sft) = "
-          f"{res['kl']:.2f} nats per answer")
+          f"{res['kl']:.2f} nats per answer" + (" (a mean of samples' log pi - log sft: below 0 by chance)"
+                                                if res["kl"] < 0 else ""))
     for s in res["samples"][:3]:
         print(f"  {s['prompt'][-1]['content']} -> {s['text']!r} (gold {s['gold']:.2f})")
     return {"win_rate": rate, "win_ci": ci, "gold": res["gold"], "sft_gold": sft_res["gold"], "kl": res["kl"],

@@ -487,6 +487,22 @@ def test_the_end_of_stage_check_over_one_prompt_prints_its_interval_as_n_a(monke
     assert "policy wins 100.0% +- n/a against SFT (ties count half)" in out and "nan" not in out
 
 
+def test_the_end_of_stage_check_says_why_a_kl_below_zero_is_possible(monkeypatch, capsys):
+    """The KL is a mean over samples of log pi - log SFT (k1): unbiased, but a policy that barely moved can
+    show a mean below 0 by chance, which the line then explains; a mean at or above 0 needs no note."""
+    import rollout
+    net = M.GPT(M.GPTConfig(block_size=64, vocab_size=get_tokenizer("world").n_vocab, n_layer=1, n_head=2,
+                            n_embd=16)).eval()
+    prompts = [[{"role": "user", "content": "Describe the cat."}]] * 2
+    for kl, note in ((-0.004, True), (0.0, False), (0.3, False)):
+        monkeypatch.setattr(rollout, "sample_kl", lambda logprobs, ref, seq, *a: torch.full((len(seq),), kl))
+        got = rollout.compare_to_sft("policy", net, net, get_tokenizer("world"), prompts, 4,
+                                     generator=torch.Generator().manual_seed(0))
+        line = next(s for s in capsys.readouterr().out.splitlines() if "KL(policy || sft)" in s)
+        why = " (a mean of samples' log pi - log sft: below 0 by chance)" * note
+        assert got["kl"] == pytest.approx(kl) and line.endswith(f"= {kl:.2f} nats per answer{why}"), line
+
+
 def test_a_reward_model_with_the_likelihood_term_scores_with_it(tmp_path, monkeypatch):
     """A reward model trained with --lm_feature is head + w * log p_SFT: the RM-score column and best-of-n's
     pick both hand its saved w to the scorer (without it they would rank by the head alone)."""
