@@ -147,9 +147,8 @@ def run_sweep(rt, eval_prompts, rm_path):
             results.append({"stage": method, "beta": b, "gold": r["gold"], "kl": r["kl"],
                             "setup": sampling_setup()})
             print(f"  gold {r['gold']:.3f}, KL {r['kl']:.2f}", flush=True)
-    with open(os.path.join(root, "results.json.tmp"), "w") as f:  # then renamed: a kill leaves no half file
-        json.dump(results, f, indent=1)
-    os.replace(os.path.join(root, "results.json.tmp"), os.path.join(root, "results.json"))
+    text = json.dumps(results, indent=1).encode()
+    runtime.write_whole(os.path.join(root, "results.json"), lambda f: f.write(text))  # a kill: no half file
 
 
 def evaluate(rt, paths, eval_prompts, rm_path, watch=None):

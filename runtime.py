@@ -131,27 +131,34 @@ def clean_state_dict(sd):
     """Drop the prefixes torch.compile ('_orig_mod.') and DDP ('module.') put on every key."""
     return {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in sd.items()}
 
+def write_whole(path, write):
+    """write(f) fills a temp file beside path, which then replaces path in one rename: a kill or a full disk
+    mid-write leaves the old file or the new one, never half of one, and no temp file."""
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    finally:  # (Ctrl-C too; a directory of that name, left by hand, is in the way: the error says so)
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+
 def save_checkpoint(path, ckpt):
-    """Write to a temp file in the same directory, then rename: a kill mid-write leaves the old file intact.
-    Refuses weights with a NaN or inf (nothing downstream may ever read a broken model); a failed write (disk
-    full, read-only directory) removes its temp file, keeps the old checkpoint and stops with one line."""
+    """Written whole (write_whole): a kill mid-write leaves the old file intact. Refuses weights with a NaN or
+    inf (nothing downstream may ever read a broken model); a failed write (disk full, read-only directory)
+    removes its temp file, keeps the old checkpoint and stops with one line."""
     if isinstance(ckpt.get("model"), dict):
         ckpt = {**ckpt, "model": clean_state_dict(ckpt["model"])}
         bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
         if bad:
             raise SystemExit(f"error: refusing to write {path}: {len(bad)} tensors are not finite "
                              f"({bad[0]}, ...); the last good checkpoint is kept")
-    tmp = path + ".tmp"
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException as e:  # (Ctrl-C too: no temp file is left behind)
-        if os.path.isfile(tmp):  # (a directory of that name, left by hand, is in the way: the error says so)
-            os.remove(tmp)
+        write_whole(path, lambda f: torch.save(ckpt, f))
+    except BaseException as e:
         err = e if isinstance(e, OSError) else e.__context__  # torch.save raises RuntimeError on an OSError
         if not isinstance(err, OSError):
             raise
@@ -406,13 +413,7 @@ def start_log(path, resumed_step=None, checkpoint=None):
                 raise SystemExit(f"error: --resume: {path} is the log of a later run than the checkpoint "
                                  "(one stopped before its first checkpoint); start afresh without --resume")
         if text:  # the kept rows replace the log whole (a kill leaves the old log or the new, never neither)
-            try:
-                with open(path + ".tmp", "wb") as f:
-                    f.write(text)
-                os.replace(path + ".tmp", path)
-            finally:
-                if os.path.isfile(path + ".tmp"):
-                    os.remove(path + ".tmp")
+            write_whole(path, lambda f: f.write(text))
         elif os.path.lexists(path):
             os.remove(path)
     except OSError as e:  # a directory in the way, a read-only directory
