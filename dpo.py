@@ -443,7 +443,6 @@ def main():
         compare_to_sft("dpo", raw_policy.eval(), ref, enc, evals * eval_samples, max_new_tokens,
                        torch.Generator(device=rt.device).manual_seed(seed), lap=watch.lap)
     watch.report("dpo")
-    runtime.cleanup()
 
 
 if __name__ == "__main__":

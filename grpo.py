@@ -276,7 +276,6 @@ def main():
         compare_to_sft(baseline, raw_policy.eval(), ref, enc, evals, max_new_tokens,
                        torch.Generator(device=rt.device).manual_seed(seed), lap=watch.lap)
     watch.report(baseline)
-    runtime.cleanup()
 
 
 if __name__ == "__main__":

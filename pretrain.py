@@ -256,7 +256,6 @@ def main():
         raw_model.eval()
         show_samples(raw_model, enc, n_samples, torch.Generator(device=rt.device).manual_seed(seed))
     watch.report("pretrain", last="samples")
-    runtime.cleanup()
 
 
 if __name__ == "__main__":

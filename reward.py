@@ -415,7 +415,6 @@ def main():
                     save_reward(ck_path, raw_rm, optimizer, rt, sft_ck, config, it + 1, Kc, loss, lm_w.item())
             watch.lap("held-out & checkpoints")
         if 0 < stop_at < iters:  # "killed": no normalisation, report or best-of-N
-            runtime.cleanup()
             return
 
         if rt.master:
@@ -443,7 +442,6 @@ def main():
         if train:
             ck = runtime.load_checkpoint(ck_path, "reward")
             runtime.save_checkpoint(ck_path, {**ck, "metrics": {**ck["metrics"], **res}})
-    runtime.cleanup()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ What every stage needs around the network, nanoGPT style: device, precision (aut
 the one optimizer step and learning-rate schedule; checkpoints (atomic, weights_only, never non-finite) and
 RNG state; a stopwatch; `--name=value` config; JSONL logs; building a missing stage; the non-finite guard."""
 import ast
+import gc
 import hashlib
 import json
 import math
@@ -76,7 +77,13 @@ def matmul_flops(ptdtype, device="cpu", n=256, iters=3, min_seconds=0.0):
     return 2 * n ** 3 * done / (time.perf_counter() - t0)  # a multiply-add is 2 FLOPs
 
 def cleanup():
+    """Tear torchrun's process group down once the stage's objects are gone (run() calls it after main()).
+    gloo's worker threads let go of each finished collective's tensors, which takes the GIL: a process that
+    reached interpreter shutdown before they did aborted ("terminate called without an active exception").
+    The DDP model holds the group in a reference cycle, so collect it first; the group's destructor then
+    joins those threads while the interpreter still runs."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 def wrap(model, rt, compile=False):
@@ -469,14 +476,21 @@ class Stopwatch:
 # Logs and --name=value overrides (nanoGPT's configurator, with type checks)
 
 def run(main):
-    """A script's entry point: main(), with Ctrl-C one line rather than a traceback. A checkpoint is only ever
-    replaced whole (save_checkpoint), so a training stage continues from its last one with --resume=True."""
+    """A script's entry point: main(), with Ctrl-C one line rather than a traceback (a checkpoint is only ever
+    replaced whole, by save_checkpoint, so a training stage continues from its last one with --resume=True);
+    then, main's objects freed, the process group's teardown (cleanup), on success and on error alike."""
+    status = None
     try:
         main()
     except KeyboardInterrupt:
         print("\ninterrupted: a training stage continues from its last checkpoint with --resume=True",
               file=sys.stderr)
-        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
+        status = 130  # 128 + SIGINT, as a shell reports it
+    except SystemExit as e:  # an error's one line (or --help): said once the group is down
+        status = 0 if e.code is None else e.code
+    cleanup()  # outside the except blocks: an exception's traceback holds main's frame, and the DDP model
+    if status is not None:
+        raise SystemExit(status)
 
 def check_finite(stage, step, hint, **values):
     """The non-finite guard: the first NaN or inf loss, gradient norm or reward stops the stage in one line

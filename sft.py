@@ -306,7 +306,6 @@ def main():
             print(f"demonstrations: mean gold {demo:.3f} "
                   "(SFT imitates them; reward.py + ppo.py/dpo.py aim higher)")
     watch.report("sft")
-    runtime.cleanup()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -894,6 +895,32 @@ def test_the_entry_point_turns_ctrl_c_into_one_line(capsys):
     assert e.value.code == 130 and capsys.readouterr().err.strip().splitlines() == [
         "interrupted: a training stage continues from its last checkpoint with --resume=True"]
     runtime.run(lambda: None)  # a run that ends normally passes through
+
+
+def test_the_process_group_goes_down_after_mains_objects_are_freed_on_success_and_on_error(monkeypatch):
+    """Under torchrun, run() tears the process group down once main() has ended and what it made is gone,
+    reference cycles too (a DDP model holds the group in one): only then does the group's destructor join
+    gloo's threads before the interpreter shuts down. An error or Ctrl-C leaves with its own exit code."""
+    class Model:  # a cycle, as a DDP module's hooks make
+        def __init__(self):
+            self.me = self
+    seen = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: seen.append(made[-1]() is None))
+    made = []
+
+    def main(error=None, *args):
+        m = Model()
+        made.append(weakref.ref(m))
+        if error is not None:
+            raise error(*args)  # made here: its traceback holds this frame, and m
+    runtime.run(main)
+    for error, code in (((SystemExit, "error: bad"), "error: bad"), ((KeyboardInterrupt,), 130),
+                        ((SystemExit,), 0)):
+        with pytest.raises(SystemExit) as e:
+            runtime.run(lambda: main(*error))
+        assert e.value.code == code
+    assert seen == [True] * 4  # once per run, each after main's model was collected
 
 
 def test_a_resumed_rank_other_than_0_does_not_replay_rank_0s_random_stream(tmp_path, monkeypatch):
