@@ -388,7 +388,7 @@ def test_a_stages_name_is_its_checkpoint_in_out_dir_and_a_path_is_itself(tmp_pat
     """--ckpt=dpo is out_dir/dpo.pt, whether or not a later stage's checkpoint is there too; a path (even one
     without a directory or .pt) is taken as it is, and a missing one is one line naming it."""
     from chat import find_checkpoint
-    for name in ("ppo", "dpo", "rloo", "sft", "base"):
+    for name in ("ppo", "dpo", "grpo", "rloo", "sft", "base"):
         assert find_checkpoint("runs/a", name) == os.path.join("runs/a", f"{name}.pt")
     assert find_checkpoint("runs/a", "runs/b/dpo.pt") == "runs/b/dpo.pt"
     assert find_checkpoint("runs/a", "my_model") == "my_model"  # not a stage: a file of that name

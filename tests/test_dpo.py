@@ -23,7 +23,7 @@ from data.chat import render_response  # noqa: E402
 from data.readers import DataError  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 from test_reliability import time_split  # noqa: E402
-from conftest import run_here, torchrun_launcher  # noqa: E402
+from conftest import run_here, setup_as, torchrun_launcher  # noqa: E402
 
 TINY = dict(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 
@@ -607,6 +607,9 @@ def test_half_an_epoch_of_a_small_file_is_warned_of_when_it_ends_inside_the_warm
     for extra in (("--max_iters=1",), ("--max_iters=0", "--warmup_iters=0")):  # (options stay set: reset)
         run_here(monkeypatch, dpo, *flags, *extra)
         assert "warning" not in capsys.readouterr().err
+    setup_as(monkeypatch, master=False)  # another rank: rank 0 says it
+    run_here(monkeypatch, dpo, *flags, "--warmup_iters=10")
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_an_online_round_scores_its_new_answers_under_the_reference_not_the_policy():

@@ -424,8 +424,11 @@ def test_the_sweep_runs_the_scripts_beside_it_from_any_directory(tmp_path, monke
     monkeypatch.setattr(evaluate.subprocess, "run", train)
     monkeypatch.setattr(evaluate, "evaluate", lambda rt, paths, *a: {m: {"gold": 0.8, "kl": 1.0}
                                                                       for m in paths})
+    written, write_whole = [], runtime.write_whole
+    monkeypatch.setattr(runtime, "write_whole", lambda path, w: written.append(path) or write_whole(path, w))
     evaluate.run_sweep(None, [], "out/reward.pt")
     sweep = os.path.join("out", "sweep")
+    assert written == [os.path.join(sweep, "results.json")]  # whole or not at all: a kill leaves no half file
     assert [c[1:] for c in runs] == [
         [os.path.join(ROOT, "ppo.py"), f"--out_dir={os.path.join(sweep, 'ppo_beta0.1')}", "--beta=0.1"],
         [os.path.join(ROOT, "grpo.py"), "--baseline=rloo", f"--out_dir={os.path.join(sweep, 'rloo_beta0.2')}",

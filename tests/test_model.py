@@ -324,12 +324,29 @@ def test_checkpoint_kind_prefixes_and_rng(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         runtime.load_checkpoint(str(tmp_path / "missing.pt"))
     ck = runtime.load_checkpoint(path, kinds=("reward", "sft"))
+    assert set(torch.load(path, weights_only=True)["model"]) == set(m.state_dict())  # saved without prefixes
     expect = (random.random(), np.random.rand(), torch.rand(1))
     runtime.set_rng_state(ck["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expect
     m2 = runtime.model_from_checkpoint(ck, scalar_head=True).eval()  # base weights + a fresh scalar head
     x = torch.randint(0, 97, (1, 10))
     assert torch.equal(m2(x)[0], m(x)[0])
+
+
+def test_a_whole_write_is_synced_then_renamed_over_the_old_file_even_with_no_directory(tmp_path, monkeypatch):
+    """write_whole: the new bytes reach the disk (fsync) before one rename puts them in place, so a crash
+    leaves the old file or the new, and a reader holding the old file still reads it whole; a bare file name
+    is in the working directory. No temp file stays."""
+    monkeypatch.chdir(tmp_path)
+    runtime.write_whole("r.json", lambda f: f.write(b"old"))
+    calls, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(runtime.os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(runtime.os, "replace", lambda a, b: calls.append(("replace", a, b)) or replace(a, b))
+    with open("r.json", "rb") as old:
+        runtime.write_whole("r.json", lambda f: f.write(b"new bytes"))
+        assert old.read() == b"old"
+    assert calls == ["fsync", ("replace", "r.json.tmp", "r.json")]
+    assert open("r.json", "rb").read() == b"new bytes" and os.listdir(".") == ["r.json"]
 
 
 def test_configure_overrides(capsys):

@@ -300,13 +300,21 @@ def test_main_counts_an_epoch_in_whole_steps_and_at_least_one(tiny_sft, monkeypa
 def test_a_small_file_whose_epoch_ends_inside_the_warmup_is_warned_of_and_a_set_max_iters_is_not(
         tiny_sft, monkeypatch, capsys):
     """11 rankings, 10 to train on at batch 4: 2 steps, under the default warmup of 10 (the lr would reach
-    2/11 of --lr unseen); --max_iters=2 is the user's own count, not the data's: no warning."""
+    2/11 of --lr unseen); --max_iters=2 is the user's own count, not the data's: no warning. The count is the
+    whole run's (3 epochs: 6 steps; 6 epochs: 12, past the warmup), said once, by rank 0."""
     ranked_file(tiny_sft, world.ANIMALS[:11])
     flags = (f"--out_dir={tiny_sft}", "--collect=False", "--batch_size=4", "--device=cpu")
     run_here(monkeypatch, reward, *flags)
     assert "warning: 2 steps, not more than --warmup_iters=10: the lr rises to 18% of --lr" in \
         capsys.readouterr().err
-    run_here(monkeypatch, reward, *flags, "--max_iters=2")
+    run_here(monkeypatch, reward, *flags, "--epochs=3")
+    assert "warning: 6 steps, not more than --warmup_iters=10: the lr rises to 55% of --lr" in \
+        capsys.readouterr().err
+    for extra in (("--epochs=1", "--max_iters=2"), ("--max_iters=0", "--epochs=6")):  # (options stay set)
+        run_here(monkeypatch, reward, *flags, *extra)
+        assert "warning" not in capsys.readouterr().err
+    setup_as(monkeypatch, master=False)  # another rank: rank 0 says it
+    run_here(monkeypatch, reward, *flags, "--epochs=1")
     assert "warning" not in capsys.readouterr().err
 
 
