@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import runtime  # noqa: E402
+from conftest import torchrun_launcher  # noqa: E402
 from data import world  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 
@@ -513,6 +514,34 @@ def test_a_missing_stage_is_built_where_the_caller_looks(tmp_path, monkeypatch, 
     os.remove(caller / "out" / "made.pt")
     runtime.ensure_checkpoint(os.path.join("out", "made.pt"), str(stage), "./out/")  # the default, spelt so
     assert capsys.readouterr().out.splitlines()[-1].endswith(f"running `python {stage}` to make it")
+
+
+def test_under_torchrun_the_wait_for_a_missing_input_outlasts_the_default_groups_timeout(tmp_path):
+    """Rank 0 builds a missing input while the others wait. They waited at a barrier of the default group,
+    whose timeout (gloo's 30 minutes, NCCL's 10) a slow machine's build can outlast; here that timeout is 2 s
+    and a stand-in stage takes 6 s: both ranks get past the wait, and the default group still works."""
+    stage = tmp_path / "slow.py"
+    stage.write_text("import os, sys, time\n"
+                     "time.sleep(6)\n"
+                     "out = next(a[10:] for a in sys.argv[1:] if a.startswith('--out_dir='))\n"
+                     "open(os.path.join(out, 'made.pt'), 'wb').close()\n")
+    script = tmp_path / "wait.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\n"
+                      "from datetime import timedelta\n"
+                      "import torch.distributed as dist\n"
+                      "import runtime\n"
+                      "dist.init_process_group('gloo', timeout=timedelta(seconds=2))\n"
+                      "runtime.ensure_checkpoint(sys.argv[1], sys.argv[2], os.path.dirname(sys.argv[1]))\n"
+                      "dist.barrier()\n"
+                      "open(f'past{dist.get_rank()}', 'w').close()\n"
+                      "dist.destroy_process_group()\n")
+    (tmp_path / "out").mkdir()
+    t0 = time.time()
+    r = subprocess.run([*torchrun_launcher(), str(script), str(tmp_path / "out" / "made.pt"), str(stage)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "past0").is_file() and (tmp_path / "past1").is_file()
+    assert time.time() - t0 > 6 and (tmp_path / "out" / "made.pt").is_file()
 
 
 def test_a_device_this_machine_lacks_is_one_line(refusal, tmp_path, monkeypatch):
