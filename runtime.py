@@ -430,8 +430,8 @@ def start_log(path, resumed_step=None, checkpoint=None):
 def ensure_checkpoint(path, script, out_dir):
     """A stage's input is missing: say which command makes it, then run that stage with its defaults, in this
     process's directory (so out_dir is the same folder to both): `python ppo.py` works on a fresh clone.
-    Under torchrun every rank calls it: rank 0 builds, the others wait for it at a barrier of a group of
-    their own, with a day's timeout: the default group's (gloo 30 minutes, NCCL 10) can end a long build."""
+    Under torchrun every rank calls it: rank 0 builds, the others wait for it at a barrier of a group made for
+    the wait, with a day's timeout: the default group's (gloo 30 minutes, NCCL 10) could end a long build."""
     failed = None
     if not os.path.isfile(path) and int(os.environ.get("RANK", 0)) == 0:
         flag = out_dir_args(out_dir)
@@ -441,9 +441,11 @@ def ensure_checkpoint(path, script, out_dir):
         if subprocess.run(cmd, env=env).returncode != 0 or not os.path.isfile(path):
             failed = f"error: {command(script, out_dir)} did not produce {path}"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        wait = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=1))  # CPU-side, any device
-        torch.distributed.barrier(group=wait)  # rank 0 comes too when the build failed: else the others'
-        torch.distributed.destroy_process_group(wait)  # wait breaks; its threads are joined here, not at exit
+        # rank 0 comes too when the build failed (else the others' wait breaks). gloo's group works beside any
+        # device's; destroyed at once, its threads are joined here rather than at the interpreter's exit
+        wait = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=1))
+        torch.distributed.barrier(group=wait)
+        torch.distributed.destroy_process_group(wait)
     if failed or not os.path.isfile(path):  # (the other ranks exit quietly: rank 0 has said why)
         raise SystemExit(failed or 1)
 
