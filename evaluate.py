@@ -174,14 +174,15 @@ def evaluate(rt, paths, eval_prompts, rm_path, watch=None):
                 picks = best_of_n(sft, rm, enc, evals, bon, rm_ck["gain"], rm_ck["bias"], max_new_tokens,
                                   temperature, generator=g, lm_weight=rm_ck.get("lm_weight", 0.0), lap=lap,
                                   desc=f"best-of-{bon}")
-                res = {**summarise(grade(evals, picks)), "kl": best_of_n_kl_bound(bon)}
+                res = {**summarise(grade(evals, picks)), "kl": best_of_n_kl_bound(bon),
+                       "rm_score": sum(p["score"] for p in picks) / len(picks)}  # scored as it picked
                 lap("hidden human")
             else:
                 policy = sft if name == "sft" else runtime.load_model(  # (check_rows has read its tokenizer)
                     paths[name], ("base", "sft", "ppo", "grpo", "dpo"), dropout=0.0)[0]
                 res = sample_and_grade(policy.to(rt.device).eval(), enc, evals, max_new_tokens, temperature,
                                        generator=g, ref=None if name == "sft" else sft, lap=lap)
-            if rm is not None:
+            if rm is not None and name != "bon":
                 res["rm_score"] = reward_scores(rm, enc, evals, res["samples"], rm_ck["gain"], rm_ck["bias"],
                                                 lm_weight=rm_ck.get("lm_weight", 0.0), sft=sft).mean().item()
             lap("scoring")

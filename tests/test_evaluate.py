@@ -521,6 +521,37 @@ def test_a_reward_model_with_the_likelihood_term_scores_with_it(tmp_path, monkey
     assert {s for s, _ in seen} == {"rm", "bon"} and all(k["lm_weight"] == 0.05 for _, k in seen), seen
 
 
+def test_every_answer_is_scored_by_the_reward_model_once(tmp_path, monkeypatch):
+    """Best-of-n scores its n candidates to pick one; the RM-score column then takes the picks' scores
+    (their mean) rather than scoring the picks a second time."""
+    import evaluate
+    import rollout
+    save_online_inputs(tmp_path)
+    ck = torch.load(tmp_path / "reward.pt", weights_only=True)  # a head that tells the answers apart
+    ck["model"]["scalar_head.weight"] = torch.randn(ck["model"]["scalar_head.weight"].shape)
+    runtime.save_checkpoint(str(tmp_path / "reward.pt"), ck)
+    scored, real = [], rollout.reward_scores
+
+    def spy(rm, enc, conversations, replies, *a, **k):
+        scores = real(rm, enc, conversations, replies, *a, **k)
+        scored.extend(zip([r["text"] for r in replies], scores.tolist()))
+        return scores
+    monkeypatch.setattr(rollout, "reward_scores", spy)  # best_of_n's
+    monkeypatch.setattr(evaluate, "reward_scores", spy)  # the RM-score column's
+    results, real_evaluate = {}, evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a: results.update(real_evaluate(*a)) or results)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Describe the cat."}) + "\n")
+    run_here(monkeypatch, evaluate, f"--out_dir={tmp_path}", f"--prompts={prompts}", "--samples=2", "--bon=3",
+             "--max_new_tokens=6", "--device=cpu")
+    assert len(scored) == 2 + 2 * 3  # SFT's 2 answers, then 3 candidates for each of best-of-3's 2
+    assert len({s for _, s in scored[2:5]}) == len({s for _, s in scored[5:]}) == 3  # a pick to make
+    picks = [max(scored[2 + 3 * i:5 + 3 * i], key=lambda c: c[1]) for i in range(2)]
+    assert [s["text"] for s in results["bon"]["samples"]] == [t for t, _ in picks]
+    assert results["bon"]["rm_score"] == pytest.approx(sum(s for _, s in picks) / 2)
+    assert results["sft"]["rm_score"] == pytest.approx(sum(s for _, s in scored[:2]) / 2)
+
+
 def test_one_sweep_row_measured_otherwise_keeps_the_reports_rows_off_the_frontier(tmp_path, monkeypatch):
     """The report's own rows join a method's frontier only when every sweep row was measured as they were; one
     sweep row at another temperature is enough to keep them off."""
