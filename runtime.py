@@ -494,7 +494,9 @@ def run(main):
         status = 130  # 128 + SIGINT, as a shell reports it
     except SystemExit as e:  # an error's one line (or --help): said once the group is down
         status = 0 if e.code is None else e.code
-    cleanup()  # outside the except blocks: an exception's traceback holds main's frame, and the DDP model
+    # outside the except blocks, where an exception's traceback still holds main's frame, and with it the
+    # DDP model that keeps the process group alive
+    cleanup()
     if status is not None:
         raise SystemExit(status)
 
