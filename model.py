@@ -259,8 +259,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     softmax(logits / temperature) before top-k/top-p filtering (temperature 0 records temperature 1), else 0.
     Prompts are left-padded to P = longest prompt; n <= max_new_tokens (clipped to block_size, early stop).
     With the KV cache each step after the prompt feeds one token per unfinished row; use_cache=False
-    reruns the whole sequence every step (the reference the cache is tested against). Rows that finished
-    leave the batch once they are a quarter of it. A fixed generator makes the samples repeatable."""
+    reruns the whole sequence every step (the reference the cache is tested against). Copies of one prompt
+    share its pass; rows that finished leave the batch once they are a quarter of it. A fixed generator
+    makes the samples repeatable."""
     model = getattr(model, "module", model)  # DDP wraps the model; the cache path lives on the module itself
     cfg, device = model.config, model.lm_head.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -275,10 +276,18 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
-    # ---- 1. the prompts, longest first (the cache's row order), into a KV cache with room for all L tokens
+    # ---- 1. the prompts, longest first (the cache's row order), into a KV cache with room for all L tokens.
+    # A prompt asked for n samples (best-of-n, K answers to rank, a group) goes through the network once
     rows = torch.tensor(sorted(range(B), key=lambda i: -len(prompts[i])), device=device)  # cache row -> row
-    cache = [{"size": (B, L)} for _ in model.transformer.h] if use_cache else None
-    logits = prefill(model, seq[rows, :P], attn[rows, :P], cache)  # (B, V)
+    distinct = list(dict.fromkeys(tuple(prompts[i]) for i in rows.tolist()))  # still longest first
+    cache = [{"size": (len(distinct), L)} for _ in model.transformer.h] if use_cache else None
+    logits = prefill(model, *(t.to(device) for t in pad_rows(distinct, pad_id, left=True)), cache)  # (U, V)
+    if len(distinct) < B:  # each row takes its prompt's logits and cached keys and values
+        slot = {p: j for j, p in enumerate(distinct)}
+        src = torch.tensor([slot[tuple(prompts[i])] for i in rows.tolist()], device=device)  # cache row -> U
+        logits = logits[src]
+        for layer in cache or ():
+            layer["k"], layer["v"] = layer["k"][src], layer["v"][src]
     # kept across steps rather than rebuilt: the additive key mask (-inf on the left padding), the positions
     padding = F.pad(attn[rows, :P] == 0, (0, L - P))  # (B, L)
     mask = torch.zeros(B, 1, 1, L, device=device).masked_fill(padding[:, None, None], float("-inf"))

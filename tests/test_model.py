@@ -680,6 +680,37 @@ def test_greedy_without_the_cache_equals_the_cache_past_a_prefill_chunk():
     torch.testing.assert_close(a[3], b[3], atol=1e-5, rtol=0)
 
 
+def test_a_prompt_asked_for_several_samples_goes_through_the_network_once(monkeypatch):
+    """Best-of-n, K answers to rank, a group: copies of a prompt (here interleaved, of lengths across a
+    prefill chunk) share one prefill, whose logits, keys and values every copy then reads as its own: each
+    sampled token's log-prob is the full forward's, rows finish and leave the batch, greedy copies agree."""
+    m = tiny()
+    other = [13, 14, 15]  # as long as LONG_PROMPTS[1]: copies of the two interleave in the cache's order
+    prompts = [LONG_PROMPTS[i] for i in (2, 0, 2, 5, 3, 0, 2, 5, 1, 3, 3, 0)]
+    prompts += [other, LONG_PROMPTS[1], other]
+    seen = []
+    prefill = M.prefill
+    monkeypatch.setattr(M, "prefill", lambda model, idx, *a, **k: seen.append(idx.tolist()) or prefill(
+        model, idx, *a, **k))
+    g = torch.Generator().manual_seed(4)
+    seq, attn, gen, lp = M.generate(m, prompts, 12, temperature=0.8, stop_ids=tuple(range(0, 97, 4)),
+                                    generator=g, return_logprobs=True)
+    P = max(map(len, prompts))
+    assert [[t for t in r if t] for r in seen[0]] == [LONG_PROMPTS[i] for i in (0, 2, 5, 1)] + [other, [7]]
+    assert len(set(gen.sum(1).tolist())) > 2  # rows stopped at different steps
+    assert all(seq[i, P - len(p):P].tolist() == p for i, p in enumerate(prompts))
+    with torch.no_grad():
+        full = M.sequence_logprobs(m, seq, attn, temperature=0.8)
+    sel = gen[:, 1:].bool()
+    torch.testing.assert_close(lp[:, 1:][sel], full[sel], atol=1e-5, rtol=0)
+    seen.clear()
+    a = M.generate(m, prompts, 8, temperature=0, return_logprobs=True)
+    assert len(seen) == 1 and len(seen[0]) == 6
+    b = M.generate(m, prompts, 8, temperature=0, use_cache=False, return_logprobs=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[0][12], a[0][14])  # one prompt's copies: one answer
+    torch.testing.assert_close(a[3], b[3], atol=1e-5, rtol=0)
+
+
 def test_init_scales_the_residual_projections_by_depth_and_zeroes_the_biases():
     """GPT-2's init: N(0, 0.02) for every matrix, but 0.02 / sqrt(2 * n_layer) for the two projections that
     write into the residual stream (attention's and the MLP's c_proj), and zero biases."""
