@@ -8,8 +8,10 @@ How fast is the default model on this machine?
 - sampling, the step RL adds to training: tokens/s of model.generate with the KV cache as the RL stages call
   it (left-padded prompts of 7 to 36 tokens, 32 new tokens, random weights, the world tokenizer's vocabulary)
   at batch 128 and the other batch sizes the stages use, against generate_plain below, the earlier
-  implementation kept as the reference. The two take turns (new, plain, new, plain, ...) so that a machine
-  busy with other work slows both alike; the table shows medians and the median of the per-turn ratios.
+  implementation kept as the reference. The prompts are distinct: the one pass that copies of a prompt
+  share (best-of-n, K answers) is not part of these figures. The two take turns (new, plain, new, plain,
+  ...) so that a machine busy with other work slows both alike; the table shows medians and the median of
+  the per-turn ratios.
   FLOP/s counts the forward passes generate makes: every real token of the result (prompt and reply) but
   the last once through the network, the logits only where a token is sampled from them.
 - where a stage's time goes is not measured here: every stage ends with a line splitting its own run into
