@@ -279,12 +279,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     # ---- 1. the prompts, longest first (the cache's row order), into a KV cache with room for all L tokens.
     # A prompt asked for n samples (best-of-n, K answers to rank, a group) goes through the network once
     rows = torch.tensor(sorted(range(B), key=lambda i: -len(prompts[i])), device=device)  # cache row -> row
-    distinct = list(dict.fromkeys(tuple(prompts[i]) for i in rows.tolist()))  # still longest first
-    cache = [{"size": (len(distinct), L)} for _ in model.transformer.h] if use_cache else None
-    logits = prefill(model, *(t.to(device) for t in pad_rows(distinct, pad_id, left=True)), cache)  # (U, V)
-    if len(distinct) < B:  # each row takes its prompt's logits and cached keys and values
-        slot = {p: j for j, p in enumerate(distinct)}
-        src = torch.tensor([slot[tuple(prompts[i])] for i in rows.tolist()], device=device)  # cache row -> U
+    slot = {}  # each distinct prompt -> its row in the prompt pass (still longest first)
+    src = torch.tensor([slot.setdefault(tuple(prompts[i]), len(slot)) for i in rows.tolist()], device=device)
+    cache = [{"size": (len(slot), L)} for _ in model.transformer.h] if use_cache else None
+    logits = prefill(model, *(t.to(device) for t in pad_rows(list(slot), pad_id, left=True)), cache)  # (U, V)
+    if len(slot) < B:  # copies of a prompt: each takes its prompt's logits and cached keys and values
         logits = logits[src]
         for layer in cache or ():
             layer["k"], layer["v"] = layer["k"][src], layer["v"][src]
