@@ -8,10 +8,10 @@ How fast is the default model on this machine?
 - sampling, the step RL adds to training: tokens/s of model.generate with the KV cache as the RL stages call
   it (left-padded prompts of 7 to 36 tokens, 32 new tokens, random weights, the world tokenizer's vocabulary)
   at batch 128 and the other batch sizes the stages use, against generate_plain below, the earlier
-  implementation kept as the reference. The prompts are distinct: the one pass that copies of a prompt
-  share (best-of-n, K answers) is not part of these figures. The two take turns (new, plain, new, plain,
-  ...) so that a machine busy with other work slows both alike; the table shows medians and the median of
-  the per-turn ratios.
+  implementation kept as the reference. The prompts are distinct unless --gen_copies asks for several
+  samples of each (reward.py's K, best-of-16), whose copies share generate's one pass through the prompt.
+  The two take turns (new, plain, new, plain, ...) so that a machine busy with other work slows both alike;
+  the table shows medians and the median of the per-turn ratios.
   FLOP/s counts the forward passes generate makes: every real token of the result (prompt and reply) but
   the last once through the network, the logits only where a token is sampled from them.
 - where a stage's time goes is not measured here: every stage ends with a line splitting its own run into
@@ -54,6 +54,8 @@ gen_batches = (128, 64, 256)           # sampling batch sizes: ppo.py's rollout 
 gen_prompt_lens = (7, 36)              # shortest, longest prompt, lengths drawn uniformly: the world's
                                        # held-out chat prompts' range (its training prompts reach 38)
 gen_new_tokens = 32                    # tokens sampled per prompt (no stop token: every row runs them all)
+gen_copies = 1                         # samples per prompt in a batch: 1 as in ppo.py's rollouts, 4 as
+                                       # reward.py's K, 16 as evaluate.py's best-of-16
 gen_repeats = 5                        # timed (new, plain) turns per batch size, after one untimed turn
 gen_dtype = "float32"                  # precision for the sampling benchmark: what the stages sample in on
                                        # a CPU (a GPU's autocast is bf16: pass --gen_dtype=bfloat16 there)
@@ -175,16 +177,28 @@ def generate_plain(model, prompts, max_new_tokens, temperature=1.0, top_k=None, 
     return out + (logprobs[:, :L],) if return_logprobs else out
 
 
-def forward_flops(n_params, head_params, n_layer, n_embd, attn_mask, gen_mask):
+def forward_flops(n_params, head_params, n_layer, n_embd, attn_mask, gen_mask, shared=None):
     """Forward FLOPs generate does for the real tokens of its result (B, T), counted as nanoGPT counts them:
     every real token but the last (sampled, never fed back) goes once through the trunk, 2 (N - head) per
     token for its matmuls plus 4 * n_layer * n_embd per (query, key) pair it attends to (q.k and the sum of
     v); the head's logits (2 * head per row) are computed only where a token is sampled from them, once per
-    generated token (the prompt's other positions need none)."""
+    generated token (the prompt's other positions need none). shared (B,): the prompt tokens a row reads
+    from an earlier copy's pass (shared_prompt_tokens), which neither they nor the first logits run again."""
     fed = attn_mask.sum(1).double() - 1  # (B,) tokens through the trunk; the i-th attends to i keys
-    sampled = gen_mask.sum().double()    # logits computed: one set per generated token
-    return float(2 * (n_params - head_params) * fed.sum() + 2 * head_params * sampled
-                 + 4 * n_layer * n_embd * (fed * (fed + 1) / 2).sum())
+    skip = torch.zeros_like(fed) if shared is None else torch.tensor(shared, dtype=torch.float64)
+    sampled = gen_mask.sum().double() - (skip > 0).sum()  # logits computed: one set per generated token
+    return float(2 * (n_params - head_params) * (fed - skip).sum() + 2 * head_params * sampled
+                 + 4 * n_layer * n_embd * (fed * (fed + 1) / 2 - skip * (skip + 1) / 2).sum())
+
+
+def shared_prompt_tokens(prompts):
+    """Per row, the prompt tokens generate does not run again: all of a prompt that an earlier row holds
+    too (its copy reads that row's pass), none of a prompt's first row."""
+    seen, out = set(), []
+    for p in map(tuple, prompts):
+        out.append(len(p) if p in seen else 0)
+        seen.add(p)
+    return out
 
 
 def sampling_speed(fn, model, prompts):
@@ -198,7 +212,7 @@ def sampling_speed(fn, model, prompts):
     dt = time.perf_counter() - t0
     cfg = model.config
     flops = forward_flops(model.get_num_params(), model.lm_head.weight.numel(), cfg.n_layer, cfg.n_embd, attn,
-                          gen)
+                          gen, shared_prompt_tokens(prompts) if fn is generate else None)  # plain: every row
     return gen.sum().item() / dt, flops / dt
 
 
@@ -208,8 +222,10 @@ def sampling_table(model, peak):
     of peak)."""
     for b in gen_batches:
         g = torch.Generator().manual_seed(seed + b)
-        lens = torch.randint(gen_prompt_lens[0], gen_prompt_lens[1] + 1, (b,), generator=g).tolist()
+        distinct = -(-b // gen_copies)  # prompts, each gen_copies times in a row (the last may be cut)
+        lens = torch.randint(gen_prompt_lens[0], gen_prompt_lens[1] + 1, (distinct,), generator=g).tolist()
         prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+        prompts = [p for p in prompts for _ in range(gen_copies)][:b]
         sampling_speed(generate, model, prompts), sampling_speed(generate_plain, model, prompts)  # warm up
         new, plain = [], []
         for _ in range(gen_repeats):  # in turns, so a busy spell of the machine slows both
@@ -241,7 +257,7 @@ def main():
                    "a non-empty tuple of float32, bfloat16, float16"),
         "gen_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
         **dict.fromkeys(("block_size", "n_layer", "n_head", "n_embd", "train_iters", "gen_new_tokens",
-                         "gen_repeats"), (lambda v: v >= 1, ">= 1")),
+                         "gen_repeats", "gen_copies"), (lambda v: v >= 1, ">= 1")),
         "matmul_size": (lambda v: v >= 256, ">= 256: a smaller product is too brief to measure a peak"),
         "vocab_size": (lambda v: v >= 0, ">= 0 (0: the world tokenizer's)"),
         "gen_batches": (lambda v: len(v) > 0 and all(type(b) is int and b >= 1 for b in v), "ints >= 1"),
@@ -308,7 +324,9 @@ def benchmark():
     # training rows above use --block_size itself
     print(f"\nsampling ({label(gen_dtype)}, KV cache, context {c.block_size} = max(--block_size, "
           f"{GPTConfig.block_size})): prompts of {gen_prompt_lens[0]}-{gen_prompt_lens[1]} tokens, "
-          f"left-padded, {gen_new_tokens} new tokens each, random weights; medians of {gen_repeats} turns")
+          f"left-padded, {gen_new_tokens} new tokens each, "
+          + f"{gen_copies} samples per prompt, " * (gen_copies > 1)
+          + f"random weights; medians of {gen_repeats} turns")
     print(f"{'batch':>5} {'generate tok/s':>15} {'plain tok/s':>12} {'speed-up':>9} {'GFLOP/s':>8} "
           f"{'of peak':>8}")
     gen_peak = None if gen_dtype in emulated else peaks[gen_dtype]

@@ -31,6 +31,11 @@ def test_sampling_flops_by_hand():
     logits = 2 * 100 * 2
     attention = 4 * 2 * 8 * (1 + 2 + 3 + 4)
     assert forward_flops(n_params, head, n_layer, n_embd, attn, gen) == trunk + logits + attention
+    # the same row twice, the second a copy that reads the first's prompt pass: its 3 prompt tokens skip the
+    # trunk, their queries' 1 + 2 + 3 pairs are not attended again, and its first logits are the first row's
+    both = forward_flops(n_params, head, n_layer, n_embd, attn.repeat(2, 1), gen.repeat(2, 1), shared=[0, 3])
+    assert both == 2 * (trunk + logits + attention) - 2 * 900 * 3 - 2 * 100 - 4 * 2 * 8 * (1 + 2 + 3)
+    assert bench.shared_prompt_tokens([[1, 2, 3], [4], [1, 2, 3], [4], [1, 2]]) == [0, 0, 3, 1, 0]
 
 
 def test_sampling_flops_are_the_matmuls_generate_runs():
@@ -45,6 +50,14 @@ def test_sampling_flops_are_the_matmuls_generate_runs():
     matmuls = sum(v for k, v in counts.items() if str(k).split(".")[-1] in ("mm", "addmm"))
     matrices = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "wpe" not in n)
     assert matmuls == forward_flops(matrices, m.lm_head.weight.numel(), 0, 16, attn, gen)
+    prompts = [[3], [7], [3], [3], [7]]  # copies of a prompt share its pass: fewer matmuls, counted
+    with FlopCounterMode(display=False) as counter:
+        _, attn, gen = M.generate(m, prompts, 8, generator=torch.Generator().manual_seed(0))
+    counts = counter.get_flop_counts()["Global"]
+    matmuls = sum(v for k, v in counts.items() if str(k).split(".")[-1] in ("mm", "addmm"))
+    shared = bench.shared_prompt_tokens(prompts)
+    assert matmuls == forward_flops(matrices, m.lm_head.weight.numel(), 0, 16, attn, gen, shared)
+    assert matmuls < forward_flops(matrices, m.lm_head.weight.numel(), 0, 16, attn, gen)
 
 
 def test_a_prompt_with_no_room_for_the_new_tokens_is_refused(refusal):
@@ -103,6 +116,25 @@ def test_each_sampling_row_comes_as_soon_as_its_batch_size_is_timed(monkeypatch)
     rows = bench.sampling_table(types.SimpleNamespace(config=M.GPTConfig(vocab_size=50)), None)
     assert next(iter(rows))[0] == 2
     assert set(timed) == {2}, timed
+
+
+def test_gen_copies_samples_each_prompt_that_many_times_in_a_row(monkeypatch):
+    """--gen_copies=3 at batch 7: 3 distinct prompts, each 3 times in a row, the last cut to 1 (as best-of-n
+    and reward.py's K answers lay them out); 1, the default, keeps every prompt distinct."""
+    timed = []
+    monkeypatch.setattr(bench, "sampling_speed", lambda fn, m, prompts: timed.append(prompts) or (1.0, 1.0))
+    monkeypatch.setattr(bench, "gen_batches", (7,))
+    monkeypatch.setattr(bench, "gen_repeats", 1)
+    for copies in (3, 1):
+        monkeypatch.setattr(bench, "gen_copies", copies)
+        timed.clear()
+        list(bench.sampling_table(types.SimpleNamespace(config=M.GPTConfig(vocab_size=50)), None))
+        p = timed[0]
+        assert len(p) == 7 and all(q == p for q in timed)  # the same prompts for generate and the plain loop
+        if copies == 3:
+            assert p[0] == p[1] == p[2] != p[3] == p[4] == p[5] != p[6] and p[6] not in p[:6]
+        else:
+            assert len(set(map(tuple, p))) == 7
 
 
 def test_training_flops_are_nanogpts_estimate_by_hand(monkeypatch):
