@@ -12,8 +12,9 @@ How fast is the default model on this machine?
   samples of each (reward.py's K, best-of-16), whose copies share generate's one pass through the prompt.
   The two take turns (new, plain, new, plain, ...) so that a machine busy with other work slows both alike;
   the table shows medians and the median of the per-turn ratios.
-  FLOP/s counts the forward passes generate makes: every real token of the result (prompt and reply) but
-  the last once through the network, the logits only where a token is sampled from them.
+  FLOP/s counts the forward passes generate makes: every real token of the result (prompt and reply; a
+  prompt its copies share, once) but the last once through the network, the logits only where a token is
+  sampled from them.
 - where a stage's time goes is not measured here: every stage ends with a line splitting its own run into
   sampling, scoring, the hidden human, training and the rest (runtime.Stopwatch).
 
