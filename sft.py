@@ -56,6 +56,9 @@ dropout = 0.1              # InstructGPT trains SFT with residual dropout; this 
                            # (docs/experiments.md)
 batch_size = 32            # conversations per micro-batch (per process)
 grad_accum = 1             # micro-batches per optimizer step
+length_groups = 4          # each micro-batch runs as this many pieces of conversations of about one length,
+                           # each padded only to its own longest: the same loss and gradient (up to rounding
+                           # and dropout's draws) with less padding computed (1: one piece; a GPU may prefer it)
 max_iters = 450            # optimizer steps: 450 x 32 draws with replacement from the world's 12,276
                            # training demonstrations, about 1.17 epochs' worth; (1 - 1/12,276)^14,400
                            # ~ e^-1.17, so about 31% of them are expected never to be drawn
@@ -96,6 +99,20 @@ def sft_batch(examples, pad_id):
     return ids, targets, attn
 
 
+def cut_by_length(batch, groups):
+    """A right-padded sft_batch (ids, targets, attention_mask) as up to `groups` pieces: its rows sorted by
+    length, cut into groups of about equal count, each trimmed to its own longest row. The columns cut off are
+    padding in every row of the piece (target -1, masked), so the pieces' summed losses are the batch's; only
+    less padding goes through the network."""
+    ids, targets, attn = batch
+    lengths = attn.sum(1)
+    pieces = []
+    for idx in lengths.argsort(stable=True).tensor_split(min(groups, len(lengths))):
+        n = int(lengths[idx].max())
+        pieces.append((ids[idx, :n], targets[idx, :n], attn[idx, :n]))
+    return pieces
+
+
 def train_batch(rows, batch_size, seed, it, micro, rank, pad_id):
     """batch_size random training conversations, as sft_batch tensors. The generator is seeded by (seed, step,
     micro-step, rank), so a resumed run draws exactly the batches an uninterrupted run would have drawn."""
@@ -105,13 +122,16 @@ def train_batch(rows, batch_size, seed, it, micro, rank, pad_id):
 
 
 @torch.no_grad()
-def held_out_loss(model, rows, batch_size, eval_iters, pad_id, device, ctx):
+def held_out_loss(model, rows, batch_size, eval_iters, pad_id, device, ctx, groups=1):
     """Mean loss per assistant token over the held-out conversations (the same ones every time); None when
-    none of their assistant tokens fits block_size (logged as null: there is nothing to measure)."""
+    none of their assistant tokens fits block_size (logged as null: there is nothing to measure). Each batch
+    runs as `groups` pieces by length (cut_by_length)."""
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, min(len(rows), eval_iters * batch_size), batch_size):
-        x, y, attn = [t.to(device) for t in sft_batch(rows[i:i + batch_size], pad_id)]
+    pieces = [p for i in range(0, min(len(rows), eval_iters * batch_size), batch_size)
+              for p in cut_by_length(sft_batch(rows[i:i + batch_size], pad_id), groups)]
+    for piece in pieces:
+        x, y, attn = [t.to(device) for t in piece]
         with ctx:
             loss = sft_loss(model(x, attention_mask=attn)[0], y)
         n = (y != -1).sum().item()
@@ -238,7 +258,9 @@ def main():
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
-        batches = [train_batch(train_rows, batch_size, seed, it, m, rt.rank, eot) for m in range(grad_accum)]
+        batches = [piece for m in range(grad_accum)  # the micro-batches, each cut into pieces by length
+                   for piece in cut_by_length(train_batch(train_rows, batch_size, seed, it, m, rt.rank, eot),
+                                              length_groups)]
         n_targets = sum((y != -1).sum().item() for _, y, _ in batches)  # the step's assistant tokens
         if rt.ddp:  # every process's: DDP averages the gradients, so each loss is scaled by world_size below
             n_targets = torch.tensor(n_targets, device=rt.device)
@@ -247,9 +269,9 @@ def main():
         loss = 0.0
         for micro, batch in enumerate(batches):
             x, y, attn = [t.to(rt.device) for t in batch]
-            if rt.ddp:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            # the micro-batches' losses add up to the step's mean over all its assistant tokens (under
+            if rt.ddp:  # all-reduce gradients only on the last piece
+                model.require_backward_grad_sync = micro == len(batches) - 1
+            # the pieces' losses add up to the step's mean over all its assistant tokens (under
             # torchrun, the log and the guard see this process's estimate of it, as in every stage).
             # Dividing by the count over all processes and then scaling by world_size, rather than dividing
             # by count / world_size, keeps sft_loss's guard (a count of at least 1) on the true count
@@ -263,7 +285,8 @@ def main():
         last = it + 1 == end
         due, val = (it + 1) % eval_interval == 0 or last, None
         if due:
-            val = held_out_loss(model, val_rows, batch_size, eval_iters, eot, rt.device, rt.ctx)
+            val = held_out_loss(model, val_rows, batch_size, eval_iters, eot, rt.device, rt.ctx,
+                                length_groups)
             if val is not None:
                 runtime.check_finite("sft", it + 1, hint, val_loss=val)
             watch.lap("held-out loss")

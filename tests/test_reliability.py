@@ -32,7 +32,7 @@ SCRIPTS = TRAINERS + ["grpo", "pretrain", "evaluate", "chat"]
 BAD_OPTIONS = (  # each script's --device=tpu runs in a new python: test_a_bad_option_as_a_user_meets_it
     [(s, "--batch_size=0") for s in TRAINERS] + [(s, "--lr=-1") for s in TRAINERS]
     + [(s, "--eval_interval=0") for s in ("sft", "reward", "dpo", "pretrain")]
-    + [(s, "--grad_accum=0") for s in ("sft", "dpo", "pretrain")]
+    + [(s, "--grad_accum=0") for s in ("sft", "dpo", "pretrain")] + [("sft", "--length_groups=0")]
     + [("ppo", "--minibatch_size=0"), ("ppo", "--ppo_epochs=0"), ("ppo", "--eval_samples=0"),
        ("dpo", "--eval_samples=0"), ("ppo", "--temperature=0"), ("ppo", "--beta=-0.1"),
        ("dpo", "--beta=-0.1"), ("ppo", "--minibatch_size=999"), ("sft", "--max_iters=0"),

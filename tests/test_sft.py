@@ -346,25 +346,52 @@ def test_resume_with_no_checkpoint_is_one_line_before_anything_is_built(tmp_path
 
 
 def test_a_step_split_into_micro_batches_has_the_gradient_of_the_whole_step(base_dir, tmp_path, monkeypatch):
-    """L_SFT is a mean over the step's assistant tokens. With --grad_accum=2 the gradient must be the one a
-    single batch of both halves gives, although the halves hold different numbers of assistant tokens: the
-    mean of the two halves' means would weigh each token of the half with fewer of them more."""
+    """L_SFT is a mean over the step's assistant tokens. With --grad_accum=2, or a batch cut into pieces by
+    length (--length_groups=2), the gradient must be the one a single batch of both halves gives, although the
+    halves hold different numbers of assistant tokens: the mean of the two halves' means would weigh each
+    token of the half with fewer of them more."""
     import sft
     long, short = CONVS[0][:2], [CONVS[1][1], {"role": "assistant", "content": "Tom."}]
     data = tmp_path / "chats.jsonl"  # rows 0-1 long answers, rows 2-3 short ones; the last is held out
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in [long, long, short, short, long]))
     monkeypatch.setattr(sft, "train_batch", lambda rows, batch_size, seed, it, micro, rank, pad_id: sft_batch(
         rows[micro * batch_size:(micro + 1) * batch_size], pad_id))  # micro-batch m: rows in order
+    widths, cut = [], sft.cut_by_length  # the widths of the pieces the step trains on
+    monkeypatch.setattr(sft, "cut_by_length", lambda b, g: [p for p in cut(b, g) if not widths.append(
+        p[0].size(1))])
     grads = capture_grads(monkeypatch)
-    for batch_size, accum in ((4, 1), (2, 2)):
-        os.makedirs(tmp_path / str(accum))
-        os.link(base_dir / "base.pt", tmp_path / str(accum) / "base.pt")
-        run_here(monkeypatch, sft, f"--out_dir={tmp_path / str(accum)}", f"--data={data}", "--dropout=0.0",
-                 f"--batch_size={batch_size}", f"--grad_accum={accum}", "--max_iters=1", "--compare=False",
-                 "--eval_iters=1", "--device=cpu")  # fp32 on any machine
-    y = [sft_example(ENC, c, 64)[1] for c in (long, short)]
-    assert sum(t != -1 for t in y[0]) > 2 * sum(t != -1 for t in y[1])  # the halves differ: the test can fail
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
+    for batch_size, accum, groups in ((4, 1, 1), (2, 2, 1), (4, 1, 2)):
+        d = tmp_path / f"{accum}_{groups}"
+        os.makedirs(d)
+        os.link(base_dir / "base.pt", d / "base.pt")
+        widths.clear()
+        run_here(monkeypatch, sft, f"--out_dir={d}", f"--data={data}", "--dropout=0.0",
+                 f"--batch_size={batch_size}", f"--grad_accum={accum}", f"--length_groups={groups}",
+                 "--max_iters=1", "--compare=False", "--eval_iters=1", "--device=cpu")  # fp32 on any machine
+    x, y = zip(*(sft_example(ENC, c, 64) for c in (short, long)))
+    assert widths[:2] == [len(x[0]), len(x[1])]  # the last run's pieces: the short rows, then the long ones
+    assert sum(t != -1 for t in y[1]) > 2 * sum(t != -1 for t in y[0])  # the halves differ: the test can fail
+    for g in grads[1:]:
+        assert torch.allclose(grads[0], g, rtol=1e-4, atol=1e-7), (grads[0] - g).abs().max()
+
+
+def test_a_batch_cut_by_length_keeps_every_row_and_drops_only_padding():
+    """Rows of lengths 3, 1, 4, 1, 5 (right-padded to 5) in 2 pieces: sorted by length, the shortest three
+    padded to 3 and the longest two to 5; every row's tokens, targets and mask come through unchanged. More
+    pieces than rows gives one row a piece, never an empty piece."""
+    lengths = [3, 1, 4, 1, 5]
+    rows = [([10 * i + t for t in range(n)], [t if t % 2 else -1 for t in range(n)])
+            for i, n in enumerate(lengths)]
+    batch = ids, targets, attn = sft_batch(rows, PAD)
+    pieces = sft.cut_by_length(batch, 2)
+    short = [1, 3, 0]
+    assert [p[0].shape for p in pieces] == [(3, 3), (2, 5)]
+    assert torch.equal(pieces[0][0], ids[short, :3]) and torch.equal(pieces[1][0], ids[[2, 4]])
+    assert torch.equal(pieces[0][1], targets[short, :3]) and torch.equal(pieces[0][2], attn[short, :3])
+    assert torch.equal(pieces[1][1], targets[[2, 4]]) and torch.equal(pieces[1][2], attn[[2, 4]])
+    assert (targets[short, 3:] == -1).all() and (attn[short, 3:] == 0).all()  # what was cut was padding
+    assert [p[0].shape for p in sft.cut_by_length(batch, 8)] == [(1, n) for n in sorted(lengths)]
+    assert [p[0].shape for p in sft.cut_by_length(batch, 1)] == [(5, 5)]
 
 
 def test_held_out_loss_is_the_mean_over_all_assistant_tokens_of_its_batches():
@@ -387,6 +414,7 @@ def test_held_out_loss_is_the_mean_over_all_assistant_tokens_of_its_batches():
     got = sft.held_out_loss(m, rows, 1, 2, PAD, "cpu", contextlib.nullcontext())  # batch_size 1, 2 batches
     assert got == pytest.approx(whole, rel=1e-5)
     assert sft.held_out_loss(m, rows, 2, 1, PAD, "cpu", contextlib.nullcontext()) == pytest.approx(whole)
+    assert sft.held_out_loss(m, rows, 2, 1, PAD, "cpu", contextlib.nullcontext(), 2) == pytest.approx(whole)
 
 
 def test_micro_steps_and_ranks_past_a_field_width_draw_their_own_batches():
