@@ -58,7 +58,7 @@ batch_size = 32            # conversations per micro-batch (per process)
 grad_accum = 1             # micro-batches per optimizer step
 length_groups = 4          # each micro-batch runs as this many pieces of conversations of about one length,
                            # each padded only to its own longest: the same loss and gradient (up to rounding
-                           # and dropout's draws) with less padding computed (1: one piece; a GPU may prefer it)
+                           # and dropout's draws), less padding computed (1: one piece; a GPU may prefer it)
 max_iters = 450            # optimizer steps: 450 x 32 draws with replacement from the world's 12,276
                            # training demonstrations, about 1.17 epochs' worth; (1 - 1/12,276)^14,400
                            # ~ e^-1.17, so about 31% of them are expected never to be drawn

@@ -25,7 +25,8 @@ def tiny(**kw):
 
 def cache_against_full_forward(m, ctx, seed=3):
     """Max |log-prob from generate - log-prob from one full forward| over the generated tokens (three rows
-    are copies of other rows' prompts: they share its prefill, whose keys and values are indexed on the GPU)."""
+    are copies of other rows' prompts: they share its prefill, whose keys and values are indexed on the
+    GPU)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     prompts = PROMPTS + [PROMPTS[2], PROMPTS[0], PROMPTS[2]]
     with torch.no_grad(), ctx:
