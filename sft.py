@@ -103,7 +103,9 @@ def cut_by_length(batch, groups):
     """A right-padded sft_batch (ids, targets, attention_mask) as up to `groups` pieces: its rows sorted by
     length, cut into groups of about equal count, each trimmed to its own longest row. The columns cut off are
     padding in every row of the piece (target -1, masked), so the pieces' summed losses are the batch's; only
-    less padding goes through the network."""
+    less padding goes through the network. One group is the batch as drawn."""
+    if groups == 1:
+        return [batch]
     ids, targets, attn = batch
     lengths = attn.sum(1)
     pieces = []
