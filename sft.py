@@ -260,19 +260,19 @@ def main():
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = runtime.get_lr(it, warmup_iters, max_iters, lr, min_lr)
-        batches = [piece for m in range(grad_accum)  # the micro-batches, each cut into pieces by length
-                   for piece in cut_by_length(train_batch(train_rows, batch_size, seed, it, m, rt.rank, eot),
-                                              length_groups)]
-        n_targets = sum((y != -1).sum().item() for _, y, _ in batches)  # the step's assistant tokens
+        pieces = [piece for m in range(grad_accum)  # the micro-batches, each cut into pieces by length
+                  for piece in cut_by_length(train_batch(train_rows, batch_size, seed, it, m, rt.rank, eot),
+                                             length_groups)]
+        n_targets = sum((y != -1).sum().item() for _, y, _ in pieces)  # the step's assistant tokens
         if rt.ddp:  # every process's: DDP averages the gradients, so each loss is scaled by world_size below
             n_targets = torch.tensor(n_targets, device=rt.device)
             torch.distributed.all_reduce(n_targets)
             n_targets = n_targets.item()
         loss = 0.0
-        for micro, batch in enumerate(batches):
-            x, y, attn = [t.to(rt.device) for t in batch]
+        for i, piece in enumerate(pieces):
+            x, y, attn = [t.to(rt.device) for t in piece]
             if rt.ddp:  # all-reduce gradients only on the last piece
-                model.require_backward_grad_sync = micro == len(batches) - 1
+                model.require_backward_grad_sync = i == len(pieces) - 1
             # the pieces' losses add up to the step's mean over all its assistant tokens (under
             # torchrun, the log and the guard see this process's estimate of it, as in every stage).
             # Dividing by the count over all processes and then scaling by world_size, rather than dividing
