@@ -527,10 +527,9 @@ def writable_dir(path):
     return os.path.isdir(path) and os.access(path, os.W_OK)
 
 RANGES = {  # shared options' valid ranges (a stage adds its own via configure), checked before anything else
-    **dict.fromkeys(("batch_size", "grad_accum", "length_groups", "eval_interval", "eval_iters",
-                     "max_new_tokens", "minibatch_size", "ppo_epochs", "eval_samples", "samples", "gen_batch",
-                     "K", "online_k", "online_prompts", "online_pairs", "sample_interval"),
-                    (lambda v: v >= 1, ">= 1")),
+    **dict.fromkeys(("batch_size", "grad_accum", "eval_interval", "eval_iters", "max_new_tokens",
+                     "minibatch_size", "ppo_epochs", "eval_samples", "samples", "gen_batch", "K", "online_k",
+                     "online_prompts", "online_pairs", "sample_interval"), (lambda v: v >= 1, ">= 1")),
     **dict.fromkeys(("max_iters", "warmup_iters", "stop_at", "n_eval", "n_prompts", "n_train", "bon",
                      "online_rounds", "beta", "min_lr", "grad_clip", "weight_decay", "target_kl", "rpo_alpha",
                      "vf_coef", "no_end_penalty"), (lambda v: v >= 0, ">= 0")),

@@ -194,7 +194,8 @@ def held_out_prompts(convs, n_val, own_data):
 
 def main():
     # ---- 1. options (all checked before anything is read or written), device, precision
-    config = runtime.configure(globals(), ranges={"max_iters": (lambda v: v >= 1, ">= 1")})
+    config = runtime.configure(globals(), ranges=dict.fromkeys(("max_iters", "length_groups"),
+                                                                (lambda v: v >= 1, ">= 1")))
     base_path = os.path.join(out_dir, "base.pt")
     ck_path = os.path.join(out_dir, "sft.pt")
     log_path = os.path.join(out_dir, "sft.jsonl")
